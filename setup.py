@@ -1,0 +1,29 @@
+"""maskllm-megatron: learnable N:M (2:4) sparsity for megatron-core models."""
+from setuptools import find_packages, setup
+
+setup(
+    name="maskllm-megatron",
+    version="0.1.0",
+    description="MaskLLM learnable N:M semi-structured sparsity as a megatron-core plugin",
+    packages=find_packages(include=["maskllm_megatron", "maskllm_megatron.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.3",
+        "megatron-core==0.16.1",
+        "numpy",
+        "sentencepiece",
+        "safetensors",
+        "psutil",
+        "pyyaml",
+    ],
+    extras_require={
+        # Hugging Face conversion, tokenizers, the real GGUF model of the demo.
+        "hf": ["transformers>=4.45", "gguf", "tokenizers"],
+        # Metrics and plots of the driver.
+        "metrics": ["tensorboard", "matplotlib"],
+        "test": ["pytest", "transformers>=4.45", "gguf", "tokenizers", "matplotlib"],
+        # GPU-only accelerators; never install these in the CPU environment.
+        "gpu": ["transformer-engine[pytorch]", "apex"],
+    },
+    entry_points={"console_scripts": []},
+)
