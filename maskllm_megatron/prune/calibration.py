@@ -1,0 +1,141 @@
+"""Streaming statistics of a linear layer's inputs, for the one-shot priors (Wanda, SparseGPT).
+
+A linear ``y = x @ W.T`` with ``W: [out, in]`` sees activations ``x: [tokens, in]``. We keep
+
+* ``nsamples``  - number of tokens seen (every leading dimension of ``x`` is flattened);
+* ``sq_norm``   - ``[in]``, the sum over tokens of ``x_j ** 2`` (``||X_j||^2``). Wanda's ``scaler_row``
+                  is ``sq_norm / n``. (Wanda's own code divides by the number of *sequences*; any
+                  constant factor leaves every Wanda mask unchanged.)
+* ``hessian``   - ``[in, in]``, ``H = 2/n * sum_t x_t x_t^T``, updated as SparseGPT does:
+                  ``H *= n/(n+t); x *= sqrt(2/(n+t)); H += x x^T``. (SparseGPT counts sequences too;
+                  SparseGPT is invariant to the scale of ``H``, and counting tokens makes
+                  ``trace(D H D^T) * n/2 == ||X D^T||_F^2`` exact.)
+
+Combining partial statistics (what the megatron glue must do)
+-------------------------------------------------------------
+* Different tokens (data parallel ranks, micro-batches, sequence-parallel shards of the *same*
+  layer input): ``merge`` = add ``nsamples``, add ``sq_norm``, token-weighted average of ``hessian``
+  (``H = (n1 H1 + n2 H2) / (n1 + n2)``). As a collective: all-reduce ``nsamples``, ``sq_norm`` and
+  ``hessian * nsamples``, then divide the last by the total ``nsamples``.
+* Column-parallel layers (QKV, MLP in): every TP rank holds some output rows but sees the *full*
+  input, so each rank's statistics already are the full ones. Do not merge them across TP ranks
+  (that double-counts; harmless for the masks but wrong for ``nsamples``). With sequence parallel,
+  hook the all-gathered input, or merge the per-rank sequence shards as "different tokens" above.
+* Row-parallel layers (attention out, MLP out): rank ``r`` holds ``W[:, cols_r]`` and sees only
+  ``x[:, cols_r]``. Its ``sq_norm`` and the diagonal block ``H[cols_r, cols_r]`` are exactly the full
+  statistics restricted to its columns (``narrow`` gives that restriction), so magnitude and Wanda
+  masks computed on the shard equal the full-layer masks restricted to it (groups of M never straddle
+  shards when the shard width is a multiple of M).
+  SparseGPT is different: its OBS sweep walks *all* input columns of a row and propagates the error
+  through the off-diagonal blocks ``H[cols_r, cols_s]``, which no single rank can build from its own
+  slice. For a mask equal to the TP=1 mask, a Row-parallel layer must all-gather its input along the
+  hidden dimension (same tokens on every rank) to accumulate the full ``H``, all-gather the ``W``
+  shards into the full ``[out, in]`` weight, run ``sparsegpt_prune`` on the full weight (on every
+  rank, or on one and broadcast), and keep its own column slice of the mask. Running SparseGPT on
+  the local block alone is a *different* (block-diagonal-H) approximation, not the published method.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class InputStats:
+    """Streaming input statistics of one linear layer (see the module docstring)."""
+
+    def __init__(self, in_features: int, hessian: bool = True, dtype: torch.dtype = torch.float32,
+                 device=None):
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"accumulate in float32 or float64, not {dtype}")
+        self.in_features = int(in_features)
+        self.nsamples = 0
+        self.sq_norm = torch.zeros(self.in_features, dtype=dtype, device=device)
+        self.hessian = (torch.zeros(self.in_features, self.in_features, dtype=dtype, device=device)
+                        if hessian else None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.sq_norm.dtype
+
+    @property
+    def scaler_row(self) -> torch.Tensor:
+        """Wanda's per-input-channel ``||X_j||^2 / n``."""
+        if self.nsamples == 0:
+            raise ValueError("no calibration tokens were added to these statistics")
+        return self.sq_norm / self.nsamples
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate a batch of layer inputs ``x: [..., in]`` (any leading shape: tokens)."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, these statistics expect {self.in_features}")
+        x = x.detach().reshape(-1, self.in_features).to(device=self.sq_norm.device, dtype=self.dtype)
+        t = x.shape[0]
+        if t == 0:
+            return
+        self.sq_norm += (x * x).sum(dim=0)
+        if self.hessian is not None:
+            n = self.nsamples
+            self.hessian *= n / (n + t)
+            x = x * (2.0 / (n + t)) ** 0.5
+            self.hessian += x.t() @ x
+        self.nsamples += t
+
+    @torch.no_grad()
+    def merge(self, other: "InputStats") -> "InputStats":
+        """Fold in statistics of *other tokens* of the same layer (in place); returns self."""
+        if other.in_features != self.in_features:
+            raise ValueError(f"cannot merge statistics of {other.in_features} and {self.in_features} features")
+        if (other.hessian is None) != (self.hessian is None):
+            raise ValueError("cannot merge statistics with and without a Hessian")
+        n1, n2 = self.nsamples, other.nsamples
+        if n2 == 0:
+            return self
+        self.sq_norm += other.sq_norm.to(self.sq_norm)
+        if self.hessian is not None:
+            self.hessian.mul_(n1 / (n1 + n2)).add_(other.hessian.to(self.hessian), alpha=n2 / (n1 + n2))
+        self.nsamples = n1 + n2
+        return self
+
+    def narrow(self, start: int, length: int) -> "InputStats":
+        """Statistics restricted to input columns ``[start, start+length)`` (a Row-parallel shard).
+
+        Exact for magnitude/Wanda; for SparseGPT it keeps only the diagonal block of H (see module doc).
+        """
+        out = InputStats(length, hessian=False, dtype=self.dtype, device=self.sq_norm.device)
+        out.nsamples = self.nsamples
+        out.sq_norm = self.sq_norm[start:start + length].clone()
+        if self.hessian is not None:
+            out.hessian = self.hessian[start:start + length, start:start + length].clone()
+        return out
+
+    def state(self) -> dict:
+        """Plain-tensor state (checkpointing, collectives); inverse of ``from_state``."""
+        st = {"nsamples": torch.tensor(self.nsamples, dtype=torch.int64), "sq_norm": self.sq_norm}
+        if self.hessian is not None:
+            st["hessian"] = self.hessian
+        return st
+
+    @classmethod
+    def from_state(cls, state: dict) -> "InputStats":
+        sq = state["sq_norm"]
+        out = cls(sq.numel(), hessian=False, dtype=sq.dtype, device=sq.device)
+        out.nsamples = int(state["nsamples"])
+        out.sq_norm = sq.clone()
+        if state.get("hessian") is not None:
+            out.hessian = state["hessian"].clone()
+        return out
+
+    def __repr__(self) -> str:
+        return (f"InputStats(in_features={self.in_features}, nsamples={self.nsamples}, "
+                f"hessian={self.hessian is not None}, dtype={self.dtype})")
+
+
+def record_inputs(module: torch.nn.Module, stats: InputStats):
+    """Forward pre-hook feeding ``module``'s first positional input into ``stats``; returns the handle.
+
+    Call ``handle.remove()`` when calibration is done.
+    """
+    def hook(_module, args):
+        stats.add(args[0])
+
+    return module.register_forward_pre_hook(hook)
