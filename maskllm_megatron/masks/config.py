@@ -1,0 +1,75 @@
+"""The typed configuration of mask learning and the per-step sampling state."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .patterns import NMSpec
+from .schedules import Anneal
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """How masks are parametrised, initialised and sampled. Defaults: the MaskLLM paper's recipe.
+
+    ``total_steps`` is the number of training iterations the schedules anneal over.
+    """
+
+    nm: NMSpec = field(default_factory=NMSpec)
+    total_steps: int = 2000
+    temperature: tuple[float, float] = (4.0, 0.05)
+    logit_scale: tuple[float, float] = (1e2, 5e2)
+    schedule_kind: str = "linear"
+    hard: bool = False  # straight-through hard samples instead of soft Gumbel-softmax masks
+    init_std: float = 0.01  # logits start as N(0, init_std)
+    prior_strength: float = 3.0  # 0 means no prior
+    regularizer: tuple[float, float] = (1e-5, 0.0)  # coefficient of sum((W*mask)^2), decays linearly
+    seed: int = 1234
+    freeze_weight: bool = True  # mask-only training (the default); False trains weights jointly
+
+    def __post_init__(self):
+        if isinstance(self.nm, str):
+            object.__setattr__(self, "nm", NMSpec.parse(self.nm))
+        if min(self.temperature) <= 0:
+            raise ValueError(f"temperature must stay positive, got {self.temperature}")
+        if self.init_std < 0 or self.prior_strength < 0:
+            raise ValueError("init_std and prior_strength must be >= 0")
+        self.temperature_schedule  # validates steps and kind
+
+    @property
+    def temperature_schedule(self) -> Anneal:
+        return Anneal(*self.temperature, self.total_steps, self.schedule_kind)
+
+    @property
+    def scale_schedule(self) -> Anneal:
+        return Anneal(*self.logit_scale, self.total_steps, self.schedule_kind)
+
+    @property
+    def regularizer_schedule(self) -> Anneal:
+        return Anneal(*self.regularizer, self.total_steps, "linear")
+
+    def step_state(self, iteration: int, microbatch: int = 0, dp_rank: int = 0,
+                   grad_scale: float = 1.0) -> "MaskStep":
+        """The sampling state for one micro-batch of iteration ``iteration``.
+
+        ``grad_scale`` is what the LM loss is multiplied by before backward (loss scale divided by
+        the number of micro-batches), so the regulariser's gradient gets the same treatment.
+        """
+        return MaskStep(
+            iteration=iteration, microbatch=microbatch, dp_rank=dp_rank,
+            temperature=self.temperature_schedule(iteration), scale=self.scale_schedule(iteration),
+            regularizer=self.regularizer_schedule(iteration) * grad_scale, hard=self.hard, seed=self.seed,
+        )
+
+
+@dataclass(frozen=True)
+class MaskStep:
+    """Everything a masked layer needs to sample its mask for one micro-batch."""
+
+    iteration: int = 0
+    microbatch: int = 0
+    dp_rank: int = 0
+    temperature: float = 4.0
+    scale: float = 1e2
+    regularizer: float = 0.0
+    hard: bool = False
+    seed: int = 1234

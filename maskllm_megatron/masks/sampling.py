@@ -1,0 +1,173 @@
+"""Logits -> masks: Gumbel-softmax sampling, the masked weight, hard masks, priors and statistics.
+
+Shapes: a weight ``[rows, cols]`` has logits ``[rows, cols // M, C]`` (C = C(M, N) candidate patterns).
+
+``masked_weight`` computes ``W * (softmax((logits * scale + gumbel) / tau) @ patterns)`` in one
+autograd function. It never materialises per-group ``[1, C] @ [C, M]`` batched products (the soft mask
+is a single ``[rows * groups, C] @ [C, M]`` product), keeps only the pattern probabilities for backward,
+and adds the gradient of the sparse-weight regulariser ``-lambda * sum((W * mask)^2)`` directly to the
+mask gradient, so that term reaches the logits and never the weight, and costs no extra graph.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .patterns import NMSpec, candidate_patterns, check_groupable, patterns_to_mask
+from .rng import col_hash, gumbel_from_hashes, gumbel_grid, normal_grid, row_hash, stream_key
+
+
+def logits_shape(weight_shape, spec: NMSpec) -> tuple[int, int, int]:
+    rows, cols = weight_shape
+    return rows, check_groupable(cols, spec), spec.num_patterns
+
+
+def logit_columns(group_ids: torch.Tensor, spec: NMSpec) -> torch.Tensor:
+    """Global flat column ids of the logits of the given global groups: ``group * C + k``."""
+    c = spec.num_patterns
+    return (group_ids.to(torch.int64)[:, None] * c + torch.arange(c, device=group_ids.device)).reshape(-1)
+
+
+def gumbel_noise(key: int, row_ids: torch.Tensor, group_ids: torch.Tensor, spec: NMSpec) -> torch.Tensor:
+    """``[len(row_ids), len(group_ids), C]`` Gumbel noise, a function of global positions only."""
+    g = gumbel_grid(key, row_ids, logit_columns(group_ids, spec))
+    return g.view(len(row_ids), len(group_ids), spec.num_patterns)
+
+
+def init_logits(key: int, row_ids: torch.Tensor, group_ids: torch.Tensor, spec: NMSpec,
+                std: float) -> torch.Tensor:
+    """Initial logits N(0, std), a function of global positions only (identical at any TP)."""
+    n = normal_grid(key, row_ids, logit_columns(group_ids, spec))
+    return (n * std).view(len(row_ids), len(group_ids), spec.num_patterns)
+
+
+def prior_overlap(prior_mask: torch.Tensor, spec: NMSpec) -> torch.Tensor:
+    """``[rows, groups, C]``: how many positions pattern k and the prior mask both keep."""
+    groups = prior_mask.to(torch.float32).reshape(prior_mask.shape[0], -1, spec.m)
+    return groups @ candidate_patterns(spec, device=prior_mask.device).t()
+
+
+def apply_prior(logits: torch.Tensor, prior_mask: torch.Tensor, spec: NMSpec, strength: float,
+                std: Optional[float] = None) -> torch.Tensor:
+    """MaskLLM prior: ``logits_k += (overlap_k - 1) * std(logits) * strength`` (returns a new tensor).
+
+    Pass ``std`` computed over the whole (unsharded) layer to make the result layout-independent.
+    For 2:4 the pattern equal to the prior gains ``std * strength``, disjoint ones lose as much.
+    """
+    if strength == 0:
+        return logits.clone()
+    if std is None:
+        std = float(logits.float().std())
+    shift = (prior_overlap(prior_mask, spec) - 1.0) * (std * strength)
+    return logits + shift.to(logits.dtype)
+
+
+def hard_mask(logits: torch.Tensor, spec: NMSpec, dtype=torch.float32) -> torch.Tensor:
+    """The argmax pattern of every group as a {0,1} mask ``[rows, groups * M]``."""
+    return patterns_to_mask(logits.argmax(dim=-1), spec, dtype=dtype)
+
+
+def _sample_forward(weight, logits, rh, ch, patterns, coef, inv_tau, hard: bool):
+    """Noise + Gumbel-softmax + pattern mixture + multiply, in one pass (fusable by torch.compile).
+
+    ``coef = scale / tau`` and ``inv_tau = 1 / tau`` are 0-d tensors so a compiled kernel is not
+    recompiled when the schedules move.
+    """
+    rows, groups, c = logits.shape
+    noise = gumbel_from_hashes(rh, ch).view(rows, groups, c)
+    probs = torch.softmax(logits.float() * coef + noise * inv_tau, dim=-1)
+    if hard:
+        sel = torch.zeros_like(probs).scatter_(-1, probs.argmax(-1, keepdim=True), 1.0)
+    else:
+        sel = probs
+    mask = (sel.view(-1, c) @ patterns).view(rows, -1)
+    return weight * mask.to(weight.dtype), probs, mask
+
+
+def _sample_backward(grad_out, weight, probs, mask, patterns, coef, reg2, need_weight_grad: bool):
+    """Gradients of ``W * mask`` w.r.t. the logits (and W), with the regulariser term folded in."""
+    rows, groups, c = probs.shape
+    w = weight.float()
+    grad_mask = grad_out.float() * w - reg2 * (w * w * mask)
+    grad_probs = (grad_mask.view(rows * groups, -1) @ patterns.t()).view(rows, groups, c)
+    grad_logits = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True)) * coef
+    grad_weight = grad_out * mask.to(grad_out.dtype) if need_weight_grad else None
+    return grad_logits, grad_weight
+
+
+_KERNELS = {}
+
+
+def _kernels(fused: bool):
+    """(forward, backward) kernels: eager, or compiled by torch.compile (CPU C++ / GPU Triton)."""
+    if fused not in _KERNELS:
+        if fused:
+            _KERNELS[fused] = (torch.compile(_sample_forward, dynamic=None),
+                               torch.compile(_sample_backward, dynamic=None))
+        else:
+            _KERNELS[fused] = (_sample_forward, _sample_backward)
+    return _KERNELS[fused]
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """``W * mask(logits, noise)``; saves only the pattern probabilities (and the hard mask)."""
+
+    @staticmethod
+    def forward(ctx, weight, logits, rh, ch, patterns, coef, inv_tau, reg2, hard, fused):
+        forward_kernel, _ = _kernels(fused)
+        out, probs, mask = forward_kernel(weight, logits, rh, ch, patterns, coef, inv_tau, hard)
+        ctx.save_for_backward(weight, probs, mask if hard else None, patterns, coef, reg2)
+        ctx.fused = fused
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, probs, mask, patterns, coef, reg2 = ctx.saved_tensors
+        if mask is None:
+            mask = (probs.view(-1, probs.shape[-1]) @ patterns).view(probs.shape[0], -1)
+        _, backward_kernel = _kernels(ctx.fused)
+        grad_logits, grad_weight = backward_kernel(grad_out, weight, probs, mask, patterns, coef, reg2,
+                                                   ctx.needs_input_grad[0])
+        if not ctx.needs_input_grad[1]:
+            grad_logits = None
+        return grad_weight, grad_logits, None, None, None, None, None, None, None, None
+
+
+def masked_weight(weight: torch.Tensor, logits: torch.Tensor, key: int, row_ids: torch.Tensor,
+                  group_ids: torch.Tensor, spec: NMSpec, temperature: float, scale: float,
+                  hard: bool = False, regularizer: float = 0.0, fused: bool = False) -> torch.Tensor:
+    """Sampled masked weight ``W * (softmax((logits * scale + gumbel) / tau) @ patterns)``.
+
+    The Gumbel noise is drawn from stream ``key`` at the GLOBAL rows ``row_ids`` and groups
+    ``group_ids`` of this shard. ``hard=True`` uses the one-hot argmax sample in the forward and the
+    soft gradient in the backward (straight-through). ``regularizer`` is lambda of the loss term
+    ``-lambda * sum((W * mask)^2)``, already multiplied by whatever the LM loss is scaled with; its
+    gradient goes to the logits only. ``fused=True`` runs torch.compile'd kernels (same numbers).
+    """
+    dev = logits.device
+    patterns = candidate_patterns(spec, device=dev)
+    rh = row_hash(key, row_ids.to(dev))
+    ch = col_hash(key, logit_columns(group_ids.to(dev), spec))
+    f32 = dict(dtype=torch.float32, device=dev)
+    coef = torch.tensor(scale / temperature, **f32)
+    inv_tau = torch.tensor(1.0 / temperature, **f32)
+    reg2 = torch.tensor(2.0 * regularizer, **f32)
+    return _MaskedWeight.apply(weight, logits, rh, ch, patterns, coef, inv_tau, reg2, bool(hard), bool(fused))
+
+
+def soft_mask(logits: torch.Tensor, noise: torch.Tensor, spec: NMSpec, temperature: float,
+              scale: float) -> torch.Tensor:
+    """The sampled soft mask alone (plain autograd; for tests, statistics and the reference path)."""
+    probs = torch.softmax((logits.float() * scale + noise) / temperature, dim=-1)
+    mask = probs @ candidate_patterns(spec, device=logits.device)
+    return mask.reshape(logits.shape[0], -1)
+
+
+def noise_key(seed: int, layer_id: str, iteration: int, microbatch: int, dp_rank: int) -> int:
+    """The Gumbel stream of one layer at one (iteration, micro-batch, data-parallel rank)."""
+    return stream_key("gumbel", seed, layer_id, iteration, microbatch, dp_rank)
+
+
+def init_key(seed: int, layer_id: str) -> int:
+    return stream_key("init", seed, layer_id)

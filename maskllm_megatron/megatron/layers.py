@@ -1,0 +1,208 @@
+"""Masked tensor-parallel linear layers: megatron-core's Column/RowParallelLinear plus N:M mask logits.
+
+Sharding (same axis as the weight):
+
+==========================  ==================  =====================  =========================
+layer                       weight (local)      mask_logits (local)    partition axis
+==========================  ==================  =====================  =========================
+MaskedColumnParallelLinear  [out / tp, in]      [out / tp, in/M, C]    0 (output rows)
+MaskedRowParallelLinear     [out, in / tp]      [out, in/(M tp), C]    1 (input groups)
+==========================  ==================  =====================  =========================
+
+The forward keeps megatron's own machinery: the parent's ``forward`` runs unchanged (input copy /
+all-reduce / sequence parallel / gather) and only the weight handed to the parent's linear function is
+replaced by the sampled masked weight (training) or ``W * hard_mask`` (eval). Gradient accumulation
+fusion is switched off for the masked weight only: it is a fresh tensor whose gradient flows by autograd
+to the logits (and to ``W`` when trained jointly).
+
+Noise and initial logits are drawn from counter-based streams at GLOBAL positions (see
+``maskllm_megatron.masks.rng``), so TP=1 and TP=2 sample identical masks. For a gated MLP's fused
+``linear_fc1`` ([gate; up] rows) set ``gated_halves=True``: the global row of a local row is then
+looked up in the gate or the up half, and checkpoints re-lay the logits like megatron re-lays the weight.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from megatron.core.utils import get_pg_rank, get_pg_size
+
+from ..masks import MaskConfig, MaskStep, apply_prior, hard_mask, init_key, init_logits, masked_weight, noise_key
+from ..masks.patterns import NMSpec
+
+_layer_counter = itertools.count()
+
+
+class _MaskedLinearMixin:
+    """Shared logic of the two masked layers. ``partition_dim`` is the weight's TP axis."""
+
+    partition_dim: int
+
+    def _init_mask(self, mask_config: MaskConfig, layer_id: Optional[str], gated_halves: bool) -> None:
+        if not isinstance(mask_config, MaskConfig):
+            raise TypeError(f"mask_config must be a MaskConfig, got {type(mask_config).__name__}")
+        self.mask_config = mask_config
+        self.mask_layer_id = layer_id if layer_id is not None else f"masked_linear_{next(_layer_counter)}"
+        self.gated_halves = gated_halves
+        self.mask_step = MaskStep(seed=mask_config.seed)
+        self.masking_enabled = True
+        self.fused_mask_kernel = False
+        self._eval_mask_cache = None
+        spec = mask_config.nm
+        rows, cols = self.weight.shape
+        if cols % spec.m:
+            tp = get_pg_size(self.tp_group)
+            raise ValueError(
+                f"{type(self).__name__} {self.mask_layer_id}: local input size {cols} (tensor-parallel size "
+                f"{tp}) is not a multiple of M={spec.m} for {spec} sparsity: choose a TP size that keeps "
+                f"in_features / TP divisible by {spec.m}, or leave this layer dense")
+        if gated_halves and rows % 2:
+            raise ValueError(f"{self.mask_layer_id}: gated_halves needs an even number of local rows, got {rows}")
+        with torch.no_grad():
+            logits = init_logits(init_key(mask_config.seed, self.mask_layer_id), self.global_row_ids(),
+                                 self.global_group_ids(), spec, mask_config.init_std)
+        self.mask_logits = torch.nn.Parameter(logits.to(self.weight.device))
+        set_tensor_model_parallel_attributes(self.mask_logits, True, self.partition_dim, 1)
+        self.register_buffer("prior_mask", None, persistent=True)
+        self.freeze_weight(mask_config.freeze_weight)
+
+    # -- layout -------------------------------------------------------------------------------
+    @property
+    def nm(self) -> NMSpec:
+        return self.mask_config.nm
+
+    def _tp(self) -> tuple[int, int]:
+        return get_pg_rank(self.tp_group), get_pg_size(self.tp_group)
+
+    def global_row_ids(self) -> torch.Tensor:
+        """Global (unsharded, megatron TP=1 layout) output row of every local row."""
+        rank, size = self._tp()
+        rows = self.weight.shape[0]
+        local = torch.arange(rows)
+        if self.partition_dim != 0 or size == 1:
+            return local
+        if not self.gated_halves:
+            return rank * rows + local
+        half = rows // 2  # local rows are [gate_rank; up_rank]; globally [gate_all; up_all]
+        in_up = local >= half
+        return torch.where(in_up, half * size + rank * half + (local - half), rank * half + local)
+
+    def global_group_ids(self) -> torch.Tensor:
+        """Global group index (along the input dimension) of every local group."""
+        rank, size = self._tp()
+        groups = self.weight.shape[1] // self.nm.m
+        local = torch.arange(groups)
+        return rank * groups + local if self.partition_dim == 1 else local
+
+    # -- masks --------------------------------------------------------------------------------
+    def freeze_weight(self, frozen: bool = True) -> None:
+        """Mask-only training (frozen) or joint training of weight and mask."""
+        self.weight.requires_grad_(not frozen)
+
+    def set_mask_step(self, step: MaskStep) -> None:
+        """Sampling state for the next forward: iteration, micro-batch, DP rank, schedules."""
+        self.mask_step = step
+
+    def hard_mask(self) -> torch.Tensor:
+        """{0,1} mask of the local weight shard: the argmax pattern of every group."""
+        return hard_mask(self.mask_logits.detach(), self.nm, dtype=self.weight.dtype)
+
+    def sampled_weight(self) -> torch.Tensor:
+        """``W * mask`` sampled for the current ``mask_step`` (differentiable w.r.t. the logits)."""
+        s = self.mask_step
+        key = noise_key(s.seed, self.mask_layer_id, s.iteration, s.microbatch, s.dp_rank)
+        return masked_weight(self.weight, self.mask_logits, key, self.global_row_ids(), self.global_group_ids(),
+                             self.nm, s.temperature, s.scale, hard=s.hard, regularizer=s.regularizer,
+                             fused=self.fused_mask_kernel)
+
+    def eval_weight(self) -> torch.Tensor:
+        """``W * hard_mask``, cached until the logits or the weight change."""
+        stamp = (self.mask_logits._version, self.mask_logits.data_ptr(), self.weight._version, self.weight.data_ptr())
+        if self._eval_mask_cache is None or self._eval_mask_cache[0] != stamp:
+            with torch.no_grad():
+                self._eval_mask_cache = (stamp, self.weight * self.hard_mask())
+        return self._eval_mask_cache[1]
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if weight is self.weight and self.masking_enabled:
+            weight = self.sampled_weight() if self.training else self.eval_weight()
+            kwargs["gradient_accumulation_fusion"] = False
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+    @torch.no_grad()
+    def set_prior(self, prior_mask: torch.Tensor, strength: Optional[float] = None) -> None:
+        """Store a {0,1} prior mask of the local shard and shift the logits towards it.
+
+        ``std(logits)`` is taken over the whole layer (all TP shards), so the result does not depend
+        on the layout. ``strength`` defaults to the config's ``prior_strength``.
+        """
+        if tuple(prior_mask.shape) != tuple(self.weight.shape):
+            raise ValueError(f"{self.mask_layer_id}: prior mask shape {tuple(prior_mask.shape)} does not match "
+                             f"the local weight shard {tuple(self.weight.shape)}")
+        strength = self.mask_config.prior_strength if strength is None else strength
+        std = self.global_logits_std()
+        self.mask_logits.copy_(apply_prior(self.mask_logits, prior_mask, self.nm, strength, std=std))
+        self.prior_mask = prior_mask.to(torch.bool)
+
+    def global_logits_std(self) -> float:
+        """Standard deviation of the logits over the whole (unsharded) layer."""
+        x = self.mask_logits.detach().double()
+        stats = torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), dtype=torch.float64)])
+        if self._tp()[1] > 1:
+            torch.distributed.all_reduce(stats, group=self.tp_group)
+        total, total_sq, n = stats.tolist()
+        return float(((total_sq - total * total / n) / (n - 1)) ** 0.5)
+
+    # -- checkpointing ------------------------------------------------------------------------
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """The parent's layout plus ``mask_logits`` / ``prior_mask`` sharded on the weight's axis."""
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        own = {"mask_logits": self.mask_logits}
+        if self.prior_mask is not None:
+            own["prior_mask"] = self.prior_mask
+        own_sharded = make_sharded_tensors_for_checkpoint(
+            own, prefix, {k: self.partition_dim for k in own}, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"))
+        if self.gated_halves:
+            singleton = (metadata or {}).get("singleton_local_shards", False)
+            own_sharded = {k: apply_swiglu_sharded_factory(v, sharded_offsets, singleton)
+                           for k, v in own_sharded.items()}
+        sharded.update(own_sharded)
+        return sharded
+
+
+class MaskedColumnParallelLinear(_MaskedLinearMixin, ColumnParallelLinear):
+    """``ColumnParallelLinear`` whose weight is multiplied by a learned N:M mask.
+
+    Takes ColumnParallelLinear's arguments plus ``mask_config`` (and optionally ``mask_layer_id``, the
+    stable name that keys its random streams, and ``gated_halves`` for a fused SwiGLU ``linear_fc1``).
+    """
+
+    partition_dim = 0
+
+    def __init__(self, input_size, output_size, *, mask_config: MaskConfig, mask_layer_id: Optional[str] = None,
+                 gated_halves: bool = False, **kwargs):
+        super().__init__(input_size, output_size, **kwargs)
+        if self.weight is None:
+            raise ValueError("MaskedColumnParallelLinear needs its own weight (skip_weight_param_allocation=False)")
+        self._init_mask(mask_config, mask_layer_id, gated_halves)
+
+
+class MaskedRowParallelLinear(_MaskedLinearMixin, RowParallelLinear):
+    """``RowParallelLinear`` whose weight is multiplied by a learned N:M mask.
+
+    Groups of M run along the input dimension, which this layer shards: each rank's local input size
+    must be a multiple of M.
+    """
+
+    partition_dim = 1
+
+    def __init__(self, input_size, output_size, *, mask_config: MaskConfig, mask_layer_id: Optional[str] = None,
+                 **kwargs):
+        super().__init__(input_size, output_size, **kwargs)
+        self._init_mask(mask_config, mask_layer_id, gated_halves=False)

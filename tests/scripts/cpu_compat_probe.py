@@ -1,0 +1,56 @@
+"""Probe each cpu_compat patch: the call fails before apply() and works after. Prints JSON."""
+import json
+import sys
+
+import torch
+
+
+def attempt(fn):
+    try:
+        fn()
+        return "ok"
+    except Exception as e:  # noqa: BLE001 - we report what megatron raises without the patch
+        return f"{type(e).__name__}: {e}"[:200]
+
+
+def probes():
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+    from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer import utils as tutils
+
+    import megatron.core.optimizer.clip_grads as cg
+
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+
+    def rng():
+        tp_random.get_cuda_rng_tracker().reset()
+        tp_random.get_cuda_rng_tracker().add("model-parallel-rng", 5)
+        with tp_random.get_cuda_rng_tracker().fork():
+            torch.randn(2)
+
+    return {
+        "rng": rng,
+        "current_device": lambda: torch.zeros(1, device=torch.cuda.current_device()),
+        "synchronize": lambda: torch.cuda.synchronize(),
+        "cuda_factories": lambda: tutils.get_default_causal_mask(4),
+        "cuda_type_names": lambda: cg.clip_grad_by_total_norm_fp32([p], 1.0, 3.0),
+    }
+
+
+def main():
+    if sys.argv[1:] == ["fake-cuda"]:
+        torch.cuda.is_available = lambda: True
+        from maskllm_megatron.megatron import cpu_compat
+        print(json.dumps({"applied": cpu_compat.apply()}))
+        return
+    from maskllm_megatron.megatron import cpu_compat
+    before = {k: attempt(f) for k, f in probes().items()}
+    applied = cpu_compat.apply()
+    after = {k: attempt(f) for k, f in probes().items()}
+    print(json.dumps({"applied": applied, "before": before, "after": after,
+                      "patches": [p.name for p in cpu_compat.PATCHES]}))
+
+
+if __name__ == "__main__":
+    main()

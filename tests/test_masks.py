@@ -1,0 +1,196 @@
+"""The pure-torch mask core: patterns, sampling, schedules, priors, the regulariser, the RNG."""
+import math
+
+import pytest
+import torch
+
+from maskllm_megatron.masks import (Anneal, MaskConfig, NMSpec, apply_prior, candidate_patterns, gumbel_noise,
+                                    hard_mask, init_logits, is_valid_nm, mask_to_patterns, masked_weight,
+                                    patterns_to_mask, soft_mask, topn_mask)
+from maskllm_megatron.masks.rng import gumbel_grid, normal_grid, uniform_grid
+
+
+@pytest.mark.parametrize("n,m,count", [(2, 4, 6), (1, 4, 4), (4, 8, 70)])
+def test_candidate_patterns(n, m, count):
+    pats = candidate_patterns(NMSpec(n, m))
+    assert pats.shape == (count, m)
+    assert torch.all(pats.sum(1) == n)
+    assert len({tuple(p.tolist()) for p in pats}) == count
+
+
+def test_2_4_patterns_in_reference_order():
+    expected = ["1100", "1010", "1001", "0110", "0101", "0011"]
+    got = ["".join(str(int(v)) for v in row) for row in candidate_patterns(NMSpec(2, 4))]
+    assert got == expected
+
+
+def test_cols_not_multiple_of_m_is_a_clear_error():
+    with pytest.raises(ValueError, match="not a multiple of M=4"):
+        topn_mask(torch.zeros(3, 10), NMSpec(2, 4))
+    with pytest.raises(ValueError, match="N:M"):
+        NMSpec(5, 4)
+    with pytest.raises(ValueError, match="write it as N:M"):
+        NMSpec.parse("2-4")
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
+def test_mask_pattern_round_trip_and_topn(n, m):
+    spec = NMSpec(n, m)
+    idx = torch.randint(0, spec.num_patterns, (5, 3))
+    mask = patterns_to_mask(idx, spec)
+    assert mask.shape == (5, 3 * m) and is_valid_nm(mask, spec)
+    assert torch.equal(mask_to_patterns(mask, spec), idx)
+    scores = torch.randn(4, 2 * m)
+    top = topn_mask(scores, spec)
+    assert torch.all(top.view(4, 2, m).sum(-1) == n)
+    kept_min = torch.where(top.bool(), scores, torch.inf).view(4, 2, m).min(-1).values
+    dropped_max = torch.where(top.bool(), -torch.inf, scores).view(4, 2, m).max(-1).values
+    assert torch.all(kept_min >= dropped_max)
+
+
+def test_invalid_mask_is_refused():
+    with pytest.raises(ValueError, match="not 2:4"):
+        mask_to_patterns(torch.tensor([[1.0, 1.0, 1.0, 0.0]]), NMSpec(2, 4))
+
+
+def test_hard_mask_is_argmax_pattern():
+    spec = NMSpec(2, 4)
+    logits = torch.randn(7, 5, 6)
+    mask = hard_mask(logits, spec)
+    assert torch.equal(mask, patterns_to_mask(logits.argmax(-1), spec))
+    # hand case: the largest logit on pattern 0101 keeps positions 1 and 3
+    one = torch.tensor([[[0.0, 0.1, 0.2, 0.3, 5.0, -1.0]]])
+    assert hard_mask(one, spec).tolist() == [[0.0, 1.0, 0.0, 1.0]]
+
+
+def test_expected_soft_mask_sums_to_n_and_annealed_samples_become_one_hot():
+    spec = NMSpec(2, 4)
+    logits = torch.randn(64, 32, 6) * 0.01
+    rows, groups = torch.arange(64), torch.arange(32)
+    noise = gumbel_noise(11, rows, groups, spec)
+    warm = soft_mask(logits, noise, spec, temperature=4.0, scale=100.0)
+    assert torch.allclose(warm.view(64, 32, 4).sum(-1), torch.full((64, 32), 2.0), atol=1e-5)
+    cold = soft_mask(logits, noise, spec, temperature=0.05, scale=500.0)
+    probs = torch.softmax((logits * 500.0 + noise) / 0.05, -1)
+    assert probs.max(-1).values.mean() > 0.97  # annealed samples are (almost) one-hot
+    assert float(((cold - cold.round()).abs() < 0.05).float().mean()) > 0.95
+    warm_probs = torch.softmax((logits * 100.0 + noise) / 4.0, -1)
+    assert warm_probs.max(-1).values.mean() < 0.6  # early samples are soft
+
+
+def test_sampling_frequencies_follow_the_logits():
+    """Gumbel-max with our counter-based noise picks pattern k with probability softmax(logits)_k."""
+    spec = NMSpec(2, 4)
+    logits = torch.tensor([2.0, 1.0, 0.0, 0.0, -1.0, 0.5]).expand(4000, 1, 6)
+    noise = gumbel_noise(3, torch.arange(4000), torch.arange(1), spec)
+    picks = torch.bincount((logits + noise).argmax(-1).flatten(), minlength=6).float() / 4000
+    expected = torch.softmax(logits[0, 0], -1)
+    assert torch.allclose(picks, expected, atol=0.03)
+
+
+def test_rng_distributions_and_layout_independence():
+    rows, cols = torch.arange(300), torch.arange(200)
+    u = uniform_grid(5, rows, cols)
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.01
+    g = gumbel_grid(5, rows, cols)
+    assert abs(float(g.mean()) - 0.5772) < 0.02  # Euler-Mascheroni
+    z = normal_grid(5, rows, cols)
+    assert abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1) < 0.02
+    # a shard computes exactly the slice of the full grid from its global ids
+    assert torch.equal(gumbel_grid(5, rows[100:200], cols[50:150]), g[100:200, 50:150])
+    assert not torch.equal(gumbel_grid(6, rows, cols), g)
+
+
+def test_init_logits_and_prior():
+    spec = NMSpec(2, 4)
+    logits = init_logits(9, torch.arange(50), torch.arange(40), spec, std=0.01)
+    assert logits.shape == (50, 40, 6) and abs(float(logits.std()) - 0.01) < 0.001
+    prior = topn_mask(torch.randn(50, 160), spec)
+    out = apply_prior(logits, prior, spec, strength=3.0)
+    std = float(logits.std())
+    # hand formula: (overlap_k - 1) * std * strength; the prior's own pattern overlaps in 2 places
+    pat = mask_to_patterns(prior, spec)
+    gain = (out - logits).gather(-1, pat.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(gain, torch.full_like(gain, 3.0 * std), atol=1e-6)
+    assert float((hard_mask(out, spec) == prior).float().mean()) > 0.95  # noise flips a few groups
+    assert torch.equal(apply_prior(logits, prior, spec, strength=0.0), logits)
+    # one hand-computed group: prior 1100, logits zero, std given
+    g = apply_prior(torch.zeros(1, 1, 6), torch.tensor([[1.0, 1.0, 0.0, 0.0]]), spec, 2.0, std=0.5)
+    assert g.flatten().tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_masked_weight_matches_autograd_reference_with_regulariser(hard):
+    spec = NMSpec(2, 4)
+    torch.manual_seed(0)
+    W = torch.randn(6, 16)
+    L = torch.randn(6, 4, 6, requires_grad=True)
+    rows, groups = torch.arange(6), torch.arange(4)
+    from maskllm_megatron.masks import noise_key
+    key = noise_key(1, "x", 0, 0, 0)
+    lam = 0.03
+    grad_out = torch.randn(6, 16)
+    out = masked_weight(W, L, key, rows, groups, spec, temperature=2.0, scale=3.0, hard=hard, regularizer=lam)
+    (out * grad_out).sum().backward()
+    # plain autograd reference: the soft mask, (straight-through when hard), loss - lam * sum((W*m)^2)
+    L2 = L.detach().clone().requires_grad_(True)
+    noise = gumbel_noise(key, rows, groups, spec)
+    probs = torch.softmax((L2 * 3.0 + noise) / 2.0, -1)
+    if hard:
+        onehot = torch.nn.functional.one_hot(probs.argmax(-1), 6).float()
+        probs = onehot - probs.detach() + probs
+    m = (probs @ candidate_patterns(spec)).view(6, 16)
+    ref = W * m
+    ((ref * grad_out).sum() - lam * ((W * m) ** 2).sum()).backward()
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(L.grad, L2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_regulariser_gradient_reaches_only_the_logits_and_rewards_large_weights():
+    spec = NMSpec(2, 4)
+    W = torch.tensor([[4.0, 0.1, 3.0, 0.2]], requires_grad=True)
+    L = torch.zeros(1, 1, 6, requires_grad=True)
+    # a very high temperature makes every pattern equally likely (soft mask 0.5 everywhere), so the
+    # regulariser's pull is proportional to the squared weights each pattern keeps
+    out = masked_weight(W, L, 0, torch.arange(1), torch.arange(1), spec, 1e3, 1.0, regularizer=1.0)
+    out.backward(torch.zeros_like(out))  # no LM gradient: only the regulariser acts
+    # joint training: W's gradient is grad_out * mask = 0; the regulariser never reaches W
+    assert torch.equal(W.grad, torch.zeros_like(W))
+    # descending the gradient raises the logit of the pattern keeping the two largest weights (1010)
+    assert int((-L.grad).argmax()) == 1
+
+
+def test_fused_kernel_matches_eager():
+    pytest.importorskip("torch._inductor")
+    spec = NMSpec(2, 4)
+    W = torch.randn(8, 32)
+    L = torch.randn(8, 8, 6, requires_grad=True)
+    grads = []
+    outs = []
+    for fused in (False, True):
+        L.grad = None
+        out = masked_weight(W, L, 42, torch.arange(8), torch.arange(8), spec, 1.5, 2.0, regularizer=0.1,
+                            fused=fused)
+        out.backward(torch.ones_like(out))
+        outs.append(out.detach())
+        grads.append(L.grad.clone())
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+def test_schedules():
+    lin = Anneal(4.0, 0.05, 100)
+    assert lin(0) == 4.0 and math.isclose(lin(50), 2.025) and math.isclose(lin(100), 0.05) and lin(500) == lin(100)
+    exp = Anneal(1e2, 5e2, 10, "exp")
+    assert math.isclose(exp(5), 1e2 * 5 ** 0.5)
+    cos = Anneal(1.0, 0.0, 10, "cosine")
+    assert math.isclose(cos(5), 0.5, abs_tol=1e-12)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        Anneal(1, 2, 3, "step")
+    cfg = MaskConfig(total_steps=10)
+    s = cfg.step_state(5, grad_scale=0.5)
+    assert math.isclose(s.temperature, (4 + 0.05) / 2) and math.isclose(s.scale, 300.0)
+    assert math.isclose(s.regularizer, 0.5e-5 * 0.5)
+    with pytest.raises(ValueError, match="temperature"):
+        MaskConfig(temperature=(1.0, 0.0))
