@@ -81,7 +81,9 @@ class _MaskedLinearMixin:
 
     def global_row_ids(self) -> torch.Tensor:
         """Global (unsharded, megatron TP=1 layout) output row of every local row."""
-        rank, size = self._tp()
+        return self._global_rows_of(*self._tp())
+
+    def _global_rows_of(self, rank: int, size: int) -> torch.Tensor:
         rows = self.weight.shape[0]
         local = torch.arange(rows)
         if self.partition_dim != 0 or size == 1:
@@ -98,6 +100,22 @@ class _MaskedLinearMixin:
         groups = self.weight.shape[1] // self.nm.m
         local = torch.arange(groups)
         return rank * groups + local if self.partition_dim == 1 else local
+
+    def gather_global(self, local: torch.Tensor) -> torch.Tensor:
+        """All-gather a per-shard tensor laid out like the weight (weight, mask, logits) into the
+        global TP=1 layout (gated ``linear_fc1`` rows put back as [gate_all; up_all])."""
+        rank, size = self._tp()
+        if size == 1:
+            return local.clone()
+        parts = [torch.empty_like(local) for _ in range(size)]
+        torch.distributed.all_gather(parts, local.contiguous(), group=self.tp_group)
+        full = torch.cat(parts, self.partition_dim)
+        if self.gated_halves:
+            ids = torch.cat([self._global_rows_of(r, size) for r in range(size)])
+            out = torch.empty_like(full)
+            out[ids] = full
+            full = out
+        return full
 
     # -- masks --------------------------------------------------------------------------------
     def freeze_weight(self, frozen: bool = True) -> None:

@@ -1,0 +1,133 @@
+"""Forward+backward time of one masked linear layer against a dense trainable layer and against the
+reference MaskLLM formulation, all measured in this run; plus the persistent mask state per weight.
+
+    python benchmarks/bench_masked_linear.py [--rows 2048 --cols 2048 --tokens 4096 --repeats 5]
+
+Layers (TP=1, single-rank gloo group, megatron-core's own ColumnParallelLinear machinery):
+  dense      ColumnParallelLinear with a trainable weight (the baseline);
+  masked     MaskedColumnParallelLinear, frozen weight, soft Gumbel mask (our fused kernel);
+  eager      the same with the un-compiled kernel;
+  reference  the published formulation: F.gumbel_softmax on [groups, 6], the batched
+             [G,1,6] @ [1,6,4] product, W * mask, then the same linear function.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def init_single_rank():
+    from megatron.core import parallel_state
+
+    from maskllm_megatron.megatron import cpu_compat
+
+    cpu_compat.apply()
+    if not torch.distributed.is_initialized():
+        store = tempfile.mktemp()
+        torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up (and compilation)
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=2048)
+    p.add_argument("--cols", type=int, default=2048)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", help="also write the results to this file")
+    args = p.parse_args(argv)
+
+    init_single_rank()
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer import TransformerConfig
+
+    from maskllm_megatron.masks import MaskConfig, candidate_patterns
+    from maskllm_megatron.megatron.layers import MaskedColumnParallelLinear
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(num_layers=1, hidden_size=args.cols, num_attention_heads=8, use_cpu_initialization=True)
+    init = torch.nn.init.normal_
+    x = torch.randn(args.tokens, 1, args.cols)
+    dense = ColumnParallelLinear(args.cols, args.rows, config=cfg, init_method=init, bias=False)
+    masked = MaskedColumnParallelLinear(args.cols, args.rows, config=cfg, init_method=init, bias=False,
+                                        mask_config=MaskConfig(), mask_layer_id="bench")
+    masked.set_mask_step(MaskConfig().step_state(10))
+
+    def step(layer):
+        def run():
+            layer.zero_grad(set_to_none=True)
+            xr = x.detach().requires_grad_(True)
+            out, _ = layer(xr)
+            out.sum().backward()
+        return run
+
+    # The reference formulation, through the same megatron linear function.
+    patterns = candidate_patterns(MaskConfig().nm)
+    ref_logits = torch.nn.Parameter(masked.mask_logits.detach().clone())
+
+    def reference():
+        ref_logits.grad = None
+        groups = ref_logits.view(-1, 6)
+        soft = F.gumbel_softmax(groups * 100.0, tau=4.0, hard=False)
+        mask = torch.bmm(soft.unsqueeze(1), patterns.expand(groups.shape[0], 6, 4)).view(args.rows, args.cols)
+        w = masked.weight * mask
+        xr = x.detach().requires_grad_(True)
+        out = ColumnParallelLinear._forward_impl(dense, xr, w, bias=None, gradient_accumulation_fusion=False,
+                                                 allreduce_dgrad=False, sequence_parallel=False,
+                                                 grad_output_buffer=None, wgrad_deferral_limit=None,
+                                                 tp_group=dense.tp_group)
+        out.sum().backward()
+
+    results = {"rows": args.rows, "cols": args.cols, "tokens": args.tokens, "threads": torch.get_num_threads()}
+    masked.fused_mask_kernel = True
+    t_masked = timed(step(masked), args.repeats)
+    masked.fused_mask_kernel = False
+    t_eager = timed(step(masked), args.repeats)
+    t_dense = timed(step(dense), args.repeats)
+    t_ref = timed(reference, args.repeats)
+    results.update(dense_s=t_dense, masked_s=t_masked, masked_eager_s=t_eager, reference_s=t_ref,
+                   masked_over_dense=t_masked / t_dense, eager_over_dense=t_eager / t_dense,
+                   reference_over_masked=t_ref / t_masked)
+
+    # Persistent mask state per masked weight: fp32 logits + their gradient + Adam (exp_avg, exp_avg_sq).
+    logits_bytes = masked.mask_logits.numel() * masked.mask_logits.element_size()
+    per_weight = logits_bytes / masked.weight.numel()
+    results.update(state_bytes_per_weight={"logits": per_weight, "grad": per_weight, "adam": 2 * per_weight,
+                                           "total": 4 * per_weight, "reference_total": 24.0})
+    print(f"layer {args.rows}x{args.cols}, {args.tokens} tokens, {results['threads']} threads "
+          f"(median of {args.repeats})")
+    print(f"  dense trainable   {t_dense * 1e3:8.1f} ms")
+    print(f"  masked (fused)    {t_masked * 1e3:8.1f} ms   masked / dense     = {t_masked / t_dense:.3f}  (target <= 1.15)")
+    print(f"  masked (eager)    {t_eager * 1e3:8.1f} ms   eager / dense      = {t_eager / t_dense:.3f}")
+    print(f"  reference style   {t_ref * 1e3:8.1f} ms   reference / masked = {t_ref / t_masked:.3f}  (target >= 1.4)")
+    print(f"  mask state: {4 * per_weight:.1f} bytes per masked weight (logits {per_weight:.1f} + grad {per_weight:.1f}"
+          f" + Adam {2 * per_weight:.1f}); reference 24.0")
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(args.json + ".tmp", args.json)
+    torch.distributed.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,147 @@
+"""Save and load (sparsified) megatron-core models with ``dist_checkpointing``.
+
+Every tensor is stored in its global layout (the layers' ``sharded_state_dict`` says how each shard
+sits in it), so a checkpoint written at one TP/PP layout loads at another. Loading a dense checkpoint
+(no mask logits) into a sparsified model is the normal start: the logits keep their initial (or prior)
+values. Anything else missing or mis-shaped is an error naming the tensor, both shapes and the fix.
+
+Saves are atomic: the checkpoint is written to ``<dir>.partial`` and renamed when every rank is done,
+so a crash during a save never leaves a folder that looks complete.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+from .layers import _MaskedLinearMixin
+
+MASK_SUFFIXES = (".mask_logits", ".prior_mask")
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint does not fit the model (message names the tensor and the fix)."""
+
+
+def _is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _global_shape(value) -> Optional[tuple]:
+    if isinstance(value, ShardedTensor):
+        return tuple(value.global_shape)
+    if isinstance(value, ShardedTensorFactory):
+        built = value.build_fn(value.key, value.data, value.replica_id, value.flattened_range)
+        return tuple(built[0].global_shape) if built else None
+    return None
+
+
+def _tensor_entries(sharded: dict) -> dict:
+    return {k: v for k, v in sharded.items() if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
+
+
+def save_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, optimizer=None, extra: Optional[dict] = None) -> Path:
+    """Write model (and optimizer) state to ``ckpt_dir`` atomically. ``extra`` is a small picklable dict
+    (iteration, scheduler, RNG, data position) stored by rank 0 beside the tensors."""
+    ckpt_dir = Path(ckpt_dir).absolute()
+    partial = ckpt_dir.with_name(ckpt_dir.name + ".partial")
+    if _is_rank0():
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    _barrier()
+    sharded = model.sharded_state_dict()
+    if optimizer is not None:
+        sharded = {"model": sharded, "optimizer": optimizer.sharded_state_dict(sharded)}
+    dist_checkpointing.save(sharded, str(partial))
+    if _is_rank0():
+        if extra is not None:
+            torch.save(extra, partial / "extra_state.pt")
+        if ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)
+        os.replace(partial, ckpt_dir)
+    _barrier()
+    return ckpt_dir
+
+
+def _prepare_prior_buffers(model: torch.nn.Module, saved: dict) -> None:
+    """Allocate ``prior_mask`` buffers for layers whose prior is in the checkpoint."""
+    by_tensor = {}
+    for value in _tensor_entries(model.sharded_state_dict()).values():
+        if value.key.endswith(".mask_logits"):
+            by_tensor[value.data.data_ptr()] = value.key[: -len(".mask_logits")]
+    for module in model.modules():
+        if isinstance(module, _MaskedLinearMixin) and module.prior_mask is None:
+            prefix = by_tensor.get(module.mask_logits.data_ptr())
+            if prefix is not None and f"{prefix}.prior_mask" in saved:
+                module.prior_mask = torch.zeros_like(module.weight, dtype=torch.bool)
+
+
+def check_compatible(model_sharded: dict, saved: dict, ckpt_dir) -> list[str]:
+    """Raise ``CheckpointMismatch`` for a missing or mis-shaped tensor; return the mask tensors the
+    checkpoint does not have (a dense checkpoint: they keep their initial values). Lookups use each
+    entry's global checkpoint key; the returned names are ``model_sharded``'s own keys."""
+    absent = []
+    for name, value in _tensor_entries(model_sharded).items():
+        key = value.key
+        expected = _global_shape(value)
+        if key not in saved:
+            if key.endswith(MASK_SUFFIXES):
+                absent.append(name)
+                continue
+            raise CheckpointMismatch(
+                f"checkpoint {ckpt_dir} has no tensor {key} (model expects global shape {expected}): it was "
+                "written for another architecture or config; convert it again for this model")
+        found = tuple(saved[key].global_shape)
+        if expected is not None and found != expected:
+            if key.endswith(".mask_logits") and found[:2] != expected[:2]:
+                hint = "the N:M group size M differs (cols / M): learn with the checkpoint's N:M"
+            elif key.endswith(".mask_logits"):
+                hint = (f"the checkpoint has {found[-1]} patterns per group, the model {expected[-1]}: "
+                        "the N:M differs; use the checkpoint's N:M")
+            else:
+                hint = "the model config differs (sizes, heads, vocab padding): build the model from the checkpoint's config"
+            raise CheckpointMismatch(f"tensor {key}: checkpoint {ckpt_dir} has global shape {found}, model expects "
+                                     f"{expected}; {hint}")
+    return absent
+
+
+def load_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, optimizer=None) -> dict:
+    """Load ``ckpt_dir`` into ``model`` (and ``optimizer``) at this rank's layout.
+
+    Returns ``{"absent_masks": [...], "extra": {...} or None}``.
+    """
+    ckpt_dir = Path(ckpt_dir).absolute()
+    if not (ckpt_dir / "metadata.json").exists():
+        raise CheckpointMismatch(f"{ckpt_dir} is not a complete dist_checkpointing checkpoint (no metadata.json): "
+                                 "point at a checkpoint folder, not a partial or parent one")
+    saved = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+    _prepare_prior_buffers(model, saved)
+    model_sharded = model.sharded_state_dict()
+    absent = check_compatible(model_sharded, saved, ckpt_dir)
+    for key in absent:
+        model_sharded.pop(key)
+    if optimizer is not None:
+        request = {"model": model_sharded, "optimizer": optimizer.sharded_state_dict(model_sharded, is_loading=True)}
+        state = dist_checkpointing.load(request, str(ckpt_dir))
+        model_state, optimizer_state = state["model"], state["optimizer"]
+    else:
+        model_state, optimizer_state = dist_checkpointing.load(model_sharded, str(ckpt_dir)), None
+    result = model.load_state_dict(model_state, strict=False)
+    unexpected = [k for k in result.missing_keys if not k.endswith(MASK_SUFFIXES) and not k.endswith("_extra_state")]
+    if unexpected:
+        raise CheckpointMismatch(f"checkpoint {ckpt_dir} left model tensors unset: {unexpected[:5]}")
+    if optimizer is not None:
+        optimizer.load_state_dict(optimizer_state)
+    extra_path = ckpt_dir / "extra_state.pt"
+    extra = torch.load(extra_path, weights_only=False) if extra_path.exists() else None
+    return {"absent_masks": absent, "extra": extra}

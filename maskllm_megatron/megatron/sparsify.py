@@ -1,0 +1,132 @@
+"""``sparsify(model, config)``: turn a built megatron-core GPTModel into a mask-learning model.
+
+Every selected Column/RowParallelLinear becomes its masked subclass IN PLACE (the module's class is
+swapped and mask logits are added; weights, biases, hooks and sharding stay as they are, so nothing is
+re-allocated). By default the four linears of every transformer block are masked (``linear_qkv``,
+``linear_proj``, ``linear_fc1``, ``linear_fc2``); the LM head and embeddings stay dense. Then every
+weight is frozen (mask-only training) unless ``train_weights`` is set.
+
+Each masked layer is keyed by a layout-independent name (``layers.<global index>.<path>``) that seeds
+its random streams, so pipeline and tensor layouts do not change what is sampled.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+from ..masks import MaskConfig, MaskStep
+from .layers import MaskedColumnParallelLinear, MaskedRowParallelLinear, _MaskedLinearMixin
+
+DEFAULT_TARGETS = ("*.linear_qkv", "*.linear_proj", "*.linear_fc1", "*.linear_fc2")
+
+
+@dataclass(frozen=True)
+class SparsifyConfig:
+    """Which linears to mask and what trains.
+
+    ``include`` / ``exclude`` are shell-style patterns on module names (``decoder.layers.3.mlp.linear_fc1``);
+    e.g. ``include=("*.mlp.*",)`` sparsifies the MLP only, ``exclude=("*.self_attention.*",)`` likewise.
+    """
+
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    include: tuple[str, ...] = DEFAULT_TARGETS
+    exclude: tuple[str, ...] = ()
+    train_weights: bool = False  # joint training of the masked layers' weights (default: mask only)
+    mask_lr_mult: float = 10.0  # the paper's x10 on the logits
+    mask_weight_decay_mult: float = 1.0  # the logits get weight decay (0.1 in the paper's runs)
+
+    def __post_init__(self):
+        if not self.include:
+            raise ValueError("SparsifyConfig.include is empty: name at least one module pattern, e.g. '*.linear_fc1'")
+        if self.mask_lr_mult <= 0:
+            raise ValueError(f"mask_lr_mult must be positive, got {self.mask_lr_mult}")
+
+    def selects(self, name: str) -> bool:
+        return (any(fnmatch.fnmatchcase(name, p) for p in self.include)
+                and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude))
+
+
+def _global_names(model: torch.nn.Module) -> dict[int, str]:
+    """Module id -> name with pipeline-local layer indices replaced by global layer numbers."""
+    layer_numbers = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "layer_number") and re.search(r"layers\.\d+$", name):
+            layer_numbers[name] = module.layer_number - 1  # megatron's layer_number is global, 1-based
+    out = {}
+    for name, module in model.named_modules():
+        m = re.match(r"(.*?layers\.\d+)(\..*)?$", name)
+        if m and m.group(1) in layer_numbers:
+            out[id(module)] = f"layers.{layer_numbers[m.group(1)]}{m.group(2) or ''}"
+        else:
+            out[id(module)] = name
+    return out
+
+
+def sparsify(model: torch.nn.Module, config: SparsifyConfig) -> list[str]:
+    """Mask the selected linears of ``model`` in place; freeze what does not train. Returns the
+    names of the masked modules. Call before wrapping the model in DDP / building the optimizer."""
+    gated = bool(getattr(getattr(model, "config", None), "gated_linear_unit", False))
+    names = _global_names(model)
+    masked = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, _MaskedLinearMixin) or not config.selects(name):
+            continue
+        if isinstance(module, ColumnParallelLinear):
+            module.__class__ = MaskedColumnParallelLinear
+            module._init_mask(config.mask, names[id(module)], gated_halves=gated and name.endswith("linear_fc1"))
+        elif isinstance(module, RowParallelLinear):
+            module.__class__ = MaskedRowParallelLinear
+            module._init_mask(config.mask, names[id(module)], gated_halves=False)
+        elif type(module).__name__.startswith("TE"):
+            raise NotImplementedError(
+                f"{name} is a Transformer Engine layer ({type(module).__name__}); build the model with the "
+                "local spec (get_gpt_layer_local_spec) to sparsify it")
+        else:
+            continue
+        masked.append(name)
+    if not masked:
+        raise ValueError(f"sparsify matched no Column/RowParallelLinear with include={config.include} "
+                         f"exclude={config.exclude}: check the module names (model.named_modules())")
+    for param_name, param in model.named_parameters():
+        param.requires_grad_(param_name.endswith("mask_logits"))
+    if config.train_weights:
+        for layer in masked_layers(model):
+            layer.freeze_weight(False)
+    return masked
+
+
+def masked_layers(model: torch.nn.Module) -> Iterator[_MaskedLinearMixin]:
+    for module in model.modules():
+        if isinstance(module, _MaskedLinearMixin):
+            yield module
+
+
+def set_mask_step(model: torch.nn.Module, step: MaskStep) -> None:
+    """Hand every masked layer the sampling state of the next micro-batch."""
+    for layer in masked_layers(model):
+        layer.set_mask_step(step)
+
+
+def set_fused_mask_kernel(model: torch.nn.Module, fused: bool = True) -> None:
+    """Use the torch.compile'd sampling kernels (CPU C++ / GPU Triton) in every masked layer."""
+    for layer in masked_layers(model):
+        layer.fused_mask_kernel = fused
+
+
+def optimizer_overrides(config: SparsifyConfig) -> dict:
+    """megatron-core ``config_overrides`` for ``get_megatron_optimizer``: the logits' learning-rate
+    and weight-decay multipliers, plus megatron's standard no weight decay on biases and 1-D params."""
+    from megatron.core.optimizer import ParamGroupOverride, ParamKey
+    from megatron.core.optimizer.optimizer_config import ParamPredicate
+
+    one_d = ParamPredicate(name="param_len_1", fn=lambda p: len(p.shape) == 1)
+    return {
+        ParamKey(name="*.bias", predicate=one_d): ParamGroupOverride(wd_mult=0.0),
+        ParamKey(name="*mask_logits"): ParamGroupOverride(lr_mult=config.mask_lr_mult,
+                                                         wd_mult=config.mask_weight_decay_mult),
+    }

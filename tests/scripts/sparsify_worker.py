@@ -1,0 +1,210 @@
+"""Worker for tests/test_sparsify.py (torchrun, gloo).
+
+usage: sparsify_worker.py MODE TP OUTDIR
+  check       sparsify tiny GPT-3 / LLaMA / Nemotron models; masked modules, frozen weights, optimizer
+              groups, eval parity with W * hard_mask applied by hand
+  save        (TP=2) dense checkpoint -> sparsified model (dense start) -> prior + changed logits ->
+              sparse checkpoint
+  load1       (TP=1) load the TP=2 checkpoint, same loss; save again; wrong N:M / config is refused
+  load2       (TP=2) load the TP=1 checkpoint: identical logits and loss
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+FAMILIES = {
+    "gpt": dict(family="gpt", position_embedding="learned_absolute", normalization="LayerNorm",
+                activation="gelu_tanh", qkv_bias=True, proj_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    "llama": dict(family="llama", num_query_groups=2, tie_word_embeddings=False),
+    "nemotron": dict(family="nemotron", num_query_groups=2, normalization="LayerNorm", activation="squared_relu",
+                     rotary_percent=0.5),
+}
+
+
+def model_config(family, **over):
+    from maskllm_megatron.megatron.model_builder import ModelConfig
+
+    base = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, vocab_size=96,
+                max_position_embeddings=32, make_vocab_size_divisible_by=32)
+    base.update(FAMILIES[family])
+    base.update(over)
+    return ModelConfig(**base)
+
+
+def build(mc, seed=5):
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from maskllm_megatron.megatron.model_builder import build_gpt_model
+
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    return build_gpt_model(mc)
+
+
+def tokens():
+    g = torch.Generator().manual_seed(3)
+    return torch.randint(0, 96, (2, 17), generator=g)
+
+
+def loss_of(model):
+    from maskllm_megatron.megatron.model_builder import gpt_forward
+
+    t = tokens()
+    with torch.no_grad():
+        return float(gpt_forward(model.eval(), t[:, :-1], t[:, 1:]).mean())
+
+
+def global_logits(model):
+    from maskllm_megatron.megatron.sparsify import masked_layers
+
+    return {layer.mask_layer_id: layer.gather_global(layer.mask_logits.detach()) for layer in masked_layers(model)}
+
+
+def check(out):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from maskllm_megatron.masks import MaskConfig
+    from maskllm_megatron.megatron.layers import _MaskedLinearMixin
+    from maskllm_megatron.megatron.model_builder import gpt_forward
+    from maskllm_megatron.megatron.sparsify import SparsifyConfig, optimizer_overrides, set_mask_step, sparsify
+
+    report = {}
+    for family in FAMILIES:
+        mc = model_config(family)
+        model = build(mc)
+        dense = build(mc)
+        cfg = SparsifyConfig(mask=MaskConfig(total_steps=10))
+        names = sparsify(model, cfg)
+        kinds = sorted({n.rsplit(".", 1)[1] for n in names})
+        assert kinds == ["linear_fc1", "linear_fc2", "linear_proj", "linear_qkv"], kinds
+        assert len(names) == 4 * mc.num_layers
+        masked_ids = {id(m) for m in model.modules() if isinstance(m, _MaskedLinearMixin)}
+        for name, m in model.named_modules():
+            if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and id(m) not in masked_ids:
+                assert name == "output_layer", f"{family}: {name} left dense"
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert trainable and all(n.endswith("mask_logits") for n in trainable), trainable
+        # Eval parity: masked model == dense model with W * hard_mask applied by hand.
+        with torch.no_grad():
+            sd = {k: v for k, v in model.state_dict().items() if "mask_logits" not in k and "prior_mask" not in k}
+            dense.load_state_dict(sd)
+            for (name, m), (_, d) in zip(model.named_modules(), dense.named_modules()):
+                if isinstance(m, _MaskedLinearMixin):
+                    d.weight.mul_(m.hard_mask())
+        t = tokens()[:, :-1]
+        with torch.no_grad():
+            a = gpt_forward(model.eval(), t)
+            b = gpt_forward(dense.eval(), t)
+        diff = float((a - b).abs().max())
+        assert diff <= 1e-5, f"{family}: eval logits differ from W * hard_mask by {diff}"
+        # Frozen weights get no gradient; logits do.
+        model.train()
+        set_mask_step(model, cfg.mask.step_state(1))
+        gpt_forward(model, t, tokens()[:, 1:]).mean().backward()
+        for n, p in model.named_parameters():
+            if n.endswith("mask_logits"):
+                assert p.grad is not None and float(p.grad.abs().sum()) > 0, n
+            else:
+                assert p.grad is None, f"{family}: frozen {n} got a gradient"
+        report[family] = {"masked": len(names), "eval_diff": diff}
+
+    # Optimizer: DDP allocates gradient buffers for logits only; logits get the lr / wd multipliers.
+    mc = model_config("llama")
+    model = build(mc)
+    cfg = SparsifyConfig(mask=MaskConfig(total_steps=10), mask_lr_mult=10.0)
+    sparsify(model, cfg)
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    buffered = sum(b.numel for b in ddp.buffers) if hasattr(ddp, "buffers") else None
+    logit_numel = sum(p.numel() for n, p in model.named_parameters() if n.endswith("mask_logits"))
+    opt = get_megatron_optimizer(OptimizerConfig(lr=1e-3, weight_decay=0.1), [ddp],
+                                 config_overrides=optimizer_overrides(cfg))
+    groups = opt.param_groups
+    in_opt = sum(p.numel() for g in groups for p in g["params"])
+    assert in_opt == logit_numel, (in_opt, logit_numel)
+    assert all(g["lr_mult"] == 10.0 for g in groups if g["params"]), [g["lr_mult"] for g in groups]
+    report["optimizer"] = {"params": in_opt, "grad_buffer": buffered}
+    if buffered is not None:
+        assert buffered == logit_numel, (buffered, logit_numel)
+
+    # include / exclude: MLP only, attention only.
+    model = build(mc)
+    names = sparsify(model, SparsifyConfig(include=("*.mlp.*",)))
+    assert sorted({n.rsplit(".", 1)[1] for n in names}) == ["linear_fc1", "linear_fc2"]
+    model = build(mc)
+    names = sparsify(model, SparsifyConfig(exclude=("*.mlp.*",)))
+    assert sorted({n.rsplit(".", 1)[1] for n in names}) == ["linear_proj", "linear_qkv"]
+    return report
+
+
+def ckpt(mode, out):
+    from maskllm_megatron.masks import MaskConfig, NMSpec, topn_mask
+    from maskllm_megatron.megatron.checkpointing import CheckpointMismatch, load_checkpoint, save_checkpoint
+    from maskllm_megatron.megatron.sparsify import SparsifyConfig, masked_layers, sparsify
+
+    mc = model_config("llama")
+    cfg = SparsifyConfig(mask=MaskConfig(total_steps=10))
+    report = {}
+    if mode == "save":
+        dense = build(mc, seed=11)
+        save_checkpoint(dense, out / "dense")
+        model = build(mc, seed=99)  # different weights: the load must bring the dense ones
+        sparsify(model, cfg)
+        res = load_checkpoint(model, out / "dense")
+        assert res["absent_masks"] and all(k.endswith("mask_logits") for k in res["absent_masks"])
+        assert torch.equal(model.decoder.layers[0].mlp.linear_fc2.weight, dense.decoder.layers[0].mlp.linear_fc2.weight)
+        for layer in masked_layers(model):
+            layer.set_prior(topn_mask(layer.weight.abs(), NMSpec(2, 4)))
+            with torch.no_grad():
+                layer.mask_logits.add_(0.5 * torch.cos(layer.mask_logits * 100))
+        save_checkpoint(model, out / "sparse_tp2")
+        report = {"loss": loss_of(model)}
+    elif mode == "load1":
+        model = build(mc, seed=99)
+        sparsify(model, cfg)
+        load_checkpoint(model, out / "sparse_tp2")
+        assert all(layer.prior_mask is not None for layer in masked_layers(model))
+        report = {"loss": loss_of(model)}
+        save_checkpoint(model, out / "sparse_tp1")
+        # A model with another N:M, or another architecture, is refused with the tensor named.
+        for bad_cfg, bad_mc, expect in ((SparsifyConfig(mask=MaskConfig(nm=NMSpec(1, 4))), mc, "N:M"),
+                                        (cfg, model_config("llama", ffn_hidden_size=192), "linear_fc1")):
+            bad = build(bad_mc)
+            sparsify(bad, bad_cfg)
+            try:
+                load_checkpoint(bad, out / "sparse_tp1")
+            except CheckpointMismatch as e:
+                assert expect in str(e) and "\n" not in str(e), str(e)
+            else:
+                raise AssertionError(f"mismatched checkpoint loaded ({expect})")
+    elif mode == "load2":
+        model = build(mc, seed=99)
+        sparsify(model, cfg)
+        load_checkpoint(model, out / "sparse_tp1")
+        report = {"loss": loss_of(model)}
+    logits = global_logits(model)
+    if torch.distributed.get_rank() == 0:
+        torch.save(logits, out / f"logits_{mode}.pt")
+    return report
+
+
+def main():
+    mode, tp, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+    from megatron.core import parallel_state
+
+    from maskllm_megatron.megatron import cpu_compat
+
+    cpu_compat.apply()
+    torch.distributed.init_process_group("gloo")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    report = check(out) if mode == "check" else ckpt(mode, out)
+    if torch.distributed.get_rank() == 0:
+        print("RESULT " + json.dumps(report))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
