@@ -51,6 +51,7 @@ class _MaskedLinearMixin:
         self.gated_halves = gated_halves
         self.mask_step = MaskStep(seed=mask_config.seed)
         self.masking_enabled = True
+        self.use_prior_mask = False  # forward with W * prior_mask (one-shot evaluation, calibration)
         self.fused_mask_kernel = False
         self._eval_mask_cache = None
         spec = mask_config.nm
@@ -139,16 +140,21 @@ class _MaskedLinearMixin:
                              fused=self.fused_mask_kernel)
 
     def eval_weight(self) -> torch.Tensor:
-        """``W * hard_mask``, cached until the logits or the weight change."""
-        stamp = (self.mask_logits._version, self.mask_logits.data_ptr(), self.weight._version, self.weight.data_ptr())
+        """``W * hard_mask`` (or ``W * prior_mask`` with ``use_prior_mask``), cached until the logits,
+        the prior or the weight change."""
+        source = self.prior_mask if self.use_prior_mask else self.mask_logits
+        if source is None:
+            raise RuntimeError(f"{self.mask_layer_id}: use_prior_mask is set but no prior mask was stored (set_prior)")
+        stamp = (self.use_prior_mask, source._version, source.data_ptr(), self.weight._version, self.weight.data_ptr())
         if self._eval_mask_cache is None or self._eval_mask_cache[0] != stamp:
             with torch.no_grad():
-                self._eval_mask_cache = (stamp, self.weight * self.hard_mask())
+                mask = self.prior_mask.to(self.weight.dtype) if self.use_prior_mask else self.hard_mask()
+                self._eval_mask_cache = (stamp, self.weight * mask)
         return self._eval_mask_cache[1]
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         if weight is self.weight and self.masking_enabled:
-            weight = self.sampled_weight() if self.training else self.eval_weight()
+            weight = self.sampled_weight() if self.training and not self.use_prior_mask else self.eval_weight()
             kwargs["gradient_accumulation_fusion"] = False
         return super()._forward_impl(input, weight, *args, **kwargs)
 

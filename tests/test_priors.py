@@ -1,0 +1,21 @@
+"""One-shot priors computed in place on sparsified GPTModels, sequentially, at TP=1 and TP=2."""
+import torch
+
+from tests.torchrun_util import torchrun
+
+WORKER = "tests/scripts/priors_worker.py"
+
+
+def test_priors_are_valid_hand_checked_and_tp2_equals_tp1(tmp_path):
+    # Each run checks: valid N:M, magnitude == top-N |W|, weights untouched (or OBS-updated),
+    # logits moved to the prior, and sequential calibration changing deeper blocks' masks.
+    torchrun(WORKER, 1, tmp_path, nproc=1)
+    torchrun(WORKER, 2, tmp_path, nproc=2)
+    tp1, tp2 = torch.load(tmp_path / "priors_tp1.pt"), torch.load(tmp_path / "priors_tp2.pt")
+    assert set(tp1) == set(tp2) and len(tp1) == 10
+    for name in tp1:
+        for key in tp1[name]:
+            if key.endswith(".weight"):  # SparseGPT's OBS-updated weights
+                torch.testing.assert_close(tp1[name][key], tp2[name][key], rtol=1e-5, atol=1e-5)
+            else:
+                assert torch.equal(tp1[name][key], tp2[name][key]), (name, key)
