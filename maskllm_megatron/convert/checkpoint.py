@@ -1,0 +1,130 @@
+"""megatron-core checkpoints written by the converter: layout, process groups, loading.
+
+A checkpoint folder holds a megatron-core ``dist_checkpointing`` checkpoint (any TP/PP layout, loadable
+at any other), ``model_config.json`` (``CheckpointInfo``: the ``ModelConfig``, dtype, the layout it was
+written with and the original HF ``config.json``) and ``tokenizer/`` (the HF tokenizer files).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from maskllm_megatron.convert.io import ConversionError
+from maskllm_megatron.megatron.model_builder import DTYPES, ModelConfig
+
+CONFIG_FILE = "model_config.json"
+TOKENIZER_DIR = "tokenizer"
+FORMAT = "maskllm-megatron/mcore-checkpoint-v1"
+
+
+@dataclass
+class CheckpointInfo:
+    """What ``model_config.json`` holds."""
+
+    model: ModelConfig
+    dtype: str = "fp32"
+    tp: int = 1
+    pp: int = 1
+    hf_config: dict = field(default_factory=dict)
+    source: str = ""
+
+    def save(self, folder: Path) -> None:
+        d = {"format": FORMAT, "model": self.model.to_dict(), "dtype": self.dtype, "tp": self.tp, "pp": self.pp,
+             "hf_config": self.hf_config, "source": self.source}
+        (folder / CONFIG_FILE).write_text(json.dumps(d, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "CheckpointInfo":
+        path = Path(folder) / CONFIG_FILE
+        if not path.is_file():
+            raise ConversionError(f"{folder} has no {CONFIG_FILE}: pass a checkpoint written by hf-to-mcore")
+        d = json.loads(path.read_text())
+        if d.get("format") != FORMAT:
+            raise ConversionError(f"{path} has format {d.get('format')!r}, expected {FORMAT!r}")
+        return cls(ModelConfig.from_dict(d["model"]), d["dtype"], d["tp"], d["pp"], d.get("hf_config", {}),
+                   d.get("source", ""))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_parallel(tp: int = 1, pp: int = 1) -> None:
+    """Initialise torch.distributed (from torchrun's environment, or a one-process world when launched
+    plainly) and megatron-core's model-parallel groups for ``tp`` x ``pp`` ranks."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from maskllm_megatron.megatron import cpu_compat
+
+    cpu_compat.apply()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(free_port()))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.get_world_size() != tp * pp:
+        raise ConversionError(
+            f"{dist.get_world_size()} processes for --tp {tp} x --pp {pp}: launch with nproc={tp * pp}")
+    if parallel_state.model_parallel_is_initialized():
+        if (parallel_state.get_tensor_model_parallel_world_size() == tp
+                and parallel_state.get_pipeline_model_parallel_world_size() == pp):
+            return
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(1234)
+
+
+def load_mcore_model(ckpt_dir: str | Path, *, parallel_output: bool = True, dtype: str | None = None):
+    """Build the checkpoint's GPTModel for the initialised parallel layout and load its weights.
+
+    Returns ``(model, info)``; the model is in eval mode. ``dtype`` defaults to the checkpoint's.
+    """
+    from megatron.core import dist_checkpointing
+
+    from maskllm_megatron.megatron.model_builder import build_gpt_model
+
+    info = CheckpointInfo.load(ckpt_dir)
+    model = build_gpt_model(info.model, info.model.to_transformer_config(
+        _tp(), _pp(), dtype or info.dtype, perform_initialization=False), parallel_output=parallel_output)
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(ckpt_dir).absolute()))
+    model.load_state_dict(state)
+    return model.eval(), info
+
+
+def _tp() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _pp() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_world_size()
+
+
+def global_param_names(model) -> dict[str, torch.nn.Parameter]:
+    """``{name with global layer numbers: parameter}`` of this rank's (pipeline stage of the) model."""
+    out = {}
+    layers = getattr(getattr(model, "decoder", None), "layers", [])
+    offset = layers[0].layer_number - 1 if len(layers) else 0
+    for name, p in model.named_parameters():
+        if name.startswith("decoder.layers."):
+            idx, rest = name[len("decoder.layers."):].split(".", 1)
+            name = f"decoder.layers.{int(idx) + offset}.{rest}"
+        out[name] = p
+    return out
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]

@@ -1,0 +1,102 @@
+"""``maskllm-convert``: Hugging Face <-> megatron-core checkpoints.
+
+Launching: ``hf-to-mcore`` needs one process per TP x PP rank. Launched plainly with ``--tp N``
+(N > 1), it checks the input, then re-launches itself under ``torchrun --nproc-per-node tp*pp``;
+launched under torchrun already, it uses the given ranks. ``mcore-to-hf`` runs in one process
+(loading the checkpoint at TP=1 whatever it was saved with), or under torchrun with nproc = TP size.
+Errors in the input or the request print one line, ``error: <problem>: <fix>``, exit with status 2,
+and leave no output behind.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  maskllm-convert hf-to-mcore --hf ~/.cache/maskllm_megatron/smollm2-135m-instruct --out ckpt/smollm2-tp1
+  maskllm-convert hf-to-mcore --hf models/llama --out ckpt/llama-tp2 --tp 2 --dtype bf16
+  maskllm-convert mcore-to-hf --ckpt ckpt/llama-tp2 --out models/llama-roundtrip
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="maskllm-convert", description=__doc__.split("\n\n")[0],
+                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("hf-to-mcore", help="Hugging Face folder -> megatron-core dist checkpoint",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("--hf", required=True, type=Path, help="Hugging Face model folder (config.json + safetensors)")
+    a.add_argument("--out", required=True, type=Path, help="checkpoint folder to create")
+    a.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    a.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    a.add_argument("--dtype", default="fp32", help="bf16, fp16 or fp32 (default fp32)")
+    a.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    b = sub.add_parser("mcore-to-hf", help="megatron-core checkpoint -> Hugging Face folder",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--ckpt", required=True, type=Path, help="checkpoint folder written by hf-to-mcore")
+    b.add_argument("--out", required=True, type=Path, help="Hugging Face folder to create")
+    b.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors file (default 5)")
+    b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return ap
+
+
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run this command under torchrun with tp*pp processes; clean up a partial output on failure."""
+    from maskllm_megatron.convert.checkpoint import free_port
+    from maskllm_megatron.convert.io import partial_path
+
+    n = args.tp * args.pp
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-addr",
+           "127.0.0.1", "--master-port", str(free_port()), "-m", "maskllm_megatron.convert.cli", *argv]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    print(f"launching {n} ranks: {' '.join(cmd[1:5])} ...", file=sys.stderr)
+    rc = subprocess.call(cmd, env=env)
+    if rc != 0:
+        shutil.rmtree(partial_path(args.out.absolute()), ignore_errors=True)
+    return rc
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """Let SIGTERM (torchrun stopping the other ranks when one fails) run the partial-output cleanup."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    from maskllm_megatron.convert.io import ConversionError
+
+    try:
+        if args.command == "hf-to-mcore":
+            from maskllm_megatron.convert.hf_to_mcore import hf_to_mcore, plan
+
+            if args.tp * args.pp > 1 and not _under_torchrun():
+                plan(args.hf, args.tp, args.pp, args.dtype)  # fail fast, before starting ranks
+                if args.out.exists() and not args.overwrite:
+                    raise ConversionError(f"output {args.out} already exists: remove it or choose another --out")
+                return _relaunch(args, argv)
+            _exit_cleanly_on_sigterm()
+            hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.dtype, overwrite=args.overwrite)
+        else:
+            from maskllm_megatron.convert.mcore_to_hf import mcore_to_hf
+
+            _exit_cleanly_on_sigterm()
+            mcore_to_hf(args.ckpt, args.out, int(args.max_shard_size * 2**30), overwrite=args.overwrite)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

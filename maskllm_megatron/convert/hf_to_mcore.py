@@ -1,0 +1,126 @@
+"""Hugging Face folder -> megatron-core dist checkpoint, one rank per TP x PP shard.
+
+Every rank builds its shard of the GPTModel (no initialisation), streams the HF tensors it needs one
+at a time, shard file by shard file, puts its tensor-parallel part into its parameters and joins the
+collective ``dist_checkpointing.save``. Nothing is held twice: the model shards of all ranks together
+are one copy of the model; besides them a rank holds one global tensor at a time.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from maskllm_megatron.convert.checkpoint import (TOKENIZER_DIR, CheckpointInfo, global_param_names,
+                                                 init_parallel)
+from maskllm_megatron.convert.io import ConversionError, HFCheckpoint, copy_tokenizer, partial_path, progress
+from maskllm_megatron.convert.mapping import TensorRule, architecture_for, model_config_from_hf
+from maskllm_megatron.megatron.model_builder import DTYPES, ModelConfig, ModelConfigError
+
+
+@dataclass
+class Plan:
+    """A checked conversion: the input, its ModelConfig and the rules that map it."""
+
+    hf: HFCheckpoint
+    model: ModelConfig
+    rules: dict[str, TensorRule]
+    unused: list[str]
+
+
+def plan(hf_dir: str | Path, tp: int = 1, pp: int = 1, dtype: str = "fp32") -> Plan:
+    """Read and check everything that can be checked without megatron: the config, the shards'
+    headers, every tensor's presence and shape, and that ``tp``/``pp`` can shard the model."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"unknown --dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    hf = HFCheckpoint(hf_dir)
+    architecture_for(hf.config)
+    mc = model_config_from_hf(hf.config)
+    try:
+        mc.validate_parallel(tp, pp)
+    except ModelConfigError as e:
+        raise ConversionError(str(e)) from None
+    rules = {r.mcore: r for r in architecture_for(hf.config).rules(mc)}
+    used = set()
+    for r in rules.values():
+        for name, shape in zip(r.hf, r.hf_shapes):
+            if name not in hf:
+                raise ConversionError(
+                    f"tensor {name!r} is missing from {hf.folder}: the checkpoint is incomplete or does not "
+                    f"match config.json ({hf.config.get('model_type')})")
+            if tuple(hf.shape(name)) != shape:
+                raise ConversionError(
+                    f"tensor {name!r} has shape {list(hf.shape(name))} but config.json implies {list(shape)}: "
+                    "the weights do not match config.json")
+            used.add(name)
+    unused = sorted(k for k in hf.weight_map if k not in used and not k.endswith(("rotary_emb.inv_freq",
+                                                                                  "attn.bias", "attn.masked_bias")))
+    return Plan(hf, mc, rules, unused)
+
+
+def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype: str = "fp32",
+                overwrite: bool = False, show_progress: bool = True) -> Path:
+    """Convert on every rank of a ``tp * pp`` world (a one-process world is made when launched plainly).
+
+    Writes ``out`` atomically (assembled in a hidden ``.partial`` folder, then renamed); returns it.
+    """
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from maskllm_megatron.megatron.model_builder import build_gpt_model
+
+    out = Path(out).absolute()
+    p = plan(hf_dir, tp, pp, dtype)
+    if out.exists() and not overwrite:
+        raise ConversionError(f"output {out} already exists: remove it or choose another --out")
+    init_parallel(tp, pp)
+    rank, tp_rank = dist.get_rank(), parallel_state.get_tensor_model_parallel_rank()
+    say = print if rank == 0 and show_progress else (lambda *a, **k: None)
+    if rank == 0 and p.unused:
+        say(f"note: ignoring {len(p.unused)} tensors the mapping does not use: {', '.join(p.unused[:5])}"
+            + (" ..." if len(p.unused) > 5 else ""))
+
+    t0 = time.time()
+    config = p.model.to_transformer_config(tp, pp, dtype, perform_initialization=False)
+    model = build_gpt_model(p.model, config)
+    params = global_param_names(model)
+    missing = sorted(set(params) - set(p.rules))
+    if missing:
+        raise ConversionError(f"no mapping for megatron-core parameters {missing[:3]}: report this as a bug")
+    order = sorted(params, key=lambda n: p.hf.shard_order(p.rules[n].hf[0]) if p.rules[n].hf else ("", 0))
+    with torch.no_grad():
+        for i, name in enumerate(order, 1):
+            rule, param = p.rules[name], params[name]
+            full = rule.to_mcore([p.hf.read(n) for n in rule.hf])
+            if tuple(full.shape) != rule.mcore_shape:
+                raise ConversionError(f"{name}: built shape {list(full.shape)} != {list(rule.mcore_shape)} (bug)")
+            param.copy_(rule.layout.shard(full, tp_rank, tp).to(param.dtype))
+            del full
+            if show_progress and rank == 0:
+                progress(i, len(order), f"rank 0 loading {p.hf.folder.name}")
+
+    tmp = partial_path(out)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    try:
+        dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
+        dist.barrier()
+        if rank == 0:
+            CheckpointInfo(p.model, dtype, tp, pp, p.hf.config, str(p.hf.folder)).save(tmp)
+            copy_tokenizer(p.hf.folder, tmp / TOKENIZER_DIR)
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        dist.barrier()
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"wrote megatron-core checkpoint {out} (tp={tp} pp={pp} {dtype}, {p.model.num_parameters() / 1e6:.1f}M "
+        f"parameters) in {time.time() - t0:.1f}s")
+    return out

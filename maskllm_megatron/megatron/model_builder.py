@@ -1,0 +1,304 @@
+"""Typed model description and megatron-core GPTModel construction (local spec, no TE/Apex).
+
+``ModelConfig`` describes a decoder-only transformer in architecture terms (what a Hugging Face
+config says); ``to_transformer_config`` turns it into megatron-core's ``TransformerConfig`` for a
+given parallel layout, and ``build_gpt_model`` builds megatron-core's own ``GPTModel`` with
+``get_gpt_layer_local_spec``. Three families are covered:
+
+- ``gpt``: GPT-2/GPT-3 style: learned absolute positions, LayerNorm, GeLU (tanh), biases, tied head.
+- ``llama``: LLaMA-2/3 style (also Qwen2, SmolLM2): RoPE (optionally LLaMA-3 scaled), RMSNorm,
+  SwiGLU, grouped-query attention, tied or untied head, optional attention biases.
+- ``nemotron``: Nemotron-4 style: squared-ReLU MLP without gate, LayerNorm1p, partial RoPE.
+  megatron-core's torch norm wrapper refuses ``layernorm_zero_centered_gamma``; since
+  ``norm(x) * (1 + w) + b`` equals a plain LayerNorm with weight ``w + 1``, the converter stores
+  ``w + 1`` in the megatron-core checkpoint and subtracts 1 again on export (see ``convert``).
+
+Megatron's bias switches are coarser than the architectures': ``add_bias_linear`` adds biases to
+the attention output and both MLP linears at once (and to QKV). When an architecture has some of
+those biases but not all (LLaMA with ``attention_bias=True`` has q/k/v/o biases but no MLP bias),
+the missing ones exist in the megatron-core model and are held at zero by the converter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+Family = Literal["llama", "gpt", "nemotron"]
+Activation = Literal["swiglu", "gelu", "gelu_tanh", "squared_relu"]
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelConfigError(ValueError):
+    """An invalid model description or parallel layout (message says what and how to fix it)."""
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GeLU with the tanh approximation (GPT-2's ``gelu_new``)."""
+    return F.gelu(x, approximate="tanh")
+
+
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2 (Nemotron's ``relu2``)."""
+    return torch.pow(F.relu(x), 2)
+
+
+_ACTIVATIONS = {"swiglu": F.silu, "gelu": F.gelu, "gelu_tanh": gelu_tanh, "squared_relu": squared_relu}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """LLaMA-3 ("llama3") RoPE frequency scaling."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only transformer, independent of how it is parallelised.
+
+    ``vocab_size`` is the tokenizer's vocabulary; embeddings and the output layer are padded with
+    zero rows to ``padded_vocab_size`` so that every tensor-parallel size dividing it works.
+    """
+
+    family: Family
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+    num_query_groups: int | None = None  # None: multi-head attention (one group per head)
+    kv_channels: int | None = None  # head dimension; None: hidden_size // num_attention_heads
+    padded_vocab_size: int | None = None  # None: vocab_size rounded up to make_vocab_size_divisible_by
+    make_vocab_size_divisible_by: int = 128
+    position_embedding: Literal["rope", "learned_absolute"] = "rope"
+    rotary_base: float = 10000.0
+    rotary_percent: float = 1.0
+    rope_scaling: RopeScaling | None = None
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    activation: Activation = "swiglu"
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    proj_bias: bool = False
+    mlp_bias: bool = False
+    init_method_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.num_query_groups is None:
+            object.__setattr__(self, "num_query_groups", self.num_attention_heads)
+        if self.kv_channels is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ModelConfigError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                    f"{self.num_attention_heads}: set kv_channels (head_dim) explicitly")
+            object.__setattr__(self, "kv_channels", self.hidden_size // self.num_attention_heads)
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if self.padded_vocab_size is None:
+            m = self.make_vocab_size_divisible_by
+            object.__setattr__(self, "padded_vocab_size", -(-self.vocab_size // m) * m)
+        self.validate()
+
+    # ----------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ``ModelConfigError`` naming the first inconsistent field."""
+        if self.family not in ("llama", "gpt", "nemotron"):
+            raise ModelConfigError(f"unknown model family {self.family!r}: use llama, gpt or nemotron")
+        if self.activation not in _ACTIVATIONS:
+            raise ModelConfigError(f"unknown activation {self.activation!r}: use one of {sorted(_ACTIVATIONS)}")
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
+                     "max_position_embeddings", "num_query_groups", "kv_channels"):
+            if int(getattr(self, name)) <= 0:
+                raise ModelConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ModelConfigError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of num_query_groups "
+                f"{self.num_query_groups}: fix num_key_value_heads in the model config")
+        if self.padded_vocab_size < self.vocab_size:
+            raise ModelConfigError(
+                f"padded_vocab_size {self.padded_vocab_size} < vocab_size {self.vocab_size}")
+        if not 0.0 < self.rotary_percent <= 1.0:
+            raise ModelConfigError(f"rotary_percent must be in (0, 1], got {self.rotary_percent}")
+        if self.position_embedding not in ("rope", "learned_absolute"):
+            raise ModelConfigError(f"unknown position_embedding {self.position_embedding!r}")
+        if self.rope_scaling is not None and self.position_embedding != "rope":
+            raise ModelConfigError("rope_scaling is set but position_embedding is not 'rope'")
+        if self.normalization not in ("RMSNorm", "LayerNorm"):
+            raise ModelConfigError(f"unknown normalization {self.normalization!r}: use RMSNorm or LayerNorm")
+
+    def validate_parallel(self, tp: int, pp: int = 1) -> None:
+        """Check that ``tp`` x ``pp`` can shard this model; raise naming the fix if not."""
+        if tp < 1 or pp < 1:
+            raise ModelConfigError(f"tensor/pipeline parallel sizes must be >= 1, got tp={tp} pp={pp}")
+        for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "padded_vocab_size"):
+            value = getattr(self, name)
+            if value % tp:
+                divisors = [d for d in range(1, value + 1) if value % d == 0 and d <= 64]
+                raise ModelConfigError(
+                    f"--tp {tp} does not divide {name}={value}: use a tensor-parallel size in {divisors}")
+        if self.num_layers % pp:
+            raise ModelConfigError(
+                f"--pp {pp} does not divide num_layers={self.num_layers}: use a divisor of {self.num_layers}")
+
+    @property
+    def gated(self) -> bool:
+        """Whether the MLP's first linear holds [gate; up] (SwiGLU)."""
+        return self.activation == "swiglu"
+
+    @property
+    def add_bias_linear(self) -> bool:
+        """megatron-core's ``add_bias_linear``: on when the architecture has proj or MLP biases."""
+        return self.proj_bias or self.mlp_bias
+
+    def num_parameters(self) -> int:
+        """Parameter count of the unpadded architecture (tied head counted once)."""
+        h, f, L = self.hidden_size, self.ffn_hidden_size, self.num_layers
+        q, kv = self.num_attention_heads * self.kv_channels, self.num_query_groups * self.kv_channels
+        norm = h * (2 if self.normalization == "LayerNorm" else 1)
+        layer = h * (q + 2 * kv) + q * h + h * f * (2 if self.gated else 1) + f * h + 2 * norm
+        layer += (q + 2 * kv) * self.qkv_bias + h * self.proj_bias + (f * (2 if self.gated else 1) + h) * self.mlp_bias
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        pos = self.max_position_embeddings * h if self.position_embedding == "learned_absolute" else 0
+        return L * layer + emb + pos + norm
+
+    # ----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ModelConfigError(f"unknown ModelConfig fields {unknown}: the file was written by another version")
+        return cls(**d)
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> "ModelConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    # ----------------------------------------------------------------------------------------
+    def to_transformer_config(self, tp: int = 1, pp: int = 1, dtype: str | torch.dtype = "fp32",
+                              **overrides: Any):
+        """megatron-core ``TransformerConfig`` for this model at tensor/pipeline parallel ``tp``/``pp``.
+
+        Dropouts are 0 and fusions off (CPU friendly, deterministic); ``overrides`` are passed on.
+        """
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        self.validate_parallel(tp, pp)
+        torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        kwargs: dict[str, Any] = dict(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+            kv_channels=self.kv_channels,
+            normalization=self.normalization,
+            layernorm_epsilon=self.norm_epsilon,
+            gated_linear_unit=self.gated,
+            activation_func=_ACTIVATIONS[self.activation],
+            add_bias_linear=self.add_bias_linear,
+            add_qkv_bias=self.qkv_bias,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            masked_softmax_fusion=False,
+            apply_rope_fusion=False,
+            persist_layer_norm=False,
+            gradient_accumulation_fusion=False,
+            attention_softmax_in_fp32=True,
+            init_method_std=self.init_method_std,
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            sequence_parallel=False,
+            params_dtype=torch_dtype,
+            pipeline_dtype=torch_dtype,
+            bf16=torch_dtype == torch.bfloat16,
+            fp16=torch_dtype == torch.float16,
+            use_cpu_initialization=not torch.cuda.is_available(),
+        )
+        kwargs.update(overrides)
+        return TransformerConfig(**kwargs)
+
+
+def build_gpt_model(model_config: ModelConfig, transformer_config=None, *, tp: int | None = None,
+                    pp: int | None = None, dtype: str | torch.dtype = "fp32", pre_process: bool | None = None,
+                    post_process: bool | None = None, parallel_output: bool = True, vp_stage: int | None = None):
+    """megatron-core ``GPTModel`` (local spec) for ``model_config`` on this rank's pipeline stage.
+
+    ``parallel_state`` must be initialised. ``tp``/``pp`` default to the initialised sizes;
+    ``pre_process``/``post_process`` default to whether this rank is the first/last stage.
+    Pass ``transformer_config`` to reuse one (e.g. with ``perform_initialization=False``).
+    With ``parallel_output=False`` the logits are gathered over tensor-parallel ranks.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    tp = parallel_state.get_tensor_model_parallel_world_size() if tp is None else tp
+    pp = parallel_state.get_pipeline_model_parallel_world_size() if pp is None else pp
+    if transformer_config is None:
+        transformer_config = model_config.to_transformer_config(tp, pp, dtype)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    spec = get_gpt_layer_local_spec(normalization=model_config.normalization)
+    scaling = model_config.rope_scaling
+    model = GPTModel(
+        config=transformer_config,
+        transformer_layer_spec=spec,
+        vocab_size=model_config.padded_vocab_size,
+        max_sequence_length=model_config.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=parallel_output,
+        share_embeddings_and_output_weights=model_config.tie_word_embeddings,
+        position_embedding_type=model_config.position_embedding,
+        rotary_percent=model_config.rotary_percent,
+        rotary_base=model_config.rotary_base,
+        vp_stage=vp_stage,
+    )
+    if scaling is not None:
+        # GPTModel only exposes the scaling factor; apply all four LLaMA-3 parameters here.
+        rope = model.rotary_pos_emb
+        dim = int(model_config.kv_channels * model_config.rotary_percent)
+        base = 1.0 / (model_config.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        rope.inv_freq = rope._apply_scaling(
+            base.to(rope.inv_freq.device), factor=scaling.factor, low_freq_factor=scaling.low_freq_factor,
+            high_freq_factor=scaling.high_freq_factor,
+            original_max_position_embeddings=scaling.original_max_position_embeddings)
+    return model
+
+
+def causal_attention_mask(seq_len: int, batch_size: int = 1, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Boolean causal mask [b, 1, s, s] for ``GPTModel.forward`` (True = masked out)."""
+    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu_(1)
+    return mask.expand(batch_size, 1, seq_len, seq_len)
+
+
+def gpt_forward(model, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Run a single-stage ``GPTModel`` on ``tokens`` [b, s] with positions 0..s-1 and a causal mask.
+
+    Returns logits [b, s, v] (vocab-parallel shard unless built with ``parallel_output=False``),
+    or per-token losses [b, s] when ``labels`` are given.
+    """
+    b, s = tokens.shape
+    position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+    return model(tokens, position_ids, causal_attention_mask(s, b, tokens.device), labels=labels)

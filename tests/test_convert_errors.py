@@ -1,0 +1,165 @@
+"""Bad inputs to maskllm-convert: one line naming the problem and the fix, exit status 2, nothing
+written (neither the output folder nor a partial one)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from maskllm_megatron.convert.io import ConversionError, atomic_dir, partial_path
+from maskllm_megatron.megatron.model_builder import ModelConfig, ModelConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sharded_llama(tmp_path_factory) -> Path:
+    """A tiny LLaMA saved in several safetensors shards."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    folder = tmp_path_factory.mktemp("bad") / "llama"
+    LlamaForCausalLM(cfg).save_pretrained(folder, max_shard_size="60KB")
+    assert len(list(folder.glob("model-*.safetensors"))) > 2
+    return folder
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def convert(hf: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The command line in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "maskllm_megatron.convert.cli", "hf-to-mcore", "--hf", str(hf),
+                           "--out", str(out), *extra], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def convert_in_process(capsys, hf: Path, out: Path, *extra: str) -> tuple[int, str]:
+    """``cli.main`` in this process (these inputs fail before megatron is imported); (status, stderr)."""
+    from maskllm_megatron.convert.cli import main
+
+    capsys.readouterr()
+    rc = main(["hf-to-mcore", "--hf", str(hf), "--out", str(out), *extra])
+    return rc, capsys.readouterr().err
+
+
+def break_config(folder: Path, **changes) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def first_shard(folder: Path) -> Path:
+    return sorted(folder.glob("model-*.safetensors"))[0]
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+
+
+def garble_header(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[8:40] = b"\xff" * 32
+    path.write_bytes(bytes(data))
+
+
+CASES = {
+    "unknown_architecture": (lambda f: break_config(f, model_type="bert", architectures=["BertModel"]), (),
+                             ["unknown architecture BertModel", "supported model types are"]),
+    "missing_shard": (lambda f: first_shard(f).unlink(), (), ["missing shard", "model-00001-of-"]),
+    "shape_mismatch": (lambda f: break_config(f, intermediate_size=128), (),
+                       ["has shape [96, 64] but config.json implies [128, 64]", "do not match config.json"]),
+    "tp_not_dividing_heads": (lambda f: None, ("--tp", "3"),
+                              ["--tp 3 does not divide num_attention_heads=4", "use a tensor-parallel size in [1, 2, 4]"]),
+    "truncated_safetensors": (lambda f: truncate(sorted(f.glob("model-*.safetensors"))[-1]), (),
+                              ["corrupt or truncated safetensors file", "re-download it"]),
+    "corrupt_header": (lambda f: garble_header(first_shard(f)), (), ["corrupt or truncated safetensors file"]),
+    "bad_dtype": (lambda f: None, ("--dtype", "int8"), ["unknown --dtype 'int8'", "fp32, bf16, fp16"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_one_line_error_nothing_written(case, sharded_llama, tmp_path, capsys):
+    breaker, extra, phrases = CASES[case]
+    hf = copy_model(sharded_llama, tmp_path / "hf")
+    breaker(hf)
+    out = tmp_path / "out"
+    rc, err = convert_in_process(capsys, hf, out, *extra)
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    for phrase in phrases:
+        assert phrase in err, err
+    assert not out.exists() and not partial_path(out).exists()
+
+
+def test_command_line_error_before_launching_ranks(sharded_llama, tmp_path):
+    """--tp 2 would launch torchrun; a bad request is refused first, in one line."""
+    hf = copy_model(sharded_llama, tmp_path / "hf")
+    break_config(hf, intermediate_size=128)
+    r = convert(hf, tmp_path / "out", "--tp", "2")
+    assert r.returncode == 2 and r.stderr.count("error:") == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "launching" not in r.stderr
+    assert not (tmp_path / "out").exists() and not partial_path(tmp_path / "out").exists()
+
+
+def test_existing_output_is_refused(sharded_llama, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    rc, err = convert_in_process(capsys, sharded_llama, out, "--tp", "2")
+    assert rc == 2 and "already exists" in err
+    assert (out / "keep").read_text() == "x"
+
+
+def test_mcore_to_hf_rejects_a_folder_that_is_no_checkpoint(tmp_path, capsys):
+    from maskllm_megatron.convert.cli import main
+
+    assert main(["mcore-to-hf", "--ckpt", str(tmp_path), "--out", str(tmp_path / "hf")]) == 2
+    assert "has no model_config.json" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "half-written").write_text("x")
+            raise RuntimeError("killed")
+    assert not out.exists() and not partial_path(out).exists()
+    with atomic_dir(out) as tmp:
+        (tmp / "done").write_text("x")
+    assert (out / "done").is_file() and not partial_path(out).exists()
+    with pytest.raises(ConversionError, match="already exists"):
+        with atomic_dir(out):
+            pass
+
+
+def test_model_config_parallel_validation():
+    mc = ModelConfig(family="llama", num_layers=3, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+                     num_query_groups=2, vocab_size=250, make_vocab_size_divisible_by=2, max_position_embeddings=64)
+    assert mc.padded_vocab_size == 250
+    mc.validate_parallel(2, 3)
+    with pytest.raises(ModelConfigError, match="--tp 4 does not divide num_query_groups=2"):
+        mc.validate_parallel(4)
+    vocab = ModelConfig(family="gpt", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+                        vocab_size=250, make_vocab_size_divisible_by=2, max_position_embeddings=64)
+    with pytest.raises(ModelConfigError, match="does not divide padded_vocab_size=250"):
+        vocab.validate_parallel(4)
+    with pytest.raises(ModelConfigError, match="--pp 2 does not divide num_layers=3"):
+        mc.validate_parallel(1, 2)
+    with pytest.raises(ModelConfigError, match="not a multiple of num_query_groups"):
+        ModelConfig(family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+                    num_query_groups=3, vocab_size=250, max_position_embeddings=64)
+    assert ModelConfig.from_dict(json.loads(json.dumps(mc.to_dict()))) == mc
