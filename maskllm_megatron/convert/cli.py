@@ -25,7 +25,7 @@ EXAMPLES = """examples:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="maskllm-convert", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="maskllm-convert", description="Hugging Face <-> megatron-core checkpoints.",
                                  epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     a = sub.add_parser("hf-to-mcore", help="Hugging Face folder -> megatron-core dist checkpoint",

@@ -37,13 +37,13 @@ def plan(hf_dir: str | Path, tp: int = 1, pp: int = 1, dtype: str = "fp32") -> P
     if dtype not in DTYPES:
         raise ConversionError(f"unknown --dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     hf = HFCheckpoint(hf_dir)
-    architecture_for(hf.config)
+    arch = architecture_for(hf.config)
     mc = model_config_from_hf(hf.config)
     try:
         mc.validate_parallel(tp, pp)
     except ModelConfigError as e:
         raise ConversionError(str(e)) from None
-    rules = {r.mcore: r for r in architecture_for(hf.config).rules(mc)}
+    rules = {r.mcore: r for r in arch.rules(mc)}
     used = set()
     for r in rules.values():
         for name, shape in zip(r.hf, r.hf_shapes):

@@ -40,10 +40,11 @@ def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, max_shard_bytes: int = 5 
     model_type = info.hf_config.get("model_type") or DEFAULT_FOR_FAMILY[info.model.family]
     rules = [r for r in ARCHITECTURES[model_type].rules(info.model) if r.export]
     hf_config = hf_config_from_model_config(info.model, info.hf_config, info.dtype)
+    dtype = DTYPES[info.dtype]
 
     def write(folder: Path) -> None:
         entries = [(name, shape) for r in rules for name, shape in zip(r.hf, r.hf_shapes)]
-        writer = ShardWriter(folder, entries, DTYPES[info.dtype], max_shard_bytes) if rank == 0 else None
+        writer = ShardWriter(folder, entries, dtype, max_shard_bytes) if rank == 0 else None
         with torch.no_grad():
             for i, rule in enumerate(rules, 1):
                 local = params[rule.mcore].detach()
@@ -53,7 +54,7 @@ def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, max_shard_bytes: int = 5 
                 del parts
                 if writer is not None:
                     for name, t in zip(rule.hf, tensors):
-                        writer.write(name, t)
+                        writer.write(name, t.to(dtype))  # megatron keeps norms in fp32 in bf16 models
                     if show_progress:
                         progress(i, len(rules), f"writing {out.name}")
         if writer is not None:

@@ -1,12 +1,13 @@
 """Worker (torchrun, nproc = TP): for each HF folder under WORKDIR/hf, convert HF -> mcore at TP,
 load the checkpoint, compare its logits with transformers', export mcore -> HF and compare every
-tensor with the original. With PP=1 as third argument, also convert at TP=1 x PP=2 (nproc must be 2)
-and check the logits of that checkpoint loaded back at TP=2. Prints one JSON line per model (rank 0).
+tensor with the original. ``--pp-model NAME`` also converts that model at TP=1 x PP=2 (nproc must be
+2) and checks the logits of that checkpoint loaded back at TP=2; ``--bf16-model NAME`` also converts
+that model with --dtype bf16 and exports it back. Prints one JSON line per model (rank 0).
 
-    python -m torch.distributed.run --nproc-per-node 2 tests/scripts/convert_parity.py WORKDIR 2 [PPMODEL]
+    python -m torch.distributed.run --nproc-per-node 2 tests/scripts/convert_parity.py WORKDIR 2 [--pp-model NAME]
 """
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -29,8 +30,8 @@ def mcore_logits(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
         return gpt_forward(model, tokens)[..., : info.model.vocab_size]
 
 
-def compare_tensors(a_dir: Path, b_dir: Path) -> dict:
-    """Every tensor of a_dir's safetensors equal, bit for bit, in b_dir."""
+def compare_tensors(a_dir: Path, b_dir: Path, cast_a: torch.dtype | None = None) -> dict:
+    """Every tensor of a_dir's safetensors (cast to ``cast_a``) equal, bit for bit, in b_dir."""
     from maskllm_megatron.convert.io import HFCheckpoint
 
     a, b = HFCheckpoint(a_dir), HFCheckpoint(b_dir)
@@ -38,6 +39,7 @@ def compare_tensors(a_dir: Path, b_dir: Path) -> dict:
            "extra": sorted(set(b.weight_map) - set(a.weight_map)), "different": {}}
     for name in sorted(set(a.weight_map) & set(b.weight_map)):
         x, y = a.read(name), b.read(name)
+        x = x if cast_a is None else x.to(cast_a)
         if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x.view(torch.uint8), y.view(torch.uint8)):
             diff = (x.float() - y.float()).abs().max().item() if x.shape == y.shape else None
             out["different"][name] = diff
@@ -51,8 +53,13 @@ def main():
     from maskllm_megatron.convert.hf_to_mcore import hf_to_mcore
     from maskllm_megatron.convert.mcore_to_hf import mcore_to_hf
 
-    work, tp = Path(sys.argv[1]), int(sys.argv[2])
-    pp_model = sys.argv[3] if len(sys.argv) > 3 else None
+    ap = argparse.ArgumentParser()
+    ap.add_argument("work", type=Path)
+    ap.add_argument("tp", type=int)
+    ap.add_argument("--pp-model")
+    ap.add_argument("--bf16-model")
+    args = ap.parse_args()
+    work, tp, pp_model = args.work, args.tp, args.pp_model
     init_parallel(tp, 1)
     rank = dist.get_rank()
     for hf in sorted((work / "hf").iterdir()):
@@ -67,12 +74,19 @@ def main():
             ckpt_pp = hf_to_mcore(hf, work / f"mcore-pp2-{hf.name}", tp=1, pp=2, show_progress=False)
             init_parallel(tp, 1)
             result["pp2_max_abs_diff"] = (mcore_logits(ckpt_pp, tokens) - got).abs().max().item()
+        if args.bf16_model == hf.name:
+            ckpt_bf16 = hf_to_mcore(hf, work / f"mcore-bf16-tp{tp}-{hf.name}", tp=tp, dtype="bf16", show_progress=False)
+            result["bf16_max_abs_diff"] = (mcore_logits(ckpt_bf16, tokens) - got).abs().max().item()
+            back_bf16 = mcore_to_hf(ckpt_bf16, work / f"back-bf16-tp{tp}-{hf.name}", show_progress=False)
+            if rank == 0:
+                result["bf16_roundtrip"] = compare_tensors(hf, back_bf16, cast_a=torch.bfloat16)
         if rank == 0:
             ref = hf_logits(hf, tokens)
             result["shape"] = [list(got.shape), list(ref.shape)]
             result["max_abs_diff"] = (got - ref).abs().max().item()
             result["logit_scale"] = ref.abs().max().item()
             result["roundtrip"] = compare_tensors(hf, back)
+            result["export_max_abs_diff"] = (hf_logits(back, tokens) - ref).abs().max().item()
             print("RESULT " + json.dumps(result), flush=True)
         dist.barrier()
 
