@@ -18,6 +18,7 @@ from __future__ import annotations
 import bz2
 import contextlib
 import fcntl
+import functools
 import html
 import os
 import re
@@ -229,8 +230,13 @@ def filter_wiki(markup: str) -> str:
 def wikipedia_articles(min_words: int = 50) -> list[tuple[str, str]]:
     """``(title, plain text)`` of the excerpt's articles (main namespace, no redirects, at least
     ``min_words`` words), in file order."""
+    return list(_parse_wikipedia(wikipedia_xml(), min_words))
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_wikipedia(path: Path, min_words: int) -> tuple[tuple[str, str], ...]:
     articles = []
-    with bz2.open(wikipedia_xml()) as f:
+    with bz2.open(path) as f:
         for _, elem in ET.iterparse(f, events=("end",)):
             if not elem.tag.endswith("}page"):
                 continue
@@ -243,7 +249,7 @@ def wikipedia_articles(min_words: int = 50) -> list[tuple[str, str]]:
                 if len(plain.split()) >= min_words:
                     articles.append((title, plain))
             elem.clear()
-    return articles
+    return tuple(articles)
 
 
 # ---------------------------------------------------------------------------------------------

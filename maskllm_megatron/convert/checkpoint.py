@@ -69,6 +69,8 @@ def init_parallel(tp: int = 1, pp: int = 1) -> None:
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(free_port()))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if dist.get_world_size() != tp * pp:
         raise ConversionError(
@@ -84,10 +86,11 @@ def init_parallel(tp: int = 1, pp: int = 1) -> None:
     model_parallel_cuda_manual_seed(1234)
 
 
-def load_mcore_model(ckpt_dir: str | Path, *, parallel_output: bool = True, dtype: str | None = None):
-    """Build the checkpoint's GPTModel for the initialised parallel layout and load its weights.
+def load_mcore_model(ckpt_dir: str | Path, *, parallel_output: bool = True):
+    """Build the checkpoint's GPTModel (in its dtype) for the initialised parallel layout (see
+    ``init_parallel``; any TP/PP, whatever the checkpoint was saved with) and load its weights.
 
-    Returns ``(model, info)``; the model is in eval mode. ``dtype`` defaults to the checkpoint's.
+    Returns ``(model, info)``; the model is in eval mode.
     """
     from megatron.core import dist_checkpointing
 
@@ -95,7 +98,7 @@ def load_mcore_model(ckpt_dir: str | Path, *, parallel_output: bool = True, dtyp
 
     info = CheckpointInfo.load(ckpt_dir)
     model = build_gpt_model(info.model, info.model.to_transformer_config(
-        _tp(), _pp(), dtype or info.dtype, perform_initialization=False), parallel_output=parallel_output)
+        _tp(), _pp(), info.dtype, perform_initialization=False), parallel_output=parallel_output)
     state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(ckpt_dir).absolute()))
     model.load_state_dict(state)
     return model.eval(), info

@@ -38,6 +38,8 @@ def plan(hf_dir: str | Path, tp: int = 1, pp: int = 1, dtype: str = "fp32") -> P
         raise ConversionError(f"unknown --dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     hf = HFCheckpoint(hf_dir)
     arch = architecture_for(hf.config)
+    if arch.hf_prefix:
+        hf.add_prefix_aliases(arch.hf_prefix)
     mc = model_config_from_hf(hf.config)
     try:
         mc.validate_parallel(tp, pp)
@@ -56,6 +58,7 @@ def plan(hf_dir: str | Path, tp: int = 1, pp: int = 1, dtype: str = "fp32") -> P
                     f"tensor {name!r} has shape {list(hf.shape(name))} but config.json implies {list(shape)}: "
                     "the weights do not match config.json")
             used.add(name)
+    used = {hf.aliases.get(n, n) for n in used}
     unused = sorted(k for k in hf.weight_map if k not in used and not k.endswith(("rotary_emb.inv_freq",
                                                                                   "attn.bias", "attn.masked_bias")))
     return Plan(hf, mc, rules, unused)

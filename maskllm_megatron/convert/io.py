@@ -113,17 +113,30 @@ class HFCheckpoint:
                 raise ConversionError(f"index says {key!r} is in {fname} but it is not: re-download the checkpoint")
         self.weight_map = weight_map
 
+        self.aliases: dict[str, str] = {}
+
+    def add_prefix_aliases(self, prefix: str) -> None:
+        """Also answer to ``prefix + name`` for stored names lacking it (GPT-2 files from the hub
+        store ``h.0.attn...`` where transformers writes ``transformer.h.0.attn...``)."""
+        self.aliases.update({prefix + k: k for k in self.weight_map if not k.startswith(prefix)})
+
+    def _stored(self, name: str) -> str:
+        return self.aliases.get(name, name)
+
     def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
+        return self._stored(name) in self.weight_map
 
     def shape(self, name: str) -> tuple[int, ...]:
+        name = self._stored(name)
         return self.files[self.weight_map[name]].shape(name)
 
     def read(self, name: str) -> torch.Tensor:
+        name = self._stored(name)
         return self.files[self.weight_map[name]].read(name)
 
     def shard_order(self, name: str) -> tuple[str, int]:
         """Sort key that visits tensors shard by shard, in file order."""
+        name = self._stored(name)
         f = self.files[self.weight_map[name]]
         return f.path.name, f.entries[name][2]
 

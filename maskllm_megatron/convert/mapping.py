@@ -387,13 +387,14 @@ class Architecture:
     from_hf_config: Callable[[dict], ModelConfig]
     to_hf_config: Callable[[ModelConfig, dict], dict]  # (config, original HF config or {}) -> HF fields
     rules: Callable[[ModelConfig], list[TensorRule]]
+    hf_prefix: str = ""  # optional leading component of HF names that some checkpoints omit
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     Architecture("llama", "LlamaForCausalLM", "llama", _llama_config, _llama_to_hf, _llama_like_rules),
     Architecture("qwen2", "Qwen2ForCausalLM", "llama", lambda c: _llama_config(c, qwen2=True), _llama_to_hf,
                  _llama_like_rules),
-    Architecture("gpt2", "GPT2LMHeadModel", "gpt", _gpt2_config, _gpt2_to_hf, _gpt2_rules),
+    Architecture("gpt2", "GPT2LMHeadModel", "gpt", _gpt2_config, _gpt2_to_hf, _gpt2_rules, "transformer."),
     Architecture("nemotron", "NemotronForCausalLM", "nemotron", _nemotron_config, _nemotron_to_hf,
                  lambda mc: _llama_like_rules(mc, plus_one=True)),
 )}

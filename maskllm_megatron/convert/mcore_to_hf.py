@@ -54,7 +54,8 @@ def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, max_shard_bytes: int = 5 
                 del parts
                 if writer is not None:
                     for name, t in zip(rule.hf, tensors):
-                        writer.write(name, t.to(dtype))  # megatron keeps norms in fp32 in bf16 models
+                        # to the checkpoint's dtype: megatron keeps norms in fp32 in bf16 models
+                        writer.write(name, t.to(device="cpu", dtype=dtype))
                     if show_progress:
                         progress(i, len(rules), f"writing {out.name}")
         if writer is not None:
