@@ -18,12 +18,19 @@ setup(
     ],
     extras_require={
         # Hugging Face conversion, tokenizers, the real GGUF model of the demo.
-        "hf": ["transformers>=4.45", "gguf", "tokenizers"],
+        "hf": ["transformers>=4.45", "gguf", "tokenizers", "accelerate"],
         # Metrics and plots of the driver.
         "metrics": ["tensorboard", "matplotlib"],
-        "test": ["pytest", "transformers>=4.45", "gguf", "tokenizers", "matplotlib"],
+        "wandb": ["wandb"],
+        "test": ["pytest", "transformers>=4.45", "gguf", "tokenizers", "accelerate", "matplotlib", "tensorboard",
+                 "compressed-tensors<0.13", "loguru"],  # the real reader, to cross-check our 2:4 export
         # GPU-only accelerators; never install these in the CPU environment.
         "gpu": ["transformer-engine[pytorch]", "apex"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "maskllm-train=maskllm_megatron.train.__main__:main",
+        "maskllm-convert=maskllm_megatron.convert.cli:main",
+        "maskllm-preprocess=maskllm_megatron.data.preprocess:main",
+        "maskllm-verify=maskllm_megatron.eval.verify:main",
+    ]},
 )

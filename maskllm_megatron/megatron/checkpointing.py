@@ -22,6 +22,10 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 from .layers import _MaskedLinearMixin
 
 MASK_SUFFIXES = (".mask_logits", ".prior_mask")
+# Optimizer state in the global model layout, so a run resumes at another TP / DP size; gathered over
+# the gloo data-parallel group (works on CPU, and keeps GPU memory free during the save).
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                      "distrib_optim_fully_reshardable_mem_efficient": True}
 
 
 class CheckpointMismatch(ValueError):
@@ -61,7 +65,7 @@ def save_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, optimizer=None
     _barrier()
     sharded = model.sharded_state_dict()
     if optimizer is not None:
-        sharded = {"model": sharded, "optimizer": optimizer.sharded_state_dict(sharded)}
+        sharded = {"model": sharded, "optimizer": optimizer.sharded_state_dict(sharded, metadata=OPTIMIZER_METADATA)}
     dist_checkpointing.save(sharded, str(partial))
     if _is_rank0():
         if extra is not None:
@@ -115,6 +119,14 @@ def check_compatible(model_sharded: dict, saved: dict, ckpt_dir) -> list[str]:
     return absent
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """The distributed optimizer can describe (and load into) its Adam state only once the state exists:
+    create it with megatron's dummy step (the load then overwrites both parameters and state)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
 def load_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, optimizer=None) -> dict:
     """Load ``ckpt_dir`` into ``model`` (and ``optimizer``) at this rank's layout.
 
@@ -131,7 +143,9 @@ def load_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, optimizer=None
     for key in absent:
         model_sharded.pop(key)
     if optimizer is not None:
-        request = {"model": model_sharded, "optimizer": optimizer.sharded_state_dict(model_sharded, is_loading=True)}
+        _materialize_optimizer_state(optimizer)
+        request = {"model": model_sharded,
+                   "optimizer": optimizer.sharded_state_dict(model_sharded, is_loading=True, metadata=OPTIMIZER_METADATA)}
         state = dist_checkpointing.load(request, str(ckpt_dir))
         model_state, optimizer_state = state["model"], state["optimizer"]
     else:

@@ -15,6 +15,9 @@ The patches:
    whose factory functions map that device to the CPU (``CUDA_MODULES`` lists them).
 5. ``cuda_type_names``: the optimizers and gradient clipping assert ``param.type() ==
    'torch.cuda.FloatTensor'``; inside those functions only, CPU tensors report CUDA type names.
+6. ``torch_adam_step``: without apex / Transformer Engine the distributed optimizer runs torch's Adam,
+   whose state holds a ``step`` tensor that the reshardable checkpoint loader does not provide
+   (``KeyError: 'step'``); the loader keeps the current ``step`` (restored from the param groups).
 """
 from __future__ import annotations
 
@@ -66,6 +69,7 @@ PATCHES = (
     Patch("synchronize", "torch.cuda.synchronize() in checkpoint saving and schedules"),
     Patch("cuda_factories", 'tensors created with device="cuda" in CUDA_MODULES'),
     Patch("cuda_type_names", "type() == 'torch.cuda.FloatTensor' assertions in optimizers and clipping"),
+    Patch("torch_adam_step", "KeyError 'step' loading a fully reshardable distributed-optimizer checkpoint"),
 )
 
 _applied = False
@@ -190,6 +194,23 @@ def _patch_qualified(module, qualname: str, wrap: Callable) -> None:
         setattr(owner, attr, wrap(raw))
 
 
+def _keep_adam_step(fn: Callable) -> Callable:
+    """Wrap ``DistributedOptimizer._set_main_param_and_optimizer_states`` to keep torch Adam's step."""
+
+    @functools.wraps(fn)
+    def wrapper(self, model_param, tensors):
+        if "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            step = self.optimizer.state.get(main_param, {}).get("step")
+            if step is not None:
+                tensors = dict(tensors, step=step.clone())
+        return fn(self, model_param, tensors)
+
+    wrapper.__maskllm_cpu_patched__ = True
+    return wrapper
+
+
 def needed() -> bool:
     """True when CUDA is absent, i.e. when ``apply()`` patches anything."""
     return not torch.cuda.is_available()
@@ -218,5 +239,8 @@ def apply() -> bool:
     # 5. cuda_type_names
     for name, qualname in CUDA_TYPE_CHECKS:
         _patch_qualified(importlib.import_module(name), qualname, _with_cuda_type_names)
+    # 6. torch_adam_step
+    _patch_qualified(importlib.import_module("megatron.core.optimizer.distrib_optimizer"),
+                     "DistributedOptimizer._set_main_param_and_optimizer_states", _keep_adam_step)
     _applied = True
     return True

@@ -29,7 +29,24 @@ def probes():
         with tp_random.get_cuda_rng_tracker().fork():
             torch.randn(2)
 
+    def torch_adam_step():
+        from types import SimpleNamespace
+
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+        main = torch.nn.Parameter(torch.zeros(2))
+        adam = torch.optim.Adam([main])
+        main.grad = torch.ones(2)
+        adam.step()  # torch's Adam state: step, exp_avg, exp_avg_sq
+        fake = SimpleNamespace(model_param_group_index_map={"w": (0, 0)}, optimizer=adam,
+                               config=SimpleNamespace(use_precision_aware_optimizer_no_fp8_or_ds_fp8=False))
+        src = {"param": torch.full((2,), 3.0), "exp_avg": torch.ones(2), "exp_avg_sq": torch.ones(2)}
+        with torch.no_grad():
+            DistributedOptimizer._set_main_param_and_optimizer_states(fake, "w", src)
+        assert torch.equal(main.detach(), src["param"])
+
     return {
+        "torch_adam_step": torch_adam_step,
         "rng": rng,
         "current_device": lambda: torch.zeros(1, device=torch.cuda.current_device()),
         "synchronize": lambda: torch.cuda.synchronize(),

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Run on every node (same command): MASTER_ADDR=node0 NNODES=8 bash examples/launch_multi_node.sh examples/llama2_7b.yaml
+# With TP=8 per node and 8 nodes the run is DP=8: the distributed optimizer shards the logits'
+# Adam state eight ways.
+set -euo pipefail
+CONFIG=${1:?usage: $0 CONFIG.yaml [overrides]}; shift
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+exec torchrun --nnodes "${NNODES:?set NNODES}" --nproc-per-node "${GPUS_PER_NODE:-8}" \
+    --rdzv-backend c10d --rdzv-endpoint "${MASTER_ADDR:?set MASTER_ADDR}:${MASTER_PORT:-29500}" \
+    --rdzv-id "${RDZV_ID:-maskllm}" -m maskllm_megatron.train --config "$CONFIG" "$@"

@@ -1,0 +1,40 @@
+"""``python -m maskllm_megatron.train --config run.yaml [section.key=value ...]`` (also ``maskllm-train``).
+
+Launch under torchrun, e.g. ``torchrun --nproc-per-node 8 -m maskllm_megatron.train --config run.yaml``.
+"""
+import argparse
+import sys
+
+from .config import ConfigError, TrainConfig
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="maskllm-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example: torchrun --nproc-per-node 2 -m maskllm_megatron.train "
+                                       "--config examples/smollm2_cpu.yaml run.train_iters=100 parallel.tp=2")
+    p.add_argument("--config", help="YAML run configuration")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=1e-4")
+    args = p.parse_args(argv)
+    try:
+        cfg = TrainConfig.load(args.config, tuple(args.overrides))
+    except ConfigError as e:
+        print(f"maskllm-train: {e}", file=sys.stderr)
+        return 2
+    from .trainer import TrainingStopped, train
+
+    try:
+        train(cfg)
+    except (ConfigError, TrainingStopped) as e:
+        print(f"maskllm-train: {e}", file=sys.stderr)
+        return 1
+    finally:
+        import torch
+
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

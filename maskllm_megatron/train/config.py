@@ -1,0 +1,190 @@
+"""The run configuration: one typed, validated object; YAML files and ``key=value`` overrides parse
+into it. Defaults are the MaskLLM paper's recipe for LLaMA-2 7B (README lists them)."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value (message names the key and the fix)."""
+
+
+@dataclass
+class ModelSection:
+    checkpoint: str = ""  # megatron-core checkpoint written by maskllm-convert hf-to-mcore
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
+@dataclass
+class ParallelSection:
+    tp: int = 1
+    pp: int = 1
+    distributed_optimizer: bool = True
+
+
+@dataclass
+class DataSection:
+    train: list = field(default_factory=list)  # [prefix] or [weight, prefix, weight, prefix, ...]
+    split: str = "99,1,0"  # train, validation, test shares of every prefix's documents
+    seq_length: int = 4096
+    micro_batch_size: int = 1
+    global_batch_size: int = 256
+    cache_dir: str = ""
+
+
+@dataclass
+class OptimSection:
+    lr: float = 5e-5
+    min_lr: float = 5e-6
+    warmup_iters: int = 0
+    decay_style: str = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-5
+    clip_grad: float = 1.0
+    mask_lr_mult: float = 10.0
+
+
+@dataclass
+class MaskSection:
+    nm: str = "2:4"
+    temperature: tuple = (4.0, 0.05)
+    logit_scale: tuple = (1e2, 5e2)
+    hard: bool = False
+    init_std: float = 0.01
+    prior_strength: float = 3.0
+    regularizer: tuple = (1e-5, 0.0)
+    include: tuple = ("*.linear_qkv", "*.linear_proj", "*.linear_fc1", "*.linear_fc2")
+    exclude: tuple = ()
+    train_weights: bool = False
+    fused_kernel: bool = True
+
+
+@dataclass
+class PriorSection:
+    method: str = "sparsegpt"  # magnitude | wanda | sparsegpt | none | checkpoint
+    checkpoint: str = ""  # with method=checkpoint: take the hard masks of an earlier run as the prior
+    calib_samples: int = 128
+    update_weights: bool = False
+
+
+@dataclass
+class RunSection:
+    out_dir: str = "runs/maskllm"
+    train_iters: int = 2000
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_iters: int = 10
+    save_interval: int = 200
+    keep_last: int = 2
+    tensorboard: bool = True
+    wandb_project: str = ""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    mask: MaskSection = field(default_factory=MaskSection)
+    prior: PriorSection = field(default_factory=PriorSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def validate(self, world_size: Optional[int] = None) -> "TrainConfig":
+        d, p = self.data, self.parallel
+        if not self.model.checkpoint:
+            raise ConfigError("model.checkpoint is empty: point it at a folder written by maskllm-convert hf-to-mcore")
+        if not d.train:
+            raise ConfigError("data.train is empty: give an indexed dataset prefix (maskllm-preprocess output)")
+        for name in ("tp", "pp"):
+            if getattr(p, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1")
+        if world_size is not None:
+            if world_size % (p.tp * p.pp):
+                raise ConfigError(f"world size {world_size} is not a multiple of tp*pp={p.tp * p.pp}: "
+                                  "change --nproc-per-node or parallel.tp/pp")
+            dp = world_size // (p.tp * p.pp)
+            if d.global_batch_size % (d.micro_batch_size * dp):
+                raise ConfigError(f"data.global_batch_size {d.global_batch_size} is not a multiple of "
+                                  f"micro_batch_size {d.micro_batch_size} x data-parallel size {dp}")
+        if self.prior.method not in ("magnitude", "wanda", "sparsegpt", "none", "checkpoint"):
+            raise ConfigError(f"prior.method {self.prior.method!r}: use magnitude, wanda, sparsegpt, none or checkpoint")
+        if self.prior.method == "checkpoint" and not self.prior.checkpoint:
+            raise ConfigError("prior.method=checkpoint needs prior.checkpoint (an earlier run's checkpoint folder)")
+        if self.run.train_iters < 1 or self.run.log_interval < 1:
+            raise ConfigError("run.train_iters and run.log_interval must be >= 1")
+        return self
+
+    # -- parsing ---------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict) -> "TrainConfig":
+        return _build(cls, raw or {}, "")
+
+    @classmethod
+    def load(cls, path: Optional[str] = None, overrides: tuple = ()) -> "TrainConfig":
+        """YAML file (optional) plus ``section.key=value`` overrides (values parsed as YAML)."""
+        raw = {}
+        if path:
+            p = Path(path)
+            if not p.exists():
+                raise ConfigError(f"config file {path} does not exist")
+            raw = yaml.safe_load(p.read_text()) or {}
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr=1e-4)")
+            key, value = item.split("=", 1)
+            node = raw
+            parts = key.split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = yaml.safe_load(value)
+        return cls.from_dict(raw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, raw: dict, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in {where or 'config'}: valid keys are {sorted(names)}")
+    kwargs = {}
+    for key, value in raw.items():
+        hint = hints[key]
+        path = f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, path)
+        else:
+            kwargs[key] = _coerce(hint, value, path)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value: Any, path: str):
+    origin = typing.get_origin(hint) or hint
+    try:
+        if origin is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if origin in (int, float, str):
+            if origin is int and isinstance(value, float) and not value.is_integer():
+                raise TypeError
+            return origin(value)
+        if origin in (tuple, list):
+            return origin(value if isinstance(value, (list, tuple)) else [value])
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}: {value!r} is not a valid {getattr(origin, '__name__', origin)}") from None
+    return value

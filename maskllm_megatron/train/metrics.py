@@ -1,0 +1,126 @@
+"""What people watch during mask learning: mask statistics per layer type, and the loggers
+(console, a JSONL file the plot tool reads, TensorBoard, Weights & Biases)."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..masks import noise_key
+from ..masks.sampling import gumbel_noise
+
+
+def layer_type(layer_id: str) -> str:
+    return layer_id.rsplit(".", 1)[-1]
+
+
+class MaskWatcher:
+    """Mean max probability of the sampled patterns and the flip rate of the argmax patterns (share of
+    groups whose pattern changed since the previous call), per layer type, summed over TP ranks."""
+
+    def __init__(self, layers):
+        self.layers = list(layers)
+        self.previous = {}
+
+    @torch.no_grad()
+    def collect(self, step) -> dict[str, float]:
+        sums = defaultdict(lambda: torch.zeros(4, dtype=torch.float64))  # maxprob, flips, groups, reg
+        for layer in self.layers:
+            logits = layer.mask_logits.detach().float()
+            key = noise_key(step.seed, layer.mask_layer_id, step.iteration, 0, step.dp_rank)
+            noise = gumbel_noise(key, layer.global_row_ids(), layer.global_group_ids(), layer.nm).to(logits.device)
+            probs = torch.softmax((logits * step.scale + noise) / step.temperature, -1)
+            soft = (probs.view(-1, probs.shape[-1]) @ _patterns(layer)).view_as(layer.weight)
+            pattern = logits.argmax(-1).to(torch.uint8)
+            prev = self.previous.get(layer.mask_layer_id)
+            flips = float((pattern != prev).sum()) if prev is not None else 0.0
+            self.previous[layer.mask_layer_id] = pattern
+            s = sums[layer_type(layer.mask_layer_id)]
+            s += torch.tensor([float(probs.max(-1).values.sum()), flips, float(pattern.numel()),
+                               float(((layer.weight.float() * soft) ** 2).sum())], dtype=torch.float64)
+        keys = sorted(sums)
+        stacked = torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0, 4, dtype=torch.float64)
+        if torch.distributed.is_initialized() and keys:
+            from megatron.core import parallel_state
+
+            torch.distributed.all_reduce(stacked, group=parallel_state.get_model_parallel_group())
+        out = {}
+        total = torch.zeros(4, dtype=torch.float64)
+        for k, row in zip(keys, stacked):
+            out[f"mask/max_prob/{k}"] = float(row[0] / row[2])
+            out[f"mask/flip_rate/{k}"] = float(row[1] / row[2])
+            total += row
+        if keys:
+            out["mask/max_prob"] = float(total[0] / total[2])
+            out["mask/flip_rate"] = float(total[1] / total[2])
+            out["regularizer"] = float(total[3])
+        return out
+
+
+def _patterns(layer):
+    from ..masks import candidate_patterns
+
+    return candidate_patterns(layer.nm, device=layer.mask_logits.device)
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+class MetricsLogger:
+    """Writes every record to ``metrics.jsonl`` (rank 0), the console, TensorBoard and W&B when on."""
+
+    def __init__(self, out_dir: str | Path, tensorboard: bool = True, wandb_project: str = "", config: Optional[dict] = None,
+                 enabled: bool = True):
+        self.enabled = enabled
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / "metrics.jsonl"
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                print("[maskllm] tensorboard is not installed: pip install tensorboard to get event files")
+        if wandb_project:
+            import wandb  # the user asked for it: a missing package is an error
+
+            self.wandb = wandb.init(project=wandb_project, config=config, dir=str(out_dir))
+
+    def log(self, record: dict, console: Optional[str] = None) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        step = record.get("iteration", 0)
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "iteration":
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+        if console:
+            print(console, flush=True)
+
+    def truncate_after(self, iteration: int) -> None:
+        """Drop records past ``iteration`` (a resumed run repeats them)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("iteration", 0) <= iteration]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(l + "\n" for l in keep))
+        os.replace(tmp, self.path)

@@ -1,0 +1,376 @@
+"""The mask-learning driver: config -> parallel state -> model (+ prior) -> optimizer -> loop.
+
+Each piece is a small function; ``train(cfg)`` wires them. Launch with torchrun:
+
+    torchrun --nproc-per-node 8 -m maskllm_megatron.train --config run.yaml optim.lr=5e-5
+
+Exact resume: the Gumbel noise is a function of (seed, layer, iteration, micro-batch, DP rank) and
+global positions, dropout is off, and the data order is a function of the seed and the number of
+consumed samples, so model + optimizer + scheduler + iteration + consumed samples is the whole state.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..masks import MaskConfig, NMSpec
+from .config import TrainConfig
+from .metrics import MaskWatcher, MetricsLogger, peak_memory_bytes
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (NaN/Inf loss); the message says where and what was kept."""
+
+
+# -- parallel state ---------------------------------------------------------------------------------
+def setup_parallel(cfg: TrainConfig) -> dict:
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from ..megatron import cpu_compat
+
+    cpu_compat.apply()
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.distributed.init_process_group(backend)
+    cfg.validate(torch.distributed.get_world_size())
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=cfg.parallel.tp,
+                                             pipeline_model_parallel_size=cfg.parallel.pp)
+    model_parallel_cuda_manual_seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+    return {"rank": torch.distributed.get_rank(), "dp_rank": parallel_state.get_data_parallel_rank(),
+            "dp_size": parallel_state.get_data_parallel_world_size(),
+            "last_stage": parallel_state.is_pipeline_last_stage()}
+
+
+def mask_config(cfg: TrainConfig) -> MaskConfig:
+    m = cfg.mask
+    return MaskConfig(nm=NMSpec.parse(m.nm), total_steps=cfg.run.train_iters, temperature=tuple(m.temperature),
+                      logit_scale=tuple(m.logit_scale), hard=m.hard, init_std=m.init_std,
+                      prior_strength=m.prior_strength, regularizer=tuple(m.regularizer), seed=cfg.run.seed,
+                      freeze_weight=not m.train_weights)
+
+
+def sparsify_config(cfg: TrainConfig):
+    from ..megatron.sparsify import SparsifyConfig
+
+    return SparsifyConfig(mask=mask_config(cfg), include=tuple(cfg.mask.include), exclude=tuple(cfg.mask.exclude),
+                          train_weights=cfg.mask.train_weights, mask_lr_mult=cfg.optim.mask_lr_mult)
+
+
+# -- model ------------------------------------------------------------------------------------------
+def build_model(cfg: TrainConfig):
+    """The converted checkpoint's GPTModel for this rank's stage, sparsified, dense weights loaded."""
+    from ..convert.checkpoint import CheckpointInfo
+    from ..megatron.checkpointing import load_checkpoint
+    from ..megatron.model_builder import build_gpt_model
+    from ..megatron.sparsify import set_fused_mask_kernel, sparsify
+
+    info = CheckpointInfo.load(cfg.model.checkpoint)
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
+    tcfg = info.model.to_transformer_config(cfg.parallel.tp, cfg.parallel.pp, dtype, perform_initialization=False)
+    model = build_gpt_model(info.model, tcfg)
+    if torch.cuda.is_available():
+        model.cuda()
+    sparsify(model, sparsify_config(cfg))
+    set_fused_mask_kernel(model, cfg.mask.fused_kernel)
+    load_checkpoint(model, cfg.model.checkpoint)
+    return model, info
+
+
+def apply_prior(cfg: TrainConfig, model, data) -> dict:
+    """One-shot prior from calibration data, or the hard masks of an earlier run as the prior."""
+    from ..megatron.priors import PriorConfig, compute_priors
+    from ..megatron.sparsify import masked_layers
+
+    method = cfg.prior.method
+    if method == "none":
+        return {}
+    if method == "checkpoint":
+        return transfer_masks(model, cfg.prior.checkpoint)
+    if method == "magnitude":  # needs no calibration data, so it works at any pipeline layout
+        from ..prune.methods import magnitude_mask
+
+        layers = list(masked_layers(model))
+        for layer in layers:
+            layer.set_prior(magnitude_mask(layer.weight.detach(), layer.nm))
+        return {"prior_method": method, "prior_layers": len(layers)}
+    if cfg.parallel.pp != 1:
+        raise ValueError("one-shot priors are computed at PP=1: run the prior step with parallel.pp=1 "
+                         "(or prior.method=checkpoint with a PP=1 prior run)")
+    batches = [partial(_calibration_forward, batch=b) for b in data.calibration_batches(cfg.prior.calib_samples)]
+    errors = compute_priors(model, batches, PriorConfig(method=method, update_weights=cfg.prior.update_weights))
+    return {"prior_method": method, "prior_layers": len(list(masked_layers(model))),
+            "prior_reconstruction_error": sum(errors.values()) if errors else None}
+
+
+def _calibration_forward(model, batch):
+    return model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+
+
+@torch.no_grad()
+def transfer_masks(model, ckpt_dir: str) -> dict:
+    """Use another run's learned hard masks as this run's prior (mask transfer to a new domain)."""
+    from megatron.core import dist_checkpointing
+
+    from ..masks import hard_mask
+    from ..megatron.sparsify import masked_layers
+
+    layers = list(masked_layers(model))
+    sharded = {k: v for k, v in model.sharded_state_dict().items() if k.endswith(".mask_logits")}
+    loaded = dist_checkpointing.load(sharded, str(Path(ckpt_dir).absolute()))
+    by_name = {name: tensor for name, tensor in loaded.items()}
+    names = {id(layer): n for n, layer in model.named_modules() if layer in layers}
+    for layer in layers:
+        layer.set_prior(hard_mask(by_name[f"{names[id(layer)]}.mask_logits"], layer.nm, dtype=layer.weight.dtype))
+    return {"prior_method": "checkpoint", "prior_checkpoint": ckpt_dir}
+
+
+# -- optimizer --------------------------------------------------------------------------------------
+def build_optimizer(cfg: TrainConfig, model):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from ..megatron.sparsify import optimizer_overrides
+
+    o = cfg.optim
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer, grad_reduce_in_fp32=True), model)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    bf16 = model.config.bf16
+    opt_cfg = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                              adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+                              clip_grad=o.clip_grad, bf16=bf16, params_dtype=model.config.params_dtype,
+                              use_distributed_optimizer=cfg.parallel.distributed_optimizer)
+    optimizer = get_megatron_optimizer(opt_cfg, [ddp], config_overrides=optimizer_overrides(sparsify_config(cfg)))
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if o.warmup_iters else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_iters, lr_decay_steps=cfg.run.train_iters, lr_decay_style=o.decay_style,
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=cfg.run.train_iters, wd_incr_style="constant")
+    return ddp, optimizer, scheduler
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+def checkpoint_root(cfg: TrainConfig) -> Path:
+    return Path(cfg.run.out_dir).absolute() / "checkpoints"
+
+
+def latest_checkpoint(cfg: TrainConfig) -> Optional[Path]:
+    pointer = checkpoint_root(cfg) / "latest"
+    if not pointer.exists():
+        return None
+    path = checkpoint_root(cfg) / pointer.read_text().strip()
+    return path if (path / "metadata.json").exists() else None
+
+
+def save(cfg: TrainConfig, state: "LoopState", model, optimizer, scheduler, is_rank0: bool) -> Path:
+    from ..megatron.checkpointing import save_checkpoint
+
+    root = checkpoint_root(cfg)
+    name = f"iter_{state.iteration:07d}"
+    extra = {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
+             "scheduler": scheduler.state_dict(), "history": state.history, "config": cfg.to_dict()}
+    path = save_checkpoint(model, root / name, optimizer, extra=extra)
+    if is_rank0:
+        tmp = root / "latest.tmp"
+        tmp.write_text(name)
+        os.replace(tmp, root / "latest")  # the pointer moves only after the checkpoint is complete
+        done = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".partial"))
+        for old in done[: max(0, len(done) - cfg.run.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+    torch.distributed.barrier()
+    return path
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+@dataclass
+class LoopState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    history: list = field(default_factory=list)  # [iteration, lm loss, data fingerprint] per iteration
+
+
+class _Preemption:
+    """SIGTERM (cluster preemption) sets a flag; the loop saves and exits at the end of the iteration."""
+
+    def __init__(self):
+        self.flag = False
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        self.flag = True
+
+    def agreed(self) -> bool:
+        t = torch.tensor([1.0 if self.flag else 0.0])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def _loss_func(loss_mask, output_tensor):
+    losses = output_tensor.float()
+    loss = (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def run_batches(cfg, model, batches, num_microbatches, forward_only, step_of_microbatch=None):
+    """One pass of megatron's pipeline schedule over ``num_microbatches`` micro-batches."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from ..megatron.sparsify import set_mask_step
+
+    counter = iter(range(num_microbatches))
+
+    def forward_step(data_iterator, m):
+        batch = next(data_iterator)
+        mb = next(counter)
+        if step_of_microbatch is not None:
+            set_mask_step(m, step_of_microbatch(mb))
+        out = m(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+        return out, partial(_loss_func, batch["loss_mask"])
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+        num_microbatches=num_microbatches, seq_length=cfg.data.seq_length,
+        micro_batch_size=cfg.data.micro_batch_size, forward_only=forward_only)
+
+
+def _mean_loss(results) -> Optional[float]:
+    """Average LM loss of the last pipeline stage, broadcast to every rank (None if no stage has it)."""
+    from megatron.core import parallel_state
+
+    local = torch.tensor([0.0, 0.0], dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage() and results:
+        vals = torch.stack([r["lm loss"].double() for r in results])
+        local = torch.tensor([float(vals.sum()), float(len(results))], dtype=torch.float64)
+    torch.distributed.all_reduce(local, group=parallel_state.get_pipeline_model_parallel_group())
+    return float(local[0] / local[1]) if local[1] else None
+
+
+def evaluate(cfg, model, data) -> dict:
+    """Validation with the HARD mask: loss and perplexity, averaged over data-parallel ranks."""
+    from megatron.core import parallel_state
+
+    model.eval()
+    total = 0.0
+    n = 0
+    with torch.no_grad():
+        for batches in data.valid_iterations(cfg.run.eval_iters):
+            loss = _mean_loss(run_batches(cfg, model, batches, len(batches), forward_only=True))
+            total += loss
+            n += 1
+    model.train()
+    t = torch.tensor([total, float(n)], dtype=torch.float64)
+    torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    loss = float(t[0] / t[1])
+    return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0))}
+
+
+def train(cfg: TrainConfig, data_factory=None) -> dict:
+    """Run (or resume) mask learning as configured; return the final metrics."""
+    from megatron.core import parallel_state
+
+    from ..megatron.checkpointing import load_checkpoint
+    from ..megatron.sparsify import masked_layers
+    from .data import build_data
+
+    env = setup_parallel(cfg)
+    is_rank0 = env["rank"] == 0
+    model, info = build_model(cfg)
+    data = (data_factory or build_data)(cfg, info, env["dp_rank"], env["dp_size"])
+    state = LoopState()
+    resume = latest_checkpoint(cfg)
+    prior_report = {}
+    if resume is None:
+        prior_report = apply_prior(cfg, model, data)
+    ddp, optimizer, scheduler = build_optimizer(cfg, model)
+    logger = MetricsLogger(cfg.run.out_dir, cfg.run.tensorboard, cfg.run.wandb_project, cfg.to_dict(), enabled=is_rank0)
+    if resume is not None:
+        extra = load_checkpoint(model, resume, optimizer)["extra"]
+        scheduler.load_state_dict(extra["scheduler"])
+        state = LoopState(extra["iteration"], extra["consumed_samples"], extra["history"])
+        logger.truncate_after(state.iteration)
+        if is_rank0:
+            print(f"[maskllm] resumed from {resume} at iteration {state.iteration}", flush=True)
+    else:
+        record = {"iteration": 0, **{k: v for k, v in prior_report.items() if v is not None}}
+        if cfg.run.eval_interval:
+            record.update(evaluate(cfg, ddp, data))  # where the prior starts (hard mask)
+        logger.log(record, console=f"iter      0 | prior {prior_report.get('prior_method', 'none')} | "
+                                   f"hard-mask valid loss {record.get('valid/loss', float('nan')):.4f}")
+    mcfg = mask_config(cfg)
+    watcher = MaskWatcher(masked_layers(model))
+    watcher.collect(mcfg.step_state(state.iteration, dp_rank=env["dp_rank"]))  # flip-rate baseline
+    preemption = _Preemption()
+    num_micro = cfg.data.global_batch_size // (cfg.data.micro_batch_size * env["dp_size"])
+    tokens_per_iter = cfg.data.global_batch_size * cfg.data.seq_length
+    train_iter = data.train_iterations(state.consumed_samples, num_micro)
+    last_log = time.time()
+    last = {}
+    ddp.train()
+    while state.iteration < cfg.run.train_iters:
+        it = state.iteration
+        grad_scale = 1.0 / num_micro
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        batches = next(train_iter)
+        fingerprint = torch.tensor([float(sum(int(b["tokens"].sum()) for b in batches))], dtype=torch.float64)
+        torch.distributed.all_reduce(fingerprint)
+        results = run_batches(cfg, ddp, batches, num_micro, forward_only=False,
+                              step_of_microbatch=lambda mb: mcfg.step_state(it, mb, env["dp_rank"], grad_scale))
+        loss = _mean_loss(results)
+        bad = torch.tensor([0.0 if (loss is None or math.isfinite(loss)) else 1.0])
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if bad.item():
+            kept = latest_checkpoint(cfg)
+            raise TrainingStopped(f"LM loss is {loss} at iteration {it + 1}: stopped without saving; the last good "
+                                  f"checkpoint is {kept or 'none'}; lower optim.lr or check the data")
+        optimizer.step()
+        scheduler.step(increment=1)
+        state.iteration += 1
+        state.consumed_samples += cfg.data.global_batch_size
+        state.history.append([state.iteration, loss, float(fingerprint)])
+        if state.iteration % cfg.run.log_interval == 0 or state.iteration == cfg.run.train_iters:
+            now = time.time()
+            step = mcfg.step_state(state.iteration - 1, dp_rank=env["dp_rank"])
+            elapsed = now - last_log
+            last_log = now
+            iters = cfg.run.log_interval if state.iteration % cfg.run.log_interval == 0 else \
+                state.iteration % cfg.run.log_interval
+            last = {"iteration": state.iteration, "lm_loss": loss, "lr": scheduler.get_lr(optimizer.param_groups[0]),
+                    "temperature": step.temperature, "scale": step.scale, "reg_coef": mcfg.regularizer_schedule(step.iteration),
+                    "tokens_per_s": tokens_per_iter * iters / max(elapsed, 1e-9),
+                    "peak_memory_gb": peak_memory_bytes() / 2**30, "consumed_samples": state.consumed_samples,
+                    **watcher.collect(step)}
+            logger.log(last, console=(f"iter {state.iteration:6d}/{cfg.run.train_iters} | loss {loss:.4f} | "
+                                      f"lr {last['lr']:.2e} | tau {step.temperature:.3f} | scale {step.scale:.0f} | "
+                                      f"flip {last.get('mask/flip_rate', 0):.4f} | maxp {last.get('mask/max_prob', 0):.3f} | "
+                                      f"{last['tokens_per_s']:.0f} tok/s | {last['peak_memory_gb']:.2f} GB"))
+        if cfg.run.eval_interval and (state.iteration % cfg.run.eval_interval == 0 or state.iteration == cfg.run.train_iters):
+            ev = evaluate(cfg, ddp, data)
+            logger.log({"iteration": state.iteration, **ev},
+                       console=f"iter {state.iteration:6d} | hard-mask valid loss {ev['valid/loss']:.4f} | ppl {ev['valid/ppl']:.2f}")
+            last.update(ev)
+        stop = preemption.agreed()
+        if stop or (cfg.run.save_interval and state.iteration % cfg.run.save_interval == 0) \
+                or state.iteration == cfg.run.train_iters:
+            path = save(cfg, state, ddp.module, optimizer, scheduler, is_rank0)
+            if is_rank0:
+                print(f"[maskllm] saved {path}", flush=True)
+        if stop:
+            if is_rank0:
+                print(f"[maskllm] SIGTERM: saved at iteration {state.iteration}; exiting", flush=True)
+            break
+    return {**last, "iteration": state.iteration, "history": state.history, "parallel": parallel_state.get_data_parallel_world_size()}

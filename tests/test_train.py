@@ -1,0 +1,167 @@
+"""The mask-learning driver, launched as users launch it (torchrun -m maskllm_megatron.train), on a tiny
+LLaMA-shaped model pre-trained on real text: learning at TP=2 and DP=2, exact resume after kill -9,
+resume at another TP size, SIGTERM, NaN stop, PP=2."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.torchrun_util import free_port, torchrun
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_run")
+    subprocess.run([sys.executable, "tests/scripts/make_tiny_run.py", str(d)], check=True, cwd=ROOT,
+                   capture_output=True)
+    return d
+
+
+def write_config(tiny: Path, name: str, **sections) -> Path:
+    cfg = {
+        "model": {"checkpoint": str(tiny / "ckpt")},
+        "parallel": {"tp": 2},
+        "data": {"train": [str(tiny / "data" / "botchan_text_document")], "split": "90,10,0", "seq_length": 64,
+                 "micro_batch_size": 4, "global_batch_size": 8, "cache_dir": str(tiny / "cache")},
+        "optim": {"lr": 2e-3, "min_lr": 2e-4},
+        "mask": {"fused_kernel": False},
+        "prior": {"method": "sparsegpt", "calib_samples": 16},
+        "run": {"out_dir": str(tiny / name), "train_iters": 12, "log_interval": 2, "eval_interval": 12,
+                "eval_iters": 4, "save_interval": 6},
+    }
+    for section, values in sections.items():
+        cfg[section].update(values)
+    path = tiny / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train_cmd(config: Path, nproc: int, *overrides: str) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+            str(free_port()), "-m", "maskllm_megatron.train", "--config", str(config), *overrides]
+
+
+def records(out_dir: Path) -> list:
+    return [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines() if l]
+
+
+def history(out_dir: Path) -> list:
+    import torch
+
+    latest = (out_dir / "checkpoints" / "latest").read_text().strip()
+    return torch.load(out_dir / "checkpoints" / latest / "extra_state.pt", weights_only=False)["history"]
+
+
+def valid_losses(out_dir: Path) -> list:
+    return [r["valid/loss"] for r in records(out_dir) if "valid/loss" in r]
+
+
+@pytest.fixture(scope="module")
+def straight(tiny):
+    """TP=2, 12 iterations straight: the reference for the resume tests."""
+    config = write_config(tiny, "straight")
+    torchrun("-m", "maskllm_megatron.train", "--config", config, nproc=2)
+    return tiny / "straight"
+
+
+def test_tp2_loss_falls_and_hard_mask_validation_ends_below_the_prior(straight):
+    losses = [h[1] for h in history(straight)]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    start, end = valid_losses(straight)
+    assert end < start
+    rec = [r for r in records(straight) if "lm_loss" in r][-1]
+    for key in ("lr", "temperature", "scale", "tokens_per_s", "peak_memory_gb", "mask/max_prob", "mask/flip_rate",
+                "mask/flip_rate/linear_fc1", "regularizer"):
+        assert key in rec, key
+    assert (straight / "tensorboard").is_dir()
+
+
+def test_kill_9_and_resume_is_exact(tiny, straight):
+    config = write_config(tiny, "killed")
+    out = tiny / "killed"
+    proc = subprocess.Popen(train_cmd(config, 2), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while not (latest.exists() and latest.read_text().strip() == "iter_0000006"):
+        assert proc.poll() is None and time.time() < deadline, "training ended before the first checkpoint"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    torchrun("-m", "maskllm_megatron.train", "--config", config, nproc=2)
+    assert history(out) == history(straight)  # iteration, loss and data fingerprint of every step
+    compare = subprocess.run([sys.executable, "tests/scripts/compare_checkpoints.py",
+                              str(straight / "checkpoints" / "iter_0000012"), str(out / "checkpoints" / "iter_0000012")],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+
+
+def test_resume_at_another_tp_size(tiny, straight):
+    out = tiny / "tp1_continue"
+    shutil.copytree(straight, out)
+    config = write_config(tiny, "tp1_continue", parallel={"tp": 1}, run={"train_iters": 14, "eval_interval": 0})
+    log = torchrun("-m", "maskllm_megatron.train", "--config", config, nproc=1)
+    assert "resumed from" in log and "iteration 12" in log
+    h = history(out)
+    assert [x[0] for x in h] == list(range(1, 15)) and h[:12] == history(straight)
+
+
+def test_dp2_learns(tiny):
+    config = write_config(tiny, "dp2", parallel={"tp": 1, "distributed_optimizer": True})
+    torchrun("-m", "maskllm_megatron.train", "--config", config, nproc=2)
+    start, end = valid_losses(tiny / "dp2")
+    assert end < start
+
+
+def test_sigterm_saves_and_exits_cleanly(tiny):
+    config = write_config(tiny, "sigterm", parallel={"tp": 1},
+                          run={"train_iters": 10000, "save_interval": 0, "eval_interval": 0, "log_interval": 1})
+    out = tiny / "sigterm"
+    # The training process itself receives SIGTERM (as from Slurm's --signal or a preempting scheduler);
+    # torchrun's own agent would report the signal in its exit code whatever its workers do.
+    env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = subprocess.Popen([sys.executable, "-m", "maskllm_megatron.train", "--config", str(config)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 300
+    while not ((out / "metrics.jsonl").exists() and any("lm_loss" in r for r in records(out))):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert "SIGTERM: saved at iteration" in output
+    it = len(history(out))
+    assert 1 <= it < 10000 and (out / "checkpoints" / f"iter_{it:07d}" / "metadata.json").exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny):
+    # A learning rate that overflows the logits at the first update: iteration 1 is fine and saved,
+    # iteration 2 produces a NaN loss.
+    config = write_config(tiny, "nan", parallel={"tp": 1}, optim={"lr": 1e37, "min_lr": 1e37},
+                          run={"save_interval": 1, "eval_interval": 0})
+    proc = subprocess.run(train_cmd(config, 1), cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode != 0
+    assert "LM loss is nan at iteration 2" in proc.stderr
+    ckpts = tiny / "nan" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "iter_0000001"
+    assert not (ckpts / "iter_0000002").exists()
+
+
+def test_pipeline_parallel_2_runs(tiny):
+    config = write_config(tiny, "pp2", parallel={"tp": 1, "pp": 2}, prior={"method": "magnitude"},
+                          run={"train_iters": 3, "eval_interval": 3, "save_interval": 3, "log_interval": 1})
+    torchrun("-m", "maskllm_megatron.train", "--config", config, nproc=2)
+    h = history(tiny / "pp2")
+    assert len(h) == 3 and all(x[1] == x[1] for x in h)  # finite losses
+    assert len(valid_losses(tiny / "pp2")) == 2
