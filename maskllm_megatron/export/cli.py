@@ -1,0 +1,126 @@
+"""``maskllm-export``: a mask-learning checkpoint -> a 2:4 (N:M) model or mask file.
+
+Launching: with ``--tp N`` (N > 1) launched plainly, the request is checked, then the command
+re-launches itself under ``torchrun --nproc-per-node N``; under torchrun it uses the given ranks.
+Errors print one line, ``error: <problem>: <fix>``, exit with status 2 and leave no output behind.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  maskllm-export --ckpt runs/smollm2/checkpoints/iter_0000200 --out out/smollm2-2of4-hf --format hf
+  maskllm-export --ckpt runs/llama/checkpoints --out out/llama-2of4-ct --format compressed-tensors --tp 2
+  maskllm-export --ckpt runs/llama/checkpoints --out out/llama-2of4-mcore --format mcore
+  maskllm-export --ckpt runs/llama/checkpoints --out out/sparsegpt-prior.masks --format masks --use-prior
+  maskllm-export apply-masks --hf models/llama --masks out/llama.masks --out out/llama-2of4-hf
+"""
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="maskllm-export", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Export a mask-learning checkpoint with its hard (argmax) N:M masks applied, verified. "
+                    "Run 'maskllm-export apply-masks --help' to apply a mask file to a dense HF model.")
+    ap.add_argument("--ckpt", required=True, type=Path,
+                    help="run checkpoint (OUT/checkpoints/iter_XXXXXXX, or a folder with a 'latest' pointer)")
+    ap.add_argument("--out", required=True, type=Path, help="folder (mask file for --format masks) to create")
+    ap.add_argument("--format", required=True, choices=["mcore", "hf", "compressed-tensors", "masks"])
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size to load at (default 1)")
+    ap.add_argument("--use-prior", action="store_true", help="export the stored prior (one-shot) masks instead")
+    ap.add_argument("--base-ckpt", type=Path, help="the run's converted checkpoint, if it moved since training")
+    ap.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors file (default 5)")
+    ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return ap
+
+
+def _apply_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="maskllm-export apply-masks", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Apply a mask file (maskllm-export --format masks, or MaskLLM's published .npz) to a dense "
+                    "Hugging Face model; the result is verified.")
+    ap.add_argument("--hf", required=True, type=Path, help="dense Hugging Face model folder")
+    ap.add_argument("--masks", required=True, type=Path, help="mask file (.safetensors from us, or a MaskLLM .npz)")
+    ap.add_argument("--out", required=True, type=Path, help="Hugging Face folder to create")
+    ap.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors file (default 5)")
+    ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return ap
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def relaunch(module: str, argv: list[str], nproc: int, cleanup: Path | None = None) -> int:
+    """Run ``python -m module argv`` under torchrun with ``nproc`` ranks; remove ``cleanup`` on failure."""
+    from maskllm_megatron.convert.checkpoint import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+           "127.0.0.1", "--master-port", str(free_port()), "-m", module, *argv]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    print(f"launching {nproc} ranks: torchrun -m {module} ...", file=sys.stderr)
+    rc = subprocess.call(cmd, env=env)
+    if rc != 0 and cleanup is not None:
+        shutil.rmtree(cleanup, ignore_errors=True)
+    return rc
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """Let SIGTERM (torchrun stopping the other ranks when one fails) run the cleanup of partial output."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def _errors() -> tuple[type[Exception], ...]:
+    from maskllm_megatron.convert.io import ConversionError
+    from maskllm_megatron.export.formats import FormatError
+    from maskllm_megatron.megatron.checkpointing import CheckpointMismatch
+    from maskllm_megatron.megatron.model_builder import ModelConfigError
+
+    return ConversionError, FormatError, CheckpointMismatch, ModelConfigError, ValueError
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["apply-masks"]:
+        args = _apply_parser().parse_args(argv[1:])
+        from maskllm_megatron.export.trim import apply_masks
+
+        try:
+            result = apply_masks(args.hf, args.masks, args.out, args.overwrite, int(args.max_shard_size * 2**30))
+        except (*_errors(), OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(result.summary())
+        return 0
+    args = _export_parser().parse_args(argv)
+    from maskllm_megatron.export.trim import ExportConfig, check_request, export
+
+    try:
+        cfg = ExportConfig(args.ckpt, args.out.absolute(), args.format, args.use_prior, args.base_ckpt,
+                           args.overwrite, int(args.max_shard_size * 2**30))
+        if args.tp > 1 and not under_torchrun():
+            check_request(cfg).info.model.validate_parallel(args.tp, 1)  # fail fast, before starting ranks
+            return relaunch("maskllm_megatron.export.cli", argv, args.tp,
+                            cleanup=cfg.out.with_name(f".{cfg.out.name}.work"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != args.tp:
+            raise _errors()[0](f"{world} processes for --tp {args.tp}: launch with --nproc-per-node {args.tp}")
+        exit_cleanly_on_sigterm()
+        result = export(cfg)
+    except _errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print(result.summary(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

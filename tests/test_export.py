@@ -1,0 +1,272 @@
+"""maskllm-export: a tiny LLaMA converted at TP=2, sparsified (magnitude prior + changed logits + Adam
+state) and saved as a run checkpoint, exported in every format at TP=2 and TP=1. Each export gives
+the masked megatron-core model's logits (transformers for HF and compressed-tensors), is verified,
+and leaves nothing behind when the verifier fails. Real SmolLM2 masks: file size near the floor."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.torchrun_util import torchrun
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = str(ROOT / "tests" / "scripts" / "export_worker.py")
+SMOLLM2_WORKER = str(ROOT / "tests" / "scripts" / "export_smollm2.py")
+
+
+def _result(out: str) -> dict:
+    return json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+
+
+def save_tiny_llama(folder: Path) -> Path:
+    """A random LLaMA (GQA, untied head, vocab 1000 padded to 1024 by megatron) with the botchan
+    SentencePiece tokenizer, fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from maskllm_megatron import assets
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(folder)
+    shutil.copy(assets.sentencepiece_test_model("bpe"), folder / "tokenizer.model")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> dict:
+    """Built once per session (test_perplexity uses it too): the worker's results and the folder."""
+    work = tmp_path_factory.getbasetemp() / "export_tiny_run"
+    done = work / "results.json"
+    if not done.is_file():
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        save_tiny_llama(work / "hf")
+        made = _result(torchrun(WORKER, "make", str(work), nproc=2))
+        tp1 = _result(torchrun(WORKER, "tp1", str(work), nproc=1))
+        done.write_text(json.dumps({"make": made, "tp1": tp1}))
+    r = json.loads(done.read_text())
+    r["work"] = work
+    r["ref"] = torch.load(work / "ref.pt")
+    return r
+
+
+def hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- mcore
+def test_run_checkpoint_masks_differ_from_prior(tiny_run):
+    """The run's learned masks are not just the prior (else prior/learned exports could not be told apart)."""
+    assert tiny_run["make"]["flipped"] > 100
+    assert tiny_run["make"]["prior_vs_learned"] > 0.1
+
+
+def test_mcore_export_gives_the_masked_models_logits_at_tp2_and_tp1(tiny_run):
+    make, tp1 = tiny_run["make"], tiny_run["tp1"]
+    assert make["exported_diff"] <= 1e-5  # exported at TP=2, loaded by the converter's dense loader at TP=2
+    assert tp1["rc"] == [0, 0]
+    assert tp1["diff"] <= 1e-5  # exported at TP=1 from the TP=2 run
+    assert tp1["learned_diff"] <= 1e-5 and tp1["prior_diff"] <= 1e-5  # the run itself resharded to TP=1
+    assert tp1["tp_saved"] == 1
+    rec = tp1["sparsity_json"]
+    assert rec["structure"] == "2:4" and rec["mask_source"] == "learned" and rec["mask_tensor"] == "prior_mask"
+    assert len(rec["targets"]) == 8 and rec["sparsity"] == pytest.approx(0.5)
+    work = tiny_run["work"]
+    assert (work / "mcore_tp2" / "tokenizer" / "tokenizer.model").is_file()
+    # no logits and no optimizer state in the export; masks are kept
+    meta = json.loads((work / "mcore_tp2" / "metadata.json").read_text())
+    assert meta  # a dist checkpoint
+    from megatron.core import dist_checkpointing
+
+    keys = set(dist_checkpointing.load_tensors_metadata(str(work / "mcore_tp2")))
+    run_keys = set(dist_checkpointing.load_tensors_metadata(str(work / "run" / "checkpoints" / "iter_0000003")))
+    assert not any(k.endswith("mask_logits") for k in keys)
+    assert any(k.endswith("mask_logits") for k in run_keys) and any("optimizer" in k for k in run_keys)
+    assert not any("optimizer" in k for k in keys)
+    # one mask per linear (megatron stacks the layers into one global tensor)
+    assert sorted(k for k in keys if k.endswith(".prior_mask")) == sorted(
+        f"decoder.layers.{m}.prior_mask" for m in ("self_attention.linear_qkv", "self_attention.linear_proj",
+                                                   "mlp.linear_fc1", "mlp.linear_fc2"))
+
+
+def test_export_prints_what_it_wrote(tiny_run):
+    out = tiny_run["tp1"]["stdout"]
+    assert "wrote mcore export" in out and "verify: OK" in out and "sparsity 50.00%" in out
+    assert "bits/weight (floor log2(C)/M = 0.6462" in out
+
+
+# ---------------------------------------------------------------------------------------------- hf
+def test_hf_export_loads_in_transformers_with_the_masked_logits(tiny_run):
+    work, ref = tiny_run["work"], tiny_run["ref"]
+    for name, key in (("hf_tp2", "ref"), ("hf_prior", "ref_prior")):
+        logits = hf_logits(work / name, ref["tokens"])
+        diff = float((logits - ref[key][..., :1000]).abs().max())
+        assert diff <= 1e-4, (name, diff)
+    cfg = json.loads((work / "hf_tp2" / "config.json").read_text())
+    assert cfg["sparsity"]["structure"] == "2:4" and cfg["sparsity"]["mask_source"] == "learned"
+    assert len(cfg["sparsity"]["targets"]) == 14 and "model.layers.0.mlp.gate_proj.weight" in cfg["sparsity"]["targets"]
+    assert json.loads((work / "hf_prior" / "config.json").read_text())["sparsity"]["mask_source"] == "prior"
+    sd = weights(work / "hf_tp2")
+    for t in sd.values():
+        assert not bool(((t == 0) & torch.signbit(t)).any())  # never -0.0
+    dense = weights(work / "hf")
+    assert torch.equal(sd["lm_head.weight"], dense["lm_head.weight"])  # untouched
+
+
+def test_hf_export_equals_the_mask_file_applied_to_the_dense_model(tiny_run):
+    """Mask file round trip: apply-masks(original dense HF, exported masks) == the HF export, bit for bit;
+    exported at TP=2 and TP=1 the mask files hold the same masks."""
+    from maskllm_megatron.export.cli import main
+    from maskllm_megatron.export.formats import load_masks, save_masks
+
+    work = tiny_run["work"]
+    masks2, spec = load_masks(work / "masks_tp2.safetensors")
+    masks1, _ = load_masks(work / "masks_tp1.safetensors")
+    assert set(masks1) == set(masks2) and all(torch.equal(masks1[k], masks2[k]) for k in masks1)
+    save_masks(work / "resaved.safetensors", masks2, spec)
+    again, _ = load_masks(work / "resaved.safetensors")
+    assert all(torch.equal(again[k], masks2[k]) for k in masks2)
+    out = work / "applied_hf"
+    shutil.rmtree(out, ignore_errors=True)
+    assert main(["apply-masks", "--hf", str(work / "hf"), "--masks", str(work / "masks_tp2.safetensors"),
+                 "--out", str(out)]) == 0
+    applied, exported = weights(out), weights(work / "hf_tp2")
+    assert set(applied) == set(exported)
+    for k in exported:
+        assert torch.equal(applied[k].view(torch.uint8), exported[k].view(torch.uint8)), k  # bit-exact
+    assert set(json.loads((out / "config.json").read_text())["sparsity"]["targets"]) == set(masks2)
+
+
+# ---------------------------------------------------------------------------------------------- compressed-tensors
+def test_compressed_tensors_export_decompresses_to_the_hf_export(tiny_run):
+    from maskllm_megatron.export.formats import decompress_24_bitmask
+
+    work, ref = tiny_run["work"], tiny_run["ref"]
+    stored, hf = weights(work / "ct_tp2"), weights(work / "hf_tp2")
+    cfg = json.loads((work / "ct_tp2" / "config.json").read_text())
+    targets = cfg["sparsity"]["targets"]
+    assert cfg["quantization_config"]["sparsity_config"]["format"] == "sparse-24-bitmask"
+    for name in targets:
+        mod = name[: -len(".weight")]
+        dense = decompress_24_bitmask({k: stored[f"{mod}.{k}"] for k in ("compressed", "bitmask", "shape")})
+        assert torch.equal(dense.view(torch.int32), hf[name].view(torch.int32)), name
+    b = tiny_run["make"]["summaries"]["ct_tp2:bytes"]
+    assert b[0] < b[1]  # smaller than the dense folder
+    # the compressed-tensors library's own decompressor, then the weights in a transformers model
+    lib = pytest.importorskip("compressed_tensors.compressors.sparse_compressors.sparse_24_bitmask")
+    from compressed_tensors.config import SparsityCompressionConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sc = cfg["quantization_config"]["sparsity_config"]
+    decompressed = dict(lib.Sparse24BitMaskCompressor(
+        config=SparsityCompressionConfig.load_from_registry(sc["format"], **sc)).decompress(str(work / "ct_tp2")))
+    assert set(decompressed) == set(hf)
+    for name in hf:
+        assert torch.equal(decompressed[name].view(torch.int32), hf[name].view(torch.int32)), name
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(work / "hf_tp2"), dtype=torch.float32)
+    model.load_state_dict(decompressed, strict=True)
+    with torch.no_grad():
+        logits = model.eval()(ref["tokens"]).logits
+    assert float((logits - ref["ref"][..., :1000]).abs().max()) <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- verifier
+def test_verifier_passes_exports_and_fails_a_planted_violation(tiny_run, tmp_path):
+    from maskllm_megatron.eval.verify import verify_path
+
+    work = tiny_run["work"]
+    for name in ("hf_tp2", "ct_tp2", "masks_tp2.safetensors"):
+        assert verify_path(work / name).ok, name
+    planted = tmp_path / "planted"
+    shutil.copytree(work / "hf_tp2", planted)
+    sd = weights(planted)
+    w = sd["model.layers.1.mlp.down_proj.weight"]
+    zero = (w[0, :4] == 0).nonzero()[0, 0]
+    w[0, zero] = 0.5
+    from safetensors.torch import save_file
+
+    save_file(sd, str(planted / "model.safetensors"), metadata={"format": "pt"})
+    report = verify_path(planted)
+    assert not report.ok and "model.layers.1.mlp.down_proj.weight" in report.failures[0]
+
+
+def test_failed_verification_leaves_nothing_and_errors_are_one_line(tiny_run):
+    tp1 = tiny_run["tp1"]
+    assert tp1["rc_bad"] == [2, 2]
+    lines = tp1["bad_err"].strip().splitlines()
+    assert len(lines) == 2 and all(l.startswith("error: verification failed, nothing written") for l in lines)
+    assert tp1["leftovers"] == []
+    assert tp1["rc_exists"] == 2 and tp1["err_exists"].count("\n") == 1 and "already exists" in tp1["err_exists"]
+    assert tp1["rc_notrun"] == 2 and "not a mask-learning checkpoint" in tp1["err_notrun"]
+    assert not list(tiny_run["work"].glob(".*.work"))
+
+
+def test_compressed_tensors_refuses_non_24_before_loading(tiny_run, tmp_path):
+    """A 1:4 run: compressed-tensors is refused with a one-line error (exit 2) and nothing is written."""
+    from maskllm_megatron.export.cli import main
+
+    work = tiny_run["work"]
+    run = tmp_path / "run14"
+    shutil.copytree(work / "run" / "checkpoints" / "iter_0000003", run)
+    extra = torch.load(run / "extra_state.pt", weights_only=False)
+    extra["config"]["mask"]["nm"] = "1:4"
+    torch.save(extra, run / "extra_state.pt")
+    assert main(["--ckpt", str(run), "--out", str(tmp_path / "ct"), "--format", "compressed-tensors"]) == 2
+    assert not (tmp_path / "ct").exists()
+
+
+# ---------------------------------------------------------------------------------------------- real weights
+@pytest.mark.slow
+def test_smollm2_magnitude_mask_file_near_the_floor(smollm2_export):
+    """Real SmolLM2-135M, magnitude 2:4 prior exported with --use-prior: within 10% of log2(6)/4 bits."""
+    r = smollm2_export["results"]["masks"]
+    print(r["summary"])
+    assert r["weights"] == 106_168_320
+    assert r["floor"] == pytest.approx(0.6462, abs=1e-4)
+    assert r["floor"] <= r["bits_per_weight"] <= 1.10 * r["floor"]
+    assert r["bytes"] < 0.03 * r["dense_bytes"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_export(tmp_path_factory) -> dict:
+    """SmolLM2 converted at TP=1, magnitude prior run checkpoint, exports and mcore perplexities (shared
+    with test_perplexity)."""
+    from maskllm_megatron.assets import smollm2_hf_dir
+
+    work = tmp_path_factory.getbasetemp() / "export_smollm2"
+    done = work / "results.json"
+    if not done.is_file():
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        proc = subprocess.run([sys.executable, SMOLLM2_WORKER, str(smollm2_hf_dir()), str(work), "384"],
+                              capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        done.write_text(json.dumps(_result(proc.stdout)))
+    r = json.loads(done.read_text())
+    r["work"] = work
+    return r
