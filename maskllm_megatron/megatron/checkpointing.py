@@ -130,13 +130,15 @@ def _materialize_optimizer_state(optimizer) -> None:
 def load_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, optimizer=None) -> dict:
     """Load ``ckpt_dir`` into ``model`` (and ``optimizer``) at this rank's layout.
 
-    Returns ``{"absent_masks": [...], "extra": {...} or None}``.
+    Returns ``{"absent_masks": [...], "extra": {...} or None, "optimizer_loaded": bool}``.
     """
     ckpt_dir = Path(ckpt_dir).absolute()
     if not (ckpt_dir / "metadata.json").exists():
         raise CheckpointMismatch(f"{ckpt_dir} is not a complete dist_checkpointing checkpoint (no metadata.json): "
                                  "point at a checkpoint folder, not a partial or parent one")
     saved = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+    if optimizer is not None and not any(k.startswith("optimizer.") for k in saved):
+        optimizer = None  # saved without optimizer state (e.g. a prior-only run): the optimizer starts fresh
     _prepare_prior_buffers(model, saved)
     model_sharded = model.sharded_state_dict()
     absent = check_compatible(model_sharded, saved, ckpt_dir)
@@ -158,4 +160,4 @@ def load_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, optimizer=None
         optimizer.load_state_dict(optimizer_state)
     extra_path = ckpt_dir / "extra_state.pt"
     extra = torch.load(extra_path, weights_only=False) if extra_path.exists() else None
-    return {"absent_masks": absent, "extra": extra}
+    return {"absent_masks": absent, "extra": extra, "optimizer_loaded": optimizer is not None}

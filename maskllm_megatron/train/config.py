@@ -78,7 +78,7 @@ class PriorSection:
 @dataclass
 class RunSection:
     out_dir: str = "runs/maskllm"
-    train_iters: int = 2000
+    train_iters: int = 2000  # 0: a prior-only run (one-shot masks saved as iteration 0)
     seed: int = 1234
     log_interval: int = 10
     eval_interval: int = 100
@@ -120,8 +120,9 @@ class TrainConfig:
             raise ConfigError(f"prior.method {self.prior.method!r}: use magnitude, wanda, sparsegpt, none or checkpoint")
         if self.prior.method == "checkpoint" and not self.prior.checkpoint:
             raise ConfigError("prior.method=checkpoint needs prior.checkpoint (an earlier run's checkpoint folder)")
-        if self.run.train_iters < 1 or self.run.log_interval < 1:
-            raise ConfigError("run.train_iters and run.log_interval must be >= 1")
+        if self.run.train_iters < 0 or self.run.log_interval < 1:
+            raise ConfigError("run.train_iters must be >= 0 (0: compute the prior, save it and stop) and "
+                              "run.log_interval >= 1")
         return self
 
     # -- parsing ---------------------------------------------------------------------------------

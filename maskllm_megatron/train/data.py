@@ -34,8 +34,9 @@ class RunData:
                               cache_dir=d.cache_dir or None)
         evals = (cfg.run.train_iters // cfg.run.eval_interval + 1) if cfg.run.eval_interval else 0
         valid_samples = d.global_batch_size * cfg.run.eval_iters if evals else 0
-        self.splits = build_datasets(data_cfg, self.tokenizer, cfg.run.train_iters * d.global_batch_size,
-                                     valid_samples=valid_samples)
+        # a prior-only run (train_iters=0) still needs its calibration samples
+        train_samples = max(cfg.run.train_iters * d.global_batch_size, cfg.prior.calib_samples, d.global_batch_size)
+        self.splits = build_datasets(data_cfg, self.tokenizer, train_samples, valid_samples=valid_samples)
         if evals and self.splits.valid is None:
             raise ValueError(f"data.split {d.split!r} has no validation part but run.eval_interval is set: "
                              "give the split a validation share (e.g. 98,2,0) or set run.eval_interval=0")

@@ -56,7 +56,7 @@ def setup_parallel(cfg: TrainConfig) -> dict:
 
 def mask_config(cfg: TrainConfig) -> MaskConfig:
     m = cfg.mask
-    return MaskConfig(nm=NMSpec.parse(m.nm), total_steps=cfg.run.train_iters, temperature=tuple(m.temperature),
+    return MaskConfig(nm=NMSpec.parse(m.nm), total_steps=max(1, cfg.run.train_iters), temperature=tuple(m.temperature),
                       logit_scale=tuple(m.logit_scale), hard=m.hard, init_std=m.init_std,
                       prior_strength=m.prior_strength, regularizer=tuple(m.regularizer), seed=cfg.run.seed,
                       freeze_weight=not m.train_weights)
@@ -121,20 +121,33 @@ def _calibration_forward(model, batch):
 
 @torch.no_grad()
 def transfer_masks(model, ckpt_dir: str) -> dict:
-    """Use another run's learned hard masks as this run's prior (mask transfer to a new domain)."""
+    """Another run's masks as this run's prior (mask transfer to a new domain): the learned hard masks,
+    or, for a prior-only run (saved at iteration 0), its one-shot prior masks."""
     from megatron.core import dist_checkpointing
 
     from ..masks import hard_mask
     from ..megatron.sparsify import masked_layers
 
+    ckpt_dir = str(Path(ckpt_dir).absolute())
+    extra_path = Path(ckpt_dir) / "extra_state.pt"
+    iteration = torch.load(extra_path, weights_only=False)["iteration"] if extra_path.exists() else None
+    saved = dist_checkpointing.load_tensors_metadata(ckpt_dir)
     layers = list(masked_layers(model))
-    sharded = {k: v for k, v in model.sharded_state_dict().items() if k.endswith(".mask_logits")}
-    loaded = dist_checkpointing.load(sharded, str(Path(ckpt_dir).absolute()))
-    by_name = {name: tensor for name, tensor in loaded.items()}
-    names = {id(layer): n for n, layer in model.named_modules() if layer in layers}
+    use_prior = iteration == 0 and all(k.replace(".mask_logits", ".prior_mask") in saved
+                                       for k in saved if k.endswith(".mask_logits"))
+    suffix = ".prior_mask" if use_prior else ".mask_logits"
+    if use_prior:
+        for layer in layers:
+            layer.prior_mask = torch.zeros_like(layer.weight, dtype=torch.bool)
+    names = {id(m): n for n, m in model.named_modules()}
+    sharded = {k: v for k, v in model.sharded_state_dict().items() if k.endswith(suffix)}
+    loaded = dist_checkpointing.load(sharded, ckpt_dir)
     for layer in layers:
-        layer.set_prior(hard_mask(by_name[f"{names[id(layer)]}.mask_logits"], layer.nm, dtype=layer.weight.dtype))
-    return {"prior_method": "checkpoint", "prior_checkpoint": ckpt_dir}
+        source = loaded[f"{names[id(layer)]}{suffix}"]
+        mask = source.to(layer.weight.dtype) if use_prior else hard_mask(source, layer.nm, dtype=layer.weight.dtype)
+        layer.set_prior(mask)
+    return {"prior_method": "checkpoint", "prior_checkpoint": ckpt_dir,
+            "prior_source": "one-shot prior" if use_prior else "learned masks"}
 
 
 # -- optimizer --------------------------------------------------------------------------------------
@@ -158,8 +171,8 @@ def build_optimizer(cfg: TrainConfig, model):
     optimizer = get_megatron_optimizer(opt_cfg, [ddp], config_overrides=optimizer_overrides(sparsify_config(cfg)))
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if o.warmup_iters else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-        lr_warmup_steps=o.warmup_iters, lr_decay_steps=cfg.run.train_iters, lr_decay_style=o.decay_style,
-        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=cfg.run.train_iters, wd_incr_style="constant")
+        lr_warmup_steps=o.warmup_iters, lr_decay_steps=max(1, cfg.run.train_iters), lr_decay_style=o.decay_style,
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=max(1, cfg.run.train_iters), wd_incr_style="constant")
     return ddp, optimizer, scheduler
 
 
@@ -183,7 +196,7 @@ def save(cfg: TrainConfig, state: "LoopState", model, optimizer, scheduler, is_r
     name = f"iter_{state.iteration:07d}"
     extra = {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
              "scheduler": scheduler.state_dict(), "history": state.history, "config": cfg.to_dict()}
-    path = save_checkpoint(model, root / name, optimizer, extra=extra)
+    path = save_checkpoint(model, root / name, optimizer, extra=extra)  # optimizer None: model + extra only
     if is_rank0:
         tmp = root / "latest.tmp"
         tmp.write_text(name)
@@ -310,6 +323,11 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
             record.update(evaluate(cfg, ddp, data))  # where the prior starts (hard mask)
         logger.log(record, console=f"iter      0 | prior {prior_report.get('prior_method', 'none')} | "
                                    f"hard-mask valid loss {record.get('valid/loss', float('nan')):.4f}")
+    if cfg.run.train_iters == 0 and resume is None:  # a prior-only run: keep the one-shot masks
+        path = save(cfg, state, ddp.module, None, scheduler, is_rank0)  # no optimizer state exists yet
+        if is_rank0:
+            print(f"[maskllm] prior-only run: saved {path}", flush=True)
+        return {"iteration": 0, **prior_report}
     mcfg = mask_config(cfg)
     watcher = MaskWatcher(masked_layers(model))
     watcher.collect(mcfg.step_state(state.iteration, dp_rank=env["dp_rank"]))  # flip-rate baseline

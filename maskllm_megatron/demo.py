@@ -1,0 +1,242 @@
+"""``make demo``: the whole MaskLLM pipeline on a real model on this CPU, end to end.
+
+    python -m maskllm_megatron.demo [--minutes 12] [--out demo_out]
+
+Stages (each cached by the content of its inputs and settings under ``<cache>/demo``; a re-run reuses
+finished stages, and a failed stage says how to resume):
+  1. the real SmolLM2-135M model (Llama architecture) and the real Wikipedia excerpt, by package name;
+  2. HF -> megatron-core conversion (TP=1: SmolLM2's 9 heads / 3 KV groups do not split over 2 ranks);
+  3. preprocessing: the training articles into an indexed dataset; whole held-out articles kept apart;
+  4. one-shot 2:4 priors: magnitude, Wanda, SparseGPT (mask only), calibrated on training articles;
+  5. MaskLLM mask learning, torchrun with 2 processes (data parallel), frozen weights, from the best
+     prior, for a bounded time budget;
+  6. export of the learned 2:4 model to a Hugging Face folder, verified;
+  7. held-out perplexity of dense, each prior and MaskLLM: a Markdown table, a PNG bar chart and the
+     training curves.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import assets
+
+SEQ = 512
+PRIORS = ("magnitude", "wanda", "sparsegpt")
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class Stages:
+    """Runs stages once: ``<root>/<name>-<key>/`` exists only when the stage finished."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.time()
+
+    def run(self, number: int, name: str, key: str, fn) -> Path:
+        done = self.root / f"{name}-{key}"
+        stamp = f"[demo {time.time() - self.t0:6.0f}s] {number}. {name}"
+        if done.exists():
+            print(f"{stamp}: cached ({done})", flush=True)
+            return done
+        work = self.root / f"{name}-{key}.partial"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        print(f"{stamp} ...", flush=True)
+        try:
+            fn(work)
+        except Exception as e:
+            raise SystemExit(f"demo stage {number} ({name}) failed: {e}\n  its work folder is {work}; fix the cause "
+                             "and run `make demo` again: finished stages are reused") from e
+        os.replace(work, done)
+        print(f"[demo {time.time() - self.t0:6.0f}s] {number}. {name}: done", flush=True)
+        return done
+
+
+def _run(cmd: list, log: Path, nproc: int = 0) -> str:
+    """Run a command (under torchrun with ``nproc`` processes if set), teeing output to ``log``."""
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(_free_port())] + cmd
+    else:
+        cmd = [sys.executable] + cmd
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // max(1, nproc))))
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        lines = []
+        for line in proc.stdout:
+            f.write(line)
+            lines.append(line)
+            if line.startswith(("iter", "[maskllm]", "RESULT", "wrote", "verified", "error", "sparsity")):
+                print("    " + line.rstrip(), flush=True)
+        proc.wait()
+    if proc.returncode:
+        tail = "".join(l for l in lines[-15:] if "Warning" not in l and "warnings.warn" not in l)
+        raise RuntimeError(f"{' '.join(map(str, cmd[:6]))} ... exited {proc.returncode} (log: {log}):\n{tail}")
+    return "".join(lines)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_config(ckpt: Path, data_prefix: Path, out: Path, **sections) -> dict:
+    cfg = {
+        "model": {"checkpoint": str(ckpt), "dtype": "fp32"},
+        "parallel": {"tp": 1, "pp": 1, "distributed_optimizer": True},
+        "data": {"train": [str(data_prefix)], "split": "98,2,0", "seq_length": SEQ, "micro_batch_size": 2,
+                 "global_batch_size": 4, "cache_dir": str(out / "index_cache")},
+        "optim": {"lr": 5e-5, "min_lr": 5e-6, "weight_decay": 0.1, "clip_grad": 1.0, "mask_lr_mult": 10.0},
+        "mask": {"nm": "2:4", "prior_strength": 3.0, "fused_kernel": True},
+        "prior": {"method": "sparsegpt", "calib_samples": 32},
+        "run": {"out_dir": str(out), "train_iters": 0, "log_interval": 5, "eval_interval": 0, "save_interval": 0,
+                "seed": 1234, "tensorboard": True},
+    }
+    for section, values in sections.items():
+        cfg[section].update(values)
+    return cfg
+
+
+def _write_yaml(cfg: dict, path: Path) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _ppl(args: list, log: Path, nproc: int = 0) -> float:
+    out = _run(["-m", "maskllm_megatron.eval.perplexity", *args, "--corpus", "wikipedia-heldout", "--seq-len",
+                str(SEQ), "--bos", "--max-tokens", "8192", "--json"], log, nproc)
+    line = next(l for l in out.splitlines() if l.startswith("RESULT "))
+    return float(json.loads(line[len("RESULT "):])["ppl"])
+
+
+def _bar_chart(table: list[tuple[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, values = zip(*table)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bars = ax.bar(names, values, color=["#777777", "#d62728", "#ff7f0e", "#bcbd22", "#2ca02c"][: len(names)])
+    ax.set_yscale("log")
+    ax.set_ylabel("held-out perplexity (log scale)")
+    ax.set_title("SmolLM2-135M, 2:4 sparsity, held-out Wikipedia")
+    for b, v in zip(bars, values):
+        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=12.0, help="mask-learning time budget (default 12)")
+    p.add_argument("--tokens-per-second", type=float, default=300.0,
+                   help="expected mask-learning speed, to turn the budget into iterations (default 300)")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="where the results go (default demo_out)")
+    args = p.parse_args(argv)
+    from .eval.perplexity import wikipedia_split
+
+    stages = Stages(assets.cache_dir() / "demo")
+    out = args.out.absolute()
+    out.mkdir(parents=True, exist_ok=True)
+
+    # 1. real model and text
+    hf = assets.smollm2_hf_dir()
+    print(f"[demo] 1. model: SmolLM2-135M at {hf}", flush=True)
+
+    # 2. conversion
+    ckpt = stages.run(2, "convert", _key(str(hf), "tp1", "fp32"), lambda w: _run(
+        ["-m", "maskllm_megatron.convert.cli", "hf-to-mcore", "--hf", str(hf), "--out", str(w / "ckpt"), "--tp", "1",
+         "--dtype", "fp32"], w / "convert.log")) / "ckpt"
+
+    # 3. data: training articles -> indexed dataset; held-out articles are only ever evaluated
+    def preprocess(w: Path):
+        train, heldout = wikipedia_split()
+        with open(w / "train.jsonl", "w") as f:
+            for title, text in train:
+                f.write(json.dumps({"text": text}) + "\n")
+        _run(["-m", "maskllm_megatron.data.preprocess", "--input", str(w / "train.jsonl"), "--tokenizer",
+              str(ckpt / "tokenizer"), "--output-prefix", str(w / "wiki_train"), "--workers", "2"], w / "preprocess.log")
+        (w / "heldout_titles.json").write_text(json.dumps([t for t, _ in heldout]))
+
+    data = stages.run(3, "data", _key("wiki", 1), preprocess)
+    prefix = data / "wiki_train"
+
+    # 4. one-shot priors (prior-only runs: the masks are saved as iteration 0)
+    prior_runs = {}
+    for method in PRIORS:
+        def prior(w: Path, method=method):
+            cfg = _train_config(ckpt, prefix, w, prior={"method": method, "calib_samples": 32})
+            _run(["-m", "maskllm_megatron.train", "--config", str(_write_yaml(cfg, w / "prior.yaml"))],
+                 w / "prior.log", nproc=1)
+
+        prior_runs[method] = stages.run(4, f"prior-{method}", _key(str(ckpt), str(prefix), method, 32), prior)
+
+    # 5. MaskLLM from the SparseGPT prior
+    iters = max(10, int(args.minutes * 60 * args.tokens_per_second / (4 * SEQ)))
+    prior_ckpt = prior_runs["sparsegpt"] / "checkpoints" / "iter_0000000"
+
+    def learn(w: Path):
+        cfg = _train_config(ckpt, prefix, w, prior={"method": "checkpoint", "checkpoint": str(prior_ckpt)},
+                            run={"train_iters": iters, "log_interval": 5, "eval_interval": max(5, iters // 4),
+                                 "eval_iters": 2, "save_interval": max(5, iters // 4), "out_dir": str(w)})
+        _run(["-m", "maskllm_megatron.train", "--config", str(_write_yaml(cfg, w / "maskllm.yaml"))],
+             w / "train.log", nproc=2)
+
+    run = stages.run(5, "maskllm", _key(str(prior_ckpt), iters, "lr5e-5"), learn)
+    final = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+
+    # 6. export the learned 2:4 model to Hugging Face (verified by the exporter)
+    exported = stages.run(6, "export", _key(str(final)), lambda w: _run(
+        ["-m", "maskllm_megatron.export.cli", "--ckpt", str(final), "--out", str(w / "hf"), "--format", "hf"],
+        w / "export.log")) / "hf"
+
+    # 7. held-out perplexity
+    def evaluate(w: Path):
+        rows = [("dense", _ppl(["--hf", str(hf)], w / "dense.log"))]
+        for method in PRIORS:
+            rows.append((method, _ppl(["--ckpt", str(prior_runs[method] / "checkpoints" / "iter_0000000"),
+                                       "--use-prior"], w / f"{method}.log")))
+        rows.append(("MaskLLM", _ppl(["--hf", str(exported)], w / "maskllm.log")))
+        (w / "table.json").write_text(json.dumps(rows))
+
+    results = stages.run(7, "evaluate", _key(str(exported), [str(r) for r in prior_runs.values()], SEQ), evaluate)
+    rows = json.loads((results / "table.json").read_text())
+    tokens = iters * 4 * SEQ
+    lines = ["| model | held-out PPL |", "|---|---|"] + [f"| {n} | {v:.2f} |" for n, v in rows]
+    md = (f"# MaskLLM demo: SmolLM2-135M, 2:4, held-out Wikipedia\n\n"
+          f"Held-out articles never seen in training or calibration; {SEQ}-token windows with BOS, 8,192 tokens.\n"
+          f"MaskLLM: {iters} iterations x 4 x {SEQ} tokens = {tokens:,} tokens from the SparseGPT prior.\n\n"
+          + "\n".join(lines) + "\n")
+    (out / "results.md").write_text(md)
+    _bar_chart([(n, v) for n, v in rows], out / "perplexity.png")
+    subprocess.run([sys.executable, "-m", "maskllm_megatron.train.plot", str(run / "metrics.jsonl"),
+                    "--out", str(out / "training_curves.png")], check=False)
+    shutil.copy(run / "metrics.jsonl", out / "metrics.jsonl")
+    print("\n" + md)
+    print(f"[demo] wrote {out / 'results.md'}, {out / 'perplexity.png'}, {out / 'training_curves.png'}; "
+          f"exported 2:4 model: {exported}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
