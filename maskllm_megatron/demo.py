@@ -119,9 +119,10 @@ def _write_yaml(cfg: dict, path: Path) -> Path:
     return path
 
 
-def _ppl(args: list, log: Path, nproc: int = 0) -> float:
-    out = _run(["-m", "maskllm_megatron.eval.perplexity", *args, "--corpus", "wikipedia-heldout", "--seq-len",
-                str(SEQ), "--bos", "--max-tokens", "8192", "--json"], log, nproc)
+def _ppl(args: list, log: Path, text: tuple = ("--corpus", "wikipedia-heldout")) -> float:
+    """Held-out perplexity (SEQ-token windows with BOS, first 8,192 tokens) of a model given by ``args``."""
+    out = _run(["-m", "maskllm_megatron.eval.perplexity", *args, *text, "--seq-len",
+                str(SEQ), "--bos", "--max-tokens", "8192", "--json"], log)
     line = next(l for l in out.splitlines() if l.startswith("RESULT "))
     return float(json.loads(line[len("RESULT "):])["ppl"])
 
@@ -146,6 +147,68 @@ def _bar_chart(table: list[tuple[str, float]], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def convert_stage(stages: Stages, hf: Path) -> Path:
+    """HF -> megatron-core checkpoint (TP=1, fp32)."""
+    return stages.run(2, "convert", _key(str(hf), "tp1", "fp32"), lambda w: _run(
+        ["-m", "maskllm_megatron.convert.cli", "hf-to-mcore", "--hf", str(hf), "--out", str(w / "ckpt"), "--tp", "1",
+         "--dtype", "fp32"], w / "convert.log")) / "ckpt"
+
+
+def data_stage(stages: Stages, name: str, docs: list[str], tokenizer: Path) -> Path:
+    """Documents -> indexed dataset prefix (cached by the documents' content)."""
+    def preprocess(w: Path):
+        with open(w / "train.jsonl", "w") as f:
+            for text in docs:
+                f.write(json.dumps({"text": text}) + "\n")
+        _run(["-m", "maskllm_megatron.data.preprocess", "--input", str(w / "train.jsonl"), "--tokenizer",
+              str(tokenizer), "--output-prefix", str(w / name), "--workers", "2"], w / "preprocess.log")
+
+    return stages.run(3, f"data-{name}", _key(name, hashlib.sha256("\x00".join(docs).encode()).hexdigest()),
+                      preprocess) / name
+
+
+def prior_stage(stages: Stages, ckpt: Path, prefix: Path, method: str, update_weights: bool = False,
+                calib_samples: int = 32) -> Path:
+    """A prior-only run: the one-shot masks (and SparseGPT's updated weights) saved as iteration 0."""
+    name = f"prior-{method}{'-update' if update_weights else ''}"
+
+    def prior(w: Path):
+        cfg = _train_config(ckpt, prefix, w, prior={"method": method, "calib_samples": calib_samples,
+                                                    "update_weights": update_weights})
+        _run(["-m", "maskllm_megatron.train", "--config", str(_write_yaml(cfg, w / "prior.yaml"))],
+             w / "prior.log", nproc=1)
+
+    run = stages.run(4, name, _key(str(ckpt), str(prefix), method, update_weights, calib_samples), prior)
+    return run / "checkpoints" / "iter_0000000"
+
+
+def learn_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, iters: int, name: str = "maskllm",
+                checkpoints: int = 4) -> Path:
+    """MaskLLM mask learning (2 data-parallel processes) from ``prior_ckpt``'s masks; keeps
+    ``checkpoints`` evenly spaced checkpoints."""
+    every = max(5, iters // checkpoints)
+
+    def learn(w: Path):
+        cfg = _train_config(ckpt, prefix, w, prior={"method": "checkpoint", "checkpoint": str(prior_ckpt)},
+                            run={"train_iters": iters, "log_interval": 5, "eval_interval": every, "eval_iters": 2,
+                                 "save_interval": every, "keep_last": checkpoints + 1, "out_dir": str(w)})
+        _run(["-m", "maskllm_megatron.train", "--config", str(_write_yaml(cfg, w / "maskllm.yaml"))],
+             w / "train.log", nproc=2)
+
+    return stages.run(5, name, _key(str(prior_ckpt), str(prefix), iters, checkpoints, "lr5e-5"), learn)
+
+
+def final_checkpoint(run: Path) -> Path:
+    return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+
+
+def export_stage(stages: Stages, ckpt: Path) -> Path:
+    """The learned 2:4 model as a verified Hugging Face folder."""
+    return stages.run(6, "export", _key(str(ckpt)), lambda w: _run(
+        ["-m", "maskllm_megatron.export.cli", "--ckpt", str(ckpt), "--out", str(w / "hf"), "--format", "hf"],
+        w / "export.log")) / "hf"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=12.0, help="mask-learning time budget (default 12)")
@@ -163,63 +226,23 @@ def main(argv=None) -> int:
     hf = assets.smollm2_hf_dir()
     print(f"[demo] 1. model: SmolLM2-135M at {hf}", flush=True)
 
-    # 2. conversion
-    ckpt = stages.run(2, "convert", _key(str(hf), "tp1", "fp32"), lambda w: _run(
-        ["-m", "maskllm_megatron.convert.cli", "hf-to-mcore", "--hf", str(hf), "--out", str(w / "ckpt"), "--tp", "1",
-         "--dtype", "fp32"], w / "convert.log")) / "ckpt"
-
-    # 3. data: training articles -> indexed dataset; held-out articles are only ever evaluated
-    def preprocess(w: Path):
-        train, heldout = wikipedia_split()
-        with open(w / "train.jsonl", "w") as f:
-            for title, text in train:
-                f.write(json.dumps({"text": text}) + "\n")
-        _run(["-m", "maskllm_megatron.data.preprocess", "--input", str(w / "train.jsonl"), "--tokenizer",
-              str(ckpt / "tokenizer"), "--output-prefix", str(w / "wiki_train"), "--workers", "2"], w / "preprocess.log")
-        (w / "heldout_titles.json").write_text(json.dumps([t for t, _ in heldout]))
-
-    data = stages.run(3, "data", _key("wiki", 1), preprocess)
-    prefix = data / "wiki_train"
-
-    # 4. one-shot priors (prior-only runs: the masks are saved as iteration 0)
-    prior_runs = {}
-    for method in PRIORS:
-        def prior(w: Path, method=method):
-            cfg = _train_config(ckpt, prefix, w, prior={"method": method, "calib_samples": 32})
-            _run(["-m", "maskllm_megatron.train", "--config", str(_write_yaml(cfg, w / "prior.yaml"))],
-                 w / "prior.log", nproc=1)
-
-        prior_runs[method] = stages.run(4, f"prior-{method}", _key(str(ckpt), str(prefix), method, 32), prior)
-
-    # 5. MaskLLM from the SparseGPT prior
+    ckpt = convert_stage(stages, hf)
+    train_articles, heldout = wikipedia_split()
+    prefix = data_stage(stages, "wiki_train", [text for _, text in train_articles], ckpt / "tokenizer")
+    prior_ckpts = {method: prior_stage(stages, ckpt, prefix, method) for method in PRIORS}
     iters = max(10, int(args.minutes * 60 * args.tokens_per_second / (4 * SEQ)))
-    prior_ckpt = prior_runs["sparsegpt"] / "checkpoints" / "iter_0000000"
-
-    def learn(w: Path):
-        cfg = _train_config(ckpt, prefix, w, prior={"method": "checkpoint", "checkpoint": str(prior_ckpt)},
-                            run={"train_iters": iters, "log_interval": 5, "eval_interval": max(5, iters // 4),
-                                 "eval_iters": 2, "save_interval": max(5, iters // 4), "out_dir": str(w)})
-        _run(["-m", "maskllm_megatron.train", "--config", str(_write_yaml(cfg, w / "maskllm.yaml"))],
-             w / "train.log", nproc=2)
-
-    run = stages.run(5, "maskllm", _key(str(prior_ckpt), iters, "lr5e-5"), learn)
-    final = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
-
-    # 6. export the learned 2:4 model to Hugging Face (verified by the exporter)
-    exported = stages.run(6, "export", _key(str(final)), lambda w: _run(
-        ["-m", "maskllm_megatron.export.cli", "--ckpt", str(final), "--out", str(w / "hf"), "--format", "hf"],
-        w / "export.log")) / "hf"
+    run = learn_stage(stages, ckpt, prefix, prior_ckpts["sparsegpt"], iters)
+    exported = export_stage(stages, final_checkpoint(run))
 
     # 7. held-out perplexity
     def evaluate(w: Path):
         rows = [("dense", _ppl(["--hf", str(hf)], w / "dense.log"))]
         for method in PRIORS:
-            rows.append((method, _ppl(["--ckpt", str(prior_runs[method] / "checkpoints" / "iter_0000000"),
-                                       "--use-prior"], w / f"{method}.log")))
+            rows.append((method, _ppl(["--ckpt", str(prior_ckpts[method]), "--use-prior"], w / f"{method}.log")))
         rows.append(("MaskLLM", _ppl(["--hf", str(exported)], w / "maskllm.log")))
         (w / "table.json").write_text(json.dumps(rows))
 
-    results = stages.run(7, "evaluate", _key(str(exported), [str(r) for r in prior_runs.values()], SEQ), evaluate)
+    results = stages.run(7, "evaluate", _key(str(exported), [str(r) for r in prior_ckpts.values()], SEQ), evaluate)
     rows = json.loads((results / "table.json").read_text())
     tokens = iters * 4 * SEQ
     lines = ["| model | held-out PPL |", "|---|---|"] + [f"| {n} | {v:.2f} |" for n, v in rows]

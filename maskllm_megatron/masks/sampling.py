@@ -82,12 +82,16 @@ def _sample_forward(weight, logits, rh, ch, patterns, coef, inv_tau, hard: bool)
     else:
         sel = probs
     mask = (sel.view(-1, c) @ patterns).view(rows, -1)
-    return weight * mask.to(weight.dtype), probs, mask
+    # the soft mask is recomputed from the probabilities in backward: only the hard one is kept
+    return weight * mask.to(weight.dtype), probs, (mask if hard else None)
 
 
 def _sample_backward(grad_out, weight, probs, mask, patterns, coef, reg2, need_weight_grad: bool):
-    """Gradients of ``W * mask`` w.r.t. the logits (and W), with the regulariser term folded in."""
+    """Gradients of ``W * mask`` w.r.t. the logits (and W), with the regulariser term folded in.
+    ``mask`` is the forward's hard mask, or None for the soft mask (recomputed here from ``probs``)."""
     rows, groups, c = probs.shape
+    if mask is None:
+        mask = (probs.view(-1, c) @ patterns).view(rows, -1)
     w = weight.float()
     grad_mask = grad_out.float() * w - reg2 * (w * w * mask)
     grad_probs = (grad_mask.view(rows * groups, -1) @ patterns.t()).view(rows, groups, c)
@@ -117,15 +121,13 @@ class _MaskedWeight(torch.autograd.Function):
     def forward(ctx, weight, logits, rh, ch, patterns, coef, inv_tau, reg2, hard, fused):
         forward_kernel, _ = _kernels(fused)
         out, probs, mask = forward_kernel(weight, logits, rh, ch, patterns, coef, inv_tau, hard)
-        ctx.save_for_backward(weight, probs, mask if hard else None, patterns, coef, reg2)
+        ctx.save_for_backward(weight, probs, mask, patterns, coef, reg2)
         ctx.fused = fused
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, probs, mask, patterns, coef, reg2 = ctx.saved_tensors
-        if mask is None:
-            mask = (probs.view(-1, probs.shape[-1]) @ patterns).view(probs.shape[0], -1)
         _, backward_kernel = _kernels(ctx.fused)
         grad_logits, grad_weight = backward_kernel(grad_out, weight, probs, mask, patterns, coef, reg2,
                                                    ctx.needs_input_grad[0])

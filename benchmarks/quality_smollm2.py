@@ -1,0 +1,108 @@
+"""Quality benchmark: the demo's pipeline on SmolLM2-135M with a longer budget (not in CI).
+
+    python benchmarks/quality_smollm2.py [--minutes 150] [--transfer-minutes 15] [--out benchmarks/quality_out]
+
+Reports held-out perplexity (whole Wikipedia articles never trained on, and held-out Shakespeare plays:
+out of domain) of dense, magnitude, Wanda, SparseGPT (mask only and with OBS weight update) and MaskLLM;
+the tokens and wall time used; the share of SparseGPT's gap to dense that MaskLLM closes,
+gap_closed = (PPL_sparsegpt - PPL_maskllm) / (PPL_sparsegpt - PPL_dense); a curve of held-out
+perplexity against tokens seen (from the run's evenly spaced checkpoints); and mask transfer: a mask
+learned on Wikipedia refined on Shakespeare for a short budget, against learning on Shakespeare from the
+one-shot SparseGPT prior with the same budget, both scored on held-out Shakespeare.
+Stages are cached like the demo's (a re-run reuses them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from maskllm_megatron import assets
+from maskllm_megatron.demo import (SEQ, Stages, _ppl, convert_stage, data_stage, final_checkpoint, learn_stage,
+                                   prior_stage)
+from maskllm_megatron.eval.perplexity import wikipedia_split
+
+SHAKESPEARE_HELDOUT = 0.15
+
+
+def shakespeare_split():
+    """(training plays, held-out plays): the last 15% of the plays (by count) are never trained on."""
+    plays = [text for _, text in assets.shakespeare_texts()]
+    cut = len(plays) - max(1, round(len(plays) * SHAKESPEARE_HELDOUT))
+    return plays[:cut], plays[cut:]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=150.0, help="Wikipedia mask-learning budget")
+    p.add_argument("--transfer-minutes", type=float, default=15.0, help="budget of each Shakespeare run")
+    p.add_argument("--tokens-per-second", type=float, default=300.0, help="to turn budgets into iterations")
+    p.add_argument("--checkpoints", type=int, default=6, help="points on the PPL-vs-tokens curve")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/quality_out"))
+    args = p.parse_args(argv)
+    t0 = time.time()
+    stages = Stages(assets.cache_dir() / "demo")
+    out = args.out.absolute()
+    out.mkdir(parents=True, exist_ok=True)
+
+    hf = assets.smollm2_hf_dir()
+    ckpt = convert_stage(stages, hf)
+    wiki_train, _ = wikipedia_split()
+    wiki = data_stage(stages, "wiki_train", [t for _, t in wiki_train], ckpt / "tokenizer")
+    plays_train, plays_heldout = shakespeare_split()
+    shakes = data_stage(stages, "shakespeare_train", plays_train, ckpt / "tokenizer")
+    heldout_plays = out / "shakespeare_heldout.txt"
+    heldout_plays.write_text("\n\n".join(plays_heldout))
+    texts = {"wikipedia": ("--corpus", "wikipedia-heldout"), "shakespeare": ("--text-file", str(heldout_plays))}
+
+    priors = {m: prior_stage(stages, ckpt, wiki, m) for m in ("magnitude", "wanda", "sparsegpt")}
+    priors["sparsegpt+update"] = prior_stage(stages, ckpt, wiki, "sparsegpt", update_weights=True)
+    tokens_per_iter = 4 * SEQ
+    iters = max(10, int(args.minutes * 60 * args.tokens_per_second / tokens_per_iter))
+    t_learn = time.time()
+    run = learn_stage(stages, ckpt, wiki, priors["sparsegpt"], iters, checkpoints=args.checkpoints)
+    learn_wall = time.time() - t_learn
+
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    table = {}
+    for name, text in texts.items():
+        row = {"dense": _ppl(["--hf", str(hf)], logs / f"dense_{name}.log", text)}
+        for method, prior in priors.items():
+            row[method] = _ppl(["--ckpt", str(prior), "--use-prior"], logs / f"{method}_{name}.log", text)
+        row["maskllm"] = _ppl(["--ckpt", str(final_checkpoint(run))], logs / f"maskllm_{name}.log", text)
+        row["gap_closed"] = (row["sparsegpt"] - row["maskllm"]) / (row["sparsegpt"] - row["dense"])
+        table[name] = row
+
+    curve = []
+    for c in sorted((run / "checkpoints").glob("iter_*")):
+        it = int(c.name.split("_")[1])
+        curve.append({"iteration": it, "tokens": it * tokens_per_iter,
+                      "ppl": _ppl(["--ckpt", str(c)], logs / f"curve_{it}.log", texts["wikipedia"])})
+
+    # Mask transfer to Shakespeare: refine the Wikipedia-learned mask vs learn from the one-shot prior.
+    t_iters = max(10, int(args.transfer_minutes * 60 * args.tokens_per_second / tokens_per_iter))
+    refined = learn_stage(stages, ckpt, shakes, final_checkpoint(run), t_iters, name="transfer-refine", checkpoints=1)
+    scratch = learn_stage(stages, ckpt, shakes, priors["sparsegpt"], t_iters, name="transfer-scratch", checkpoints=1)
+    transfer = {
+        "iterations": t_iters, "tokens": t_iters * tokens_per_iter,
+        "wikipedia_mask_no_refinement": table["shakespeare"]["maskllm"],
+        "refined_from_wikipedia_mask": _ppl(["--ckpt", str(final_checkpoint(refined))], logs / "refine.log",
+                                            texts["shakespeare"]),
+        "from_sparsegpt_prior": _ppl(["--ckpt", str(final_checkpoint(scratch))], logs / "scratch.log",
+                                     texts["shakespeare"]),
+    }
+    result = {"iterations": iters, "tokens": iters * tokens_per_iter, "learn_wall_s": learn_wall,
+              "total_wall_s": time.time() - t0, "table": table, "curve": curve, "transfer": transfer}
+    tmp = out / "quality.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, out / "quality.json")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
