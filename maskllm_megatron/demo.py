@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from . import assets
+from .convert.checkpoint import free_port
 
 SEQ = 512
 PRIORS = ("magnitude", "wanda", "sparsegpt")
@@ -68,7 +69,7 @@ def _run(cmd: list, log: Path, nproc: int = 0) -> str:
     """Run a command (under torchrun with ``nproc`` processes if set), teeing output to ``log``."""
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(_free_port())] + cmd
+               "--master-port", str(free_port())] + cmd
     else:
         cmd = [sys.executable] + cmd
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // max(1, nproc))))
@@ -85,14 +86,6 @@ def _run(cmd: list, log: Path, nproc: int = 0) -> str:
         tail = "".join(l for l in lines[-15:] if "Warning" not in l and "warnings.warn" not in l)
         raise RuntimeError(f"{' '.join(map(str, cmd[:6]))} ... exited {proc.returncode} (log: {log}):\n{tail}")
     return "".join(lines)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train_config(ckpt: Path, data_prefix: Path, out: Path, **sections) -> dict:

@@ -2,15 +2,10 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from maskllm_megatron.convert.checkpoint import free_port
 
 
 def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 600, env: dict | None = None) -> str:

@@ -321,8 +321,8 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
         record = {"iteration": 0, **{k: v for k, v in prior_report.items() if v is not None}}
         if cfg.run.eval_interval:
             record.update(evaluate(cfg, ddp, data))  # where the prior starts (hard mask)
-        logger.log(record, console=f"iter      0 | prior {prior_report.get('prior_method', 'none')} | "
-                                   f"hard-mask valid loss {record.get('valid/loss', float('nan')):.4f}")
+        valid = f" | hard-mask valid loss {record['valid/loss']:.4f}" if "valid/loss" in record else ""
+        logger.log(record, console=f"iter      0 | prior {prior_report.get('prior_method', 'none')}{valid}")
     if cfg.run.train_iters == 0 and resume is None:  # a prior-only run: keep the one-shot masks
         path = save(cfg, state, ddp.module, None, scheduler, is_rank0)  # no optimizer state exists yet
         if is_rank0:
