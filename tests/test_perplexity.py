@@ -12,7 +12,7 @@ import torch
 from maskllm_megatron.eval.perplexity import (
     IGNORE, EvalError, EvalRequest, WindowConfig, cut_windows, evaluate, perplexity_from_nll, read_text, token_nll,
     wikipedia_split)
-from tests.test_export import smollm2_export, tiny_run  # noqa: F401  (session fixtures, built once)
+from tests.test_export import smollm2_export, tiny_run  # noqa: F401,F811  (session fixtures, built once)
 
 # A bigram "model" over 4 tokens: P[a][b] = p(next = b | current = a).
 P = torch.tensor([[0.1, 0.6, 0.2, 0.1],

@@ -29,7 +29,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -280,7 +280,7 @@ class ExportResult:
     def summary(self) -> str:
         lines = [f"wrote {self.format} export {self.out} ({', '.join(self.files[:4])}"
                  + (" ..." if len(self.files) > 4 else "") + f") in {self.seconds:.1f}s",
-                 f"  {self.structure} {self.mask_source} masks on {self.targets} tensors, "
+                 f"  {self.structure} {self.mask_source} masks on {self.targets} masked layers, "
                  f"{self.masked_weights:,} weights, sparsity {100 * self.sparsity:.2f}% of the masked weights"
                  + (f", {100 * self.model_sparsity:.2f}% of all parameters" if self.model_sparsity is not None else ""),
                  f"  size {_mib(self.bytes)} vs dense {_mib(self.dense_bytes)} "

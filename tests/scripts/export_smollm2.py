@@ -11,8 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 WINDOW = dict(seq_len=128, bos=True)
 
 
