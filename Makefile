@@ -21,6 +21,9 @@ env: $(STAMP)
 test: env
 	$(PY) -m pytest -q tests
 
+test-fast: env
+	$(PY) -m pytest -q -m "not slow" tests
+
 demo: env
 	$(PY) -m maskllm_megatron.demo
 
