@@ -1,0 +1,204 @@
+"""Whole-model training-step time: mask learning (frozen weights, fused mask kernel on and off) over a
+dense training step (every weight trainable) of the same SmolLM2-135M model and batch, in one run.
+
+    python benchmarks/bench_model_step.py                                   # TP=1, DP=1
+    torchrun --nproc-per-node 2 benchmarks/bench_model_step.py              # TP=1, DP=2
+    options: --ckpt DIR (converted checkpoint; made from the cached SmolLM2 if missing)
+             --micro-batch 2 --seq 256 --repeats 5 --json OUT.json
+
+Each step is what the driver runs (``maskllm_megatron.train.trainer``): ``zero_grad_buffer``, megatron's
+forward/backward schedule (``run_batches``), the megatron optimizer's step (Adam, clipping, DDP
+gradient all-reduce) and the scheduler, built by the driver's ``build_model`` / ``build_optimizer``.
+The variants run interleaved (the order rotates every round) and the medians are compared.
+TP=2 is impossible for SmolLM2 (9 heads, 3 query groups): only TP=1 is measured, at DP=1 or DP=2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+VARIANTS = ("dense", "mask_fused", "mask_eager")
+
+
+def ensure_checkpoint(ckpt: Path) -> Path:
+    """``ckpt`` if it holds a converted checkpoint, else convert the cached SmolLM2 into it (rank 0)."""
+    if (ckpt / "model_config.json").is_file():
+        return ckpt
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit(f"{ckpt} has no converted checkpoint: run once without torchrun to create it")
+    from maskllm_megatron.assets import smollm2_hf_dir
+    from maskllm_megatron.convert.hf_to_mcore import hf_to_mcore
+
+    return hf_to_mcore(smollm2_hf_dir(), ckpt, show_progress=False)
+
+
+def run_config(ckpt: Path, micro_batch: int, seq: int, dp: int):
+    """A driver config for this benchmark (data.train is required by validation but never read)."""
+    from maskllm_megatron.train.config import TrainConfig
+
+    return TrainConfig.from_dict({
+        "model": {"checkpoint": str(ckpt), "dtype": "fp32"},
+        "parallel": {"tp": 1, "distributed_optimizer": False},
+        "data": {"train": ["unused"], "seq_length": seq, "micro_batch_size": micro_batch,
+                 "global_batch_size": micro_batch * dp},
+        "optim": {"lr": 5e-4, "min_lr": 5e-5},
+        "prior": {"method": "magnitude"},
+        "run": {"train_iters": 2000, "seed": 1234},
+    })
+
+
+def text_batch(ckpt: Path, micro_batch: int, seq: int, dp_rank: int) -> dict:
+    """One micro-batch of real Wikipedia text (different rows on every DP rank), in the driver's format."""
+    from maskllm_megatron.assets import wikipedia_articles
+    from maskllm_megatron.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(ckpt / "tokenizer")
+    text = "\n\n".join(t for _, t in wikipedia_articles()[:8])
+    need = (dp_rank + 1) * micro_batch * (seq + 1)
+    ids = torch.tensor(tok.encode(text)[:need], dtype=torch.long)
+    if ids.numel() < need:
+        raise SystemExit(f"not enough text for {micro_batch} x {seq} tokens per rank")
+    rows = ids[dp_rank * micro_batch * (seq + 1):].view(micro_batch, seq + 1)
+    return {"tokens": rows[:, :-1].contiguous(), "labels": rows[:, 1:].contiguous(),
+            "loss_mask": torch.ones(micro_batch, seq), "position_ids": torch.arange(seq).expand(micro_batch, seq),
+            "attention_mask": torch.ones(seq, seq, dtype=torch.bool).triu_(1).expand(micro_batch, 1, seq, seq)}
+
+
+def dense_model(cfg, info):
+    """The same GPTModel, not sparsified, every parameter trainable, weights from the checkpoint."""
+    from maskllm_megatron.megatron.checkpointing import load_checkpoint
+    from maskllm_megatron.megatron.model_builder import build_gpt_model
+
+    tcfg = info.model.to_transformer_config(1, 1, "fp32", perform_initialization=False)
+    model = build_gpt_model(info.model, tcfg)
+    load_checkpoint(model, cfg.model.checkpoint)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def make_step(cfg, ddp, optimizer, scheduler, batch, dp_rank: int, masked: bool):
+    """A closure running one full training iteration, as the driver's loop does."""
+    from maskllm_megatron.train.trainer import mask_config, run_batches
+
+    mcfg = mask_config(cfg)
+    state = {"it": 100}
+
+    def step() -> float:
+        """Runs one iteration; returns the seconds spent in the optimizer step."""
+        it = state["it"]
+        state["it"] += 1
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        of_mb = (lambda mb: mcfg.step_state(it, mb, dp_rank, 1.0)) if masked else None
+        run_batches(cfg, ddp, [batch], 1, forward_only=False, step_of_microbatch=of_mb)
+        t0 = time.perf_counter()
+        optimizer.step()
+        scheduler.step(increment=1)
+        return time.perf_counter() - t0
+
+    return step
+
+
+def timed(step) -> tuple[float, float]:
+    """Seconds of one step and of its optimizer part, on the slowest rank."""
+    torch.distributed.barrier()
+    t0 = time.perf_counter()
+    t_opt = step()
+    t = torch.tensor([time.perf_counter() - t0, t_opt], dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t[0]), float(t[1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", type=Path, default=Path(tempfile.gettempdir()) / "maskllm_bench" / "smollm2-tp1")
+    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds (the fused kernel compiles here)")
+    p.add_argument("--skip-eager", action="store_true", help="time dense and fused only (long sequences)")
+    p.add_argument("--json", help="also write the results to this file (rank 0)")
+    args = p.parse_args(argv)
+    variants = VARIANTS[:2] if args.skip_eager else VARIANTS
+
+    ckpt = ensure_checkpoint(args.ckpt.absolute())
+    if "RANK" not in os.environ:  # a plain launch: a one-process world
+        from maskllm_megatron.convert.checkpoint import free_port
+
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    from maskllm_megatron.megatron.sparsify import masked_layers, set_fused_mask_kernel
+    from maskllm_megatron.train.trainer import apply_prior, build_model, build_optimizer, setup_parallel
+
+    world = int(os.environ["WORLD_SIZE"])
+    cfg = run_config(ckpt, args.micro_batch, args.seq, world)
+    env = setup_parallel(cfg)
+    rank0 = env["rank"] == 0
+    batch = text_batch(ckpt, args.micro_batch, args.seq, env["dp_rank"])
+
+    model, info = build_model(cfg)  # sparsified, frozen weights, dense weights loaded
+    apply_prior(cfg, model, None)  # magnitude prior: realistic logits (no calibration data needed)
+    n_masked = sum(layer.weight.numel() for layer in masked_layers(model))
+    m_ddp, m_opt, m_sched = build_optimizer(cfg, model)
+    d_model = dense_model(cfg, info)
+    d_ddp, d_opt, d_sched = build_optimizer(cfg, d_model)
+    m_ddp.train()
+    d_ddp.train()
+    mask_step = make_step(cfg, m_ddp, m_opt, m_sched, batch, env["dp_rank"], masked=True)
+    steps = {"dense": make_step(cfg, d_ddp, d_opt, d_sched, batch, env["dp_rank"], masked=False),
+             "mask_fused": mask_step, "mask_eager": mask_step}
+
+    def run(name: str) -> tuple[float, float]:
+        set_fused_mask_kernel(model, name == "mask_fused")
+        return timed(steps[name])
+
+    times = {v: [] for v in variants}
+    opt_times = {v: [] for v in variants}
+    for r in range(args.warmup + args.repeats):
+        k = r % len(variants)
+        order = variants[k:] + variants[:k]  # rotate: no variant always runs first
+        for name in order:
+            t, t_opt = run(name)
+            if r >= args.warmup:
+                times[name].append(t)
+                opt_times[name].append(t_opt)
+        if rank0:
+            print(f"round {r + 1}/{args.warmup + args.repeats}" + (" (warm-up)" if r < args.warmup else "")
+                  + "".join(f"  {n} {times[n][-1] * 1e3:.0f} ms" for n in variants if r >= args.warmup), flush=True)
+
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    per_round = {v: statistics.median(a / b for a, b in zip(times[v], times["dense"])) for v in variants[1:]}
+    results = {
+        "model": "SmolLM2-135M", "tp": 1, "dp": env["dp_size"], "micro_batch": args.micro_batch, "seq": args.seq,
+        "tokens_per_step": args.micro_batch * args.seq * env["dp_size"], "threads_per_rank": torch.get_num_threads(),
+        "masked_weights": n_masked, "repeats": args.repeats, "median_s": med, "all_s": times,
+        "optimizer_step_median_s": {v: statistics.median(ts) for v, ts in opt_times.items()},
+        "fused_over_dense": med["mask_fused"] / med["dense"],
+        "eager_over_dense": med["mask_eager"] / med["dense"] if "mask_eager" in med else None,
+        "median_round_ratio": per_round}
+    if rank0:
+        print(f"SmolLM2-135M step, TP=1 DP={env['dp_size']}, {args.micro_batch} x {args.seq} tokens per rank, "
+              f"{torch.get_num_threads()} threads per rank, median of {args.repeats}")
+        for v in variants:
+            print(f"  {v:11s} {med[v] * 1e3:8.0f} ms   / dense = {med[v] / med['dense']:.3f}   (optimizer step "
+                  f"{results['optimizer_step_median_s'][v] * 1e3:.0f} ms)")
+        print(f"  target: mask_fused / dense <= 1.2 -> {'met' if results['fused_over_dense'] <= 1.2 else 'NOT met'}")
+        if args.json:
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(results, f, indent=2)
+            os.replace(tmp, args.json)
+    torch.distributed.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""GPU smoke benchmark (one process, one GPU, bf16): three timings, printed as one JSON object.
+
+    python benchmarks/gpu_smoke.py [--json OUT.json]        # on a CUDA machine (see gpu_smoke.sh)
+    python benchmarks/gpu_smoke.py --small                   # CPU dry run of the same code paths
+
+1. layer: forward+backward of one masked ColumnParallelLinear (frozen bf16 weight, soft Gumbel
+   2:4 mask, fused Triton kernel and eager) against a dense trainable one, LLaMA-7B shapes.
+2. model_step: a SmolLM2-135M-shaped model (random bf16 weights: no model hub on the GPU machine, and
+   timing does not depend on the values), the driver's mask-learning step (fused/eager) against a
+   dense training step at a larger batch, variants interleaved, medians.
+3. sparse_24: the exported 2:4 weights (``W * hard_mask(logits)``, as export writes them) through
+   ``torch.sparse.to_sparse_semi_structured`` against the dense matmul (CUDA only).
+Each part reports its own error instead of stopping the others.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+SMOLLM2 = dict(family="llama", num_layers=30, hidden_size=576, ffn_hidden_size=1536, num_attention_heads=9,
+               num_query_groups=3, kv_channels=64, vocab_size=49152, padded_vocab_size=49152,
+               max_position_embeddings=8192, position_embedding="rope", rotary_base=100000.0,
+               normalization="RMSNorm", norm_epsilon=1e-5, activation="swiglu", tie_word_embeddings=True)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def driver_config(micro_batch: int, seq: int):
+    """A driver config (model.checkpoint / data.train are required by validation, never read here)."""
+    from maskllm_megatron.train.config import TrainConfig
+
+    return TrainConfig.from_dict({
+        "model": {"checkpoint": "unused", "dtype": "bf16"}, "parallel": {"distributed_optimizer": True},
+        "data": {"train": ["unused"], "seq_length": seq, "micro_batch_size": micro_batch,
+                 "global_batch_size": micro_batch},
+        "optim": {"lr": 5e-4, "min_lr": 5e-5}, "prior": {"method": "magnitude"}})
+
+
+def bench_layer(device: str, shapes, tokens: int, repeats: int) -> list[dict]:
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer import TransformerConfig
+
+    from maskllm_megatron.masks import MaskConfig
+    from maskllm_megatron.megatron.layers import MaskedColumnParallelLinear
+
+    out = []
+    for rows, cols in shapes:
+        cfg = TransformerConfig(num_layers=1, hidden_size=cols, num_attention_heads=8, params_dtype=torch.bfloat16,
+                                bf16=True, use_cpu_initialization=device == "cpu")
+        kw = dict(config=cfg, init_method=torch.nn.init.normal_, bias=False)
+        dense = ColumnParallelLinear(cols, rows, **kw).to(device)
+        masked = MaskedColumnParallelLinear(cols, rows, mask_config=MaskConfig(), mask_layer_id="smoke", **kw).to(device)
+        masked.set_mask_step(MaskConfig().step_state(10))
+        x = torch.randn(tokens, 1, cols, device=device, dtype=torch.bfloat16)
+
+        def step(layer):
+            def run():
+                layer.zero_grad(set_to_none=True)
+                y, _ = layer(x.detach().requires_grad_(True))
+                y.float().sum().backward()
+            return run
+
+        t_dense = timed(step(dense), device, repeats)
+        masked.fused_mask_kernel = True
+        t_fused = timed(step(masked), device, repeats)
+        masked.fused_mask_kernel = False
+        t_eager = timed(step(masked), device, repeats)
+        out.append({"rows": rows, "cols": cols, "tokens": tokens, "dense_ms": t_dense * 1e3, "fused_ms": t_fused * 1e3,
+                    "eager_ms": t_eager * 1e3, "fused_over_dense": t_fused / t_dense, "eager_over_dense": t_eager / t_dense})
+    return out
+
+
+def bench_model_step(device: str, layers: int, micro_batch: int, seq: int, repeats: int) -> dict:
+    from maskllm_megatron.megatron.model_builder import ModelConfig, build_gpt_model
+    from maskllm_megatron.megatron.sparsify import set_fused_mask_kernel, sparsify
+    from maskllm_megatron.train.trainer import (apply_prior, build_optimizer, mask_config, run_batches,
+                                                sparsify_config)
+
+    cfg = driver_config(micro_batch, seq)
+    mc = ModelConfig(**dict(SMOLLM2, num_layers=layers))
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, mc.vocab_size, (micro_batch, seq + 1), generator=gen)
+    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(micro_batch, seq),
+             "position_ids": torch.arange(seq).expand(micro_batch, seq),
+             "attention_mask": torch.ones(seq, seq, dtype=torch.bool).triu_(1).expand(micro_batch, 1, seq, seq)}
+    batch = {k: v.to(device) for k, v in batch.items()}
+
+    def build(masked: bool):
+        model = build_gpt_model(mc, mc.to_transformer_config(1, 1, "bf16")).to(device)
+        if masked:
+            sparsify(model, sparsify_config(cfg))
+            apply_prior(cfg, model, None)
+        return (model, *build_optimizer(cfg, model))
+
+    variants = {"dense": build(False), "mask": build(True)}
+    mcfg = mask_config(cfg)
+
+    def step(name: str):
+        model, ddp, opt, sched = variants["mask" if name.startswith("mask") else "dense"]
+        if name != "dense":
+            set_fused_mask_kernel(model, name == "mask_fused")
+
+        def run():
+            ddp.zero_grad_buffer()
+            opt.zero_grad()
+            of_mb = (lambda mb: mcfg.step_state(100, mb, 0, 1.0)) if name != "dense" else None
+            run_batches(cfg, ddp, [batch], 1, forward_only=False, step_of_microbatch=of_mb)
+            opt.step()
+            sched.step(increment=1)
+        return run
+
+    names = ("dense", "mask_fused", "mask_eager")
+    runs = {n: step(n) for n in names}
+    for n in names:  # warm-up (Triton compilation)
+        runs[n]()
+        runs[n]()
+    times = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names[r % 3:] + names[:r % 3]:
+            times[n].append(timed(runs[n], device, 1, warmup=0))
+    med = {n: statistics.median(t) for n, t in times.items()}
+    return {"layers": layers, "micro_batch": micro_batch, "seq": seq, "median_ms": {n: v * 1e3 for n, v in med.items()},
+            "fused_over_dense": med["mask_fused"] / med["dense"], "eager_over_dense": med["mask_eager"] / med["dense"],
+            "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None}
+
+
+def bench_sparse_24(shapes, tokens: int, repeats: int) -> list[dict]:
+    from megatron.core.transformer import TransformerConfig
+    from torch.sparse import to_sparse_semi_structured
+
+    from maskllm_megatron.masks import MaskConfig, is_valid_nm
+    from maskllm_megatron.megatron.layers import MaskedColumnParallelLinear
+
+    out = []
+    for rows, cols in shapes:
+        cfg = TransformerConfig(num_layers=1, hidden_size=cols, num_attention_heads=8, params_dtype=torch.bfloat16,
+                                bf16=True)
+        layer = MaskedColumnParallelLinear(cols, rows, config=cfg, init_method=torch.nn.init.normal_, bias=False,
+                                           mask_config=MaskConfig(), mask_layer_id="smoke24").cuda()
+        mask = layer.hard_mask()
+        if not is_valid_nm(mask, MaskConfig().nm):
+            raise AssertionError("hard mask is not 2:4")
+        with torch.no_grad():
+            w = (layer.weight * mask).contiguous()  # the exported 2:4 weight
+        ws = to_sparse_semi_structured(w)
+        x = torch.randn(tokens, cols, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            err = (torch.nn.functional.linear(x, ws) - torch.nn.functional.linear(x, w)).abs().max().item()
+            t_dense = timed(lambda: torch.nn.functional.linear(x, w), "cuda", repeats, warmup=3)
+            t_sparse = timed(lambda: torch.nn.functional.linear(x, ws), "cuda", repeats, warmup=3)
+        out.append({"rows": rows, "cols": cols, "tokens": tokens, "dense_ms": t_dense * 1e3, "sparse_ms": t_sparse * 1e3,
+                    "speedup": t_dense / t_sparse, "max_abs_diff": err,
+                    "backend": "cutlass" if getattr(type(ws), "_FORCE_CUTLASS", False) else type(ws).__name__})
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", help="also write the JSON here")
+    p.add_argument("--small", action="store_true", help="tiny sizes (CPU dry run of the code paths)")
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.small:
+        raise SystemExit("no CUDA device: run on a GPU machine, or pass --small for a CPU dry run")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29561")
+    from maskllm_megatron.train.trainer import setup_parallel
+
+    setup_parallel(driver_config(1, 128))
+    if args.small:
+        layer_shapes, layer_tokens, model = [(256, 128)], 64, dict(layers=2, micro_batch=1, seq=64, repeats=2)
+        sparse_shapes, sparse_tokens, reps = [(256, 128)], 128, 2
+    else:
+        layer_shapes, layer_tokens, model = [(4096, 4096), (11008, 4096)], 8192, \
+            dict(layers=30, micro_batch=8, seq=2048, repeats=5)
+        sparse_shapes, sparse_tokens, reps = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576)], 8192, 20
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+               "dtype": "bf16"}
+    parts = {"layer": lambda: bench_layer(device, layer_shapes, layer_tokens, reps),
+             "model_step": lambda: bench_model_step(device, model["layers"], model["micro_batch"], model["seq"],
+                                                    model["repeats"]),
+             "sparse_24": (lambda: bench_sparse_24(sparse_shapes, sparse_tokens, reps)) if device == "cuda"
+             else (lambda: {"skipped": "semi-structured sparse kernels need CUDA"})}
+    for name, fn in parts.items():
+        t0 = time.time()
+        try:
+            results[name] = fn()
+        except Exception as e:  # report and go on with the other parts
+            results[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+        print(f"[gpu_smoke] {name} done in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(args.json + ".tmp", args.json)
+    torch.distributed.destroy_process_group()
+    return 1 if any(isinstance(v, dict) and "error" in v for v in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
