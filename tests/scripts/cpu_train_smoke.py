@@ -61,7 +61,12 @@ def main():
     loaded = dist_checkpointing.load(model.module.sharded_state_dict(prefix=""), obj[0])
     same = all(torch.equal(loaded[k], v) for k, v in model.module.state_dict().items()
                if k in loaded and isinstance(loaded[k], torch.Tensor))
-    print(json.dumps({"rank": torch.distributed.get_rank(), "losses": losses, "ckpt_same": same}))
+    results = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(results, {"rank": torch.distributed.get_rank(), "losses": losses,
+                                                  "ckpt_same": same})
+    if torch.distributed.get_rank() == 0:  # one writer: ranks printing at once interleave their lines
+        for r in results:
+            print(json.dumps(r), flush=True)
     torch.distributed.destroy_process_group()
 
 
