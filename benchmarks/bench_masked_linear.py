@@ -36,15 +36,19 @@ def init_single_rank():
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (and compilation)
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def timed(fns: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds of each callable; the variants run interleaved, the order rotating every round,
+    so that drifts of the machine's speed hit them all alike."""
+    names = list(fns)
+    times = {n: [] for n in names}
+    for r in range(warmup + repeats):  # the warm-up rounds also compile the fused kernels
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            fns[n]()
+            if r >= warmup:
+                times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(ts) for n, ts in times.items()}
 
 
 def main(argv=None):
@@ -97,16 +101,42 @@ def main(argv=None):
                                                  tp_group=dense.tp_group)
         out.sum().backward()
 
+    # The mask machinery alone (no matmuls): W -> masked W -> backward with a fixed upstream gradient.
+    upstream = torch.randn(args.rows, args.cols)
+
+    def mask_only(fused: bool):
+        def go():
+            masked.fused_mask_kernel = fused
+            masked.mask_logits.grad = None
+            masked.sampled_weight().backward(upstream)
+        return go
+
+    def reference_mask_only():
+        ref_logits.grad = None
+        groups = ref_logits.view(-1, 6)
+        soft = F.gumbel_softmax(groups * 100.0, tau=4.0, hard=False)
+        mask = torch.bmm(soft.unsqueeze(1), patterns.expand(groups.shape[0], 6, 4)).view(args.rows, args.cols)
+        (masked.weight * mask).backward(upstream)
+
     results = {"rows": args.rows, "cols": args.cols, "tokens": args.tokens, "threads": torch.get_num_threads()}
-    masked.fused_mask_kernel = True
-    t_masked = timed(step(masked), args.repeats)
-    masked.fused_mask_kernel = False
-    t_eager = timed(step(masked), args.repeats)
-    t_dense = timed(step(dense), args.repeats)
-    t_ref = timed(reference, args.repeats)
+
+    def with_kernel(fused: bool):
+        run = step(masked)
+
+        def go():
+            masked.fused_mask_kernel = fused
+            run()
+        return go
+
+    t = timed({"dense": step(dense), "masked": with_kernel(True), "eager": with_kernel(False),
+               "reference": reference}, args.repeats)
+    t_dense, t_masked, t_eager, t_ref = t["dense"], t["masked"], t["eager"], t["reference"]
+    m = timed({"ours": mask_only(True), "ours_eager": mask_only(False), "reference": reference_mask_only},
+              args.repeats)
     results.update(dense_s=t_dense, masked_s=t_masked, masked_eager_s=t_eager, reference_s=t_ref,
                    masked_over_dense=t_masked / t_dense, eager_over_dense=t_eager / t_dense,
-                   reference_over_masked=t_ref / t_masked)
+                   reference_over_masked=t_ref / t_masked, mask_only_s=m,
+                   mask_only_reference_over_ours=m["reference"] / m["ours"])
 
     # Persistent mask state per masked weight: fp32 logits + their gradient + Adam (exp_avg, exp_avg_sq).
     logits_bytes = masked.mask_logits.numel() * masked.mask_logits.element_size()
@@ -114,11 +144,14 @@ def main(argv=None):
     results.update(state_bytes_per_weight={"logits": per_weight, "grad": per_weight, "adam": 2 * per_weight,
                                            "total": 4 * per_weight, "reference_total": 24.0})
     print(f"layer {args.rows}x{args.cols}, {args.tokens} tokens, {results['threads']} threads "
-          f"(median of {args.repeats})")
+          f"(median of {args.repeats}, interleaved)")
     print(f"  dense trainable   {t_dense * 1e3:8.1f} ms")
     print(f"  masked (fused)    {t_masked * 1e3:8.1f} ms   masked / dense     = {t_masked / t_dense:.3f}  (target <= 1.15)")
     print(f"  masked (eager)    {t_eager * 1e3:8.1f} ms   eager / dense      = {t_eager / t_dense:.3f}")
     print(f"  reference style   {t_ref * 1e3:8.1f} ms   reference / masked = {t_ref / t_masked:.3f}  (target >= 1.4)")
+    print(f"  mask machinery alone (sample + W * mask, forward + backward, no matmul): ours {m['ours'] * 1e3:.1f} ms "
+          f"(eager {m['ours_eager'] * 1e3:.1f} ms), reference {m['reference'] * 1e3:.1f} ms: "
+          f"reference / ours = {m['reference'] / m['ours']:.2f}")
     print(f"  mask state: {4 * per_weight:.1f} bytes per masked weight (logits {per_weight:.1f} + grad {per_weight:.1f}"
           f" + Adam {2 * per_weight:.1f}); reference 24.0")
     if args.json:

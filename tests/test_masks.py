@@ -102,6 +102,25 @@ def test_rng_distributions_and_layout_independence():
     assert not torch.equal(gumbel_grid(6, rows, cols), g)
 
 
+def test_rng_hash_is_murmur3_fmix32_bit_for_bit():
+    """The int32 hash equals murmur3's fmix32 written with plain Python integers (hand reference)."""
+    def fmix32(x):
+        x ^= x >> 16
+        x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+        x ^= x >> 13
+        x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    key, rows, cols = 0xDEADBEEF, [0, 1, 7, 2**20 + 3], [0, 5, 2**31 + 11]
+    u = uniform_grid(key, torch.tensor(rows), torch.tensor(cols))
+    for i, r in enumerate(rows):
+        rh = fmix32((r * 0x9E3779B1 + key) & 0xFFFFFFFF)
+        for j, c in enumerate(cols):
+            ch = fmix32((c * 0x7FEB352D + (key ^ 0x5BD1E995)) & 0xFFFFFFFF)
+            expected = ((fmix32(rh ^ ch) >> 9) + 0.5) / 2**23
+            assert float(u[i, j]) == expected, (r, c)
+
+
 def test_init_logits_and_prior():
     spec = NMSpec(2, 4)
     logits = init_logits(9, torch.arange(50), torch.arange(40), spec, std=0.01)

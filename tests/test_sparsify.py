@@ -14,9 +14,12 @@ def result(out: str) -> dict:
 
 
 def test_sparsify_masks_the_right_modules_freezes_weights_and_matches_hand_masked_model(tmp_path):
+    """Also checks the SDPA core attention against megatron-core's own at TP=2."""
     r = result(torchrun(WORKER, "check", 2, tmp_path, nproc=2))
     for family in ("gpt", "llama", "nemotron"):
         assert r[family]["masked"] == 8 and r[family]["eval_diff"] <= 1e-5
+        # fused SDPA core attention == megatron-core's DotProductAttention (logits and all gradients, TP=2)
+        assert r[f"{family}_attention_diff"] <= 1e-5, r
     assert r["optimizer"]["params"] == r["optimizer"]["grad_buffer"]
 
 

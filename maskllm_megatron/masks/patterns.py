@@ -60,6 +60,16 @@ def candidate_patterns(spec: NMSpec, dtype=torch.float32, device=None) -> torch.
     return _patterns_cpu(spec.n, spec.m).to(dtype=dtype, device=device)
 
 
+def pattern_positions(spec: NMSpec) -> tuple[tuple[int, ...], ...]:
+    """For every candidate pattern (``candidate_patterns`` order), the positions it keeps."""
+    return tuple(itertools.combinations(range(spec.m), spec.n))
+
+
+def position_patterns(spec: NMSpec) -> tuple[tuple[int, ...], ...]:
+    """For every position 0..M-1 of a group, the candidate patterns that keep it."""
+    return tuple(tuple(k for k, kept in enumerate(pattern_positions(spec)) if j in kept) for j in range(spec.m))
+
+
 def check_groupable(cols: int, spec: NMSpec, what: str = "weight") -> int:
     """Number of groups along the input dimension; a clear error when ``cols % M != 0``."""
     if cols % spec.m != 0:

@@ -3,10 +3,13 @@
 Shapes: a weight ``[rows, cols]`` has logits ``[rows, cols // M, C]`` (C = C(M, N) candidate patterns).
 
 ``masked_weight`` computes ``W * (softmax((logits * scale + gumbel) / tau) @ patterns)`` in one
-autograd function. It never materialises per-group ``[1, C] @ [C, M]`` batched products (the soft mask
-is a single ``[rows * groups, C] @ [C, M]`` product), keeps only the pattern probabilities for backward,
-and adds the gradient of the sparse-weight regulariser ``-lambda * sum((W * mask)^2)`` directly to the
-mask gradient, so that term reaches the logits and never the weight, and costs no extra graph.
+autograd function. It never materialises per-group ``[1, C] @ [C, M]`` products: the {0,1} pattern
+matrix is applied as sums of pattern probabilities (position j of a group keeps the probability mass of
+the patterns that keep j; see ``mix_patterns``), which a compiled kernel fuses with the noise, the
+softmax and the multiply into one pass over the logits. Only the pattern probabilities are kept for
+backward, and the gradient of the sparse-weight regulariser ``-lambda * sum((W * mask)^2)`` is added
+directly to the mask gradient, so that term reaches the logits and never the weight, and costs no
+extra graph.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from typing import Optional
 
 import torch
 
-from .patterns import NMSpec, candidate_patterns, check_groupable, patterns_to_mask
+from .patterns import (NMSpec, candidate_patterns, check_groupable, pattern_positions, patterns_to_mask,
+                       position_patterns)
 from .rng import col_hash, gumbel_from_hashes, gumbel_grid, normal_grid, row_hash, stream_key
 
 
@@ -68,7 +72,25 @@ def hard_mask(logits: torch.Tensor, spec: NMSpec, dtype=torch.float32) -> torch.
     return patterns_to_mask(logits.argmax(dim=-1), spec, dtype=dtype)
 
 
-def _sample_forward(weight, logits, rh, ch, patterns, coef, inv_tau, hard: bool):
+def mix_patterns(probs: torch.Tensor, spec: NMSpec) -> torch.Tensor:
+    """``probs [..., C] @ patterns [C, M]`` as per-position sums: ``[..., M]``."""
+    return torch.stack([_sum(probs[..., k] for k in ks) for ks in position_patterns(spec)], dim=-1)
+
+
+def unmix_patterns(grad_mask: torch.Tensor, spec: NMSpec) -> torch.Tensor:
+    """The transpose, ``grad_mask [..., M] @ patterns.T``: per-pattern sums, ``[..., C]``."""
+    return torch.stack([_sum(grad_mask[..., j] for j in js) for js in pattern_positions(spec)], dim=-1)
+
+
+def _sum(terms):
+    terms = iter(terms)
+    total = next(terms)
+    for t in terms:
+        total = total + t
+    return total
+
+
+def _sample_forward(weight, logits, rh, ch, coef, inv_tau, spec: NMSpec, hard: bool):
     """Noise + Gumbel-softmax + pattern mixture + multiply, in one pass (fusable by torch.compile).
 
     ``coef = scale / tau`` and ``inv_tau = 1 / tau`` are 0-d tensors so a compiled kernel is not
@@ -81,20 +103,20 @@ def _sample_forward(weight, logits, rh, ch, patterns, coef, inv_tau, hard: bool)
         sel = torch.zeros_like(probs).scatter_(-1, probs.argmax(-1, keepdim=True), 1.0)
     else:
         sel = probs
-    mask = (sel.view(-1, c) @ patterns).view(rows, -1)
+    mask = mix_patterns(sel, spec).view(rows, -1)
     # the soft mask is recomputed from the probabilities in backward: only the hard one is kept
     return weight * mask.to(weight.dtype), probs, (mask if hard else None)
 
 
-def _sample_backward(grad_out, weight, probs, mask, patterns, coef, reg2, need_weight_grad: bool):
+def _sample_backward(grad_out, weight, probs, mask, coef, reg2, spec: NMSpec, need_weight_grad: bool):
     """Gradients of ``W * mask`` w.r.t. the logits (and W), with the regulariser term folded in.
     ``mask`` is the forward's hard mask, or None for the soft mask (recomputed here from ``probs``)."""
     rows, groups, c = probs.shape
     if mask is None:
-        mask = (probs.view(-1, c) @ patterns).view(rows, -1)
+        mask = mix_patterns(probs, spec).view(rows, -1)
     w = weight.float()
     grad_mask = grad_out.float() * w - reg2 * (w * w * mask)
-    grad_probs = (grad_mask.view(rows * groups, -1) @ patterns.t()).view(rows, groups, c)
+    grad_probs = unmix_patterns(grad_mask.view(rows, groups, spec.m), spec)
     grad_logits = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True)) * coef
     grad_weight = grad_out * mask.to(grad_out.dtype) if need_weight_grad else None
     return grad_logits, grad_weight
@@ -118,18 +140,18 @@ class _MaskedWeight(torch.autograd.Function):
     """``W * mask(logits, noise)``; saves only the pattern probabilities (and the hard mask)."""
 
     @staticmethod
-    def forward(ctx, weight, logits, rh, ch, patterns, coef, inv_tau, reg2, hard, fused):
+    def forward(ctx, weight, logits, rh, ch, coef, inv_tau, reg2, spec, hard, fused):
         forward_kernel, _ = _kernels(fused)
-        out, probs, mask = forward_kernel(weight, logits, rh, ch, patterns, coef, inv_tau, hard)
-        ctx.save_for_backward(weight, probs, mask, patterns, coef, reg2)
-        ctx.fused = fused
+        out, probs, mask = forward_kernel(weight, logits, rh, ch, coef, inv_tau, spec, hard)
+        ctx.save_for_backward(weight, probs, mask, coef, reg2)
+        ctx.spec, ctx.fused = spec, fused
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, probs, mask, patterns, coef, reg2 = ctx.saved_tensors
+        weight, probs, mask, coef, reg2 = ctx.saved_tensors
         _, backward_kernel = _kernels(ctx.fused)
-        grad_logits, grad_weight = backward_kernel(grad_out, weight, probs, mask, patterns, coef, reg2,
+        grad_logits, grad_weight = backward_kernel(grad_out, weight, probs, mask, coef, reg2, ctx.spec,
                                                    ctx.needs_input_grad[0])
         if not ctx.needs_input_grad[1]:
             grad_logits = None
@@ -148,14 +170,13 @@ def masked_weight(weight: torch.Tensor, logits: torch.Tensor, key: int, row_ids:
     gradient goes to the logits only. ``fused=True`` runs torch.compile'd kernels (same numbers).
     """
     dev = logits.device
-    patterns = candidate_patterns(spec, device=dev)
     rh = row_hash(key, row_ids.to(dev))
     ch = col_hash(key, logit_columns(group_ids.to(dev), spec))
     f32 = dict(dtype=torch.float32, device=dev)
     coef = torch.tensor(scale / temperature, **f32)
     inv_tau = torch.tensor(1.0 / temperature, **f32)
     reg2 = torch.tensor(2.0 * regularizer, **f32)
-    return _MaskedWeight.apply(weight, logits, rh, ch, patterns, coef, inv_tau, reg2, bool(hard), bool(fused))
+    return _MaskedWeight.apply(weight, logits, rh, ch, coef, inv_tau, reg2, spec, bool(hard), bool(fused))
 
 
 def soft_mask(logits: torch.Tensor, noise: torch.Tensor, spec: NMSpec, temperature: float,

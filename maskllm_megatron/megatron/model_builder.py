@@ -239,13 +239,16 @@ class ModelConfig:
 
 def build_gpt_model(model_config: ModelConfig, transformer_config=None, *, tp: int | None = None,
                     pp: int | None = None, dtype: str | torch.dtype = "fp32", pre_process: bool | None = None,
-                    post_process: bool | None = None, parallel_output: bool = True, vp_stage: int | None = None):
+                    post_process: bool | None = None, parallel_output: bool = True, vp_stage: int | None = None,
+                    attention: str = "sdpa"):
     """megatron-core ``GPTModel`` (local spec) for ``model_config`` on this rank's pipeline stage.
 
     ``parallel_state`` must be initialised. ``tp``/``pp`` default to the initialised sizes;
     ``pre_process``/``post_process`` default to whether this rank is the first/last stage.
     Pass ``transformer_config`` to reuse one (e.g. with ``perform_initialization=False``).
     With ``parallel_output=False`` the logits are gathered over tensor-parallel ranks.
+    ``attention``: ``"sdpa"`` (fused ``scaled_dot_product_attention``, see ``attention.py``) or
+    ``"local"`` (megatron-core's unfused ``DotProductAttention``); same parameters and results.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -260,6 +263,12 @@ def build_gpt_model(model_config: ModelConfig, transformer_config=None, *, tp: i
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     spec = get_gpt_layer_local_spec(normalization=model_config.normalization)
+    if attention == "sdpa":
+        from .attention import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    elif attention != "local":
+        raise ValueError(f"attention must be 'sdpa' or 'local', got {attention!r}")
     scaling = model_config.rope_scaling
     model = GPTModel(
         config=transformer_config,
