@@ -131,7 +131,7 @@ def main(argv=None):
 
     ckpt = ensure_checkpoint(args.ckpt.absolute())
     if "RANK" not in os.environ:  # a plain launch: a one-process world
-        from maskllm_megatron.convert.checkpoint import free_port
+        from maskllm_megatron.launch import free_port
 
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))

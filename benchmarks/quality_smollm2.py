@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 import os
 import sys
 import time
 from pathlib import Path
 
 from maskllm_megatron import assets
-from maskllm_megatron.demo import (SEQ, Stages, _ppl, convert_stage, data_stage, final_checkpoint, learn_stage,
-                                   prior_stage)
+from maskllm_megatron.demo import (LearnRecipe, Stages, _ppl, convert_stage, data_stage, final_checkpoint,
+                                   learn_stage, prior_stage)
 from maskllm_megatron.eval.perplexity import wikipedia_split
 
 SHAKESPEARE_HELDOUT = 0.15
@@ -39,7 +40,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=150.0, help="Wikipedia mask-learning budget")
     p.add_argument("--transfer-minutes", type=float, default=15.0, help="budget of each Shakespeare run")
-    p.add_argument("--tokens-per-second", type=float, default=300.0, help="to turn budgets into iterations")
+    p.add_argument("--tokens-per-second", type=float, default=LearnRecipe.tokens_per_second,
+                   help="to turn budgets into iterations (default: the demo's, measured here)")
+    p.add_argument("--lr", type=float, default=LearnRecipe.lr, help="logits learning rate (default: the demo's)")
+    p.add_argument("--prior-strength", type=float, default=LearnRecipe.prior_strength)
     p.add_argument("--checkpoints", type=int, default=6, help="points on the PPL-vs-tokens curve")
     p.add_argument("--out", type=Path, default=Path("benchmarks/quality_out"))
     args = p.parse_args(argv)
@@ -60,10 +64,11 @@ def main(argv=None) -> int:
 
     priors = {m: prior_stage(stages, ckpt, wiki, m) for m in ("magnitude", "wanda", "sparsegpt")}
     priors["sparsegpt+update"] = prior_stage(stages, ckpt, wiki, "sparsegpt", update_weights=True)
-    tokens_per_iter = 4 * SEQ
-    iters = max(10, int(args.minutes * 60 * args.tokens_per_second / tokens_per_iter))
+    recipe = LearnRecipe(lr=args.lr, prior_strength=args.prior_strength, tokens_per_second=args.tokens_per_second)
+    tokens_per_iter = recipe.tokens_per_iteration
+    iters = recipe.iterations(args.minutes)
     t_learn = time.time()
-    run = learn_stage(stages, ckpt, wiki, priors["sparsegpt"], iters, checkpoints=args.checkpoints)
+    run = learn_stage(stages, ckpt, wiki, priors["sparsegpt"], iters, recipe, checkpoints=args.checkpoints)
     learn_wall = time.time() - t_learn
 
     logs = out / "logs"
@@ -84,9 +89,9 @@ def main(argv=None) -> int:
                       "ppl": _ppl(["--ckpt", str(c)], logs / f"curve_{it}.log", texts["wikipedia"])})
 
     # Mask transfer to Shakespeare: refine the Wikipedia-learned mask vs learn from the one-shot prior.
-    t_iters = max(10, int(args.transfer_minutes * 60 * args.tokens_per_second / tokens_per_iter))
-    refined = learn_stage(stages, ckpt, shakes, final_checkpoint(run), t_iters, name="transfer-refine", checkpoints=1)
-    scratch = learn_stage(stages, ckpt, shakes, priors["sparsegpt"], t_iters, name="transfer-scratch", checkpoints=1)
+    t_iters = recipe.iterations(args.transfer_minutes)
+    refined = learn_stage(stages, ckpt, shakes, final_checkpoint(run), t_iters, recipe, name="transfer-refine")
+    scratch = learn_stage(stages, ckpt, shakes, priors["sparsegpt"], t_iters, recipe, name="transfer-scratch")
     transfer = {
         "iterations": t_iters, "tokens": t_iters * tokens_per_iter,
         "wikipedia_mask_no_refinement": table["shakespeare"]["maskllm"],
@@ -95,7 +100,7 @@ def main(argv=None) -> int:
         "from_sparsegpt_prior": _ppl(["--ckpt", str(final_checkpoint(scratch))], logs / "scratch.log",
                                      texts["shakespeare"]),
     }
-    result = {"iterations": iters, "tokens": iters * tokens_per_iter, "learn_wall_s": learn_wall,
+    result = {"recipe": asdict(recipe), "iterations": iters, "tokens": iters * tokens_per_iter, "learn_wall_s": learn_wall,
               "total_wall_s": time.time() - t0, "table": table, "curve": curve, "transfer": transfer}
     tmp = out / "quality.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))

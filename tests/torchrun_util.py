@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from maskllm_megatron.convert.checkpoint import free_port
+from maskllm_megatron.launch import free_port
 
 
 def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 600, env: dict | None = None) -> str:

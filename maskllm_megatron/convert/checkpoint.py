@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,18 +49,13 @@ class CheckpointInfo:
                    d.get("source", ""))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_parallel(tp: int = 1, pp: int = 1) -> None:
     """Initialise torch.distributed (from torchrun's environment, or a one-process world when launched
     plainly) and megatron-core's model-parallel groups for ``tp`` x ``pp`` ranks."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    from maskllm_megatron.launch import free_port
     from maskllm_megatron.megatron import cpu_compat
 
     cpu_compat.apply()

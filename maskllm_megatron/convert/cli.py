@@ -10,10 +10,6 @@ and leave no output behind.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -45,52 +41,28 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
-
-
-def _relaunch(args: argparse.Namespace, argv: list[str]) -> int:
-    """Run this command under torchrun with tp*pp processes; clean up a partial output on failure."""
-    from maskllm_megatron.convert.checkpoint import free_port
-    from maskllm_megatron.convert.io import partial_path
-
-    n = args.tp * args.pp
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-addr",
-           "127.0.0.1", "--master-port", str(free_port()), "-m", "maskllm_megatron.convert.cli", *argv]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    print(f"launching {n} ranks: {' '.join(cmd[1:5])} ...", file=sys.stderr)
-    rc = subprocess.call(cmd, env=env)
-    if rc != 0:
-        shutil.rmtree(partial_path(args.out.absolute()), ignore_errors=True)
-    return rc
-
-
-def _exit_cleanly_on_sigterm() -> None:
-    """Let SIGTERM (torchrun stopping the other ranks when one fails) run the partial-output cleanup."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    from maskllm_megatron.convert.io import ConversionError
+    from maskllm_megatron.convert.io import ConversionError, partial_path
+    from maskllm_megatron.launch import exit_cleanly_on_sigterm, relaunch, under_torchrun
 
     try:
         if args.command == "hf-to-mcore":
             from maskllm_megatron.convert.hf_to_mcore import hf_to_mcore, plan
 
-            if args.tp * args.pp > 1 and not _under_torchrun():
+            if args.tp * args.pp > 1 and not under_torchrun():
                 plan(args.hf, args.tp, args.pp, args.dtype)  # fail fast, before starting ranks
                 if args.out.exists() and not args.overwrite:
                     raise ConversionError(f"output {args.out} already exists: remove it or choose another --out")
-                return _relaunch(args, argv)
-            _exit_cleanly_on_sigterm()
+                return relaunch("maskllm_megatron.convert.cli", argv, args.tp * args.pp,
+                                cleanup=partial_path(args.out.absolute()))
+            exit_cleanly_on_sigterm()
             hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.dtype, overwrite=args.overwrite)
         else:
             from maskllm_megatron.convert.mcore_to_hf import mcore_to_hf
 
-            _exit_cleanly_on_sigterm()
+            exit_cleanly_on_sigterm()
             mcore_to_hf(args.ckpt, args.out, int(args.max_shard_size * 2**30), overwrite=args.overwrite)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -294,7 +294,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    from maskllm_megatron.export.cli import _errors, exit_cleanly_on_sigterm, relaunch, under_torchrun
+    from maskllm_megatron.export.cli import _errors
+    from maskllm_megatron.launch import exit_cleanly_on_sigterm, relaunch, under_torchrun
 
     errors = (*_errors(), EvalError, OSError)
     try:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
+
+from maskllm_megatron.launch import exit_cleanly_on_sigterm, relaunch, under_torchrun
 
 EXAMPLES = """examples:
   maskllm-export --ckpt runs/smollm2/checkpoints/iter_0000200 --out out/smollm2-2of4-hf --format hf
@@ -51,30 +50,6 @@ def _apply_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors file (default 5)")
     ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return ap
-
-
-def under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
-
-
-def relaunch(module: str, argv: list[str], nproc: int, cleanup: Path | None = None) -> int:
-    """Run ``python -m module argv`` under torchrun with ``nproc`` ranks; remove ``cleanup`` on failure."""
-    from maskllm_megatron.convert.checkpoint import free_port
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-           "127.0.0.1", "--master-port", str(free_port()), "-m", module, *argv]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    print(f"launching {nproc} ranks: torchrun -m {module} ...", file=sys.stderr)
-    rc = subprocess.call(cmd, env=env)
-    if rc != 0 and cleanup is not None:
-        shutil.rmtree(cleanup, ignore_errors=True)
-    return rc
-
-
-def exit_cleanly_on_sigterm() -> None:
-    """Let SIGTERM (torchrun stopping the other ranks when one fails) run the cleanup of partial output."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def _errors() -> tuple[type[Exception], ...]:

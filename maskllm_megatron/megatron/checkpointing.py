@@ -77,17 +77,21 @@ def save_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, optimizer=None
     return ckpt_dir
 
 
-def _prepare_prior_buffers(model: torch.nn.Module, saved: dict) -> None:
-    """Allocate ``prior_mask`` buffers for layers whose prior is in the checkpoint."""
+def _prepare_prior_buffers(model: torch.nn.Module, model_sharded: dict, saved: dict) -> bool:
+    """Allocate ``prior_mask`` buffers for layers whose prior is in the checkpoint; True if any was
+    added (``model_sharded`` then lacks them and must be rebuilt)."""
     by_tensor = {}
-    for value in _tensor_entries(model.sharded_state_dict()).values():
+    for value in _tensor_entries(model_sharded).values():
         if value.key.endswith(".mask_logits"):
             by_tensor[value.data.data_ptr()] = value.key[: -len(".mask_logits")]
+    added = False
     for module in model.modules():
         if isinstance(module, _MaskedLinearMixin) and module.prior_mask is None:
             prefix = by_tensor.get(module.mask_logits.data_ptr())
             if prefix is not None and f"{prefix}.prior_mask" in saved:
                 module.prior_mask = torch.zeros_like(module.weight, dtype=torch.bool)
+                added = True
+    return added
 
 
 def check_compatible(model_sharded: dict, saved: dict, ckpt_dir) -> list[str]:
@@ -139,8 +143,9 @@ def load_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, optimizer=None
     saved = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
     if optimizer is not None and not any(k.startswith("optimizer.") for k in saved):
         optimizer = None  # saved without optimizer state (e.g. a prior-only run): the optimizer starts fresh
-    _prepare_prior_buffers(model, saved)
     model_sharded = model.sharded_state_dict()
+    if _prepare_prior_buffers(model, model_sharded, saved):
+        model_sharded = model.sharded_state_dict()
     absent = check_compatible(model_sharded, saved, ckpt_dir)
     for key in absent:
         model_sharded.pop(key)

@@ -11,8 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..masks import noise_key
-from ..masks.sampling import gumbel_noise
+from ..masks.sampling import mix_patterns
 
 
 def layer_type(layer_id: str) -> str:
@@ -20,8 +19,11 @@ def layer_type(layer_id: str) -> str:
 
 
 class MaskWatcher:
-    """Mean max probability of the sampled patterns and the flip rate of the argmax patterns (share of
-    groups whose pattern changed since the previous call), per layer type, summed over TP ranks."""
+    """How settled the masks are, per layer type, summed over TP ranks: the mean max probability of the
+    pattern distribution ``softmax(logits * scale / tau)`` (its noise-free expectation, so the figure is
+    cheap and does not jitter with the Gumbel draw), the flip rate of the argmax patterns (share of
+    groups whose pattern changed since the previous call), and the regulariser's ``sum((W * mask)^2)``
+    at that expected soft mask."""
 
     def __init__(self, layers):
         self.layers = list(layers)
@@ -31,17 +33,15 @@ class MaskWatcher:
     def collect(self, step) -> dict[str, float]:
         sums = defaultdict(lambda: torch.zeros(4, dtype=torch.float64))  # maxprob, flips, groups, reg
         for layer in self.layers:
-            logits = layer.mask_logits.detach().float()
-            key = noise_key(step.seed, layer.mask_layer_id, step.iteration, 0, step.dp_rank)
-            noise = gumbel_noise(key, layer.global_row_ids(), layer.global_group_ids(), layer.nm).to(logits.device)
-            probs = torch.softmax((logits * step.scale + noise) / step.temperature, -1)
-            soft = (probs.view(-1, probs.shape[-1]) @ _patterns(layer)).view_as(layer.weight)
+            logits = layer.mask_logits.detach()
+            probs = torch.softmax(logits.float() * (step.scale / step.temperature), -1)
+            soft = mix_patterns(probs, layer.nm).view_as(layer.weight)
             pattern = logits.argmax(-1).to(torch.uint8)
             prev = self.previous.get(layer.mask_layer_id)
             flips = float((pattern != prev).sum()) if prev is not None else 0.0
             self.previous[layer.mask_layer_id] = pattern
             s = sums[layer_type(layer.mask_layer_id)]
-            s += torch.tensor([float(probs.max(-1).values.sum()), flips, float(pattern.numel()),
+            s += torch.tensor([float(probs.amax(-1).sum()), flips, float(pattern.numel()),
                                float(((layer.weight.float() * soft) ** 2).sum())], dtype=torch.float64)
         keys = sorted(sums)
         stacked = torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0, 4, dtype=torch.float64)
@@ -60,12 +60,6 @@ class MaskWatcher:
             out["mask/flip_rate"] = float(total[1] / total[2])
             out["regularizer"] = float(total[3])
         return out
-
-
-def _patterns(layer):
-    from ..masks import candidate_patterns
-
-    return candidate_patterns(layer.nm, device=layer.mask_logits.device)
 
 
 def peak_memory_bytes() -> int:

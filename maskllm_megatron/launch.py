@@ -1,0 +1,46 @@
+"""Process launching shared by the command-line tools: free ports, torchrun re-launch, SIGTERM.
+
+A tool given ``--tp N`` (N > 1) and launched plainly checks its request, then re-launches itself
+under ``torchrun --nproc-per-node N`` (``relaunch``); launched under torchrun it uses the given ranks.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def under_torchrun() -> bool:
+    """True in a process started by torchrun (or any launcher that sets LOCAL_RANK)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def relaunch(module: str, argv: list[str], nproc: int, cleanup: Path | None = None) -> int:
+    """Run ``python -m module argv`` under torchrun with ``nproc`` local ranks (threads split evenly
+    unless OMP_NUM_THREADS is set); remove ``cleanup`` when it fails. Returns the exit status."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+           "127.0.0.1", "--master-port", str(free_port()), "-m", module, *argv]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    print(f"launching {nproc} ranks: torchrun -m {module} ...", file=sys.stderr)
+    rc = subprocess.call(cmd, env=env)
+    if rc != 0 and cleanup is not None:
+        shutil.rmtree(cleanup, ignore_errors=True)
+    return rc
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM (torchrun stopping the other ranks when one fails) into SystemExit, so that
+    ``finally`` blocks remove partial outputs."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -1,0 +1,43 @@
+"""The demo's stage runner (caching by content, failure message) and its time budget arithmetic."""
+import pytest
+
+from maskllm_megatron.demo import SEQ, LearnRecipe, Stages, _key
+
+
+def test_stage_runs_once_and_is_reused(tmp_path):
+    stages = Stages(tmp_path)
+    calls = []
+
+    def work(w):
+        calls.append(w)
+        (w / "out.txt").write_text("done")
+
+    key = _key("input", 1)
+    first = stages.run(1, "thing", key, work)
+    again = stages.run(1, "thing", key, work)
+    assert first == again and (first / "out.txt").read_text() == "done" and len(calls) == 1
+    assert calls[0].name.endswith(".partial")  # work happens in a temporary folder, renamed when complete
+    other = stages.run(1, "thing", _key("input", 2), work)  # other inputs: another stage folder
+    assert other != first and len(calls) == 2
+
+
+def test_failed_stage_names_itself_and_how_to_resume(tmp_path):
+    stages = Stages(tmp_path)
+
+    def boom(w):
+        raise RuntimeError("disk full")
+
+    with pytest.raises(SystemExit) as e:
+        stages.run(4, "prior-wanda", "abc", boom)
+    msg = str(e.value)
+    assert "stage 4 (prior-wanda) failed: disk full" in msg and "make demo" in msg
+    assert not (tmp_path / "prior-wanda-abc").exists() and (tmp_path / "prior-wanda-abc.partial").exists()
+    # the next attempt starts clean and completes
+    assert stages.run(4, "prior-wanda", "abc", lambda w: None) == tmp_path / "prior-wanda-abc"
+
+
+def test_recipe_turns_minutes_into_iterations():
+    r = LearnRecipe(global_batch=2, tokens_per_second=64.0)
+    assert r.tokens_per_iteration == 2 * SEQ
+    assert r.iterations(16) == 16 * 60 * 64 // (2 * SEQ) == 60
+    assert r.iterations(0.1) == 10  # never fewer than 10
