@@ -73,13 +73,20 @@ def hard_mask(logits: torch.Tensor, spec: NMSpec, dtype=torch.float32) -> torch.
 
 
 def mix_patterns(probs: torch.Tensor, spec: NMSpec) -> torch.Tensor:
-    """``probs [..., C] @ patterns [C, M]`` as per-position sums: ``[..., M]``."""
-    return torch.stack([_sum(probs[..., k] for k in ks) for ks in position_patterns(spec)], dim=-1)
+    """``probs [..., C] @ patterns [C, M]``: ``[..., M]``.
+
+    Under torch.compile it is written as per-position sums, which fuse with the surrounding
+    elementwise work into one pass; run eagerly, one matmul is faster than a dozen strided adds."""
+    if torch.compiler.is_compiling():
+        return torch.stack([_sum(probs[..., k] for k in ks) for ks in position_patterns(spec)], dim=-1)
+    return probs @ candidate_patterns(spec, dtype=probs.dtype, device=probs.device)
 
 
 def unmix_patterns(grad_mask: torch.Tensor, spec: NMSpec) -> torch.Tensor:
-    """The transpose, ``grad_mask [..., M] @ patterns.T``: per-pattern sums, ``[..., C]``."""
-    return torch.stack([_sum(grad_mask[..., j] for j in js) for js in pattern_positions(spec)], dim=-1)
+    """The transpose, ``grad_mask [..., M] @ patterns.T``: ``[..., C]`` (sums when compiled)."""
+    if torch.compiler.is_compiling():
+        return torch.stack([_sum(grad_mask[..., j] for j in js) for js in pattern_positions(spec)], dim=-1)
+    return grad_mask @ candidate_patterns(spec, dtype=grad_mask.dtype, device=grad_mask.device).t()
 
 
 def _sum(terms):
