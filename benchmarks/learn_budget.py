@@ -1,0 +1,51 @@
+"""Short-budget mask-learning runs on SmolLM2-135M from the demo's cached SparseGPT prior: how the
+logits learning rate, prior strength and iteration count change held-out perplexity (not in CI).
+
+    python benchmarks/learn_budget.py --iters 40 --lr 2e-3 --prior-strength 3 [--global-batch 2]
+
+Needs the demo's stages 1-4 (run `make demo` once). Learns with 2 data-parallel processes exactly like
+the demo's stage 5 (``demo.learn_stage``, cached under the demo's cache by its settings), then prints
+the hard-mask held-out Wikipedia perplexity (512-token windows with BOS, 8,192 tokens) and the wall
+time of the learning run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from maskllm_megatron import assets
+from maskllm_megatron.demo import LearnRecipe, Stages, _ppl, final_checkpoint, learn_stage
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--iters", type=int, required=True)
+    p.add_argument("--lr", type=float, default=LearnRecipe.lr, help="logits learning rate")
+    p.add_argument("--prior-strength", type=float, default=LearnRecipe.prior_strength)
+    p.add_argument("--global-batch", type=int, default=LearnRecipe.global_batch, help="sequences per iteration")
+    args = p.parse_args(argv)
+    stages = Stages(assets.cache_dir() / "demo")
+    found = {name: [p for p in sorted(stages.root.glob(pattern)) if ".partial" not in str(p)] for name, pattern in (
+        ("converted model", "convert-*/ckpt"), ("training data", "data-wiki_train-*/wiki_train.bin"),
+        ("SparseGPT prior", "prior-sparsegpt-*/checkpoints/iter_0000000"))}
+    for name, paths in found.items():
+        if len(paths) != 1:
+            raise SystemExit(f"error: expected one cached {name} under {stages.root}, found {len(paths)}: "
+                             "run `make demo` once first")
+    ckpt, data, prior = (found[k][0] for k in found)
+    recipe = LearnRecipe(global_batch=args.global_batch, lr=args.lr, prior_strength=args.prior_strength)
+    t0 = time.time()
+    run = learn_stage(stages, ckpt, data.with_suffix(""), prior, args.iters, recipe,
+                      name=f"budget-{args.iters}-{args.lr:g}-{args.prior_strength:g}-{args.global_batch}")
+    wall = time.time() - t0
+    ppl = _ppl(["--ckpt", str(final_checkpoint(run))], run / "ppl.log")
+    result = {"iters": args.iters, "tokens": args.iters * recipe.tokens_per_iteration, "recipe": vars(args),
+              "learn_wall_s": round(wall), "heldout_ppl": ppl}
+    print("RESULT " + json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
