@@ -277,6 +277,9 @@ def main(argv=None) -> int:
           f"MaskLLM: {iters} iterations x {recipe.global_batch} x {SEQ} tokens = {tokens:,} tokens from the "
           f"SparseGPT prior (strength {recipe.prior_strength:g}, logits lr {recipe.lr:g}).\n\n"
           + "\n".join(lines) + "\n")
+    ppl = dict((n, v) for n, v in rows)
+    md += (f"\nMaskLLM vs the SparseGPT prior it started from: perplexity "
+           f"{100 * (ppl['MaskLLM'] / ppl['sparsegpt'] - 1):+.1f}%.\n")
     (out / "results.md").write_text(md)
     _bar_chart([(n, v) for n, v in rows], out / "perplexity.png")
     subprocess.run([sys.executable, "-m", "maskllm_megatron.train.plot", str(run / "metrics.jsonl"),

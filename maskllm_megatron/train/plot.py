@@ -1,7 +1,8 @@
 """``maskllm-plot``: one PNG of a mask-learning run from its ``metrics.jsonl``.
 
-Panels: training LM loss; hard-mask validation perplexity (the iteration-0 point is the prior's);
-flip rate of the argmax patterns; Gumbel temperature with the logit scale on a twin axis.
+Panels: training LM loss; hard-mask validation perplexity (the iteration-0 point is the argmax of the
+initial logits: the prior moved by the initial noise); flip rate of the argmax patterns; Gumbel
+temperature with the logit scale on a twin axis.
 
     maskllm-plot runs/smollm2            # writes runs/smollm2/training.png
     maskllm-plot runs/smollm2/metrics.jsonl --out report.png --title "SmolLM2 2:4"
@@ -83,7 +84,8 @@ def plot_records(records: list[dict], out: str | Path, title: Optional[str] = No
     _line(ax_loss, loss, "training LM loss (soft mask)", "loss", "tab:blue")
     _line(ax_ppl, ppl, "validation perplexity (hard mask)", "perplexity", "tab:green", marker="o")
     if ppl[0] and ppl[0][0] == 0:
-        ax_ppl.scatter([0], [ppl[1][0]], color="tab:red", zorder=3, label=f"prior {ppl[1][0]:.1f}")
+        ax_ppl.scatter([0], [ppl[1][0]], color="tab:red", zorder=3,
+                       label=f"start (argmax of initial logits) {ppl[1][0]:.1f}")
         ax_ppl.legend(loc="upper right")
     if ppl[1] and max(ppl[1]) / max(min(ppl[1]), 1e-9) > 20:
         ax_ppl.set_yscale("log")
