@@ -88,6 +88,11 @@ def main(argv=None) -> int:
         curve.append({"iteration": it, "tokens": it * tokens_per_iter,
                       "ppl": _ppl(["--ckpt", str(c)], logs / f"curve_{it}.log", texts["wikipedia"])})
 
+    # The run's own hard-mask validation (the training blend's validation split) at every evaluation.
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    valid_curve = [{"iteration": r["iteration"], "tokens": r["iteration"] * tokens_per_iter, "valid_ppl": r["valid/ppl"]}
+                   for r in records if "valid/ppl" in r]
+
     # Mask transfer to Shakespeare: refine the Wikipedia-learned mask vs learn from the one-shot prior.
     t_iters = recipe.iterations(args.transfer_minutes)
     refined = learn_stage(stages, ckpt, shakes, final_checkpoint(run), t_iters, recipe, name="transfer-refine")
@@ -101,7 +106,7 @@ def main(argv=None) -> int:
                                      texts["shakespeare"]),
     }
     result = {"recipe": asdict(recipe), "iterations": iters, "tokens": iters * tokens_per_iter, "learn_wall_s": learn_wall,
-              "total_wall_s": time.time() - t0, "table": table, "curve": curve, "transfer": transfer}
+              "total_wall_s": time.time() - t0, "table": table, "curve": curve, "valid_curve": valid_curve, "transfer": transfer}
     tmp = out / "quality.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, out / "quality.json")
