@@ -60,6 +60,21 @@ def driver_config(micro_batch: int, seq: int):
         "optim": {"lr": 5e-4, "min_lr": 5e-5}, "prior": {"method": "magnitude"}})
 
 
+def fused_eager_parity(layer, x: torch.Tensor) -> dict:
+    """The compiled (Triton on CUDA) mask kernel against the eager one on the same input and noise:
+    largest differences of the output and of the logits' gradient, relative to their largest values."""
+    res = {}
+    for fused in (True, False):
+        layer.fused_mask_kernel = fused
+        layer.zero_grad(set_to_none=True)
+        y, _ = layer(x)
+        y.float().square().mean().backward()
+        res[fused] = (y.detach().float(), layer.mask_logits.grad.detach().float().clone())
+    (y_f, g_f), (y_e, g_e) = res[True], res[False]
+    return {"fused_vs_eager_out_rel": ((y_f - y_e).abs().max() / y_e.abs().max()).item(),
+            "fused_vs_eager_logit_grad_rel": ((g_f - g_e).abs().max() / g_e.abs().max()).item()}
+
+
 def bench_layer(device: str, shapes, tokens: int, repeats: int) -> list[dict]:
     from megatron.core.tensor_parallel import ColumnParallelLinear
     from megatron.core.transformer import TransformerConfig
@@ -84,13 +99,15 @@ def bench_layer(device: str, shapes, tokens: int, repeats: int) -> list[dict]:
                 y.float().sum().backward()
             return run
 
+        parity = fused_eager_parity(masked, x)
         t_dense = timed(step(dense), device, repeats)
         masked.fused_mask_kernel = True
         t_fused = timed(step(masked), device, repeats)
         masked.fused_mask_kernel = False
         t_eager = timed(step(masked), device, repeats)
         out.append({"rows": rows, "cols": cols, "tokens": tokens, "dense_ms": t_dense * 1e3, "fused_ms": t_fused * 1e3,
-                    "eager_ms": t_eager * 1e3, "fused_over_dense": t_fused / t_dense, "eager_over_dense": t_eager / t_dense})
+                    "eager_ms": t_eager * 1e3, "fused_over_dense": t_fused / t_dense, "eager_over_dense": t_eager / t_dense,
+                    **parity})
     return out
 
 
@@ -148,7 +165,7 @@ def bench_model_step(device: str, layers: int, micro_batch: int, seq: int, repea
             "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None}
 
 
-def bench_sparse_24(shapes, tokens: int, repeats: int) -> list[dict]:
+def bench_sparse_24(shapes, tokens: list[int], repeats: int) -> list[dict]:
     from megatron.core.transformer import TransformerConfig
     from torch.sparse import to_sparse_semi_structured
 
@@ -167,15 +184,28 @@ def bench_sparse_24(shapes, tokens: int, repeats: int) -> list[dict]:
         with torch.no_grad():
             w = (layer.weight * mask).contiguous()  # the exported 2:4 weight
         ws = to_sparse_semi_structured(w)
-        x = torch.randn(tokens, cols, device="cuda", dtype=torch.bfloat16)
-        with torch.no_grad():
-            err = (torch.nn.functional.linear(x, ws) - torch.nn.functional.linear(x, w)).abs().max().item()
-            t_dense = timed(lambda: torch.nn.functional.linear(x, w), "cuda", repeats, warmup=3)
-            t_sparse = timed(lambda: torch.nn.functional.linear(x, ws), "cuda", repeats, warmup=3)
-        out.append({"rows": rows, "cols": cols, "tokens": tokens, "dense_ms": t_dense * 1e3, "sparse_ms": t_sparse * 1e3,
-                    "speedup": t_dense / t_sparse, "max_abs_diff": err,
-                    "backend": "cutlass" if getattr(type(ws), "_FORCE_CUTLASS", False) else type(ws).__name__})
+        for n in tokens:
+            x = torch.randn(n, cols, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                ref = torch.nn.functional.linear(x, w)
+                err = ((torch.nn.functional.linear(x, ws) - ref).abs().max() / ref.abs().max()).item()
+                t_dense = timed(lambda: torch.nn.functional.linear(x, w), "cuda", repeats, warmup=3)
+                t_sparse = timed(lambda: torch.nn.functional.linear(x, ws), "cuda", repeats, warmup=3)
+            out.append({"rows": rows, "cols": cols, "tokens": n, "dense_ms": t_dense * 1e3,
+                        "sparse_ms": t_sparse * 1e3, "speedup": t_dense / t_sparse, "max_rel_diff": err,
+                        "backend": type(ws).__name__})
     return out
+
+
+def transformer_engine_status() -> dict:
+    """Whether Transformer Engine is importable here. sparsify() masks megatron-core's own
+    Column/RowParallelLinear (the local spec); TE's fused linears are not converted."""
+    try:
+        import transformer_engine
+    except Exception as e:  # not installed, or a broken install
+        return {"installed": False, "why": f"{type(e).__name__}: {e}"[:300]}
+    return {"installed": True, "version": getattr(transformer_engine, "__version__", "?"),
+            "note": "sparsify() converts the local spec's linears only; the TE spec is not masked"}
 
 
 def main(argv=None) -> int:
@@ -193,11 +223,11 @@ def main(argv=None) -> int:
     setup_parallel(driver_config(1, 128))
     if args.small:
         layer_shapes, layer_tokens, model = [(256, 128)], 64, dict(layers=2, micro_batch=1, seq=64, repeats=2)
-        sparse_shapes, sparse_tokens, reps = [(256, 128)], 128, 2
+        sparse_shapes, sparse_tokens, reps = [(256, 128)], [128], 2
     else:
         layer_shapes, layer_tokens, model = [(4096, 4096), (11008, 4096)], 8192, \
             dict(layers=30, micro_batch=8, seq=2048, repeats=5)
-        sparse_shapes, sparse_tokens, reps = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576)], 8192, 20
+        sparse_shapes, sparse_tokens, reps = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576)], [8192, 512], 20
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                "dtype": "bf16"}
     parts = {"layer": lambda: bench_layer(device, layer_shapes, layer_tokens, reps),
@@ -205,6 +235,7 @@ def main(argv=None) -> int:
                                                     model["repeats"]),
              "sparse_24": (lambda: bench_sparse_24(sparse_shapes, sparse_tokens, reps)) if device == "cuda"
              else (lambda: {"skipped": "semi-structured sparse kernels need CUDA"})}
+    parts["transformer_engine"] = transformer_engine_status
     for name, fn in parts.items():
         t0 = time.time()
         try:

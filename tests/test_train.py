@@ -115,6 +115,20 @@ def test_resume_at_another_tp_size(tiny, straight):
     assert [x[0] for x in h] == list(range(1, 15)) and h[:12] == history(straight)
 
 
+def test_transfer_from_a_learned_run_starts_from_fresh_logits_with_its_hard_masks_as_prior(tiny, straight):
+    """prior.method=checkpoint on a learned TP=2 run, at TP=1: prior = the source's argmax patterns and
+    logits = fresh init + prior shift (checked in plain torch), not the source's logits loaded in place."""
+    source = straight / "checkpoints" / "iter_0000012"
+    config = write_config(tiny, "transfer", parallel={"tp": 1}, prior={"method": "checkpoint", "checkpoint": str(source)},
+                          mask={"init_std": 0.01, "prior_strength": 3.0}, run={"train_iters": 0, "seed": 1234})
+    log = torchrun("-m", "maskllm_megatron.train", "--config", config, nproc=1)
+    assert "prior checkpoint" in log
+    check = subprocess.run([sys.executable, "tests/scripts/transfer_reference.py", str(source),
+                            str(tiny / "transfer" / "checkpoints" / "iter_0000000"), "1234", "0.01", "3.0"],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr[-3000:]
+
+
 def test_dp2_learns(tiny):
     config = write_config(tiny, "dp2", parallel={"tp": 1, "distributed_optimizer": True})
     torchrun("-m", "maskllm_megatron.train", "--config", config, nproc=2)

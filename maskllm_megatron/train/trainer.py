@@ -15,7 +15,7 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -122,7 +122,12 @@ def _calibration_forward(model, batch):
 @torch.no_grad()
 def transfer_masks(model, ckpt_dir: str) -> dict:
     """Another run's masks as this run's prior (mask transfer to a new domain): the learned hard masks,
-    or, for a prior-only run (saved at iteration 0), its one-shot prior masks."""
+    or, for a prior-only run (saved at iteration 0), its one-shot prior masks.
+
+    The saved tensors are loaded into fresh buffers, never into this model's own logits: this run
+    starts from its own freshly initialised logits shifted towards the transferred masks (the
+    MaskLLM prior), exactly as from a one-shot prior.
+    """
     from megatron.core import dist_checkpointing
 
     from ..masks import hard_mask
@@ -140,7 +145,9 @@ def transfer_masks(model, ckpt_dir: str) -> dict:
         for layer in layers:
             layer.prior_mask = torch.zeros_like(layer.weight, dtype=torch.bool)
     names = {id(m): n for n, m in model.named_modules()}
-    sharded = {k: v for k, v in model.sharded_state_dict().items() if k.endswith(suffix)}
+    # dist_checkpointing.load fills the tensors it is given in place: hand it copies of the layout.
+    sharded = {k: replace(v, data=torch.empty_like(v.data)) for k, v in model.sharded_state_dict().items()
+               if k.endswith(suffix)}
     loaded = dist_checkpointing.load(sharded, ckpt_dir)
     for layer in layers:
         source = loaded[f"{names[id(layer)]}{suffix}"]
