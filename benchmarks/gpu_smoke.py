@@ -75,7 +75,21 @@ def fused_eager_parity(layer, x: torch.Tensor) -> dict:
             "fused_vs_eager_logit_grad_rel": ((g_f - g_e).abs().max() / g_e.abs().max()).item()}
 
 
-def bench_layer(device: str, shapes, tokens: int, repeats: int) -> list[dict]:
+def profile_table(fn, device: str, steps: int = 3) -> str:
+    """torch.profiler's per-kernel table of ``steps`` calls of ``fn`` (after one warm-up call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            fn()
+        sync(device)
+    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=25)
+
+
+def bench_layer(device: str, shapes, tokens: int, repeats: int, profile_to: str | None = None) -> list[dict]:
     from megatron.core.tensor_parallel import ColumnParallelLinear
     from megatron.core.transformer import TransformerConfig
 
@@ -103,6 +117,10 @@ def bench_layer(device: str, shapes, tokens: int, repeats: int) -> list[dict]:
         t_dense = timed(step(dense), device, repeats)
         masked.fused_mask_kernel = True
         t_fused = timed(step(masked), device, repeats)
+        if profile_to:
+            with open(profile_to, "a") as f:
+                f.write(f"== masked layer {rows}x{cols}, {tokens} tokens, fused kernel, 3 steps ==\n"
+                        f"{profile_table(step(masked), device)}\n")
         masked.fused_mask_kernel = False
         t_eager = timed(step(masked), device, repeats)
         out.append({"rows": rows, "cols": cols, "tokens": tokens, "dense_ms": t_dense * 1e3, "fused_ms": t_fused * 1e3,
@@ -165,9 +183,24 @@ def bench_model_step(device: str, layers: int, micro_batch: int, seq: int, repea
             "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None}
 
 
+def timed_loop(fn, iters: int = 50) -> float:
+    """Mean seconds per call of ``fn`` over ``iters`` back-to-back calls between two synchronisations
+    (GPU throughput; a host-side cost per call shows up only where it exceeds the kernel time)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
 def bench_sparse_24(shapes, tokens: list[int], repeats: int) -> list[dict]:
+    """The exported 2:4 weight through both of torch's semi-structured backends (cuSPARSELt, CUTLASS)
+    against the dense matmul of the same masked weight."""
     from megatron.core.transformer import TransformerConfig
-    from torch.sparse import to_sparse_semi_structured
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
     from maskllm_megatron.masks import MaskConfig, is_valid_nm
     from maskllm_megatron.megatron.layers import MaskedColumnParallelLinear
@@ -183,17 +216,24 @@ def bench_sparse_24(shapes, tokens: list[int], repeats: int) -> list[dict]:
             raise AssertionError("hard mask is not 2:4")
         with torch.no_grad():
             w = (layer.weight * mask).contiguous()  # the exported 2:4 weight
-        ws = to_sparse_semi_structured(w)
-        for n in tokens:
-            x = torch.randn(n, cols, device="cuda", dtype=torch.bfloat16)
-            with torch.no_grad():
-                ref = torch.nn.functional.linear(x, w)
-                err = ((torch.nn.functional.linear(x, ws) - ref).abs().max() / ref.abs().max()).item()
-                t_dense = timed(lambda: torch.nn.functional.linear(x, w), "cuda", repeats, warmup=3)
-                t_sparse = timed(lambda: torch.nn.functional.linear(x, ws), "cuda", repeats, warmup=3)
-            out.append({"rows": rows, "cols": cols, "tokens": n, "dense_ms": t_dense * 1e3,
-                        "sparse_ms": t_sparse * 1e3, "speedup": t_dense / t_sparse, "max_rel_diff": err,
-                        "backend": type(ws).__name__})
+        for backend in ("cusparselt", "cutlass"):
+            SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
+            try:
+                ws = to_sparse_semi_structured(w)
+            except Exception as e:  # a backend missing from this build
+                out.append({"rows": rows, "cols": cols, "backend": backend, "error": f"{type(e).__name__}: {e}"[:300]})
+                continue
+            for n in tokens:
+                x = torch.randn(n, cols, device="cuda", dtype=torch.bfloat16)
+                with torch.no_grad():
+                    ref = torch.nn.functional.linear(x, w)
+                    err = ((torch.nn.functional.linear(x, ws) - ref).abs().max() / ref.abs().max()).item()
+                    t_dense = timed_loop(lambda: torch.nn.functional.linear(x, w), repeats)
+                    t_sparse = timed_loop(lambda: torch.nn.functional.linear(x, ws), repeats)
+                out.append({"rows": rows, "cols": cols, "tokens": n, "backend": type(ws).__name__,
+                            "dense_ms": t_dense * 1e3, "sparse_ms": t_sparse * 1e3, "speedup": t_dense / t_sparse,
+                            "max_rel_diff": err})
+    SparseSemiStructuredTensor._FORCE_CUTLASS = False
     return out
 
 
@@ -211,6 +251,7 @@ def transformer_engine_status() -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", help="also write the JSON here")
+    p.add_argument("--profile", help="append torch.profiler tables of the fused masked layer here")
     p.add_argument("--small", action="store_true", help="tiny sizes (CPU dry run of the code paths)")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -227,10 +268,10 @@ def main(argv=None) -> int:
     else:
         layer_shapes, layer_tokens, model = [(4096, 4096), (11008, 4096)], 8192, \
             dict(layers=30, micro_batch=8, seq=2048, repeats=5)
-        sparse_shapes, sparse_tokens, reps = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576)], [8192, 512], 20
+        sparse_shapes, sparse_tokens, reps = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576)], [512, 8192, 32768], 50
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                "dtype": "bf16"}
-    parts = {"layer": lambda: bench_layer(device, layer_shapes, layer_tokens, reps),
+    parts = {"layer": lambda: bench_layer(device, layer_shapes, layer_tokens, reps, args.profile),
              "model_step": lambda: bench_model_step(device, model["layers"], model["micro_batch"], model["seq"],
                                                     model["repeats"]),
              "sparse_24": (lambda: bench_sparse_24(sparse_shapes, sparse_tokens, reps)) if device == "cuda"

@@ -11,4 +11,5 @@ DEST=${OUT:-.}
 mkdir -p "$DEST"
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_smoke.sh: no CUDA device visible to torch')"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-timeout 450 "$PY" benchmarks/gpu_smoke.py --json "$DEST/gpu_smoke.json"
+rm -f "$DEST/layer_profile.txt"
+timeout 450 "$PY" benchmarks/gpu_smoke.py --json "$DEST/gpu_smoke.json" --profile "$DEST/layer_profile.txt"

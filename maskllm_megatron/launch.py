@@ -21,6 +21,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def collective_device():
+    """Where a small tensor for a collective must live: the current GPU under NCCL (which cannot reduce
+    CPU tensors), else the CPU (gloo)."""
+    import torch
+
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def under_torchrun() -> bool:
     """True in a process started by torchrun (or any launcher that sets LOCAL_RANK)."""
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ

@@ -176,7 +176,7 @@ class _MaskedLinearMixin:
     def global_logits_std(self) -> float:
         """Standard deviation of the logits over the whole (unsharded) layer."""
         x = self.mask_logits.detach().double()
-        stats = torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), dtype=torch.float64)])
+        stats = torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)])
         if self._tp()[1] > 1:
             torch.distributed.all_reduce(stats, group=self.tp_group)
         total, total_sq, n = stats.tolist()

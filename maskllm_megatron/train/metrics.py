@@ -52,7 +52,11 @@ class MaskWatcher:
         if torch.distributed.is_initialized() and keys:
             from megatron.core import parallel_state
 
+            from ..launch import collective_device
+
+            stacked = stacked.to(collective_device())
             torch.distributed.all_reduce(stacked, group=parallel_state.get_model_parallel_group())
+            stacked = stacked.cpu()
         out = {}
         total = torch.zeros(4, dtype=torch.float64)
         for k, row in zip(keys, stacked):

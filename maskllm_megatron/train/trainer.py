@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from ..launch import collective_device
 from ..masks import MaskConfig, NMSpec
 from .config import TrainConfig
 from .metrics import MaskWatcher, MetricsLogger, peak_memory_bytes
@@ -234,7 +235,7 @@ class _Preemption:
         self.flag = True
 
     def agreed(self) -> bool:
-        t = torch.tensor([1.0 if self.flag else 0.0])
+        t = torch.tensor([1.0 if self.flag else 0.0], device=collective_device())
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return bool(t.item())
 
@@ -271,10 +272,11 @@ def _mean_loss(results) -> Optional[float]:
     """Average LM loss of the last pipeline stage, broadcast to every rank (None if no stage has it)."""
     from megatron.core import parallel_state
 
-    local = torch.tensor([0.0, 0.0], dtype=torch.float64)
+    local = [0.0, 0.0]
     if parallel_state.is_pipeline_last_stage() and results:
         vals = torch.stack([r["lm loss"].double() for r in results])
-        local = torch.tensor([float(vals.sum()), float(len(results))], dtype=torch.float64)
+        local = [float(vals.sum()), float(len(results))]
+    local = torch.tensor(local, dtype=torch.float64, device=collective_device())
     torch.distributed.all_reduce(local, group=parallel_state.get_pipeline_model_parallel_group())
     return float(local[0] / local[1]) if local[1] else None
 
@@ -292,7 +294,7 @@ def evaluate(cfg, model, data) -> dict:
             total += loss
             n += 1
     model.train()
-    t = torch.tensor([total, float(n)], dtype=torch.float64)
+    t = torch.tensor([total, float(n)], dtype=torch.float64, device=collective_device())
     torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
     loss = float(t[0] / t[1])
     return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0))}
@@ -351,12 +353,13 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         batches = next(train_iter)
-        fingerprint = torch.tensor([float(sum(int(b["tokens"].sum()) for b in batches))], dtype=torch.float64)
+        fingerprint = torch.tensor([float(sum(int(b["tokens"].sum()) for b in batches))], dtype=torch.float64,
+                                   device=collective_device())
         torch.distributed.all_reduce(fingerprint)
         results = run_batches(cfg, ddp, batches, num_micro, forward_only=False,
                               step_of_microbatch=lambda mb: mcfg.step_state(it, mb, env["dp_rank"], grad_scale))
         loss = _mean_loss(results)
-        bad = torch.tensor([0.0 if (loss is None or math.isfinite(loss)) else 1.0])
+        bad = torch.tensor([0.0 if (loss is None or math.isfinite(loss)) else 1.0], device=collective_device())
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         if bad.item():
             kept = latest_checkpoint(cfg)
