@@ -69,6 +69,9 @@ class _MaskedLinearMixin:
                                  self.global_group_ids(), spec, mask_config.init_std)
         self.mask_logits = torch.nn.Parameter(logits.to(self.weight.device))
         set_tensor_model_parallel_attributes(self.mask_logits, True, self.partition_dim, 1)
+        # the global positions that key the noise, kept on the logits' device (no copy per forward)
+        self.register_buffer("noise_row_ids", self.global_row_ids().to(self.weight.device), persistent=False)
+        self.register_buffer("noise_group_ids", self.global_group_ids().to(self.weight.device), persistent=False)
         self.register_buffer("prior_mask", None, persistent=True)
         self.freeze_weight(mask_config.freeze_weight)
 
@@ -135,7 +138,7 @@ class _MaskedLinearMixin:
         """``W * mask`` sampled for the current ``mask_step`` (differentiable w.r.t. the logits)."""
         s = self.mask_step
         key = noise_key(s.seed, self.mask_layer_id, s.iteration, s.microbatch, s.dp_rank)
-        return masked_weight(self.weight, self.mask_logits, key, self.global_row_ids(), self.global_group_ids(),
+        return masked_weight(self.weight, self.mask_logits, key, self.noise_row_ids, self.noise_group_ids,
                              self.nm, s.temperature, s.scale, hard=s.hard, regularizer=s.regularizer,
                              fused=self.fused_mask_kernel)
 
