@@ -10,15 +10,7 @@ import tempfile
 
 import torch
 
-
-def flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
-        elif isinstance(v, torch.Tensor):
-            out[f"{prefix}{k}"] = v
-    return out
+from compare_checkpoints import flat  # this folder is sys.path[0] when run as a script
 
 
 def main():
