@@ -179,7 +179,7 @@ class _MaskedLinearMixin:
     def global_logits_std(self) -> float:
         """Standard deviation of the logits over the whole (unsharded) layer."""
         x = self.mask_logits.detach().double()
-        stats = torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)])
+        stats = torch.stack([x.sum(), (x * x).sum(), x.new_tensor(float(x.numel()))])  # on x's device (NCCL)
         if self._tp()[1] > 1:
             torch.distributed.all_reduce(stats, group=self.tp_group)
         total, total_sq, n = stats.tolist()
