@@ -1,4 +1,5 @@
-"""Process launching shared by the command-line tools: free ports, torchrun re-launch, SIGTERM.
+"""Process launching shared by the command-line tools: free ports, torchrun re-launch, SIGTERM, and
+small all-reduces of Python numbers on the device the backend needs.
 
 A tool given ``--tp N`` (N > 1) and launched plainly checks its request, then re-launches itself
 under ``torchrun --nproc-per-node N`` (``relaunch``); launched under torchrun it uses the given ranks.
@@ -29,6 +30,15 @@ def collective_device():
     if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def all_reduce_floats(values, op=None, group=None) -> list[float]:
+    """All-reduce a few numbers across ranks (sum unless ``op``) in float64; returns them as floats."""
+    import torch
+
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=collective_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM if op is None else op, group=group)
+    return t.tolist()
 
 
 def under_torchrun() -> bool:

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ..launch import collective_device
+from ..launch import all_reduce_floats
 from ..masks import MaskConfig, NMSpec
 from .config import TrainConfig
 from .metrics import MaskWatcher, MetricsLogger, peak_memory_bytes
@@ -235,9 +235,7 @@ class _Preemption:
         self.flag = True
 
     def agreed(self) -> bool:
-        t = torch.tensor([1.0 if self.flag else 0.0], device=collective_device())
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item())
+        return bool(all_reduce_floats([self.flag], op=torch.distributed.ReduceOp.MAX)[0])
 
 
 def _loss_func(loss_mask, output_tensor):
@@ -276,9 +274,8 @@ def _mean_loss(results) -> Optional[float]:
     if parallel_state.is_pipeline_last_stage() and results:
         vals = torch.stack([r["lm loss"].double() for r in results])
         local = [float(vals.sum()), float(len(results))]
-    local = torch.tensor(local, dtype=torch.float64, device=collective_device())
-    torch.distributed.all_reduce(local, group=parallel_state.get_pipeline_model_parallel_group())
-    return float(local[0] / local[1]) if local[1] else None
+    total, n = all_reduce_floats(local, group=parallel_state.get_pipeline_model_parallel_group())
+    return total / n if n else None
 
 
 def evaluate(cfg, model, data) -> dict:
@@ -294,9 +291,8 @@ def evaluate(cfg, model, data) -> dict:
             total += loss
             n += 1
     model.train()
-    t = torch.tensor([total, float(n)], dtype=torch.float64, device=collective_device())
-    torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
-    loss = float(t[0] / t[1])
+    total, n = all_reduce_floats([total, n], group=parallel_state.get_data_parallel_group())
+    loss = total / n
     return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0))}
 
 
@@ -353,15 +349,13 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         batches = next(train_iter)
-        fingerprint = torch.tensor([float(sum(int(b["tokens"].sum()) for b in batches))], dtype=torch.float64,
-                                   device=collective_device())
-        torch.distributed.all_reduce(fingerprint)
+        fingerprint = all_reduce_floats([sum(int(b["tokens"].sum()) for b in batches)])[0]
         results = run_batches(cfg, ddp, batches, num_micro, forward_only=False,
                               step_of_microbatch=lambda mb: mcfg.step_state(it, mb, env["dp_rank"], grad_scale))
         loss = _mean_loss(results)
-        bad = torch.tensor([0.0 if (loss is None or math.isfinite(loss)) else 1.0], device=collective_device())
-        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        if bad.item():
+        nonfinite = loss is not None and not math.isfinite(loss)
+        bad = all_reduce_floats([nonfinite], op=torch.distributed.ReduceOp.MAX)[0]
+        if bad:
             kept = latest_checkpoint(cfg)
             raise TrainingStopped(f"LM loss is {loss} at iteration {it + 1}: stopped without saving; the last good "
                                   f"checkpoint is {kept or 'none'}; lower optim.lr or check the data")
@@ -369,7 +363,7 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
         scheduler.step(increment=1)
         state.iteration += 1
         state.consumed_samples += cfg.data.global_batch_size
-        state.history.append([state.iteration, loss, float(fingerprint)])
+        state.history.append([state.iteration, loss, fingerprint])
         if state.iteration % cfg.run.log_interval == 0 or state.iteration == cfg.run.train_iters:
             now = time.time()
             step = mcfg.step_state(state.iteration - 1, dp_rank=env["dp_rank"])
