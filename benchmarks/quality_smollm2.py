@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     wiki = data_stage(stages, "wiki_train", [t for _, t in wiki_train], ckpt / "tokenizer")
     plays_train, plays_heldout = shakespeare_split()
     shakes = data_stage(stages, "shakespeare_train", plays_train, ckpt / "tokenizer")
-    heldout_plays = out / "shakespeare_heldout.txt"
+    heldout_plays = stages.root / "shakespeare_heldout.txt"  # derived data: cache, not report
     heldout_plays.write_text("\n\n".join(plays_heldout))
     texts = {"wikipedia": ("--corpus", "wikipedia-heldout"), "shakespeare": ("--text-file", str(heldout_plays))}
 
