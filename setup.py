@@ -6,6 +6,7 @@ setup(
     version="0.1.0",
     description="MaskLLM learnable N:M semi-structured sparsity as a megatron-core plugin",
     packages=find_packages(include=["maskllm_megatron", "maskllm_megatron.*"]),
+    package_data={"maskllm_megatron.masks": ["csrc/*.cpp"]},  # the CPU kernel, compiled on first use
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.3",

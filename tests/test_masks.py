@@ -1,5 +1,6 @@
 """The pure-torch mask core: patterns, sampling, schedules, priors, the regulariser, the RNG."""
 import math
+import platform
 
 import pytest
 import torch
@@ -7,7 +8,9 @@ import torch
 from maskllm_megatron.masks import (Anneal, MaskConfig, NMSpec, apply_prior, candidate_patterns, gumbel_noise,
                                     hard_mask, init_logits, is_valid_nm, mask_to_patterns, masked_weight,
                                     patterns_to_mask, soft_mask, topn_mask)
-from maskllm_megatron.masks.rng import gumbel_grid, normal_grid, uniform_grid
+from maskllm_megatron.masks import cpu_kernel
+from maskllm_megatron.masks.rng import col_hash, gumbel_grid, normal_grid, row_hash, uniform_grid
+from maskllm_megatron.masks.sampling import _sample_backward, _sample_forward, logit_columns
 
 
 @pytest.mark.parametrize("n,m,count", [(2, 4, 6), (1, 4, 4), (4, 8, 70)])
@@ -196,6 +199,88 @@ def test_fused_kernel_matches_eager():
         grads.append(L.grad.clone())
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+needs_cpu_kernel = pytest.mark.skipif(
+    not cpu_kernel.supports(torch.zeros(1), torch.zeros(1), NMSpec(2, 4)),
+    reason="the C++ CPU mask kernel needs an x86-64 CPU with AVX2 and a C++ compiler")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("hard", [False, True])
+def test_cpu_kernels_match_the_eager_forward_and_backward(hard):
+    """The one-pass C++ kernels against the eager ``_sample_forward`` / ``_sample_backward`` (plain torch
+    ops): 13 groups per row (one full 8-lane block and a 5-group tail), scaled logits so the softmax is
+    peaked, the regulariser on, and the weight's gradient asked for."""
+    spec = NMSpec(2, 4)
+    rows, groups = 5, 13
+    W = torch.randn(rows, groups * 4)
+    L = torch.randn(rows, groups, 6) * 3
+    rh, ch = row_hash(99, torch.arange(rows) + 40), col_hash(99, logit_columns(torch.arange(groups) + 7, spec))
+    coef, inv_tau = torch.tensor(2.5), torch.tensor(1 / 0.7)
+    out, probs, mask = _sample_forward(W, L, rh, ch, coef, inv_tau, spec, hard)
+    c_out, c_probs, c_mask = cpu_kernel.masked_weight_forward(W, L, rh, ch, 2.5, 1 / 0.7, spec, hard)
+    torch.testing.assert_close(c_probs, probs, rtol=0, atol=2e-6)
+    torch.testing.assert_close(c_out, out, rtol=1e-5, atol=2e-6)
+    if hard:
+        assert torch.equal(c_mask, mask) and torch.equal(c_mask.sum(-1), torch.full((rows,), groups * 2.0))
+    else:
+        assert c_mask is None
+    grad_out, reg2 = torch.randn(rows, groups * 4), torch.tensor(0.3)
+    g_logits, g_weight = _sample_backward(grad_out, W, probs, mask, coef, reg2, spec, True)
+    c_logits, c_weight = cpu_kernel.masked_weight_backward(grad_out, W, probs, mask, 2.5, 0.3, spec, True)
+    torch.testing.assert_close(c_logits, g_logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c_weight, g_weight, rtol=1e-6, atol=1e-7)
+    c_logits2, no_weight = cpu_kernel.masked_weight_backward(grad_out, W, probs, mask, 2.5, 0.3, spec, False)
+    assert no_weight is None and torch.equal(c_logits2, c_logits)
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_is_used_by_the_fused_path_and_keeps_gradients():
+    """``masked_weight(fused=True)`` on an fp32 2:4 CPU layer runs the C++ kernels; its output and the
+    logits' gradient match the eager path (the noise is the same hash, bit for bit)."""
+    spec = NMSpec(2, 4)
+    W = torch.randn(6, 44)
+    L = torch.randn(6, 11, 6, requires_grad=True)
+    calls = []
+
+    def spy(real):
+        def wrapped(*a, **k):
+            calls.append(real.__name__)
+            return real(*a, **k)
+        return wrapped
+
+    results = []
+    for fused in (False, True):
+        L.grad = None
+        with pytest.MonkeyPatch.context() as mp:
+            for name in ("masked_weight_forward", "masked_weight_backward"):
+                mp.setattr(cpu_kernel, name, spy(getattr(cpu_kernel, name)))
+            out = masked_weight(W, L, 5, torch.arange(6), torch.arange(11), spec, 0.8, 3.0, regularizer=0.05,
+                                fused=fused)
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        results.append((out.detach(), L.grad.clone()))
+    assert calls == ["masked_weight_forward", "masked_weight_backward"]
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_kernel_falls_back_when_it_cannot_be_built(tmp_path, monkeypatch):
+    """A compiler that fails: one warning, and the torch.compile path takes over (no crash)."""
+    monkeypatch.setenv("MASKLLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # exists everywhere, always fails
+    cpu_kernel._library.cache_clear()
+    try:
+        if platform.machine().lower() in ("x86_64", "amd64") and \
+                torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+            with pytest.warns(UserWarning, match="could not be built"):
+                assert not cpu_kernel.supports(torch.zeros(1), torch.zeros(1), NMSpec(2, 4))
+        monkeypatch.setenv("MASKLLM_CPU_KERNEL", "0")
+        monkeypatch.delenv("CXX")
+        cpu_kernel._library.cache_clear()
+        assert not cpu_kernel.supports(torch.zeros(1), torch.zeros(1), NMSpec(2, 4))
+    finally:
+        cpu_kernel._library.cache_clear()
 
 
 def test_schedules():

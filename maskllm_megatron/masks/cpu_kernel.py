@@ -1,0 +1,134 @@
+"""The fused CPU kernels of the 2:4 masked weight, a small C++ library built on first use.
+
+``_sample_forward`` / ``_sample_backward`` (sampling.py) compiled by torch.compile make four or five
+passes over memory on CPU and reduce the 6-wide softmax in scalar code; ``csrc/masked_weight_cpu.cpp``
+does each in one vectorised pass (see benchmarks/RESULTS.md for the speed). It is used
+for fp32 2:4 layers on x86-64 CPUs with AVX2 when the fused kernel is on; everything else (GPU, other
+N:M, bf16, no compiler) takes the torch.compile path, which computes the same function.
+
+The library is compiled with the C++ compiler torch.compile uses (``$CXX`` or ``g++``) against this
+torch's headers (ATen's vector types and SLEEF), into ``<cache>/kernels/<hash>/`` (``$MASKLLM_CACHE``,
+see ``maskllm_megatron.assets``), keyed by the source, the flags, the compiler and the torch version;
+it is written to a temporary name and renamed, so concurrent ranks never load a half-written file.
+``MASKLLM_CPU_KERNEL=0`` turns it off.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .patterns import NMSpec, pattern_positions
+
+SOURCE = Path(__file__).with_name("csrc") / "masked_weight_cpu.cpp"
+FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-mavx2", "-mfma", "-fopenmp",
+         "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2")
+
+
+def _compiler() -> Optional[str]:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def _build(cxx: str) -> Path:
+    """Compile the kernel (once per source/flags/compiler/torch) and return the library's path."""
+    from ..assets import cache_dir
+
+    torch_dir = Path(torch.__file__).parent
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256(repr((SOURCE.read_bytes(), FLAGS, version, torch.__version__, str(torch_dir))).encode())
+    out = cache_dir() / "kernels" / key.hexdigest()[:16] / "masked_weight_cpu.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    cmd = [cxx, *FLAGS, f"-I{torch_dir / 'include'}", str(SOURCE), "-o", str(tmp), f"-L{torch_dir / 'lib'}",
+           "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    os.replace(tmp, out)
+    return out
+
+
+@lru_cache(maxsize=None)
+def _library() -> Optional[ctypes.CDLL]:
+    """The loaded kernel library, or None where it cannot run here (the caller falls back)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or \
+            torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    cxx = _compiler()
+    if cxx is None:
+        warnings.warn("maskllm: no C++ compiler ($CXX or g++) for the fused CPU mask kernel; "
+                      "using the torch.compile kernel (slower on CPU)")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cxx)))
+    except (OSError, RuntimeError) as e:
+        warnings.warn(f"maskllm: the fused CPU mask kernel could not be built ({e}); using the torch.compile "
+                      "kernel (slower on CPU); set MASKLLM_CPU_KERNEL=0 to skip the attempt")
+        return None
+    scalars = [ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_int]
+    lib.maskllm_masked_weight_fwd_2_4.argtypes = [ctypes.c_void_p] * 8 + scalars
+    lib.maskllm_masked_weight_bwd_2_4.argtypes = [ctypes.c_void_p] * 7 + scalars
+    lib.maskllm_masked_weight_fwd_2_4.restype = lib.maskllm_masked_weight_bwd_2_4.restype = None
+    return lib
+
+
+def supports(weight: torch.Tensor, logits: torch.Tensor, spec: NMSpec) -> bool:
+    """Whether this kernel runs this layer: CPU, fp32 weight and logits, 2:4, not switched off
+    (``MASKLLM_CPU_KERNEL=0``), and it builds here."""
+    return (os.environ.get("MASKLLM_CPU_KERNEL", "1") != "0" and weight.device.type == "cpu" and logits.device.type == "cpu" and weight.dtype == torch.float32
+            and logits.dtype == torch.float32 and (spec.n, spec.m) == (2, 4) and _library() is not None)
+
+
+@lru_cache(maxsize=None)
+def _keep_table(spec: NMSpec) -> torch.Tensor:
+    """``[C, M]`` uint8: 1 where pattern k keeps position j (the order of ``pattern_positions``)."""
+    return torch.tensor([[j in kept for j in range(spec.m)] for kept in pattern_positions(spec)],
+                        dtype=torch.uint8)
+
+
+def masked_weight_forward(weight: torch.Tensor, logits: torch.Tensor, row_hash: torch.Tensor,
+                          col_hash: torch.Tensor, coef: float, inv_tau: float, spec: NMSpec, hard: bool):
+    """``(W * mask, probs, hard mask or None)`` as ``sampling._sample_forward`` returns them.
+
+    ``col_hash`` is the 1-D per-logit-column hash (``group * C + k`` order), as in sampling.py."""
+    rows, groups, c = logits.shape
+    weight, logits = weight.contiguous(), logits.detach().contiguous()
+    col_hash_pm = col_hash.view(groups, c).t().contiguous()  # pattern-major: one vector load per pattern
+    row_hash = row_hash.contiguous()
+    keep = _keep_table(spec)
+    probs = torch.empty_like(logits)
+    out = torch.empty_like(weight)
+    mask = torch.empty_like(weight) if hard else None
+    _library().maskllm_masked_weight_fwd_2_4(
+        logits.data_ptr(), weight.data_ptr(), row_hash.data_ptr(), col_hash_pm.data_ptr(), keep.data_ptr(),
+        probs.data_ptr(), out.data_ptr(), mask.data_ptr() if hard else None, rows, groups, float(coef),
+        float(inv_tau), torch.get_num_threads())
+    return out, probs, mask
+
+
+def masked_weight_backward(grad_out: torch.Tensor, weight: torch.Tensor, probs: torch.Tensor,
+                           mask: Optional[torch.Tensor], coef: float, reg2: float, spec: NMSpec,
+                           need_weight_grad: bool):
+    """``(grad_logits, grad_weight or None)`` as ``sampling._sample_backward`` returns them."""
+    rows, groups, _ = probs.shape
+    grad_out = grad_out.to(torch.float32).contiguous()
+    grad_logits = torch.empty_like(probs)
+    grad_weight = torch.empty_like(weight) if need_weight_grad else None
+    _library().maskllm_masked_weight_bwd_2_4(
+        grad_out.data_ptr(), weight.contiguous().data_ptr(), probs.data_ptr(),
+        mask.data_ptr() if mask is not None else None, _keep_table(spec).data_ptr(), grad_logits.data_ptr(),
+        grad_weight.data_ptr() if need_weight_grad else None, rows, groups, float(coef), float(reg2),
+        torch.get_num_threads())
+    return grad_logits, grad_weight
