@@ -5,7 +5,9 @@ reference MaskLLM formulation, all measured in this run; plus the persistent mas
 
 Layers (TP=1, single-rank gloo group, megatron-core's own ColumnParallelLinear machinery):
   dense      ColumnParallelLinear with a trainable weight (the baseline);
-  masked     MaskedColumnParallelLinear, frozen weight, soft Gumbel mask (our fused kernel);
+  masked     MaskedColumnParallelLinear, frozen weight, soft Gumbel mask (our fused kernels: the C++
+             CPU kernels where they run, else torch.compile);
+  compiled   the same with the torch.compile kernels (MASKLLM_CPU_KERNEL=0);
   eager      the same with the un-compiled kernel;
   reference  the published formulation: F.gumbel_softmax on [groups, 6], the batched
              [G,1,6] @ [1,6,4] product, W * mask, then the same linear function.
@@ -104,9 +106,14 @@ def main(argv=None):
     # The mask machinery alone (no matmuls): W -> masked W -> backward with a fixed upstream gradient.
     upstream = torch.randn(args.rows, args.cols)
 
-    def mask_only(fused: bool):
+    def use_kernel(mode: str) -> None:
+        """``fused`` (default fused kernels), ``compiled`` (torch.compile only) or ``eager``."""
+        masked.fused_mask_kernel = mode != "eager"
+        os.environ["MASKLLM_CPU_KERNEL"] = "0" if mode == "compiled" else "1"
+
+    def mask_only(mode: str):
         def go():
-            masked.fused_mask_kernel = fused
+            use_kernel(mode)
             masked.mask_logits.grad = None
             masked.sampled_weight().backward(upstream)
         return go
@@ -120,21 +127,22 @@ def main(argv=None):
 
     results = {"rows": args.rows, "cols": args.cols, "tokens": args.tokens, "threads": torch.get_num_threads()}
 
-    def with_kernel(fused: bool):
+    def with_kernel(mode: str):
         run = step(masked)
 
         def go():
-            masked.fused_mask_kernel = fused
+            use_kernel(mode)
             run()
         return go
 
-    t = timed({"dense": step(dense), "masked": with_kernel(True), "eager": with_kernel(False),
-               "reference": reference}, args.repeats)
-    t_dense, t_masked, t_eager, t_ref = t["dense"], t["masked"], t["eager"], t["reference"]
-    m = timed({"ours": mask_only(True), "ours_eager": mask_only(False), "reference": reference_mask_only},
-              args.repeats)
-    results.update(dense_s=t_dense, masked_s=t_masked, masked_eager_s=t_eager, reference_s=t_ref,
-                   masked_over_dense=t_masked / t_dense, eager_over_dense=t_eager / t_dense,
+    t = timed({"dense": step(dense), "masked": with_kernel("fused"), "compiled": with_kernel("compiled"),
+               "eager": with_kernel("eager"), "reference": reference}, args.repeats)
+    t_dense, t_masked, t_comp, t_eager, t_ref = t["dense"], t["masked"], t["compiled"], t["eager"], t["reference"]
+    m = timed({"ours": mask_only("fused"), "ours_compiled": mask_only("compiled"), "ours_eager": mask_only("eager"),
+               "reference": reference_mask_only}, args.repeats)
+    results.update(dense_s=t_dense, masked_s=t_masked, masked_compiled_s=t_comp, masked_eager_s=t_eager,
+                   reference_s=t_ref, masked_over_dense=t_masked / t_dense, compiled_over_dense=t_comp / t_dense,
+                   eager_over_dense=t_eager / t_dense,
                    reference_over_masked=t_ref / t_masked, mask_only_s=m,
                    mask_only_reference_over_ours=m["reference"] / m["ours"])
 
@@ -147,10 +155,11 @@ def main(argv=None):
           f"(median of {args.repeats}, interleaved)")
     print(f"  dense trainable   {t_dense * 1e3:8.1f} ms")
     print(f"  masked (fused)    {t_masked * 1e3:8.1f} ms   masked / dense     = {t_masked / t_dense:.3f}  (target <= 1.15)")
+    print(f"  masked (compiled) {t_comp * 1e3:8.1f} ms   compiled / dense   = {t_comp / t_dense:.3f}")
     print(f"  masked (eager)    {t_eager * 1e3:8.1f} ms   eager / dense      = {t_eager / t_dense:.3f}")
     print(f"  reference style   {t_ref * 1e3:8.1f} ms   reference / masked = {t_ref / t_masked:.3f}  (target >= 1.4)")
     print(f"  mask machinery alone (sample + W * mask, forward + backward, no matmul): ours {m['ours'] * 1e3:.1f} ms "
-          f"(eager {m['ours_eager'] * 1e3:.1f} ms), reference {m['reference'] * 1e3:.1f} ms: "
+          f"(torch.compile {m['ours_compiled'] * 1e3:.1f} ms, eager {m['ours_eager'] * 1e3:.1f} ms), reference {m['reference'] * 1e3:.1f} ms: "
           f"reference / ours = {m['reference'] / m['ours']:.2f}")
     print(f"  mask state: {4 * per_weight:.1f} bytes per masked weight (logits {per_weight:.1f} + grad {per_weight:.1f}"
           f" + Adam {2 * per_weight:.1f}); reference 24.0")

@@ -72,7 +72,7 @@ def text_batch(ckpt: Path, micro_batch: int, seq: int, dp_rank: int) -> dict:
     rows = ids[dp_rank * micro_batch * (seq + 1):].view(micro_batch, seq + 1)
     return {"tokens": rows[:, :-1].contiguous(), "labels": rows[:, 1:].contiguous(),
             "loss_mask": torch.ones(micro_batch, seq), "position_ids": torch.arange(seq).expand(micro_batch, seq),
-            "attention_mask": torch.ones(seq, seq, dtype=torch.bool).triu_(1).expand(micro_batch, 1, seq, seq)}
+            "attention_mask": None}  # causal, as the driver passes it
 
 
 def dense_model(cfg, info):

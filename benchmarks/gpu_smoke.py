@@ -140,9 +140,9 @@ def bench_model_step(device: str, layers: int, micro_batch: int, seq: int, repea
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, mc.vocab_size, (micro_batch, seq + 1), generator=gen)
     batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(micro_batch, seq),
-             "position_ids": torch.arange(seq).expand(micro_batch, seq),
-             "attention_mask": torch.ones(seq, seq, dtype=torch.bool).triu_(1).expand(micro_batch, 1, seq, seq)}
+             "position_ids": torch.arange(seq).expand(micro_batch, seq)}
     batch = {k: v.to(device) for k, v in batch.items()}
+    batch["attention_mask"] = None  # causal, as the driver passes it
 
     def build(masked: bool):
         model = build_gpt_model(mc, mc.to_transformer_config(1, 1, "bf16")).to(device)

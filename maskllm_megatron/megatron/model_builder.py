@@ -296,18 +296,13 @@ def build_gpt_model(model_config: ModelConfig, transformer_config=None, *, tp: i
     return model
 
 
-def causal_attention_mask(seq_len: int, batch_size: int = 1, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Boolean causal mask [b, 1, s, s] for ``GPTModel.forward`` (True = masked out)."""
-    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu_(1)
-    return mask.expand(batch_size, 1, seq_len, seq_len)
-
-
 def gpt_forward(model, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Run a single-stage ``GPTModel`` on ``tokens`` [b, s] with positions 0..s-1 and a causal mask.
+    """Run a single-stage ``GPTModel`` on ``tokens`` [b, s] with positions 0..s-1, causal attention
+    (no mask tensor: the layers' causal mask type applies, so SDPA takes its causal kernels).
 
     Returns logits [b, s, v] (vocab-parallel shard unless built with ``parallel_output=False``),
     or per-token losses [b, s] when ``labels`` are given.
     """
     b, s = tokens.shape
     position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
-    return model(tokens, position_ids, causal_attention_mask(s, b, tokens.device), labels=labels)
+    return model(tokens, position_ids, None, labels=labels)

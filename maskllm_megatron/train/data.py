@@ -13,13 +13,13 @@ from ..data.tokenizer import load_tokenizer
 from .config import TrainConfig
 
 
-def _with_causal_mask(batch: dict) -> dict:
-    b, s = batch["tokens"].shape
-    mask = torch.ones(s, s, dtype=torch.bool).triu_(1).expand(b, 1, s, s)
+def _model_batch(batch: dict) -> dict:
+    """A micro-batch as the model takes it, on the GPU when there is one. ``attention_mask`` is None:
+    the layers' causal mask type applies, so attention can run its causal kernels (SDPA's is_causal:
+    flash attention on GPU, half the blocks skipped on CPU) instead of reading a [b, 1, s, s] mask."""
     if torch.cuda.is_available():
         batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
-        mask = mask.cuda()
-    return dict(batch, attention_mask=mask)
+    return dict(batch, attention_mask=None)
 
 
 class RunData:
@@ -46,7 +46,7 @@ class RunData:
         it = micro_batches(self.splits.train, self.cfg.data.micro_batch_size, self.dp_rank, self.dp_size,
                            consumed_samples)
         while True:
-            chunk = [_with_causal_mask(b) for b in itertools.islice(it, num_micro)]
+            chunk = [_model_batch(b) for b in itertools.islice(it, num_micro)]
             if len(chunk) < num_micro:
                 return
             yield chunk
@@ -56,7 +56,7 @@ class RunData:
         num_micro = self.cfg.data.global_batch_size // (self.cfg.data.micro_batch_size * self.dp_size)
         it = micro_batches(self.splits.valid, self.cfg.data.micro_batch_size, self.dp_rank, self.dp_size, 0)
         for _ in range(n):
-            chunk = [_with_causal_mask(b) for b in itertools.islice(it, num_micro)]
+            chunk = [_model_batch(b) for b in itertools.islice(it, num_micro)]
             if len(chunk) < num_micro:
                 return
             yield chunk
@@ -64,7 +64,7 @@ class RunData:
     def calibration_batches(self, num_samples: int) -> list[dict]:
         """The first ``num_samples`` training samples, as micro-batches (same on every rank)."""
         it = micro_batches(self.splits.train, self.cfg.data.micro_batch_size)
-        return [_with_causal_mask(b) for b in itertools.islice(it, max(1, num_samples // self.cfg.data.micro_batch_size))]
+        return [_model_batch(b) for b in itertools.islice(it, max(1, num_samples // self.cfg.data.micro_batch_size))]
 
 
 def build_data(cfg: TrainConfig, info, dp_rank: int, dp_size: int) -> RunData:
