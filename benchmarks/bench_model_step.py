@@ -43,13 +43,13 @@ def ensure_checkpoint(ckpt: Path) -> Path:
     return hf_to_mcore(smollm2_hf_dir(), ckpt, show_progress=False)
 
 
-def run_config(ckpt: Path, micro_batch: int, seq: int, dp: int):
+def run_config(ckpt: Path, micro_batch: int, seq: int, dp: int, distributed_optimizer: bool = False):
     """A driver config for this benchmark (data.train is required by validation but never read)."""
     from maskllm_megatron.train.config import TrainConfig
 
     return TrainConfig.from_dict({
         "model": {"checkpoint": str(ckpt), "dtype": "fp32"},
-        "parallel": {"tp": 1, "distributed_optimizer": False},
+        "parallel": {"tp": 1, "distributed_optimizer": distributed_optimizer},
         "data": {"train": ["unused"], "seq_length": seq, "micro_batch_size": micro_batch,
                  "global_batch_size": micro_batch * dp},
         "optim": {"lr": 5e-4, "min_lr": 5e-5},
@@ -145,6 +145,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds (the fused kernel compiles here)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--distributed-optimizer", action="store_true",
+                   help="megatron's distributed optimizer (as the demo runs), for both steps")
     p.add_argument("--skip-eager", action="store_true", help="leave out mask_eager (long sequences)")
     p.add_argument("--json", help="also write the results to this file (rank 0)")
     p.add_argument("--profile", help="after timing, write torch.profiler tables of one step of each variant "
@@ -166,7 +168,7 @@ def main(argv=None):
     from maskllm_megatron.train.trainer import apply_prior, build_model, build_optimizer, setup_parallel
 
     world = int(os.environ["WORLD_SIZE"])
-    cfg = run_config(ckpt, args.micro_batch, args.seq, world)
+    cfg = run_config(ckpt, args.micro_batch, args.seq, world, args.distributed_optimizer)
     env = setup_parallel(cfg)
     rank0 = env["rank"] == 0
     batch = text_batch(ckpt, args.micro_batch, args.seq, env["dp_rank"])
@@ -211,7 +213,8 @@ def main(argv=None):
     med = {v: statistics.median(ts) for v, ts in times.items()}
     per_round = {v: statistics.median(a / b for a, b in zip(times[v], times["dense"])) for v in variants[1:]}
     results = {
-        "model": "SmolLM2-135M", "tp": 1, "dp": env["dp_size"], "micro_batch": args.micro_batch, "seq": args.seq,
+        "model": "SmolLM2-135M", "tp": 1, "dp": env["dp_size"], "distributed_optimizer": args.distributed_optimizer,
+        "micro_batch": args.micro_batch, "seq": args.seq,
         "tokens_per_step": args.micro_batch * args.seq * env["dp_size"], "threads_per_rank": torch.get_num_threads(),
         "masked_weights": n_masked, "repeats": args.repeats, "median_s": med, "all_s": times,
         "optimizer_step_median_s": {v: statistics.median(ts) for v, ts in opt_times.items()},

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     stages = Stages(assets.cache_dir() / "demo")
     found = {name: [p for p in sorted(stages.root.glob(pattern)) if ".partial" not in str(p)] for name, pattern in (
         ("converted model", "convert-*/ckpt"), ("training data", "data-wiki_train-*/wiki_train.bin"),
-        ("SparseGPT prior", "prior-sparsegpt-*/checkpoints/iter_0000000"))}
+        ("SparseGPT prior", "prior-sparsegpt-[0-9a-f]*/checkpoints/iter_0000000"))}  # not -update-
     for name, paths in found.items():
         if len(paths) != 1:
             raise SystemExit(f"error: expected one cached {name} under {stages.root}, found {len(paths)}: "
