@@ -1,6 +1,7 @@
 """Persistent mask-learning state per masked weight, measured on the real tensors of the sparsified
-SmolLM2-135M at TP=1, DP=2, with and without megatron's distributed optimizer; then what the measured
-layout implies per GPU for LLaMA-2 7B at TP=8 (DP=1 and DP=8), against the published 24 bytes/weight.
+SmolLM2-135M at TP=1, DP=2, fp32 and bf16 models, with and without megatron's distributed optimizer;
+then what each measured layout implies per GPU for LLaMA-2 7B at TP=8 (DP=1 and DP=8), against the
+published 24 bytes/weight.
 
     torchrun --nproc-per-node 2 benchmarks/bench_memory.py [--ckpt DIR] [--json OUT.json]
 
@@ -12,7 +13,8 @@ run_batches / optimizer.step, so Adam's state exists), each storage counted once
   optimizer   every tensor in the torch optimizer's ``state`` (exp_avg, exp_avg_sq, step);
   main        optimizer parameters and their ``.grad`` that share no storage with the above (fp32
               master copies; none for an fp32 model).
-The bf16 figures are DERIVED from the measured fp32 layout (not measured: the model here is fp32).
+The mask logits are in the model's parameter dtype (bf16 logits with an fp32 master copy in a bf16
+model). Only the "bf16 gradient reduction" rows are DERIVED (the driver reduces gradients in fp32).
 """
 from __future__ import annotations
 
@@ -69,15 +71,15 @@ def measure_state(ddp, optimizer) -> dict:
     return out
 
 
-def one_configuration(args, distributed_optimizer: bool) -> dict:
+def one_configuration(args, distributed_optimizer: bool, dtype: str) -> dict:
     """Build the sparsified model + optimizer, take one step, measure this rank."""
     from megatron.core import parallel_state
 
     from maskllm_megatron.megatron.sparsify import masked_layers
     from maskllm_megatron.train.trainer import build_model, build_optimizer, mask_config, run_batches
 
-    cfg = run_config(args.ckpt, 1, args.seq, parallel_state.get_data_parallel_world_size())
-    cfg.parallel.distributed_optimizer = distributed_optimizer
+    cfg = run_config(args.ckpt, 1, args.seq, parallel_state.get_data_parallel_world_size(),
+                     distributed_optimizer, dtype)
     model, _ = build_model(cfg)
     ddp, optimizer, _ = build_optimizer(cfg, model)
     masked = sum(layer.weight.numel() for layer in masked_layers(model))
@@ -109,27 +111,23 @@ def summarize(ranks: list[dict]) -> dict:
             "summed_over_ranks_bytes_per_weight": summed, "raw_bytes_per_rank": ranks}
 
 
-def project(fp32: dict, dp_sizes=(1, 8)) -> dict:
-    """Per-GPU bytes/weight at other DP sizes from the measured DP=2 layouts, for fp32 (measured layout)
-    and bf16 (DERIVED). ``fp32`` maps "plain" / "distributed" to ``summarize`` results."""
-    plain = fp32["plain"]["per_gpu_bytes_per_weight"]
-    dist = fp32["distributed"]
-    d_gpu = dist["per_gpu_bytes_per_weight"]
-    d_sum = dist["summed_over_ranks_bytes_per_weight"]
-    # With the distributed optimizer, optimizer state and master copies are split over DP ranks;
-    # logits and the gradient buffer are not (checked by the DP=2 numbers: per GPU = sum / 2).
-    sharded_fp32 = d_sum["optimizer"] + d_sum["main"]
-    logits, grads = d_gpu["params"], d_gpu["grads"]
+def project(measured: dict, dp_sizes=(1, 8)) -> dict:
+    """Per-GPU bytes/weight at other DP sizes from the layouts measured at DP=2. ``measured`` maps
+    ``(dtype, "plain" | "distributed")`` to ``summarize`` results. With the distributed optimizer the
+    optimizer state and master copies are split over DP ranks; logits and the gradient buffer are not
+    (checked by the DP=2 numbers: per GPU = sum / 2 for those two)."""
     rows = {}
-    for d in dp_sizes:
-        rows[f"fp32 DP={d} no distributed optimizer"] = plain["total"]
-        rows[f"fp32 DP={d} distributed optimizer"] = logits + grads + sharded_fp32 / d
-        # bf16 model (DERIVED): logits bf16 (half), fp32 master logits (= fp32 logit bytes) and Adam,
-        # gradient buffer fp32 (driver: grad_reduce_in_fp32=True) or bf16.
-        master = logits
-        for gname, g in (("fp32 grads", grads), ("bf16 grads", grads / 2)):
-            rows[f"bf16 DP={d} no distributed optimizer, {gname} [derived]"] = logits / 2 + g + master + d_sum["optimizer"]
-            rows[f"bf16 DP={d} distributed optimizer, {gname} [derived]"] = logits / 2 + g + (master + d_sum["optimizer"]) / d
+    for dtype in sorted({d for d, _ in measured}):
+        plain = measured[(dtype, "plain")]["per_gpu_bytes_per_weight"]
+        d_gpu = measured[(dtype, "distributed")]["per_gpu_bytes_per_weight"]
+        d_sum = measured[(dtype, "distributed")]["summed_over_ranks_bytes_per_weight"]
+        sharded = d_sum["optimizer"] + d_sum["main"]
+        for d in dp_sizes:
+            rows[f"{dtype} DP={d} no distributed optimizer"] = plain["total"]
+            rows[f"{dtype} DP={d} distributed optimizer"] = d_gpu["params"] + d_gpu["grads"] + sharded / d
+            if dtype == "bf16":  # the driver reduces gradients in fp32; bf16 reduction halves that buffer
+                rows[f"bf16 DP={d} distributed optimizer, bf16 gradient reduction [derived]"] = \
+                    d_gpu["params"] + d_gpu["grads"] / 2 + sharded / d
     per_gpu_weights = LLAMA2_7B_LINEAR_WEIGHTS / LLAMA2_TP
     return {name: {"bytes_per_weight": b, "llama2_7b_tp8_gb_per_gpu": b * per_gpu_weights / 1e9,
                    "vs_reference": b / REFERENCE_BYTES, "meets_half_reference": b <= REFERENCE_BYTES / 2}
@@ -140,6 +138,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", type=Path, default=Path("/tmp") / "maskllm_bench" / "smollm2-tp1")
     p.add_argument("--seq", type=int, default=32, help="tokens of the one measured step")
+    p.add_argument("--dtypes", default="fp32,bf16", help="model dtypes to measure (comma-separated: fp32,bf16)")
     p.add_argument("--json", help="also write the results to this file (rank 0)")
     args = p.parse_args(argv)
     if "RANK" not in os.environ:
@@ -152,25 +151,31 @@ def main(argv=None):
 
     cfg = run_config(args.ckpt, 1, args.seq, int(os.environ["WORLD_SIZE"]))
     env = setup_parallel(cfg)
-    measured = {"plain": one_configuration(args, False), "distributed": one_configuration(args, True)}
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes or set(dtypes) - {"fp32", "bf16"}:
+        p.error(f"--dtypes takes fp32 and/or bf16, got {args.dtypes!r}")
+    measured = {(dtype, name): one_configuration(args, name == "distributed", dtype)
+                for dtype in dtypes for name in ("plain", "distributed")}
     projected = project(measured)
     if env["rank"] == 0:
-        print(f"SmolLM2-135M sparsified (2:4), TP=1 DP={measured['plain']['dp']}, "
-              f"{measured['plain']['masked_weights'] / 1e6:.1f}M masked weights; bytes per masked weight")
-        for name, res in measured.items():
+        first = next(iter(measured.values()))
+        print(f"SmolLM2-135M sparsified (2:4), TP=1 DP={first['dp']}, "
+              f"{first['masked_weights'] / 1e6:.1f}M masked weights; bytes per masked weight")
+        for (dtype, name), res in measured.items():
             g, s = res["per_gpu_bytes_per_weight"], res["summed_over_ranks_bytes_per_weight"]
-            print(f"  measured, {name:11s} optimizer: per GPU {g['total']:5.2f} (params {g['params']:.2f} grads "
+            print(f"  measured, {dtype} model, {name:11s} optimizer: per GPU {g['total']:5.2f} (params {g['params']:.2f} grads "
                   f"{g['grads']:.2f} optimizer {g['optimizer']:.2f} main {g['main']:.2f}); summed over ranks "
                   f"{s['total']:.2f}; trains {res['raw_bytes_per_rank'][0]['trainable_names']}")
         print(f"LLaMA-2 7B at TP={LLAMA2_TP} ({LLAMA2_7B_LINEAR_WEIGHTS / LLAMA2_TP / 1e9:.3f}e9 masked weights per GPU), "
               f"reference {REFERENCE_BYTES:.0f} B/weight = {REFERENCE_BYTES * LLAMA2_7B_LINEAR_WEIGHTS / LLAMA2_TP / 1e9:.1f} GB:")
         for name, r in projected.items():
-            print(f"  {name:58s} {r['bytes_per_weight']:6.2f} B/weight  {r['llama2_7b_tp8_gb_per_gpu']:5.1f} GB/GPU  "
+            print(f"  {name:66s} {r['bytes_per_weight']:6.2f} B/weight  {r['llama2_7b_tp8_gb_per_gpu']:5.1f} GB/GPU  "
                   f"{'<= half of reference' if r['meets_half_reference'] else ''}")
         if args.json:
             tmp = args.json + ".tmp"
             with open(tmp, "w") as f:
-                json.dump({"measured": measured, "projected": projected}, f, indent=2)
+                json.dump({"measured": {f"{d} {n}": r for (d, n), r in measured.items()}, "projected": projected},
+                          f, indent=2)
             os.replace(tmp, args.json)
     torch.distributed.destroy_process_group()
 

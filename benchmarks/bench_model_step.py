@@ -43,12 +43,13 @@ def ensure_checkpoint(ckpt: Path) -> Path:
     return hf_to_mcore(smollm2_hf_dir(), ckpt, show_progress=False)
 
 
-def run_config(ckpt: Path, micro_batch: int, seq: int, dp: int, distributed_optimizer: bool = False):
+def run_config(ckpt: Path, micro_batch: int, seq: int, dp: int, distributed_optimizer: bool = False,
+               dtype: str = "fp32"):
     """A driver config for this benchmark (data.train is required by validation but never read)."""
     from maskllm_megatron.train.config import TrainConfig
 
     return TrainConfig.from_dict({
-        "model": {"checkpoint": str(ckpt), "dtype": "fp32"},
+        "model": {"checkpoint": str(ckpt), "dtype": dtype},
         "parallel": {"tp": 1, "distributed_optimizer": distributed_optimizer},
         "data": {"train": ["unused"], "seq_length": seq, "micro_batch_size": micro_batch,
                  "global_batch_size": micro_batch * dp},

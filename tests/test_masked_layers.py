@@ -32,3 +32,12 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_and_tp2(runs):
         assert torch.equal(runs["tp2_save"][key], runs["tp1_load"][key]), key
     # The saved values are not the initial ones (the save perturbed them).
     assert not torch.equal(runs["tp2_save"]["ckpt_Lc"], runs["tp2_save"]["Lc"])
+
+
+def test_bf16_model_has_bf16_logits_loading_an_fp32_checkpoint(runs):
+    """In a bf16 model the logits are bf16 (fp32 master copies live in megatron's optimizer, sharded by
+    the distributed optimizer); a checkpoint saved from fp32 logits loads into them, rounded."""
+    load = runs["tp1_load"]
+    assert load["bf16_logits"].dtype == torch.bfloat16
+    assert torch.equal(load["bf16_logits"], load["ckpt_Lc"].to(torch.bfloat16))
+    assert load["bf16_logits_grad_dtype"] == "torch.bfloat16" and load["bf16_logits_grad_finite"]

@@ -67,7 +67,10 @@ class _MaskedLinearMixin:
         with torch.no_grad():
             logits = init_logits(init_key(mask_config.seed, self.mask_layer_id), self.global_row_ids(),
                                  self.global_group_ids(), spec, mask_config.init_std)
-        self.mask_logits = torch.nn.Parameter(logits.to(self.weight.device))
+        # In the model's parameter dtype, like every other parameter: in a bf16 model the logits are bf16
+        # and megatron's optimizer keeps their fp32 master copy, which the distributed optimizer shards
+        # over data-parallel ranks (the memory layout measured in benchmarks/RESULTS.md).
+        self.mask_logits = torch.nn.Parameter(logits.to(self.weight.device, self.config.params_dtype))
         set_tensor_model_parallel_attributes(self.mask_logits, True, self.partition_dim, 1)
         # the global positions that key the noise, kept on the logits' device (no copy per forward)
         self.register_buffer("noise_row_ids", self.global_row_ids().to(self.weight.device), persistent=False)

@@ -165,6 +165,25 @@ def main():
                 assert torch.equal(saved[k], after[k]), f"{k} changed in a TP={tp} save/load"
         result.update({f"ckpt_{k}": v for k, v in after.items()})
 
+    if mode == "load":
+        # A bf16 model: bf16 logits (megatron's optimizer keeps the fp32 master copy); the fp32 checkpoint
+        # loads into them (rounded to bf16), and a training step gives bf16 logit gradients.
+        bcfg = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, use_cpu_initialization=True,
+                                 perform_initialization=False, bf16=True, params_dtype=torch.bfloat16)
+        bcol = MaskedColumnParallelLinear(h_in, h_mid, config=bcfg, init_method=torch.nn.init.zeros_, bias=True,
+                                          gather_output=False, mask_config=mcfg, mask_layer_id="col")
+        assert bcol.mask_logits.dtype == torch.bfloat16 == bcol.weight.dtype
+        loaded = dist_checkpointing.load(bcol.sharded_state_dict(prefix="col.", metadata=meta), ckpt_dir)
+        bcol.load_state_dict({k[4:]: v for k, v in loaded.items() if k.startswith("col.")}, strict=False)
+        with torch.no_grad():
+            bcol.weight.copy_(Wc[bcol.global_row_ids()])
+            bcol.bias.copy_(bc[bcol.global_row_ids()])
+        bcol.set_mask_step(step)
+        yb, _ = bcol(x.to(torch.bfloat16))
+        yb.float().sum().backward()
+        result.update(bf16_logits=global_logits(bcol, 0), bf16_logits_grad_dtype=str(bcol.mask_logits.grad.dtype),
+                      bf16_logits_grad_finite=bool(torch.isfinite(bcol.mask_logits.grad).all()))
+
     if torch.distributed.get_rank() == 0:
         torch.save(result, f"{outdir}/tp{tp}_{mode}.pt")
     print(json.dumps({"rank": torch.distributed.get_rank(), "ok": True}))
