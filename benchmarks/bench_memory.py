@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model_step import run_config, text_batch  # noqa: E402
+from bench_model_step import run_config, text_batch, write_atomic  # noqa: E402
 
 REFERENCE_BYTES = 24.0  # published: fp32 logits (6 per 4 weights) + their grad + Adam (2 states)
 LLAMA2_7B_LINEAR_WEIGHTS = 6.5e9
@@ -172,11 +172,8 @@ def main(argv=None):
             print(f"  {name:66s} {r['bytes_per_weight']:6.2f} B/weight  {r['llama2_7b_tp8_gb_per_gpu']:5.1f} GB/GPU  "
                   f"{'<= half of reference' if r['meets_half_reference'] else ''}")
         if args.json:
-            tmp = args.json + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"measured": {f"{d} {n}": r for (d, n), r in measured.items()}, "projected": projected},
-                          f, indent=2)
-            os.replace(tmp, args.json)
+            write_atomic(args.json, json.dumps({"measured": {f"{d} {n}": r for (d, n), r in measured.items()},
+                                                "projected": projected}, indent=2))
     torch.distributed.destroy_process_group()
 
 

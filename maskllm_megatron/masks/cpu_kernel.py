@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from .patterns import NMSpec, pattern_positions
+from .patterns import NMSpec, candidate_patterns
 
 SOURCE = Path(__file__).with_name("csrc") / "masked_weight_cpu.cpp"
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-mavx2", "-mfma", "-fopenmp",
@@ -93,9 +93,8 @@ def supports(weight: torch.Tensor, logits: torch.Tensor, spec: NMSpec) -> bool:
 
 @lru_cache(maxsize=None)
 def _keep_table(spec: NMSpec) -> torch.Tensor:
-    """``[C, M]`` uint8: 1 where pattern k keeps position j (the order of ``pattern_positions``)."""
-    return torch.tensor([[j in kept for j in range(spec.m)] for kept in pattern_positions(spec)],
-                        dtype=torch.uint8)
+    """``[C, M]`` uint8: 1 where pattern k keeps position j (the candidate patterns, as bytes)."""
+    return candidate_patterns(spec, dtype=torch.uint8).contiguous()
 
 
 def masked_weight_forward(weight: torch.Tensor, logits: torch.Tensor, row_hash: torch.Tensor,
@@ -123,11 +122,13 @@ def masked_weight_backward(grad_out: torch.Tensor, weight: torch.Tensor, probs: 
                            need_weight_grad: bool):
     """``(grad_logits, grad_weight or None)`` as ``sampling._sample_backward`` returns them."""
     rows, groups, _ = probs.shape
-    grad_out = grad_out.to(torch.float32).contiguous()
+    # contiguous copies are bound to names: the pointers below must outlive the call
+    grad_out, weight, probs = grad_out.to(torch.float32).contiguous(), weight.contiguous(), probs.contiguous()
+    mask = mask.contiguous() if mask is not None else None
     grad_logits = torch.empty_like(probs)
     grad_weight = torch.empty_like(weight) if need_weight_grad else None
     _library().maskllm_masked_weight_bwd_2_4(
-        grad_out.data_ptr(), weight.contiguous().data_ptr(), probs.data_ptr(),
+        grad_out.data_ptr(), weight.data_ptr(), probs.data_ptr(),
         mask.data_ptr() if mask is not None else None, _keep_table(spec).data_ptr(), grad_logits.data_ptr(),
         grad_weight.data_ptr() if need_weight_grad else None, rows, groups, float(coef), float(reg2),
         torch.get_num_threads())
