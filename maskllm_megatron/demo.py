@@ -71,35 +71,43 @@ class Stages:
         root.mkdir(parents=True, exist_ok=True)
         self.t0 = time.time()
 
-    def run(self, number: int, name: str, key: str, fn) -> Path:
+    def run(self, number: int, name: str, key: str, fn, resumable: bool = False) -> Path:
+        """``fn(work)`` fills ``<name>-<key>.partial/``, renamed when it returns. A ``resumable`` stage keeps
+        an interrupted work folder (a training run resumes from its last checkpoint there); any other
+        stage starts again from an empty one."""
         done = self.root / f"{name}-{key}"
         stamp = f"[demo {time.time() - self.t0:6.0f}s] {number}. {name}"
         if done.exists():
             print(f"{stamp}: cached ({done})", flush=True)
             return done
         work = self.root / f"{name}-{key}.partial"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
+        if resumable and work.exists():
+            print(f"{stamp}: resuming in {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
         print(f"{stamp} ...", flush=True)
         try:
             fn(work)
         except Exception as e:
+            again = "it resumes from its last checkpoint" if resumable else "finished stages are reused"
             raise SystemExit(f"demo stage {number} ({name}) failed: {e}\n  its work folder is {work}; fix the cause "
-                             "and run `make demo` again: finished stages are reused") from e
+                             f"and run the same command (`make demo`) again: {again}") from e
         os.replace(work, done)
         print(f"[demo {time.time() - self.t0:6.0f}s] {number}. {name}: done", flush=True)
         return done
 
 
-def _run(cmd: list, log: Path, nproc: int = 0) -> str:
-    """Run a command (under torchrun with ``nproc`` processes if set), teeing output to ``log``."""
+def _run(cmd: list, log: Path, nproc: int = 0, append: bool = False) -> str:
+    """Run a command (under torchrun with ``nproc`` processes if set), teeing output to ``log``
+    (appended to it with ``append``)."""
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-port", str(free_port())] + cmd
     else:
         cmd = [sys.executable] + cmd
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // max(1, nproc))))
-    with open(log, "w") as f:
+    with open(log, "a" if append else "w") as f:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         lines = []
         for line in proc.stdout:
@@ -214,10 +222,21 @@ def learn_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, iter
                             run={"train_iters": iters, "log_interval": 5, "eval_interval": max(5, iters // evals),
                                  "eval_iters": 1, "save_interval": max(5, iters // checkpoints),
                                  "keep_last": checkpoints, "out_dir": str(w)})
-        _run(["-m", "maskllm_megatron.train", "--config", str(_write_yaml(cfg, w / "maskllm.yaml"))],
-             w / "train.log", nproc=2)
+        wall, t0 = w / "learn_wall_s", time.time()  # summed over attempts when a run is resumed
+        try:
+            _run(["-m", "maskllm_megatron.train", "--config", str(_write_yaml(cfg, w / "maskllm.yaml"))],
+                 w / "train.log", nproc=2, append=True)
+        finally:
+            wall.write_text(str(learn_wall_s(w) + time.time() - t0))
 
-    return stages.run(5, name, _key(str(prior_ckpt), str(prefix), iters, checkpoints, evals, asdict(recipe)), learn)
+    return stages.run(5, name, _key(str(prior_ckpt), str(prefix), iters, checkpoints, evals, asdict(recipe)), learn,
+                      resumable=True)
+
+
+def learn_wall_s(run: Path) -> float:
+    """Wall time a ``learn_stage`` run took, over all its attempts (0 before the first one ends)."""
+    wall = run / "learn_wall_s"
+    return float(wall.read_text()) if wall.exists() else 0.0
 
 
 def final_checkpoint(run: Path) -> Path:

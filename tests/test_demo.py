@@ -36,6 +36,29 @@ def test_failed_stage_names_itself_and_how_to_resume(tmp_path):
     assert stages.run(4, "prior-wanda", "abc", lambda w: None) == tmp_path / "prior-wanda-abc"
 
 
+def test_resumable_stage_keeps_its_interrupted_work(tmp_path):
+    """A training stage resumes from the checkpoints an interrupted attempt left in its work folder."""
+    stages = Stages(tmp_path)
+    seen = []
+
+    def train(w):
+        seen.append(sorted(p.name for p in w.iterdir()))
+        (w / f"iter_{len(seen)}").write_text("checkpoint")
+        if len(seen) == 1:
+            raise RuntimeError("killed")
+
+    with pytest.raises(SystemExit) as e:
+        stages.run(5, "maskllm", "k", train, resumable=True)
+    assert "resumes from its last checkpoint" in str(e.value)
+    done = stages.run(5, "maskllm", "k", train, resumable=True)
+    assert seen == [[], ["iter_1"]]  # the second attempt found the first one's checkpoint
+    assert sorted(p.name for p in done.iterdir()) == ["iter_1", "iter_2"]
+    # a stage that is not resumable starts from an empty folder
+    with pytest.raises(SystemExit):
+        stages.run(4, "prior", "k", lambda w: ((w / "half").write_text("x"), 1 / 0))
+    assert stages.run(4, "prior", "k", lambda w: seen.append(list(w.iterdir()))) and seen[-1] == []
+
+
 def test_recipe_turns_minutes_into_iterations():
     r = LearnRecipe(global_batch=2, tokens_per_second=64.0)
     assert r.tokens_per_iteration == 2 * SEQ
