@@ -212,16 +212,18 @@ def prior_stage(stages: Stages, ckpt: Path, prefix: Path, method: str, update_we
 def learn_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, iters: int, recipe: LearnRecipe,
                 name: str = "maskllm", checkpoints: int = 1, evals: int = 4) -> Path:
     """MaskLLM mask learning (2 data-parallel processes) from ``prior_ckpt``'s masks; keeps
-    ``checkpoints`` evenly spaced checkpoints (3 GB each) and runs ``evals`` hard-mask validations."""
+    ``checkpoints`` evenly spaced checkpoints and the final one (3 GB each) and runs ``evals`` hard-mask
+    validations."""
     def learn(w: Path):
         b = recipe.global_batch
+        every = max(5, iters // checkpoints)
+        keep = checkpoints + (iters % every != 0)  # the final save comes on top of the evenly spaced ones
         cfg = _train_config(ckpt, prefix, w, prior={"method": "checkpoint", "checkpoint": str(prior_ckpt)},
                             data={"micro_batch_size": max(1, b // 2), "global_batch_size": b},
                             optim={"lr": recipe.lr / 10, "min_lr": recipe.lr / 100},
                             mask={"prior_strength": recipe.prior_strength},
                             run={"train_iters": iters, "log_interval": 5, "eval_interval": max(5, iters // evals),
-                                 "eval_iters": 1, "save_interval": max(5, iters // checkpoints),
-                                 "keep_last": checkpoints, "out_dir": str(w)})
+                                 "eval_iters": 1, "save_interval": every, "keep_last": keep, "out_dir": str(w)})
         wall, t0 = w / "learn_wall_s", time.time()  # summed over attempts when a run is resumed
         try:
             _run(["-m", "maskllm_megatron.train", "--config", str(_write_yaml(cfg, w / "maskllm.yaml"))],
