@@ -216,14 +216,13 @@ def learn_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, iter
     validations."""
     def learn(w: Path):
         b = recipe.global_batch
-        every = max(5, iters // checkpoints)
-        keep = checkpoints + (iters % every != 0)  # the final save comes on top of the evenly spaced ones
+        every = max(5, iters // checkpoints)  # the driver also keeps the final checkpoint
         cfg = _train_config(ckpt, prefix, w, prior={"method": "checkpoint", "checkpoint": str(prior_ckpt)},
                             data={"micro_batch_size": max(1, b // 2), "global_batch_size": b},
                             optim={"lr": recipe.lr / 10, "min_lr": recipe.lr / 100},
                             mask={"prior_strength": recipe.prior_strength},
                             run={"train_iters": iters, "log_interval": 5, "eval_interval": max(5, iters // evals),
-                                 "eval_iters": 1, "save_interval": every, "keep_last": keep, "out_dir": str(w)})
+                                 "eval_iters": 1, "save_interval": every, "keep_last": checkpoints, "out_dir": str(w)})
         wall, t0 = w / "learn_wall_s", time.time()  # summed over attempts when a run is resumed
         try:
             _run(["-m", "maskllm_megatron.train", "--config", str(_write_yaml(cfg, w / "maskllm.yaml"))],

@@ -84,7 +84,7 @@ class RunSection:
     eval_interval: int = 100
     eval_iters: int = 10
     save_interval: int = 200
-    keep_last: int = 2
+    keep_last: int = 2  # scheduled checkpoints kept; a newer preemption or final save is kept on top
     tensorboard: bool = True
     wandb_project: str = ""
 

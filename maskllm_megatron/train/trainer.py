@@ -197,6 +197,19 @@ def latest_checkpoint(cfg: TrainConfig) -> Optional[Path]:
     return path if (path / "metadata.json").exists() else None
 
 
+def stale_checkpoints(iterations: list[int], save_interval: int, keep_last: int) -> list[int]:
+    """The checkpoints (by iteration) to delete after a save. The ``keep_last`` newest scheduled ones
+    (multiples of ``save_interval``; all of them when it is 0) stay, and the newest checkpoint always
+    does; an off-schedule one (a SIGTERM save, a run's final save) is dropped once a newer one exists,
+    so a preemption never rotates out a scheduled checkpoint."""
+    if not iterations:
+        return []
+    newest = max(iterations)
+    scheduled = sorted(i for i in iterations if not save_interval or i % save_interval == 0)
+    stale = [i for i in iterations if i not in scheduled] + scheduled[: max(0, len(scheduled) - keep_last)]
+    return sorted(i for i in stale if i != newest)
+
+
 def save(cfg: TrainConfig, state: "LoopState", model, optimizer, scheduler, is_rank0: bool) -> Path:
     from ..megatron.checkpointing import save_checkpoint
 
@@ -209,9 +222,10 @@ def save(cfg: TrainConfig, state: "LoopState", model, optimizer, scheduler, is_r
         tmp = root / "latest.tmp"
         tmp.write_text(name)
         os.replace(tmp, root / "latest")  # the pointer moves only after the checkpoint is complete
-        done = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".partial"))
-        for old in done[: max(0, len(done) - cfg.run.keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
+        done = {int(p.name[len("iter_"):]): p for p in root.glob("iter_*")
+                if p.is_dir() and p.name[len("iter_"):].isdigit()}
+        for it in stale_checkpoints(list(done), cfg.run.save_interval, cfg.run.keep_last):
+            shutil.rmtree(done[it], ignore_errors=True)
     torch.distributed.barrier()
     return path
 
