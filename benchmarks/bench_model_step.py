@@ -122,13 +122,13 @@ def timed(step) -> tuple[float, float]:
     return float(t[0]), float(t[1])
 
 
-def profile_step(step) -> str:
+def profile_step(step, rows: int = 30) -> str:
     """torch.profiler's table (ops by self CPU time) of one call of ``step`` (every rank runs it)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -152,6 +152,7 @@ def main(argv=None):
     p.add_argument("--json", help="also write the results to this file (rank 0)")
     p.add_argument("--profile", help="after timing, write torch.profiler tables of one step of each variant "
                                      "(self CPU time per op, rank 0) to this file")
+    p.add_argument("--profile-rows", type=int, default=30, help="rows of each profile table (default 30)")
     args = p.parse_args(argv)
     asked = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(asked) - set(VARIANTS))
@@ -206,7 +207,7 @@ def main(argv=None):
                   + "".join(f"  {n} {times[n][-1] * 1e3:.0f} ms" for n in variants if r >= args.warmup), flush=True)
 
     if args.profile:
-        tables = {name: profile_step(lambda: run(name)) for name in variants}
+        tables = {name: profile_step(lambda: run(name), args.profile_rows) for name in variants}
         if rank0:
             write_atomic(args.profile, "".join(f"== {n} step (rank 0, {args.micro_batch} x {args.seq} tokens, "
                                                f"DP={env['dp_size']})\n{t}\n" for n, t in tables.items()))
