@@ -3,6 +3,7 @@ LLaMA-shaped model pre-trained on real text: learning at TP=2 and DP=2, exact re
 resume at another TP size, SIGTERM, NaN stop, PP=2."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -129,11 +130,20 @@ def test_transfer_from_a_learned_run_starts_from_fresh_logits_with_its_hard_mask
     assert check.returncode == 0, check.stdout + check.stderr[-3000:]
 
 
-def test_dp2_learns(tiny):
-    config = write_config(tiny, "dp2", parallel={"tp": 1, "distributed_optimizer": True})
-    torchrun("-m", "maskllm_megatron.train", "--config", config, nproc=2)
+def test_dp2_learns_and_overlapping_the_grad_reduction_changes_nothing(tiny):
+    """DP=2 with the distributed optimizer, two micro-batches per rank: it learns, and reducing the
+    gradients bucket by bucket during the backward (overlap_grad_reduce) gives the same losses."""
+    logs = {}
+    for name, extra in (("dp2", {}), ("dp2_overlap", {"overlap_grad_reduce": True, "bucket_size": 20000})):
+        config = write_config(tiny, name, parallel={"tp": 1, "distributed_optimizer": True, **extra},
+                              data={"global_batch_size": 16})
+        logs[name] = torchrun("-m", "maskllm_megatron.train", "--config", config, nproc=2)
     start, end = valid_losses(tiny / "dp2")
     assert end < start
+    buckets = re.search(r"gradient reduction overlaps the backward: (\d+) buckets", logs["dp2_overlap"])
+    assert buckets and int(buckets.group(1)) > 1 and "overlaps" not in logs["dp2"]
+    plain, overlapped = ([h[1] for h in history(tiny / n)] for n in ("dp2", "dp2_overlap"))
+    assert len(plain) == 12 and overlapped == pytest.approx(plain, rel=1e-5)
 
 
 def test_sigterm_saves_and_exits_cleanly(tiny):
@@ -156,6 +166,29 @@ def test_sigterm_saves_and_exits_cleanly(tiny):
     assert "SIGTERM: saved at iteration" in output
     it = len(history(out))
     assert 1 <= it < 10000 and (out / "checkpoints" / f"iter_{it:07d}" / "metadata.json").exists()
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.stem)
+def test_example_configs_validate(example):
+    from maskllm_megatron.train.config import TrainConfig
+
+    cfg = TrainConfig.load(str(example)).validate()
+    assert cfg.mask.nm == "2:4" and cfg.model.checkpoint and cfg.data.train
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"parallel": {"tpp": 2}}, "unknown key(s) ['tpp'] in parallel"),
+    ({"parallel": {"tp": "x"}}, "parallel.tp: 'x' is not a valid int"),
+    ({"parallel": {"bucket_size": -1}}, "parallel.bucket_size -1 must be >= 0"),
+    ({"prior": {"method": "obs"}}, "prior.method 'obs': use magnitude"),
+])
+def test_bad_config_is_one_line_naming_the_field(raw, message):
+    from maskllm_megatron.train.config import ConfigError, TrainConfig
+
+    base = {"model": {"checkpoint": "/ckpt"}, "data": {"train": ["/data/x_text_document"]}}
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.from_dict({**base, **raw}).validate()
+    assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_checkpoint_rotation_keeps_scheduled_checkpoints_through_a_preemption():

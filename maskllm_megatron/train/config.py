@@ -26,6 +26,10 @@ class ParallelSection:
     tp: int = 1
     pp: int = 1
     distributed_optimizer: bool = True
+    # Reduce each gradient bucket as soon as the backward pass has filled it, overlapping data-parallel
+    # communication with the rest of the backward (megatron DDP); worth it on GPU clusters.
+    overlap_grad_reduce: bool = False
+    bucket_size: int = 0  # gradient bucket size in elements; 0: megatron's default
 
 
 @dataclass
@@ -108,6 +112,8 @@ class TrainConfig:
         for name in ("tp", "pp"):
             if getattr(p, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1")
+        if p.bucket_size < 0:
+            raise ConfigError(f"parallel.bucket_size {p.bucket_size} must be >= 0 (0: megatron's default)")
         if world_size is not None:
             if world_size % (p.tp * p.pp):
                 raise ConfigError(f"world size {world_size} is not a multiple of tp*pp={p.tp * p.pp}: "

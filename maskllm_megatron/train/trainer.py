@@ -168,9 +168,16 @@ def build_optimizer(cfg: TrainConfig, model):
     from ..megatron.sparsify import optimizer_overrides
 
     o = cfg.optim
+    par = cfg.parallel
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
-        use_distributed_optimizer=cfg.parallel.distributed_optimizer, grad_reduce_in_fp32=True), model)
+        use_distributed_optimizer=par.distributed_optimizer, grad_reduce_in_fp32=True,
+        overlap_grad_reduce=par.overlap_grad_reduce, bucket_size=par.bucket_size or None), model)
     model.config.finalize_model_grads_func = finalize_model_grads
+    if par.overlap_grad_reduce:
+        # as Megatron-LM's training loop: no reduction until the last micro-batch's backward, where each
+        # bucket starts reducing once full; finalize_model_grads waits for them
+        model.config.no_sync_func = ddp.no_sync
+        model.config.grad_sync_func = ddp.start_grad_sync
     bf16 = model.config.bf16
     opt_cfg = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
                               adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
@@ -328,6 +335,9 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     if resume is None:
         prior_report = apply_prior(cfg, model, data)
     ddp, optimizer, scheduler = build_optimizer(cfg, model)
+    if cfg.parallel.overlap_grad_reduce and is_rank0:
+        buckets = sum(len(g.buckets) for g in ddp.bucket_groups)
+        print(f"[maskllm] gradient reduction overlaps the backward: {buckets} buckets", flush=True)
     logger = MetricsLogger(cfg.run.out_dir, cfg.run.tensorboard, cfg.run.wandb_project, cfg.to_dict(), enabled=is_rank0)
     if resume is not None:
         extra = load_checkpoint(model, resume, optimizer)["extra"]
