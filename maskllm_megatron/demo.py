@@ -223,7 +223,9 @@ def learn_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, iter
                             mask={"prior_strength": recipe.prior_strength},
                             run={"train_iters": iters, "log_interval": 5, "eval_interval": max(5, iters // evals),
                                  "eval_iters": 1, "save_interval": every, "keep_last": checkpoints, "out_dir": str(w)})
-        wall, t0 = w / "learn_wall_s", time.time()  # summed over attempts when a run is resumed
+        wall, t0 = w / "learn_wall_s", time.time()  # summed over the attempts a resumed run is made of
+        if not (w / "checkpoints" / "latest").exists():
+            wall.unlink(missing_ok=True)  # nothing to resume: this attempt starts the run again
         try:
             _run(["-m", "maskllm_megatron.train", "--config", str(_write_yaml(cfg, w / "maskllm.yaml"))],
                  w / "train.log", nproc=2, append=True)
