@@ -9,6 +9,8 @@
 // processed per AVX2 vector: lane i holds group g0+i, and the 6 pattern logits of a group sit in 6
 // vectors. Noise: the murmur3 fmix32 hash of rng.py, bit for bit; -log(-log(u)) with SLEEF's 3.5-ULP
 // logf and the softmax's exp with ATen's 20-ULP exp_u20 (a few ULP from the eager path, which tests bound).
+// Full 8-group blocks are a separate instantiation (n known at compile time: unrolled staging loops and
+// full-vector loads; ATen's counted int32 load always copies through memory), the row's tail the other.
 // Built on first use by maskllm_megatron/masks/cpu_kernel.py (g++ -O3 -mavx2 -mfma -fopenmp).
 #include <ATen/cpu/vec/vec.h>
 #include <omp.h>
@@ -30,6 +32,10 @@ inline IVec mix32(IVec x) {  // murmur3 fmix32 on int32 lanes (logical shifts by
   return x ^ ((x >> IVec(16)) & IVec(0xFFFF));
 }
 
+inline IVec load_lanes(const int32_t* p, int n) {  // ATen's counted int32 loadu always copies: full vectors first
+  return n == L ? IVec::loadu(p) : IVec::loadu(p, n);
+}
+
 inline Vec gumbel(IVec row_hash, IVec col_hash) {  // rng.gumbel_from_hashes
   IVec h = (mix32(row_hash ^ col_hash) >> IVec(9)) & IVec(0x7FFFFF);
   Vec u = (at::vec::convert<float>(h) + Vec(0.5f)) * Vec(1.0f / 8388608.0f);
@@ -37,68 +43,136 @@ inline Vec gumbel(IVec row_hash, IVec col_hash) {  // rng.gumbel_from_hashes
   return Vec(Sleef_logf8_u35(e)).neg();
 }
 
+// Which patterns keep each position and which positions each pattern keeps, from keep [C, M] (1 where
+// pattern k keeps position j), so the inner loops read short index lists instead of testing every pair.
+template <int C, int M>
+struct KeepLists {
+  int pats[M][C], n_pats[M] = {};  // patterns keeping position j
+  int poss[C][M], n_poss[C] = {};  // positions kept by pattern k
+  explicit KeepLists(const uint8_t* keep) {
+    for (int k = 0; k < C; ++k)
+      for (int j = 0; j < M; ++j)
+        if (keep[k * M + j]) {
+          pats[j][n_pats[j]++] = k;
+          poss[k][n_poss[k]++] = j;
+        }
+  }
+};
+
+// One block of L groups of one row. FULL blocks have n == L known at compile time (loops unroll, loads
+// take the full-vector path); the row's tail block has n < L.
+template <int C, int M, bool FULL>
+inline void forward_block(const float* lrow, const float* wrow, const int32_t* chash, int64_t groups, IVec rh,
+                          Vec vcoef, Vec vinv, const KeepLists<C, M>& kl, float* prow, float* orow, float* hrow,
+                          int n_tail) {
+  const int n = FULL ? L : n_tail;
+  alignas(64) float lanes[C][L] = {};  // pattern-major staging of the L groups (logits in, probabilities out)
+  alignas(64) float mask[L * M];       // the L groups' mask, in the weight's layout
+  for (int i = 0; i < n; ++i)
+    for (int k = 0; k < C; ++k) lanes[k][i] = lrow[i * C + k];
+  Vec z[C];
+  for (int k = 0; k < C; ++k) {
+    const IVec ch = FULL ? IVec::loadu(chash + k * groups) : IVec::loadu(chash + k * groups, n);
+    z[k] = Vec::loadu(lanes[k]) * vcoef + gumbel(rh, ch) * vinv;
+  }
+  Vec top = z[0];
+  for (int k = 1; k < C; ++k) top = at::vec::maximum(top, z[k]);
+  Vec sum(0.f);
+  for (int k = 0; k < C; ++k) {
+    z[k] = (z[k] - top).exp_u20();
+    sum = sum + z[k];
+  }
+  for (int k = 0; k < C; ++k) (z[k] / sum).store(lanes[k]);
+  for (int i = 0; i < n; ++i)
+    for (int k = 0; k < C; ++k) prow[i * C + k] = lanes[k][i];
+  if (hrow) {  // one-hot argmax (first maximum, as torch.argmax)
+    for (int i = 0; i < n; ++i) {
+      int best = 0;
+      for (int k = 1; k < C; ++k)
+        if (lanes[k][i] > lanes[best][i]) best = k;
+      for (int k = 0; k < C; ++k) lanes[k][i] = (k == best) ? 1.f : 0.f;
+    }
+  }
+  for (int j = 0; j < M; ++j) {  // position j keeps the mass of the patterns that keep it
+    alignas(64) float mj[L];
+    Vec acc = Vec::loadu(lanes[kl.pats[j][0]]);
+    for (int t = 1; t < kl.n_pats[j]; ++t) acc = acc + Vec::loadu(lanes[kl.pats[j][t]]);
+    acc.store(mj);
+    for (int i = 0; i < n; ++i) mask[i * M + j] = mj[i];
+  }
+  for (int o = 0; o < n * M; o += L) {
+    const int c = FULL ? L : std::min(L, n * M - o);
+    const Vec m = Vec::loadu(mask + o, c);
+    (Vec::loadu(wrow + o, c) * m).store(orow + o, c);
+    if (hrow) m.store(hrow + o, c);
+  }
+}
+
 // logits [rows, groups, C]; weight/out [rows, groups * M]; col_hash pattern-major [C, groups];
-// keep [C, M] (1 where pattern k keeps position j); probs [rows, groups, C]; hard_mask (optional)
-// [rows, groups * M]: when given, the forward uses the one-hot argmax sample and writes its mask.
+// keep [C, M]; probs [rows, groups, C]; hard_mask (optional) [rows, groups * M]: when given, the forward
+// uses the one-hot argmax sample and writes its mask.
 template <int C, int M>
 void forward(const float* logits, const float* weight, const int32_t* row_hash, const int32_t* col_hash,
              const uint8_t* keep, float* probs, float* out, float* hard_mask, int64_t rows, int64_t groups,
              float coef, float inv_tau, int threads) {
   const Vec vcoef(coef), vinv(inv_tau);
+  const KeepLists<C, M> kl(keep);
+  const int64_t full = groups - groups % L;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t r = 0; r < rows; ++r) {
-    alignas(64) float lanes[C][L];  // pattern-major staging of L groups (logits in, probabilities out)
-    alignas(64) float mask[L * M];  // the L groups' mask, in the weight's layout
     const IVec rh(row_hash[r]);
     for (int64_t g0 = 0; g0 < groups; g0 += L) {
-      const int n = static_cast<int>(std::min<int64_t>(L, groups - g0));
-      const float* lrow = logits + (r * groups + g0) * C;
-      for (int i = 0; i < n; ++i)
-        for (int k = 0; k < C; ++k) lanes[k][i] = lrow[i * C + k];
-      Vec z[C];
-      for (int k = 0; k < C; ++k)
-        z[k] = Vec::loadu(lanes[k]) * vcoef + gumbel(rh, IVec::loadu(col_hash + k * groups + g0, n)) * vinv;
-      Vec top = z[0];
-      for (int k = 1; k < C; ++k) top = at::vec::maximum(top, z[k]);
-      Vec sum(0.f);
-      for (int k = 0; k < C; ++k) {
-        z[k] = (z[k] - top).exp_u20();
-        sum = sum + z[k];
-      }
-      for (int k = 0; k < C; ++k) (z[k] / sum).store(lanes[k]);
-      float* prow = probs + (r * groups + g0) * C;
-      for (int i = 0; i < n; ++i)
-        for (int k = 0; k < C; ++k) prow[i * C + k] = lanes[k][i];
-      if (hard_mask) {  // one-hot argmax (first maximum, as torch.argmax)
-        for (int i = 0; i < n; ++i) {
-          int best = 0;
-          for (int k = 1; k < C; ++k)
-            if (lanes[k][i] > lanes[best][i]) best = k;
-          for (int k = 0; k < C; ++k) lanes[k][i] = (k == best) ? 1.f : 0.f;
-        }
-      }
-      for (int j = 0; j < M; ++j) {  // position j keeps the mass of the patterns that keep it
-        alignas(64) float mj[L];
-        Vec acc(0.f);
-        bool first = true;
-        for (int k = 0; k < C; ++k) {
-          if (!keep[k * M + j]) continue;
-          acc = first ? Vec::loadu(lanes[k]) : acc + Vec::loadu(lanes[k]);
-          first = false;
-        }
-        acc.store(mj);
-        for (int i = 0; i < n; ++i) mask[i * M + j] = mj[i];
-      }
-      const int64_t base = (r * groups + g0) * M;
-      const int count = n * M;
-      for (int o = 0; o < count; o += L) {
-        const int c = std::min(L, count - o);
-        Vec m = Vec::loadu(mask + o, c);
-        (Vec::loadu(weight + base + o, c) * m).store(out + base + o, c);
-        if (hard_mask) m.store(hard_mask + base + o, c);
-      }
+      const int64_t lg = r * groups + g0, wo = lg * M;
+      float* h = hard_mask ? hard_mask + wo : nullptr;
+      if (g0 < full)
+        forward_block<C, M, true>(logits + lg * C, weight + wo, col_hash + g0, groups, rh, vcoef, vinv, kl,
+                                  probs + lg * C, out + wo, h, L);
+      else
+        forward_block<C, M, false>(logits + lg * C, weight + wo, col_hash + g0, groups, rh, vcoef, vinv, kl,
+                                   probs + lg * C, out + wo, h, static_cast<int>(groups - g0));
     }
   }
+}
+
+template <int C, int M, bool FULL>
+inline void backward_block(const float* gout, const float* wrow, const float* prow, const float* hrow,
+                           Vec vcoef, Vec vreg2, const KeepLists<C, M>& kl, float* grow, float* gwrow, int n_tail) {
+  const int n = FULL ? L : n_tail;
+  alignas(64) float lanes[C][L] = {};  // pattern-major probabilities (in), logit gradients (out)
+  alignas(64) float mask[L * M];       // the mask in the weight's layout, then the mask gradient
+  alignas(64) float pos[M][L] = {};    // position-major mask gradient
+  for (int i = 0; i < n; ++i)
+    for (int k = 0; k < C; ++k) lanes[k][i] = prow[i * C + k];
+  Vec p[C];
+  for (int k = 0; k < C; ++k) p[k] = Vec::loadu(lanes[k]);
+  if (hrow) {
+    std::copy(hrow, hrow + n * M, mask);
+  } else {
+    for (int j = 0; j < M; ++j) {
+      alignas(64) float mj[L];
+      Vec acc = p[kl.pats[j][0]];
+      for (int t = 1; t < kl.n_pats[j]; ++t) acc = acc + p[kl.pats[j][t]];
+      acc.store(mj);
+      for (int i = 0; i < n; ++i) mask[i * M + j] = mj[i];
+    }
+  }
+  for (int o = 0; o < n * M; o += L) {  // d(loss)/d(mask) = g * W - 2 lambda W^2 mask
+    const int c = FULL ? L : std::min(L, n * M - o);
+    const Vec g = Vec::loadu(gout + o, c), w = Vec::loadu(wrow + o, c), m = Vec::loadu(mask + o, c);
+    if (gwrow) (g * m).store(gwrow + o, c);
+    (g * w - vreg2 * (w * w * m)).store(mask + o, c);
+  }
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < M; ++j) pos[j][i] = mask[i * M + j];
+  Vec gp[C], dot(0.f);
+  for (int k = 0; k < C; ++k) {  // pattern k's gradient: the sum over the positions it keeps
+    gp[k] = Vec::loadu(pos[kl.poss[k][0]]);
+    for (int t = 1; t < kl.n_poss[k]; ++t) gp[k] = gp[k] + Vec::loadu(pos[kl.poss[k][t]]);
+    dot = dot + p[k] * gp[k];
+  }
+  for (int k = 0; k < C; ++k) (p[k] * (gp[k] - dot) * vcoef).store(lanes[k]);  // softmax backward
+  for (int i = 0; i < n; ++i)
+    for (int k = 0; k < C; ++k) grow[i * C + k] = lanes[k][i];
 }
 
 // grad_out/weight [rows, groups * M]; probs [rows, groups, C]; hard_mask (optional) as in the forward
@@ -108,61 +182,20 @@ void backward(const float* grad_out, const float* weight, const float* probs, co
               const uint8_t* keep, float* grad_logits, float* grad_weight, int64_t rows, int64_t groups,
               float coef, float reg2, int threads) {
   const Vec vcoef(coef), vreg2(reg2);
+  const KeepLists<C, M> kl(keep);
+  const int64_t full = groups - groups % L;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t r = 0; r < rows; ++r) {
-    alignas(64) float lanes[C][L];  // pattern-major probabilities (in), logit gradients (out)
-    alignas(64) float mask[L * M];  // the mask in the weight's layout, then the mask gradient
-    alignas(64) float pos[M][L];    // position-major mask gradient
     for (int64_t g0 = 0; g0 < groups; g0 += L) {
-      const int n = static_cast<int>(std::min<int64_t>(L, groups - g0));
-      const float* prow = probs + (r * groups + g0) * C;
-      for (int i = 0; i < n; ++i)
-        for (int k = 0; k < C; ++k) lanes[k][i] = prow[i * C + k];
-      for (int i = n; i < L; ++i)
-        for (int k = 0; k < C; ++k) lanes[k][i] = 0.f;
-      Vec p[C];
-      for (int k = 0; k < C; ++k) p[k] = Vec::loadu(lanes[k]);
-      const int64_t base = (r * groups + g0) * M;
-      const int count = n * M;
-      if (hard_mask) {
-        std::copy(hard_mask + base, hard_mask + base + count, mask);
-      } else {
-        for (int j = 0; j < M; ++j) {
-          alignas(64) float mj[L];
-          Vec acc(0.f);
-          bool first = true;
-          for (int k = 0; k < C; ++k) {
-            if (!keep[k * M + j]) continue;
-            acc = first ? p[k] : acc + p[k];
-            first = false;
-          }
-          acc.store(mj);
-          for (int i = 0; i < n; ++i) mask[i * M + j] = mj[i];
-        }
-      }
-      for (int o = 0; o < count; o += L) {  // d(loss)/d(mask) = g * W - 2 lambda W^2 mask
-        const int c = std::min(L, count - o);
-        Vec g = Vec::loadu(grad_out + base + o, c), w = Vec::loadu(weight + base + o, c);
-        Vec m = Vec::loadu(mask + o, c);
-        if (grad_weight) (g * m).store(grad_weight + base + o, c);
-        (g * w - vreg2 * (w * w * m)).store(mask + o, c);
-      }
-      for (int i = 0; i < L; ++i)
-        for (int j = 0; j < M; ++j) pos[j][i] = i < n ? mask[i * M + j] : 0.f;
-      Vec gp[C], dot(0.f);
-      for (int k = 0; k < C; ++k) {  // pattern k's gradient: the sum over the positions it keeps
-        bool first = true;
-        for (int j = 0; j < M; ++j) {
-          if (!keep[k * M + j]) continue;
-          gp[k] = first ? Vec::loadu(pos[j]) : gp[k] + Vec::loadu(pos[j]);
-          first = false;
-        }
-        dot = dot + p[k] * gp[k];
-      }
-      for (int k = 0; k < C; ++k) (p[k] * (gp[k] - dot) * vcoef).store(lanes[k]);  // softmax backward
-      float* grow = grad_logits + (r * groups + g0) * C;
-      for (int i = 0; i < n; ++i)
-        for (int k = 0; k < C; ++k) grow[i * C + k] = lanes[k][i];
+      const int64_t lg = r * groups + g0, wo = lg * M;
+      const float* h = hard_mask ? hard_mask + wo : nullptr;
+      float* gw = grad_weight ? grad_weight + wo : nullptr;
+      if (g0 < full)
+        backward_block<C, M, true>(grad_out + wo, weight + wo, probs + lg * C, h, vcoef, vreg2, kl,
+                                   grad_logits + lg * C, gw, L);
+      else
+        backward_block<C, M, false>(grad_out + wo, weight + wo, probs + lg * C, h, vcoef, vreg2, kl,
+                                    grad_logits + lg * C, gw, static_cast<int>(groups - g0));
     }
   }
 }
