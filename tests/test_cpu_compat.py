@@ -1,5 +1,6 @@
 """Each megatron-core CPU patch: what fails without it works with it; nothing happens with CUDA."""
 import json
+import os
 import subprocess
 import sys
 
@@ -43,3 +44,39 @@ def test_gpt_model_trains_and_checkpoints_on_cpu():
         assert losses[-1] < losses[0]
         trajectories.append(losses)
     assert trajectories[0] == pytest.approx(trajectories[1], rel=1e-5)
+
+
+SINGLE_RANK_PROBE = r"""
+import json, os, torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+dist.init_process_group("gloo", rank=0, world_size=1)
+import megatron.core.distributed.param_and_grad_buffer as pgb
+from maskllm_megatron.megatron import cpu_compat
+calls = []
+def spy(real):
+    def collective(output, input, *a, **k):
+        calls.append(real.__name__)
+        return real(output, input, *a, **k)
+    return collective
+pgb.dist_reduce_scatter_func = spy(dist.reduce_scatter_tensor)
+pgb.dist_all_gather_func = spy(dist.all_gather_into_tensor)
+cpu_compat.apply()
+buf = torch.arange(8.0)
+pgb.dist_reduce_scatter_func(buf.view(1, -1)[0], buf)  # megatron's in-place bucket calls: identities
+pgb.dist_all_gather_func(buf, buf.view(1, -1)[0])
+skipped = list(calls)
+out = torch.empty(8)
+pgb.dist_reduce_scatter_func(out, buf)  # another output tensor: the real collective runs
+print(json.dumps({"skipped": skipped, "calls": calls, "out": out.tolist(), "buf": buf.tolist()}))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the patches apply only without CUDA")
+def test_single_rank_bucket_collectives_are_skipped_only_when_they_are_identities():
+    from maskllm_megatron.launch import free_port
+
+    out = subprocess.run([sys.executable, "-c", SINGLE_RANK_PROBE], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PORT": str(free_port())}).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["skipped"] == [] and r["calls"] == ["reduce_scatter_tensor"]
+    assert r["out"] == r["buf"] == list(map(float, range(8)))
