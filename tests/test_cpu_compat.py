@@ -80,3 +80,16 @@ def test_single_rank_bucket_collectives_are_skipped_only_when_they_are_identitie
     r = json.loads(out.strip().splitlines()[-1])
     assert r["skipped"] == [] and r["calls"] == ["reduce_scatter_tensor"]
     assert r["out"] == r["buf"] == list(map(float, range(8)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the patches apply only without CUDA")
+def test_gloo_bucket_collectives_are_bit_identical_to_megatrons_at_dp2():
+    """The fast path (one all-reduce per bucket on a second gloo group) gives the bytes megatron's own
+    coalesced reduce-scatter / all-gather give, signed zeros and infinities included; async calls
+    (overlap_grad_reduce) keep megatron's path."""
+    out = torchrun("tests/scripts/gloo_buckets_probe.py", nproc=2)
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["same"] == {"rs": True, "ag": True, "rs_async": True}, r
+        assert r["fast_calls"] == 4 and r["async_fast_calls"] == 0, r

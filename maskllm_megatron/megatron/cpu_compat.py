@@ -20,11 +20,16 @@ The patches:
    (``KeyError: 'step'``); the loader keeps the current ``step`` (restored from the param groups).
 
 One speed-up rides along (``SPEEDUPS``; nothing fails without it):
-- ``single_rank_buffer_collectives``: with one data-parallel rank, the distributed optimizer's in-place
-  reduce-scatter of each gradient bucket and all-gather of each parameter bucket are identities, but
-  gloo still copies the whole bucket onto itself (3 copies of the 159M-logit buffer, ~2 s of a 24 s
-  SmolLM2 step on one thread). They are skipped when the group has one rank and output and input are
-  the same memory.
+- ``gloo_bucket_collectives``: megatron's distributed optimizer reduce-scatters each gradient bucket into
+  this rank's shard of it and all-gathers each parameter bucket from it, in place, inside a coalescing
+  manager. On gloo those calls are slow: with one rank they still copy the whole bucket onto itself
+  (3 copies of the 159M-logit buffer, ~2 s of a 24 s SmolLM2 step on one thread), and with more ranks
+  the coalesced reduce-scatter / all-gather take ~1.5x as long as a plain all-reduce of the same bucket
+  (measured: 1.26 s / 1.42 s against 0.82 s for 2 x 320 MB at DP=2). With one rank they are skipped (they
+  are identities); with more, a synchronous call runs as one all-reduce of the bucket on a second gloo
+  group of the same ranks (outside the coalescing manager): summed gradients, of which this rank's shard
+  is what the reduce-scatter gives; for the gather, the other shards are set to -0.0 first, and x + -0.0
+  is x exactly. Asynchronous calls (overlap_grad_reduce) keep megatron's path.
 """
 from __future__ import annotations
 
@@ -80,7 +85,7 @@ PATCHES = (
 )
 
 SPEEDUPS = (
-    Patch("single_rank_buffer_collectives", "self-copies of whole buckets by one-rank gloo collectives"),
+    Patch("gloo_bucket_collectives", "slow in-place bucket reduce-scatter / all-gather on gloo"),
 )
 
 _applied = False
@@ -222,15 +227,64 @@ def _keep_adam_step(fn: Callable) -> Callable:
     return wrapper
 
 
-def _skip_single_rank(collective: Callable) -> Callable:
-    """``collective(output, input, ...)`` that does nothing when it is an identity: a one-rank group and
-    ``output`` and ``input`` the same memory (megatron's in-place bucket reduce-scatter / all-gather)."""
+_SHADOW_GROUPS: dict = {}
+
+
+def _shadow_group(group):
+    """A second gloo group with ``group``'s ranks (made once, by its members), whose collectives run at
+    once even while a coalescing manager is open on ``group``."""
+    dist = torch.distributed
+    ranks = tuple(dist.get_process_group_ranks(group or dist.group.WORLD))
+    if ranks not in _SHADOW_GROUPS:
+        _SHADOW_GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo", use_local_synchronization=True)
+    return _SHADOW_GROUPS[ranks]
+
+
+def _own_shard(shard: torch.Tensor, full: torch.Tensor, group) -> bool:
+    """Whether ``shard`` is this rank's equal slice of the contiguous ``full`` (megatron's bucket views)."""
+    dist = torch.distributed
+    world = dist.get_world_size(group)
+    return (full.is_contiguous() and shard.is_contiguous() and shard.dtype == full.dtype
+            and shard.numel() * world == full.numel()
+            and shard.data_ptr() == full.data_ptr() + dist.get_rank(group) * shard.numel() * shard.element_size())
+
+
+def _fast_reduce_scatter(collective: Callable) -> Callable:
+    """megatron's ``dist_reduce_scatter_func(shard, bucket, op=, group=, async_op=)``, see SPEEDUPS."""
 
     @functools.wraps(collective)
     def wrapper(output, input, *args, group=None, async_op=False, **kwargs):
-        if (torch.distributed.get_world_size(group) == 1 and output.data_ptr() == input.data_ptr()
-                and output.numel() == input.numel() and output.dtype == input.dtype):
-            return None
+        dist = torch.distributed
+        op = kwargs.get("op", args[0] if args else dist.ReduceOp.SUM)
+        if _own_shard(output, input, group):
+            if dist.get_world_size(group) == 1:
+                return None
+            if not async_op and op == dist.ReduceOp.SUM and dist.get_backend(group) == "gloo":
+                dist.all_reduce(input, group=_shadow_group(group))
+                return None
+        return collective(output, input, *args, group=group, async_op=async_op, **kwargs)
+
+    wrapper.__maskllm_cpu_patched__ = True
+    return wrapper
+
+
+def _fast_all_gather(collective: Callable) -> Callable:
+    """megatron's ``dist_all_gather_func(bucket, shard, group=, async_op=)``, see SPEEDUPS."""
+
+    @functools.wraps(collective)
+    def wrapper(output, input, *args, group=None, async_op=False, **kwargs):
+        dist = torch.distributed
+        if _own_shard(input, output, group) and not args and not kwargs:
+            world = dist.get_world_size(group)
+            if world == 1:
+                return None
+            if not async_op and output.is_floating_point() and dist.get_backend(group) == "gloo":
+                shards = output.view(world, -1)
+                for i in range(world):
+                    if i != dist.get_rank(group):
+                        shards[i].fill_(-0.0)  # x + -0.0 == x for every x, signed zeros included
+                dist.all_reduce(output, group=_shadow_group(group))
+                return None
         return collective(output, input, *args, group=group, async_op=async_op, **kwargs)
 
     wrapper.__maskllm_cpu_patched__ = True
@@ -268,9 +322,9 @@ def apply() -> bool:
     # 6. torch_adam_step
     _patch_qualified(importlib.import_module("megatron.core.optimizer.distrib_optimizer"),
                      "DistributedOptimizer._set_main_param_and_optimizer_states", _keep_adam_step)
-    # speed-up: single_rank_buffer_collectives
+    # speed-up: gloo_bucket_collectives
     buffers = importlib.import_module("megatron.core.distributed.param_and_grad_buffer")
-    for name in ("dist_reduce_scatter_func", "dist_all_gather_func"):
-        _patch_qualified(buffers, name, _skip_single_rank)
+    _patch_qualified(buffers, "dist_reduce_scatter_func", _fast_reduce_scatter)
+    _patch_qualified(buffers, "dist_all_gather_func", _fast_all_gather)
     _applied = True
     return True
