@@ -107,7 +107,7 @@ def _run(cmd: list, log: Path, nproc: int = 0, append: bool = False) -> str:
     else:
         cmd = [sys.executable] + cmd
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // max(1, nproc))))
-    with open(log, "a" if append else "w") as f:
+    with open(log, "a" if append else "w", buffering=1) as f:  # line-buffered: the log can be followed
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         lines = []
         for line in proc.stdout:
