@@ -231,6 +231,9 @@ def learn_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, iter
                  w / "train.log", nproc=2, append=True)
         finally:
             wall.write_text(str(learn_wall_s(w) + time.time() - t0))
+        reached = final_checkpoint(w).name
+        if reached != f"iter_{iters:07d}":  # stopped early (SIGTERM saves and exits cleanly): not finished
+            raise RuntimeError(f"the run stopped at {reached} of {iters} iterations")
 
     return stages.run(5, name, _key(str(prior_ckpt), str(prefix), iters, checkpoints, evals, asdict(recipe)), learn,
                       resumable=True)

@@ -59,6 +59,31 @@ def test_resumable_stage_keeps_its_interrupted_work(tmp_path):
     assert stages.run(4, "prior", "k", lambda w: seen.append(list(w.iterdir()))) and seen[-1] == []
 
 
+def test_learn_stage_is_finished_only_at_its_last_iteration(tmp_path, monkeypatch):
+    """A run that stopped early but cleanly (SIGTERM saves and exits 0) leaves the stage unfinished and
+    resumable; the attempt that reaches the last iteration finishes it."""
+    from maskllm_megatron import demo
+
+    reached = iter([4, 10])
+
+    def fake_run(cmd, log, nproc=0, append=False):  # the driver: saves a checkpoint and exits 0
+        out = log.parent / "checkpoints"
+        out.mkdir(exist_ok=True)
+        (out / "latest").write_text(f"iter_{next(reached):07d}")
+        return ""
+
+    monkeypatch.setattr(demo, "_run", fake_run)
+    stages = Stages(tmp_path)
+    args = (stages, tmp_path / "ckpt", tmp_path / "data", tmp_path / "prior", 10, LearnRecipe())
+    with pytest.raises(SystemExit) as e:
+        demo.learn_stage(*args)
+    assert "stopped at iter_0000004 of 10 iterations" in str(e.value)
+    assert list(tmp_path.glob("maskllm-*.partial"))
+    run = demo.learn_stage(*args)
+    assert demo.final_checkpoint(run).name == "iter_0000010" and not run.name.endswith(".partial")
+    assert demo.learn_wall_s(run) > 0
+
+
 def test_recipe_turns_minutes_into_iterations():
     r = LearnRecipe(global_batch=2, tokens_per_second=64.0)
     assert r.tokens_per_iteration == 2 * SEQ
