@@ -23,9 +23,9 @@ One speed-up rides along (``SPEEDUPS``; nothing fails without it):
 - ``gloo_bucket_collectives``: megatron's distributed optimizer reduce-scatters each gradient bucket into
   this rank's shard of it and all-gathers each parameter bucket from it, in place, inside a coalescing
   manager. On gloo those calls are slow: with one rank they still copy the whole bucket onto itself
-  (3 copies of the 159M-logit buffer, ~2 s of a 24 s SmolLM2 step on one thread), and with more ranks
-  the coalesced reduce-scatter / all-gather take ~1.5x as long as a plain all-reduce of the same bucket
-  (measured: 1.26 s / 1.42 s against 0.82 s for 2 x 320 MB at DP=2). With one rank they are skipped (they
+  (a profile of a one-rank SmolLM2 step showed three copies of the 159M-logit buffer), and at DP=2 the
+  coalesced reduce-scatter / all-gather take 2.2x / 2.6x as long as one plain all-reduce of each bucket
+  (``benchmarks/bench_gloo_buckets.py``, 2 x 320 MB). With one rank they are skipped (they
   are identities); with more, a synchronous call runs as one all-reduce of the bucket on a second gloo
   group of the same ranks (outside the coalescing manager): summed gradients, of which this rank's shard
   is what the reduce-scatter gives; for the gather, the other shards are set to -0.0 first, and x + -0.0
