@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace {
 
@@ -59,8 +60,48 @@ struct KeepLists {
   }
 };
 
-// One block of L groups of one row. FULL blocks have n == L known at compile time (loops unroll, loads
-// take the full-vector path); the row's tail block has n < L.
+// Staging between the group-major layout of logits/probabilities ([n groups][C]) and the pattern-major
+// lanes (lane i of vector k is group i's pattern k). Lanes past n stay as they are.
+template <int C>
+inline void to_lanes(const float* src, int n, float (&lanes)[C][L]) {
+  for (int i = 0; i < n; ++i)
+    for (int k = 0; k < C; ++k) lanes[k][i] = src[i * C + k];
+}
+
+template <int C>
+inline void from_lanes(const float (&lanes)[C][L], int n, float* dst) {
+  for (int i = 0; i < n; ++i)
+    for (int k = 0; k < C; ++k) dst[i * C + k] = lanes[k][i];
+}
+
+// The mask of n groups in the weight's layout: position j keeps the mass of the patterns that keep it.
+template <int C, int M>
+inline void mix_patterns(const Vec (&pat)[C], const KeepLists<C, M>& kl, int n, float* mask) {
+  for (int j = 0; j < M; ++j) {
+    alignas(64) float mj[L];
+    Vec acc = pat[kl.pats[j][0]];
+    for (int t = 1; t < kl.n_pats[j]; ++t) acc = acc + pat[kl.pats[j][t]];
+    acc.store(mj);
+    for (int i = 0; i < n; ++i) mask[i * M + j] = mj[i];
+  }
+}
+
+// Runs block(full, r, g0, n) over every block of L groups of every row, rows split over threads. Full
+// blocks get full = std::true_type (n == L known at compile time: loops unroll, loads take the
+// full-vector path); a row's tail block gets std::false_type and n < L.
+template <class Block>
+inline void for_each_block(int64_t rows, int64_t groups, int threads, Block block) {
+  const int64_t full = groups - groups % L;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g0 = 0; g0 < groups; g0 += L) {
+      if (g0 < full)
+        block(std::true_type{}, r, g0, L);
+      else
+        block(std::false_type{}, r, g0, static_cast<int>(groups - g0));
+    }
+}
+
 template <int C, int M, bool FULL>
 inline void forward_block(const float* lrow, const float* wrow, const int32_t* chash, int64_t groups, IVec rh,
                           Vec vcoef, Vec vinv, const KeepLists<C, M>& kl, float* prow, float* orow, float* hrow,
@@ -68,8 +109,7 @@ inline void forward_block(const float* lrow, const float* wrow, const int32_t* c
   const int n = FULL ? L : n_tail;
   alignas(64) float lanes[C][L] = {};  // pattern-major staging of the L groups (logits in, probabilities out)
   alignas(64) float mask[L * M];       // the L groups' mask, in the weight's layout
-  for (int i = 0; i < n; ++i)
-    for (int k = 0; k < C; ++k) lanes[k][i] = lrow[i * C + k];
+  to_lanes(lrow, n, lanes);
   Vec z[C];
   for (int k = 0; k < C; ++k) {
     const IVec ch = FULL ? IVec::loadu(chash + k * groups) : IVec::loadu(chash + k * groups, n);
@@ -83,8 +123,7 @@ inline void forward_block(const float* lrow, const float* wrow, const int32_t* c
     sum = sum + z[k];
   }
   for (int k = 0; k < C; ++k) (z[k] / sum).store(lanes[k]);
-  for (int i = 0; i < n; ++i)
-    for (int k = 0; k < C; ++k) prow[i * C + k] = lanes[k][i];
+  from_lanes(lanes, n, prow);
   if (hrow) {  // one-hot argmax (first maximum, as torch.argmax)
     for (int i = 0; i < n; ++i) {
       int best = 0;
@@ -93,13 +132,9 @@ inline void forward_block(const float* lrow, const float* wrow, const int32_t* c
       for (int k = 0; k < C; ++k) lanes[k][i] = (k == best) ? 1.f : 0.f;
     }
   }
-  for (int j = 0; j < M; ++j) {  // position j keeps the mass of the patterns that keep it
-    alignas(64) float mj[L];
-    Vec acc = Vec::loadu(lanes[kl.pats[j][0]]);
-    for (int t = 1; t < kl.n_pats[j]; ++t) acc = acc + Vec::loadu(lanes[kl.pats[j][t]]);
-    acc.store(mj);
-    for (int i = 0; i < n; ++i) mask[i * M + j] = mj[i];
-  }
+  Vec sel[C];  // the sample: the probabilities, or the one-hot argmax
+  for (int k = 0; k < C; ++k) sel[k] = Vec::loadu(lanes[k]);
+  mix_patterns(sel, kl, n, mask);
   for (int o = 0; o < n * M; o += L) {
     const int c = FULL ? L : std::min(L, n * M - o);
     const Vec m = Vec::loadu(mask + o, c);
@@ -117,21 +152,12 @@ void forward(const float* logits, const float* weight, const int32_t* row_hash, 
              float coef, float inv_tau, int threads) {
   const Vec vcoef(coef), vinv(inv_tau);
   const KeepLists<C, M> kl(keep);
-  const int64_t full = groups - groups % L;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t r = 0; r < rows; ++r) {
-    const IVec rh(row_hash[r]);
-    for (int64_t g0 = 0; g0 < groups; g0 += L) {
-      const int64_t lg = r * groups + g0, wo = lg * M;
-      float* h = hard_mask ? hard_mask + wo : nullptr;
-      if (g0 < full)
-        forward_block<C, M, true>(logits + lg * C, weight + wo, col_hash + g0, groups, rh, vcoef, vinv, kl,
-                                  probs + lg * C, out + wo, h, L);
-      else
-        forward_block<C, M, false>(logits + lg * C, weight + wo, col_hash + g0, groups, rh, vcoef, vinv, kl,
-                                   probs + lg * C, out + wo, h, static_cast<int>(groups - g0));
-    }
-  }
+  for_each_block(rows, groups, threads, [&](auto full, int64_t r, int64_t g0, int n) {
+    const int64_t lg = r * groups + g0, wo = lg * M;
+    forward_block<C, M, decltype(full)::value>(logits + lg * C, weight + wo, col_hash + g0, groups,
+                                               IVec(row_hash[r]), vcoef, vinv, kl, probs + lg * C, out + wo,
+                                               hard_mask ? hard_mask + wo : nullptr, n);
+  });
 }
 
 template <int C, int M, bool FULL>
@@ -141,21 +167,13 @@ inline void backward_block(const float* gout, const float* wrow, const float* pr
   alignas(64) float lanes[C][L] = {};  // pattern-major probabilities (in), logit gradients (out)
   alignas(64) float mask[L * M];       // the mask in the weight's layout, then the mask gradient
   alignas(64) float pos[M][L] = {};    // position-major mask gradient
-  for (int i = 0; i < n; ++i)
-    for (int k = 0; k < C; ++k) lanes[k][i] = prow[i * C + k];
+  to_lanes(prow, n, lanes);
   Vec p[C];
   for (int k = 0; k < C; ++k) p[k] = Vec::loadu(lanes[k]);
-  if (hrow) {
+  if (hrow)
     std::copy(hrow, hrow + n * M, mask);
-  } else {
-    for (int j = 0; j < M; ++j) {
-      alignas(64) float mj[L];
-      Vec acc = p[kl.pats[j][0]];
-      for (int t = 1; t < kl.n_pats[j]; ++t) acc = acc + p[kl.pats[j][t]];
-      acc.store(mj);
-      for (int i = 0; i < n; ++i) mask[i * M + j] = mj[i];
-    }
-  }
+  else
+    mix_patterns(p, kl, n, mask);
   for (int o = 0; o < n * M; o += L) {  // d(loss)/d(mask) = g * W - 2 lambda W^2 mask
     const int c = FULL ? L : std::min(L, n * M - o);
     const Vec g = Vec::loadu(gout + o, c), w = Vec::loadu(wrow + o, c), m = Vec::loadu(mask + o, c);
@@ -171,8 +189,7 @@ inline void backward_block(const float* gout, const float* wrow, const float* pr
     dot = dot + p[k] * gp[k];
   }
   for (int k = 0; k < C; ++k) (p[k] * (gp[k] - dot) * vcoef).store(lanes[k]);  // softmax backward
-  for (int i = 0; i < n; ++i)
-    for (int k = 0; k < C; ++k) grow[i * C + k] = lanes[k][i];
+  from_lanes(lanes, n, grow);
 }
 
 // grad_out/weight [rows, groups * M]; probs [rows, groups, C]; hard_mask (optional) as in the forward
@@ -183,21 +200,12 @@ void backward(const float* grad_out, const float* weight, const float* probs, co
               float coef, float reg2, int threads) {
   const Vec vcoef(coef), vreg2(reg2);
   const KeepLists<C, M> kl(keep);
-  const int64_t full = groups - groups % L;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t g0 = 0; g0 < groups; g0 += L) {
-      const int64_t lg = r * groups + g0, wo = lg * M;
-      const float* h = hard_mask ? hard_mask + wo : nullptr;
-      float* gw = grad_weight ? grad_weight + wo : nullptr;
-      if (g0 < full)
-        backward_block<C, M, true>(grad_out + wo, weight + wo, probs + lg * C, h, vcoef, vreg2, kl,
-                                   grad_logits + lg * C, gw, L);
-      else
-        backward_block<C, M, false>(grad_out + wo, weight + wo, probs + lg * C, h, vcoef, vreg2, kl,
-                                    grad_logits + lg * C, gw, static_cast<int>(groups - g0));
-    }
-  }
+  for_each_block(rows, groups, threads, [&](auto full, int64_t r, int64_t g0, int n) {
+    const int64_t lg = r * groups + g0, wo = lg * M;
+    backward_block<C, M, decltype(full)::value>(grad_out + wo, weight + wo, probs + lg * C,
+                                                hard_mask ? hard_mask + wo : nullptr, vcoef, vreg2, kl,
+                                                grad_logits + lg * C, grad_weight ? grad_weight + wo : nullptr, n);
+  });
 }
 
 }  // namespace
