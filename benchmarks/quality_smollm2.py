@@ -26,6 +26,7 @@ from maskllm_megatron import assets
 from maskllm_megatron.demo import (LearnRecipe, Stages, _ppl, convert_stage, data_stage, final_checkpoint,
                                    learn_stage, learn_wall_s, prior_stage)
 from maskllm_megatron.eval.perplexity import wikipedia_split
+from maskllm_megatron.train.config import checkpoint_iteration
 
 SHAKESPEARE_HELDOUT = 0.15
 
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
 
     curve = []
     for c in sorted((run / "checkpoints").glob("iter_*")):
-        it = int(c.name.split("_")[1])
+        it = checkpoint_iteration(c.name)
         curve.append({"iteration": it, "tokens": it * tokens_per_iter,
                       "ppl": _ppl(["--ckpt", str(c)], logs / f"curve_{it}.log", texts["wikipedia"])})
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from . import assets
 from .launch import free_port
+from .train.config import checkpoint_name
 
 SEQ = 512
 PRIORS = ("magnitude", "wanda", "sparsegpt")
@@ -206,7 +207,7 @@ def prior_stage(stages: Stages, ckpt: Path, prefix: Path, method: str, update_we
              w / "prior.log", nproc=1)
 
     run = stages.run(4, name, _key(str(ckpt), str(prefix), method, update_weights, calib_samples), prior)
-    return run / "checkpoints" / "iter_0000000"
+    return run / "checkpoints" / checkpoint_name(0)
 
 
 def learn_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, iters: int, recipe: LearnRecipe,
@@ -232,7 +233,7 @@ def learn_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, iter
         finally:
             wall.write_text(str(learn_wall_s(w) + time.time() - t0))
         reached = final_checkpoint(w).name
-        if reached != f"iter_{iters:07d}":  # stopped early (SIGTERM saves and exits cleanly): not finished
+        if reached != checkpoint_name(iters):  # stopped early (SIGTERM saves and exits cleanly): not finished
             raise RuntimeError(f"the run stopped at {reached} of {iters} iterations")
 
     return stages.run(5, name, _key(str(prior_ckpt), str(prefix), iters, checkpoints, evals, asdict(recipe)), learn,

@@ -11,6 +11,17 @@ from typing import Any, Optional
 import yaml
 
 
+def checkpoint_name(iteration: int) -> str:
+    """The folder (under ``<run.out_dir>/checkpoints``) of the checkpoint saved at ``iteration``."""
+    return f"iter_{iteration:07d}"
+
+
+def checkpoint_iteration(name: str) -> Optional[int]:
+    """The iteration of a ``checkpoint_name`` folder, None for any other name (e.g. one being written)."""
+    digits = name[len("iter_"):]
+    return int(digits) if name.startswith("iter_") and digits.isdigit() else None
+
+
 class ConfigError(ValueError):
     """A bad configuration value (message names the key and the fix)."""
 

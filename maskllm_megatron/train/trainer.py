@@ -24,7 +24,7 @@ import torch
 
 from ..launch import all_reduce_floats
 from ..masks import MaskConfig, NMSpec
-from .config import TrainConfig
+from .config import TrainConfig, checkpoint_iteration, checkpoint_name
 from .metrics import MaskWatcher, MetricsLogger, peak_memory_bytes
 
 
@@ -221,7 +221,7 @@ def save(cfg: TrainConfig, state: "LoopState", model, optimizer, scheduler, is_r
     from ..megatron.checkpointing import save_checkpoint
 
     root = checkpoint_root(cfg)
-    name = f"iter_{state.iteration:07d}"
+    name = checkpoint_name(state.iteration)
     extra = {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
              "scheduler": scheduler.state_dict(), "history": state.history, "config": cfg.to_dict()}
     path = save_checkpoint(model, root / name, optimizer, extra=extra)  # optimizer None: model + extra only
@@ -229,8 +229,8 @@ def save(cfg: TrainConfig, state: "LoopState", model, optimizer, scheduler, is_r
         tmp = root / "latest.tmp"
         tmp.write_text(name)
         os.replace(tmp, root / "latest")  # the pointer moves only after the checkpoint is complete
-        done = {int(p.name[len("iter_"):]): p for p in root.glob("iter_*")
-                if p.is_dir() and p.name[len("iter_"):].isdigit()}
+        done = {checkpoint_iteration(p.name): p for p in root.glob("iter_*") if p.is_dir()}
+        done.pop(None, None)  # folders still being written
         for it in stale_checkpoints(list(done), cfg.run.save_interval, cfg.run.keep_last):
             shutil.rmtree(done[it], ignore_errors=True)
     torch.distributed.barrier()
