@@ -347,6 +347,7 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
         if is_rank0:
             print(f"[maskllm] resumed from {resume} at iteration {state.iteration}", flush=True)
     else:
+        logger.truncate_after(-1)  # no checkpoint: records of an earlier attempt in out_dir are stale
         record = {"iteration": 0, **{k: v for k, v in prior_report.items() if v is not None}}
         if cfg.run.eval_interval:
             record.update(evaluate(cfg, ddp, data))  # where the prior starts (hard mask)
