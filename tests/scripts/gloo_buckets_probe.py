@@ -1,5 +1,5 @@
 """Worker (torchrun, gloo): megatron's in-place bucket reduce-scatter / all-gather inside a coalescing
-manager, natively and through cpu_compat's gloo_bucket_collectives, on the same inputs. Prints one JSON
+manager, natively and through cpu_compat's gloo_bucket_collectives, on the same inputs. Rank 0 prints one JSON
 line per rank: whether the results are bit-identical and which calls took the fast path."""
 import json
 
@@ -48,8 +48,13 @@ def main():
         same[kind] = all(torch.equal(x.view(torch.int32), y.view(torch.int32)) for x, y in zip(want, got))
     fast_calls = len(calls)
     same["rs_async"] = all(torch.equal(x, y) for x, y in zip(run("rs", native["rs"]), run("rs", fast["rs"], True)))
-    print(json.dumps({"rank": rank, "same": same, "fast_calls": fast_calls, "async_fast_calls": len(calls) - fast_calls}),
-          flush=True)
+    dist.all_reduce = real_all_reduce
+    rows = [None] * world
+    dist.all_gather_object(rows, {"rank": rank, "same": same, "fast_calls": fast_calls,
+                                  "async_fast_calls": len(calls) - fast_calls})
+    if rank == 0:  # one writer: ranks printing at once interleave their lines
+        for row in rows:
+            print(json.dumps(row), flush=True)
     dist.destroy_process_group()
 
 
