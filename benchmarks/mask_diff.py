@@ -12,7 +12,7 @@ import argparse
 import collections
 import sys
 
-from maskllm_megatron.export.formats import load_masks
+from maskllm_megatron.export.formats import load_masks, module_name
 
 
 def group_disagreement(a_path: str, b_path: str) -> dict[str, float]:
@@ -28,7 +28,7 @@ def group_disagreement(a_path: str, b_path: str) -> dict[str, float]:
         if mask.shape != other.shape:
             raise SystemExit(f"mask_diff: {name} is {tuple(mask.shape)} in one file and {tuple(other.shape)} "
                              "in the other: export both from the same model")
-        kind = name.split(".")[-2]
+        kind = module_name(name).rsplit(".", 1)[-1]  # q_proj, ..., down_proj
         changed = (mask.reshape(mask.shape[0], -1, spec.m) != other.reshape(other.shape[0], -1, spec.m)).any(-1)
         groups[kind] += changed.numel()
         differ[kind] += int(changed.sum())

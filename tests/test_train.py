@@ -71,8 +71,9 @@ def straight(tiny):
     """TP=2, 12 iterations straight: the reference for the resume tests. Its out_dir holds the metrics
     of an earlier attempt that died before its first checkpoint: a fresh start drops them."""
     config = write_config(tiny, "straight")
-    (tiny / "straight").mkdir()
-    (tiny / "straight" / "metrics.jsonl").write_text('{"iteration": 0, "valid/loss": 1.0}\n{"iteration": 3, "lm_loss": 1.0}\n')
+    stale = tiny / "straight" / "metrics.jsonl"
+    stale.parent.mkdir()
+    stale.write_text('{"iteration": 0, "valid/loss": 1.0}\n{"iteration": 3, "lm_loss": 1.0}\n')
     torchrun("-m", "maskllm_megatron.train", "--config", config, nproc=2)
     return tiny / "straight"
 
