@@ -50,6 +50,10 @@ class LearnRecipe:
     global_batch: int = 2  # sequences per iteration: one per rank at DP=2
     lr: float = 2e-3  # on the logits (optim.lr x mask_lr_mult 10), cosine to lr / 100
     prior_strength: float = 3.0
+    adam_eps: float = 1e-5  # the driver's default (OptimSection)
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0  # global gradient-norm clipping (0: off)
+    regularizer: float = 1e-5  # sparse-weight regulariser coefficient at the start, decays to 0 (the paper's)
     tokens_per_second: float = 55.0  # measured here at DP=2; turns a time budget into iterations
 
     @property
@@ -220,8 +224,9 @@ def learn_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, iter
         every = max(5, iters // checkpoints)  # the driver also keeps the final checkpoint
         cfg = _train_config(ckpt, prefix, w, prior={"method": "checkpoint", "checkpoint": str(prior_ckpt)},
                             data={"micro_batch_size": max(1, b // 2), "global_batch_size": b},
-                            optim={"lr": recipe.lr / 10, "min_lr": recipe.lr / 100},
-                            mask={"prior_strength": recipe.prior_strength},
+                            optim={"lr": recipe.lr / 10, "min_lr": recipe.lr / 100, "adam_eps": recipe.adam_eps,
+                                   "adam_beta2": recipe.adam_beta2, "clip_grad": recipe.clip_grad},
+                            mask={"prior_strength": recipe.prior_strength, "regularizer": [recipe.regularizer, 0.0]},
                             run={"train_iters": iters, "log_interval": 5, "eval_interval": max(5, iters // evals),
                                  "eval_iters": 1, "save_interval": every, "keep_last": checkpoints, "out_dir": str(w)})
         wall, t0 = w / "learn_wall_s", time.time()  # summed over the attempts a resumed run is made of

@@ -1,5 +1,6 @@
 """The demo's stage runner (caching by content, failure message) and its time budget arithmetic."""
 import pytest
+import yaml
 
 from maskllm_megatron.demo import SEQ, LearnRecipe, Stages, _key
 
@@ -74,11 +75,17 @@ def test_learn_stage_is_finished_only_at_its_last_iteration(tmp_path, monkeypatc
 
     monkeypatch.setattr(demo, "_run", fake_run)
     stages = Stages(tmp_path)
-    args = (stages, tmp_path / "ckpt", tmp_path / "data", tmp_path / "prior", 10, LearnRecipe())
+    recipe = LearnRecipe(lr=1e-3, adam_eps=1e-8, adam_beta2=0.999, clip_grad=0.0, regularizer=2e-5)
+    args = (stages, tmp_path / "ckpt", tmp_path / "data", tmp_path / "prior", 10, recipe)
     with pytest.raises(SystemExit) as e:
         demo.learn_stage(*args)
     assert "stopped at iter_0000004 of 10 iterations" in str(e.value)
-    assert list(tmp_path.glob("maskllm-*.partial"))
+    partial, = tmp_path.glob("maskllm-*.partial")
+    cfg = yaml.safe_load((partial / "maskllm.yaml").read_text())  # the recipe reaches the driver
+    optim = cfg["optim"]
+    assert (optim["lr"] * optim["mask_lr_mult"], optim["adam_eps"], optim["adam_beta2"], optim["clip_grad"]) == \
+        pytest.approx((1e-3, 1e-8, 0.999, 0.0))
+    assert cfg["mask"]["regularizer"] == [2e-5, 0.0]
     run = demo.learn_stage(*args)
     assert demo.final_checkpoint(run).name == "iter_0000010" and not run.name.endswith(".partial")
     assert demo.learn_wall_s(run) > 0

@@ -85,8 +85,9 @@ def test_tp2_loss_falls_and_hard_mask_validation_ends_below_the_prior(straight):
     assert end < start
     rec = [r for r in records(straight) if "lm_loss" in r][-1]
     for key in ("lr", "temperature", "scale", "tokens_per_s", "peak_memory_gb", "mask/max_prob", "mask/flip_rate",
-                "mask/flip_rate/linear_fc1", "regularizer"):
+                "mask/flip_rate/linear_fc1", "regularizer", "grad_norm"):
         assert key in rec, key
+    assert all(0 < r["grad_norm"] < float("inf") for r in records(straight) if "lm_loss" in r)
     assert (straight / "tensorboard").is_dir()
 
 
@@ -148,6 +149,8 @@ def test_dp2_learns_and_overlapping_the_grad_reduction_changes_nothing(tiny):
     assert buckets and int(buckets.group(1)) > 1 and "overlaps" not in logs["dp2"]
     plain, overlapped = ([h[1] for h in history(tiny / n)] for n in ("dp2", "dp2_overlap"))
     assert len(plain) == 12 and overlapped == pytest.approx(plain, rel=1e-5)
+    norms = [[r["grad_norm"] for r in records(tiny / n) if "lm_loss" in r] for n in ("dp2", "dp2_overlap")]
+    assert len(norms[0]) == 6 and norms[1] == pytest.approx(norms[0], rel=1e-4)
 
 
 def test_sigterm_saves_and_exits_cleanly(tiny):

@@ -384,7 +384,7 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
             kept = latest_checkpoint(cfg)
             raise TrainingStopped(f"LM loss is {loss} at iteration {it + 1}: stopped without saving; the last good "
                                   f"checkpoint is {kept or 'none'}; lower optim.lr or check the data")
-        optimizer.step()
+        _, grad_norm, _ = optimizer.step()  # the norm before clipping; megatron computes it only to clip
         scheduler.step(increment=1)
         state.iteration += 1
         state.consumed_samples += cfg.data.global_batch_size
@@ -401,8 +401,12 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
                     "tokens_per_s": tokens_per_iter * iters / max(elapsed, 1e-9),
                     "peak_memory_gb": peak_memory_bytes() / 2**30, "consumed_samples": state.consumed_samples,
                     **watcher.collect(step)}
+            if cfg.optim.clip_grad > 0 and grad_norm is not None:
+                last["grad_norm"] = float(grad_norm)
             logger.log(last, console=(f"iter {state.iteration:6d}/{cfg.run.train_iters} | loss {loss:.4f} | "
-                                      f"lr {last['lr']:.2e} | tau {step.temperature:.3f} | scale {step.scale:.0f} | "
+                                      f"lr {last['lr']:.2e} | "
+                                      + (f"grad norm {last['grad_norm']:.2e} | " if "grad_norm" in last else "") +
+                                      f"tau {step.temperature:.3f} | scale {step.scale:.0f} | "
                                       f"flip {last.get('mask/flip_rate', 0):.4f} | maxp {last.get('mask/max_prob', 0):.3f} | "
                                       f"{last['tokens_per_s']:.0f} tok/s | {last['peak_memory_gb']:.2f} GB"))
         if cfg.run.eval_interval and (state.iteration % cfg.run.eval_interval == 0 or state.iteration == cfg.run.train_iters):
