@@ -32,12 +32,13 @@ def main(argv=None) -> int:
     if not iteration:
         raise SystemExit(f"error: {args.checkpoint} is not a training checkpoint after step 1 (iter_NNNNNNN): "
                          "pass RUN/checkpoints/iter_<n> with n >= 1")
-    sub = "self_attention" if args.projection in ("linear_qkv", "linear_proj") else "mlp"
-    key = f"optimizer.state.exp_avg_sq.decoder.layers.{sub}.{args.projection}.mask_logits"
     meta = dcp.FileSystemReader(str(args.checkpoint)).read_metadata().state_dict_metadata
-    if key not in meta:
-        raise SystemExit(f"error: {args.checkpoint} holds no {key}: pass a mask-learning checkpoint saved with "
-                         "its optimizer state")
+    suffix = f".{args.projection}.mask_logits"
+    keys = [k for k in meta if k.startswith("optimizer.state.exp_avg_sq.") and k.endswith(suffix)]
+    if len(keys) != 1:
+        raise SystemExit(f"error: {args.checkpoint} holds {len(keys)} Adam second moments of {args.projection} mask "
+                         "logits, not 1: pass a mask-learning checkpoint saved with its optimizer state")
+    key, = keys
     state = {key: torch.empty(meta[key].size)}
     dcp.load(state, checkpoint_id=str(args.checkpoint), no_dist=True)
     rms = (state[key].flatten()[::7][:16_000_000] / (1 - args.beta2 ** iteration)).sqrt().double()
