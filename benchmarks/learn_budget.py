@@ -1,7 +1,7 @@
 """Short-budget mask-learning runs on SmolLM2-135M from the demo's cached SparseGPT prior: how the
 logits learning rate, prior strength and iteration count change held-out perplexity (not in CI).
 
-    python benchmarks/learn_budget.py --iters 40 --lr 2e-3 --prior-strength 3 [--global-batch 2]
+    python benchmarks/learn_budget.py --iters 40 --lr 2e-4 --prior-strength 4 [--global-batch 2]
         [--adam-eps 1e-5] [--adam-beta2 0.95] [--clip-grad 1]
         [--regularizer 1e-5] [--checkpoints 1]
 
@@ -25,7 +25,7 @@ from maskllm_megatron.train.config import checkpoint_iteration
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iters", type=int, required=True)
-    p.add_argument("--lr", type=float, default=LearnRecipe.lr, help="logits learning rate")
+    p.add_argument("--lr", type=float, default=LearnRecipe.lr, help="the logits' learning rate (the driver's optim.lr x mask_lr_mult)")
     p.add_argument("--prior-strength", type=float, default=LearnRecipe.prior_strength)
     p.add_argument("--global-batch", type=int, default=LearnRecipe.global_batch, help="sequences per iteration")
     p.add_argument("--adam-eps", type=float, default=LearnRecipe.adam_eps)

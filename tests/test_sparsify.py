@@ -14,13 +14,16 @@ def result(out: str) -> dict:
 
 
 def test_sparsify_masks_the_right_modules_freezes_weights_and_matches_hand_masked_model(tmp_path):
-    """Also checks the SDPA core attention against megatron-core's own at TP=2."""
+    """Also checks the SDPA core attention against megatron-core's own at TP=2, and the learning rates
+    the optimizer applies to logits and weights."""
     r = result(torchrun(WORKER, "check", 2, tmp_path, nproc=2))
     for family in ("gpt", "llama", "nemotron"):
         assert r[family]["masked"] == 8 and r[family]["eval_diff"] <= 1e-5
         # fused SDPA core attention == megatron-core's DotProductAttention (logits and all gradients, TP=2)
         assert r[f"{family}_attention_diff"] <= 1e-5, r
     assert r["optimizer"]["params"] == r["optimizer"]["grad_buffer"]
+    # the logits really get lr x mask_lr_mult (measured from Adam's first step; asserted in the worker)
+    assert set(r["applied_lr"]) == {"step0", "step10"}, r
 
 
 def test_checkpoint_round_trip_tp2_tp1_tp2_from_a_dense_start(tmp_path):

@@ -2,6 +2,7 @@
 LLaMA-shaped model pre-trained on real text: learning at TP=2 and DP=2, exact resume after kill -9,
 resume at another TP size, SIGTERM, NaN stop, PP=2."""
 import json
+import math
 import os
 import re
 import shutil
@@ -33,7 +34,7 @@ def write_config(tiny: Path, name: str, **sections) -> Path:
         "parallel": {"tp": 2},
         "data": {"train": [str(tiny / "data" / "botchan_text_document")], "split": "90,10,0", "seq_length": 64,
                  "micro_batch_size": 4, "global_batch_size": 8, "cache_dir": str(tiny / "cache")},
-        "optim": {"lr": 2e-3, "min_lr": 2e-4},
+        "optim": {"lr": 2e-4, "min_lr": 2e-5},  # the logits get x10 (mask_lr_mult): 2e-3 -> 2e-4
         "mask": {"fused_kernel": False},
         "prior": {"method": "sparsegpt", "calib_samples": 16},
         "run": {"out_dir": str(tiny / name), "train_iters": 12, "log_interval": 2, "eval_interval": 12,
@@ -88,6 +89,11 @@ def test_tp2_loss_falls_and_hard_mask_validation_ends_below_the_prior(straight):
                 "mask/flip_rate/linear_fc1", "regularizer", "grad_norm"):
         assert key in rec, key
     assert all(0 < r["grad_norm"] < float("inf") for r in records(straight) if "lm_loss" in r)
+    # the logged lr is the logits' and follows the cosine from optim.lr x mask_lr_mult to min_lr x mask_lr_mult
+    for r in records(straight):
+        if "lr" in r:
+            cosine = 2e-4 + (2e-3 - 2e-4) * 0.5 * (1 + math.cos(math.pi * r["iteration"] / 12))
+            assert r["lr"] == pytest.approx(cosine, rel=1e-9), r
     assert (straight / "tensorboard").is_dir()
 
 

@@ -118,15 +118,24 @@ def set_fused_mask_kernel(model: torch.nn.Module, fused: bool = True) -> None:
         layer.fused_mask_kernel = fused
 
 
-def optimizer_overrides(config: SparsifyConfig) -> dict:
-    """megatron-core ``config_overrides`` for ``get_megatron_optimizer``: the logits' learning-rate
-    and weight-decay multipliers, plus megatron's standard no weight decay on biases and 1-D params."""
+def optimizer_overrides(config: SparsifyConfig, lr: float, min_lr: float = 0.0) -> dict:
+    """megatron-core ``config_overrides`` for ``get_megatron_optimizer``: the logits' learning rate and
+    weight-decay multiplier, plus megatron's standard no weight decay on biases and 1-D params.
+
+    ``lr`` / ``min_lr`` are the optimizer's (``OptimizerConfig.lr`` / ``min_lr``); the logits get
+    ``mask_lr_mult`` times both. megatron-core >= 0.16 keeps ``lr_mult`` in a param group only as a
+    group identifier (its ``OptimizerParamScheduler`` never multiplies by it), so the multiplied rates
+    are set as the group's own ``max_lr`` / ``min_lr``, which the scheduler does read, and as its
+    initial ``lr`` for an optimizer stepped without a scheduler. ``lr_mult`` stays in the group: it is
+    what tells the logits' group apart when a checkpoint's optimizer state is matched to groups.
+    """
     from megatron.core.optimizer import ParamGroupOverride, ParamKey
     from megatron.core.optimizer.optimizer_config import ParamPredicate
 
+    mult = config.mask_lr_mult
     one_d = ParamPredicate(name="param_len_1", fn=lambda p: len(p.shape) == 1)
     return {
         ParamKey(name="*.bias", predicate=one_d): ParamGroupOverride(wd_mult=0.0),
-        ParamKey(name="*mask_logits"): ParamGroupOverride(lr_mult=config.mask_lr_mult,
-                                                         wd_mult=config.mask_weight_decay_mult),
+        ParamKey(name="*mask_logits"): ParamGroupOverride(lr=lr * mult, max_lr=lr * mult, min_lr=min_lr * mult,
+                                                         lr_mult=mult, wd_mult=config.mask_weight_decay_mult),
     }

@@ -183,7 +183,7 @@ def build_optimizer(cfg: TrainConfig, model):
                               adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
                               clip_grad=o.clip_grad, bf16=bf16, params_dtype=model.config.params_dtype,
                               use_distributed_optimizer=cfg.parallel.distributed_optimizer)
-    optimizer = get_megatron_optimizer(opt_cfg, [ddp], config_overrides=optimizer_overrides(sparsify_config(cfg)))
+    optimizer = get_megatron_optimizer(opt_cfg, [ddp], config_overrides=optimizer_overrides(sparsify_config(cfg), o.lr, o.min_lr))
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if o.warmup_iters else o.lr, max_lr=o.lr, min_lr=o.min_lr,
         lr_warmup_steps=o.warmup_iters, lr_decay_steps=max(1, cfg.run.train_iters), lr_decay_style=o.decay_style,
@@ -365,6 +365,8 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     num_micro = cfg.data.global_batch_size // (cfg.data.micro_batch_size * env["dp_size"])
     tokens_per_iter = cfg.data.global_batch_size * cfg.data.seq_length
     train_iter = data.train_iterations(state.consumed_samples, num_micro)
+    # the logged lr is the mask logits' (optim.lr x mask_lr_mult): their group carries the multiplier
+    logits_group = next(g for g in optimizer.param_groups if g.get("lr_mult") == cfg.optim.mask_lr_mult)
     last_log = time.time()
     last = {}
     ddp.train()
@@ -396,7 +398,7 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
             last_log = now
             iters = cfg.run.log_interval if state.iteration % cfg.run.log_interval == 0 else \
                 state.iteration % cfg.run.log_interval
-            last = {"iteration": state.iteration, "lm_loss": loss, "lr": scheduler.get_lr(optimizer.param_groups[0]),
+            last = {"iteration": state.iteration, "lm_loss": loss, "lr": scheduler.get_lr(logits_group),
                     "temperature": step.temperature, "scale": step.scale, "reg_coef": mcfg.regularizer_schedule(step.iteration),
                     "tokens_per_s": tokens_per_iter * iters / max(elapsed, 1e-9),
                     "peak_memory_gb": peak_memory_bytes() / 2**30, "consumed_samples": state.consumed_samples,

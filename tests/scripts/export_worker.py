@@ -79,7 +79,7 @@ def make(work: Path) -> dict:
     # a few optimizer steps so that the run checkpoint holds real Adam state
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
     opt = get_megatron_optimizer(OptimizerConfig(lr=1e-3, weight_decay=0.1), [ddp],
-                                 config_overrides=optimizer_overrides(cfg))
+                                 config_overrides=optimizer_overrides(cfg, lr=1e-3))
     model.train()
     ddp.zero_grad_buffer()
     opt.zero_grad()

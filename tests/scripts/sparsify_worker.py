@@ -146,7 +146,7 @@ def check(out):
     buffered = sum(b.numel for b in ddp.buffers) if hasattr(ddp, "buffers") else None
     logit_numel = sum(p.numel() for n, p in model.named_parameters() if n.endswith("mask_logits"))
     opt = get_megatron_optimizer(OptimizerConfig(lr=1e-3, weight_decay=0.1), [ddp],
-                                 config_overrides=optimizer_overrides(cfg))
+                                 config_overrides=optimizer_overrides(cfg, lr=1e-3))
     groups = opt.param_groups
     in_opt = sum(p.numel() for g in groups for p in g["params"])
     assert in_opt == logit_numel, (in_opt, logit_numel)
@@ -154,6 +154,7 @@ def check(out):
     report["optimizer"] = {"params": in_opt, "grad_buffer": buffered}
     if buffered is not None:
         assert buffered == logit_numel, (buffered, logit_numel)
+    report["applied_lr"] = applied_learning_rates(mc)
 
     # include / exclude: MLP only, attention only.
     model = build(mc)
@@ -163,6 +164,53 @@ def check(out):
     names = sparsify(model, SparsifyConfig(exclude=("*.mlp.*",)))
     assert sorted({n.rsplit(".", 1)[1] for n in names}) == ["linear_proj", "linear_qkv"]
     return report
+
+
+def applied_learning_rates(mc):
+    """The rates the optimizer really applies, measured by how far parameters move: Adam's first step
+    moves every parameter whose gradient is well above eps by exactly its lr, so with weights trained
+    too the largest weight change must be lr and the largest logit change lr x mask_lr_mult, at the
+    start and at the end of megatron's cosine schedule."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from maskllm_megatron.masks import MaskConfig
+    from maskllm_megatron.megatron.model_builder import gpt_forward
+    from maskllm_megatron.megatron.sparsify import SparsifyConfig, optimizer_overrides, set_mask_step, sparsify
+
+    lr, min_lr, steps = 1e-3, 1e-4, 10
+    out = {}
+    for at_step in (0, steps):
+        model = build(mc)
+        cfg = SparsifyConfig(mask=MaskConfig(total_steps=steps), train_weights=True, mask_lr_mult=10.0)
+        sparsify(model, cfg)
+        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+        opt = get_megatron_optimizer(OptimizerConfig(lr=lr, min_lr=min_lr, weight_decay=0.0, clip_grad=0.0), [ddp],
+                                     config_overrides=optimizer_overrides(cfg, lr=lr, min_lr=min_lr))
+        sched = OptimizerParamScheduler(opt, init_lr=lr, max_lr=lr, min_lr=min_lr, lr_warmup_steps=0,
+                                        lr_decay_steps=steps, lr_decay_style="cosine", start_wd=0.0, end_wd=0.0,
+                                        wd_incr_steps=steps, wd_incr_style="constant")
+        sched.step(increment=at_step)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.train()
+        set_mask_step(model, cfg.mask.step_state(at_step))
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        gpt_forward(ddp, tokens()[:, :-1], tokens()[:, 1:]).mean().backward()
+        ddp.finish_grad_sync()
+        opt.step()
+        moved = {"logits": 0.0, "weights": 0.0}
+        for n, p in model.named_parameters():
+            if n in before:
+                kind = "logits" if n.endswith("mask_logits") else "weights"
+                moved[kind] = max(moved[kind], float((p.detach() - before[n]).abs().max()))
+        want = lr if at_step == 0 else min_lr
+        for kind, expected in (("weights", want), ("logits", 10 * want)):
+            assert 0.95 * expected <= moved[kind] <= 1.0001 * expected, \
+                f"step {at_step}: the largest {kind} change is {moved[kind]:.3e}, the lr is {expected:.1e}"
+        out[f"step{at_step}"] = moved
+    return out
 
 
 def ckpt(mode, out):
