@@ -53,7 +53,7 @@ def run_config(ckpt: Path, micro_batch: int, seq: int, dp: int, distributed_opti
         "parallel": {"tp": 1, "distributed_optimizer": distributed_optimizer},
         "data": {"train": ["unused"], "seq_length": seq, "micro_batch_size": micro_batch,
                  "global_batch_size": micro_batch * dp},
-        "optim": {"lr": 5e-4, "min_lr": 5e-5},
+        "optim": {"lr": 5e-5, "min_lr": 5e-6},  # the logits get x10 (mask_lr_mult): the paper's 5e-4
         "prior": {"method": "magnitude"},
         "run": {"train_iters": 2000, "seed": 1234},
     })
