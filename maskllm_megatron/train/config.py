@@ -55,6 +55,8 @@ class DataSection:
 
 @dataclass
 class OptimSection:
+    """Adam + megatron's lr schedule. ``lr``/``min_lr`` are the base rates (weights, when they train);
+    the mask logits learn at ``lr x mask_lr_mult`` decaying to ``min_lr x mask_lr_mult`` (the paper's 5e-4)."""
     lr: float = 5e-5
     min_lr: float = 5e-6
     warmup_iters: int = 0
