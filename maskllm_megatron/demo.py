@@ -45,12 +45,13 @@ class LearnRecipe:
     (held-out PPL 131.8): logits lr 1e-4 x 60 iterations -> 121.9; 2e-4 x 40 iterations -> 112.2 at the
     paper's prior strength 3, whose initial noise flips ~5% of the groups off the prior, and 96.4 at
     strength 4, which keeps them; strength 5 froze the masks (no group left the prior in 20 iterations).
-    (These runs were recorded as 1e-3 and 2e-3: until commit "logits get lr x mask_lr_mult" the driver
-    applied the base lr to the logits, a tenth of what it configured.) See benchmarks/RESULTS.md.
+    (These runs were recorded as 1e-3 and 2e-3: until commit 0746cd5 the driver
+    applied the base lr to the logits, a tenth of what it configured.) At strength 4, 40 iterations:
+    2e-4 -> 96.4, 5e-4 -> 78.8, 1e-3 -> 65.7. See benchmarks/RESULTS.md.
     """
 
     global_batch: int = 2  # sequences per iteration: one per rank at DP=2
-    lr: float = 2e-4  # on the logits (the driver's optim.lr x mask_lr_mult 10), cosine to lr / 10
+    lr: float = 1e-3  # on the logits (the driver's optim.lr x mask_lr_mult 10), cosine to lr / 10
     prior_strength: float = 4.0
     adam_eps: float = 1e-5  # the driver's default (OptimSection)
     adam_beta2: float = 0.95
