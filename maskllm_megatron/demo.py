@@ -47,7 +47,7 @@ class LearnRecipe:
     strength 4, which keeps them; strength 5 froze the masks (no group left the prior in 20 iterations).
     (These runs were recorded as 1e-3 and 2e-3: until commit 0746cd5 the driver
     applied the base lr to the logits, a tenth of what it configured.) At strength 4, 40 iterations:
-    2e-4 -> 96.4, 5e-4 -> 78.8, 1e-3 -> 65.7. See benchmarks/RESULTS.md.
+    2e-4 -> 96.4, 5e-4 -> 78.8, 1e-3 -> 65.7, 2e-3 diverged (5729). See benchmarks/RESULTS.md.
     """
 
     global_batch: int = 2  # sequences per iteration: one per rank at DP=2
