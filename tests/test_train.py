@@ -222,7 +222,7 @@ def test_checkpoint_rotation_keeps_scheduled_checkpoints_through_a_preemption():
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny):
     # A learning rate that overflows the logits at the first update: iteration 1 is fine and saved,
     # iteration 2 produces a NaN loss.
-    config = write_config(tiny, "nan", parallel={"tp": 1}, optim={"lr": 1e37, "min_lr": 1e37},
+    config = write_config(tiny, "nan", parallel={"tp": 1}, optim={"lr": 1e36, "min_lr": 1e36},  # logits: 1e37
                           run={"save_interval": 1, "eval_interval": 0})
     proc = subprocess.run(train_cmd(config, 1), cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
