@@ -139,3 +139,9 @@ def optimizer_overrides(config: SparsifyConfig, lr: float, min_lr: float = 0.0) 
         ParamKey(name="*mask_logits"): ParamGroupOverride(lr=lr * mult, max_lr=lr * mult, min_lr=min_lr * mult,
                                                          lr_mult=mult, wd_mult=config.mask_weight_decay_mult),
     }
+
+
+def mask_logits_group(optimizer, config: SparsifyConfig) -> dict:
+    """The optimizer param group of the mask logits (made by ``optimizer_overrides``): the one that
+    carries their ``lr_mult``. Present on every rank, possibly empty (distributed optimizer)."""
+    return next(g for g in optimizer.param_groups if g.get("lr_mult") == config.mask_lr_mult)

@@ -322,7 +322,7 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     from megatron.core import parallel_state
 
     from ..megatron.checkpointing import load_checkpoint
-    from ..megatron.sparsify import masked_layers
+    from ..megatron.sparsify import mask_logits_group, masked_layers
     from .data import build_data
 
     env = setup_parallel(cfg)
@@ -365,8 +365,7 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     num_micro = cfg.data.global_batch_size // (cfg.data.micro_batch_size * env["dp_size"])
     tokens_per_iter = cfg.data.global_batch_size * cfg.data.seq_length
     train_iter = data.train_iterations(state.consumed_samples, num_micro)
-    # the logged lr is the mask logits' (optim.lr x mask_lr_mult): their group carries the multiplier
-    logits_group = next(g for g in optimizer.param_groups if g.get("lr_mult") == cfg.optim.mask_lr_mult)
+    logits_group = mask_logits_group(optimizer, sparsify_config(cfg))  # the logged lr is the logits'
     last_log = time.time()
     last = {}
     ddp.train()
