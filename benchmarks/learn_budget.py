@@ -18,21 +18,15 @@ import json
 import sys
 
 from maskllm_megatron import assets
-from maskllm_megatron.demo import LearnRecipe, Stages, _ppl, final_checkpoint, learn_stage, learn_wall_s
+from maskllm_megatron.demo import (LearnRecipe, Stages, _ppl, add_recipe_arguments, final_checkpoint, learn_stage,
+                                   learn_wall_s, recipe_from_args)
 from maskllm_megatron.train.config import checkpoint_iteration
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iters", type=int, required=True)
-    p.add_argument("--lr", type=float, default=LearnRecipe.lr, help="the logits' learning rate (the driver's optim.lr x mask_lr_mult)")
-    p.add_argument("--prior-strength", type=float, default=LearnRecipe.prior_strength)
-    p.add_argument("--global-batch", type=int, default=LearnRecipe.global_batch, help="sequences per iteration")
-    p.add_argument("--adam-eps", type=float, default=LearnRecipe.adam_eps)
-    p.add_argument("--adam-beta2", type=float, default=LearnRecipe.adam_beta2)
-    p.add_argument("--clip-grad", type=float, default=LearnRecipe.clip_grad, help="0: no gradient clipping")
-    p.add_argument("--regularizer", type=float, default=LearnRecipe.regularizer,
-                   help="sparse-weight regulariser coefficient at the start (decays to 0)")
+    add_recipe_arguments(p, skip=("tokens_per_second",))  # --iters sets the length
     p.add_argument("--checkpoints", type=int, default=1, help="evenly spaced checkpoints to score (a curve)")
     args = p.parse_args(argv)
     stages = Stages(assets.cache_dir() / "demo")
@@ -44,9 +38,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: expected one cached {name} under {stages.root}, found {len(paths)}: "
                              "run `make demo` once first")
     ckpt, data, prior = (found[k][0] for k in found)
-    recipe = LearnRecipe(global_batch=args.global_batch, lr=args.lr, prior_strength=args.prior_strength,
-                         adam_eps=args.adam_eps, adam_beta2=args.adam_beta2, regularizer=args.regularizer,
-                         clip_grad=args.clip_grad)
+    recipe = recipe_from_args(args)
     name = f"budget-{args.iters}-{args.lr:g}-{args.prior_strength:g}-{args.global_batch}"
     if (args.adam_eps, args.adam_beta2) != (LearnRecipe.adam_eps, LearnRecipe.adam_beta2):
         name += f"-eps{args.adam_eps:g}-b{args.adam_beta2:g}"

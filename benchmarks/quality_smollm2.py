@@ -1,6 +1,7 @@
 """Quality benchmark: the demo's pipeline on SmolLM2-135M with a longer budget (not in CI).
 
     python benchmarks/quality_smollm2.py [--minutes 150] [--transfer-minutes 15] [--out benchmarks/quality_out]
+        [--lr 1e-3] [--global-batch 2] [--prior-strength 4] [--clip-grad 1] ...  (the demo's recipe flags)
 
 Reports held-out perplexity (whole Wikipedia articles never trained on, and held-out Shakespeare plays:
 out of domain) of dense, magnitude, Wanda, SparseGPT (mask only and with OBS weight update) and MaskLLM;
@@ -23,8 +24,8 @@ import time
 from pathlib import Path
 
 from maskllm_megatron import assets
-from maskllm_megatron.demo import (LearnRecipe, Stages, _ppl, convert_stage, data_stage, final_checkpoint,
-                                   learn_stage, learn_wall_s, prior_stage)
+from maskllm_megatron.demo import (Stages, _ppl, add_recipe_arguments, convert_stage, data_stage, final_checkpoint,
+                                   learn_stage, learn_wall_s, prior_stage, recipe_from_args)
 from maskllm_megatron.eval.perplexity import wikipedia_split
 from maskllm_megatron.train.config import checkpoint_iteration
 
@@ -42,10 +43,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=150.0, help="Wikipedia mask-learning budget")
     p.add_argument("--transfer-minutes", type=float, default=15.0, help="budget of each Shakespeare run")
-    p.add_argument("--tokens-per-second", type=float, default=LearnRecipe.tokens_per_second,
-                   help="to turn budgets into iterations (default: the demo's, measured here)")
-    p.add_argument("--lr", type=float, default=LearnRecipe.lr, help="logits learning rate (default: the demo's)")
-    p.add_argument("--prior-strength", type=float, default=LearnRecipe.prior_strength)
+    add_recipe_arguments(p)  # --lr, --global-batch, ...: the demo's recipe by default
     p.add_argument("--checkpoints", type=int, default=6, help="points on the PPL-vs-tokens curve")
     p.add_argument("--out", type=Path, default=Path("benchmarks/quality_out"))
     args = p.parse_args(argv)
@@ -66,7 +64,7 @@ def main(argv=None) -> int:
 
     priors = {m: prior_stage(stages, ckpt, wiki, m) for m in ("magnitude", "wanda", "sparsegpt")}
     priors["sparsegpt+update"] = prior_stage(stages, ckpt, wiki, "sparsegpt", update_weights=True)
-    recipe = LearnRecipe(lr=args.lr, prior_strength=args.prior_strength, tokens_per_second=args.tokens_per_second)
+    recipe = recipe_from_args(args)
     tokens_per_iter = recipe.tokens_per_iteration
     iters = recipe.iterations(args.minutes)
     run = learn_stage(stages, ckpt, wiki, priors["sparsegpt"], iters, recipe, checkpoints=args.checkpoints)

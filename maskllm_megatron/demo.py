@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from . import assets
@@ -33,6 +33,7 @@ from .train.config import checkpoint_name
 
 SEQ = 512
 PRIORS = ("magnitude", "wanda", "sparsegpt")
+MASK_LR_MULT = 10.0  # the logits' lr over the driver's base optim.lr (the frozen weights take no step)
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class LearnRecipe:
     """
 
     global_batch: int = 2  # sequences per iteration: one per rank at DP=2
-    lr: float = 1e-3  # on the logits (the driver's optim.lr x mask_lr_mult 10), cosine to lr / 10
+    lr: float = 1e-3  # on the logits (the driver's optim.lr x MASK_LR_MULT), cosine to lr / 10
     prior_strength: float = 4.0
     adam_eps: float = 1e-5  # the driver's default (OptimSection)
     adam_beta2: float = 0.95
@@ -65,6 +66,32 @@ class LearnRecipe:
 
     def iterations(self, minutes: float) -> int:
         return max(10, int(minutes * 60 * self.tokens_per_second / self.tokens_per_iteration))
+
+
+_RECIPE_HELP = {
+    "global_batch": "sequences of {seq} tokens per iteration, split over the 2 data-parallel ranks",
+    "lr": "the mask logits' learning rate (the driver's optim.lr x mask_lr_mult), cosine to lr/10",
+    "prior_strength": "how far the prior's pattern starts ahead, in logit standard deviations",
+    "adam_eps": "Adam's epsilon",
+    "adam_beta2": "Adam's beta2",
+    "clip_grad": "global gradient-norm clipping threshold, 0 turns clipping off",
+    "regularizer": "sparse-weight regulariser coefficient at the start (decays to 0)",
+    "tokens_per_second": "expected mask-learning speed, to turn a time budget into iterations",
+}
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per ``LearnRecipe`` field (``--global-batch``, ``--lr``, ...), defaulting to the demo's;
+    ``recipe_from_args`` reads them back. The demo and the quality benchmarks share this spelling."""
+    for f in fields(LearnRecipe):
+        if f.name not in skip:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                                help=_RECIPE_HELP[f.name].format(seq=SEQ) + f" (default {f.default:g})")
+
+
+def recipe_from_args(args: argparse.Namespace) -> LearnRecipe:
+    """The recipe ``add_recipe_arguments``' flags describe (a skipped field keeps its default)."""
+    return LearnRecipe(**{f.name: getattr(args, f.name) for f in fields(LearnRecipe) if hasattr(args, f.name)})
 
 
 def _key(*parts) -> str:
@@ -136,7 +163,7 @@ def _train_config(ckpt: Path, data_prefix: Path, out: Path, **sections) -> dict:
         "parallel": {"tp": 1, "pp": 1, "distributed_optimizer": True},
         "data": {"train": [str(data_prefix)], "split": "98,2,0", "seq_length": SEQ, "micro_batch_size": 2,
                  "global_batch_size": 4, "cache_dir": str(out / "index_cache")},
-        "optim": {"lr": 5e-5, "min_lr": 5e-6, "weight_decay": 0.1, "clip_grad": 1.0, "mask_lr_mult": 10.0},
+        "optim": {"lr": 5e-5, "min_lr": 5e-6, "weight_decay": 0.1, "clip_grad": 1.0, "mask_lr_mult": MASK_LR_MULT},
         "mask": {"nm": "2:4", "prior_strength": 3.0, "fused_kernel": True},
         "prior": {"method": "sparsegpt", "calib_samples": 32},
         "run": {"out_dir": str(out), "train_iters": 0, "log_interval": 5, "eval_interval": 0, "save_interval": 0,
@@ -227,7 +254,8 @@ def learn_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, iter
         every = max(5, iters // checkpoints)  # the driver also keeps the final checkpoint
         cfg = _train_config(ckpt, prefix, w, prior={"method": "checkpoint", "checkpoint": str(prior_ckpt)},
                             data={"micro_batch_size": max(1, b // 2), "global_batch_size": b},
-                            optim={"lr": recipe.lr / 10, "min_lr": recipe.lr / 100, "adam_eps": recipe.adam_eps,
+                            optim={"lr": recipe.lr / MASK_LR_MULT, "min_lr": recipe.lr / MASK_LR_MULT / 10,
+                                   "adam_eps": recipe.adam_eps,
                                    "adam_beta2": recipe.adam_beta2, "clip_grad": recipe.clip_grad},
                             mask={"prior_strength": recipe.prior_strength, "regularizer": [recipe.regularizer, 0.0]},
                             run={"train_iters": iters, "log_interval": 5, "eval_interval": max(5, iters // evals),
@@ -272,9 +300,7 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=12.0,
                    help="mask-learning time budget (default 12; the whole demo then takes about 30 minutes "
                         "here); raise it for a longer, better run")
-    p.add_argument("--tokens-per-second", type=float, default=LearnRecipe.tokens_per_second,
-                   help="expected mask-learning speed, to turn the budget into iterations "
-                        f"(default {LearnRecipe.tokens_per_second:g}, measured on a 2-core CPU)")
+    add_recipe_arguments(p)
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="where the results go (default demo_out)")
     args = p.parse_args(argv)
     from .eval.perplexity import wikipedia_split
@@ -291,7 +317,7 @@ def main(argv=None) -> int:
     train_articles, heldout = wikipedia_split()
     prefix = data_stage(stages, "wiki_train", [text for _, text in train_articles], ckpt / "tokenizer")
     prior_ckpts = {method: prior_stage(stages, ckpt, prefix, method) for method in PRIORS}
-    recipe = LearnRecipe(tokens_per_second=args.tokens_per_second)
+    recipe = recipe_from_args(args)
     iters = recipe.iterations(args.minutes)
     run = learn_stage(stages, ckpt, prefix, prior_ckpts["sparsegpt"], iters, recipe)
     exported = export_stage(stages, final_checkpoint(run))

@@ -96,3 +96,24 @@ def test_recipe_turns_minutes_into_iterations():
     assert r.tokens_per_iteration == 2 * SEQ
     assert r.iterations(16) == 16 * 60 * 64 // (2 * SEQ) == 60
     assert r.iterations(0.1) == 10  # never fewer than 10
+
+
+def test_recipe_flags_build_the_recipe_they_name():
+    """The demo's and the benchmarks' recipe flags: every LearnRecipe field, typed, defaulting to the demo's."""
+    import argparse
+    from maskllm_megatron import demo
+    p = argparse.ArgumentParser()
+    demo.add_recipe_arguments(p)
+    assert demo.recipe_from_args(p.parse_args([])) == LearnRecipe()
+    args = p.parse_args(["--lr", "5e-4", "--global-batch", "4", "--adam-eps", "1e-8", "--adam-beta2", "0.999",
+                         "--clip-grad", "0", "--prior-strength", "3"])
+    assert demo.recipe_from_args(args) == LearnRecipe(lr=5e-4, global_batch=4, adam_eps=1e-8, adam_beta2=0.999,
+                                                      clip_grad=0.0, prior_strength=3.0)
+    assert isinstance(args.global_batch, int)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--global-batch", "2.5"])  # sequences are whole
+    q = argparse.ArgumentParser()
+    demo.add_recipe_arguments(q, skip=("tokens_per_second",))
+    with pytest.raises(SystemExit):
+        q.parse_args(["--tokens-per-second", "80"])
+    assert demo.recipe_from_args(q.parse_args(["--lr", "2e-4"])) == LearnRecipe(lr=2e-4)
