@@ -10,7 +10,8 @@ gap_closed = (PPL_sparsegpt - PPL_maskllm) / (PPL_sparsegpt - PPL_dense); a curv
 perplexity against tokens seen (from the run's evenly spaced checkpoints); and mask transfer: a mask
 learned on Wikipedia refined on Shakespeare for a short budget, against learning on Shakespeare from the
 one-shot SparseGPT prior with the same budget, both scored on held-out Shakespeare.
-Stages are cached like the demo's (a re-run reuses them); an interrupted learning run resumes from its last
+The Wikipedia run's metrics.jsonl, config and curves.png are copied next to quality.json. Stages are cached
+like the demo's (a re-run reuses them); an interrupted learning run resumes from its last
 checkpoint when the same command is run again (the reported learning wall time sums the attempts).
 """
 from __future__ import annotations
@@ -24,8 +25,8 @@ import time
 from pathlib import Path
 
 from maskllm_megatron import assets
-from maskllm_megatron.demo import (Stages, _ppl, add_recipe_arguments, convert_stage, data_stage, final_checkpoint,
-                                   learn_stage, learn_wall_s, prior_stage, recipe_from_args)
+from maskllm_megatron.demo import (Stages, _ppl, add_recipe_arguments, convert_stage, copy_run_records, data_stage,
+                                   final_checkpoint, learn_stage, learn_wall_s, prior_stage, recipe_from_args)
 from maskllm_megatron.eval.perplexity import wikipedia_split
 from maskllm_megatron.train.config import checkpoint_iteration
 
@@ -70,6 +71,7 @@ def main(argv=None) -> int:
     run = learn_stage(stages, ckpt, wiki, priors["sparsegpt"], iters, recipe, checkpoints=args.checkpoints)
     learn_wall = learn_wall_s(run)  # the run's own wall time, also when cached or resumed
 
+    copy_run_records(run, out, "curves.png")
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     table = {}

@@ -288,6 +288,15 @@ def final_checkpoint(run: Path) -> Path:
     return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
 
 
+def copy_run_records(run: Path, out: Path, curves: str = "training_curves.png") -> None:
+    """A learning run's ``metrics.jsonl`` and ``maskllm.yaml``, and a PNG of its curves, into a results
+    folder: the folder then holds what its figures came from (the run itself stays in the cache)."""
+    for name in ("metrics.jsonl", "maskllm.yaml"):
+        shutil.copy(run / name, out / name)
+    subprocess.run([sys.executable, "-m", "maskllm_megatron.train.plot", str(out / "metrics.jsonl"),
+                    "--out", str(out / curves)], check=False)  # a missing matplotlib costs only the PNG
+
+
 def export_stage(stages: Stages, ckpt: Path) -> Path:
     """The learned 2:4 model as a verified Hugging Face folder."""
     return stages.run(6, "export", _key(str(ckpt)), lambda w: _run(
@@ -344,9 +353,7 @@ def main(argv=None) -> int:
            f"{100 * (ppl['MaskLLM'] / ppl['sparsegpt'] - 1):+.1f}%.\n")
     (out / "results.md").write_text(md)
     _bar_chart([(n, v) for n, v in rows], out / "perplexity.png")
-    subprocess.run([sys.executable, "-m", "maskllm_megatron.train.plot", str(run / "metrics.jsonl"),
-                    "--out", str(out / "training_curves.png")], check=False)
-    shutil.copy(run / "metrics.jsonl", out / "metrics.jsonl")
+    copy_run_records(run, out)
     print("\n" + md)
     print(f"[demo] wrote {out / 'results.md'}, {out / 'perplexity.png'}, {out / 'training_curves.png'}; "
           f"exported 2:4 model: {exported}; {(time.time() - stages.t0) / 60:.1f} minutes")

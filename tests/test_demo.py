@@ -117,3 +117,18 @@ def test_recipe_flags_build_the_recipe_they_name():
     with pytest.raises(SystemExit):
         q.parse_args(["--tokens-per-second", "80"])
     assert demo.recipe_from_args(q.parse_args(["--lr", "2e-4"])) == LearnRecipe(lr=2e-4)
+
+
+def test_copy_run_records_fills_the_results_folder(tmp_path):
+    """The demo's and quality benchmark's results folder gets the run's metrics, config and curves PNG."""
+    from maskllm_megatron import demo
+    from tests.test_plot import png_size, synthetic_run
+    run, out = tmp_path / "run", tmp_path / "out"
+    metrics = synthetic_run(run)
+    (run / "maskllm.yaml").write_text("optim: {lr: 1.0e-4}\n")
+    out.mkdir()
+    demo.copy_run_records(run, out, "curves.png")
+    assert (out / "metrics.jsonl").read_text() == metrics.read_text()
+    assert (out / "maskllm.yaml").read_text() == "optim: {lr: 1.0e-4}\n"
+    width, height = png_size(out / "curves.png")
+    assert width > 500 and height > 300
