@@ -60,6 +60,19 @@ class LearnRecipe:
     regularizer: float = 1e-5  # sparse-weight regulariser coefficient at the start, decays to 0 (the paper's)
     tokens_per_second: float = 55.0  # measured here at DP=2; turns a time budget into iterations
 
+    def __post_init__(self):
+        if self.global_batch < 2 or self.global_batch % 2:
+            raise ValueError(f"global_batch {self.global_batch} does not split over the 2 data-parallel ranks: "
+                             "pass an even number of sequences (2, 4, ...)")
+        for name in ("lr", "adam_eps", "tokens_per_second"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} {getattr(self, name)} must be positive")
+        for name in ("clip_grad", "regularizer", "prior_strength"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} {getattr(self, name)} must be 0 or more")
+        if not 0 <= self.adam_beta2 < 1:
+            raise ValueError(f"adam_beta2 {self.adam_beta2} must be in [0, 1)")
+
     @property
     def tokens_per_iteration(self) -> int:
         return self.global_batch * SEQ
@@ -90,8 +103,13 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
 
 
 def recipe_from_args(args: argparse.Namespace) -> LearnRecipe:
-    """The recipe ``add_recipe_arguments``' flags describe (a skipped field keeps its default)."""
-    return LearnRecipe(**{f.name: getattr(args, f.name) for f in fields(LearnRecipe) if hasattr(args, f.name)})
+    """The recipe ``add_recipe_arguments``' flags describe (a skipped field keeps its default); a value
+    the recipe refuses exits with a one-line error that names the flag."""
+    try:
+        return LearnRecipe(**{f.name: getattr(args, f.name) for f in fields(LearnRecipe) if hasattr(args, f.name)})
+    except ValueError as e:
+        name = str(e).split()[0]
+        raise SystemExit(f"error: --{name.replace('_', '-')}: {e}") from None
 
 
 def _key(*parts) -> str:

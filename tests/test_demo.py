@@ -1,4 +1,6 @@
 """The demo's stage runner (caching by content, failure message) and its time budget arithmetic."""
+import re
+
 import pytest
 import yaml
 
@@ -117,6 +119,12 @@ def test_recipe_flags_build_the_recipe_they_name():
     with pytest.raises(SystemExit):
         q.parse_args(["--tokens-per-second", "80"])
     assert demo.recipe_from_args(q.parse_args(["--lr", "2e-4"])) == LearnRecipe(lr=2e-4)
+    for flags, message in ((["--global-batch", "3"], "--global-batch: global_batch 3 does not split over the 2"),
+                           (["--lr", "0"], "--lr: lr 0.0 must be positive"),
+                           (["--clip-grad", "-1"], "--clip-grad: clip_grad -1.0 must be 0 or more"),
+                           (["--adam-beta2", "1"], "--adam-beta2: adam_beta2 1.0 must be in [0, 1)")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            demo.recipe_from_args(p.parse_args(flags))
 
 
 def test_copy_run_records_fills_the_results_folder(tmp_path):
