@@ -76,7 +76,7 @@ def one_configuration(args, distributed_optimizer: bool, dtype: str) -> dict:
     from megatron.core import parallel_state
 
     from maskllm_megatron.megatron.sparsify import masked_layers
-    from maskllm_megatron.train.trainer import build_model, build_optimizer, mask_config, run_batches
+    from maskllm_megatron.train.trainer import build_model, build_optimizer, run_batches
 
     cfg = run_config(args.ckpt, 1, args.seq, parallel_state.get_data_parallel_world_size(),
                      distributed_optimizer, dtype)
@@ -84,7 +84,7 @@ def one_configuration(args, distributed_optimizer: bool, dtype: str) -> dict:
     ddp, optimizer, _ = build_optimizer(cfg, model)
     masked = sum(layer.weight.numel() for layer in masked_layers(model))
     batch = text_batch(args.ckpt, 1, args.seq, parallel_state.get_data_parallel_rank())
-    mcfg = mask_config(cfg)
+    mcfg = cfg.mask_config()
     ddp.train()
     ddp.zero_grad_buffer()
     optimizer.zero_grad()

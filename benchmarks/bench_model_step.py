@@ -91,9 +91,9 @@ def dense_model(cfg, info):
 
 def make_step(cfg, ddp, optimizer, scheduler, batch, dp_rank: int, masked: bool):
     """A closure running one full training iteration, as the driver's loop does."""
-    from maskllm_megatron.train.trainer import mask_config, run_batches
+    from maskllm_megatron.train.trainer import run_batches
 
-    mcfg = mask_config(cfg)
+    mcfg = cfg.mask_config()
     state = {"it": 100}
 
     def step() -> float:

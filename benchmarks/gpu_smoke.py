@@ -132,7 +132,7 @@ def bench_layer(device: str, shapes, tokens: int, repeats: int, profile_to: str 
 def bench_model_step(device: str, layers: int, micro_batch: int, seq: int, repeats: int) -> dict:
     from maskllm_megatron.megatron.model_builder import ModelConfig, build_gpt_model
     from maskllm_megatron.megatron.sparsify import set_fused_mask_kernel, sparsify
-    from maskllm_megatron.train.trainer import (apply_prior, build_optimizer, mask_config, run_batches,
+    from maskllm_megatron.train.trainer import (apply_prior, build_optimizer, run_batches,
                                                 sparsify_config)
 
     cfg = driver_config(micro_batch, seq)
@@ -152,7 +152,7 @@ def bench_model_step(device: str, layers: int, micro_batch: int, seq: int, repea
         return (model, *build_optimizer(cfg, model))
 
     variants = {"dense": build(False), "mask": build(True)}
-    mcfg = mask_config(cfg)
+    mcfg = cfg.mask_config()
 
     def step(name: str):
         model, ddp, opt, sched = variants["mask" if name.startswith("mask") else "dense"]

@@ -24,16 +24,23 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from . import assets
 from .launch import free_port
-from .train.config import checkpoint_name
+from .train.config import ConfigError, TrainConfig, checkpoint_name
 
 SEQ = 512
 PRIORS = ("magnitude", "wanda", "sparsegpt")
 MASK_LR_MULT = 10.0  # the logits' lr over the driver's base optim.lr (the frozen weights take no step)
+DP = 2  # mask learning runs torchrun with this many data-parallel processes
+
+
+def _recipe_field(default, driver: str | None, help: str):
+    """A ``LearnRecipe`` field: its default, the driver config key it sets (for error messages) and its
+    flag's help text."""
+    return field(default=default, metadata={"driver": driver, "help": help})
 
 
 @dataclass(frozen=True)
@@ -51,27 +58,43 @@ class LearnRecipe:
     2e-4 -> 96.4, 5e-4 -> 78.8, 1e-3 -> 65.7, 2e-3 diverged (5729). See benchmarks/RESULTS.md.
     """
 
-    global_batch: int = 2  # sequences per iteration: one per rank at DP=2
-    lr: float = 1e-3  # on the logits (the driver's optim.lr x MASK_LR_MULT), cosine to lr / 10
-    prior_strength: float = 4.0
-    adam_eps: float = 1e-5  # the driver's default (OptimSection)
-    adam_beta2: float = 0.95
-    clip_grad: float = 1.0  # global gradient-norm clipping (0: off)
-    regularizer: float = 1e-5  # sparse-weight regulariser coefficient at the start, decays to 0 (the paper's)
-    tokens_per_second: float = 55.0  # measured here at DP=2; turns a time budget into iterations
+    global_batch: int = _recipe_field(2, "data.global_batch_size",
+                                      "sequences of {seq} tokens per iteration, split over the {dp} data-parallel ranks")
+    lr: float = _recipe_field(1e-3, "optim.lr", "the mask logits' learning rate (the driver's optim.lr x "
+                              "mask_lr_mult), cosine to lr/10")
+    prior_strength: float = _recipe_field(4.0, "mask.prior_strength",
+                                          "how far the prior's pattern starts ahead, in logit standard deviations")
+    adam_eps: float = _recipe_field(1e-5, "optim.adam_eps", "Adam's epsilon")  # the driver's default
+    adam_beta2: float = _recipe_field(0.95, "optim.adam_beta2", "Adam's beta2")
+    clip_grad: float = _recipe_field(1.0, "optim.clip_grad", "global gradient-norm clipping threshold, 0 turns "
+                                     "clipping off")
+    regularizer: float = _recipe_field(1e-5, "mask.regularizer", "sparse-weight regulariser coefficient at the "
+                                       "start (decays to 0, the paper's)")
+    # measured here at DP=2; only the demo uses it
+    tokens_per_second: float = _recipe_field(55.0, None, "expected mask-learning speed, to turn a time budget "
+                                             "into iterations")
 
     def __post_init__(self):
-        if self.global_batch < 2 or self.global_batch % 2:
-            raise ValueError(f"global_batch {self.global_batch} does not split over the 2 data-parallel ranks: "
-                             "pass an even number of sequences (2, 4, ...)")
-        for name in ("lr", "adam_eps", "tokens_per_second"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} {getattr(self, name)} must be positive")
-        for name in ("clip_grad", "regularizer", "prior_strength"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} {getattr(self, name)} must be 0 or more")
-        if not 0 <= self.adam_beta2 < 1:
-            raise ValueError(f"adam_beta2 {self.adam_beta2} must be in [0, 1)")
+        """Refuse what the driver would refuse, before any stage runs: the driver's own validation of the
+        config ``learn_stage`` writes. Messages start with the recipe field (``recipe_from_args`` reads it)."""
+        if not self.tokens_per_second > 0:
+            raise ValueError(f"tokens_per_second {self.tokens_per_second} must be positive")
+        cfg = _train_config(Path("checkpoint"), Path("data"), Path("run"), **self.driver_sections())
+        try:
+            TrainConfig.from_dict(cfg).validate(world_size=DP)
+        except ConfigError as e:
+            key = str(e).split()[0].rstrip(":")
+            name = next((f.name for f in fields(self) if f.metadata["driver"] == key), None)
+            if name is None:  # a setting the recipe does not own: the demo's own config is wrong
+                raise
+            raise ValueError(f"{name} {getattr(self, name)}: the driver refuses it: {e}") from None
+
+    def driver_sections(self) -> dict:
+        """The driver config sections (``maskllm_megatron.train.config``) this recipe sets."""
+        return {"data": {"micro_batch_size": max(1, self.global_batch // DP), "global_batch_size": self.global_batch},
+                "optim": {"lr": self.lr / MASK_LR_MULT, "min_lr": self.lr / MASK_LR_MULT / 10,
+                          "adam_eps": self.adam_eps, "adam_beta2": self.adam_beta2, "clip_grad": self.clip_grad},
+                "mask": {"prior_strength": self.prior_strength, "regularizer": [self.regularizer, 0.0]}}
 
     @property
     def tokens_per_iteration(self) -> int:
@@ -81,25 +104,13 @@ class LearnRecipe:
         return max(10, int(minutes * 60 * self.tokens_per_second / self.tokens_per_iteration))
 
 
-_RECIPE_HELP = {
-    "global_batch": "sequences of {seq} tokens per iteration, split over the 2 data-parallel ranks",
-    "lr": "the mask logits' learning rate (the driver's optim.lr x mask_lr_mult), cosine to lr/10",
-    "prior_strength": "how far the prior's pattern starts ahead, in logit standard deviations",
-    "adam_eps": "Adam's epsilon",
-    "adam_beta2": "Adam's beta2",
-    "clip_grad": "global gradient-norm clipping threshold, 0 turns clipping off",
-    "regularizer": "sparse-weight regulariser coefficient at the start (decays to 0)",
-    "tokens_per_second": "expected mask-learning speed, to turn a time budget into iterations",
-}
-
-
 def add_recipe_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One flag per ``LearnRecipe`` field (``--global-batch``, ``--lr``, ...), defaulting to the demo's;
     ``recipe_from_args`` reads them back. The demo and the quality benchmarks share this spelling."""
     for f in fields(LearnRecipe):
         if f.name not in skip:
             parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                                help=_RECIPE_HELP[f.name].format(seq=SEQ) + f" (default {f.default:g})")
+                                help=f.metadata["help"].format(seq=SEQ, dp=DP) + f" (default {f.default:g})")
 
 
 def recipe_from_args(args: argparse.Namespace) -> LearnRecipe:
@@ -268,14 +279,9 @@ def learn_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, iter
     ``checkpoints`` evenly spaced checkpoints and the final one (3 GB each) and runs ``evals`` hard-mask
     validations."""
     def learn(w: Path):
-        b = recipe.global_batch
         every = max(5, iters // checkpoints)  # the driver also keeps the final checkpoint
         cfg = _train_config(ckpt, prefix, w, prior={"method": "checkpoint", "checkpoint": str(prior_ckpt)},
-                            data={"micro_batch_size": max(1, b // 2), "global_batch_size": b},
-                            optim={"lr": recipe.lr / MASK_LR_MULT, "min_lr": recipe.lr / MASK_LR_MULT / 10,
-                                   "adam_eps": recipe.adam_eps,
-                                   "adam_beta2": recipe.adam_beta2, "clip_grad": recipe.clip_grad},
-                            mask={"prior_strength": recipe.prior_strength, "regularizer": [recipe.regularizer, 0.0]},
+                            **recipe.driver_sections(),
                             run={"train_iters": iters, "log_interval": 5, "eval_interval": max(5, iters // evals),
                                  "eval_iters": 1, "save_interval": every, "keep_last": checkpoints, "out_dir": str(w)})
         wall, t0 = w / "learn_wall_s", time.time()  # summed over the attempts a resumed run is made of
@@ -283,7 +289,7 @@ def learn_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, iter
             wall.unlink(missing_ok=True)  # nothing to resume: this attempt starts the run again
         try:
             _run(["-m", "maskllm_megatron.train", "--config", str(_write_yaml(cfg, w / "maskllm.yaml"))],
-                 w / "train.log", nproc=2, append=True)
+                 w / "train.log", nproc=DP, append=True)
         finally:
             wall.write_text(str(learn_wall_s(w) + time.time() - t0))
         reached = final_checkpoint(w).name

@@ -119,12 +119,23 @@ def test_recipe_flags_build_the_recipe_they_name():
     with pytest.raises(SystemExit):
         q.parse_args(["--tokens-per-second", "80"])
     assert demo.recipe_from_args(q.parse_args(["--lr", "2e-4"])) == LearnRecipe(lr=2e-4)
-    for flags, message in ((["--global-batch", "3"], "--global-batch: global_batch 3 does not split over the 2"),
-                           (["--lr", "0"], "--lr: lr 0.0 must be positive"),
-                           (["--clip-grad", "-1"], "--clip-grad: clip_grad -1.0 must be 0 or more"),
-                           (["--adam-beta2", "1"], "--adam-beta2: adam_beta2 1.0 must be in [0, 1)")):
+    # refused by the driver's own validation of the config learn_stage writes, before any stage runs
+    for flags, message in ((["--global-batch", "3"], "--global-batch: global_batch 3: the driver refuses it: "
+                                                      "data.global_batch_size 3 is not a multiple of micro_batch_size 1"
+                                                      " x data-parallel size 2: make it 2, 4, ..."),
+                           (["--global-batch", "0"], "--global-batch: global_batch 0: the driver refuses it: "
+                                                      "data.global_batch_size 0 must be >= 1"),
+                           (["--lr", "0"], "--lr: lr 0.0: the driver refuses it: optim.lr 0.0 must be > 0"),
+                           (["--clip-grad", "-1"], "--clip-grad: clip_grad -1.0: the driver refuses it: optim.clip_grad"),
+                           (["--adam-beta2", "1"], "--adam-beta2: adam_beta2 1.0: the driver refuses it: "
+                                                    "optim.adam_beta2 1.0 must be in [0, 1)"),
+                           (["--regularizer", "-1"], "--regularizer: regularizer -1.0: the driver refuses it: "
+                                                      "mask.regularizer (-1.0, 0.0) must be >= 0"),
+                           (["--prior-strength", "-2"], "--prior-strength: prior_strength -2.0: the driver refuses"),
+                           (["--tokens-per-second", "0"], "--tokens-per-second: tokens_per_second 0.0 must be positive")):
         with pytest.raises(SystemExit, match=re.escape(message)):
             demo.recipe_from_args(p.parse_args(flags))
+    assert LearnRecipe(global_batch=6).driver_sections()["data"] == {"micro_batch_size": 3, "global_batch_size": 6}
 
 
 def test_copy_run_records_fills_the_results_folder(tmp_path):

@@ -194,6 +194,17 @@ def test_example_configs_validate(example):
     ({"parallel": {"tp": "x"}}, "parallel.tp: 'x' is not a valid int"),
     ({"parallel": {"bucket_size": -1}}, "parallel.bucket_size -1 must be >= 0"),
     ({"prior": {"method": "obs"}}, "prior.method 'obs': use magnitude"),
+    ({"data": {"train": ["/data/x_text_document"], "micro_batch_size": 0}}, "data.micro_batch_size 0 must be >= 1"),
+    ({"optim": {"lr": 0.0}}, "optim.lr 0.0 must be > 0"),
+    ({"optim": {"min_lr": 1e-3}}, "optim.min_lr 0.001 must be in [0, optim.lr=5e-05]"),
+    ({"optim": {"adam_beta1": 1.0}}, "optim.adam_beta1 1.0 must be in [0, 1)"),
+    ({"optim": {"clip_grad": -1.0}}, "optim.clip_grad -1.0 must be >= 0"),
+    ({"optim": {"decay_style": "WSD"}}, "optim.decay_style 'WSD': use one of cosine, linear"),
+    ({"mask": {"nm": "4:2"}}, "mask.nm: invalid N:M 4:2"),
+    ({"mask": {"temperature": [4.0, 0.0]}}, "mask.temperature (4.0, 0.0) must stay positive"),
+    ({"mask": {"logit_scale": [-1.0, 5e2]}}, "mask.logit_scale (-1.0, 500.0) must stay positive"),
+    ({"mask": {"regularizer": [-1e-5, 0.0]}}, "mask.regularizer (-1e-05, 0.0) must be >= 0"),
+    ({"mask": {"prior_strength": -1.0}}, "mask.prior_strength -1.0 must be >= 0"),
 ])
 def test_bad_config_is_one_line_naming_the_field(raw, message):
     from maskllm_megatron.train.config import ConfigError, TrainConfig

@@ -29,10 +29,15 @@ class MaskConfig:
     def __post_init__(self):
         if isinstance(self.nm, str):
             object.__setattr__(self, "nm", NMSpec.parse(self.nm))
-        if min(self.temperature) <= 0:
-            raise ValueError(f"temperature must stay positive, got {self.temperature}")
-        if self.init_std < 0 or self.prior_strength < 0:
-            raise ValueError("init_std and prior_strength must be >= 0")
+        # each message starts with the field it refuses (the driver's config prefixes its section)
+        for name in ("temperature", "logit_scale"):
+            if min(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} {getattr(self, name)} must stay positive (start, end)")
+        if min(self.regularizer) < 0:
+            raise ValueError(f"regularizer {self.regularizer} must be >= 0 (start, end)")
+        for name in ("init_std", "prior_strength"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} {getattr(self, name)} must be >= 0 (0: no {'prior' if name == 'prior_strength' else 'noise'})")
         self.temperature_schedule  # validates steps and kind
 
     @property

@@ -22,6 +22,10 @@ def checkpoint_iteration(name: str) -> Optional[int]:
     return int(digits) if name.startswith("iter_") and digits.isdigit() else None
 
 
+# megatron's OptimizerParamScheduler styles that need no further settings ("WSD" needs its own decay steps)
+DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
+
+
 class ConfigError(ValueError):
     """A bad configuration value (message names the key and the fix)."""
 
@@ -127,6 +131,7 @@ class TrainConfig:
                 raise ConfigError(f"parallel.{name} must be >= 1")
         if p.bucket_size < 0:
             raise ConfigError(f"parallel.bucket_size {p.bucket_size} must be >= 0 (0: megatron's default)")
+        self._validate_ranges()
         if world_size is not None:
             if world_size % (p.tp * p.pp):
                 raise ConfigError(f"world size {world_size} is not a multiple of tp*pp={p.tp * p.pp}: "
@@ -134,7 +139,8 @@ class TrainConfig:
             dp = world_size // (p.tp * p.pp)
             if d.global_batch_size % (d.micro_batch_size * dp):
                 raise ConfigError(f"data.global_batch_size {d.global_batch_size} is not a multiple of "
-                                  f"micro_batch_size {d.micro_batch_size} x data-parallel size {dp}")
+                                  f"micro_batch_size {d.micro_batch_size} x data-parallel size {dp}: "
+                                  f"make it {d.micro_batch_size * dp}, {2 * d.micro_batch_size * dp}, ...")
         if self.prior.method not in ("magnitude", "wanda", "sparsegpt", "none", "checkpoint"):
             raise ConfigError(f"prior.method {self.prior.method!r}: use magnitude, wanda, sparsegpt, none or checkpoint")
         if self.prior.method == "checkpoint" and not self.prior.checkpoint:
@@ -143,6 +149,47 @@ class TrainConfig:
             raise ConfigError("run.train_iters must be >= 0 (0: compute the prior, save it and stop) and "
                               "run.log_interval >= 1")
         return self
+
+    def _validate_ranges(self) -> None:
+        """Values megatron or the mask sampler would only refuse (or silently misuse) after the ranks start."""
+        d, o = self.data, self.optim
+        for name in ("seq_length", "micro_batch_size", "global_batch_size"):
+            if getattr(d, name) < 1:
+                raise ConfigError(f"data.{name} {getattr(d, name)} must be >= 1")
+        for name in ("lr", "adam_eps", "mask_lr_mult"):
+            if not getattr(o, name) > 0:
+                raise ConfigError(f"optim.{name} {getattr(o, name)} must be > 0")
+        if not 0 <= o.min_lr <= o.lr:
+            raise ConfigError(f"optim.min_lr {o.min_lr} must be in [0, optim.lr={o.lr}]: it is where lr decays to")
+        for name in ("weight_decay", "clip_grad", "warmup_iters"):
+            if getattr(o, name) < 0:
+                raise ConfigError(f"optim.{name} {getattr(o, name)} must be >= 0 (0 turns it off)")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(o, name) < 1:
+                raise ConfigError(f"optim.{name} {getattr(o, name)} must be in [0, 1)")
+        if o.decay_style not in DECAY_STYLES:
+            raise ConfigError(f"optim.decay_style {o.decay_style!r}: use one of {', '.join(DECAY_STYLES)}")
+        try:
+            self.mask_config()
+        except ConfigError:
+            raise
+        except ValueError as e:  # MaskConfig's messages start with the field they refuse
+            raise ConfigError(f"mask.{e}") from None
+
+    def mask_config(self):
+        """The mask sampler's configuration (``maskllm_megatron.masks``): schedules anneal over the run."""
+        from ..masks.config import MaskConfig
+        from ..masks.patterns import NMSpec
+
+        m = self.mask
+        try:
+            nm = NMSpec.parse(m.nm)
+        except ValueError as e:
+            raise ConfigError(f"mask.nm: {e}") from None
+        return MaskConfig(nm=nm, total_steps=max(1, self.run.train_iters), temperature=tuple(m.temperature),
+                          logit_scale=tuple(m.logit_scale), hard=m.hard, init_std=m.init_std,
+                          prior_strength=m.prior_strength, regularizer=tuple(m.regularizer), seed=self.run.seed,
+                          freeze_weight=not m.train_weights)
 
     # -- parsing ---------------------------------------------------------------------------------
     @classmethod

@@ -23,7 +23,6 @@ from typing import Optional
 import torch
 
 from ..launch import all_reduce_floats
-from ..masks import MaskConfig, NMSpec
 from .config import TrainConfig, checkpoint_iteration, checkpoint_name
 from .metrics import MaskWatcher, MetricsLogger, peak_memory_bytes
 
@@ -55,18 +54,10 @@ def setup_parallel(cfg: TrainConfig) -> dict:
             "last_stage": parallel_state.is_pipeline_last_stage()}
 
 
-def mask_config(cfg: TrainConfig) -> MaskConfig:
-    m = cfg.mask
-    return MaskConfig(nm=NMSpec.parse(m.nm), total_steps=max(1, cfg.run.train_iters), temperature=tuple(m.temperature),
-                      logit_scale=tuple(m.logit_scale), hard=m.hard, init_std=m.init_std,
-                      prior_strength=m.prior_strength, regularizer=tuple(m.regularizer), seed=cfg.run.seed,
-                      freeze_weight=not m.train_weights)
-
-
 def sparsify_config(cfg: TrainConfig):
     from ..megatron.sparsify import SparsifyConfig
 
-    return SparsifyConfig(mask=mask_config(cfg), include=tuple(cfg.mask.include), exclude=tuple(cfg.mask.exclude),
+    return SparsifyConfig(mask=cfg.mask_config(), include=tuple(cfg.mask.include), exclude=tuple(cfg.mask.exclude),
                           train_weights=cfg.mask.train_weights, mask_lr_mult=cfg.optim.mask_lr_mult)
 
 
@@ -358,7 +349,7 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
         if is_rank0:
             print(f"[maskllm] prior-only run: saved {path}", flush=True)
         return {"iteration": 0, **prior_report}
-    mcfg = mask_config(cfg)
+    mcfg = cfg.mask_config()
     watcher = MaskWatcher(masked_layers(model))
     watcher.collect(mcfg.step_state(state.iteration, dp_rank=env["dp_rank"]))  # flip-rate baseline
     preemption = _Preemption()
