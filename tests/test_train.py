@@ -251,3 +251,21 @@ def test_pipeline_parallel_2_runs(tiny):
     h = history(tiny / "pp2")
     assert len(h) == 3 and all(x[1] == x[1] for x in h)  # finite losses
     assert len(valid_losses(tiny / "pp2")) == 2
+
+
+def test_setup_parallel_after_a_conversion_in_the_same_process():
+    """A process that converted a checkpoint (``init_parallel``) and then builds the driver's layout (as
+    ``benchmarks/bench_model_step.py`` does on first use) gets the driver's layout, not megatron's
+    "data parallel group is already initialized"."""
+    code = """
+from maskllm_megatron.convert.checkpoint import init_parallel
+from maskllm_megatron.train.config import TrainConfig
+from maskllm_megatron.train.trainer import setup_parallel
+from megatron.core import parallel_state
+init_parallel(1, 1)
+env = setup_parallel(TrainConfig.from_dict({"model": {"checkpoint": "unused"}, "data": {"train": ["unused"]}}))
+print("OK", env["dp_size"], parallel_state.get_tensor_model_parallel_world_size())
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-3:] == ["OK", "1", "1"]

@@ -45,6 +45,8 @@ def setup_parallel(cfg: TrainConfig) -> dict:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.distributed.init_process_group(backend)
     cfg.validate(torch.distributed.get_world_size())
+    if parallel_state.model_parallel_is_initialized():  # e.g. a conversion ran earlier in this process
+        parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=cfg.parallel.tp,
                                              pipeline_model_parallel_size=cfg.parallel.pp)
     model_parallel_cuda_manual_seed(cfg.run.seed)
