@@ -1,12 +1,15 @@
 """Whole-model training-step time: mask learning (frozen weights) over a dense training step (every
 weight trainable) of the same SmolLM2-135M model and batch, in one run. Mask variants: ``mask_fused``
 (the default fused kernels: the C++ CPU kernels where they run), ``mask_compiled`` (the torch.compile
-kernels, ``MASKLLM_CPU_KERNEL=0``) and ``mask_eager`` (plain torch ops).
+kernels, ``MASKLLM_CPU_KERNEL=0``) and ``mask_eager`` (plain torch ops). ``hf_dense`` (DP=1 only) is a
+reference outside megatron: the same dense step in plain PyTorch on the Hugging Face model (transformers'
+LlamaForCausalLM with SDPA attention, AdamW with the same settings and clipping): what megatron-core costs
+on CPU.
 
     python benchmarks/bench_model_step.py                                   # TP=1, DP=1
     torchrun --nproc-per-node 2 benchmarks/bench_model_step.py              # TP=1, DP=2
     options: --ckpt DIR (converted checkpoint; made from the cached SmolLM2 if missing)
-             --variants dense,mask_fused,mask_compiled,mask_eager (dense is always timed)
+             --variants dense,mask_fused,mask_compiled,mask_eager,hf_dense (dense is always timed)
              --micro-batch 2 --seq 256 --repeats 5 --json OUT.json
              --profile OUT.txt (after timing: torch.profiler tables of one dense and one mask step, rank 0)
 
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("dense", "mask_fused", "mask_compiled", "mask_eager")
+VARIANTS = ("dense", "mask_fused", "mask_compiled", "mask_eager", "hf_dense")
 
 
 def ensure_checkpoint(ckpt: Path) -> Path:
@@ -87,6 +90,33 @@ def dense_model(cfg, info):
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+def hf_dense_step(cfg, batch):
+    """The dense step in plain PyTorch: the Hugging Face SmolLM2 (the weights the checkpoint was converted
+    from), the same tokens and labels, mean next-token loss, backward, clipping and AdamW as the driver's
+    optimizer is set (megatron's Adam applies weight decay decoupled, as AdamW)."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from maskllm_megatron.assets import smollm2_hf_dir
+
+    o = cfg.optim
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_hf_dir()), dtype=torch.float32,
+                                                 attn_implementation="sdpa").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
+                                  weight_decay=o.weight_decay)
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(input_ids=batch["tokens"], position_ids=batch["position_ids"]).logits
+        F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten()).backward()
+        t0 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
+        optimizer.step()
+        return time.perf_counter() - t0
+
+    return step
 
 
 def make_step(cfg, ddp, optimizer, scheduler, batch, dp_rank: int, masked: bool):
@@ -160,6 +190,8 @@ def main(argv=None):
         p.error(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
     variants = tuple(v for v in VARIANTS if (v in asked or v == "dense") and not (args.skip_eager and v == "mask_eager"))
 
+    if "hf_dense" in variants and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        p.error("hf_dense is a one-process reference: leave it out under torchrun, or run without torchrun")
     ckpt = ensure_checkpoint(args.ckpt.absolute())
     if "RANK" not in os.environ:  # a plain launch: a one-process world
         from maskllm_megatron.launch import free_port
@@ -186,6 +218,8 @@ def main(argv=None):
     mask_step = make_step(cfg, m_ddp, m_opt, m_sched, batch, env["dp_rank"], masked=True)
     steps = {"dense": make_step(cfg, d_ddp, d_opt, d_sched, batch, env["dp_rank"], masked=False),
              "mask_fused": mask_step, "mask_compiled": mask_step, "mask_eager": mask_step}
+    if "hf_dense" in variants:
+        steps["hf_dense"] = hf_dense_step(cfg, batch)
 
     def run(name: str) -> tuple[float, float]:
         set_fused_mask_kernel(model, name != "mask_eager")

@@ -107,9 +107,9 @@ def test_recipe_flags_build_the_recipe_they_name():
     p = argparse.ArgumentParser()
     demo.add_recipe_arguments(p)
     assert demo.recipe_from_args(p.parse_args([])) == LearnRecipe()
-    args = p.parse_args(["--lr", "5e-4", "--global-batch", "4", "--adam-eps", "1e-8", "--adam-beta2", "0.999",
+    args = p.parse_args(["--lr", "1e-3", "--global-batch", "4", "--adam-eps", "1e-8", "--adam-beta2", "0.999",
                          "--clip-grad", "0", "--prior-strength", "3"])
-    assert demo.recipe_from_args(args) == LearnRecipe(lr=5e-4, global_batch=4, adam_eps=1e-8, adam_beta2=0.999,
+    assert demo.recipe_from_args(args) == LearnRecipe(lr=1e-3, global_batch=4, adam_eps=1e-8, adam_beta2=0.999,
                                                       clip_grad=0.0, prior_strength=3.0)
     assert isinstance(args.global_batch, int)
     with pytest.raises(SystemExit):
