@@ -46,6 +46,8 @@ def main(argv=None) -> int:
         name += f"-clip{args.clip_grad:g}"
     if args.regularizer != LearnRecipe.regularizer:
         name += f"-reg{args.regularizer:g}"
+    if args.warmup_iters != LearnRecipe.warmup_iters:
+        name += f"-warmup{args.warmup_iters}"
     run = learn_stage(stages, ckpt, data.with_suffix(""), prior, args.iters, recipe, name=name,
                       checkpoints=args.checkpoints)
     ppl = _ppl(["--ckpt", str(final_checkpoint(run))], run / "ppl.log")

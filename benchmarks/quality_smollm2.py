@@ -1,7 +1,7 @@
 """Quality benchmark: the demo's pipeline on SmolLM2-135M with a longer budget (not in CI).
 
     python benchmarks/quality_smollm2.py [--minutes 150] [--transfer-minutes 15] [--out benchmarks/quality_out]
-        [--lr 5e-4] [--global-batch 2] [--prior-strength 4] [--clip-grad 1] ...  (the demo's recipe flags)
+        [--lr 1e-3] [--warmup-iters 5] [--global-batch 2] [--prior-strength 4] [--clip-grad 1] ...  (the demo's recipe flags)
 
 Reports held-out perplexity (whole Wikipedia articles never trained on, and held-out Shakespeare plays:
 out of domain) of dense, magnitude, Wanda, SparseGPT (mask only and with OBS weight update) and MaskLLM;

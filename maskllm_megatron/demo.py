@@ -56,14 +56,14 @@ class LearnRecipe:
     (These runs were recorded as 1e-3 and 2e-3: until commit 0746cd5 the driver
     applied the base lr to the logits, a tenth of what it configured.) At strength 4, 40 iterations:
     2e-4 -> 96.4, 5e-4 -> 78.8, 1e-3 -> 65.7, 2e-3 diverged (5729). See benchmarks/RESULTS.md.
-    The default is 5e-4, not 1e-3: on another machine type (AMD EPYC, whose MKL gives a slightly different
-    SparseGPT prior) 1e-3 left the stable range within 5 iterations (soft-mask loss 9.9 against 4.8 at
-    5e-4) and ended at 185 against the prior's 131, where 5e-4 reached 79.3, as it had on the first type.
+    On another machine type (AMD EPYC, whose MKL gives a slightly different SparseGPT prior, 131.5) 1e-3
+    left the stable range within 5 iterations (soft-mask loss 9.9) and ended at 185; 5e-4 reached 79.3
+    there (78.8 on the first type), and 1e-3 after a 5-iteration linear warm-up 66.3: the default.
     """
 
     global_batch: int = _recipe_field(2, "data.global_batch_size",
                                       "sequences of {seq} tokens per iteration, split over the {dp} data-parallel ranks")
-    lr: float = _recipe_field(5e-4, "optim.lr", "the mask logits' learning rate (the driver's optim.lr x "
+    lr: float = _recipe_field(1e-3, "optim.lr", "the mask logits' learning rate (the driver's optim.lr x "
                               "mask_lr_mult), cosine to lr/10")
     prior_strength: float = _recipe_field(4.0, "mask.prior_strength",
                                           "how far the prior's pattern starts ahead, in logit standard deviations")
@@ -73,6 +73,8 @@ class LearnRecipe:
                                      "clipping off")
     regularizer: float = _recipe_field(1e-5, "mask.regularizer", "sparse-weight regulariser coefficient at the "
                                        "start (decays to 0, the paper's)")
+    warmup_iters: int = _recipe_field(5, "optim.warmup_iters", "iterations of linear lr warm-up from 0 before the "
+                                      "cosine decay")
     # measured here at DP=2; only the demo uses it
     tokens_per_second: float = _recipe_field(55.0, None, "expected mask-learning speed, to turn a time budget "
                                              "into iterations")
@@ -96,7 +98,8 @@ class LearnRecipe:
         """The driver config sections (``maskllm_megatron.train.config``) this recipe sets."""
         return {"data": {"micro_batch_size": max(1, self.global_batch // DP), "global_batch_size": self.global_batch},
                 "optim": {"lr": self.lr / MASK_LR_MULT, "min_lr": self.lr / MASK_LR_MULT / 10,
-                          "adam_eps": self.adam_eps, "adam_beta2": self.adam_beta2, "clip_grad": self.clip_grad},
+                          "adam_eps": self.adam_eps, "adam_beta2": self.adam_beta2, "clip_grad": self.clip_grad,
+                          "warmup_iters": self.warmup_iters},
                 "mask": {"prior_strength": self.prior_strength, "regularizer": [self.regularizer, 0.0]}}
 
     @property
@@ -373,7 +376,7 @@ def main(argv=None) -> int:
     md = (f"# MaskLLM demo: SmolLM2-135M, 2:4, held-out Wikipedia\n\n"
           f"Held-out articles never seen in training or calibration; {SEQ}-token windows with BOS, 8,192 tokens.\n"
           f"MaskLLM: {iters} iterations x {recipe.global_batch} x {SEQ} tokens = {tokens:,} tokens from the "
-          f"SparseGPT prior (strength {recipe.prior_strength:g}, logits lr {recipe.lr:g}).\n\n"
+          f"SparseGPT prior (strength {recipe.prior_strength:g}, logits lr {recipe.lr:g}, warmed up over {recipe.warmup_iters} iterations).\n\n"
           + "\n".join(lines) + "\n")
     ppl = dict((n, v) for n, v in rows)
     md += (f"\nMaskLLM vs the SparseGPT prior it started from: perplexity "

@@ -77,7 +77,7 @@ def test_learn_stage_is_finished_only_at_its_last_iteration(tmp_path, monkeypatc
 
     monkeypatch.setattr(demo, "_run", fake_run)
     stages = Stages(tmp_path)
-    recipe = LearnRecipe(lr=1e-3, adam_eps=1e-8, adam_beta2=0.999, clip_grad=0.0, regularizer=2e-5)
+    recipe = LearnRecipe(lr=1e-3, adam_eps=1e-8, adam_beta2=0.999, clip_grad=0.0, regularizer=2e-5, warmup_iters=3)
     args = (stages, tmp_path / "ckpt", tmp_path / "data", tmp_path / "prior", 10, recipe)
     with pytest.raises(SystemExit) as e:
         demo.learn_stage(*args)
@@ -88,6 +88,7 @@ def test_learn_stage_is_finished_only_at_its_last_iteration(tmp_path, monkeypatc
     assert (optim["lr"] * optim["mask_lr_mult"], optim["adam_eps"], optim["adam_beta2"], optim["clip_grad"]) == \
         pytest.approx((1e-3, 1e-8, 0.999, 0.0))
     assert cfg["mask"]["regularizer"] == [2e-5, 0.0]
+    assert optim["warmup_iters"] == 3
     run = demo.learn_stage(*args)
     assert demo.final_checkpoint(run).name == "iter_0000010" and not run.name.endswith(".partial")
     assert demo.learn_wall_s(run) > 0
@@ -132,6 +133,8 @@ def test_recipe_flags_build_the_recipe_they_name():
                            (["--regularizer", "-1"], "--regularizer: regularizer -1.0: the driver refuses it: "
                                                       "mask.regularizer (-1.0, 0.0) must be >= 0"),
                            (["--prior-strength", "-2"], "--prior-strength: prior_strength -2.0: the driver refuses"),
+                           (["--warmup-iters", "-1"], "--warmup-iters: warmup_iters -1: the driver refuses it: "
+                                                      "optim.warmup_iters -1 must be >= 0"),
                            (["--tokens-per-second", "0"], "--tokens-per-second: tokens_per_second 0.0 must be positive")):
         with pytest.raises(SystemExit, match=re.escape(message)):
             demo.recipe_from_args(p.parse_args(flags))

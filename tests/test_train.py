@@ -200,6 +200,7 @@ def test_example_configs_validate(example):
     ({"optim": {"adam_beta1": 1.0}}, "optim.adam_beta1 1.0 must be in [0, 1)"),
     ({"optim": {"clip_grad": -1.0}}, "optim.clip_grad -1.0 must be >= 0"),
     ({"optim": {"decay_style": "WSD"}}, "optim.decay_style 'WSD': use one of cosine, linear"),
+    ({"optim": {"warmup_iters": 10}, "run": {"train_iters": 10}}, "optim.warmup_iters 10 must be below run.train_iters 10"),
     ({"mask": {"nm": "4:2"}}, "mask.nm: invalid N:M 4:2"),
     ({"mask": {"temperature": [4.0, 0.0]}}, "mask.temperature (4.0, 0.0) must stay positive"),
     ({"mask": {"logit_scale": [-1.0, 5e2]}}, "mask.logit_scale (-1.0, 500.0) must stay positive"),

@@ -164,6 +164,9 @@ class TrainConfig:
         for name in ("weight_decay", "clip_grad", "warmup_iters"):
             if getattr(o, name) < 0:
                 raise ConfigError(f"optim.{name} {getattr(o, name)} must be >= 0 (0 turns it off)")
+        if 0 < self.run.train_iters <= o.warmup_iters:
+            raise ConfigError(f"optim.warmup_iters {o.warmup_iters} must be below run.train_iters "
+                              f"{self.run.train_iters}: the lr has to decay after the warm-up")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(o, name) < 1:
                 raise ConfigError(f"optim.{name} {getattr(o, name)} must be in [0, 1)")
