@@ -172,15 +172,11 @@ class TrainConfig:
                 raise ConfigError(f"optim.{name} {getattr(o, name)} must be in [0, 1)")
         if o.decay_style not in DECAY_STYLES:
             raise ConfigError(f"optim.decay_style {o.decay_style!r}: use one of {', '.join(DECAY_STYLES)}")
-        try:
-            self.mask_config()
-        except ConfigError:
-            raise
-        except ValueError as e:  # MaskConfig's messages start with the field they refuse
-            raise ConfigError(f"mask.{e}") from None
+        self.mask_config()  # the mask sampler's own checks, as ConfigError
 
     def mask_config(self):
-        """The mask sampler's configuration (``maskllm_megatron.masks``): schedules anneal over the run."""
+        """The mask sampler's configuration (``maskllm_megatron.masks``): schedules anneal over the run.
+        A value it refuses is a ConfigError naming the ``mask.`` key."""
         from ..masks.config import MaskConfig
         from ..masks.patterns import NMSpec
 
@@ -189,10 +185,13 @@ class TrainConfig:
             nm = NMSpec.parse(m.nm)
         except ValueError as e:
             raise ConfigError(f"mask.nm: {e}") from None
-        return MaskConfig(nm=nm, total_steps=max(1, self.run.train_iters), temperature=tuple(m.temperature),
-                          logit_scale=tuple(m.logit_scale), hard=m.hard, init_std=m.init_std,
-                          prior_strength=m.prior_strength, regularizer=tuple(m.regularizer), seed=self.run.seed,
-                          freeze_weight=not m.train_weights)
+        try:
+            return MaskConfig(nm=nm, total_steps=max(1, self.run.train_iters), temperature=tuple(m.temperature),
+                              logit_scale=tuple(m.logit_scale), hard=m.hard, init_std=m.init_std,
+                              prior_strength=m.prior_strength, regularizer=tuple(m.regularizer), seed=self.run.seed,
+                              freeze_weight=not m.train_weights)
+        except ValueError as e:  # MaskConfig's messages start with the field they refuse
+            raise ConfigError(f"mask.{e}") from None
 
     # -- parsing ---------------------------------------------------------------------------------
     @classmethod
