@@ -6,6 +6,10 @@ does each in one vectorised pass (see benchmarks/RESULTS.md for the speed). It i
 for fp32 2:4 layers on x86-64 CPUs with AVX2 when the fused kernel is on; everything else (GPU, other
 N:M, bf16, no compiler) takes the torch.compile path, which computes the same function.
 
+The one source builds for the widest instruction set torch itself dispatches to on this CPU
+(``torch.backends.cpu.get_cpu_capability()``, which ``ATEN_CPU_CAPABILITY`` can lower): AVX-512 (16
+groups per vector) or AVX2 (8). The noise is the same bits in both, and the results agree to rounding.
+
 The library is compiled with the C++ compiler torch.compile uses (``$CXX`` or ``g++``) against this
 torch's headers (ATen's vector types and SLEEF), into ``<cache>/kernels/<hash>/`` (``$MASKLLM_CACHE``,
 see ``maskllm_megatron.assets``), keyed by the source, the flags, the compiler and the torch version;
@@ -30,27 +34,41 @@ import torch
 from .patterns import NMSpec, candidate_patterns
 
 SOURCE = Path(__file__).with_name("csrc") / "masked_weight_cpu.cpp"
-FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-mavx2", "-mfma", "-fopenmp",
-         "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2")
+COMMON_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp")
+ISA_FLAGS = {  # the flags torch builds its own kernels of each capability with
+    "AVX2": ("-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"),
+    "AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512",
+               "-DCPU_CAPABILITY=AVX512"),
+}
 
 
 def _compiler() -> Optional[str]:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
-def _build(cxx: str) -> Path:
+def best_isa() -> Optional[str]:
+    """The instruction set the kernel builds for here ("AVX512" or "AVX2"), or None: not x86-64, or
+    torch dispatches to neither on this CPU."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability if capability in ISA_FLAGS else None
+
+
+def _build(cxx: str, isa: str) -> Path:
     """Compile the kernel (once per source/flags/compiler/torch) and return the library's path."""
     from ..assets import cache_dir
 
     torch_dir = Path(torch.__file__).parent
+    flags = COMMON_FLAGS + ISA_FLAGS[isa]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256(repr((SOURCE.read_bytes(), FLAGS, version, torch.__version__, str(torch_dir))).encode())
+    key = hashlib.sha256(repr((SOURCE.read_bytes(), flags, version, torch.__version__, str(torch_dir))).encode())
     out = cache_dir() / "kernels" / key.hexdigest()[:16] / "masked_weight_cpu.so"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    cmd = [cxx, *FLAGS, f"-I{torch_dir / 'include'}", str(SOURCE), "-o", str(tmp), f"-L{torch_dir / 'lib'}",
+    cmd = [cxx, *flags, f"-I{torch_dir / 'include'}", str(SOURCE), "-o", str(tmp), f"-L{torch_dir / 'lib'}",
            "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -61,10 +79,11 @@ def _build(cxx: str) -> Path:
 
 
 @lru_cache(maxsize=None)
-def _library() -> Optional[ctypes.CDLL]:
-    """The loaded kernel library, or None where it cannot run here (the caller falls back)."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or \
-            torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+def _library(isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
+    """The loaded kernel library for ``isa`` (default: ``best_isa()``), or None where it cannot run here
+    (the caller falls back)."""
+    isa = isa or best_isa()
+    if isa is None:
         return None
     cxx = _compiler()
     if cxx is None:
@@ -72,7 +91,7 @@ def _library() -> Optional[ctypes.CDLL]:
                       "using the torch.compile kernel (slower on CPU)")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(cxx)))
+        lib = ctypes.CDLL(str(_build(cxx, isa)))
     except (OSError, RuntimeError) as e:
         warnings.warn(f"maskllm: the fused CPU mask kernel could not be built ({e}); using the torch.compile "
                       "kernel (slower on CPU); set MASKLLM_CPU_KERNEL=0 to skip the attempt")
@@ -82,6 +101,11 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.maskllm_masked_weight_bwd_2_4.argtypes = [ctypes.c_void_p] * 7 + scalars
     lib.maskllm_masked_weight_fwd_2_4.restype = lib.maskllm_masked_weight_bwd_2_4.restype = None
     return lib
+
+
+def vector_width(isa: Optional[str] = None) -> int:
+    """Groups per vector in the ``isa`` build (8 for AVX2, 16 for AVX-512): the kernels' block size."""
+    return _library(isa).maskllm_vector_width()
 
 
 def supports(weight: torch.Tensor, logits: torch.Tensor, spec: NMSpec) -> bool:
@@ -98,10 +122,12 @@ def _keep_table(spec: NMSpec) -> torch.Tensor:
 
 
 def masked_weight_forward(weight: torch.Tensor, logits: torch.Tensor, row_hash: torch.Tensor,
-                          col_hash: torch.Tensor, coef: float, inv_tau: float, spec: NMSpec, hard: bool):
+                          col_hash: torch.Tensor, coef: float, inv_tau: float, spec: NMSpec, hard: bool,
+                          isa: Optional[str] = None):
     """``(W * mask, probs, hard mask or None)`` as ``sampling._sample_forward`` returns them.
 
-    ``col_hash`` is the 1-D per-logit-column hash (``group * C + k`` order), as in sampling.py."""
+    ``col_hash`` is the 1-D per-logit-column hash (``group * C + k`` order), as in sampling.py. ``isa``
+    picks a build other than ``best_isa()`` (tests compare them)."""
     rows, groups, c = logits.shape
     weight, logits = weight.contiguous(), logits.detach().contiguous()
     col_hash_pm = col_hash.view(groups, c).t().contiguous()  # pattern-major: one vector load per pattern
@@ -110,7 +136,7 @@ def masked_weight_forward(weight: torch.Tensor, logits: torch.Tensor, row_hash: 
     probs = torch.empty_like(logits)
     out = torch.empty_like(weight)
     mask = torch.empty_like(weight) if hard else None
-    _library().maskllm_masked_weight_fwd_2_4(
+    _library(isa).maskllm_masked_weight_fwd_2_4(
         logits.data_ptr(), weight.data_ptr(), row_hash.data_ptr(), col_hash_pm.data_ptr(), keep.data_ptr(),
         probs.data_ptr(), out.data_ptr(), mask.data_ptr() if hard else None, rows, groups, float(coef),
         float(inv_tau), torch.get_num_threads())
@@ -119,7 +145,7 @@ def masked_weight_forward(weight: torch.Tensor, logits: torch.Tensor, row_hash: 
 
 def masked_weight_backward(grad_out: torch.Tensor, weight: torch.Tensor, probs: torch.Tensor,
                            mask: Optional[torch.Tensor], coef: float, reg2: float, spec: NMSpec,
-                           need_weight_grad: bool):
+                           need_weight_grad: bool, isa: Optional[str] = None):
     """``(grad_logits, grad_weight or None)`` as ``sampling._sample_backward`` returns them."""
     rows, groups, _ = probs.shape
     # contiguous copies are bound to names: the pointers below must outlive the call
@@ -127,7 +153,7 @@ def masked_weight_backward(grad_out: torch.Tensor, weight: torch.Tensor, probs: 
     mask = mask.contiguous() if mask is not None else None
     grad_logits = torch.empty_like(probs)
     grad_weight = torch.empty_like(weight) if need_weight_grad else None
-    _library().maskllm_masked_weight_bwd_2_4(
+    _library(isa).maskllm_masked_weight_bwd_2_4(
         grad_out.data_ptr(), weight.data_ptr(), probs.data_ptr(),
         mask.data_ptr() if mask is not None else None, _keep_table(spec).data_ptr(), grad_logits.data_ptr(),
         grad_weight.data_ptr() if need_weight_grad else None, rows, groups, float(coef), float(reg2),

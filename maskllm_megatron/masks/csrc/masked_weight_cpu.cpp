@@ -5,13 +5,15 @@
 //             the weight trains (`_sample_backward`).
 //
 // torch.compile fuses the same Python into four or five passes over memory on CPU, with the 6-wide
-// softmax reduced in scalar code. Here 8 groups are
-// processed per AVX2 vector: lane i holds group g0+i, and the 6 pattern logits of a group sit in 6
-// vectors. Noise: the murmur3 fmix32 hash of rng.py, bit for bit; -log(-log(u)) with SLEEF's 3.5-ULP
-// logf and the softmax's exp with ATen's 20-ULP exp_u20 (a few ULP from the eager path, which tests bound).
-// Full 8-group blocks are a separate instantiation (n known at compile time: unrolled staging loops and
+// softmax reduced in scalar code. Here L groups are processed per vector (ATen's Vectorized<float>: L = 8
+// with AVX2, 16 with AVX-512, whichever CPU_CAPABILITY this is built for): lane i holds group g0+i, and
+// the 6 pattern logits of a group sit in 6 vectors. Noise: the murmur3 fmix32 hash of rng.py, bit for
+// bit; -log(-log(u)) with an inline Cephes-style logf (~1e-7 relative) and the softmax's exp with ATen's
+// 20-ULP exp_u20 (a few ULP from the eager path, which tests bound).
+// Full L-group blocks are a separate instantiation (n known at compile time: unrolled staging loops and
 // full-vector loads; ATen's counted int32 load always copies through memory), the row's tail the other.
-// Built on first use by maskllm_megatron/masks/cpu_kernel.py (g++ -O3 -mavx2 -mfma -fopenmp).
+// Built on first use by maskllm_megatron/masks/cpu_kernel.py (g++ -O3 -fopenmp and torch's flags for the
+// instruction set).
 #include <ATen/cpu/vec/vec.h>
 #include <omp.h>
 
@@ -37,11 +39,36 @@ inline IVec load_lanes(const int32_t* p, int n) {  // ATen's counted int32 loadu
   return n == L ? IVec::loadu(p) : IVec::loadu(p, n);
 }
 
+// Natural log of positive, finite, normal floats, inline: Cephes logf's range reduction and polynomial
+// (relative error ~1e-7). No special cases (zero, negatives, subnormals, inf, NaN): the noise never
+// meets them, u lies in [2^-24, 1 - 2^-24] and -log(u) in [5.9e-8, 16.7].
+inline Vec log_positive(Vec x) {
+  const IVec bits = at::vec::cast<int32_t>(x);
+  const Vec m = at::vec::cast<float>((bits & IVec(0x7FFFFF)) | IVec(0x3F000000));  // mantissa in [0.5, 1)
+  Vec e = at::vec::convert<float>(((bits >> IVec(23)) & IVec(0xFF)) - IVec(126));  // x = m * 2^e
+  const Vec low = m < Vec(0.707106781186547524f);  // all-ones lanes where m < sqrt(1/2): use 2m, e - 1
+  e = e - (low & Vec(1.f));
+  const Vec t = (m - Vec(1.f)) + (low & m);       // in [sqrt(1/2) - 1, sqrt(2) - 1)
+  const Vec z = t * t;
+  Vec y(7.0376836292E-2f);
+  y = at::vec::fmadd(y, t, Vec(-1.1514610310E-1f));
+  y = at::vec::fmadd(y, t, Vec(1.1676998740E-1f));
+  y = at::vec::fmadd(y, t, Vec(-1.2420140846E-1f));
+  y = at::vec::fmadd(y, t, Vec(1.4249322787E-1f));
+  y = at::vec::fmadd(y, t, Vec(-1.6668057665E-1f));
+  y = at::vec::fmadd(y, t, Vec(2.0000714765E-1f));
+  y = at::vec::fmadd(y, t, Vec(-2.4999993993E-1f));
+  y = at::vec::fmadd(y, t, Vec(3.3333331174E-1f));
+  y = y * t * z;
+  y = at::vec::fmadd(e, Vec(-2.12194440E-4f), y);
+  y = at::vec::fmadd(z, Vec(-0.5f), y);
+  return at::vec::fmadd(e, Vec(0.693359375f), t + y);
+}
+
 inline Vec gumbel(IVec row_hash, IVec col_hash) {  // rng.gumbel_from_hashes
   IVec h = (mix32(row_hash ^ col_hash) >> IVec(9)) & IVec(0x7FFFFF);
   Vec u = (at::vec::convert<float>(h) + Vec(0.5f)) * Vec(1.0f / 8388608.0f);
-  Vec e = Vec(Sleef_logf8_u35(u)).neg();
-  return Vec(Sleef_logf8_u35(e)).neg();
+  return log_positive(log_positive(u).neg()).neg();
 }
 
 // Which patterns keep each position and which positions each pattern keeps, from keep [C, M] (1 where
