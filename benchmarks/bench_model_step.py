@@ -10,13 +10,15 @@ on CPU.
     torchrun --nproc-per-node 2 benchmarks/bench_model_step.py              # TP=1, DP=2
     options: --ckpt DIR (converted checkpoint; made from the cached SmolLM2 if missing)
              --variants dense,mask_fused,mask_compiled,mask_eager,hf_dense (dense is always timed)
-             --micro-batch 2 --seq 256 --repeats 5 --json OUT.json
+             --micro-batch 2 --seq 256 --repeats 5 --settle 1 --json OUT.json
              --profile OUT.txt (after timing: torch.profiler tables of one dense and one mask step, rank 0)
 
 Each step is what the driver runs (``maskllm_megatron.train.trainer``): ``zero_grad_buffer``, megatron's
 forward/backward schedule (``run_batches``), the megatron optimizer's step (Adam, clipping, DDP
 gradient all-reduce) and the scheduler, built by the driver's ``build_model`` / ``build_optimizer``.
-The variants run interleaved (the order rotates every round) and the medians are compared.
+The variants run interleaved (the order rotates every round), each timed step right after ``--settle``
+untimed steps of its own kind (as in a run, where every step is the same kind), and the medians are
+compared; the page faults each step took are reported with its time.
 TP=2 is impossible for SmolLM2 (9 heads, 3 query groups): only TP=1 is measured, at DP=1 or DP=2.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -142,14 +145,21 @@ def make_step(cfg, ddp, optimizer, scheduler, batch, dp_rank: int, masked: bool)
     return step
 
 
-def timed(step) -> tuple[float, float]:
-    """Seconds of one step and of its optimizer part, on the slowest rank."""
+def minor_faults() -> int:
+    """Page faults this process has taken so far (first touches of memory the allocator took from the OS)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def timed(step) -> tuple[float, float, int]:
+    """Seconds of one step and of its optimizer part, on the slowest rank, and the most page faults a
+    rank took in it."""
     torch.distributed.barrier()
+    faults = minor_faults()
     t0 = time.perf_counter()
     t_opt = step()
-    t = torch.tensor([time.perf_counter() - t0, t_opt], dtype=torch.float64)
+    t = torch.tensor([time.perf_counter() - t0, t_opt, minor_faults() - faults], dtype=torch.float64)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return float(t[0]), float(t[1])
+    return float(t[0]), float(t[1]), int(t[2])
 
 
 def profile_step(step, rows: int = 30) -> str:
@@ -175,6 +185,11 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds (the fused kernel compiles here)")
+    p.add_argument("--settle", type=int, default=1,
+                   help="untimed steps of the same variant before each timed one (default 1): a run repeats one "
+                        "kind of step, and the allocator then reuses the memory the previous step freed; right "
+                        "after a step of the other kind it takes fresh pages from the OS instead (page faults, "
+                        "~10 us each on a VM). 0 times every step straight after the other variant's"),
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--distributed-optimizer", action="store_true",
                    help="megatron's distributed optimizer (as the demo runs), for both steps")
@@ -221,21 +236,25 @@ def main(argv=None):
     if "hf_dense" in variants:
         steps["hf_dense"] = hf_dense_step(cfg, batch)
 
-    def run(name: str) -> tuple[float, float]:
+    def run(name: str, settle: int = 0) -> tuple[float, float, int]:
         set_fused_mask_kernel(model, name != "mask_eager")
         os.environ["MASKLLM_CPU_KERNEL"] = "0" if name == "mask_compiled" else "1"
+        for _ in range(settle):
+            steps[name]()
         return timed(steps[name])
 
     times = {v: [] for v in variants}
     opt_times = {v: [] for v in variants}
+    faults = {v: [] for v in variants}
     for r in range(args.warmup + args.repeats):
         k = r % len(variants)
         order = variants[k:] + variants[:k]  # rotate: no variant always runs first
         for name in order:
-            t, t_opt = run(name)
+            t, t_opt, n_faults = run(name, args.settle)
             if r >= args.warmup:
                 times[name].append(t)
                 opt_times[name].append(t_opt)
+                faults[name].append(n_faults)
         if rank0:
             print(f"round {r + 1}/{args.warmup + args.repeats}" + (" (warm-up)" if r < args.warmup else "")
                   + "".join(f"  {n} {times[n][-1] * 1e3:.0f} ms" for n in variants if r >= args.warmup), flush=True)
@@ -250,10 +269,11 @@ def main(argv=None):
     per_round = {v: statistics.median(a / b for a, b in zip(times[v], times["dense"])) for v in variants[1:]}
     results = {
         "model": "SmolLM2-135M", "tp": 1, "dp": env["dp_size"], "distributed_optimizer": args.distributed_optimizer,
-        "micro_batch": args.micro_batch, "seq": args.seq,
+        "micro_batch": args.micro_batch, "seq": args.seq, "settle_steps": args.settle,
         "tokens_per_step": args.micro_batch * args.seq * env["dp_size"], "threads_per_rank": torch.get_num_threads(),
         "masked_weights": n_masked, "repeats": args.repeats, "median_s": med, "all_s": times,
         "optimizer_step_median_s": {v: statistics.median(ts) for v, ts in opt_times.items()},
+        "page_faults_median": {v: statistics.median(n) for v, n in faults.items()},
         "over_dense": {v: med[v] / med["dense"] for v in variants[1:]},
         "median_round_ratio": per_round}
     if rank0:
@@ -261,7 +281,8 @@ def main(argv=None):
               f"{torch.get_num_threads()} threads per rank, median of {args.repeats}")
         for v in variants:
             print(f"  {v:13s} {med[v] * 1e3:8.0f} ms   / dense = {med[v] / med['dense']:.3f}   (optimizer step "
-                  f"{results['optimizer_step_median_s'][v] * 1e3:.0f} ms)")
+                  f"{results['optimizer_step_median_s'][v] * 1e3:.0f} ms, "
+                  f"{results['page_faults_median'][v]:.0f} page faults per rank)")
         if "mask_fused" in variants:
             ratio = results["over_dense"]["mask_fused"]
             print(f"  target: mask_fused / dense <= 1.2 -> {'met' if ratio <= 1.2 else 'NOT met'} ({ratio:.3f}; "
