@@ -216,6 +216,25 @@ def test_bad_config_is_one_line_naming_the_field(raw, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_tokens_per_second_counts_only_the_steps_not_evaluation_or_saving():
+    """The logged speed is tokens over the seconds spent inside training steps: what happens between
+    steps (evaluation, checkpoints, logging) is left out, as megatron's interval timer does."""
+    from maskllm_megatron.train.metrics import StepThroughput
+
+    now = [0.0]
+    speed = StepThroughput(clock=lambda: now[0])
+    for _ in range(2):
+        with speed.step():
+            now[0] += 4.0  # a 4-second step
+        now[0] += 30.0  # an evaluation and a checkpoint between steps
+    assert speed.report(2 * 1024) == pytest.approx(2048 / 8.0)
+    with pytest.raises(RuntimeError):
+        with speed.step():
+            now[0] += 2.0
+            raise RuntimeError("a failed step still counts its time")
+    assert speed.report(1024) == pytest.approx(512.0)  # a new interval: only the 2 s since the report
+
+
 def test_checkpoint_rotation_keeps_scheduled_checkpoints_through_a_preemption():
     from maskllm_megatron.train.trainer import stale_checkpoints
 

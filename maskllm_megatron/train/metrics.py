@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import resource
+import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -68,6 +70,30 @@ class MaskWatcher:
             out["mask/flip_rate"] = float(total[1] / total[2])
             out["regularizer"] = float(total[3])
         return out
+
+
+class StepThroughput:
+    """Tokens per second of the training steps since the last report. Only the time inside ``step()``
+    counts: evaluation, checkpoint saving and logging between steps do not, as megatron's interval timer
+    pauses around them (otherwise the interval after an evaluation reports a lower speed)."""
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+        self.seconds = 0.0
+
+    @contextmanager
+    def step(self):
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self.seconds += self.clock() - start
+
+    def report(self, tokens: int) -> float:
+        """``tokens`` (processed since the last report) per second of step time; starts a new interval."""
+        rate = tokens / max(self.seconds, 1e-9)
+        self.seconds = 0.0
+        return rate
 
 
 def peak_memory_bytes() -> int:

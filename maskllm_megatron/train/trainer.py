@@ -14,7 +14,6 @@ import math
 import os
 import shutil
 import signal
-import time
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 from ..launch import all_reduce_floats
 from .config import TrainConfig, checkpoint_iteration, checkpoint_name
-from .metrics import MaskWatcher, MetricsLogger, peak_memory_bytes
+from .metrics import MaskWatcher, MetricsLogger, StepThroughput, peak_memory_bytes
 
 
 class TrainingStopped(RuntimeError):
@@ -359,40 +358,38 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     tokens_per_iter = cfg.data.global_batch_size * cfg.data.seq_length
     train_iter = data.train_iterations(state.consumed_samples, num_micro)
     logits_group = mask_logits_group(optimizer, sparsify_config(cfg))  # the logged lr is the logits'
-    last_log = time.time()
+    throughput = StepThroughput()
     last = {}
     ddp.train()
     while state.iteration < cfg.run.train_iters:
         it = state.iteration
         grad_scale = 1.0 / num_micro
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        batches = next(train_iter)
-        fingerprint = all_reduce_floats([sum(int(b["tokens"].sum()) for b in batches)])[0]
-        results = run_batches(cfg, ddp, batches, num_micro, forward_only=False,
-                              step_of_microbatch=lambda mb: mcfg.step_state(it, mb, env["dp_rank"], grad_scale))
-        loss = _mean_loss(results)
-        nonfinite = loss is not None and not math.isfinite(loss)
-        bad = all_reduce_floats([nonfinite], op=torch.distributed.ReduceOp.MAX)[0]
-        if bad:
-            kept = latest_checkpoint(cfg)
-            raise TrainingStopped(f"LM loss is {loss} at iteration {it + 1}: stopped without saving; the last good "
-                                  f"checkpoint is {kept or 'none'}; lower optim.lr or check the data")
-        _, grad_norm, _ = optimizer.step()  # the norm before clipping; megatron computes it only to clip
-        scheduler.step(increment=1)
+        with throughput.step():
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            batches = next(train_iter)
+            fingerprint = all_reduce_floats([sum(int(b["tokens"].sum()) for b in batches)])[0]
+            results = run_batches(cfg, ddp, batches, num_micro, forward_only=False,
+                                  step_of_microbatch=lambda mb: mcfg.step_state(it, mb, env["dp_rank"], grad_scale))
+            loss = _mean_loss(results)
+            nonfinite = loss is not None and not math.isfinite(loss)
+            bad = all_reduce_floats([nonfinite], op=torch.distributed.ReduceOp.MAX)[0]
+            if bad:
+                kept = latest_checkpoint(cfg)
+                raise TrainingStopped(f"LM loss is {loss} at iteration {it + 1}: stopped without saving; the last "
+                                      f"good checkpoint is {kept or 'none'}; lower optim.lr or check the data")
+            _, grad_norm, _ = optimizer.step()  # the norm before clipping; megatron computes it only to clip
+            scheduler.step(increment=1)
         state.iteration += 1
         state.consumed_samples += cfg.data.global_batch_size
         state.history.append([state.iteration, loss, fingerprint])
         if state.iteration % cfg.run.log_interval == 0 or state.iteration == cfg.run.train_iters:
-            now = time.time()
             step = mcfg.step_state(state.iteration - 1, dp_rank=env["dp_rank"])
-            elapsed = now - last_log
-            last_log = now
             iters = cfg.run.log_interval if state.iteration % cfg.run.log_interval == 0 else \
                 state.iteration % cfg.run.log_interval
             last = {"iteration": state.iteration, "lm_loss": loss, "lr": scheduler.get_lr(logits_group),
                     "temperature": step.temperature, "scale": step.scale, "reg_coef": mcfg.regularizer_schedule(step.iteration),
-                    "tokens_per_s": tokens_per_iter * iters / max(elapsed, 1e-9),
+                    "tokens_per_s": throughput.report(tokens_per_iter * iters),
                     "peak_memory_gb": peak_memory_bytes() / 2**30, "consumed_samples": state.consumed_samples,
                     **watcher.collect(step)}
             if cfg.optim.clip_grad > 0 and grad_norm is not None:
