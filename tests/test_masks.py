@@ -206,14 +206,8 @@ needs_cpu_kernel = pytest.mark.skipif(
     reason="the C++ CPU mask kernel needs an x86-64 CPU with AVX2 and a C++ compiler")
 
 
-def _kernel_isas():
-    """The kernel builds this CPU runs: AVX2 wherever AVX-512 is the best one, too."""
-    best = cpu_kernel.best_isa()
-    return {"AVX512": ["AVX2", "AVX512"], "AVX2": ["AVX2"]}.get(best, [])
-
-
 @needs_cpu_kernel
-@pytest.mark.parametrize("isa", _kernel_isas())
+@pytest.mark.parametrize("isa", cpu_kernel.runnable_isas())
 @pytest.mark.parametrize("hard", [False, True])
 def test_cpu_kernels_match_the_eager_forward_and_backward(hard, isa):
     """The one-pass C++ kernels (each instruction set this CPU has) against the eager ``_sample_forward``

@@ -11,7 +11,7 @@ The one source builds for the widest instruction set torch itself dispatches to 
 groups per vector) or AVX2 (8). The noise is the same bits in both, and the results agree to rounding.
 
 The library is compiled with the C++ compiler torch.compile uses (``$CXX`` or ``g++``) against this
-torch's headers (ATen's vector types and SLEEF), into ``<cache>/kernels/<hash>/`` (``$MASKLLM_CACHE``,
+torch's headers (ATen's vector types), into ``<cache>/kernels/<hash>/`` (``$MASKLLM_CACHE``,
 see ``maskllm_megatron.assets``), keyed by the source, the flags, the compiler and the torch version;
 it is written to a temporary name and renamed, so concurrent ranks never load a half-written file.
 ``MASKLLM_CPU_KERNEL=0`` turns it off.
@@ -46,13 +46,18 @@ def _compiler() -> Optional[str]:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
-def best_isa() -> Optional[str]:
-    """The instruction set the kernel builds for here ("AVX512" or "AVX2"), or None: not x86-64, or
-    torch dispatches to neither on this CPU."""
+def runnable_isas() -> tuple[str, ...]:
+    """The builds this CPU can run, narrowest first: ("AVX2", "AVX512"), ("AVX2",), or () where the
+    machine is not x86-64 or torch dispatches to neither."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    capability = torch.backends.cpu.get_cpu_capability()
-    return capability if capability in ISA_FLAGS else None
+        return ()
+    return {"AVX512": ("AVX2", "AVX512"), "AVX2": ("AVX2",)}.get(torch.backends.cpu.get_cpu_capability(), ())
+
+
+def best_isa() -> Optional[str]:
+    """The instruction set the kernel builds for here ("AVX512" or "AVX2"), or None (see runnable_isas)."""
+    isas = runnable_isas()
+    return isas[-1] if isas else None
 
 
 def _build(cxx: str, isa: str) -> Path:
@@ -83,7 +88,7 @@ def _library(isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
     """The loaded kernel library for ``isa`` (default: ``best_isa()``), or None where it cannot run here
     (the caller falls back)."""
     isa = isa or best_isa()
-    if isa is None:
+    if isa not in runnable_isas():
         return None
     cxx = _compiler()
     if cxx is None:
