@@ -35,10 +35,6 @@ inline IVec mix32(IVec x) {  // murmur3 fmix32 on int32 lanes (logical shifts by
   return x ^ ((x >> IVec(16)) & IVec(0xFFFF));
 }
 
-inline IVec load_lanes(const int32_t* p, int n) {  // ATen's counted int32 loadu always copies: full vectors first
-  return n == L ? IVec::loadu(p) : IVec::loadu(p, n);
-}
-
 // Natural log of positive, finite, normal floats, inline: Cephes logf's range reduction and polynomial
 // (relative error ~1e-7). No special cases (zero, negatives, subnormals, inf, NaN): the noise never
 // meets them, u lies in [2^-24, 1 - 2^-24] and -log(u) in [5.9e-8, 16.7].
