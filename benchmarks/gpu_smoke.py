@@ -4,10 +4,11 @@
     python benchmarks/gpu_smoke.py --small                   # CPU dry run of the same code paths
 
 1. layer: forward+backward of one masked ColumnParallelLinear (frozen bf16 weight, soft Gumbel
-   2:4 mask, fused Triton kernel and eager) against a dense trainable one, LLaMA-7B shapes.
+   2:4 mask; torch.compile'd Triton kernels, the hand-written one-pass Triton kernels of
+   masks/triton_kernel.py, and eager) against a dense trainable one, LLaMA-7B shapes.
 2. model_step: a SmolLM2-135M-shaped model (random bf16 weights: no model hub on the GPU machine, and
-   timing does not depend on the values), the driver's mask-learning step (fused/eager) against a
-   dense training step at a larger batch, variants interleaved, medians.
+   timing does not depend on the values), the driver's mask-learning step (compiled / one-pass /
+   eager kernels) against a dense training step at a larger batch, variants interleaved, medians.
 3. sparse_24: the exported 2:4 weights (``W * hard_mask(logits)``, as export writes them) through
    ``torch.sparse.to_sparse_semi_structured`` against the dense matmul (CUDA only).
 Each part reports its own error instead of stopping the others.
@@ -15,6 +16,7 @@ Each part reports its own error instead of stopping the others.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -28,6 +30,26 @@ SMOLLM2 = dict(family="llama", num_layers=30, hidden_size=576, ffn_hidden_size=1
                num_query_groups=3, kv_channels=64, vocab_size=49152, padded_vocab_size=49152,
                max_position_embeddings=8192, position_embedding="rope", rotary_base=100000.0,
                normalization="RMSNorm", norm_epsilon=1e-5, activation="swiglu", tie_word_embeddings=True)
+
+
+@contextlib.contextmanager
+def one_pass_kernels(on: bool):
+    """``MASKLLM_TRITON_KERNEL=1`` inside (masks/triton_kernel.py: read at every call), as it was after."""
+    before = os.environ.get("MASKLLM_TRITON_KERNEL")
+    os.environ["MASKLLM_TRITON_KERNEL"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MASKLLM_TRITON_KERNEL"]
+        else:
+            os.environ["MASKLLM_TRITON_KERNEL"] = before
+
+
+def has_one_pass_kernels(device: str) -> bool:
+    from maskllm_megatron.masks import triton_kernel
+
+    return device == "cuda" and triton_kernel.available()
 
 
 def sync(device: str) -> None:
@@ -60,9 +82,10 @@ def driver_config(micro_batch: int, seq: int):
         "optim": {"lr": 5e-5, "min_lr": 5e-6}, "prior": {"method": "magnitude"}})  # logits: x10
 
 
-def fused_eager_parity(layer, x: torch.Tensor) -> dict:
-    """The compiled (Triton on CUDA) mask kernel against the eager one on the same input and noise:
-    largest differences of the output and of the logits' gradient, relative to their largest values."""
+def fused_eager_parity(layer, x: torch.Tensor, prefix: str = "fused") -> dict:
+    """The fused mask kernel (compiled, or the one-pass Triton one where switched on) against the eager
+    one on the same input and noise: largest differences of the output and of the logits' gradient,
+    relative to their largest values."""
     res = {}
     for fused in (True, False):
         layer.fused_mask_kernel = fused
@@ -71,8 +94,8 @@ def fused_eager_parity(layer, x: torch.Tensor) -> dict:
         y.float().square().mean().backward()
         res[fused] = (y.detach().float(), layer.mask_logits.grad.detach().float().clone())
     (y_f, g_f), (y_e, g_e) = res[True], res[False]
-    return {"fused_vs_eager_out_rel": ((y_f - y_e).abs().max() / y_e.abs().max()).item(),
-            "fused_vs_eager_logit_grad_rel": ((g_f - g_e).abs().max() / g_e.abs().max()).item()}
+    return {f"{prefix}_vs_eager_out_rel": ((y_f - y_e).abs().max() / y_e.abs().max()).item(),
+            f"{prefix}_vs_eager_logit_grad_rel": ((g_f - g_e).abs().max() / g_e.abs().max()).item()}
 
 
 def profile_table(fn, device: str, steps: int = 3) -> str:
@@ -121,11 +144,22 @@ def bench_layer(device: str, shapes, tokens: int, repeats: int, profile_to: str 
             with open(profile_to, "a") as f:
                 f.write(f"== masked layer {rows}x{cols}, {tokens} tokens, fused kernel, 3 steps ==\n"
                         f"{profile_table(step(masked), device)}\n")
+        one_pass = {}
+        if has_one_pass_kernels(device):
+            with one_pass_kernels(True):
+                one_pass.update(fused_eager_parity(masked, x, "one_pass"))
+                masked.fused_mask_kernel = True
+                t_one = timed(step(masked), device, repeats)
+                one_pass.update(one_pass_ms=t_one * 1e3, one_pass_over_dense=t_one / t_dense)
+                if profile_to:
+                    with open(profile_to, "a") as f:
+                        f.write(f"== masked layer {rows}x{cols}, {tokens} tokens, one-pass Triton kernels, 3 steps ==\n"
+                                f"{profile_table(step(masked), device)}\n")
         masked.fused_mask_kernel = False
         t_eager = timed(step(masked), device, repeats)
         out.append({"rows": rows, "cols": cols, "tokens": tokens, "dense_ms": t_dense * 1e3, "fused_ms": t_fused * 1e3,
                     "eager_ms": t_eager * 1e3, "fused_over_dense": t_fused / t_dense, "eager_over_dense": t_eager / t_dense,
-                    **parity})
+                    **parity, **one_pass})
     return out
 
 
@@ -156,10 +190,11 @@ def bench_model_step(device: str, layers: int, micro_batch: int, seq: int, repea
 
     def step(name: str):
         model, ddp, opt, sched = variants["mask" if name.startswith("mask") else "dense"]
-        if name != "dense":
-            set_fused_mask_kernel(model, name == "mask_fused")
 
         def run():
+            if name != "dense":
+                set_fused_mask_kernel(model, name in ("mask_fused", "mask_one_pass"))
+            os.environ["MASKLLM_TRITON_KERNEL"] = "1" if name == "mask_one_pass" else "0"
             ddp.zero_grad_buffer()
             opt.zero_grad()
             of_mb = (lambda mb: mcfg.step_state(100, mb, 0, 1.0)) if name != "dense" else None
@@ -168,18 +203,19 @@ def bench_model_step(device: str, layers: int, micro_batch: int, seq: int, repea
             sched.step(increment=1)
         return run
 
-    names = ("dense", "mask_fused", "mask_eager")
+    names = ("dense", "mask_fused", "mask_eager") + (("mask_one_pass",) if has_one_pass_kernels(device) else ())
     runs = {n: step(n) for n in names}
-    for n in names:  # warm-up (Triton compilation)
-        runs[n]()
-        runs[n]()
-    times = {n: [] for n in names}
-    for r in range(repeats):
-        for n in names[r % 3:] + names[:r % 3]:
-            times[n].append(timed(runs[n], device, 1, warmup=0))
+    with one_pass_kernels(False):  # restores the variable after
+        for n in names:  # warm-up (Triton compilation)
+            runs[n]()
+            runs[n]()
+        times = {n: [] for n in names}
+        for r in range(repeats):
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                times[n].append(timed(runs[n], device, 1, warmup=0))
     med = {n: statistics.median(t) for n, t in times.items()}
     return {"layers": layers, "micro_batch": micro_batch, "seq": seq, "median_ms": {n: v * 1e3 for n, v in med.items()},
-            "fused_over_dense": med["mask_fused"] / med["dense"], "eager_over_dense": med["mask_eager"] / med["dense"],
+            **{f"{n[5:]}_over_dense": med[n] / med["dense"] for n in names if n != "dense"},
             "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None}
 
 

@@ -1,6 +1,10 @@
 """The pure-torch mask core: patterns, sampling, schedules, priors, the regulariser, the RNG."""
 import math
+import os
 import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +12,7 @@ import torch
 from maskllm_megatron.masks import (Anneal, MaskConfig, NMSpec, apply_prior, candidate_patterns, gumbel_noise,
                                     hard_mask, init_logits, is_valid_nm, mask_to_patterns, masked_weight,
                                     patterns_to_mask, soft_mask, topn_mask)
-from maskllm_megatron.masks import cpu_kernel
+from maskllm_megatron.masks import cpu_kernel, triton_kernel
 from maskllm_megatron.masks.rng import col_hash, gumbel_grid, normal_grid, row_hash, uniform_grid
 from maskllm_megatron.masks.sampling import _sample_backward, _sample_forward, logit_columns
 
@@ -285,6 +289,64 @@ def test_cpu_kernel_falls_back_when_it_cannot_be_built(tmp_path, monkeypatch):
         assert not cpu_kernel.supports(torch.zeros(1), torch.zeros(1), NMSpec(2, 4))
     finally:
         cpu_kernel._library.cache_clear()
+
+
+@pytest.mark.skipif(not triton_kernel.available(), reason="Triton is not installed (pip install triton)")
+def test_triton_kernels_match_the_eager_forward_and_backward_interpreted():
+    """The GPU Triton kernels run on CPU by Triton's interpreter (a fresh process: TRITON_INTERPRET must be
+    set before they are decorated) against the eager ``_sample_forward`` / ``_sample_backward``: 2:4 soft
+    and hard, fp32 and bf16, blocks with tails, 4:8 and 1:4 (padded pattern tiles), and the autograd
+    wiring of ``masked_weight(fused=True)``. Numerics only: the interpreter says nothing of GPU speed."""
+    script = Path(__file__).parent / "scripts" / "check_triton_kernel.py"
+    root = str(Path(__file__).parents[1])
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.startswith("ok 8"), res.stdout + res.stderr[-3000:]
+
+
+@pytest.mark.skipif(not triton_kernel.available(), reason="Triton is not installed (pip install triton)")
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_kernels_compile_for_ampere_and_hopper_without_spills(arch, tmp_path, monkeypatch):
+    """What the interpreter cannot show: the kernels compile ahead of time, without a GPU, with the ptxas
+    that Triton ships, for A100 (sm_80) and H100/H200 (sm_90), every variant the driver launches, bf16
+    and fp32, and keep everything in registers (no local memory: nothing spills)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+
+    from maskllm_megatron.masks import masked_weight_triton as kernels
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    cuobjdump = Path(kernels.triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    sizes = {"C": 6, "M": 4, "C_PAD": 8, "BLOCK_G": triton_kernel.BLOCK}
+    for dt in ("bf16", "fp32"):
+        fwd = dict(logits_ptr=f"*{dt}", weight_ptr=f"*{dt}", rh_ptr="*i32", ch_ptr="*i32", keep_ptr="*fp32",
+                   coef_ptr="*fp32", inv_tau_ptr="*fp32", probs_ptr="*fp32", out_ptr=f"*{dt}", hard_ptr="*fp32")
+        bwd = dict(grad_out_ptr=f"*{dt}", weight_ptr=f"*{dt}", probs_ptr="*fp32", hard_ptr="*fp32", keep_ptr="*fp32",
+                   coef_ptr="*fp32", reg2_ptr="*fp32", grad_logits_ptr="*fp32", grad_weight_ptr=f"*{dt}")
+        variants = [(kernels.forward_kernel, fwd, dict(HARD=h)) for h in (False, True)]
+        variants += [(kernels.backward_kernel, bwd, dict(HARD=h, WEIGHT_GRAD=w)) for h in (False, True)
+                     for w in (False, True)]
+        for fn, pointers, flags in variants:
+            consts = {**sizes, **flags}
+            sig = {**pointers, "groups": "i32", "blocks_per_row": "i32", **{name: "constexpr" for name in consts}}
+            compiled = triton_compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                      target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+            cubin = tmp_path / "k.cubin"
+            cubin.write_bytes(compiled.asm["cubin"])
+            usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True,
+                                   text=True, check=True).stdout
+            assert " LOCAL:0 " in usage and " STACK:0 " in usage, (fn.__name__, dt, flags, usage)
+
+
+def test_triton_kernels_are_off_unless_switched_on_and_on_cuda(monkeypatch):
+    """Off by default until measured on a GPU; never for CPU tensors (the C++ kernels or torch.compile)."""
+    w, logits, spec = torch.zeros(4, 8), torch.zeros(4, 2, 6), NMSpec(2, 4)
+    monkeypatch.delenv("MASKLLM_TRITON_KERNEL", raising=False)
+    assert not triton_kernel.supports(w, logits, spec)
+    monkeypatch.setenv("MASKLLM_TRITON_KERNEL", "1")
+    assert not triton_kernel.supports(w, logits, spec)  # CPU tensors
 
 
 def test_schedules():

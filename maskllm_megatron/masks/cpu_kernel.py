@@ -127,12 +127,13 @@ def _keep_table(spec: NMSpec) -> torch.Tensor:
 
 
 def masked_weight_forward(weight: torch.Tensor, logits: torch.Tensor, row_hash: torch.Tensor,
-                          col_hash: torch.Tensor, coef: float, inv_tau: float, spec: NMSpec, hard: bool,
-                          isa: Optional[str] = None):
+                          col_hash: torch.Tensor, coef: float | torch.Tensor, inv_tau: float | torch.Tensor,
+                          spec: NMSpec, hard: bool, isa: Optional[str] = None):
     """``(W * mask, probs, hard mask or None)`` as ``sampling._sample_forward`` returns them.
 
-    ``col_hash`` is the 1-D per-logit-column hash (``group * C + k`` order), as in sampling.py. ``isa``
-    picks a build other than ``best_isa()`` (tests compare them)."""
+    ``col_hash`` is the 1-D per-logit-column hash (``group * C + k`` order), as in sampling.py; the
+    scalars are floats or 0-d CPU tensors. ``isa`` picks a build other than ``best_isa()`` (tests compare
+    them)."""
     rows, groups, c = logits.shape
     weight, logits = weight.contiguous(), logits.detach().contiguous()
     col_hash_pm = col_hash.view(groups, c).t().contiguous()  # pattern-major: one vector load per pattern
@@ -149,8 +150,8 @@ def masked_weight_forward(weight: torch.Tensor, logits: torch.Tensor, row_hash: 
 
 
 def masked_weight_backward(grad_out: torch.Tensor, weight: torch.Tensor, probs: torch.Tensor,
-                           mask: Optional[torch.Tensor], coef: float, reg2: float, spec: NMSpec,
-                           need_weight_grad: bool, isa: Optional[str] = None):
+                           mask: Optional[torch.Tensor], coef: float | torch.Tensor, reg2: float | torch.Tensor,
+                           spec: NMSpec, need_weight_grad: bool, isa: Optional[str] = None):
     """``(grad_logits, grad_weight or None)`` as ``sampling._sample_backward`` returns them."""
     rows, groups, _ = probs.shape
     # contiguous copies are bound to names: the pointers below must outlive the call

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from . import cpu_kernel
+from . import cpu_kernel, triton_kernel
 from .patterns import (NMSpec, candidate_patterns, check_groupable, pattern_positions, patterns_to_mask,
                        position_patterns)
 from .rng import col_hash, gumbel_from_hashes, gumbel_grid, normal_grid, row_hash, stream_key
@@ -144,15 +144,24 @@ def _kernels(fused: bool):
     return _KERNELS[fused]
 
 
+def _one_pass_kernels(weight: torch.Tensor, logits: torch.Tensor, spec: NMSpec):
+    """The hand-written one-pass kernels for this layer, or None (then the torch.compile'd ones run):
+    the C++ CPU kernels (fp32 2:4 on x86), or the Triton ones on CUDA when switched on
+    (``MASKLLM_TRITON_KERNEL=1``). Both modules offer ``masked_weight_forward`` / ``_backward``."""
+    for kernels in (cpu_kernel, triton_kernel):
+        if kernels.supports(weight, logits, spec):
+            return kernels
+    return None
+
+
 class _MaskedWeight(torch.autograd.Function):
     """``W * mask(logits, noise)``; saves only the pattern probabilities (and the hard mask)."""
 
     @staticmethod
     def forward(ctx, weight, logits, rh, ch, coef, inv_tau, reg2, spec, hard, fused):
-        ctx.cpu_kernel = fused and cpu_kernel.supports(weight, logits, spec)  # one vectorised pass, x86 CPUs
-        if ctx.cpu_kernel:
-            out, probs, mask = cpu_kernel.masked_weight_forward(weight, logits, rh, ch, coef.item(),
-                                                                inv_tau.item(), spec, hard)
+        ctx.one_pass = _one_pass_kernels(weight, logits, spec) if fused else None
+        if ctx.one_pass is not None:
+            out, probs, mask = ctx.one_pass.masked_weight_forward(weight, logits, rh, ch, coef, inv_tau, spec, hard)
         else:
             forward_kernel, _ = _kernels(fused)
             out, probs, mask = forward_kernel(weight, logits, rh, ch, coef, inv_tau, spec, hard)
@@ -163,9 +172,9 @@ class _MaskedWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         weight, probs, mask, coef, reg2 = ctx.saved_tensors
-        if ctx.cpu_kernel:
-            grad_logits, grad_weight = cpu_kernel.masked_weight_backward(
-                grad_out, weight, probs, mask, coef.item(), reg2.item(), ctx.spec, ctx.needs_input_grad[0])
+        if ctx.one_pass is not None:
+            grad_logits, grad_weight = ctx.one_pass.masked_weight_backward(
+                grad_out, weight, probs, mask, coef, reg2, ctx.spec, ctx.needs_input_grad[0])
         else:
             _, backward_kernel = _kernels(ctx.fused)
             grad_logits, grad_weight = backward_kernel(grad_out, weight, probs, mask, coef, reg2, ctx.spec,
@@ -185,7 +194,8 @@ def masked_weight(weight: torch.Tensor, logits: torch.Tensor, key: int, row_ids:
     soft gradient in the backward (straight-through). ``regularizer`` is lambda of the loss term
     ``-lambda * sum((W * mask)^2)``, already multiplied by whatever the LM loss is scaled with; its
     gradient goes to the logits only. ``fused=True`` runs fused kernels (same function): torch.compile'd
-    ones, and for fp32 2:4 layers on x86 CPUs the C++ kernels of ``cpu_kernel`` (faster logs, a few ULP off).
+    ones, for fp32 2:4 layers on x86 CPUs the C++ kernels of ``cpu_kernel`` (faster logs, a few ULP off),
+    and on CUDA with ``MASKLLM_TRITON_KERNEL=1`` the Triton ones of ``triton_kernel``.
     """
     dev = logits.device
     rh = row_hash(key, row_ids.to(dev))
