@@ -41,6 +41,21 @@ def all_reduce_floats(values, op=None, group=None) -> list[float]:
     return t.tolist()
 
 
+def init_process_group() -> None:
+    """torch.distributed from torchrun's environment, or a one-process world when launched plainly;
+    NCCL on the LOCAL_RANK's GPU where CUDA is available, else gloo. No-op when already initialised."""
+    import torch
+
+    if torch.distributed.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def under_torchrun() -> bool:
     """True in a process started by torchrun (or any launcher that sets LOCAL_RANK)."""
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ

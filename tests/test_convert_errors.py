@@ -82,7 +82,8 @@ CASES = {
     "shape_mismatch": (lambda f: break_config(f, intermediate_size=128), (),
                        ["has shape [96, 64] but config.json implies [128, 64]", "do not match config.json"]),
     "tp_not_dividing_heads": (lambda f: None, ("--tp", "3"),
-                              ["--tp 3 does not divide num_attention_heads=4", "use a tensor-parallel size in [1, 2, 4]"]),
+                              ["tensor-parallel size 3 does not divide num_attention_heads=4",
+                               "shards at tensor-parallel sizes [1, 2]"]),
     "truncated_safetensors": (lambda f: truncate(sorted(f.glob("model-*.safetensors"))[-1]), (),
                               ["corrupt or truncated safetensors file", "re-download it"]),
     "corrupt_header": (lambda f: garble_header(first_shard(f)), (), ["corrupt or truncated safetensors file"]),
@@ -151,13 +152,13 @@ def test_model_config_parallel_validation():
                      num_query_groups=2, vocab_size=250, make_vocab_size_divisible_by=2, max_position_embeddings=64)
     assert mc.padded_vocab_size == 250
     mc.validate_parallel(2, 3)
-    with pytest.raises(ModelConfigError, match="--tp 4 does not divide num_query_groups=2"):
+    with pytest.raises(ModelConfigError, match=r"size 4 does not divide num_query_groups=2: this model shards at tensor-parallel sizes \[1, 2\]$"):
         mc.validate_parallel(4)
     vocab = ModelConfig(family="gpt", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
                         vocab_size=250, make_vocab_size_divisible_by=2, max_position_embeddings=64)
     with pytest.raises(ModelConfigError, match="does not divide padded_vocab_size=250"):
         vocab.validate_parallel(4)
-    with pytest.raises(ModelConfigError, match="--pp 2 does not divide num_layers=3"):
+    with pytest.raises(ModelConfigError, match="pipeline-parallel size 2 does not divide num_layers=3"):
         mc.validate_parallel(1, 2)
     with pytest.raises(ModelConfigError, match="not a multiple of num_query_groups"):
         ModelConfig(family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,

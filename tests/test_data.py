@@ -336,6 +336,8 @@ def test_data_config_errors(tmp_path, two_sources, sp_model):
     (tmp_path / "half.bin").write_bytes(b"")
     with pytest.raises(DataConfigError, match=r"missing .*half\.idx \(write it with maskllm-preprocess\)"):
         DataConfig(prefixes=[str(tmp_path / "half")])
+    with pytest.raises(DataConfigError, match=r"give the prefix without \.bin/\.idx, i\.e\. .*half$"):
+        DataConfig(prefixes=[str(tmp_path / "half.bin")])  # half.bin exists: the file, not its prefix
     with pytest.raises(DataConfigError, match="weights: required to blend 2 prefixes"):
         DataConfig(prefixes=[a, b])
     with pytest.raises(DataConfigError, match="weights: 1 given for 2 prefixes"):

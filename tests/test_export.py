@@ -112,6 +112,11 @@ def test_mcore_export_gives_the_masked_models_logits_at_tp2_and_tp1(tiny_run):
     assert sorted(k for k in keys if k.endswith(".prior_mask")) == sorted(
         f"decoder.layers.{m}.prior_mask" for m in ("self_attention.linear_qkv", "self_attention.linear_proj",
                                                    "mlp.linear_fc1", "mlp.linear_fc2"))
+    # maskllm-verify reads the export by itself (no megatron): every block's weight against its mask
+    from maskllm_megatron.eval.verify import verify_path
+
+    report = verify_path(work / "mcore_tp2")
+    assert report.ok and report.checked == 8 and report.zeros * 2 == report.weights
 
 
 def test_export_prints_what_it_wrote(tiny_run):

@@ -159,6 +159,25 @@ def test_dp2_learns_and_overlapping_the_grad_reduction_changes_nothing(tiny):
     assert len(norms[0]) == 6 and norms[1] == pytest.approx(norms[0], rel=1e-4)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("model.checkpoint={tiny}/nope", "has no model_config.json: pass a checkpoint written by hf-to-mcore"),
+    ("data.train=[{tiny}/data/botchan_text_document.bin]", "give the prefix without .bin/.idx, i.e. "),
+])
+def test_driver_input_errors_are_one_line_and_it_runs_without_torchrun(tiny, override, message):
+    """Launched plainly (no torchrun environment) the driver runs as one process; a path that is not what
+    it should be ends in one ``maskllm-train:`` line naming the fix, not a traceback."""
+    config = write_config(tiny, "bad_input", parallel={"tp": 1})
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                            "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
+    proc = subprocess.run([sys.executable, "-m", "maskllm_megatron.train", "--config", str(config),
+                           override.format(tiny=tiny)], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(env, OMP_NUM_THREADS="1"), timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("maskllm-train: ")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+
+
 def test_sigterm_saves_and_exits_cleanly(tiny):
     config = write_config(tiny, "sigterm", parallel={"tp": 1},
                           run={"train_iters": 10000, "save_interval": 0, "eval_interval": 0, "log_interval": 1})
@@ -187,6 +206,12 @@ def test_example_configs_validate(example):
 
     cfg = TrainConfig.load(str(example)).validate()
     assert cfg.mask.nm == "2:4" and cfg.model.checkpoint and cfg.data.train
+    # the preprocessing command in the header writes the dataset the config reads
+    for prefix in re.findall(r"maskllm-preprocess .*--output-prefix (\S+)", example.read_text()):
+        assert prefix in cfg.data.train, (prefix, cfg.data.train)
+    # a prior checkpoint is the one a prior-only run writes (iteration 0)
+    if cfg.prior.method == "checkpoint":
+        assert cfg.prior.checkpoint.endswith("/checkpoints/iter_0000000")
 
 
 @pytest.mark.parametrize("raw, message", [

@@ -154,3 +154,44 @@ def test_targets_and_ignore_come_from_the_config(tmp_path, capsys):
     assert code == 0 and "2 tensors checked" in out and f"skipped {DOWN}: in the config's sparsity ignore list" in out
     code, out = run(capsys, folder, "--targets", r"down_proj\.weight$")
     assert code == 1 and f"FAIL {DOWN}" in out and "1 tensors checked" in out
+
+
+def write_mcore(folder, tensors, structure="2:4"):
+    """A megatron-core torch_dist folder as maskllm-export --format mcore writes it: the DCP files,
+    megatron's metadata.json and our sparsity.json (layers stacked, as megatron-core stores them)."""
+    from torch.distributed.checkpoint import FileSystemWriter, save
+
+    folder.mkdir()
+    save(tensors, storage_writer=FileSystemWriter(str(folder)), no_dist=True)
+    (folder / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                                                      "common_backend": "torch", "common_backend_version": 1}))
+    (folder / "sparsity.json").write_text(json.dumps({"structure": structure, "mask_tensor": "prior_mask"}))
+    return folder
+
+
+def test_megatron_core_export_folder(tmp_path, capsys):
+    """Stacked [layers, out, in] weights with their boolean masks: each block checked by name; a planted
+    violation and a weight kept where its mask is unset are both named; a run checkpoint (logits) is
+    refused with the export command to run first."""
+    fc1, proj = "decoder.layers.mlp.linear_fc1.weight", "decoder.layers.self_attention.linear_proj.weight"
+    mask = {fc1: random_mask((2, 8, 16), seed=1), proj: random_mask((2, 16, 8), seed=2)}
+    good = {k: torch.where(m, torch.randn(m.shape), 0.0) for k, m in mask.items()}
+    tensors = {**good, **{k.replace(".weight", ".prior_mask"): m for k, m in mask.items()},
+               "embedding.word_embeddings.weight": torch.randn(32, 16)}
+    code, out = run(capsys, write_mcore(tmp_path / "ok", tensors))
+    assert code == 0 and "megatron-core checkpoint: 4 tensors checked for 2:4 (512 weights), sparsity 50.00%" in out
+    bad = dict(tensors)
+    bad[fc1] = good[fc1].clone()
+    bad[fc1][1, 3, 4:8] = 1.0  # block 1, row 3, group 1: four non-zeros, two where the mask is unset
+    code, out = run(capsys, write_mcore(tmp_path / "bad", bad))
+    assert code == 1 and "FAILED: 1 of 4 tensors" in out
+    assert "FAIL decoder.layers.1.mlp.linear_fc1.weight: not 2:4 at row 3, group 1 (input columns 4..7)" in out
+    assert "FAIL decoder.layers.1.mlp.linear_fc1.weight: non-zero weights where the stored mask is unset" in out
+    code, out = run(capsys, write_mcore(tmp_path / "run", {**tensors, "decoder.layers.mlp.linear_fc1.mask_logits":
+                                                           torch.zeros(2, 8, 4, 6)}))
+    assert code == 2 and "is a mask-learning checkpoint" in out and "maskllm-export --ckpt" in out
+    code, out = run(capsys, write_mcore(tmp_path / "dense", {fc1: torch.randn(2, 8, 16)}))
+    assert code == 2 and "without masks (prior_mask)" in out
+    (tmp_path / "neither").mkdir()
+    code, out = run(capsys, tmp_path / "neither")
+    assert code == 2 and "neither a Hugging Face / compressed-tensors folder" in out

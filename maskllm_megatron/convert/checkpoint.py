@@ -7,7 +7,6 @@ written with and the original HF ``config.json``) and ``tokenizer/`` (the HF tok
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,17 +54,11 @@ def init_parallel(tp: int = 1, pp: int = 1) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from maskllm_megatron.launch import free_port
+    from maskllm_megatron.launch import init_process_group
     from maskllm_megatron.megatron import cpu_compat
 
     cpu_compat.apply()
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(free_port()))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    init_process_group()
     if dist.get_world_size() != tp * pp:
         raise ConversionError(
             f"{dist.get_world_size()} processes for --tp {tp} x --pp {pp}: launch with nproc={tp * pp}")

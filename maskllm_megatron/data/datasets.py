@@ -58,6 +58,9 @@ class DataConfig:
         if not self.prefixes:
             raise DataConfigError("prefixes: no dataset given")
         for prefix in self.prefixes:
+            if prefix.endswith((".bin", ".idx")) and Path(prefix).is_file():
+                raise DataConfigError(f"dataset {prefix}: give the prefix without .bin/.idx, "
+                                      f"i.e. {prefix[:-4]}")
             missing = [p for p in (prefix + ".bin", prefix + ".idx") if not Path(p).is_file()]
             if missing:
                 raise DataConfigError(f"dataset {prefix}: missing {' and '.join(missing)} "

@@ -2,14 +2,17 @@
 
 Checks that every targeted weight keeps at most N non-zeros in each group of M consecutive weights
 along its input dimension, and that no zero is a -0.0. Reads a Hugging Face folder (dense or masked
-safetensors), a compressed-tensors ``sparse-24-bitmask`` folder, a ``save_masks`` mask file or
-MaskLLM's published ``.npz`` mask file; one tensor at a time.
+safetensors), a compressed-tensors ``sparse-24-bitmask`` folder, a megatron-core export (``--format
+mcore``: each masked weight with its stored mask, read from the dist checkpoint without megatron), a
+``save_masks`` mask file or MaskLLM's published ``.npz`` mask file; one tensor at a time.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -45,7 +48,19 @@ class VerifyReport:
     def add(self, name: str, w: torch.Tensor, exact: bool = False,
             where: Callable[[int, int], str] | None = None) -> None:
         """Check one [out, in] tensor and count it."""
-        problems = check_weight(name, w, self.spec, exact, where)
+        self._count(w, check_weight(name, w, self.spec, exact, where))
+
+    def add_masked(self, name: str, w: torch.Tensor, mask: torch.Tensor) -> None:
+        """Check a weight stored with its boolean mask (megatron-core exports) and count it once: the
+        weight as ``add`` does, the mask exactly N of M, and the weight zero wherever the mask is unset."""
+        problems = check_weight(name, w, self.spec)
+        problems += check_weight(name.removesuffix(".weight") + ".prior_mask", mask.to(torch.uint8), self.spec,
+                                 exact=True)
+        if bool((w[~mask] != 0).any()):
+            problems.append(f"{name}: non-zero weights where the stored mask is unset")
+        self._count(w, problems)
+
+    def _count(self, w: torch.Tensor, problems: list[str]) -> None:
         self.failures += problems
         self.failed += bool(problems)
         self.checked += 1
@@ -195,15 +210,72 @@ def verify_mask_file(path: Path, spec: NMSpec | None = None) -> VerifyReport:
     return report
 
 
+def is_mcore_folder(folder: Path) -> bool:
+    """A megatron-core dist checkpoint (torch_dist): megatron's metadata.json and the DCP index."""
+    return (folder / "metadata.json").is_file() and (folder / ".metadata").is_file()
+
+
+def _layer_names(key: str, stacked: int) -> list[str]:
+    """megatron-core stacks the blocks' tensors into one global ``decoder.layers.<module>`` tensor:
+    the per-block names ``decoder.layers.<i>.<module>``."""
+    if stacked == 1 and not key.startswith("decoder.layers."):
+        return [key]
+    head, sep, tail = key.partition("decoder.layers.")
+    return [f"{head}{sep}{i}.{tail}" if sep else f"{key}[{i}]" for i in range(stacked)]
+
+
+def verify_mcore_folder(folder: Path, spec: NMSpec | None = None, targets: str | None = None,
+                        skip: str | None = None) -> VerifyReport:
+    """Verify a megatron-core export (``maskllm-export --format mcore``): every weight stored with a
+    ``prior_mask`` is checked with it (``VerifyReport.add_masked``). Reads the dist checkpoint with
+    torch.distributed.checkpoint in this one process, one module's tensors at a time; no megatron."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+
+    meta = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    record_file = folder / "sparsity.json"
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    spec = spec or NMSpec.parse(record.get("structure", "2:4"))
+    report = VerifyReport("megatron-core checkpoint", spec)
+    mask_keys = sorted(k for k in meta if k.endswith(".prior_mask"))
+    if any(k.endswith(".mask_logits") for k in meta):
+        raise FormatError(f"{folder} is a mask-learning checkpoint (dense weights and logits): export it first, "
+                          f"maskllm-export --ckpt {folder} --out OUT --format mcore, and verify OUT")
+    if not mask_keys:
+        raise FormatError(f"{folder} is a megatron-core checkpoint without masks (prior_mask): pass a folder "
+                          "written by maskllm-export --format mcore")
+    wanted, unwanted = re.compile(targets or ".*"), re.compile(skip) if skip else None
+    for mask_key in mask_keys:
+        key = mask_key.removesuffix(".prior_mask") + ".weight"
+        if key not in meta:
+            raise FormatError(f"{folder}: {mask_key} has no weight {key}: the checkpoint is incomplete")
+        tensors = {k: torch.empty(meta[k].size, dtype=meta[k].properties.dtype) for k in (key, mask_key)}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            load(tensors, storage_reader=FileSystemReader(str(folder)), no_dist=True)
+        w, mask = tensors[key], tensors[mask_key]
+        stacked = w.reshape(-1, *w.shape[-2:]), mask.reshape(-1, *mask.shape[-2:])
+        for name, wi, mi in zip(_layer_names(key, stacked[0].shape[0]), *stacked):
+            if unwanted is not None and unwanted.search(name):
+                report.skipped.append((name, "matches --skip"))
+            elif wanted.search(name):
+                report.add_masked(name, wi, mi)
+    return report
+
+
 def verify_path(path: str | Path, spec: NMSpec | None = None, targets: str | None = None,
                 skip: str | None = None) -> VerifyReport:
-    """Verify a model folder or a mask file."""
+    """Verify a model folder (HF, compressed-tensors, megatron-core export) or a mask file."""
     path = Path(path)
     if path.is_dir():
+        if is_mcore_folder(path):
+            return verify_mcore_folder(path, spec, targets, skip)
+        if not (path / "config.json").is_file():
+            raise FormatError(f"{path} is neither a Hugging Face / compressed-tensors folder (no config.json) nor a "
+                              "megatron-core export (no metadata.json and .metadata): pass an exported folder")
         return verify_hf_folder(path, spec, targets, skip)
     if path.is_file():
         return verify_mask_file(path, spec)
-    raise FormatError(f"{path} does not exist: pass an HF/compressed-tensors folder or a mask file")
+    raise FormatError(f"{path} does not exist: pass an HF/compressed-tensors/megatron-core folder or a mask file")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Check that an exported checkpoint or mask file is valid N:M sparse along the input dim "
                     "(and holds no -0.0). Exit status 0 when valid, 1 on a violation, 2 on unreadable input.",
         epilog="examples:\n  maskllm-verify out/llama-2-7b-2of4-hf\n  maskllm-verify masks.safetensors --nm 2:4")
-    parser.add_argument("path", help="HF folder, compressed-tensors folder, or mask file (.safetensors / .npz)")
+    parser.add_argument("path", help="HF folder, compressed-tensors folder, megatron-core export folder, or mask "
+                                     "file (.safetensors / .npz)")
     parser.add_argument("--nm", help="N:M to check, e.g. 2:4 (default: the config's sparsity structure, else 2:4)")
     parser.add_argument("--targets", help="regex of weight names to check, overriding the config (default: its "
                                           "sparsity targets less its ignore list, else the q/k/v/o/gate/up/down_proj "

@@ -140,15 +140,20 @@ class ModelConfig:
         """Check that ``tp`` x ``pp`` can shard this model; raise naming the fix if not."""
         if tp < 1 or pp < 1:
             raise ModelConfigError(f"tensor/pipeline parallel sizes must be >= 1, got tp={tp} pp={pp}")
-        for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "padded_vocab_size"):
+        for name in self.TP_SHARDED:
             value = getattr(self, name)
             if value % tp:
-                divisors = [d for d in range(1, value + 1) if value % d == 0 and d <= 64]
-                raise ModelConfigError(
-                    f"--tp {tp} does not divide {name}={value}: use a tensor-parallel size in {divisors}")
+                raise ModelConfigError(f"tensor-parallel size {tp} does not divide {name}={value}: this model "
+                                       f"shards at tensor-parallel sizes {self.tensor_parallel_sizes()}")
         if self.num_layers % pp:
-            raise ModelConfigError(
-                f"--pp {pp} does not divide num_layers={self.num_layers}: use a divisor of {self.num_layers}")
+            raise ModelConfigError(f"pipeline-parallel size {pp} does not divide num_layers={self.num_layers}: "
+                                   f"use a divisor of {self.num_layers}")
+
+    TP_SHARDED = ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "padded_vocab_size")
+
+    def tensor_parallel_sizes(self, limit: int = 64) -> list[int]:
+        """The tensor-parallel sizes up to ``limit`` that divide every sharded dimension."""
+        return [d for d in range(1, limit + 1) if all(getattr(self, n) % d == 0 for n in self.TP_SHARDED)]
 
     @property
     def gated(self) -> bool:

@@ -1,6 +1,7 @@
 """``python -m maskllm_megatron.train --config run.yaml [section.key=value ...]`` (also ``maskllm-train``).
 
-Launch under torchrun, e.g. ``torchrun --nproc-per-node 8 -m maskllm_megatron.train --config run.yaml``.
+Launch under torchrun, e.g. ``torchrun --nproc-per-node 8 -m maskllm_megatron.train --config run.yaml``;
+launched plainly it runs as one process.
 """
 import argparse
 import sys
@@ -11,8 +12,8 @@ from .config import ConfigError, TrainConfig
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="maskllm-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example: torchrun --nproc-per-node 2 -m maskllm_megatron.train "
-                                       "--config examples/smollm2_cpu.yaml run.train_iters=100 parallel.tp=2")
+                                epilog="example: torchrun --nproc-per-node 8 -m maskllm_megatron.train "
+                                       "--config examples/llama2_7b.yaml run.train_iters=100 optim.lr=1e-4")
     p.add_argument("--config", help="YAML run configuration")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=1e-4")
     args = p.parse_args(argv)
@@ -21,11 +22,16 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"maskllm-train: {e}", file=sys.stderr)
         return 2
+    from ..convert.io import ConversionError
+    from ..data.datasets import DataConfigError
+    from ..data.tokenizer import TokenizerError
+    from ..megatron.model_builder import ModelConfigError
     from .trainer import TrainingStopped, train
 
     try:
         train(cfg)
-    except (ConfigError, TrainingStopped) as e:
+    except (ConfigError, TrainingStopped, ConversionError, DataConfigError, TokenizerError, ModelConfigError) as e:
+        # what the user gave does not fit (a path, a layout, a dataset), or the run stopped itself: one line
         print(f"maskllm-train: {e}", file=sys.stderr)
         return 1
     finally:

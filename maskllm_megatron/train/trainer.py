@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ..launch import all_reduce_floats
+from ..launch import all_reduce_floats, init_process_group
 from .config import TrainConfig, checkpoint_iteration, checkpoint_name
 from .metrics import MaskWatcher, MetricsLogger, StepThroughput, peak_memory_bytes
 
@@ -38,11 +38,7 @@ def setup_parallel(cfg: TrainConfig) -> dict:
     from ..megatron import cpu_compat
 
     cpu_compat.apply()
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        torch.distributed.init_process_group(backend)
+    init_process_group()  # torchrun's ranks, or one process when launched plainly
     cfg.validate(torch.distributed.get_world_size())
     if parallel_state.model_parallel_is_initialized():  # e.g. a conversion ran earlier in this process
         parallel_state.destroy_model_parallel()
