@@ -130,6 +130,13 @@ def test_mcore_to_hf_rejects_a_folder_that_is_no_checkpoint(tmp_path, capsys):
     assert main(["mcore-to-hf", "--ckpt", str(tmp_path), "--out", str(tmp_path / "hf")]) == 2
     assert "has no model_config.json" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+    assert main(["mcore-to-hf", "--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "hf")]) == 2
+    assert "nope does not exist" in capsys.readouterr().err
+    run = tmp_path / "run" / "iter_0000012"
+    run.mkdir(parents=True)
+    (run / "extra_state.pt").write_bytes(b"")
+    assert main(["mcore-to-hf", "--ckpt", str(run), "--out", str(tmp_path / "hf")]) == 2
+    assert "is a mask-learning run checkpoint: turn it into a model with maskllm-export" in capsys.readouterr().err
 
 
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path):

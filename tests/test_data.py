@@ -192,6 +192,8 @@ def test_killed_preprocess_process(tmp_path, sp_model, paragraphs, capsys):
     ('\n\n', [], r"no non-empty documents"),
     ('{"text": "ok"}\n', ["--tokenizer", "nowhere.model"], r"nowhere.model: tokenizer file not found"),
     ('{"text": "ok"}\n', ["--input", "missing.jsonl"], r"missing.jsonl: input file not found"),
+    ('{"text": "ok"}\n', ["--output-prefix", "bad.jsonl/o"],  # a folder that is a file
+     r"error: (File exists|Not a directory): .*bad.jsonl.*: check that --output-prefix's folder can be created"),
 ])
 def test_preprocess_errors_are_one_line(tmp_path, sp_model, capsys, content, args, message):
     import re

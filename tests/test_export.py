@@ -143,7 +143,7 @@ def test_hf_export_loads_in_transformers_with_the_masked_logits(tiny_run):
     assert torch.equal(sd["lm_head.weight"], dense["lm_head.weight"])  # untouched
 
 
-def test_hf_export_equals_the_mask_file_applied_to_the_dense_model(tiny_run):
+def test_hf_export_equals_the_mask_file_applied_to_the_dense_model(tiny_run, capsys):
     """Mask file round trip: apply-masks(original dense HF, exported masks) == the HF export, bit for bit;
     exported at TP=2 and TP=1 the mask files hold the same masks."""
     from maskllm_megatron.export.cli import main
@@ -165,6 +165,14 @@ def test_hf_export_equals_the_mask_file_applied_to_the_dense_model(tiny_run):
     for k in exported:
         assert torch.equal(applied[k].view(torch.uint8), exported[k].view(torch.uint8)), k  # bit-exact
     assert set(json.loads((out / "config.json").read_text())["sparsity"]["targets"]) == set(masks2)
+    # the same file over the wrong folder, and an existing output: one line each, naming the fix
+    assert main(["apply-masks", "--hf", str(work / "mcore_tp2"), "--masks", str(work / "masks_tp2.safetensors"),
+                 "--out", str(work / "applied_wrong")]) == 2
+    assert main(["apply-masks", "--hf", str(work / "hf"), "--masks", str(work / "masks_tp2.safetensors"),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "mcore_tp2 is not a Hugging Face model folder (no config.json)" in err
+    assert "already exists: remove it, choose another --out, or pass --overwrite" in err
 
 
 # ---------------------------------------------------------------------------------------------- compressed-tensors

@@ -1,5 +1,7 @@
 """Sparse export formats: masked HF weights, compressed-tensors sparse-24-bitmask, mask files."""
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -92,7 +94,15 @@ def tiny_llama_state(seed=0):
 
 def test_save_compressed_tensors_folder(tmp_path):
     sd, targets = tiny_llama_state()
-    out = save_compressed_tensors(tmp_path / "ct", sd, {"model_type": "llama"}, targets, max_shard_bytes=1500)
+    umask = os.umask(0o022)  # what a shared cluster account typically has
+    try:
+        out = save_compressed_tensors(tmp_path / "ct", sd, {"model_type": "llama"}, targets, max_shard_bytes=1500)
+        save_masks(tmp_path / "m.safetensors", {n: sd[n] != 0 for n in targets}, NMSpec(2, 4))
+    finally:
+        os.umask(umask)
+    # readable by everyone, as any file written with this umask (safetensors alone would give 0600)
+    for f in [*out.glob("*.safetensors"), tmp_path / "m.safetensors"]:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
     cfg = json.loads((out / "config.json").read_text())
     q = cfg["quantization_config"]
     assert q["quant_method"] == "compressed-tensors"

@@ -99,6 +99,9 @@ def test_text_sources(tmp_path):
         read_text(jsonl=tmp_path / "t.jsonl", json_key="body")
     with pytest.raises(EvalError, match="exactly one"):
         read_text()
+    (tmp_path / "plain.txt").write_text("just prose\n")
+    with pytest.raises(EvalError, match=r"plain.txt:1: invalid JSON .*use --text-file for plain text"):
+        read_text(jsonl=tmp_path / "plain.txt")
 
 
 # ---------------------------------------------------------------------------------------------- HF vs mcore
@@ -138,6 +141,19 @@ def test_eval_command_line(tiny_run, capsys):
     assert f"{r['ppl']:.4g}" == f"{tiny_run['make']['ppl_tp2']['run']:.4g}"
     assert main(["--hf", str(work / "hf_tp2"), "--corpus", "shakespeare", "--use-prior"]) == 2
     assert "--ckpt" in capsys.readouterr().err
+    assert main(["--hf", str(work / "mcore_tp2"), "--corpus", "shakespeare"]) == 2
+    assert "mcore_tp2 is a megatron-core checkpoint: pass it as --ckpt" in capsys.readouterr().err
+    assert main(["--hf", str(work / "nowhere"), "--corpus", "shakespeare"]) == 2
+    assert "nowhere does not exist" in capsys.readouterr().err
+    text = ["--text-file", str(work / "text.txt")]
+    assert main(["--hf", str(work / "hf_tp2"), *text, "--seq-len", "128"]) == 2  # the tiny model stops at 64
+    assert "--seq-len 128 exceeds the model's maximum sequence length 64" in capsys.readouterr().err
+    assert main(["--hf", str(work / "hf_tp2"), *text, "--seq-len", "0"]) == 2
+    assert "--seq-len 0 leaves no token to score" in capsys.readouterr().err
+    # a tensor-parallel size the model cannot take is refused before any rank starts
+    assert main(["--ckpt", str(work / "mcore_tp2"), *text, "--tp", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "tensor-parallel size 4 does not divide num_query_groups=2" in err and "launching" not in err
 
 
 @pytest.mark.slow

@@ -160,8 +160,10 @@ def test_dp2_learns_and_overlapping_the_grad_reduction_changes_nothing(tiny):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.checkpoint={tiny}/nope", "has no model_config.json: pass a checkpoint written by hf-to-mcore"),
+    ("model.checkpoint={tiny}/nope", "does not exist: pass a checkpoint written by maskllm-convert hf-to-mcore"),
+    ("model.checkpoint={tiny}/data", "has no model_config.json: pass a checkpoint written by maskllm-convert"),
     ("data.train=[{tiny}/data/botchan_text_document.bin]", "give the prefix without .bin/.idx, i.e. "),
+    ("data.seq_length=256", "data.seq_length 256 exceeds the model's maximum sequence length 128"),
 ])
 def test_driver_input_errors_are_one_line_and_it_runs_without_torchrun(tiny, override, message):
     """Launched plainly (no torchrun environment) the driver runs as one process; a path that is not what

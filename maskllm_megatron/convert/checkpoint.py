@@ -39,8 +39,14 @@ class CheckpointInfo:
     @classmethod
     def load(cls, folder: str | Path) -> "CheckpointInfo":
         path = Path(folder) / CONFIG_FILE
+        if not Path(folder).exists():
+            raise ConversionError(f"{folder} does not exist: pass a checkpoint written by maskllm-convert hf-to-mcore")
+        if (Path(folder) / "extra_state.pt").is_file() or (Path(folder) / "latest").is_file():
+            raise ConversionError(f"{folder} is a mask-learning run checkpoint: turn it into a model with "
+                                  f"maskllm-export --ckpt {folder} (--format mcore or hf)")
         if not path.is_file():
-            raise ConversionError(f"{folder} has no {CONFIG_FILE}: pass a checkpoint written by hf-to-mcore")
+            raise ConversionError(f"{folder} has no {CONFIG_FILE}: pass a checkpoint written by maskllm-convert "
+                                  "hf-to-mcore (or maskllm-export --format mcore)")
         d = json.loads(path.read_text())
         if d.get("format") != FORMAT:
             raise ConversionError(f"{path} has format {d.get('format')!r}, expected {FORMAT!r}")

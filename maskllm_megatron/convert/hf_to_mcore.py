@@ -16,7 +16,8 @@ import torch
 
 from maskllm_megatron.convert.checkpoint import (TOKENIZER_DIR, CheckpointInfo, global_param_names,
                                                  init_parallel)
-from maskllm_megatron.convert.io import ConversionError, HFCheckpoint, copy_tokenizer, partial_path, progress
+from maskllm_megatron.convert.io import (ConversionError, HFCheckpoint, copy_tokenizer, output_exists, partial_path,
+                                         progress)
 from maskllm_megatron.convert.mapping import TensorRule, architecture_for, model_config_from_hf
 from maskllm_megatron.megatron.model_builder import DTYPES, ModelConfig, ModelConfigError
 
@@ -78,7 +79,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, d
     out = Path(out).absolute()
     p = plan(hf_dir, tp, pp, dtype)
     if out.exists() and not overwrite:
-        raise ConversionError(f"output {out} already exists: remove it or choose another --out")
+        raise ConversionError(output_exists(out))
     init_parallel(tp, pp)
     rank, tp_rank = dist.get_rank(), parallel_state.get_tensor_model_parallel_rank()
     say = print if rank == 0 and show_progress else (lambda *a, **k: None)

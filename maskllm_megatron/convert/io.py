@@ -94,6 +94,8 @@ class HFCheckpoint:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        if not self.folder.exists():
+            raise ConversionError(f"{self.folder} does not exist: pass a Hugging Face model folder to --hf")
         if not (self.folder / "config.json").is_file():
             raise ConversionError(f"{self.folder} has no config.json: pass a Hugging Face model folder to --hf")
         self.config: dict = json.loads((self.folder / "config.json").read_text())
@@ -233,13 +235,18 @@ def partial_path(out: Path) -> Path:
     return out.with_name(f".{out.name}.partial")
 
 
+def output_exists(out: str | Path) -> str:
+    """The one-line refusal of an existing output folder, naming the three ways on."""
+    return f"output {out} already exists: remove it, choose another --out, or pass --overwrite"
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``out``; rename it to ``out`` when the block succeeds,
     delete it when the block fails, so ``out`` is either complete or absent."""
     out = Path(out).absolute()
     if out.exists() and not overwrite:
-        raise ConversionError(f"output {out} already exists: remove it or choose another --out")
+        raise ConversionError(output_exists(out))
     tmp = partial_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -377,6 +377,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PreprocessError, TokenizerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. an output prefix under a file or in a read-only place
+        print(f"error: {err.strerror or err}: {err.filename}: check that --output-prefix's folder can be "
+              "created and written", file=sys.stderr)
+        return 2
     size = result.bin_path.stat().st_size
     print(f"wrote {result.bin_path} ({size / 2**20:,.1f} MiB) and {result.idx_path}: "
           f"{result.documents:,} documents, {result.tokens:,} tokens ({result.dtype})"

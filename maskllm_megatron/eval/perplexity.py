@@ -79,9 +79,14 @@ def read_text(text_file: Optional[Path] = None, jsonl: Optional[Path] = None, js
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if line.strip():
-                record = json.loads(line)
-                if json_key not in record:
-                    raise EvalError(f"{path}:{i} has no key {json_key!r}: pass --json-key (keys: {sorted(record)})")
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise EvalError(f"{path}:{i}: invalid JSON ({e.msg}): --jsonl takes one JSON object a line; "
+                                    "use --text-file for plain text") from None
+                if not isinstance(record, dict) or json_key not in record:
+                    keys = sorted(record) if isinstance(record, dict) else "not an object"
+                    raise EvalError(f"{path}:{i} has no key {json_key!r}: pass --json-key (keys: {keys})")
                 docs.append(record[json_key])
     return "\n\n".join(docs)
 
@@ -203,8 +208,11 @@ class EvalRequest:
 def _window_config(req: EvalRequest, tokenizer, model_max_len: int) -> WindowConfig:
     if req.bos and tokenizer.bos_id is None:
         raise EvalError(f"--bos: the tokenizer {tokenizer.path} has no BOS token; drop --bos")
-    return WindowConfig(req.seq_len or model_max_len, req.stride, tokenizer.bos_id if req.bos else None,
-                        req.max_tokens)
+    if req.seq_len is not None and req.seq_len > model_max_len:
+        raise EvalError(f"--seq-len {req.seq_len} exceeds the model's maximum sequence length "
+                        f"{model_max_len} (max_position_embeddings): pass --seq-len {model_max_len} or less")
+    return WindowConfig(model_max_len if req.seq_len is None else req.seq_len, req.stride,
+                        tokenizer.bos_id if req.bos else None, req.max_tokens)
 
 
 def hf_perplexity(folder: str | Path, req: EvalRequest) -> PerplexityResult:
@@ -214,6 +222,10 @@ def hf_perplexity(folder: str | Path, req: EvalRequest) -> PerplexityResult:
     from maskllm_megatron.data.tokenizer import load_tokenizer
 
     folder = Path(folder)
+    if not folder.exists():
+        raise EvalError(f"{folder} does not exist: pass a Hugging Face model folder to --hf")
+    if (folder / "metadata.json").is_file() or (folder / "model_config.json").is_file():
+        raise EvalError(f"{folder} is a megatron-core checkpoint: pass it as --ckpt")
     if not (folder / "config.json").is_file():
         raise EvalError(f"{folder} has no config.json: pass a Hugging Face model folder to --hf")
     tokenizer = load_tokenizer(folder)
@@ -223,6 +235,14 @@ def hf_perplexity(folder: str | Path, req: EvalRequest) -> PerplexityResult:
                       req.batch_size)
     result.model = str(folder)
     return result
+
+
+def checkpoint_model_config(path: str | Path):
+    """The architecture (``ModelConfig``) of a converted, exported or run checkpoint, without its weights."""
+    from maskllm_megatron.convert.checkpoint import CheckpointInfo
+    from maskllm_megatron.export.trim import RunCheckpoint, is_run_checkpoint
+
+    return RunCheckpoint.open(path).info.model if is_run_checkpoint(path) else CheckpointInfo.load(path).model
 
 
 def load_mcore_for_eval(path: str | Path, use_prior: bool = False):
@@ -302,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.hf is not None and (args.tp != 1 or args.use_prior):
             raise EvalError("--tp and --use-prior apply to --ckpt (megatron-core) only")
         if args.tp > 1 and not under_torchrun():
+            checkpoint_model_config(args.ckpt).validate_parallel(args.tp, 1)  # fail fast, before starting ranks
             return relaunch("maskllm_megatron.eval.perplexity", argv, args.tp)
         req = EvalRequest(read_text(args.text_file, args.jsonl, args.json_key, args.corpus), args.seq_len,
                           args.stride, args.bos, args.max_tokens, args.batch_size)

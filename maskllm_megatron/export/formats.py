@@ -68,6 +68,15 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file``, with the permissions any new file gets here (the umask's): the
+    library creates its files readable by their owner only, which other users of a cluster could not load."""
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 # ----------------------------------------------------------------------------- compressed-tensors
 
 def compress_24_bitmask(weight: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -210,7 +219,7 @@ def _write_shards(folder: Path, tensors: Mapping[str, torch.Tensor], max_shard_b
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for fname, shard in zip(names, shards):
-        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        _save_safetensors(shard, folder / fname, {"format": "pt"})
     if n > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {k: f for f, shard in zip(names, shards) for k in shard}}
@@ -308,7 +317,7 @@ def save_masks(path: str | Path, masks: Mapping[str, torch.Tensor], spec: NMSpec
             "groups_per_chunk": str(k), "bits_per_chunk": str(bits), "shapes": json.dumps(shapes)}
     tmp = _tmp_name(path)
     try:
-        save_file(tensors, str(tmp), metadata=meta)
+        _save_safetensors(tensors, tmp, meta)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -325,9 +334,9 @@ def read_mask_file_header(path: str | Path) -> tuple[NMSpec, dict[str, list[int]
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types
-        raise FormatError(f"{path} is not a safetensors mask file ({e}): pass a file written by save_masks") from None
+        raise FormatError(f"{path} is not a safetensors mask file ({e}): pass a file written by maskllm-export --format masks") from None
     if meta.get("format") != MASK_FILE_FORMAT:
-        raise FormatError(f"{path} is not a {MASK_FILE_FORMAT} mask file: pass a file written by save_masks")
+        raise FormatError(f"{path} is not a {MASK_FILE_FORMAT} mask file: pass a file written by maskllm-export --format masks")
     if meta.get("version") != MASK_FILE_VERSION:
         raise FormatError(f"{path} is mask file version {meta.get('version')}, this code reads "
                           f"{MASK_FILE_VERSION}: upgrade maskllm-megatron")

@@ -34,7 +34,7 @@ from typing import Literal, Optional
 import torch
 
 from maskllm_megatron.convert.checkpoint import TOKENIZER_DIR, CheckpointInfo, global_param_names, init_parallel
-from maskllm_megatron.convert.io import ConversionError, copy_tokenizer
+from maskllm_megatron.convert.io import ConversionError, copy_tokenizer, output_exists
 from maskllm_megatron.convert.mapping import ARCHITECTURES, DEFAULT_FOR_FAMILY
 from maskllm_megatron.export.formats import (
     apply_mask_hf, global_sparsity, hf_weight_is_transposed, save_compressed_tensors, save_masks)
@@ -290,7 +290,7 @@ class ExportResult:
 def check_request(cfg: ExportConfig) -> RunCheckpoint:
     """Every check that needs no model: fail before loading anything."""
     if cfg.out.exists() and not cfg.overwrite:
-        raise ExportError(f"output {cfg.out} already exists: remove it or choose another --out")
+        raise ExportError(output_exists(cfg.out))
     run = RunCheckpoint.open(cfg.ckpt, cfg.base)
     if cfg.format == "compressed-tensors":
         if run.nm != NMSpec(2, 4):
@@ -419,10 +419,13 @@ def apply_masks(hf_dir: str | Path, mask_file: str | Path, out: str | Path, over
     t0 = time.time()
     hf_dir, mask_file, out = Path(hf_dir).absolute(), Path(mask_file).absolute(), Path(out).absolute()
     if out.exists() and not overwrite:
-        raise ExportError(f"output {out} already exists: remove it or choose another --out")
+        raise ExportError(output_exists(out))
     if not mask_file.is_file():
         raise ExportError(f"mask file {mask_file} does not exist: pass a maskllm-export --format masks file or "
                           f"a MaskLLM .npz")
+    if not (hf_dir / "config.json").is_file():
+        raise ExportError(f"{hf_dir} is not a Hugging Face model folder (no config.json): pass the dense model "
+                          "the masks apply to as --hf")
     config = json.loads((hf_dir / "config.json").read_text())
     state = _read_safetensors(hf_dir)
     spec = NMSpec(2, 4) if is_published_mask_file(mask_file) else read_mask_file_header(mask_file)[0]

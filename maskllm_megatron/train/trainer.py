@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from ..launch import all_reduce_floats, init_process_group
-from .config import TrainConfig, checkpoint_iteration, checkpoint_name
+from .config import ConfigError, TrainConfig, checkpoint_iteration, checkpoint_name
 from .metrics import MaskWatcher, MetricsLogger, StepThroughput, peak_memory_bytes
 
 
@@ -67,6 +67,10 @@ def build_model(cfg: TrainConfig):
     from ..megatron.sparsify import set_fused_mask_kernel, sparsify
 
     info = CheckpointInfo.load(cfg.model.checkpoint)
+    if cfg.data.seq_length > info.model.max_position_embeddings:
+        raise ConfigError(f"data.seq_length {cfg.data.seq_length} exceeds the model's maximum sequence length "
+                          f"{info.model.max_position_embeddings} (max_position_embeddings): set data.seq_length "
+                          f"<= {info.model.max_position_embeddings}")
     dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
     tcfg = info.model.to_transformer_config(cfg.parallel.tp, cfg.parallel.pp, dtype, perform_initialization=False)
     model = build_gpt_model(info.model, tcfg)
