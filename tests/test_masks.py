@@ -344,9 +344,13 @@ def test_triton_kernels_are_off_unless_switched_on_and_on_cuda(monkeypatch):
     """Off by default until measured on a GPU; never for CPU tensors (the C++ kernels or torch.compile)."""
     w, logits, spec = torch.zeros(4, 8), torch.zeros(4, 2, 6), NMSpec(2, 4)
     monkeypatch.delenv("MASKLLM_TRITON_KERNEL", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not triton_kernel.supports(w, logits, spec)
     monkeypatch.setenv("MASKLLM_TRITON_KERNEL", "1")
     assert not triton_kernel.supports(w, logits, spec)  # CPU tensors
+    if triton_kernel.available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton's CPU interpreter runs them on CPU tensors
+        assert triton_kernel.supports(w, logits, spec)
 
 
 def test_schedules():

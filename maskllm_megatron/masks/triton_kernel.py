@@ -34,10 +34,12 @@ def available() -> bool:
 
 
 def supports(weight: torch.Tensor, logits: torch.Tensor, spec: NMSpec) -> bool:
-    """Whether these kernels run this layer: switched on (``MASKLLM_TRITON_KERNEL=1``), CUDA tensors,
-    Triton importable, M a power of two (Triton's index ranges)."""
-    return (os.environ.get("MASKLLM_TRITON_KERNEL", "0") == "1" and available() and weight.is_cuda
-            and logits.is_cuda and spec.m & (spec.m - 1) == 0)
+    """Whether these kernels run this layer: switched on (``MASKLLM_TRITON_KERNEL=1``), CUDA tensors
+    (or any, under Triton's CPU interpreter, ``TRITON_INTERPRET=1``: how the tests run them), Triton
+    importable, M a power of two (Triton's index ranges)."""
+    on_device = (weight.is_cuda and logits.is_cuda) or os.environ.get("TRITON_INTERPRET") == "1"
+    return (os.environ.get("MASKLLM_TRITON_KERNEL", "0") == "1" and on_device and available()
+            and spec.m & (spec.m - 1) == 0)
 
 
 @lru_cache(maxsize=None)
