@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -84,6 +85,8 @@ class LearnRecipe:
         config ``learn_stage`` writes. Messages start with the recipe field (``recipe_from_args`` reads it)."""
         if not self.tokens_per_second > 0:
             raise ValueError(f"tokens_per_second {self.tokens_per_second} must be positive")
+        if not self.lr > 0:  # the driver sees lr / MASK_LR_MULT: say it in the recipe's own terms
+            raise ValueError(f"lr {self.lr} must be positive")
         cfg = _train_config(Path("checkpoint"), Path("data"), Path("run"), **self.driver_sections())
         try:
             TrainConfig.from_dict(cfg).validate(world_size=DP)
@@ -155,37 +158,108 @@ class Stages:
             print(f"{stamp}: resuming in {work}", flush=True)
         else:
             shutil.rmtree(work, ignore_errors=True)
+            print(f"{stamp} ...", flush=True)
         work.mkdir(parents=True, exist_ok=True)
-        print(f"{stamp} ...", flush=True)
         try:
             fn(work)
+        except (Interrupted, KeyboardInterrupt):
+            raise SystemExit(f"demo stage {number} ({name}) interrupted; run the same command (`make demo`) again: "
+                             f"{_resume_hint(work, resumable)}") from None
         except Exception as e:
-            again = "it resumes from its last checkpoint" if resumable else "finished stages are reused"
             raise SystemExit(f"demo stage {number} ({name}) failed: {e}\n  its work folder is {work}; fix the cause "
-                             f"and run the same command (`make demo`) again: {again}") from e
+                             f"and run the same command (`make demo`) again: {_resume_hint(work, resumable)}") from e
         os.replace(work, done)
         print(f"[demo {time.time() - self.t0:6.0f}s] {number}. {name}: done", flush=True)
         return done
 
 
+class Interrupted(Exception):
+    """Ctrl-C (or SIGTERM) stopped a stage; its processes have exited (a training run after saving)."""
+
+
+def _resume_hint(work: Path, resumable: bool) -> str:
+    """What the next run of the same command does with this stage's work folder."""
+    if not resumable:
+        return "finished stages are reused and this one starts again"
+    latest = work / "checkpoints" / "latest"
+    if latest.is_file():
+        return f"finished stages are reused and this one resumes from its checkpoint {latest.read_text().strip()}"
+    return "finished stages are reused; this one saved no checkpoint yet, so it starts again"
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the demo dies (Linux), so a killed demo leaves no ranks."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun starts each rank in a session of its own)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 def _run(cmd: list, log: Path, nproc: int = 0, append: bool = False) -> str:
     """Run a command (under torchrun with ``nproc`` processes if set), teeing output to ``log``
-    (appended to it with ``append``)."""
+    (appended to it with ``append``).
+
+    The command runs in its own session, so Ctrl-C reaches the demo alone; the demo then stops it with
+    one SIGTERM, which torchrun passes to the ranks and the driver answers by saving a checkpoint and
+    exiting (torchrun waits up to 10 minutes for that, not its default 30 s), and raises ``Interrupted``
+    once it has exited. A second Ctrl-C kills it at once."""
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-port", str(free_port())] + cmd
     else:
         cmd = [sys.executable] + cmd
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // max(1, nproc))))
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // max(1, nproc))),
+               TORCH_ELASTIC_SHUTDOWN_TIMEOUT="600")
+    interrupted = False
     with open(log, "a" if append else "w", buffering=1) as f:  # line-buffered: the log can be followed
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True, preexec_fn=_die_with_parent)
         lines = []
-        for line in proc.stdout:
-            f.write(line)
-            lines.append(line)
-            if line.startswith(("iter", "[maskllm]", "RESULT", "wrote", "verified", "error", "sparsity")):
-                print("    " + line.rstrip(), flush=True)
+
+        def follow():
+            for line in proc.stdout:
+                f.write(line)
+                lines.append(line)
+                if line.startswith(("iter", "[maskllm]", "RESULT", "wrote", "verified", "error", "sparsity")):
+                    print("    " + line.rstrip(), flush=True)
+
+        try:
+            follow()
+        except KeyboardInterrupt:
+            interrupted = True
+            print("[demo] interrupted: stopping the stage (a training run saves a checkpoint first; "
+                  "Ctrl-C again to kill it now) ...", flush=True)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                follow()
+            except KeyboardInterrupt:
+                _kill_tree(proc.pid)
         proc.wait()
+    if interrupted:
+        raise Interrupted(f"{' '.join(map(str, cmd[:6]))} ... stopped (log: {log})")
     if proc.returncode:
         tail = "".join(l for l in lines[-15:] if "Warning" not in l and "warnings.warn" not in l)
         raise RuntimeError(f"{' '.join(map(str, cmd[:6]))} ... exited {proc.returncode} (log: {log}):\n{tail}")
@@ -318,13 +392,14 @@ def final_checkpoint(run: Path) -> Path:
     return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
 
 
-def copy_run_records(run: Path, out: Path, curves: str = "training_curves.png") -> None:
+def copy_run_records(run: Path, out: Path, curves: str = "training_curves.png",
+                     title: str = "MaskLLM mask learning: SmolLM2-135M, 2:4") -> None:
     """A learning run's ``metrics.jsonl`` and ``maskllm.yaml``, and a PNG of its curves, into a results
     folder: the folder then holds what its figures came from (the run itself stays in the cache)."""
     for name in ("metrics.jsonl", "maskllm.yaml"):
         shutil.copy(run / name, out / name)
     subprocess.run([sys.executable, "-m", "maskllm_megatron.train.plot", str(out / "metrics.jsonl"),
-                    "--out", str(out / curves)], check=False)  # a missing matplotlib costs only the PNG
+                    "--out", str(out / curves), "--title", title], check=False)  # no matplotlib: no PNG
 
 
 def export_stage(stages: Stages, ckpt: Path) -> Path:
@@ -337,16 +412,37 @@ def export_stage(stages: Stages, ckpt: Path) -> Path:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=12.0,
-                   help="mask-learning time budget (default 12; the whole demo then takes about 30 minutes "
-                        "here); raise it for a longer, better run")
+                   help="mask-learning budget in minutes, turned into iterations at --tokens-per-second (at least "
+                        "10 iterations). Default 12: 38 iterations, which learn in 6-10 minutes on 2 CPU cores "
+                        "(the planning speed is conservative), the whole demo in 13-21; raise it for a longer, "
+                        "better run")
     add_recipe_arguments(p)
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="where the results go (default demo_out)")
     args = p.parse_args(argv)
+    if not args.minutes > 0:
+        raise SystemExit(f"error: --minutes {args.minutes:g} must be positive (e.g. 12)")
+    recipe = recipe_from_args(args)  # every setting checked before any work
+    iters = recipe.iterations(args.minutes)
+    out = args.out.absolute()
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file: pass a folder for the results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: --out {out}: cannot create the folder ({e.strerror})") from None
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # `kill` and schedulers stop it as Ctrl-C does
+    try:
+        return _demo(args, recipe, iters, out)
+    except KeyboardInterrupt:  # outside a stage (e.g. fetching the model)
+        raise SystemExit("demo interrupted; run the same command (`make demo`) again: finished stages are "
+                         "reused") from None
+
+
+def _demo(args: argparse.Namespace, recipe: LearnRecipe, iters: int, out: Path) -> int:
+    """The seven stages and the results (``main`` has checked the arguments)."""
     from .eval.perplexity import wikipedia_split
 
     stages = Stages(assets.cache_dir() / "demo")
-    out = args.out.absolute()
-    out.mkdir(parents=True, exist_ok=True)
 
     # 1. real model and text
     hf = assets.smollm2_hf_dir()
@@ -356,8 +452,6 @@ def main(argv=None) -> int:
     train_articles, heldout = wikipedia_split()
     prefix = data_stage(stages, "wiki_train", [text for _, text in train_articles], ckpt / "tokenizer")
     prior_ckpts = {method: prior_stage(stages, ckpt, prefix, method) for method in PRIORS}
-    recipe = recipe_from_args(args)
-    iters = recipe.iterations(args.minutes)
     run = learn_stage(stages, ckpt, prefix, prior_ckpts["sparsegpt"], iters, recipe)
     exported = export_stage(stages, final_checkpoint(run))
 

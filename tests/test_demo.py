@@ -52,14 +52,70 @@ def test_resumable_stage_keeps_its_interrupted_work(tmp_path):
 
     with pytest.raises(SystemExit) as e:
         stages.run(5, "maskllm", "k", train, resumable=True)
-    assert "resumes from its last checkpoint" in str(e.value)
+    assert "this one saved no checkpoint yet, so it starts again" in str(e.value)
+    (tmp_path / "maskllm-k.partial" / "checkpoints").mkdir()
+    (tmp_path / "maskllm-k.partial" / "checkpoints" / "latest").write_text("iter_0000001")
+    with pytest.raises(SystemExit) as e:
+        stages.run(5, "maskllm", "k", lambda w: 1 / 0, resumable=True)
+    assert "this one resumes from its checkpoint iter_0000001" in str(e.value)
     done = stages.run(5, "maskllm", "k", train, resumable=True)
-    assert seen == [[], ["iter_1"]]  # the second attempt found the first one's checkpoint
-    assert sorted(p.name for p in done.iterdir()) == ["iter_1", "iter_2"]
+    assert seen == [[], ["checkpoints", "iter_1"]]  # the later attempt found the first one's work
+    assert sorted(p.name for p in done.iterdir()) == ["checkpoints", "iter_1", "iter_2"]
     # a stage that is not resumable starts from an empty folder
     with pytest.raises(SystemExit):
         stages.run(4, "prior", "k", lambda w: ((w / "half").write_text("x"), 1 / 0))
     assert stages.run(4, "prior", "k", lambda w: seen.append(list(w.iterdir()))) and seen[-1] == []
+
+
+SAVING_RANK = """
+import os, signal, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
+def save(signum, frame):  # as the driver does on SIGTERM: finish, save, exit cleanly; slower than 30 s
+    time.sleep(float(sys.argv[2]))
+    (out / "checkpoints").mkdir(exist_ok=True)
+    (out / "checkpoints" / "latest").write_text("iter_0000003")
+    (out / "signals").write_text(f"{signal.Signals(signum).name} after {sys.argv[2]} s")
+    print("[maskllm] SIGTERM: saved at iteration 3; exiting", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, save)
+print("iter      3/10 | ready", flush=True)
+while True:
+    time.sleep(0.1)
+"""
+
+
+def test_ctrl_c_stops_a_torchrun_stage_after_its_save_and_says_how_to_resume(tmp_path):
+    """Ctrl-C in the demo: the stage's ranks (torchrun, its own session) get one SIGTERM through torchrun,
+    which waits for their save even past its default 30 s; then the demo says the stage resumes from the
+    checkpoint they saved."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from maskllm_megatron import demo
+
+    script = tmp_path / "rank.py"
+    script.write_text(SAVING_RANK)
+    stages = Stages(tmp_path)
+    work = tmp_path / "maskllm-k.partial"
+
+    def interrupt_when_ready():
+        deadline = time.time() + 120
+        while not ((work / "log").exists() and "ready" in (work / "log").read_text()) and time.time() < deadline:
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would, to the demo process only
+
+    threading.Thread(target=interrupt_when_ready, daemon=True).start()
+    t0 = time.time()
+    with pytest.raises(SystemExit) as e:
+        stages.run(5, "maskllm", "k", lambda w: demo._run([str(script), str(w), "32"], w / "log", nproc=1),
+                   resumable=True)
+    assert "stage 5 (maskllm) interrupted" in str(e.value)
+    assert "resumes from its checkpoint iter_0000003" in str(e.value)
+    assert (work / "signals").read_text() == "SIGTERM after 32 s"  # one signal, and the save was waited for
+    assert time.time() - t0 >= 32 and "saved at iteration 3" in (work / "log").read_text()
 
 
 def test_learn_stage_is_finished_only_at_its_last_iteration(tmp_path, monkeypatch):
@@ -126,7 +182,8 @@ def test_recipe_flags_build_the_recipe_they_name():
                                                       " x data-parallel size 2: make it 2, 4, ..."),
                            (["--global-batch", "0"], "--global-batch: global_batch 0: the driver refuses it: "
                                                       "data.global_batch_size 0 must be >= 1"),
-                           (["--lr", "0"], "--lr: lr 0.0: the driver refuses it: optim.lr 0.0 must be > 0"),
+                           (["--lr", "0"], "--lr: lr 0.0 must be positive"),
+                           (["--lr", "-1"], "--lr: lr -1.0 must be positive"),  # not the driver's lr / 10
                            (["--clip-grad", "-1"], "--clip-grad: clip_grad -1.0: the driver refuses it: optim.clip_grad"),
                            (["--adam-beta2", "1"], "--adam-beta2: adam_beta2 1.0: the driver refuses it: "
                                                     "optim.adam_beta2 1.0 must be in [0, 1)"),
@@ -154,3 +211,20 @@ def test_copy_run_records_fills_the_results_folder(tmp_path):
     assert (out / "maskllm.yaml").read_text() == "optim: {lr: 1.0e-4}\n"
     width, height = png_size(out / "curves.png")
     assert width > 500 and height > 300
+
+
+def test_bad_arguments_are_refused_before_any_stage(tmp_path, monkeypatch):
+    """Nothing is fetched, converted or created before every argument has been checked."""
+    from maskllm_megatron import demo
+
+    monkeypatch.setenv("MASKLLM_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "afile").write_text("x")
+    for argv, message in ((["--minutes", "0"], "error: --minutes 0 must be positive"),
+                          (["--minutes", "-5"], "error: --minutes -5 must be positive"),
+                          (["--lr", "-1"], "error: --lr: lr -1.0 must be positive"),
+                          (["--global-batch", "3"], "error: --global-batch: global_batch 3: the driver refuses it"),
+                          (["--out", str(tmp_path / "afile")], "is a file: pass a folder for the results"),
+                          (["--out", str(tmp_path / "afile" / "sub")], "cannot create the folder")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            demo.main(argv + ([] if "--out" in argv else ["--out", str(tmp_path / "out")]))
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()

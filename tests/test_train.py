@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -107,10 +108,18 @@ def test_kill_9_and_resume_is_exact(tiny, straight):
     while not (latest.exists() and latest.read_text().strip() == "iter_0000006"):
         assert proc.poll() is None and time.time() < deadline, "training ended before the first checkpoint"
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    # torchrun starts every rank in a session of its own: kill the agent and the ranks themselves
+    procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    assert len(procs) >= 3  # the agent and its two ranks
+    for p in procs:
+        p.kill()
+    psutil.wait_procs(procs)
     proc.wait()
-    torchrun("-m", "maskllm_megatron.train", "--config", config, nproc=2)
+    assert latest.read_text().strip() == "iter_0000006"  # the ranks died before their next checkpoint
+    log = torchrun("-m", "maskllm_megatron.train", "--config", config, nproc=2)
+    assert "at iteration 6" in log  # really resumed, from the checkpoint the killed run left
     assert history(out) == history(straight)  # iteration, loss and data fingerprint of every step
+    assert valid_losses(out) == valid_losses(straight)  # the hard-mask validations too
     compare = subprocess.run([sys.executable, "tests/scripts/compare_checkpoints.py",
                               str(straight / "checkpoints" / "iter_0000012"), str(out / "checkpoints" / "iter_0000012")],
                              cwd=ROOT, capture_output=True, text=True)
@@ -180,10 +189,12 @@ def test_driver_input_errors_are_one_line_and_it_runs_without_torchrun(tiny, ove
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
 
 
-def test_sigterm_saves_and_exits_cleanly(tiny):
-    config = write_config(tiny, "sigterm", parallel={"tp": 1},
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_or_ctrl_c_saves_and_exits_cleanly(tiny, sig):
+    name = f"stop_{sig.name}"
+    config = write_config(tiny, name, parallel={"tp": 1},
                           run={"train_iters": 10000, "save_interval": 0, "eval_interval": 0, "log_interval": 1})
-    out = tiny / "sigterm"
+    out = tiny / name
     # The training process itself receives SIGTERM (as from Slurm's --signal or a preempting scheduler);
     # torchrun's own agent would report the signal in its exit code whatever its workers do.
     env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
@@ -194,10 +205,10 @@ def test_sigterm_saves_and_exits_cleanly(tiny):
     while not ((out / "metrics.jsonl").exists() and any("lm_loss" in r for r in records(out))):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
-    assert "SIGTERM: saved at iteration" in output
+    assert f"{sig.name}: saved at iteration" in output
     it = len(history(out))
     assert 1 <= it < 10000 and (out / "checkpoints" / f"iter_{it:07d}" / "metadata.json").exists()
 
@@ -214,6 +225,16 @@ def test_example_configs_validate(example):
     # a prior checkpoint is the one a prior-only run writes (iteration 0)
     if cfg.prior.method == "checkpoint":
         assert cfg.prior.checkpoint.endswith("/checkpoints/iter_0000000")
+
+
+def test_overrides_read_numbers_as_yaml_1_1_writes_them():
+    """PyYAML reads 1e-5 (no dot) as a string: scalars and schedule items become numbers all the same."""
+    from maskllm_megatron.train.config import TrainConfig
+
+    cfg = TrainConfig.load(None, ("model.checkpoint=/ckpt", "data.train=[/data/x_text_document]", "optim.lr=1e-4",
+                                  "mask.regularizer=[1e-5,0]", "mask.temperature=[4,5e-2]")).validate()
+    assert (cfg.optim.lr, cfg.mask.regularizer, cfg.mask.temperature) == (1e-4, (1e-5, 0.0), (4.0, 0.05))
+    assert all(isinstance(x, float) for x in cfg.mask.regularizer + cfg.mask.temperature)
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -233,6 +254,8 @@ def test_example_configs_validate(example):
     ({"mask": {"logit_scale": [-1.0, 5e2]}}, "mask.logit_scale (-1.0, 500.0) must stay positive"),
     ({"mask": {"regularizer": [-1e-5, 0.0]}}, "mask.regularizer (-1e-05, 0.0) must be >= 0"),
     ({"mask": {"prior_strength": -1.0}}, "mask.prior_strength -1.0 must be >= 0"),
+    ({"mask": {"regularizer": [1e-5]}}, "mask.regularizer: [1e-05] must be a list of 2 values [start, end]"),
+    ({"mask": {"temperature": ["hot", 0.05]}}, "mask.temperature[0]: 'hot' is not a valid float"),
 ])
 def test_bad_config_is_one_line_naming_the_field(raw, message):
     from maskllm_megatron.train.config import ConfigError, TrainConfig

@@ -28,6 +28,7 @@ from .patterns import NMSpec, candidate_patterns
 BLOCK = 128  # groups per program: [128, C_PAD] logits and [128, M] weights in registers
 
 
+@lru_cache(maxsize=None)
 def available() -> bool:
     """Whether Triton is installed (without importing it)."""
     return importlib.util.find_spec("triton") is not None

@@ -131,6 +131,22 @@ def _materialize_optimizer_state(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
+def _unshare_adam_steps(optimizer) -> None:
+    """Give every parameter its own Adam ``step`` tensor again. Without apex or Transformer Engine,
+    megatron-core 0.16.1's ``DistributedOptimizer.load_state_dict`` assigns ONE step tensor to every
+    parameter's state; torch's Adam increments ``step`` in place per parameter, so the first step after a
+    resume counted 5, 6, ..., 12 for the eight parameters of a group instead of 5 for each, and every
+    resumed run drifted from the uninterrupted one (tests/test_train.py::test_kill_9_and_resume_is_exact)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        seen = set()
+        for state in getattr(opt, "optimizer", opt).state.values():
+            step = state.get("step")
+            if isinstance(step, torch.Tensor):
+                if id(step) in seen:
+                    state["step"] = step.clone()
+                seen.add(id(state["step"]))
+
+
 def load_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, optimizer=None) -> dict:
     """Load ``ckpt_dir`` into ``model`` (and ``optimizer``) at this rank's layout.
 
@@ -163,6 +179,7 @@ def load_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, optimizer=None
         raise CheckpointMismatch(f"checkpoint {ckpt_dir} left model tensors unset: {unexpected[:5]}")
     if optimizer is not None:
         optimizer.load_state_dict(optimizer_state)
+        _unshare_adam_steps(optimizer)
     extra_path = ckpt_dir / "extra_state.pt"
     extra = torch.load(extra_path, weights_only=False) if extra_path.exists() else None
     return {"absent_masks": absent, "extra": extra, "optimizer_loaded": optimizer is not None}

@@ -147,7 +147,9 @@ class _MaskedLinearMixin:
 
     def eval_weight(self) -> torch.Tensor:
         """``W * hard_mask`` (or ``W * prior_mask`` with ``use_prior_mask``), cached until the logits,
-        the prior or the weight change."""
+        the prior or the weight change: in-place writes (a checkpoint load) bump the version in the stamp,
+        and a training forward drops the cache, because megatron's optimizer writes the updated logits
+        through its parameter buffer, which leaves ``mask_logits._version`` as it was."""
         source = self.prior_mask if self.use_prior_mask else self.mask_logits
         if source is None:
             raise RuntimeError(f"{self.mask_layer_id}: use_prior_mask is set but no prior mask was stored (set_prior)")
@@ -160,6 +162,8 @@ class _MaskedLinearMixin:
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         if weight is self.weight and self.masking_enabled:
+            if self.training:
+                self._eval_mask_cache = None  # the step after this forward changes the logits
             weight = self.sampled_weight() if self.training and not self.use_prior_mask else self.eval_weight()
             kwargs["gradient_accumulation_fusion"] = False
         return super()._forward_impl(input, weight, *args, **kwargs)

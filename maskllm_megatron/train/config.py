@@ -76,14 +76,14 @@ class OptimSection:
 @dataclass
 class MaskSection:
     nm: str = "2:4"
-    temperature: tuple = (4.0, 0.05)
-    logit_scale: tuple = (1e2, 5e2)
+    temperature: tuple[float, float] = (4.0, 0.05)
+    logit_scale: tuple[float, float] = (1e2, 5e2)
     hard: bool = False
     init_std: float = 0.01
     prior_strength: float = 3.0
-    regularizer: tuple = (1e-5, 0.0)
-    include: tuple = ("*.linear_qkv", "*.linear_proj", "*.linear_fc1", "*.linear_fc2")
-    exclude: tuple = ()
+    regularizer: tuple[float, float] = (1e-5, 0.0)
+    include: tuple[str, ...] = ("*.linear_qkv", "*.linear_proj", "*.linear_fc1", "*.linear_fc2")
+    exclude: tuple[str, ...] = ()
     train_weights: bool = False
     fused_kernel: bool = True
 
@@ -253,7 +253,18 @@ def _coerce(hint, value: Any, path: str):
                 raise TypeError
             return origin(value)
         if origin in (tuple, list):
-            return origin(value if isinstance(value, (list, tuple)) else [value])
+            items = list(value) if isinstance(value, (list, tuple)) else [value]
+            args = typing.get_args(hint)
+            if args and args[-1] is Ellipsis:  # tuple[str, ...]: any length, one type
+                args = (args[0],) * len(items)
+            elif args and len(args) != len(items):  # tuple[float, float]: (start, end) of a schedule
+                raise ConfigError(f"{path}: {value!r} must be a list of {len(args)} values"
+                                  + (" [start, end] (annealed over the run)" if args == (float, float) else ""))
+            # YAML reads 1e-5 (no dot) as a string; typed items are converted as scalars are
+            return origin(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, items))) if args \
+                else origin(items)
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         raise ConfigError(f"{path}: {value!r} is not a valid {getattr(origin, '__name__', origin)}") from None
     return value

@@ -238,14 +238,20 @@ class LoopState:
 
 
 class _Preemption:
-    """SIGTERM (cluster preemption) sets a flag; the loop saves and exits at the end of the iteration."""
+    """SIGTERM (cluster preemption) or SIGINT (Ctrl-C, which torchrun passes to its ranks) sets a flag;
+    the loop saves and exits at the end of the iteration. A second SIGINT interrupts at once."""
 
     def __init__(self):
         self.flag = False
+        self.signal_name = ""
         signal.signal(signal.SIGTERM, self._handler)
+        signal.signal(signal.SIGINT, self._handler)
 
     def _handler(self, signum, frame):
+        if signum == signal.SIGINT and self.flag:
+            raise KeyboardInterrupt
         self.flag = True
+        self.signal_name = signal.Signals(signum).name
 
     def agreed(self) -> bool:
         return bool(all_reduce_floats([self.flag], op=torch.distributed.ReduceOp.MAX)[0])
@@ -413,6 +419,7 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
                 print(f"[maskllm] saved {path}", flush=True)
         if stop:
             if is_rank0:
-                print(f"[maskllm] SIGTERM: saved at iteration {state.iteration}; exiting", flush=True)
+                print(f"[maskllm] {preemption.signal_name or 'stop requested'}: saved at iteration {state.iteration}; "
+                      "exiting", flush=True)
             break
     return {**last, "iteration": state.iteration, "history": state.history, "parallel": parallel_state.get_data_parallel_world_size()}

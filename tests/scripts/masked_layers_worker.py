@@ -130,6 +130,23 @@ def main():
     close(z_eval, z_eval_ref, "eval output")
     assert torch.equal(gather(col.hard_mask(), 0, group), Hc)
 
+    # megatron's optimizer writes the updated logits through its parameter buffer, which the logits'
+    # version counter does not see (a write through .data does the same): the next training forward must
+    # drop the cached eval weight, or validation would score stale masks.
+    for layer in (col, row):
+        layer.train()
+        with torch.no_grad():
+            layer.mask_logits.data.copy_(-layer.mask_logits.data)
+    row(col(x)[0])  # a training forward
+    for layer in (col, row):
+        layer.eval()
+    with torch.no_grad():
+        z_eval2, _ = row(col(x)[0])
+        z_eval2_ref = (x @ (Wc * hard_mask(-Lc, mcfg.nm)).t() + bc) @ (Wr * hard_mask(-Lr, mcfg.nm)).t() + br
+        close(z_eval2, z_eval2_ref, "eval output after the logits changed behind the version counter")
+        for layer in (col, row):
+            layer.mask_logits.neg_()  # back to the logits above (an in-place write the cache does see)
+
     result = {"z": z.detach(), "Mc": Mc.detach(), "Mr": Mr.detach(), "Mg": Mg.detach(), "Lc": Lc, "Lr": Lr, "Lg": Lg,
               "gLc": Lc_ref.grad, "gLr": Lr_ref.grad, "gLg": Lg_ref.grad,
               "gc_local": gather(col.mask_logits.grad, 0, group), "gr_local": gather(row.mask_logits.grad, 1, group)}
