@@ -403,8 +403,11 @@ def copy_run_records(run: Path, out: Path, curves: str = "training_curves.png",
 
 
 def export_stage(stages: Stages, ckpt: Path) -> Path:
-    """The learned 2:4 model as a verified Hugging Face folder."""
-    return stages.run(6, "export", _key(str(ckpt)), lambda w: _run(
+    """The learned 2:4 model as a verified Hugging Face folder. Keyed by the checkpoint's content too
+    (its ``extra_state.pt``: the run's losses): a learning stage run again at the same path, e.g. after
+    its folder was deleted, must not reuse the export of the earlier run."""
+    content = hashlib.sha256((ckpt / "extra_state.pt").read_bytes()).hexdigest()
+    return stages.run(6, "export", _key(str(ckpt), content), lambda w: _run(
         ["-m", "maskllm_megatron.export.cli", "--ckpt", str(ckpt), "--out", str(w / "hf"), "--format", "hf"],
         w / "export.log")) / "hf"
 

@@ -228,3 +228,19 @@ def test_bad_arguments_are_refused_before_any_stage(tmp_path, monkeypatch):
         with pytest.raises(SystemExit, match=re.escape(message)):
             demo.main(argv + ([] if "--out" in argv else ["--out", str(tmp_path / "out")]))
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_export_stage_follows_the_checkpoint_content_not_only_its_path(tmp_path, monkeypatch):
+    """A learning stage re-run at the same path (its folder deleted) gets a new export, not the old one."""
+    from maskllm_megatron import demo
+
+    exports = []
+    monkeypatch.setattr(demo, "_run", lambda cmd, log, **kw: exports.append(cmd) or "")
+    stages = Stages(tmp_path / "stages")
+    ckpt = tmp_path / "run" / "checkpoints" / "iter_0000038"
+    ckpt.mkdir(parents=True)
+    (ckpt / "extra_state.pt").write_bytes(b"history of the first run")
+    first = demo.export_stage(stages, ckpt)
+    assert demo.export_stage(stages, ckpt) == first and len(exports) == 1  # same content: cached
+    (ckpt / "extra_state.pt").write_bytes(b"history of a second run")
+    assert demo.export_stage(stages, ckpt) != first and len(exports) == 2
