@@ -435,13 +435,13 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --out {out}: cannot create the folder ({e.strerror})") from None
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # `kill` and schedulers stop it as Ctrl-C does
     try:
-        return _demo(args, recipe, iters, out)
+        return _demo(recipe, iters, out)
     except KeyboardInterrupt:  # outside a stage (e.g. fetching the model)
         raise SystemExit("demo interrupted; run the same command (`make demo`) again: finished stages are "
                          "reused") from None
 
 
-def _demo(args: argparse.Namespace, recipe: LearnRecipe, iters: int, out: Path) -> int:
+def _demo(recipe: LearnRecipe, iters: int, out: Path) -> int:
     """The seven stages and the results (``main`` has checked the arguments)."""
     from .eval.perplexity import wikipedia_split
 

@@ -38,10 +38,11 @@ class CheckpointInfo:
 
     @classmethod
     def load(cls, folder: str | Path) -> "CheckpointInfo":
-        path = Path(folder) / CONFIG_FILE
-        if not Path(folder).exists():
+        folder = Path(folder)
+        path = folder / CONFIG_FILE
+        if not folder.exists():
             raise ConversionError(f"{folder} does not exist: pass a checkpoint written by maskllm-convert hf-to-mcore")
-        if (Path(folder) / "extra_state.pt").is_file() or (Path(folder) / "latest").is_file():
+        if (folder / "extra_state.pt").is_file() or (folder / "latest").is_file():
             raise ConversionError(f"{folder} is a mask-learning run checkpoint: turn it into a model with "
                                   f"maskllm-export --ckpt {folder} (--format mcore or hf)")
         if not path.is_file():

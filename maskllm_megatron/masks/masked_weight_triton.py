@@ -44,8 +44,8 @@ def _tile(groups, blocks_per_row, C: tl.constexpr, M: tl.constexpr, C_PAD: tl.co
 
 @triton.jit
 def forward_kernel(logits_ptr, weight_ptr, rh_ptr, ch_ptr, keep_ptr, coef_ptr, inv_tau_ptr, probs_ptr,
-                    out_ptr, hard_ptr, groups, blocks_per_row, C: tl.constexpr, M: tl.constexpr,
-                    C_PAD: tl.constexpr, BLOCK_G: tl.constexpr, HARD: tl.constexpr):
+                   out_ptr, hard_ptr, groups, blocks_per_row, C: tl.constexpr, M: tl.constexpr,
+                   C_PAD: tl.constexpr, BLOCK_G: tl.constexpr, HARD: tl.constexpr):
     r, g, k, j, loff, lmask, woff, wmask = _tile(groups, blocks_per_row, C, M, C_PAD, BLOCK_G)
     logit = tl.load(logits_ptr + loff, mask=lmask, other=0.0).to(tl.float32)
     # noise: rng.gumbel_from_hashes at (row r, logit column g * C + k)
@@ -72,9 +72,9 @@ def forward_kernel(logits_ptr, weight_ptr, rh_ptr, ch_ptr, keep_ptr, coef_ptr, i
 
 @triton.jit
 def backward_kernel(grad_out_ptr, weight_ptr, probs_ptr, hard_ptr, keep_ptr, coef_ptr, reg2_ptr,
-                     grad_logits_ptr, grad_weight_ptr, groups, blocks_per_row, C: tl.constexpr,
-                     M: tl.constexpr, C_PAD: tl.constexpr, BLOCK_G: tl.constexpr, HARD: tl.constexpr,
-                     WEIGHT_GRAD: tl.constexpr):
+                    grad_logits_ptr, grad_weight_ptr, groups, blocks_per_row, C: tl.constexpr,
+                    M: tl.constexpr, C_PAD: tl.constexpr, BLOCK_G: tl.constexpr, HARD: tl.constexpr,
+                    WEIGHT_GRAD: tl.constexpr):
     r, g, k, j, loff, lmask, woff, wmask = _tile(groups, blocks_per_row, C, M, C_PAD, BLOCK_G)
     probs = tl.load(probs_ptr + loff, mask=lmask, other=0.0)
     keep = tl.load(keep_ptr + k[:, None] * M + j[None, :])
