@@ -115,6 +115,13 @@ def test_command_line_error_before_launching_ranks(sharded_llama, tmp_path):
     assert not (tmp_path / "out").exists() and not partial_path(tmp_path / "out").exists()
 
 
+def test_bad_input_at_tp1_is_the_only_line_on_stderr(sharded_llama, tmp_path):
+    """At TP=1 the command converts in-process: a bad request is refused before megatron's import warnings."""
+    r = convert(sharded_llama, tmp_path / "out", "--dtype", "int8")
+    assert r.returncode == 2 and r.stderr.strip() == "error: unknown --dtype 'int8': use one of fp32, bf16, fp16", \
+        r.stderr[-3000:]
+
+
 def test_existing_output_is_refused(sharded_llama, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

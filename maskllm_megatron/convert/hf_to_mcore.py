@@ -71,15 +71,16 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, d
 
     Writes ``out`` atomically (assembled in a hidden ``.partial`` folder, then renamed); returns it.
     """
+    out = Path(out).absolute()
+    p = plan(hf_dir, tp, pp, dtype)  # before megatron's import warnings, so bad input reads as one line
+    if out.exists() and not overwrite:
+        raise ConversionError(output_exists(out))
+
     import torch.distributed as dist
     from megatron.core import dist_checkpointing, parallel_state
 
     from maskllm_megatron.megatron.model_builder import build_gpt_model
 
-    out = Path(out).absolute()
-    p = plan(hf_dir, tp, pp, dtype)
-    if out.exists() and not overwrite:
-        raise ConversionError(output_exists(out))
     init_parallel(tp, pp)
     rank, tp_rank = dist.get_rank(), parallel_state.get_tensor_model_parallel_rank()
     say = print if rank == 0 and show_progress else (lambda *a, **k: None)
