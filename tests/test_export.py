@@ -239,6 +239,19 @@ def test_failed_verification_leaves_nothing_and_errors_are_one_line(tiny_run):
     assert not list(tiny_run["work"].glob(".*.work"))
 
 
+@pytest.mark.parametrize("module,args", [
+    ("maskllm_megatron.export.cli", ["--ckpt", "{missing}", "--out", "{out}", "--format", "hf"]),
+    ("maskllm_megatron.eval.perplexity", ["--ckpt", "{missing}", "--text-file", __file__]),
+])
+def test_a_missing_input_is_the_only_line_on_stderr(module, args, tmp_path):
+    """The real command on a machine without CUDA: no megatron import warnings before the one-line error."""
+    args = [a.format(missing=tmp_path / "missing", out=tmp_path / "out") for a in args]
+    r = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: {tmp_path / 'missing'} does not exist: pass "), r.stderr
+
+
 def test_compressed_tensors_refuses_non_24_before_loading(tiny_run, tmp_path):
     """A 1:4 run: compressed-tensors is refused with a one-line error (exit 2) and nothing is written."""
     from maskllm_megatron.export.cli import main

@@ -20,7 +20,6 @@ import re
 import shutil
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -369,7 +368,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     show = args.pop("progress")
     inputs = args.pop("input")
     try:

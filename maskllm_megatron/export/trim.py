@@ -102,6 +102,8 @@ def is_run_checkpoint(path: str | Path) -> bool:
 def resolve_run_checkpoint(path: str | Path) -> Path:
     """``path`` itself when it is a checkpoint, else the one its (or its ``checkpoints/``) ``latest`` names."""
     path = Path(path).absolute()
+    if not path.exists():
+        raise ExportError(f"{path} does not exist: pass OUT/checkpoints/iter_XXXXXXX of a maskllm-train run")
     for root in (path, path / "checkpoints"):
         if (root / "metadata.json").is_file() and (root / "extra_state.pt").is_file():
             return root
