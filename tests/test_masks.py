@@ -144,6 +144,9 @@ def test_init_logits_and_prior():
     # one hand-computed group: prior 1100, logits zero, std given
     g = apply_prior(torch.zeros(1, 1, 6), torch.tensor([[1.0, 1.0, 0.0, 0.0]]), spec, 2.0, std=0.5)
     assert g.flatten().tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
+    # logits without noise have no spread to scale the shift by: refused, not silently prior-less
+    with pytest.raises(ValueError, match="standard deviation 0.0, so the prior shift"):
+        apply_prior(torch.zeros(1, 1, 6), torch.tensor([[1.0, 1.0, 0.0, 0.0]]), spec, 2.0)
 
 
 @pytest.mark.parametrize("hard", [False, True])

@@ -256,6 +256,9 @@ def test_overrides_read_numbers_as_yaml_1_1_writes_them():
     ({"mask": {"prior_strength": -1.0}}, "mask.prior_strength -1.0 must be >= 0"),
     ({"mask": {"regularizer": [1e-5]}}, "mask.regularizer: [1e-05] must be a list of 2 values [start, end]"),
     ({"mask": {"temperature": ["hot", 0.05]}}, "mask.temperature[0]: 'hot' is not a valid float"),
+    ({"mask": {"init_std": 0.0}}, "mask.init_std 0 with a prior: the prior shifts the logits by"),
+    ({"model": {"checkpoint": "/ckpt", "dtype": "fp16"}}, "model.dtype fp16: mask learning in fp16 needs loss scaling"),
+    ({"model": {"checkpoint": "/ckpt", "dtype": "float32"}}, "model.dtype 'float32': use auto"),
 ])
 def test_bad_config_is_one_line_naming_the_field(raw, message):
     from maskllm_megatron.train.config import ConfigError, TrainConfig
@@ -264,6 +267,13 @@ def test_bad_config_is_one_line_naming_the_field(raw, message):
     with pytest.raises(ConfigError) as e:
         TrainConfig.from_dict({**base, **raw}).validate()
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_zero_init_noise_is_fine_without_a_prior():
+    from maskllm_megatron.train.config import TrainConfig
+
+    TrainConfig.from_dict({"model": {"checkpoint": "/ckpt"}, "data": {"train": ["/data/x_text_document"]},
+                           "mask": {"init_std": 0.0}, "prior": {"method": "none"}}).validate()
 
 
 def test_tokens_per_second_counts_only_the_steps_not_evaluation_or_saving():

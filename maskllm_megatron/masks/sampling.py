@@ -64,6 +64,9 @@ def apply_prior(logits: torch.Tensor, prior_mask: torch.Tensor, spec: NMSpec, st
         return logits.clone()
     if std is None:
         std = float(logits.float().std())
+    if not std > 0:
+        raise ValueError(f"the logits have standard deviation {std}, so the prior shift (a multiple of it) "
+                         "would be 0 and the prior lost: initialise them with noise (init_std > 0)")
     shift = (prior_overlap(prior_mask, spec) - 1.0) * (std * strength)
     return logits + shift.to(logits.dtype)
 

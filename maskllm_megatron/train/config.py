@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelSection:
     checkpoint: str = ""  # megatron-core checkpoint written by maskllm-convert hf-to-mcore
-    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or bf16 / fp32 (fp16 would need loss scaling)
 
 
 @dataclass
@@ -153,6 +153,11 @@ class TrainConfig:
     def _validate_ranges(self) -> None:
         """Values megatron or the mask sampler would only refuse (or silently misuse) after the ranks start."""
         d, o = self.data, self.optim
+        if self.model.dtype == "fp16":
+            raise ConfigError("model.dtype fp16: mask learning in fp16 needs loss scaling, which this driver does "
+                              "not do (the recipe trains in bf16); use bf16, or fp32 where bf16 is slow")
+        if self.model.dtype not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"model.dtype {self.model.dtype!r}: use auto (bf16 on GPU, fp32 on CPU), bf16 or fp32")
         for name in ("seq_length", "micro_batch_size", "global_batch_size"):
             if getattr(d, name) < 1:
                 raise ConfigError(f"data.{name} {getattr(d, name)} must be >= 1")
@@ -173,6 +178,10 @@ class TrainConfig:
         if o.decay_style not in DECAY_STYLES:
             raise ConfigError(f"optim.decay_style {o.decay_style!r}: use one of {', '.join(DECAY_STYLES)}")
         self.mask_config()  # the mask sampler's own checks, as ConfigError
+        if self.prior.method != "none" and self.mask.prior_strength > 0 and self.mask.init_std == 0:
+            raise ConfigError("mask.init_std 0 with a prior: the prior shifts the logits by (overlap - 1) x "
+                              "std(initial logits) x mask.prior_strength, which is 0 when they all start at 0; "
+                              "set mask.init_std > 0 (the recipe's 0.01) or prior.method=none")
 
     def mask_config(self):
         """The mask sampler's configuration (``maskllm_megatron.masks``): schedules anneal over the run.
