@@ -38,6 +38,8 @@ def tiny_models() -> dict[str, object]:
         # Qwen2: q/k/v biases only.
         "qwen2": Qwen2Config(**SMALL, num_key_value_heads=2, tie_word_embeddings=False),
         "gpt2": GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64),
+        "gpt2_untied": GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=4, n_positions=64,
+                                  tie_word_embeddings=False),
         # Nemotron: squared ReLU, LayerNorm1p, partial RoPE, untied.
         "nemotron": NemotronConfig(**SMALL, num_key_value_heads=2, head_dim=16, norm_eps=1e-5,
                                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
@@ -170,6 +172,29 @@ def test_model_config_and_hf_config_round_trip(name):
     if name == "qwen2":
         with pytest.raises(ConversionError, match="export as qwen2"):
             hf_config_from_model_config(mc, None, "fp32")
+
+
+@pytest.mark.parametrize("name, theta, scaling, partial", [
+    ("llama3_untied", 500000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32}, None),
+    ("nemotron", 10000.0, None, 0.5),
+    ("llama_gqa_tied", 10000.0, None, None),
+])
+def test_written_config_has_the_rope_keys_transformers_4_reads(name, theta, scaling, partial):
+    """transformers 4 (and serving stacks pinned to it) read top-level rope_theta / rope_scaling /
+    partial_rotary_factor and ignore rope_parameters: without them a LLaMA-3 export would load with
+    base 10000 and no scaling. Both styles are written, and they agree."""
+    from maskllm_megatron.convert.mapping import hf_config_from_model_config, model_config_from_hf
+
+    original = tiny_models()[name].to_dict()
+    for base in (original, None):
+        d = hf_config_from_model_config(model_config_from_hf(original), base, "fp32")
+        assert (d["rope_theta"], d["rope_scaling"], d.get("partial_rotary_factor")) == (theta, scaling, partial)
+        assert d["rope_parameters"] == {"rope_theta": theta, "rope_type": "default", **(scaling or {}),
+                                        **({"partial_rotary_factor": partial} if partial else {})}
+    # a hub-style (transformers 4) config reads as the same model as the new style
+    legacy = {k: v for k, v in d.items() if k != "rope_parameters"}
+    assert model_config_from_hf(legacy) == model_config_from_hf(original)
 
 
 def test_gpt2_names_without_transformer_prefix(workdir, tmp_path):

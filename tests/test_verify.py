@@ -156,6 +156,24 @@ def test_targets_and_ignore_come_from_the_config(tmp_path, capsys):
     assert code == 1 and f"FAIL {DOWN}" in out and "1 tensors checked" in out
 
 
+def test_structure_and_targets_come_from_our_export_record(tmp_path, capsys):
+    """maskllm-export / apply-masks write config["sparsity"]: the N:M and the exact tensors masked.
+    A 4:8 export whose attention was left dense passes with it, and fails the default 2:4 check."""
+    spec = NMSpec(4, 8)
+    sd = llama_state(masked=False)
+    sd[DOWN] = apply_mask_hf(sd[DOWN], random_mask(tuple(sd[DOWN].shape), spec))
+    assert not bool(((sd[DOWN].reshape(16, -1, 4) != 0).sum(-1) <= 2).all())  # not 2:4
+    config = {"model_type": "llama", "sparsity": {"structure": "4:8", "targets": [DOWN], "mask_source": "learned"}}
+    folder = write_hf(tmp_path / "m", sd, config)
+    code, out = run(capsys, folder)
+    assert code == 0 and "1 tensors checked for 4:8" in out and "not targeted (left dense): 4" in out, out
+    sd[DOWN][0, :8] = 1.0
+    code, out = run(capsys, write_hf(tmp_path / "bad", sd, config))
+    assert code == 1 and f"FAIL {DOWN}" in out, out
+    code, out = run(capsys, folder, "--nm", "2:4")  # the command line still overrides the record
+    assert code == 1 and f"FAIL {DOWN}" in out, out
+
+
 def write_mcore(folder, tensors, structure="2:4"):
     """A megatron-core torch_dist folder as maskllm-export --format mcore writes it: the DCP files,
     megatron's metadata.json and our sparsity.json (layers stacked, as megatron-core stores them)."""

@@ -266,15 +266,21 @@ def _rope(cfg: dict) -> tuple[float, float, RopeScaling | None]:
 
 
 def _rope_to_hf(mc: ModelConfig) -> dict:
+    """RoPE keys in both styles: transformers 5's ``rope_parameters``, and the top-level ``rope_theta`` /
+    ``rope_scaling`` / ``partial_rotary_factor`` that transformers 4 (and the serving stacks pinned to
+    it) read; without those, they silently fall back to base 10000 and no scaling."""
     params: dict = {"rope_theta": mc.rotary_base, "rope_type": "default"}
+    legacy: dict = {"rope_theta": mc.rotary_base, "rope_scaling": None}
     if mc.rotary_percent != 1.0:
-        params["partial_rotary_factor"] = mc.rotary_percent
+        params["partial_rotary_factor"] = legacy["partial_rotary_factor"] = mc.rotary_percent
     if mc.rope_scaling is not None:
         s = mc.rope_scaling
-        params.update(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
-                      high_freq_factor=s.high_freq_factor,
-                      original_max_position_embeddings=s.original_max_position_embeddings)
-    return {"rope_parameters": params}
+        scaling = dict(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
+                       high_freq_factor=s.high_freq_factor,
+                       original_max_position_embeddings=s.original_max_position_embeddings)
+        params.update(scaling)
+        legacy["rope_scaling"] = scaling
+    return {"rope_parameters": params, **legacy}
 
 
 def _llama_config(cfg: dict, qwen2: bool = False) -> ModelConfig:
@@ -363,18 +369,17 @@ def _gpt2_config(cfg: dict) -> ModelConfig:
         family="gpt", num_layers=cfg["n_layer"], hidden_size=h, ffn_hidden_size=cfg.get("n_inner") or 4 * h,
         num_attention_heads=cfg["n_head"], vocab_size=cfg["vocab_size"], max_position_embeddings=cfg["n_positions"],
         position_embedding="learned_absolute", normalization="LayerNorm", norm_epsilon=cfg["layer_norm_epsilon"],
-        activation=_GPT2_ACTS[act], tie_word_embeddings=True, qkv_bias=True, proj_bias=True, mlp_bias=True,
+        activation=_GPT2_ACTS[act], tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)), qkv_bias=True,
+        proj_bias=True, mlp_bias=True,
         init_method_std=float(cfg.get("initializer_range", 0.02)))
 
 
 def _gpt2_to_hf(mc: ModelConfig, base: dict) -> dict:
-    if not mc.tie_word_embeddings:
-        raise ConversionError("GPT-2 ties its output layer to the embeddings: this model is untied")
     acts = {"gelu_tanh": base.get("activation_function", "gelu_new"), "gelu": "gelu"}
     return {"n_embd": mc.hidden_size, "n_layer": mc.num_layers, "n_head": mc.num_attention_heads,
             "n_inner": mc.ffn_hidden_size, "vocab_size": mc.vocab_size, "n_positions": mc.max_position_embeddings,
             "layer_norm_epsilon": mc.norm_epsilon, "activation_function": acts[mc.activation],
-            "initializer_range": mc.init_method_std, "tie_word_embeddings": True}
+            "initializer_range": mc.init_method_std, "tie_word_embeddings": mc.tie_word_embeddings}
 
 
 @dataclass(frozen=True)

@@ -141,8 +141,12 @@ def verify_hf_folder(folder: Path, spec: NMSpec | None = None, targets: str | No
     """Verify an HF or compressed-tensors folder (see the module docstring)."""
     ckpt = HFCheckpoint(folder)
     sparsity = (ckpt.config.get("quantization_config") or {}).get("sparsity_config") or {}
+    # our exports (maskllm-export, apply-masks) record the structure and the exact tensors they masked
+    record = ckpt.config.get("sparsity")
+    record = record if isinstance(record, dict) and "structure" in record else {}
+    named = set(record.get("targets") or ())
     if spec is None:
-        structure = sparsity.get("sparsity_structure")
+        structure = record.get("structure") or sparsity.get("sparsity_structure")
         spec = NMSpec.parse(structure) if structure and ":" in structure else NMSpec(2, 4)
     compressed = sparsity.get("format") == SPARSE_24_FORMAT
     report = VerifyReport("compressed-tensors sparse-24-bitmask folder" if compressed else "Hugging Face folder", spec)
@@ -154,6 +158,8 @@ def verify_hf_folder(folder: Path, spec: NMSpec | None = None, targets: str | No
         module = module_name(name)
         if target_re is not None:
             targeted = bool(target_re.search(name))
+        elif named:
+            targeted = name in named
         elif sparsity:
             targeted = _matches(module, sparsity.get("targets") or ["Linear"], default)
         else:
@@ -286,9 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         epilog="examples:\n  maskllm-verify out/llama-2-7b-2of4-hf\n  maskllm-verify masks.safetensors --nm 2:4")
     parser.add_argument("path", help="HF folder, compressed-tensors folder, megatron-core export folder, or mask "
                                      "file (.safetensors / .npz)")
-    parser.add_argument("--nm", help="N:M to check, e.g. 2:4 (default: the config's sparsity structure, else 2:4)")
-    parser.add_argument("--targets", help="regex of weight names to check, overriding the config (default: its "
-                                          "sparsity targets less its ignore list, else the q/k/v/o/gate/up/down_proj "
+    parser.add_argument("--nm", help="N:M to check, e.g. 2:4 (default: the structure that config.json's "
+                                     "'sparsity' record (our exports) or sparsity_config names, else 2:4)")
+    parser.add_argument("--targets", help="regex of weight names to check, overriding the config (default: the "
+                                          "tensors our export's 'sparsity' record lists, else sparsity_config's "
+                                          "targets less its ignore list, else the q/k/v/o/gate/up/down_proj "
                                           "and c_attn/c_proj/c_fc weights)")
     parser.add_argument("--skip", help="regex of weight names to leave unchecked (listed as skipped)")
     args = parser.parse_args(argv)
