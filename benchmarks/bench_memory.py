@@ -89,7 +89,7 @@ def one_configuration(args, distributed_optimizer: bool, dtype: str) -> dict:
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
     run_batches(cfg, ddp, [batch], 1, forward_only=False,
-                step_of_microbatch=lambda mb: mcfg.step_state(0, mb, parallel_state.get_data_parallel_rank()))
+                step_of_microbatch=lambda mb: mcfg.step_state(0, parallel_state.get_data_parallel_rank()))
     optimizer.step()
     local = measure_state(ddp, optimizer)
     local["masked_weights"] = masked

@@ -135,7 +135,7 @@ def make_step(cfg, ddp, optimizer, scheduler, batch, dp_rank: int, masked: bool)
         state["it"] += 1
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        of_mb = (lambda mb: mcfg.step_state(it, mb, dp_rank, 1.0)) if masked else None
+        of_mb = (lambda mb: mcfg.step_state(it, dp_rank, 1.0)) if masked else None
         run_batches(cfg, ddp, [batch], 1, forward_only=False, step_of_microbatch=of_mb)
         t0 = time.perf_counter()
         optimizer.step()

@@ -197,7 +197,7 @@ def bench_model_step(device: str, layers: int, micro_batch: int, seq: int, repea
             os.environ["MASKLLM_TRITON_KERNEL"] = "1" if name == "mask_one_pass" else "0"
             ddp.zero_grad_buffer()
             opt.zero_grad()
-            of_mb = (lambda mb: mcfg.step_state(100, mb, 0, 1.0)) if name != "dense" else None
+            of_mb = (lambda mb: mcfg.step_state(100, mb, 1.0)) if name != "dense" else None
             run_batches(cfg, ddp, [batch], 1, forward_only=False, step_of_microbatch=of_mb)
             opt.step()
             sched.step(increment=1)

@@ -80,7 +80,8 @@ def results_tp1(workdir) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def results_tp2(workdir) -> dict[str, dict]:
-    return _results(torchrun(WORKER, str(workdir), "2", "--pp-model", "llama3_untied", nproc=2))
+    return _results(torchrun(WORKER, str(workdir), "2", "--pp-model", "llama3_untied", "--pp-model", "llama_gqa_tied",
+                             nproc=2))
 
 
 NAMES = list(tiny_models())
@@ -95,9 +96,11 @@ def test_logits_match_transformers(name, tp, results_tp1, results_tp2):
     assert r["max_abs_diff"] <= 1e-4, r
 
 
-def test_pipeline_parallel_checkpoint_matches(results_tp2):
-    """A checkpoint written at TP=1 x PP=2 loads at TP=2 with the same logits."""
-    assert results_tp2["llama3_untied"]["pp2_max_abs_diff"] <= 1e-5
+@pytest.mark.parametrize("name", ["llama3_untied", "llama_gqa_tied"])
+def test_pipeline_parallel_checkpoint_matches(results_tp2, name):
+    """A checkpoint written at TP=1 x PP=2 loads at TP=2 with the same logits (tied: the last stage's
+    copy of the embedding is all-reduced from the first stage's)."""
+    assert results_tp2[name]["pp2_max_abs_diff"] <= 1e-5
 
 
 def test_bf16_checkpoint(results_tp1):

@@ -157,7 +157,7 @@ def test_masked_weight_matches_autograd_reference_with_regulariser(hard):
     L = torch.randn(6, 4, 6, requires_grad=True)
     rows, groups = torch.arange(6), torch.arange(4)
     from maskllm_megatron.masks import noise_key
-    key = noise_key(1, "x", 0, 0, 0)
+    key = noise_key(1, "x", 0, 0)
     lam = 0.03
     grad_out = torch.randn(6, 16)
     out = masked_weight(W, L, key, rows, groups, spec, temperature=2.0, scale=3.0, hard=hard, regularizer=lam)

@@ -127,13 +127,39 @@ def test_kill_9_and_resume_is_exact(tiny, straight):
 
 
 def test_resume_at_another_tp_size(tiny, straight):
+    """The TP=2 run's iteration-6 checkpoint resumed at TP=1 continues the same run: the same data
+    (fingerprints), the same noise, losses equal up to the TP reduction order. A resume that changes
+    what shapes the run (here train_iters, which the schedules anneal over) is refused in one line."""
     out = tiny / "tp1_continue"
     shutil.copytree(straight, out)
-    config = write_config(tiny, "tp1_continue", parallel={"tp": 1}, run={"train_iters": 14, "eval_interval": 0})
+    (out / "checkpoints" / "latest").write_text("iter_0000006")
+    shutil.rmtree(out / "checkpoints" / "iter_0000012")
+    longer = write_config(tiny, "tp1_continue", parallel={"tp": 1}, run={"train_iters": 14})
+    r = subprocess.run(train_cmd(longer, 1), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "holds iteration 6 of a run this config differs from: run.train_iters 12 -> 14. " \
+        "A resume continues that run" in r.stderr, r.stderr[-3000:]
+    assert (out / "checkpoints" / "latest").read_text() == "iter_0000006"
+    config = write_config(tiny, "tp1_continue", parallel={"tp": 1}, run={"eval_interval": 0})
     log = torchrun("-m", "maskllm_megatron.train", "--config", config, nproc=1)
-    assert "resumed from" in log and "iteration 12" in log
-    h = history(out)
-    assert [x[0] for x in h] == list(range(1, 15)) and h[:12] == history(straight)
+    assert "resumed from" in log and "iteration 6" in log
+    h, ref = history(out), history(straight)
+    assert h[:6] == ref[:6] and [x[0] for x in h] == list(range(1, 13))
+    assert [x[2] for x in h] == [x[2] for x in ref]  # the data fingerprint does not depend on the layout
+    assert [x[1] for x in h[6:]] == pytest.approx([x[1] for x in ref[6:]], rel=1e-5)
+
+
+def test_training_in_the_folder_of_a_prior_only_run_starts_its_schedules_afresh(tiny):
+    """run.train_iters=0 saves the one-shot prior as iteration 0; the same out_dir with train_iters > 0
+    learns from it with the full schedule (the prior-only run's scheduler, made for 0 iterations, is not
+    carried over: it had held the lr at its minimum)."""
+    config = write_config(tiny, "prior_then_learn", parallel={"tp": 1}, run={"train_iters": 0})
+    torchrun("-m", "maskllm_megatron.train", "--config", config, nproc=1)
+    config = write_config(tiny, "prior_then_learn", parallel={"tp": 1}, run={"train_iters": 4, "eval_interval": 0})
+    log = torchrun("-m", "maskllm_megatron.train", "--config", config, nproc=1)
+    assert "at iteration 0" in log
+    lrs = [r["lr"] for r in records(tiny / "prior_then_learn") if "lr" in r]
+    cosine = [2e-4 + (2e-3 - 2e-4) * 0.5 * (1 + math.cos(math.pi * i / 4)) for i in (2, 4)]
+    assert lrs == pytest.approx(cosine, rel=1e-9)
 
 
 def test_transfer_from_a_learned_run_starts_from_fresh_logits_with_its_hard_masks_as_prior(tiny, straight):
@@ -152,12 +178,19 @@ def test_transfer_from_a_learned_run_starts_from_fresh_logits_with_its_hard_mask
 
 def test_dp2_learns_and_overlapping_the_grad_reduction_changes_nothing(tiny):
     """DP=2 with the distributed optimizer, two micro-batches per rank: it learns, and reducing the
-    gradients bucket by bucket during the backward (overlap_grad_reduce) gives the same losses."""
+    gradients bucket by bucket during the backward (overlap_grad_reduce) gives the same losses. DP=1 with
+    the same global batch (four micro-batches) is the same run: same data, same Gumbel noise (keyed by
+    the micro-batch's place in the global batch), and the logged loss is the whole batch's at both."""
     logs = {}
-    for name, extra in (("dp2", {}), ("dp2_overlap", {"overlap_grad_reduce": True, "bucket_size": 20000})):
+    for name, nproc, extra in (("dp2", 2, {}), ("dp2_overlap", 2, {"overlap_grad_reduce": True, "bucket_size": 20000}),
+                               ("dp1", 1, {})):
         config = write_config(tiny, name, parallel={"tp": 1, "distributed_optimizer": True, **extra},
                               data={"global_batch_size": 16})
-        logs[name] = torchrun("-m", "maskllm_megatron.train", "--config", config, nproc=2)
+        logs[name] = torchrun("-m", "maskllm_megatron.train", "--config", config, nproc=nproc)
+    dp1, dp2 = history(tiny / "dp1"), history(tiny / "dp2")
+    assert [x[2] for x in dp1] == [x[2] for x in dp2]
+    assert [x[1] for x in dp2] == pytest.approx([x[1] for x in dp1], rel=1e-6)
+    assert valid_losses(tiny / "dp2") == pytest.approx(valid_losses(tiny / "dp1"), rel=1e-6)
     start, end = valid_losses(tiny / "dp2")
     assert end < start
     buckets = re.search(r"gradient reduction overlaps the backward: (\d+) buckets", logs["dp2_overlap"])
@@ -267,6 +300,27 @@ def test_bad_config_is_one_line_naming_the_field(raw, message):
     with pytest.raises(ConfigError) as e:
         TrainConfig.from_dict({**base, **raw}).validate()
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_resume_conflicts_name_what_may_not_change():
+    from maskllm_megatron.train.config import TrainConfig
+
+    base = {"model": {"checkpoint": "/ckpt"}, "data": {"train": ["/data/x_text_document"]}}
+    saved = TrainConfig.from_dict(base).validate().to_dict()
+
+    def conflict(iteration, **sections):
+        raw = {**base, **{k: {**base.get(k, {}), **v} for k, v in sections.items()}}
+        return TrainConfig.from_dict(raw).validate().resume_conflict(saved, iteration)
+
+    assert conflict(5) is None
+    assert conflict(5, parallel={"tp": 2, "pp": 2}, data={"micro_batch_size": 2}, run={"log_interval": 1}) is None
+    message = conflict(5, optim={"lr": 1e-3}, mask={"temperature": [2.0, 0.05]})
+    assert "iteration 5 of a run this config differs from: optim.lr 5e-05 -> 0.001 (and mask.temperature)." in message
+    assert "\n" not in message and "prior.method=checkpoint" in message
+    assert "parallel.distributed_optimizer True -> False" in conflict(5, parallel={"distributed_optimizer": False})
+    # a prior-only checkpoint: the schedules may change, what made its logits may not
+    assert conflict(0, run={"train_iters": 50}, optim={"lr": 1e-3}) is None
+    assert "prior.method 'sparsegpt' -> 'wanda'" in conflict(0, prior={"method": "wanda"})
 
 
 def test_zero_init_noise_is_fine_without_a_prior():

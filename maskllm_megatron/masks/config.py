@@ -52,15 +52,15 @@ class MaskConfig:
     def regularizer_schedule(self) -> Anneal:
         return Anneal(*self.regularizer, self.total_steps, "linear")
 
-    def step_state(self, iteration: int, microbatch: int = 0, dp_rank: int = 0,
-                   grad_scale: float = 1.0) -> "MaskStep":
-        """The sampling state for one micro-batch of iteration ``iteration``.
+    def step_state(self, iteration: int, microbatch: int = 0, grad_scale: float = 1.0) -> "MaskStep":
+        """The sampling state for one micro-batch of iteration ``iteration``; ``microbatch`` numbers the
+        micro-batches of the whole global batch, over all data-parallel ranks.
 
         ``grad_scale`` is what the LM loss is multiplied by before backward (loss scale divided by
         the number of micro-batches), so the regulariser's gradient gets the same treatment.
         """
         return MaskStep(
-            iteration=iteration, microbatch=microbatch, dp_rank=dp_rank,
+            iteration=iteration, microbatch=microbatch,
             temperature=self.temperature_schedule(iteration), scale=self.scale_schedule(iteration),
             regularizer=self.regularizer_schedule(iteration) * grad_scale, hard=self.hard, seed=self.seed,
         )
@@ -71,8 +71,7 @@ class MaskStep:
     """Everything a masked layer needs to sample its mask for one micro-batch."""
 
     iteration: int = 0
-    microbatch: int = 0
-    dp_rank: int = 0
+    microbatch: int = 0  # index in the global batch (micro-batch m of DP rank r: m * dp_size + r)
     temperature: float = 4.0
     scale: float = 1e2
     regularizer: float = 0.0

@@ -218,9 +218,11 @@ def soft_mask(logits: torch.Tensor, noise: torch.Tensor, spec: NMSpec, temperatu
     return mask.reshape(logits.shape[0], -1)
 
 
-def noise_key(seed: int, layer_id: str, iteration: int, microbatch: int, dp_rank: int) -> int:
-    """The Gumbel stream of one layer at one (iteration, micro-batch, data-parallel rank)."""
-    return stream_key("gumbel", seed, layer_id, iteration, microbatch, dp_rank)
+def noise_key(seed: int, layer_id: str, iteration: int, microbatch: int) -> int:
+    """The Gumbel stream of one layer for one micro-batch of an iteration, numbered across the whole
+    global batch (so the same data gets the same noise at any data-parallel size). The trailing 0 is
+    where the data-parallel rank was once keyed: DP=1 streams stay those of runs recorded before."""
+    return stream_key("gumbel", seed, layer_id, iteration, microbatch, 0)
 
 
 def init_key(seed: int, layer_id: str) -> int:

@@ -18,6 +18,9 @@ The patches:
 6. ``torch_adam_step``: without apex / Transformer Engine the distributed optimizer runs torch's Adam,
    whose state holds a ``step`` tensor that the reshardable checkpoint loader does not provide
    (``KeyError: 'step'``); the loader keeps the current ``step`` (restored from the param groups).
+7. ``tied_embedding_copy``: with tied embeddings at PP>1, ``LanguageModule.setup_embeddings_and_output_layer``
+   moves the last stage's copy of the embedding to CUDA (``weight.data.cuda()``) before all-reducing it
+   from the first stage; inside that function ``Tensor.cuda()`` returns the tensor itself.
 
 One speed-up rides along (``SPEEDUPS``; nothing fails without it):
 - ``gloo_bucket_collectives``: megatron's distributed optimizer reduce-scatters each gradient bucket into
@@ -82,6 +85,7 @@ PATCHES = (
     Patch("cuda_factories", 'tensors created with device="cuda" in CUDA_MODULES'),
     Patch("cuda_type_names", "type() == 'torch.cuda.FloatTensor' assertions in optimizers and clipping"),
     Patch("torch_adam_step", "KeyError 'step' loading a fully reshardable distributed-optimizer checkpoint"),
+    Patch("tied_embedding_copy", "weight.data.cuda() setting up tied embeddings at PP>1"),
 )
 
 SPEEDUPS = (
@@ -191,6 +195,22 @@ def _with_cuda_type_names(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         finally:
             torch.Tensor.type = original
+
+    wrapper.__maskllm_cpu_patched__ = True
+    return wrapper
+
+
+def _with_tensor_cuda_as_identity(fn: Callable) -> Callable:
+    """Run ``fn`` with ``Tensor.cuda()`` returning the tensor itself (it stays on the CPU)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        original = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **kw: self
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = original
 
     wrapper.__maskllm_cpu_patched__ = True
     return wrapper
@@ -322,6 +342,9 @@ def apply() -> bool:
     # 6. torch_adam_step
     _patch_qualified(importlib.import_module("megatron.core.optimizer.distrib_optimizer"),
                      "DistributedOptimizer._set_main_param_and_optimizer_states", _keep_adam_step)
+    # 7. tied_embedding_copy
+    _patch_qualified(importlib.import_module("megatron.core.models.common.language_module.language_module"),
+                     "LanguageModule.setup_embeddings_and_output_layer", _with_tensor_cuda_as_identity)
     # speed-up: gloo_bucket_collectives
     buffers = importlib.import_module("megatron.core.distributed.param_and_grad_buffer")
     _patch_qualified(buffers, "dist_reduce_scatter_func", _fast_reduce_scatter)

@@ -130,7 +130,7 @@ class _MaskedLinearMixin:
         self.weight.requires_grad_(not frozen)
 
     def set_mask_step(self, step: MaskStep) -> None:
-        """Sampling state for the next forward: iteration, micro-batch, DP rank, schedules."""
+        """Sampling state for the next forward: iteration, micro-batch, schedules."""
         self.mask_step = step
 
     def hard_mask(self) -> torch.Tensor:
@@ -140,7 +140,7 @@ class _MaskedLinearMixin:
     def sampled_weight(self) -> torch.Tensor:
         """``W * mask`` sampled for the current ``mask_step`` (differentiable w.r.t. the logits)."""
         s = self.mask_step
-        key = noise_key(s.seed, self.mask_layer_id, s.iteration, s.microbatch, s.dp_rank)
+        key = noise_key(s.seed, self.mask_layer_id, s.iteration, s.microbatch)
         return masked_weight(self.weight, self.mask_logits, key, self.noise_row_ids, self.noise_group_ids,
                              self.nm, s.temperature, s.scale, hard=s.hard, regularizer=s.regularizer,
                              fused=self.fused_mask_kernel)

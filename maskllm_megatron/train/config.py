@@ -202,6 +202,35 @@ class TrainConfig:
         except ValueError as e:  # MaskConfig's messages start with the field they refuse
             raise ConfigError(f"mask.{e}") from None
 
+    def resume_conflict(self, saved: dict, iteration: int) -> Optional[str]:
+        """Why this config cannot resume a run saved at ``iteration`` with config ``saved`` (None if it can).
+
+        A resume continues one run: what shapes its trajectory (schedules over ``train_iters``, the
+        optimizer and its state layout, the data and its order, mask sampling) must stay as saved. The
+        parallel layout, the micro-batch size, the cadence of logging, evaluation and saving, and the
+        mask kernel may change. A prior-only checkpoint (iteration 0) has learned nothing: only what made
+        its logits (the prior, the mask layout) must match, and the schedules start afresh.
+        """
+        keys = RESUME_KEEPS_PRIOR if iteration == 0 else RESUME_KEEPS
+        now = self.to_dict()
+        changed = []
+        for key in keys:
+            section, name = key.split(".")
+            if name == "*":
+                names = sorted(set(now[section]) | set(saved.get(section, {})))
+            else:
+                names = [name]
+            for n in names:
+                old, new = _plain(saved.get(section, {}).get(n)), _plain(now[section].get(n))
+                if old != new:
+                    changed.append(f"{section}.{n} {old!r} -> {new!r}")
+        if not changed:
+            return None
+        more = f" (and {', '.join(c.split(' ')[0] for c in changed[1:])})" if len(changed) > 1 else ""
+        return (f"{Path(self.run.out_dir)} holds iteration {iteration} of a run this config differs from: "
+                f"{changed[0]}{more}. A resume continues that run: restore the value, or learn in a new "
+                f"run.out_dir (prior.method=checkpoint with prior.checkpoint=<its checkpoint> starts from its masks)")
+
     # -- parsing ---------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict) -> "TrainConfig":
@@ -229,6 +258,23 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+#: Keys a resume must keep (``section.*``: the whole section); see ``TrainConfig.resume_conflict``.
+RESUME_KEEPS = ("run.train_iters", "run.seed", "data.train", "data.split", "data.seq_length",
+                "data.global_batch_size", "optim.*", "mask.nm", "mask.temperature", "mask.logit_scale", "mask.hard",
+                "mask.init_std", "mask.prior_strength", "mask.regularizer", "mask.include", "mask.exclude",
+                "mask.train_weights", "parallel.distributed_optimizer")
+#: ... and those that a prior-only checkpoint's logits were made with.
+RESUME_KEEPS_PRIOR = ("run.seed", "mask.nm", "mask.init_std", "mask.prior_strength", "mask.include", "mask.exclude",
+                      "prior.*")
+
+
+def _plain(value):
+    """Tuples as lists, so a value read back from a checkpoint compares equal to the same config."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _build(cls, raw: dict, where: str):

@@ -4,8 +4,8 @@ Each piece is a small function; ``train(cfg)`` wires them. Launch with torchrun:
 
     torchrun --nproc-per-node 8 -m maskllm_megatron.train --config run.yaml optim.lr=5e-5
 
-Exact resume: the Gumbel noise is a function of (seed, layer, iteration, micro-batch, DP rank) and
-global positions, dropout is off, and the data order is a function of the seed and the number of
+Exact resume: the Gumbel noise is a function of (seed, layer, iteration, the micro-batch's index in
+the global batch) and global positions, dropout is off, and the data order is a function of the seed and the number of
 consumed samples, so model + optimizer + scheduler + iteration + consumed samples is the whole state.
 """
 from __future__ import annotations
@@ -285,8 +285,10 @@ def run_batches(cfg, model, batches, num_microbatches, forward_only, step_of_mic
         micro_batch_size=cfg.data.micro_batch_size, forward_only=forward_only)
 
 
-def _mean_loss(results) -> Optional[float]:
-    """Average LM loss of the last pipeline stage, broadcast to every rank (None if no stage has it)."""
+def _mean_loss(results, dp_group=None) -> Optional[float]:
+    """Average LM loss over the micro-batches of the last pipeline stage, and over the data-parallel
+    ranks when ``dp_group`` is given (the whole batch's loss, as DP=1 logs it); the same on every rank
+    (None if no stage has it)."""
     from megatron.core import parallel_state
 
     local = [0.0, 0.0]
@@ -294,6 +296,8 @@ def _mean_loss(results) -> Optional[float]:
         vals = torch.stack([r["lm loss"].double() for r in results])
         local = [float(vals.sum()), float(len(results))]
     total, n = all_reduce_floats(local, group=parallel_state.get_pipeline_model_parallel_group())
+    if dp_group is not None:
+        total, n = all_reduce_floats([total, n], group=dp_group)
     return total / n if n else None
 
 
@@ -325,10 +329,15 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
 
     env = setup_parallel(cfg)
     is_rank0 = env["rank"] == 0
+    resume = latest_checkpoint(cfg)
+    if resume is not None:  # before building anything: a resume that would mix two runs is refused
+        saved = torch.load(resume / "extra_state.pt", weights_only=False)
+        conflict = cfg.resume_conflict(saved.get("config", {}), saved["iteration"])
+        if conflict:
+            raise ConfigError(conflict)
     model, info = build_model(cfg)
     data = (data_factory or build_data)(cfg, info, env["dp_rank"], env["dp_size"])
     state = LoopState()
-    resume = latest_checkpoint(cfg)
     prior_report = {}
     if resume is None:
         prior_report = apply_prior(cfg, model, data)
@@ -339,7 +348,8 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     logger = MetricsLogger(cfg.run.out_dir, cfg.run.tensorboard, cfg.run.wandb_project, cfg.to_dict(), enabled=is_rank0)
     if resume is not None:
         extra = load_checkpoint(model, resume, optimizer)["extra"]
-        scheduler.load_state_dict(extra["scheduler"])
+        if extra["iteration"] > 0:  # a prior-only checkpoint's scheduler was made for train_iters=0
+            scheduler.load_state_dict(extra["scheduler"])
         state = LoopState(extra["iteration"], extra["consumed_samples"], extra["history"])
         logger.truncate_after(state.iteration)
         if is_rank0:
@@ -358,9 +368,10 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
         return {"iteration": 0, **prior_report}
     mcfg = cfg.mask_config()
     watcher = MaskWatcher(masked_layers(model))
-    watcher.collect(mcfg.step_state(state.iteration, dp_rank=env["dp_rank"]))  # flip-rate baseline
+    watcher.collect(mcfg.step_state(state.iteration))  # flip-rate baseline
     preemption = _Preemption()
     num_micro = cfg.data.global_batch_size // (cfg.data.micro_batch_size * env["dp_size"])
+    dp_group = parallel_state.get_data_parallel_group()
     tokens_per_iter = cfg.data.global_batch_size * cfg.data.seq_length
     train_iter = data.train_iterations(state.consumed_samples, num_micro)
     logits_group = mask_logits_group(optimizer, sparsify_config(cfg))  # the logged lr is the logits'
@@ -374,10 +385,12 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
             batches = next(train_iter)
-            fingerprint = all_reduce_floats([sum(int(b["tokens"].sum()) for b in batches)])[0]
-            results = run_batches(cfg, ddp, batches, num_micro, forward_only=False,
-                                  step_of_microbatch=lambda mb: mcfg.step_state(it, mb, env["dp_rank"], grad_scale))
-            loss = _mean_loss(results)
+            fingerprint = all_reduce_floats([sum(int(b["tokens"].sum()) for b in batches)], group=dp_group)[0]
+            # micro-batch mb of DP rank r holds the global batch's micro-batch mb * dp_size + r (the sampler
+            # deals them out in that order): keyed by that index, the noise does not depend on the DP size
+            results = run_batches(cfg, ddp, batches, num_micro, forward_only=False, step_of_microbatch=lambda mb:
+                                  mcfg.step_state(it, mb * env["dp_size"] + env["dp_rank"], grad_scale))
+            loss = _mean_loss(results, dp_group)
             nonfinite = loss is not None and not math.isfinite(loss)
             bad = all_reduce_floats([nonfinite], op=torch.distributed.ReduceOp.MAX)[0]
             if bad:
@@ -390,7 +403,7 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
         state.consumed_samples += cfg.data.global_batch_size
         state.history.append([state.iteration, loss, fingerprint])
         if state.iteration % cfg.run.log_interval == 0 or state.iteration == cfg.run.train_iters:
-            step = mcfg.step_state(state.iteration - 1, dp_rank=env["dp_rank"])
+            step = mcfg.step_state(state.iteration - 1)
             iters = cfg.run.log_interval if state.iteration % cfg.run.log_interval == 0 else \
                 state.iteration % cfg.run.log_interval
             last = {"iteration": state.iteration, "lm_loss": loss, "lr": scheduler.get_lr(logits_group),

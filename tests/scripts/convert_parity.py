@@ -1,6 +1,6 @@
 """Worker (torchrun, nproc = TP): for each HF folder under WORKDIR/hf, convert HF -> mcore at TP,
 load the checkpoint, compare its logits with transformers', export mcore -> HF and compare every
-tensor with the original. ``--pp-model NAME`` also converts that model at TP=1 x PP=2 (nproc must be
+tensor with the original. ``--pp-model NAME`` (repeatable) also converts that model at TP=1 x PP=2 (nproc must be
 2) and checks the logits of that checkpoint loaded back at TP=2; ``--bf16-model NAME`` also converts
 that model with --dtype bf16 and exports it back. Prints one JSON line per model (rank 0).
 
@@ -56,7 +56,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("work", type=Path)
     ap.add_argument("tp", type=int)
-    ap.add_argument("--pp-model")
+    ap.add_argument("--pp-model", action="append", default=[])
     ap.add_argument("--bf16-model")
     args = ap.parse_args()
     work, tp, pp_model = args.work, args.tp, args.pp_model
@@ -69,7 +69,7 @@ def main():
         got = mcore_logits(ckpt, tokens)
         back = mcore_to_hf(ckpt, work / f"back-tp{tp}-{hf.name}", show_progress=False)
         result = {"model": hf.name, "tp": tp}
-        if pp_model == hf.name:
+        if hf.name in pp_model:
             init_parallel(1, 2)
             ckpt_pp = hf_to_mcore(hf, work / f"mcore-pp2-{hf.name}", tp=1, pp=2, show_progress=False)
             init_parallel(tp, 1)

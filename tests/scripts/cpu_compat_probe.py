@@ -1,6 +1,7 @@
 """Probe each cpu_compat patch: the call fails before apply() and works after. Prints JSON."""
 import json
 import sys
+import tempfile
 
 import torch
 
@@ -45,8 +46,30 @@ def probes():
             DistributedOptimizer._set_main_param_and_optimizer_states(fake, "w", src)
         assert torch.equal(main.detach(), src["param"])
 
+    def tied_embedding_copy():
+        """The first-and-last stage of a tied model at PP=2 (a one-rank gloo world stands in for the
+        embedding group): megatron copies the shared weight to CUDA, then all-reduces it."""
+        from types import SimpleNamespace
+
+        import torch.distributed as dist
+        from megatron.core.models.common.language_module.language_module import LanguageModule
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/store", rank=0, world_size=1)
+        weight = torch.nn.Parameter(torch.arange(4.0))
+        fake = SimpleNamespace(pre_process=True, post_process=True, share_embeddings_and_output_weights=True,
+                               config=SimpleNamespace(pipeline_model_parallel_size=2, mtp_num_layers=0),
+                               embedding=SimpleNamespace(word_embeddings=SimpleNamespace(weight=weight)),
+                               output_layer=SimpleNamespace(weight=None), vp_stage=None, vp_size=None,
+                               pp_group=dist.group.WORLD, embd_group=dist.group.WORLD)
+        fake.shared_embedding_or_output_weight = lambda: weight
+        fake._is_in_embd_group = lambda: LanguageModule._is_in_embd_group(fake)
+        LanguageModule.setup_embeddings_and_output_layer(fake)
+        assert torch.equal(weight.detach(), torch.arange(4.0))
+
     return {
         "torch_adam_step": torch_adam_step,
+        "tied_embedding_copy": tied_embedding_copy,
         "rng": rng,
         "current_device": lambda: torch.zeros(1, device=torch.cuda.current_device()),
         "synchronize": lambda: torch.cuda.synchronize(),

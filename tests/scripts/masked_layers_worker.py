@@ -87,7 +87,7 @@ def main():
     Lc, Lr, Lg = global_logits(col, 0), global_logits(row, 1), global_logits(gated, 0)
     # Plain-torch reference on the gathered tensors, with the same global noise.
     def ref_mask(L, layer_id, rows, groups):
-        key = noise_key(mcfg.seed, layer_id, 3, 1, 0)
+        key = noise_key(mcfg.seed, layer_id, 3, 1)
         noise = gumbel_noise(key, torch.arange(rows), torch.arange(groups), mcfg.nm)
         return soft_mask(L, noise, mcfg.nm, step.temperature, step.scale)
 
