@@ -115,7 +115,7 @@ def project(measured: dict, dp_sizes=(1, 8)) -> dict:
     """Per-GPU bytes/weight at other DP sizes from the layouts measured at DP=2. ``measured`` maps
     ``(dtype, "plain" | "distributed")`` to ``summarize`` results. With the distributed optimizer the
     optimizer state and master copies are split over DP ranks; logits and the gradient buffer are not
-    (checked by the DP=2 numbers: per GPU = sum / 2 for those two)."""
+    (checked at DP=2 against the plain optimizer: only the optimizer state and master copies shrink)."""
     rows = {}
     for dtype in sorted({d for d, _ in measured}):
         plain = measured[(dtype, "plain")]["per_gpu_bytes_per_weight"]

@@ -8,7 +8,7 @@
    masks/triton_kernel.py, and eager) against a dense trainable one, LLaMA-7B shapes.
 2. model_step: a SmolLM2-135M-shaped model (random bf16 weights: no model hub on the GPU machine, and
    timing does not depend on the values), the driver's mask-learning step (compiled / one-pass /
-   eager kernels) against a dense training step at a larger batch, variants interleaved, medians.
+   eager kernels) against a dense training step of the same batch, variants interleaved, medians.
 3. sparse_24: the exported 2:4 weights (``W * hard_mask(logits)``, as export writes them) through
    ``torch.sparse.to_sparse_semi_structured`` against the dense matmul (CUDA only).
 Each part reports its own error instead of stopping the others.
