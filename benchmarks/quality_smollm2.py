@@ -34,7 +34,9 @@ SHAKESPEARE_HELDOUT = 0.15
 
 
 def shakespeare_split():
-    """(training plays, held-out plays): the last 15% of the plays (by count) are never trained on."""
+    """(training texts, held-out plays): the last 15% of the texts by name are never trained on. The
+    package ships a few other works beside Shakespeare's (Milton's among them), which fall on the
+    training side; the held-out texts are all Shakespeare plays."""
     plays = [text for _, text in assets.shakespeare_texts()]
     cut = len(plays) - max(1, round(len(plays) * SHAKESPEARE_HELDOUT))
     return plays[:cut], plays[cut:]
