@@ -102,6 +102,20 @@ def test_text_sources(tmp_path):
     (tmp_path / "plain.txt").write_text("just prose\n")
     with pytest.raises(EvalError, match=r"plain.txt:1: invalid JSON .*use --text-file for plain text"):
         read_text(jsonl=tmp_path / "plain.txt")
+    (tmp_path / "tokens.jsonl").write_text('{"text": [1, 2]}\n')
+    with pytest.raises(EvalError, match=r"tokens.jsonl:1: 'text' is a list, not text: pass --json-key"):
+        read_text(jsonl=tmp_path / "tokens.jsonl")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_tokens", -9000, "--max-tokens -9000 must be >= 1"), ("max_tokens", 0, "--max-tokens 0 must be >= 1"),
+    ("batch_size", 0, "--batch-size 0 must be >= 1")])
+def test_request_refuses_counts_below_one(field, value, message):
+    """Checked before any model loads (a negative --max-tokens had sliced the text from the end)."""
+    from maskllm_megatron.eval.perplexity import EvalRequest
+
+    with pytest.raises(EvalError, match=message):
+        EvalRequest("some text", **{field: value})
 
 
 # ---------------------------------------------------------------------------------------------- HF vs mcore

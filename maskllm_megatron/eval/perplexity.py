@@ -87,6 +87,9 @@ def read_text(text_file: Optional[Path] = None, jsonl: Optional[Path] = None, js
                 if not isinstance(record, dict) or json_key not in record:
                     keys = sorted(record) if isinstance(record, dict) else "not an object"
                     raise EvalError(f"{path}:{i} has no key {json_key!r}: pass --json-key (keys: {keys})")
+                if not isinstance(record[json_key], str):
+                    raise EvalError(f"{path}:{i}: {json_key!r} is a {type(record[json_key]).__name__}, not text: "
+                                    "pass --json-key naming the text field")
                 docs.append(record[json_key])
     return "\n\n".join(docs)
 
@@ -203,6 +206,12 @@ class EvalRequest:
     bos: bool = False
     max_tokens: Optional[int] = None
     batch_size: int = 1
+
+    def __post_init__(self):  # checked before a model loads
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise EvalError(f"--max-tokens {self.max_tokens} must be >= 1 (leave it out to use the whole text)")
+        if self.batch_size < 1:
+            raise EvalError(f"--batch-size {self.batch_size} must be >= 1")
 
 
 def _window_config(req: EvalRequest, tokenizer, model_max_len: int) -> WindowConfig:
