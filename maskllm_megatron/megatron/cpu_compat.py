@@ -177,43 +177,40 @@ _CUDA_TYPE_NAMES = {
 }
 
 
-def _with_cuda_type_names(fn: Callable) -> Callable:
-    """Run ``fn`` with ``Tensor.type()`` (no argument) reporting CUDA names for CPU tensors."""
+def _with_tensor_method(name: str, replacement: Callable[[Callable], Callable]) -> Callable[[Callable], Callable]:
+    """A wrapper maker: the wrapped ``fn`` runs with ``torch.Tensor.<name>`` replaced by
+    ``replacement(original)``, restored afterwards."""
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        original = torch.Tensor.type
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            original = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, replacement(original))
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                setattr(torch.Tensor, name, original)
 
-        def cuda_named_type(self, dtype=None, non_blocking=False, **kw):
-            if dtype is None and not kw:
-                name = original(self)
-                return _CUDA_TYPE_NAMES.get(name, name)
-            return original(self, dtype, non_blocking, **kw)
+        wrapper.__maskllm_cpu_patched__ = True
+        return wrapper
 
-        torch.Tensor.type = cuda_named_type
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.Tensor.type = original
-
-    wrapper.__maskllm_cpu_patched__ = True
-    return wrapper
+    return wrap
 
 
-def _with_tensor_cuda_as_identity(fn: Callable) -> Callable:
-    """Run ``fn`` with ``Tensor.cuda()`` returning the tensor itself (it stays on the CPU)."""
+def _cuda_named_type(original: Callable) -> Callable:
+    """``Tensor.type()`` (no argument) reporting CUDA names for CPU tensors."""
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        original = torch.Tensor.cuda
-        torch.Tensor.cuda = lambda self, *a, **kw: self
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.Tensor.cuda = original
+    def cuda_named_type(self, dtype=None, non_blocking=False, **kw):
+        if dtype is None and not kw:
+            name = original(self)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        return original(self, dtype, non_blocking, **kw)
 
-    wrapper.__maskllm_cpu_patched__ = True
-    return wrapper
+    return cuda_named_type
+
+
+_with_cuda_type_names = _with_tensor_method("type", _cuda_named_type)
+_with_tensor_cuda_as_identity = _with_tensor_method("cuda", lambda original: lambda self, *a, **kw: self)
 
 
 def _patch_qualified(module, qualname: str, wrap: Callable) -> None:
