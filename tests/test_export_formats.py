@@ -213,3 +213,38 @@ def test_apply_published_npz_and_our_mask_file(tmp_path):
     assert torch.equal(got["h.0.mlp.c_fc.weight"], apply_mask_hf(conv["h.0.mlp.c_fc.weight"], mask.t()))
     with pytest.raises(FormatError, match="not in the state dict"):
         apply_mask_file({}, tmp_path / "m.safetensors")
+
+
+def test_apply_masks_takes_only_an_exact_mask_of_this_model(tmp_path, capsys):
+    """A published .npz mask of another size, or one that keeps fewer than 2 of 4, is refused before
+    any weight is written; an exact one is applied and recorded as 2:4."""
+    from safetensors.torch import save_file
+
+    from maskllm_megatron.export.cli import main
+
+    spec = NMSpec(2, 4)
+    name = "model.layers.0.mlp.up_proj.weight"
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    w = torch.randn(6, 12)
+    save_file({name: w, "model.norm.weight": torch.randn(12)}, hf / "model.safetensors")
+    (hf / "config.json").write_text(json.dumps({"model_type": "llama"}))
+
+    def npz(file, mask):
+        np.savez_compressed(tmp_path / file, **{f"{name}.mask": np.packbits(mask.numpy().astype(np.uint8))})
+        return str(tmp_path / file)
+
+    mask = random_mask((6, 12), spec, seed=2)
+    sparse_one = mask.clone()
+    sparse_one[3, 4:8] = torch.tensor([True, False, False, False])  # one group keeps 1 of 4
+    with pytest.raises(FormatError, match="holds 80 bits, not the 72 of its weight"):
+        apply_mask_file({name: w}, npz("big.npz", torch.ones(6, 13, dtype=torch.bool)))
+    assert main(["apply-masks", "--hf", str(hf), "--masks", npz("one.npz", sparse_one), "--out",
+                 str(tmp_path / "one")]) == 2
+    assert "one.npz is not an exact 2:4 mask file" in capsys.readouterr().err
+    assert not (tmp_path / "one").exists()
+    assert main(["apply-masks", "--hf", str(hf), "--masks", npz("ok.npz", mask), "--out", str(tmp_path / "ok")]) == 0
+    got = load_file(tmp_path / "ok" / "model.safetensors")
+    assert torch.equal(bits(got[name]), bits(apply_mask_hf(w, mask)))
+    record = json.loads((tmp_path / "ok" / "config.json").read_text())["sparsity"]
+    assert record["structure"] == "2:4" and record["targets"] == [name]

@@ -24,6 +24,9 @@ def test_sparsify_masks_the_right_modules_freezes_weights_and_matches_hand_maske
     assert r["optimizer"]["params"] == r["optimizer"]["grad_buffer"]
     # the logits really get lr x mask_lr_mult (measured from Adam's first step; asserted in the worker)
     assert set(r["applied_lr"]) == {"step0", "step10"}, r
+    # refused: a second sparsify, and a tied LM head (which leaves the model exactly as built)
+    assert r["refusals"]["twice"].startswith("the model is already sparsified (2 masked layers)"), r
+    assert r["refusals"]["tied"].startswith("output_layer has no weight of its own"), r
 
 
 def test_checkpoint_round_trip_tp2_tp1_tp2_from_a_dense_start(tmp_path):

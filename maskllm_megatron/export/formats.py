@@ -397,9 +397,10 @@ def apply_mask_file(hf_state_dict: Mapping[str, torch.Tensor], mask_file: str | 
     if is_published_mask_file(mask_file):
         for name, bits in iter_published_masks(mask_file):
             w = target(name)
-            if bits.size < w.numel():
-                raise FormatError(f"mask for {name!r} has {bits.size} bits for {w.numel()} weights: "
-                                  f"use the mask file of this model")
+            padded = -(-w.numel() // 8) * 8  # np.packbits pads the last byte with zero bits
+            if bits.size != padded or bits[w.numel():].any():
+                raise FormatError(f"mask for {name!r} holds {bits.size} bits, not the {w.numel()} of its weight "
+                                  f"{list(w.shape)} (packed to {padded}): use the mask file of this model")
             out[name] = apply_mask_hf(w, torch.from_numpy(bits[: w.numel()].astype(bool)).reshape(w.shape))
         return out
     masks, _ = load_masks(mask_file)

@@ -414,9 +414,8 @@ def apply_masks(hf_dir: str | Path, mask_file: str | Path, out: str | Path, over
                 max_shard_bytes: int = 5 * 2**30) -> ExportResult:
     """Write ``out``: the dense HF model ``hf_dir`` with a mask file applied (``save_masks`` file or
     MaskLLM's published ``.npz``), a ``"sparsity"`` entry in config.json, verified."""
-    from maskllm_megatron.eval.verify import verify_path
-    from maskllm_megatron.export.formats import (
-        _write_shards, apply_mask_file, is_published_mask_file, read_mask_file_header)
+    from maskllm_megatron.eval.verify import verify_mask_file, verify_path
+    from maskllm_megatron.export.formats import _write_shards, apply_mask_file
 
     t0 = time.time()
     hf_dir, mask_file, out = Path(hf_dir).absolute(), Path(mask_file).absolute(), Path(out).absolute()
@@ -430,7 +429,13 @@ def apply_masks(hf_dir: str | Path, mask_file: str | Path, out: str | Path, over
                           "the masks apply to as --hf")
     config = json.loads((hf_dir / "config.json").read_text())
     state = _read_safetensors(hf_dir)
-    spec = NMSpec(2, 4) if is_published_mask_file(mask_file) else read_mask_file_header(mask_file)[0]
+    # Exactly N kept in every group of the file (the record below says so), before any weight is touched;
+    # a published .npz carries no N:M, and MaskLLM publishes 2:4 only.
+    file_report = verify_mask_file(mask_file)
+    if not file_report.ok:
+        raise ExportError(f"{mask_file.name} is not an exact {file_report.spec} mask file: "
+                          f"{(file_report.failures or ['it holds no mask'])[0]}")
+    spec = file_report.spec
     masked = apply_mask_file(state, mask_file, config)
     names = [n for n in masked if masked[n] is not state[n]]
     config["sparsity"] = {"structure": str(spec), "targets": names, "mask_source": "file",

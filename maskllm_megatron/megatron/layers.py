@@ -193,6 +193,16 @@ class _MaskedLinearMixin:
         return float(((total_sq - total * total / n) / (n - 1)) ** 0.5)
 
     # -- checkpointing ------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A plain ``load_state_dict`` of a state dict that carries a prior mask into a layer that has none
+        yet (a freshly sparsified model): make room for it, as the sharded checkpoint load does."""
+        key = prefix + "prior_mask"
+        if self.prior_mask is None and key in state_dict:
+            self.prior_mask = torch.zeros(state_dict[key].shape, dtype=torch.bool, device=self.weight.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """The parent's layout plus ``mask_logits`` / ``prior_mask`` sharded on the weight's axis."""
         sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)

@@ -29,7 +29,8 @@ DEFAULT_TARGETS = ("*.linear_qkv", "*.linear_proj", "*.linear_fc1", "*.linear_fc
 class SparsifyConfig:
     """Which linears to mask and what trains.
 
-    ``include`` / ``exclude`` are shell-style patterns on module names (``decoder.layers.3.mlp.linear_fc1``);
+    ``include`` / ``exclude`` are shell-style patterns on module names with GLOBAL layer numbers
+    (``decoder.layers.3.mlp.linear_fc1`` is the fourth block on whichever pipeline stage holds it);
     e.g. ``include=("*.mlp.*",)`` sparsifies the MLP only, ``exclude=("*.self_attention.*",)`` likewise.
     """
 
@@ -51,45 +52,73 @@ class SparsifyConfig:
                 and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude))
 
 
-def _global_names(model: torch.nn.Module) -> dict[int, str]:
-    """Module id -> name with pipeline-local layer indices replaced by global layer numbers."""
+def _global_names(model: torch.nn.Module) -> tuple[dict[int, str], dict[int, str]]:
+    """Two maps from module id, with pipeline-local layer indices replaced by global layer numbers:
+    the full module name (``decoder.layers.<global>.mlp.linear_fc1``, what include/exclude match, so
+    a pattern selects the same layers on every pipeline stage) and the layer id that keys the random
+    streams (``layers.<global>.mlp.linear_fc1``)."""
     layer_numbers = {}
     for name, module in model.named_modules():
         if hasattr(module, "layer_number") and re.search(r"layers\.\d+$", name):
             layer_numbers[name] = module.layer_number - 1  # megatron's layer_number is global, 1-based
-    out = {}
+    full, ids = {}, {}
     for name, module in model.named_modules():
-        m = re.match(r"(.*?layers\.\d+)(\..*)?$", name)
+        m = re.match(r"((.*?)layers\.\d+)(\..*)?$", name)
         if m and m.group(1) in layer_numbers:
-            out[id(module)] = f"layers.{layer_numbers[m.group(1)]}{m.group(2) or ''}"
+            number, rest = layer_numbers[m.group(1)], m.group(3) or ""
+            full[id(module)] = f"{m.group(2)}layers.{number}{rest}"
+            ids[id(module)] = f"layers.{number}{rest}"
         else:
-            out[id(module)] = name
-    return out
+            full[id(module)] = ids[id(module)] = name
+    return full, ids
 
 
 def sparsify(model: torch.nn.Module, config: SparsifyConfig) -> list[str]:
     """Mask the selected linears of ``model`` in place; freeze what does not train. Returns the
-    names of the masked modules. Call before wrapping the model in DDP / building the optimizer."""
+    (global) names of the masked modules. Call once, before wrapping the model in DDP / building the
+    optimizer. A refused conversion leaves the model as it was."""
+    already = sum(1 for _ in masked_layers(model))
+    if already:
+        raise ValueError(f"the model is already sparsified ({already} masked layers): call sparsify once, on the "
+                         "model as built")
     gated = bool(getattr(getattr(model, "config", None), "gated_linear_unit", False))
-    names = _global_names(model)
-    masked = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, _MaskedLinearMixin) or not config.selects(name):
-            continue
-        if isinstance(module, ColumnParallelLinear):
-            module.__class__ = MaskedColumnParallelLinear
-            module._init_mask(config.mask, names[id(module)], gated_halves=gated and name.endswith("linear_fc1"))
-        elif isinstance(module, RowParallelLinear):
-            module.__class__ = MaskedRowParallelLinear
-            module._init_mask(config.mask, names[id(module)], gated_halves=False)
-        elif type(module).__name__.startswith("TE"):
-            raise NotImplementedError(
-                f"{name} is a Transformer Engine layer ({type(module).__name__}); build the model with the "
-                "local spec (get_gpt_layer_local_spec) to sparsify it")
-        else:
-            continue
-        masked.append(name)
-    if not masked:
+    full_names, layer_ids = _global_names(model)
+    converted = []  # (module, its class, its attributes) to put back if a later layer is refused
+    try:
+        for _, module in list(model.named_modules()):
+            name = full_names[id(module)]
+            if not config.selects(name):
+                continue
+            if isinstance(module, ColumnParallelLinear):
+                masked_class = MaskedColumnParallelLinear
+            elif isinstance(module, RowParallelLinear):
+                masked_class = MaskedRowParallelLinear
+            elif type(module).__name__.startswith("TE"):
+                raise NotImplementedError(
+                    f"{name} is a Transformer Engine layer ({type(module).__name__}); build the model with the "
+                    "local spec (get_gpt_layer_local_spec) to sparsify it")
+            else:
+                continue
+            if module.weight is None:
+                raise ValueError(f"{name} has no weight of its own (an output layer tied to the embedding): "
+                                 "exclude it, or untie the embeddings to mask the LM head")
+            converted.append((module, type(module), dict(module.__dict__), dict(module._parameters),
+                              dict(module._buffers), set(module._non_persistent_buffers_set),
+                              module.weight.requires_grad))
+            module.__class__ = masked_class
+            module._init_mask(config.mask, layer_ids[id(module)],
+                              gated_halves=gated and masked_class is MaskedColumnParallelLinear
+                              and name.endswith("linear_fc1"))
+    except BaseException:
+        for module, cls, attrs, params, buffers, non_persistent, weight_trains in converted:
+            module.__class__ = cls
+            module.weight.requires_grad_(weight_trains)
+            module.__dict__.clear()
+            module.__dict__.update(attrs)
+            module._parameters, module._buffers = params, buffers
+            module._non_persistent_buffers_set = non_persistent
+        raise
+    if not converted:
         raise ValueError(f"sparsify matched no Column/RowParallelLinear with include={config.include} "
                          f"exclude={config.exclude}: check the module names (model.named_modules())")
     for param_name, param in model.named_parameters():
@@ -97,7 +126,7 @@ def sparsify(model: torch.nn.Module, config: SparsifyConfig) -> list[str]:
     if config.train_weights:
         for layer in masked_layers(model):
             layer.freeze_weight(False)
-    return masked
+    return [full_names[id(module)] for module, *_ in converted]
 
 
 def masked_layers(model: torch.nn.Module) -> Iterator[_MaskedLinearMixin]:

@@ -163,7 +163,48 @@ def check(out):
     model = build(mc)
     names = sparsify(model, SparsifyConfig(exclude=("*.mlp.*",)))
     assert sorted({n.rsplit(".", 1)[1] for n in names}) == ["linear_proj", "linear_qkv"]
+    report["refusals"] = refusals(mc)
     return report
+
+
+def refusals(mc):
+    """Patterns match global layer numbers (as on a later pipeline stage); a refused conversion leaves the
+    model exactly as built; a second sparsify and a tied LM head are refused with one clear line."""
+    from maskllm_megatron.megatron.layers import _MaskedLinearMixin
+    from maskllm_megatron.megatron.sparsify import SparsifyConfig, sparsify
+
+    # A pipeline stage holding global layers 4 and 5 (megatron's layer_number is global and 1-based)
+    model = build(mc)
+    for local, layer in enumerate(model.decoder.layers):
+        layer.layer_number = 5 + local
+    names = sparsify(model, SparsifyConfig(include=("decoder.layers.4.mlp.*",)))
+    assert names == ["decoder.layers.4.mlp.linear_fc1", "decoder.layers.4.mlp.linear_fc2"], names
+    assert isinstance(model.decoder.layers[0].mlp.linear_fc1, _MaskedLinearMixin)
+    assert not isinstance(model.decoder.layers[1].mlp.linear_fc1, _MaskedLinearMixin)
+    assert model.decoder.layers[0].mlp.linear_fc1.mask_layer_id == "layers.4.mlp.linear_fc1"  # 0-based key
+    messages = {}
+    try:
+        sparsify(model, SparsifyConfig())
+    except ValueError as e:
+        messages["twice"] = str(e)
+
+    # The tied LM head is refused after every block's linears were converted: all of it is undone.
+    model = build(model_config("gpt"))  # tie_word_embeddings: output_layer uses the embedding's weight
+    before = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        sparsify(model, SparsifyConfig(include=("*.linear_qkv", "*.linear_fc2", "output_layer")))
+    except ValueError as e:
+        messages["tied"] = str(e)
+    assert not any(isinstance(m, _MaskedLinearMixin) for m in model.modules())
+    after = model.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], v) if torch.is_tensor(v) else after[k] == v for k, v in before.items())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    loss_of(model)  # still the dense model it was: runs without any mask attribute
+    assert len(sparsify(model, SparsifyConfig())) == 4 * model.config.num_layers  # and can be sparsified after all
+    assert all("\n" not in m for m in messages.values()), messages
+    return messages
 
 
 def applied_learning_rates(mc):
@@ -241,6 +282,12 @@ def ckpt(mode, out):
         load_checkpoint(model, out / "sparse_tp2")
         assert all(layer.prior_mask is not None for layer in masked_layers(model))
         report = {"loss": loss_of(model)}
+        # A plain torch state dict (prior masks included) loads into a freshly sparsified model too.
+        plain = build(mc, seed=7)
+        sparsify(plain, cfg)
+        plain.load_state_dict(model.state_dict())
+        assert all(torch.equal(a.prior_mask, b.prior_mask) for a, b in zip(masked_layers(plain), masked_layers(model)))
+        assert loss_of(plain) == report["loss"]
         save_checkpoint(model, out / "sparse_tp1")
         # A model with another N:M, or another architecture, is refused with the tensor named.
         for bad_cfg, bad_mc, expect in ((SparsifyConfig(mask=MaskConfig(nm=NMSpec(1, 4))), mc, "N:M"),
