@@ -208,6 +208,18 @@ def test_preprocess_errors_are_one_line(tmp_path, sp_model, capsys, content, arg
     assert not (tmp_path / "o.idx").exists()
 
 
+def test_megatron_lms_append_eod_flag_is_the_default(tmp_path, sp_model):
+    (tmp_path / "a.jsonl").write_text('{"text": "one document"}\n{"text": "and another"}\n')
+    tok = load_tokenizer(sp_model)
+    for name, flags in (("default", []), ("flag", ["--append-eod"]), ("none", ["--no-eod"])):
+        assert main(["--input", str(tmp_path / "a.jsonl"), "--tokenizer", str(sp_model), "--output-prefix",
+                     str(tmp_path / name), "--no-progress", *flags]) == 0
+    docs = {name: indexed(tmp_path / name) for name in ("default", "flag", "none")}
+    for i, text in enumerate(("one document", "and another")):
+        assert docs["default"][i].tolist() == docs["flag"][i].tolist() == tok.encode(text) + [tok.eos_id]
+        assert docs["none"][i].tolist() == tok.encode(text)
+
+
 def test_preprocess_config_validation(tmp_path, sp_model):
     (tmp_path / "x.txt").write_text("x")
     ok = dict(inputs=(tmp_path / "x.txt",), output_prefix=tmp_path / "o", tokenizer=sp_model)
@@ -243,6 +255,32 @@ def test_gpt_dataset_reads_back_the_token_stream(corpus, sp_model):
         d = docs[i]
         assert d[0] == tok.bos_id and d[-1] == tok.eos_id
         assert tok.eos_id not in d[1:-1] and tok.bos_id not in d[1:-1]
+
+
+def test_a_prefix_preprocessed_again_gets_fresh_sample_indices(tmp_path, sp_model, paragraphs):
+    """megatron caches sample indices under the prefix, keyed by path: a prefix rewritten with more
+    documents, or with BOS added, must be read through new indices, not the old ones."""
+    tok = load_tokenizer(sp_model)
+
+    def write(n_docs: int, add_bos: bool = False):
+        (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs[:n_docs]))
+        preprocess(PreprocessConfig(inputs=(tmp_path / "docs.jsonl",), output_prefix=tmp_path / "docs",
+                                    tokenizer=sp_model, add_bos=add_bos), progress=False)
+        config = DataConfig(prefixes=[str(tmp_path / "docs")], split="100,0,0", seq_length=32, seed=1)
+        train = build_datasets(config, tok, train_samples=1).train
+        docs = indexed(tmp_path / "docs")  # kept alive: its documents view its memory map
+        stream = np.concatenate([docs[int(d)] for d in train.document_index])
+        assert len(train) == (len(stream) - 1) // 32  # one epoch of the data as it is now
+        assert sorted(set(train.document_index.tolist())) == list(range(n_docs))
+        for k in range(len(train)):
+            train[k]  # every sample reads (stale indices point past the documents or at wrong lengths)
+        return len(train)
+
+    few = write(40)
+    assert (tmp_path / "docs" / "cache").is_dir()  # megatron's default index cache, under the prefix
+    more = write(80)
+    assert more > few
+    assert write(80, add_bos=True) > more
 
 
 def write_synthetic(prefix: Path, low: int, n_docs: int, seed: int) -> None:

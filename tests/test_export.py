@@ -15,15 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.torchrun_util import torchrun
+from tests.torchrun_util import printed_result, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "scripts" / "export_worker.py")
 SMOLLM2_WORKER = str(ROOT / "tests" / "scripts" / "export_smollm2.py")
 
-
-def _result(out: str) -> dict:
-    return json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
 
 
 def save_tiny_llama(folder: Path) -> Path:
@@ -55,8 +52,8 @@ def tiny_run(tmp_path_factory) -> dict:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
         save_tiny_llama(work / "hf")
-        made = _result(torchrun(WORKER, "make", str(work), nproc=2))
-        tp1 = _result(torchrun(WORKER, "tp1", str(work), nproc=1))
+        made = printed_result(torchrun(WORKER, "make", str(work), nproc=2))
+        tp1 = printed_result(torchrun(WORKER, "tp1", str(work), nproc=1))
         done.write_text(json.dumps({"make": made, "tp1": tp1}))
     r = json.loads(done.read_text())
     r["work"] = work
@@ -292,7 +289,7 @@ def smollm2_export(tmp_path_factory) -> dict:
         proc = subprocess.run([sys.executable, SMOLLM2_WORKER, str(smollm2_hf_dir()), str(work), "384"],
                               capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"})
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-        done.write_text(json.dumps(_result(proc.stdout)))
+        done.write_text(json.dumps(printed_result(proc.stdout)))
     r = json.loads(done.read_text())
     r["work"] = work
     return r

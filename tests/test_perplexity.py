@@ -142,6 +142,30 @@ def test_hf_and_mcore_paths_agree_on_the_tiny_model(tiny_run):
     assert sig(hf_sparse) != sig(hf_prior) != sig(hf_dense)  # the three models really differ
 
 
+def test_bos_once_is_sparsegpts_evaluation_loop(tiny_run):
+    """--bos-once against SparseGPT's / Wanda's LLaMA evaluation written out with transformers: one BOS
+    before the text, non-overlapping windows, each window's mean loss from the model's own ``labels=``."""
+    from transformers import AutoModelForCausalLM
+
+    from maskllm_megatron.assets import botchan_text
+    from maskllm_megatron.data.tokenizer import load_tokenizer
+    from maskllm_megatron.eval.perplexity import hf_perplexity
+
+    folder, text, seq = tiny_run["work"] / "hf_tp2", botchan_text()[:6000], 32
+    tokenizer = load_tokenizer(folder)
+    stream = torch.tensor([tokenizer.bos_id] + tokenizer.encode(text))
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    windows = stream[: len(stream) // seq * seq].reshape(-1, seq)
+    with torch.no_grad():
+        losses = [float(model(w[None], labels=w[None]).loss) for w in windows]
+    expected = math.exp(sum(losses) / len(losses))
+    r = hf_perplexity(folder, EvalRequest(text, seq_len=seq, bos_once=True))
+    assert r.windows == len(windows) and r.tokens == len(windows) * (seq - 1) and r.text_tokens == len(stream)
+    assert r.ppl == pytest.approx(expected, rel=1e-5) and "BOS once" in r.summary()
+    with pytest.raises(EvalError, match="--bos .* and --bos-once .* exclude each other"):
+        EvalRequest(text, bos=True, bos_once=True)
+
+
 def test_eval_command_line(tiny_run, capsys):
     from maskllm_megatron.eval.perplexity import main
 

@@ -1,22 +1,18 @@
 """sparsify() on megatron-core GPTModel (GPT-3, LLaMA, Nemotron shapes) and checkpoints across TP sizes,
 with real ranks (torchrun, gloo)."""
-import json
 
 import torch
 
-from tests.torchrun_util import torchrun
+from tests.torchrun_util import printed_result, torchrun
 
 WORKER = "tests/scripts/sparsify_worker.py"
 
-
-def result(out: str) -> dict:
-    return json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
 
 
 def test_sparsify_masks_the_right_modules_freezes_weights_and_matches_hand_masked_model(tmp_path):
     """Also checks the SDPA core attention against megatron-core's own at TP=2, and the learning rates
     the optimizer applies to logits and weights."""
-    r = result(torchrun(WORKER, "check", 2, tmp_path, nproc=2))
+    r = printed_result(torchrun(WORKER, "check", 2, tmp_path, nproc=2))
     for family in ("gpt", "llama", "nemotron"):
         assert r[family]["masked"] == 8 and r[family]["eval_diff"] <= 1e-5
         # fused SDPA core attention == megatron-core's DotProductAttention (logits and all gradients, TP=2)
@@ -30,7 +26,7 @@ def test_sparsify_masks_the_right_modules_freezes_weights_and_matches_hand_maske
 
 
 def test_checkpoint_round_trip_tp2_tp1_tp2_from_a_dense_start(tmp_path):
-    losses = [result(torchrun(WORKER, mode, tp, tmp_path, nproc=tp))["loss"]
+    losses = [printed_result(torchrun(WORKER, mode, tp, tmp_path, nproc=tp))["loss"]
               for mode, tp in (("save", 2), ("load1", 1), ("load2", 2))]
     assert abs(losses[0] - losses[1]) <= 1e-6 and losses[0] == losses[2]
     saved, tp1, tp2 = (torch.load(tmp_path / f"logits_{m}.pt") for m in ("save", "load1", "load2"))

@@ -1,6 +1,7 @@
 """Spawn real ranks with torchrun (gloo on CPU) from a test and return what they printed."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,3 +23,8 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 600, env:
     if proc.returncode != 0:
         raise AssertionError(f"torchrun {script} failed (exit {proc.returncode}):\n{out[-6000:]}")
     return out
+
+
+def printed_result(output: str) -> dict:
+    """The JSON a worker printed on its ``RESULT `` line."""
+    return json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[len("RESULT "):])

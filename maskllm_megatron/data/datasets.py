@@ -13,6 +13,7 @@ Micro-batch layout (megatron's pretraining sampler): the global sample stream is
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -107,11 +108,27 @@ def parse_blend(items: Sequence[str | float]) -> tuple[tuple[str, ...], tuple[fl
 class MegatronTokenizerAdapter:
     """The few tokenizer attributes megatron's GPTDataset reads: ``eod``, ``vocab_size`` and
     ``unique_identifiers`` (part of the index-cache key). It has no ``pad``: megatron then uses -1,
-    an id no document contains, so no real token is ever masked as padding."""
+    an id no document contains, so no real token is ever masked as padding.
 
-    def __init__(self, eod: int, vocab_size: int):
+    megatron keys its cached sample indices by the dataset's path, not its contents, so a prefix
+    preprocessed again (more documents, ``--add-bos``) would be read through the old indices: stale
+    samples, or an IndexError. ``data`` (a digest of each prefix's ``.idx``, which holds every
+    document's length, all the indices depend on) goes into the key so that a changed dataset gets
+    fresh indices."""
+
+    def __init__(self, eod: int, vocab_size: int, data: dict[str, str] | None = None):
         self.eod, self.vocab_size = int(eod), int(vocab_size)
-        self.unique_identifiers = {"class": type(self).__name__, "eod": self.eod, "vocab_size": self.vocab_size}
+        self.unique_identifiers = {"class": type(self).__name__, "eod": self.eod, "vocab_size": self.vocab_size,
+                                   "data": dict(data or {})}
+
+
+def index_digest(prefix: str) -> str:
+    """BLAKE2b of ``prefix.idx``: the document lengths and boundaries megatron's sample indices come from."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(f"{prefix}.idx", "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -134,7 +151,8 @@ def gpt_dataset_config(config: DataConfig, tokenizer: TextTokenizer):
         blend=(list(config.prefixes), list(config.weights) if len(config.prefixes) > 1 else None),
         split=config.split,
         path_to_cache=config.cache_dir,
-        tokenizer=MegatronTokenizerAdapter(tokenizer.eos_id, tokenizer.vocab_size),
+        tokenizer=MegatronTokenizerAdapter(tokenizer.eos_id, tokenizer.vocab_size,
+                                           {prefix: index_digest(prefix) for prefix in config.prefixes}),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,

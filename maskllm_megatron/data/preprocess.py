@@ -355,6 +355,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="input format (default auto: .jsonl/.json are JSONL, others text)")
     ap.add_argument("--split-blank-lines", action="store_true",
                     help="text files: one document per blank-line-separated block (default: per file)")
+    ap.add_argument("--append-eod", dest="append_eod", action="store_true", default=True,
+                    help="append EOD to every document (the default; accepted as Megatron-LM's flag)")
     ap.add_argument("--no-eod", dest="append_eod", action="store_false", help="do not append EOD to documents")
     ap.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's BOS to every document")
     ap.add_argument("--eos-token", help="EOD token string of a tokenizer.json (default from its config)")

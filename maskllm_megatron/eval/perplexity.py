@@ -4,6 +4,8 @@ The text is joined with "\\n\\n", tokenised once (no special tokens), cut into n
 of the model's sequence length (remainder dropped) and PPL = exp(mean token NLL). Options: ``stride``
 for overlapping windows where only the tokens no earlier window scored are scored; ``bos`` to start
 every window with BOS (then every text token of a window is scored, the first one predicted from BOS);
+``bos_once`` for one BOS before the whole text, which is what SparseGPT's and Wanda's scripts get from a
+LLaMA tokenizer's default encoding (use it to compare with their published LLaMA figures);
 ``max_tokens`` to use only the first tokens of the text.
 
 Two model paths share the window cutter and the NLL function, so they give the same number for the
@@ -172,11 +174,13 @@ class PerplexityResult:
     text_tokens: int
     seconds: float = 0.0
     model: str = ""
+    bos_once: bool = False  # one BOS before the whole text (counted in text_tokens)
 
     def summary(self) -> str:
         mode = f"stride {self.stride}" if self.stride else "non-overlapping"
+        bos = ", BOS" if self.bos else ", BOS once" if self.bos_once else ""
         return (f"PPL {self.ppl:.4f} (mean NLL {self.nll:.5f}) on {self.tokens:,} tokens scored in {self.windows} "
-                f"windows of {self.seq_len} ({mode}{', BOS' if self.bos else ''}; text {self.text_tokens:,} tokens), "
+                f"windows of {self.seq_len} ({mode}{bos}; text {self.text_tokens:,} tokens), "
                 f"model {self.model}, {self.seconds:.1f}s")
 
 
@@ -206,17 +210,27 @@ class EvalRequest:
     bos: bool = False
     max_tokens: Optional[int] = None
     batch_size: int = 1
+    bos_once: bool = False
 
     def __post_init__(self):  # checked before a model loads
+        if self.bos and self.bos_once:
+            raise EvalError("--bos (BOS before every window) and --bos-once (one BOS before the text) exclude "
+                            "each other: pass one")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise EvalError(f"--max-tokens {self.max_tokens} must be >= 1 (leave it out to use the whole text)")
         if self.batch_size < 1:
             raise EvalError(f"--batch-size {self.batch_size} must be >= 1")
 
+    def token_ids(self, tokenizer) -> list[int]:
+        """The token stream the windows are cut from."""
+        ids = tokenizer.encode(self.text)
+        return [tokenizer.bos_id, *ids] if self.bos_once else ids
+
 
 def _window_config(req: EvalRequest, tokenizer, model_max_len: int) -> WindowConfig:
-    if req.bos and tokenizer.bos_id is None:
-        raise EvalError(f"--bos: the tokenizer {tokenizer.path} has no BOS token; drop --bos")
+    for flag, wanted in (("--bos", req.bos), ("--bos-once", req.bos_once)):
+        if wanted and tokenizer.bos_id is None:
+            raise EvalError(f"{flag}: the tokenizer {tokenizer.path} has no BOS token; drop {flag}")
     if req.seq_len is not None and req.seq_len > model_max_len:
         raise EvalError(f"--seq-len {req.seq_len} exceeds the model's maximum sequence length "
                         f"{model_max_len} (max_position_embeddings): pass --seq-len {model_max_len} or less")
@@ -240,9 +254,9 @@ def hf_perplexity(folder: str | Path, req: EvalRequest) -> PerplexityResult:
     tokenizer = load_tokenizer(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").eval()
     cfg = _window_config(req, tokenizer, model.config.max_position_embeddings)
-    result = evaluate(lambda t: model(t).logits, tokenizer.encode(req.text), cfg, model.config.vocab_size,
+    result = evaluate(lambda t: model(t).logits, req.token_ids(tokenizer), cfg, model.config.vocab_size,
                       req.batch_size)
-    result.model = str(folder)
+    result.model, result.bos_once = str(folder), req.bos_once
     return result
 
 
@@ -283,9 +297,9 @@ def mcore_perplexity(path: str | Path, req: EvalRequest, use_prior: bool = False
     model, mc, tok_dir = load_mcore_for_eval(path, use_prior)
     tokenizer = load_tokenizer(tok_dir)
     cfg = _window_config(req, tokenizer, mc.max_position_embeddings)
-    result = evaluate(lambda t: gpt_forward(model, t), tokenizer.encode(req.text), cfg, mc.vocab_size,
+    result = evaluate(lambda t: gpt_forward(model, t), req.token_ids(tokenizer), cfg, mc.vocab_size,
                       req.batch_size)
-    result.model = str(path) + (" (prior masks)" if use_prior else "")
+    result.model, result.bos_once = str(path) + (" (prior masks)" if use_prior else ""), req.bos_once
     return result
 
 
@@ -314,6 +328,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--seq-len", type=int, help="window length (default: the model's maximum sequence length)")
     ap.add_argument("--stride", type=int, help="overlapping windows this many tokens apart; only new tokens scored")
     ap.add_argument("--bos", action="store_true", help="start every window with BOS")
+    ap.add_argument("--bos-once", action="store_true",
+                    help="one BOS before the whole text (SparseGPT/Wanda's LLaMA evaluation)")
     ap.add_argument("--max-tokens", type=int, help="use only the first N tokens of the text")
     ap.add_argument("--batch-size", type=int, default=1, help="windows per forward (default 1)")
     ap.add_argument("--json", action="store_true", help="also print the result as one JSON line 'RESULT {...}'")
@@ -334,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint_model_config(args.ckpt).validate_parallel(args.tp, 1)  # fail fast, before starting ranks
             return relaunch("maskllm_megatron.eval.perplexity", argv, args.tp)
         req = EvalRequest(read_text(args.text_file, args.jsonl, args.json_key, args.corpus), args.seq_len,
-                          args.stride, args.bos, args.max_tokens, args.batch_size)
+                          args.stride, args.bos, args.max_tokens, args.batch_size, args.bos_once)
         if args.hf is not None:
             result = hf_perplexity(args.hf, req)
         else:

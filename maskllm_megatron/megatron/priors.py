@@ -85,6 +85,14 @@ def _tp_all_gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
     return torch.cat(parts, dim)
 
 
+def _tp_sum(value: float, layer: _MaskedLinearMixin) -> float:
+    if layer._tp()[1] == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=layer.weight.device)  # NCCL: on the device
+    torch.distributed.all_reduce(total, group=layer.tp_group)
+    return float(total)
+
+
 def _stats_hook(layer: _MaskedLinearMixin, stats: InputStats, gather_input: bool):
     def hook(_module, args):
         x = args[0]
@@ -95,28 +103,38 @@ def _stats_hook(layer: _MaskedLinearMixin, stats: InputStats, gather_input: bool
     return layer.register_forward_pre_hook(hook)
 
 
-def _layer_mask(layer: _MaskedLinearMixin, stats: InputStats, cfg: PriorConfig) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(local {0,1} mask, updated local weight or None) for one masked linear."""
+def _layer_mask(layer: _MaskedLinearMixin, stats: InputStats,
+                cfg: PriorConfig) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[float]]:
+    """(local {0,1} mask, updated local weight or None, SparseGPT's reconstruction error of the rows this
+    rank pruned or None) for one masked linear. The errors of a layer's TP ranks add up to its TP=1 error."""
     spec: NMSpec = layer.nm
     W = layer.weight.detach()
     if cfg.method == "magnitude":
-        return magnitude_mask(W, spec), None
+        return magnitude_mask(W, spec), None, None
+    if stats.nsamples == 0:
+        raise ValueError(f"{layer.mask_layer_id}: no calibration tokens reached this layer: {cfg.method} needs "
+                         "calibration batches (at least one sample)")
     if cfg.method == "wanda":
-        return wanda_mask(W, stats.sq_norm, spec), None
+        return wanda_mask(W, stats.sq_norm, spec), None, None
     rank, size = layer._tp()
     if isinstance(layer, MaskedRowParallelLinear) and size > 1:
         full = layer.gather_global(W)  # [out, in]
+        if full.shape[0] % size:
+            raise ValueError(f"{layer.mask_layer_id}: SparseGPT splits the {full.shape[0]} output rows over TP={size} "
+                             "ranks: compute this prior at a TP size that divides them (e.g. TP=1)")
         rows = full.shape[0] // size
         part = slice(rank * rows, (rank + 1) * rows)
         mask_rows, w_rows = sparsegpt_prune(full[part], stats.hessian, spec, blocksize=cfg.blocksize,
                                             percdamp=cfg.percdamp, update_weights=cfg.update_weights)
+        error = reconstruction_error(full[part], w_rows.to(W.dtype) * mask_rows, stats)
         mask_full = _tp_all_gather(mask_rows, 0, layer.tp_group)
         cols = slice(rank * W.shape[1], (rank + 1) * W.shape[1])
         new_w = _tp_all_gather(w_rows.to(W.dtype), 0, layer.tp_group)[:, cols] if cfg.update_weights else None
-        return mask_full[:, cols].contiguous(), new_w
+        return mask_full[:, cols].contiguous(), new_w, error
     mask, new_w = sparsegpt_prune(W, stats.hessian, spec, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
                                   update_weights=cfg.update_weights)
-    return mask, (new_w.to(W.dtype) if cfg.update_weights else None)
+    new_w = new_w.to(W.dtype) if cfg.update_weights else None
+    return mask, new_w, reconstruction_error(W, (W if new_w is None else new_w) * mask, stats)
 
 
 @torch.no_grad()
@@ -127,9 +145,9 @@ def compute_priors(model: torch.nn.Module, batches: Iterable, cfg: PriorConfig,
     ``batches`` is a list of callables ``forward(model)`` that run the model on one calibration batch
     (e.g. ``lambda m: gpt_forward(m, tokens)``). The masks become each layer's ``prior_mask`` and shift
     its logits with ``strength`` (default: the mask config's ``prior_strength``). With
-    ``update_weights`` the weights get SparseGPT's OBS update. Returns, for SparseGPT, the reconstruction
-    error ``||X W^T - X (W*mask)^T||^2`` of each layer's local shard on its calibration inputs (where the
-    shard sees its whole input: every layer at TP=1, Column-parallel layers at any TP).
+    ``update_weights`` the weights get SparseGPT's OBS update. Returns, for SparseGPT, each layer's
+    reconstruction error ``||X W^T - X (W*mask)^T||^2`` on its calibration inputs, for the whole layer
+    (summed over tensor-parallel ranks: the same figure at any TP size).
     """
     layers = list(masked_layers(model))
     if not layers:
@@ -151,17 +169,15 @@ def compute_priors(model: torch.nn.Module, batches: Iterable, cfg: PriorConfig,
                 gather = (cfg.method == "sparsegpt" and isinstance(layer, MaskedRowParallelLinear)
                           and layer._tp()[1] > 1)
                 width = layer.weight.shape[1] * (layer._tp()[1] if gather else 1)
-                stats[layer] = InputStats(width, hessian=cfg.method == "sparsegpt")
+                stats[layer] = InputStats(width, hessian=cfg.method == "sparsegpt", device=layer.weight.device)
                 hooks.append(_stats_hook(layer, stats[layer], gather))
             outputs = [block(**kw)[0] for kw in inputs]
             for h in hooks:
                 h.remove()
             for layer in block_layers:
-                mask, new_w = _layer_mask(layer, stats[layer], cfg)
-                st = stats[layer]
-                if st.hessian is not None and st.in_features == layer.weight.shape[1]:
-                    pruned = (layer.weight if new_w is None else new_w) * mask
-                    errors[layer.mask_layer_id] = reconstruction_error(layer.weight, pruned, st)
+                mask, new_w, error = _layer_mask(layer, stats[layer], cfg)
+                if error is not None:
+                    errors[layer.mask_layer_id] = _tp_sum(error, layer)
                 if new_w is not None:
                     layer.weight.copy_(new_w)
                 layer.set_prior(mask, strength)

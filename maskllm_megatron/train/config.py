@@ -143,6 +143,12 @@ class TrainConfig:
                                   f"make it {d.micro_batch_size * dp}, {2 * d.micro_batch_size * dp}, ...")
         if self.prior.method not in ("magnitude", "wanda", "sparsegpt", "none", "checkpoint"):
             raise ConfigError(f"prior.method {self.prior.method!r}: use magnitude, wanda, sparsegpt, none or checkpoint")
+        if self.prior.update_weights and self.prior.method != "sparsegpt":
+            raise ConfigError(f"prior.update_weights is SparseGPT's OBS weight update: use it with prior.method=sparsegpt, "
+                              f"not {self.prior.method}")
+        if self.prior.method in ("wanda", "sparsegpt") and self.prior.calib_samples < 1:
+            raise ConfigError(f"prior.calib_samples {self.prior.calib_samples} must be >= 1: {self.prior.method} "
+                              "needs calibration text (the recipe uses 128 samples)")
         if self.prior.method == "checkpoint" and not self.prior.checkpoint:
             raise ConfigError("prior.method=checkpoint needs prior.checkpoint (an earlier run's checkpoint folder)")
         if self.run.train_iters < 0 or self.run.log_interval < 1:

@@ -62,9 +62,16 @@ class RunData:
             yield chunk
 
     def calibration_batches(self, num_samples: int) -> list[dict]:
-        """The first ``num_samples`` training samples, as micro-batches (same on every rank)."""
-        it = micro_batches(self.splits.train, self.cfg.data.micro_batch_size)
-        return [_model_batch(b) for b in itertools.islice(it, max(1, num_samples // self.cfg.data.micro_batch_size))]
+        """The first ``num_samples`` training samples, as micro-batches (same on every rank); the last
+        one is cut short when ``num_samples`` is not a multiple of the micro-batch size."""
+        mbs = self.cfg.data.micro_batch_size
+        batches = list(itertools.islice(micro_batches(self.splits.train, mbs), -(-num_samples // mbs)))
+        if sum(len(b["tokens"]) for b in batches) < num_samples:
+            raise ValueError(f"prior.calib_samples {num_samples} is more than the {len(self.splits.train)} training "
+                             "samples: lower it or give more training text")
+        if batches and num_samples % mbs:
+            batches[-1] = {k: v[: num_samples % mbs] for k, v in batches[-1].items()}
+        return [_model_batch(b) for b in batches]
 
 
 def build_data(cfg: TrainConfig, info, dp_rank: int, dp_size: int) -> RunData:

@@ -54,7 +54,7 @@ def main():
                     if update:
                         masks[layer.mask_layer_id + ".weight"] = layer.gather_global(layer.weight.detach())
                 result[name] = masks
-                report[name] = sum(errors.values())
+                report[name] = errors
     # Sequential pruning changes what deeper blocks see: block 1's SparseGPT masks differ from a
     # one-pass (dense inputs) calibration.
     seq = {}
@@ -67,10 +67,51 @@ def main():
     later = [k for k in seq[True] if k.startswith("layers.1.")]
     assert all(torch.equal(seq[True][k], seq[False][k]) for k in first)
     assert any(not torch.equal(seq[True][k], seq[False][k]) for k in later)
+    if tp == 1:
+        dense_hook_reference(batches)
     if torch.distributed.get_rank() == 0:
         torch.save(result, out / f"priors_tp{tp}.pt")
         print("RESULT " + json.dumps(report))
     torch.distributed.destroy_process_group()
+
+
+@torch.no_grad()
+def dense_hook_reference(batches):
+    """Independent of compute_priors' own calibration: every masked linear's inputs captured by a hook on
+    the dense model, the Wanda score and the Hessian 2/n X^T X formed from them directly (float64), and
+    the masks computed from those must equal compute_priors' one-pass (sequential=False) priors."""
+    from maskllm_megatron.masks import MaskConfig
+    from maskllm_megatron.megatron.priors import PriorConfig, compute_priors
+    from maskllm_megatron.megatron.sparsify import SparsifyConfig, masked_layers, sparsify
+    from maskllm_megatron.prune.methods import sparsegpt_prune, wanda_mask
+    from sparsify_worker import build, model_config
+
+    for family in ("llama", "gpt"):
+        dense = build(model_config(family))
+        sparsify(dense, SparsifyConfig(mask=MaskConfig(total_steps=10)))
+        inputs = {layer.mask_layer_id: [] for layer in masked_layers(dense)}
+        hooks = []
+        for layer in masked_layers(dense):
+            layer.masking_enabled = False
+            hooks.append(layer.register_forward_pre_hook(
+                lambda _m, args, key=layer.mask_layer_id: inputs[key].append(args[0].reshape(-1, args[0].shape[-1]))))
+        dense.eval()
+        for forward in batches:
+            forward(dense)
+        for h in hooks:
+            h.remove()
+        for method in ("wanda", "sparsegpt"):
+            model = build(model_config(family))
+            sparsify(model, SparsifyConfig(mask=MaskConfig(total_steps=10)))
+            compute_priors(model, batches, PriorConfig(method=method, sequential=False))
+            for layer in masked_layers(model):
+                X = torch.cat(inputs[layer.mask_layer_id]).double()
+                W = layer.weight.detach()
+                if method == "wanda":
+                    expect = wanda_mask(W, (X * X).sum(0), layer.nm)
+                else:
+                    expect, _ = sparsegpt_prune(W, 2 / X.shape[0] * X.t() @ X, layer.nm, dtype=torch.float64)
+                assert torch.equal(layer.prior_mask, expect.bool()), (family, method, layer.mask_layer_id)
 
 
 if __name__ == "__main__":
