@@ -27,19 +27,8 @@ from pathlib import Path
 from maskllm_megatron import assets
 from maskllm_megatron.demo import (Stages, _ppl, add_recipe_arguments, convert_stage, copy_run_records, data_stage,
                                    final_checkpoint, learn_stage, learn_wall_s, prior_stage, recipe_from_args)
-from maskllm_megatron.eval.perplexity import wikipedia_split
+from maskllm_megatron.eval.perplexity import shakespeare_split, wikipedia_split
 from maskllm_megatron.train.config import checkpoint_iteration
-
-SHAKESPEARE_HELDOUT = 0.15
-
-
-def shakespeare_split():
-    """(training texts, held-out plays): the last 15% of the texts by name are never trained on. The
-    package ships a few other works beside Shakespeare's (Milton's among them), which fall on the
-    training side; the held-out texts are all Shakespeare plays."""
-    plays = [text for _, text in assets.shakespeare_texts()]
-    cut = len(plays) - max(1, round(len(plays) * SHAKESPEARE_HELDOUT))
-    return plays[:cut], plays[cut:]
 
 
 def main(argv=None) -> int:
@@ -59,11 +48,9 @@ def main(argv=None) -> int:
     ckpt = convert_stage(stages, hf)
     wiki_train, _ = wikipedia_split()
     wiki = data_stage(stages, "wiki_train", [t for _, t in wiki_train], ckpt / "tokenizer")
-    plays_train, plays_heldout = shakespeare_split()
+    plays_train, _ = shakespeare_split()
     shakes = data_stage(stages, "shakespeare_train", plays_train, ckpt / "tokenizer")
-    heldout_plays = stages.root / "shakespeare_heldout.txt"  # derived data: cache, not report
-    heldout_plays.write_text("\n\n".join(plays_heldout))
-    texts = {"wikipedia": ("--corpus", "wikipedia-heldout"), "shakespeare": ("--text-file", str(heldout_plays))}
+    texts = {"wikipedia": ("--corpus", "wikipedia-heldout"), "shakespeare": ("--corpus", "shakespeare-heldout")}
 
     priors = {m: prior_stage(stages, ckpt, wiki, m) for m in ("magnitude", "wanda", "sparsegpt")}
     priors["sparsegpt+update"] = prior_stage(stages, ckpt, wiki, "sparsegpt", update_weights=True)

