@@ -275,6 +275,11 @@ def test_overrides_read_numbers_as_yaml_1_1_writes_them():
     ({"parallel": {"tp": "x"}}, "parallel.tp: 'x' is not a valid int"),
     ({"parallel": {"bucket_size": -1}}, "parallel.bucket_size -1 must be >= 0"),
     ({"prior": {"method": "obs"}}, "prior.method 'obs': use magnitude"),
+    ({"data": {"cache_dir": None}}, "data.cache_dir: None is not a valid str"),
+    ({"prior": {"method": "magnitude", "update_weights": True}}, "prior.update_weights is SparseGPT's OBS weight update"),
+    ({"prior": {"calib_samples": 0}}, "prior.calib_samples 0 must be >= 1: sparsegpt needs calibration text"),
+    ({"prior": {"blocksize": 130}}, "prior.blocksize 130 must be a positive multiple of M=4"),
+    ({"prior": {"percdamp": -0.1}}, "prior.percdamp -0.1 >= 0"),
     ({"data": {"train": ["/data/x_text_document"], "micro_batch_size": 0}}, "data.micro_batch_size 0 must be >= 1"),
     ({"optim": {"lr": 0.0}}, "optim.lr 0.0 must be > 0"),
     ({"optim": {"min_lr": 1e-3}}, "optim.min_lr 0.001 must be in [0, optim.lr=5e-05]"),
@@ -403,3 +408,22 @@ print("OK", env["dp_size"], parallel_state.get_tensor_model_parallel_world_size(
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-3:] == ["OK", "1", "1"]
+
+
+def test_calibration_takes_exactly_calib_samples(tiny):
+    """prior.calib_samples is the number of samples calibrated on: a short last micro-batch, not a count
+    rounded down to whole micro-batches; asking for more than the training split holds is refused."""
+    import torch
+
+    from maskllm_megatron.train.config import TrainConfig
+    from maskllm_megatron.train.data import RunData
+
+    cfg = TrainConfig.load(write_config(tiny, "calib", data={"cache_dir": ""}), ()).validate()
+    data = RunData(cfg, 0, 1)
+    batches = data.calibration_batches(10)  # micro-batches of 4
+    assert [len(b["tokens"]) for b in batches] == [4, 4, 2]
+    assert all(len(v) == 2 for v in batches[-1].values() if torch.is_tensor(v))
+    more = torch.cat([b["tokens"] for b in data.calibration_batches(12)])
+    assert torch.equal(torch.cat([b["tokens"] for b in batches]), more[:10])  # the first samples, in order
+    with pytest.raises(ValueError, match="prior.calib_samples 1000000 is more than the .* training samples"):
+        data.calibration_batches(10**6)

@@ -74,14 +74,17 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, spec: NMSpec, blocksize: i
 
     idx = torch.arange(cols, device=W.device)
     H[idx, idx] += percdamp * torch.mean(torch.diag(H))
+    not_definite = RuntimeError(f"SparseGPT: the dampened Hessian is not positive definite (percdamp={percdamp}); "
+                                "use more calibration tokens or a larger percdamp")
     L, info = torch.linalg.cholesky_ex(H)
     if info != 0:
-        raise RuntimeError(f"SparseGPT: the dampened Hessian is not positive definite (percdamp={percdamp}); "
-                           "use more calibration tokens or a larger percdamp")
+        raise not_definite
     # H^-1 = L^-T L^-1 (a triangular solve: torch.cholesky_inverse is much slower on CPU), then the
     # upper Cholesky factor of H^-1, whose rows drive the OBS updates.
     Linv = torch.linalg.solve_triangular(L, torch.eye(cols, dtype=dtype, device=W.device), upper=False)
-    Hinv = torch.linalg.cholesky(Linv.t() @ Linv, upper=True)
+    Hinv, info = torch.linalg.cholesky_ex(Linv.t() @ Linv, upper=True)
+    if info != 0:
+        raise not_definite
 
     keep = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
     for i1 in range(0, cols, blocksize):

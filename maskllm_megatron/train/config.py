@@ -94,6 +94,8 @@ class PriorSection:
     checkpoint: str = ""  # with method=checkpoint: take the hard masks of an earlier run as the prior
     calib_samples: int = 128
     update_weights: bool = False
+    blocksize: int = 128  # SparseGPT's column block
+    percdamp: float = 0.01  # SparseGPT's dampening: this fraction of the Hessian's mean diagonal
 
 
 @dataclass
@@ -149,6 +151,10 @@ class TrainConfig:
         if self.prior.method in ("wanda", "sparsegpt") and self.prior.calib_samples < 1:
             raise ConfigError(f"prior.calib_samples {self.prior.calib_samples} must be >= 1: {self.prior.method} "
                               "needs calibration text (the recipe uses 128 samples)")
+        m = self.mask_config().nm.m
+        if self.prior.blocksize < 1 or self.prior.blocksize % m or self.prior.percdamp < 0:
+            raise ConfigError(f"prior.blocksize {self.prior.blocksize} must be a positive multiple of M={m} and "
+                              f"prior.percdamp {self.prior.percdamp} >= 0 (SparseGPT's defaults: 128 and 0.01)")
         if self.prior.method == "checkpoint" and not self.prior.checkpoint:
             raise ConfigError("prior.method=checkpoint needs prior.checkpoint (an earlier run's checkpoint folder)")
         if self.run.train_iters < 0 or self.run.log_interval < 1:
@@ -311,6 +317,8 @@ def _coerce(hint, value: Any, path: str):
             return value
         if origin in (int, float, str):
             if origin is int and isinstance(value, float) and not value.is_integer():
+                raise TypeError
+            if value is None:  # YAML null / ~ : str(None) would be the path "None"
                 raise TypeError
             return origin(value)
         if origin in (tuple, list):

@@ -103,7 +103,8 @@ def apply_prior(cfg: TrainConfig, model, data) -> dict:
         raise ValueError("one-shot priors are computed at PP=1: run the prior step with parallel.pp=1 "
                          "(or prior.method=checkpoint with a PP=1 prior run)")
     batches = [partial(_calibration_forward, batch=b) for b in data.calibration_batches(cfg.prior.calib_samples)]
-    errors = compute_priors(model, batches, PriorConfig(method=method, update_weights=cfg.prior.update_weights))
+    errors = compute_priors(model, batches, PriorConfig(method=method, update_weights=cfg.prior.update_weights,
+                                                        blocksize=cfg.prior.blocksize, percdamp=cfg.prior.percdamp))
     return {"prior_method": method, "prior_layers": len(list(masked_layers(model))),
             "prior_reconstruction_error": sum(errors.values()) if errors else None}
 
