@@ -163,7 +163,8 @@ def _encode_in_worker(text: str) -> np.ndarray:
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 when every id fits, else int32 (the same rule megatron's GPTDatasetConfig uses)."""
+    """uint16 when every id fits (ids up to 65,535), else int32. (Megatron-LM switches at a vocabulary of
+    65,500; for sizes in between, both dtypes hold every id and the files read back the same.)"""
     return np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32)
 
 
