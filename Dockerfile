@@ -3,7 +3,7 @@
 #
 #   docker build -t maskllm-megatron .
 #   docker run --gpus all --ipc=host --ulimit memlock=-1 --ulimit stack=67108864 \
-#       -v /data:/data -it maskllm-megatron \
+#       -v /data:/data -v /models:/models -v /ckpt:/ckpt -v /runs:/runs -it maskllm-megatron \
 #       torchrun --nproc-per-node 8 -m maskllm_megatron.train --config examples/llama2_7b.yaml
 #
 # Multi-node: run the same container on every node with
@@ -23,8 +23,9 @@ COPY tools ./tools
 COPY examples ./examples
 COPY benchmarks ./benchmarks
 
-# The same install steps as `make test`, minus torch (the image's CUDA build stays): megatron-core
-# pinned as in setup.py, then this package with the Hugging Face and metrics extras.
+# The install steps of `make env` minus torch (the image's CUDA build stays) and minus the test-only
+# extras: megatron-core pinned as in setup.py, then this package with the Hugging Face and metrics
+# extras. The test suite is not in the image (it runs on CPU: `make test` in a checkout).
 RUN pip install "megatron-core==0.16.1" \
  && pip install -e ".[hf,metrics]" \
  && python -c "import megatron.core, maskllm_megatron.megatron.layers; print('maskllm-megatron ready')"

