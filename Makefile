@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
 STAMP := $(VENV)/.installed-$(shell cat setup.py | sha1sum | cut -c1-12)
 
 .PHONY: env test test-fast demo clean
@@ -11,8 +12,10 @@ STAMP := $(VENV)/.installed-$(shell cat setup.py | sha1sum | cut -c1-12)
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# torch first, the CPU wheel on local disk: a later package must not pull a CUDA build.
-	$(PIP) install -q torch==$(TORCH_VERSION)
+	# torch first, so that a later package cannot pull a CUDA build. Here pip's configuration finds the
+	# CPU wheel on local disk; elsewhere PyPI serves the CUDA one: pass
+	# TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build.
+	$(PIP) install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e ".[test]"
 	touch $(STAMP)
 
