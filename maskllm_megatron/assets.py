@@ -19,6 +19,7 @@ import bz2
 import contextlib
 import fcntl
 import functools
+import hashlib
 import html
 import os
 import re
@@ -115,6 +116,15 @@ def _member(archive: Path, member: str, out: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+def file_digest(path: str | Path) -> str:
+    """BLAKE2b (128-bit) of a file's bytes, read in blocks: a content key for caches."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _read(path: Path) -> str:
     return path.read_text() if path.is_file() else ""
 

@@ -330,13 +330,8 @@ def _bar_chart(table: list[tuple[str, float]], path: Path) -> None:
 
 def folder_digest(folder: Path) -> str:
     """BLAKE2b of every file in ``folder`` (names and bytes): what a stage made from it depends on."""
-    digest = hashlib.blake2b(digest_size=16)
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return _key([(str(path.relative_to(folder)), assets.file_digest(path)) for path in files])
 
 
 def convert_stage(stages: Stages, hf: Path) -> Path:

@@ -26,4 +26,3 @@ def test_priors_are_valid_hand_checked_and_tp2_equals_tp1(tmp_path):
                 torch.testing.assert_close(tp1[name][key], tp2[name][key], rtol=1e-5, atol=1e-5)
             else:
                 assert torch.equal(tp1[name][key], tp2[name][key]), (name, key)
-

@@ -13,7 +13,6 @@ Micro-batch layout (megatron's pretraining sampler): the global sample stream is
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from maskllm_megatron.assets import file_digest
 from maskllm_megatron.data.tokenizer import TextTokenizer
 
 
@@ -122,15 +122,6 @@ class MegatronTokenizerAdapter:
                                    "data": dict(data or {})}
 
 
-def index_digest(prefix: str) -> str:
-    """BLAKE2b of ``prefix.idx``: the document lengths and boundaries megatron's sample indices come from."""
-    digest = hashlib.blake2b(digest_size=16)
-    with open(f"{prefix}.idx", "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass
 class DatasetSplits:
     """Top-level datasets (``GPTDataset`` or ``BlendedDataset``); None where the split's part or the
@@ -152,7 +143,7 @@ def gpt_dataset_config(config: DataConfig, tokenizer: TextTokenizer):
         split=config.split,
         path_to_cache=config.cache_dir,
         tokenizer=MegatronTokenizerAdapter(tokenizer.eos_id, tokenizer.vocab_size,
-                                           {prefix: index_digest(prefix) for prefix in config.prefixes}),
+                                           {prefix: file_digest(f"{prefix}.idx") for prefix in config.prefixes}),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,

@@ -27,6 +27,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from ..launch import all_reduce_floats
 from ..masks import NMSpec
 from ..prune.calibration import InputStats
 from ..prune.methods import METHODS, magnitude_mask, reconstruction_error, sparsegpt_prune, wanda_mask
@@ -83,14 +84,6 @@ def _tp_all_gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(size)]
     torch.distributed.all_gather(parts, t.contiguous(), group=group)
     return torch.cat(parts, dim)
-
-
-def _tp_sum(value: float, layer: _MaskedLinearMixin) -> float:
-    if layer._tp()[1] == 1:
-        return value
-    total = torch.tensor([value], dtype=torch.float64, device=layer.weight.device)  # NCCL: on the device
-    torch.distributed.all_reduce(total, group=layer.tp_group)
-    return float(total)
 
 
 def _stats_hook(layer: _MaskedLinearMixin, stats: InputStats, gather_input: bool):
@@ -177,7 +170,7 @@ def compute_priors(model: torch.nn.Module, batches: Iterable, cfg: PriorConfig,
             for layer in block_layers:
                 mask, new_w, error = _layer_mask(layer, stats[layer], cfg)
                 if error is not None:
-                    errors[layer.mask_layer_id] = _tp_sum(error, layer)
+                    errors[layer.mask_layer_id] = all_reduce_floats([error], group=layer.tp_group)[0]
                 if new_w is not None:
                     layer.weight.copy_(new_w)
                 layer.set_prior(mask, strength)

@@ -151,10 +151,6 @@ class TrainConfig:
         if self.prior.method in ("wanda", "sparsegpt") and self.prior.calib_samples < 1:
             raise ConfigError(f"prior.calib_samples {self.prior.calib_samples} must be >= 1: {self.prior.method} "
                               "needs calibration text (the recipe uses 128 samples)")
-        m = self.mask_config().nm.m
-        if self.prior.blocksize < 1 or self.prior.blocksize % m or self.prior.percdamp < 0:
-            raise ConfigError(f"prior.blocksize {self.prior.blocksize} must be a positive multiple of M={m} and "
-                              f"prior.percdamp {self.prior.percdamp} >= 0 (SparseGPT's defaults: 128 and 0.01)")
         if self.prior.method == "checkpoint" and not self.prior.checkpoint:
             raise ConfigError("prior.method=checkpoint needs prior.checkpoint (an earlier run's checkpoint folder)")
         if self.run.train_iters < 0 or self.run.log_interval < 1:
@@ -189,7 +185,10 @@ class TrainConfig:
                 raise ConfigError(f"optim.{name} {getattr(o, name)} must be in [0, 1)")
         if o.decay_style not in DECAY_STYLES:
             raise ConfigError(f"optim.decay_style {o.decay_style!r}: use one of {', '.join(DECAY_STYLES)}")
-        self.mask_config()  # the mask sampler's own checks, as ConfigError
+        m = self.mask_config().nm.m  # the mask sampler's own checks, as ConfigError
+        if self.prior.blocksize < 1 or self.prior.blocksize % m or self.prior.percdamp < 0:
+            raise ConfigError(f"prior.blocksize {self.prior.blocksize} must be a positive multiple of M={m} and "
+                              f"prior.percdamp {self.prior.percdamp} >= 0 (SparseGPT's defaults: 128 and 0.01)")
         if self.prior.method != "none" and self.mask.prior_strength > 0 and self.mask.init_std == 0:
             raise ConfigError("mask.init_std 0 with a prior: the prior shifts the logits by (overlap - 1) x "
                               "std(initial logits) x mask.prior_strength, which is 0 when they all start at 0; "
