@@ -21,11 +21,16 @@ $(STAMP): setup.py
 
 env: $(STAMP)
 
+# Two workers, one test file each (module fixtures are built once): most tests wait on subprocesses and
+# torchrun ranks, so two run side by side on 2 cores. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: env
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast: env
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 demo: env
 	$(PY) -m maskllm_megatron.demo

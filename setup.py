@@ -23,7 +23,7 @@ setup(
         # Metrics and plots of the driver.
         "metrics": ["tensorboard", "matplotlib"],
         "wandb": ["wandb"],
-        "test": ["pytest", "transformers>=4.45", "gguf", "tokenizers", "accelerate", "matplotlib", "tensorboard",
+        "test": ["pytest", "pytest-xdist", "transformers>=4.45", "gguf", "tokenizers", "accelerate", "matplotlib", "tensorboard",
                  "compressed-tensors<0.13", "loguru",  # the real reader, to cross-check our 2:4 export
                  # the GPU Triton kernels, tested on CPU through Triton's interpreter
                  "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],

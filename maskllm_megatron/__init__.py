@@ -1,12 +1,32 @@
-"""maskllm-megatron: learnable N:M semi-structured sparsity (MaskLLM) as a megatron-core plugin."""
-import warnings as _warnings
+"""maskllm-megatron: learnable N:M semi-structured sparsity (MaskLLM) as a megatron-core plugin.
 
-import torch as _torch
+The one entry point for converting a model::
 
-if not _torch.cuda.is_available():
-    # Without CUDA, megatron-core's import-time notes that Apex / Transformer Engine are missing (and
-    # that it falls back to torch) are expected and say nothing: neither can run on a CPU. They came
-    # before every tool's own output, a one-line error included. On a GPU machine they stay: there they
-    # tell a user that the fast fused paths are off.
-    _warnings.filterwarnings("ignore", message=r"(Transformer Engine and )?Apex (is|are) not installed",
-                             category=UserWarning)
+    from maskllm_megatron import sparsify, SparsifyConfig, MaskConfig
+    sparsify(gpt_model, SparsifyConfig(mask=MaskConfig(nm="2:4", total_steps=2000)))
+
+The names load on first use, so importing the package imports neither megatron-core nor torch, and
+changes no global state (warning filters included).
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "sparsify": "maskllm_megatron.megatron.sparsify",
+    "SparsifyConfig": "maskllm_megatron.megatron.sparsify",
+    "masked_layers": "maskllm_megatron.megatron.sparsify",
+    "MaskConfig": "maskllm_megatron.masks",
+    "PriorConfig": "maskllm_megatron.megatron.priors",
+    "compute_priors": "maskllm_megatron.megatron.priors",
+    "ReconstructConfig": "maskllm_megatron.megatron.reconstruct",
+    "reconstruct_weights": "maskllm_megatron.megatron.reconstruct",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'maskllm_megatron' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -77,6 +77,9 @@ class LearnRecipe:
                                        "start (decays to 0, the paper's)")
     warmup_iters: int = _recipe_field(5, "optim.warmup_iters", "iterations of linear lr warm-up from 0 before the "
                                       "cosine decay")
+    kd_weight: float = _recipe_field(0.0, "distill.kd_weight", "weight of the distillation term (KL to the dense "
+                                     "model) in the loss, the LM loss taking the rest; 0: the LM loss alone")
+    kd_temperature: float = _recipe_field(1.0, "distill.temperature", "softmax temperature of the distillation term")
     # measured here at DP=2; only the demo uses it
     tokens_per_second: float = _recipe_field(55.0, None, "expected mask-learning speed, to turn a time budget "
                                              "into iterations")
@@ -112,7 +115,8 @@ class LearnRecipe:
                 "optim": {"lr": self.lr / MASK_LR_MULT, "min_lr": self.lr / MASK_LR_MULT / 10,
                           "adam_eps": self.adam_eps, "adam_beta2": self.adam_beta2, "clip_grad": self.clip_grad,
                           "warmup_iters": self.warmup_iters},
-                "mask": {"prior_strength": self.prior_strength, "regularizer": [self.regularizer, 0.0]}}
+                "mask": {"prior_strength": self.prior_strength, "regularizer": [self.regularizer, 0.0]},
+                "distill": {"kd_weight": self.kd_weight, "temperature": self.kd_temperature}}
 
     @property
     def tokens_per_iteration(self) -> int:
@@ -289,7 +293,7 @@ def _train_config(ckpt: Path, data_prefix: Path, out: Path, **sections) -> dict:
                 "seed": 1234, "tensorboard": True},
     }
     for section, values in sections.items():
-        cfg[section].update(values)
+        cfg.setdefault(section, {}).update(values)
     return cfg
 
 
@@ -300,7 +304,7 @@ def _write_yaml(cfg: dict, path: Path) -> Path:
     return path
 
 
-def _ppl(args: list, log: Path, text: tuple = ("--corpus", "wikipedia-heldout")) -> float:
+def heldout_ppl(args: list, log: Path, text: tuple = ("--corpus", "wikipedia-heldout")) -> float:
     """Held-out perplexity (SEQ-token windows with BOS, first 8,192 tokens) of a model given by ``args``."""
     out = _run(["-m", "maskllm_megatron.eval.perplexity", *args, *text, "--seq-len",
                 str(SEQ), "--bos", "--max-tokens", "8192", "--json"], log)
@@ -316,7 +320,7 @@ def _bar_chart(table: list[tuple[str, float]], path: Path) -> None:
 
     names, values = zip(*table)
     fig, ax = plt.subplots(figsize=(7, 4))
-    bars = ax.bar(names, values, color=["#777777", "#d62728", "#ff7f0e", "#bcbd22", "#2ca02c"][: len(names)])
+    bars = ax.bar(names, values, color=["#777777", "#d62728", "#ff7f0e", "#bcbd22", "#2ca02c", "#1f77b4"][: len(names)])
     ax.set_yscale("log")
     ax.set_ylabel("held-out perplexity (log scale)")
     ax.set_title("SmolLM2-135M, 2:4 sparsity, held-out Wikipedia")
@@ -393,8 +397,10 @@ def learn_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, iter
         if reached != checkpoint_name(iters):  # stopped early (SIGTERM saves and exits cleanly): not finished
             raise RuntimeError(f"the run stopped at {reached} of {iters} iterations")
 
-    # "lr-applied": runs cached before the driver applied mask_lr_mult learned at a tenth of recipe.lr
-    settings = {k: v for k, v in asdict(recipe).items() if k != "tokens_per_second"}  # only sets iters, keyed
+    # what shapes the run: not the planning speed (it only sets iters, keyed), nor, without distillation,
+    # its temperature (no teacher runs)
+    unused = {"tokens_per_second"} | ({"kd_weight", "kd_temperature"} if recipe.kd_weight == 0 else set())
+    settings = {k: v for k, v in asdict(recipe).items() if k not in unused}
     return stages.run(5, name, _key(str(prior_ckpt), str(prefix), iters, checkpoints, evals, settings,
                                     "lr-applied"), learn,
                       resumable=True)
@@ -420,17 +426,46 @@ def copy_run_records(run: Path, out: Path, curves: str = "training_curves.png",
                     "--out", str(out / curves), "--title", title], check=False)  # no matplotlib: no PNG
 
 
+RECONSTRUCTIONS = ("none", "obs", "lstsq")
+RECON_SAMPLES = 128  # calibration samples of the run's own training data (the prior's)
+
+
+def _export(stages: Stages, ckpt: Path, name: str, flags: list[str], *key) -> Path:
+    """``maskllm-export --format hf`` of ``ckpt`` with ``flags`` as a stage whose folder holds ``hf/`` and
+    ``seconds.json`` (the export's wall time). Keyed by the checkpoint's content too (its extra state: the
+    run's losses): a learning stage run again at the same path, e.g. after its folder was deleted, must not
+    reuse the export of the earlier run."""
+    from .checkpoint_files import extra_path
+
+    content = hashlib.sha256(extra_path(ckpt).read_bytes()).hexdigest()
+
+    def export(w: Path):
+        t0 = time.time()
+        _run(["-m", "maskllm_megatron.export.cli", "--ckpt", str(ckpt), "--out", str(w / "hf"), "--format", "hf",
+              *flags], w / f"{name}.log")
+        (w / "seconds.json").write_text(json.dumps(time.time() - t0))
+
+    return stages.run(6, name, _key(str(ckpt), content, *key), export)
+
+
 def export_stage(stages: Stages, ckpt: Path) -> Path:
-    """The learned 2:4 model as a verified Hugging Face folder. Keyed by the checkpoint's content too
-    (its ``extra_state.pt``: the run's losses): a learning stage run again at the same path, e.g. after
-    its folder was deleted, must not reuse the export of the earlier run."""
-    content = hashlib.sha256((ckpt / "extra_state.pt").read_bytes()).hexdigest()
-    return stages.run(6, "export", _key(str(ckpt), content), lambda w: _run(
-        ["-m", "maskllm_megatron.export.cli", "--ckpt", str(ckpt), "--out", str(w / "hf"), "--format", "hf"],
-        w / "export.log")) / "hf"
+    """The learned 2:4 model as a verified Hugging Face folder."""
+    return _export(stages, ckpt, "export", []) / "hf"
+
+
+def reconstruct_stage(stages: Stages, ckpt: Path, method: str) -> tuple[Path, float]:
+    """The learned masks with their kept weights refitted (``maskllm-export --reconstruct``) as a verified
+    Hugging Face folder, and the seconds the export took (reconstruction included)."""
+    folder = _export(stages, ckpt, f"reconstruct-{method}",
+                     ["--reconstruct", "--recon-method", method, "--calib-samples", str(RECON_SAMPLES)],
+                     method, RECON_SAMPLES)
+    return folder / "hf", float(json.loads((folder / "seconds.json").read_text()))
 
 
 def main(argv=None) -> int:
+    from .launch import quiet_known_warnings
+
+    quiet_known_warnings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=12.0,
                    help="mask-learning budget in minutes, turned into iterations at --tokens-per-second (at least "
@@ -438,6 +473,11 @@ def main(argv=None) -> int:
                         "(the planning speed is conservative), the whole demo in 13-21; raise it for a longer, "
                         "better run")
     add_recipe_arguments(p)
+    p.add_argument("--reconstruct", choices=RECONSTRUCTIONS, default="none",
+                   help="also refit the kept weights of the learned masks (maskllm-export --reconstruct, "
+                        f"{RECON_SAMPLES} calibration samples) and add that row, with its cost in seconds: obs "
+                        "(SparseGPT's sweep, ~1-2 minutes here) or lstsq (exact, ~15-30 minutes). Default none: "
+                        "on this model it makes the learned mask worse (benchmarks/RESULTS.md, Reconstruction)")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="where the results go (default demo_out)")
     args = p.parse_args(argv)
     if not args.minutes > 0:
@@ -458,13 +498,13 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --out {out}: cannot create the folder ({e.strerror})") from None
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # `kill` and schedulers stop it as Ctrl-C does
     try:
-        return _demo(recipe, iters, out)
+        return _demo(recipe, iters, out, args.reconstruct)
     except KeyboardInterrupt:  # outside a stage (e.g. fetching the model)
         raise SystemExit(f"demo interrupted; run the same command (`{rerun_command()}`) again: finished stages "
                          "are reused") from None
 
 
-def _demo(recipe: LearnRecipe, iters: int, out: Path) -> int:
+def _demo(recipe: LearnRecipe, iters: int, out: Path, reconstruct: str = "none") -> int:
     """The seven stages and the results (``main`` has checked the arguments)."""
     from .eval.perplexity import wikipedia_split
 
@@ -480,16 +520,22 @@ def _demo(recipe: LearnRecipe, iters: int, out: Path) -> int:
     prior_ckpts = {method: prior_stage(stages, ckpt, prefix, method) for method in PRIORS}
     run = learn_stage(stages, ckpt, prefix, prior_ckpts["sparsegpt"], iters, recipe)
     exported = export_stage(stages, final_checkpoint(run))
+    refitted = reconstruct_stage(stages, final_checkpoint(run), reconstruct) if reconstruct != "none" else None
 
     # 7. held-out perplexity
     def evaluate(w: Path):
-        rows = [("dense", _ppl(["--hf", str(hf)], w / "dense.log"))]
+        rows = [("dense", heldout_ppl(["--hf", str(hf)], w / "dense.log"))]
         for method in PRIORS:
-            rows.append((method, _ppl(["--ckpt", str(prior_ckpts[method]), "--use-prior"], w / f"{method}.log")))
-        rows.append(("MaskLLM", _ppl(["--hf", str(exported)], w / "maskllm.log")))
+            rows.append((method, heldout_ppl(["--ckpt", str(prior_ckpts[method]), "--use-prior"], w / f"{method}.log")))
+        rows.append(("MaskLLM", heldout_ppl(["--hf", str(exported)], w / "maskllm.log")))
+        if refitted is not None:
+            folder, seconds = refitted
+            rows.append((f"MaskLLM + {reconstruct} reconstruction ({seconds:.0f} s)",
+                         heldout_ppl(["--hf", str(folder)], w / f"reconstruct-{reconstruct}.log")))
         (w / "table.json").write_text(json.dumps(rows))
 
-    results = stages.run(7, "evaluate", _key(str(exported), [str(r) for r in prior_ckpts.values()], SEQ), evaluate)
+    results = stages.run(7, "evaluate", _key(str(exported), [str(r) for r in prior_ckpts.values()], SEQ,
+                                             *([str(refitted[0])] if refitted else [])), evaluate)
     rows = json.loads((results / "table.json").read_text())
     tokens = iters * recipe.tokens_per_iteration
     lines = ["| model | held-out PPL |", "|---|---|"] + [f"| {n} | {v:.2f} |" for n, v in rows]

@@ -15,6 +15,38 @@ import sys
 from pathlib import Path
 
 
+# Library warnings that every run prints and that say nothing to our users; a tool's stderr should hold its
+# own lines (a one-line error above all). (message regex, category); filtered by the tools, not on import.
+KNOWN_WARNINGS = (
+    (r"full scope is deprecated", UserWarning),  # megatron-core's TransformerConfig default
+    (r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning),  # torch DCP
+    (r"`load_state_dict` is deprecated and will be removed", FutureWarning),  # megatron's torch_dist loader
+    (r"The \.grad attribute of a Tensor that is not a leaf Tensor", UserWarning),  # megatron's optimizer
+    (r"torch\.distributed is disabled, unavailable or uninitialized", UserWarning),  # DCP in one process
+    (r"TypedStorage is deprecated", UserWarning),
+)
+# Without CUDA, megatron-core's notes that Apex / Transformer Engine are missing are expected: neither can
+# run on a CPU. On a GPU machine they stay: there they tell a user that the fast fused paths are off.
+CPU_ONLY_WARNINGS = ((r"(Transformer Engine and )?Apex (is|are) not installed", UserWarning),)
+
+
+def quiet_known_warnings() -> None:
+    """Silence ``KNOWN_WARNINGS`` (and ``CPU_ONLY_WARNINGS`` without CUDA) in this process: called first by
+    every command-line tool, never by importing the package."""
+    import warnings
+
+    rules = KNOWN_WARNINGS
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            rules = rules + CPU_ONLY_WARNINGS
+    except ImportError:
+        pass
+    for message, category in rules:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for MASTER_PORT)."""
     with socket.socket() as s:

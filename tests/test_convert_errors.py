@@ -3,6 +3,7 @@ written (neither the output folder nor a partial one)."""
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -141,7 +142,7 @@ def test_mcore_to_hf_rejects_a_folder_that_is_no_checkpoint(tmp_path, capsys):
     assert "nope does not exist" in capsys.readouterr().err
     run = tmp_path / "run" / "iter_0000012"
     run.mkdir(parents=True)
-    (run / "extra_state.pt").write_bytes(b"")
+    (run / "extra_state.json").write_bytes(b"")
     assert main(["mcore-to-hf", "--ckpt", str(run), "--out", str(tmp_path / "hf")]) == 2
     assert "is a mask-learning run checkpoint: turn it into a model with maskllm-export" in capsys.readouterr().err
 
@@ -178,3 +179,47 @@ def test_model_config_parallel_validation():
         ModelConfig(family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
                     num_query_groups=3, vocab_size=250, max_position_embeddings=64)
     assert ModelConfig.from_dict(json.loads(json.dumps(mc.to_dict()))) == mc
+
+
+def test_malformed_input_files_are_one_line_and_write_nothing(tmp_path):
+    """Through the real commands: a damaged config.json (converter, verifier), a safetensors header that
+    lies about its length, and a damaged .idx in the driver's data: one line each, no output."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = tmp_path / "hf"
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(hf)
+    bad_config, bad_header = tmp_path / "bad_config", tmp_path / "bad_header"
+    shutil.copytree(hf, bad_config)
+    (bad_config / "config.json").write_text('{"model_type": "llama", oops')
+    shutil.copytree(hf, bad_header)
+    (bad_header / "model.safetensors").write_bytes((10**6).to_bytes(8, "little") + b'{"a": 1}')
+    data = tmp_path / "d"
+    builder = IndexedDatasetBuilder(f"{data}.bin", dtype=np.uint16)
+    builder.add_document(np.arange(50, dtype=np.uint16), [50])
+    builder.finalize(f"{data}.idx")
+    Path(f"{data}.idx").write_bytes(Path(f"{data}.idx").read_bytes()[:40])
+    cases = [
+        (["maskllm_megatron.convert.cli", "hf-to-mcore", "--hf", bad_config, "--out", tmp_path / "o"],
+         f"error: {bad_config}/config.json is not valid JSON (line 1, column 25"),
+        (["maskllm_megatron.eval.verify", bad_config], "is not valid JSON"),
+        (["maskllm_megatron.convert.cli", "hf-to-mcore", "--hf", bad_header, "--out", tmp_path / "o"],
+         "corrupt or truncated safetensors file"),
+        (["maskllm_megatron.train", "model.checkpoint=/nowhere", f"data.train=[{data}]"],
+         "does not exist"),  # the model is checked first ...
+    ]
+    for args, message in cases:
+        r = subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert r.returncode != 0 and r.stderr.count("\n") == 1 and message in r.stderr, (args, r.stderr[-2000:])
+        assert not (tmp_path / "o").exists()
+    from maskllm_megatron.data.datasets import DataConfigError, check_prefix
+
+    with pytest.raises(DataConfigError, match=r"d\.idx cannot be read \(.*truncated\): re-run maskllm-preprocess"):
+        check_prefix(str(data), 64)  # ... and the damaged index is refused before any step

@@ -250,10 +250,10 @@ def test_export_stage_follows_the_checkpoint_content_not_only_its_path(tmp_path,
     stages = Stages(tmp_path / "stages")
     ckpt = tmp_path / "run" / "checkpoints" / "iter_0000038"
     ckpt.mkdir(parents=True)
-    (ckpt / "extra_state.pt").write_bytes(b"history of the first run")
+    (ckpt / "extra_state.json").write_bytes(b"history of the first run")
     first = demo.export_stage(stages, ckpt)
     assert demo.export_stage(stages, ckpt) == first and len(exports) == 1  # same content: cached
-    (ckpt / "extra_state.pt").write_bytes(b"history of a second run")
+    (ckpt / "extra_state.json").write_bytes(b"history of a second run")
     assert demo.export_stage(stages, ckpt) != first and len(exports) == 2
 
 

@@ -256,9 +256,9 @@ def test_compressed_tensors_refuses_non_24_before_loading(tiny_run, tmp_path):
     work = tiny_run["work"]
     run = tmp_path / "run14"
     shutil.copytree(work / "run" / "checkpoints" / "iter_0000003", run)
-    extra = torch.load(run / "extra_state.pt", weights_only=False)
+    extra = json.loads((run / "extra_state.json").read_text())
     extra["config"]["mask"]["nm"] = "1:4"
-    torch.save(extra, run / "extra_state.pt")
+    (run / "extra_state.json").write_text(json.dumps(extra))
     assert main(["--ckpt", str(run), "--out", str(tmp_path / "ct"), "--format", "compressed-tensors"]) == 2
     assert not (tmp_path / "ct").exists()
 
@@ -293,3 +293,133 @@ def smollm2_export(tmp_path_factory) -> dict:
     r = json.loads(done.read_text())
     r["work"] = work
     return r
+
+
+# ---------------------------------------------------------------------------------------------- reconstruction
+def _calib_text(tmp_path: Path) -> Path:
+    from maskllm_megatron.assets import botchan_text
+
+    path = tmp_path / "calib.txt"
+    path.write_text(botchan_text()[6000:40000])  # not the text test_perplexity scores (its first 6,000 characters)
+    return path
+
+
+def _export_cli(args: list[str]) -> tuple[int, str, str]:
+    r = subprocess.run([sys.executable, "-m", "maskllm_megatron.export.cli", *map(str, args)], capture_output=True,
+                       text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return r.returncode, r.stdout, r.stderr
+
+
+def test_reconstructed_export_refits_the_kept_weights_at_tp2_as_at_tp1(tiny_run, tmp_path):
+    """--reconstruct: the same masks (zeros where the plain export has them), refitted kept weights, verified,
+    recorded in config.json; TP=2 (two ranks) writes TP=1's weights; held-out perplexity drops."""
+    work = tiny_run["work"]
+    text = _calib_text(tmp_path)
+    common = ["--ckpt", work / "run", "--format", "hf", "--reconstruct", "--calib-text", text, "--calib-samples", "24",
+              "--calib-seq-len", "32", "--calib-batch-size", "4"]
+    outs = {}
+    for tp in (1, 2):
+        outs[tp] = tmp_path / f"recon_tp{tp}"
+        rc, out, err = _export_cli([*common, "--out", outs[tp], "--tp", tp])
+        assert rc == 0, err[-3000:]
+        assert "Warning" not in err, err[-3000:]  # stderr holds our lines, not library warnings
+        assert "reconstructed (lstsq, percdamp 0.01) on 24 x 32 tokens of text" in out, out
+    plain, rec1, rec2 = weights(work / "hf_tp2"), weights(outs[1]), weights(outs[2])
+    record = json.loads((outs[1] / "config.json").read_text())["sparsity"]
+    assert record["weights"] == "reconstructed" and record["reconstruction"]["method"] == "lstsq"
+    assert record["reconstruction"]["error_after"] < record["reconstruction"]["error_before"]
+    assert json.loads((work / "hf_tp2" / "config.json").read_text())["sparsity"]["weights"] == "original"
+    changed = 0
+    for name in record["targets"]:
+        assert torch.equal(rec1[name] == 0, plain[name] == 0), name  # the same N:M pattern, nothing else zeroed
+        changed += int((rec1[name] != plain[name]).sum())
+        torch.testing.assert_close(rec2[name], rec1[name], rtol=1e-4, atol=1e-5)  # TP=2 equals TP=1
+    assert changed > 0.9 * sum(int((plain[n] != 0).sum()) for n in record["targets"])
+    for name in set(rec1) - set(record["targets"]):  # embeddings, norms, head: untouched
+        assert torch.equal(rec1[name], plain[name]), name
+    from maskllm_megatron.eval.verify import verify_path
+
+    assert verify_path(outs[2]).ok
+    from maskllm_megatron.eval.perplexity import EvalRequest, hf_perplexity
+
+    req = EvalRequest(text.read_text()[-8000:], seq_len=32, bos=True)  # text the calibration did not use
+    assert hf_perplexity(outs[1], req).ppl < hf_perplexity(work / "hf_tp2", req).ppl
+
+
+def test_reconstruction_refuses_bad_calibration_in_one_line_and_writes_nothing(tiny_run, tmp_path):
+    work = tiny_run["work"]
+    base = ["--ckpt", work / "run", "--format", "hf", "--out", tmp_path / "out"]
+    cases = [
+        ([*base, "--reconstruct", "--calib-seq-len", "32"], "needs calibration data and the run names none"),
+        ([*base, "--reconstruct", "--calib-data", tmp_path / "nowhere", "--calib-seq-len", "32"], "missing"),
+        ([*base, "--reconstruct", "--calib-text", _calib_text(tmp_path), "--calib-samples", "5000",
+          "--calib-seq-len", "32"], "fewer than 5000 samples x 32 tokens"),
+        ([*base, "--reconstruct", "--calib-text", _calib_text(tmp_path), "--calib-seq-len", "500"],
+         "exceeds the model's maximum sequence length"),
+        ([*base, "--calib-text", _calib_text(tmp_path)], "--calib-text is a reconstruction option: add --reconstruct"),
+        ([*base[:4], "--format", "masks", "--out", tmp_path / "m", "--reconstruct"], "a masks file holds none"),
+    ]
+    for args, message in cases:
+        rc, _, err = _export_cli(args)
+        assert rc == 2 and err.count("\n") == 1 and message in err, (args, err)
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*.work"))
+
+
+class _Planted:
+    """Unpickling this runs a shell command: what a checkpoint from a stranger could hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("tool", ["verify", "eval", "export"])
+def test_a_planted_pickle_in_checkpoint_metadata_is_refused_unrun(tiny_run, tmp_path, tool):
+    import pickle
+
+    work = tiny_run["work"]
+    source = work / "mcore_tp1" if tool != "export" else work / "run" / "checkpoints" / "iter_0000003"
+    evil = tmp_path / "evil"
+    shutil.copytree(source, evil)
+    marker = tmp_path / "ran"
+    (evil / ".metadata").write_bytes(pickle.dumps(_Planted(marker)))
+    cmd = {"verify": ["-m", "maskllm_megatron.eval.verify", str(evil)],
+           "eval": ["-m", "maskllm_megatron.eval.perplexity", "--ckpt", str(evil), "--text-file", __file__,
+                    "--seq-len", "32"],
+           "export": ["-m", "maskllm_megatron.export.cli", "--ckpt", str(evil), "--out", str(tmp_path / "o"),
+                      "--format", "hf"]}[tool]
+    r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode != 0 and not marker.exists(), r.stderr[-2000:]
+    assert "references posix.system" in r.stderr and "refusing to read a checkpoint that could run code" in r.stderr
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_overwrite_replaces_only_an_earlier_output_of_the_same_tool(tiny_run, tmp_path):
+    """--overwrite refuses a folder it does not recognise and one that holds the input, leaving both as they
+    were; an earlier export it replaces."""
+    work = tiny_run["work"]
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    run_copy = tmp_path / "run"
+    shutil.copytree(work / "run", run_copy)
+    cases = [(foreign, "--overwrite replaces only an earlier output of maskllm-export"),
+             (run_copy, f"--out {run_copy} holds the input {run_copy}/checkpoints/iter_0000003"),
+             (work / "base", "holds the input")]
+    for out, message in cases:
+        rc, _, err = _export_cli(["--ckpt", run_copy, "--out", out, "--format", "masks", "--overwrite"])
+        assert rc == 2 and err.count("\n") == 1 and message in err, err
+    assert (foreign / "thesis.tex").read_text() == "years of work"
+    assert (run_copy / "checkpoints" / "iter_0000003" / "metadata.json").is_file()
+    # an earlier export of the same tool is replaced (a mask file, recognised by its header; an HF folder)
+    masks = tmp_path / "m.safetensors"
+    for _ in range(2):
+        rc, _, err = _export_cli(["--ckpt", run_copy, "--out", masks, "--format", "masks", "--overwrite"])
+        assert rc == 0, err[-2000:]
+    from maskllm_megatron.convert.io import written_by
+
+    assert written_by(work / "hf_tp2") == "maskllm-export" and written_by(foreign) is None
+    assert written_by(work / "base") == "maskllm-convert"

@@ -276,6 +276,36 @@ def test_cpu_kernel_is_used_by_the_fused_path_and_keeps_gradients():
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-5)
 
 
+@needs_cpu_kernel
+def test_the_default_is_the_fastest_kernel_that_runs_here(monkeypatch):
+    """``masked_weight`` without ``fused`` (as a masked layer built with its defaults calls it) takes the
+    one-pass C++ kernel on an fp32 2:4 CPU layer, and for a layer it cannot take (bf16 here) the eager path,
+    never a CPU torch.compile; a torch.compile that fails falls back to eager with one warning."""
+    from maskllm_megatron.masks import sampling
+
+    spec = NMSpec(2, 4)
+    calls = []
+    monkeypatch.setattr(cpu_kernel, "masked_weight_forward",
+                        lambda *a, real=cpu_kernel.masked_weight_forward, **k: calls.append("cpu") or real(*a, **k))
+    compiled = sampling._kernels(True)
+    monkeypatch.setitem(sampling._KERNELS, True, (lambda *a, **k: calls.append("compiled"), compiled[1]))
+    for dtype in (torch.float32, torch.bfloat16):
+        W = torch.randn(4, 16, dtype=dtype)
+        L = torch.randn(4, 4, 6, dtype=dtype, requires_grad=True)
+        masked_weight(W, L, 3, torch.arange(4), torch.arange(4), spec, 1.0, 2.0).sum().backward()
+    assert calls == ["cpu"]
+    # fused=True where no one-pass kernel runs is torch.compile: a failure to build falls back, once, warned
+    monkeypatch.setattr(sampling, "_compile_failed", False)
+    monkeypatch.setitem(sampling._KERNELS, True, (lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no cc")),
+                                                   compiled[1]))
+    W = torch.randn(4, 16, dtype=torch.bfloat16)
+    L = torch.randn(4, 4, 6, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="failed to build .*running the eager path"):
+        out = masked_weight(W, L, 3, torch.arange(4), torch.arange(4), spec, 1.0, 2.0, fused=True)
+    eager = masked_weight(W, L, 3, torch.arange(4), torch.arange(4), spec, 1.0, 2.0, fused=False)
+    assert torch.equal(out, eager)
+
+
 def test_cpu_kernel_falls_back_when_it_cannot_be_built(tmp_path, monkeypatch):
     """A compiler that fails: one warning, and the torch.compile path takes over (no crash)."""
     monkeypatch.setenv("MASKLLM_CACHE", str(tmp_path))

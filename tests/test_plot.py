@@ -92,3 +92,30 @@ def test_records_without_plottable_keys(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"iteration": 0, "prior_method": "none"}) + "\n")
     assert main([str(tmp_path)]) == 2
     assert "nothing to plot" in capsys.readouterr().err
+
+
+def test_a_distillation_run_plots_its_three_losses_and_the_kl(tmp_path):
+    path = synthetic_run(tmp_path / "run")
+    recs = [json.loads(l) for l in path.read_text().splitlines()]
+    for r in recs:
+        if "lm_loss" in r:
+            r.update(kd_loss=0.5 * r["lm_loss"], loss=0.75 * r["lm_loss"])
+        if "valid/ppl" in r:
+            r["valid/kl_to_dense"] = r["valid/loss"] / 5
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    import matplotlib.pyplot as plt
+
+    from maskllm_megatron.train import plot
+
+    drawn = {}
+    real_close = plt.close
+    plt.close = lambda fig: drawn.setdefault("fig", fig)  # look at the figure before it is closed
+    try:
+        plot.plot_records(load_records(path), tmp_path / "kd.png")
+    finally:
+        plt.close = real_close
+    ax_loss = drawn["fig"].axes[0]
+    assert [l.get_label() for l in ax_loss.lines] == ["LM", "KD (T^2 KL to dense)", "total"]
+    assert any("KL to dense" in ax.get_ylabel() for ax in drawn["fig"].axes)
+    png_size(tmp_path / "kd.png")
+    real_close(drawn["fig"])

@@ -33,3 +33,22 @@ def test_checkpoint_round_trip_tp2_tp1_tp2_from_a_dense_start(tmp_path):
     assert len(saved) == 8
     for key in saved:
         assert torch.equal(saved[key], tp1[key]) and torch.equal(saved[key], tp2[key]), key
+
+
+def test_the_package_root_is_the_entry_point_and_importing_it_changes_nothing():
+    """``from maskllm_megatron import sparsify, SparsifyConfig, MaskConfig`` works; importing the package alone
+    loads neither torch nor megatron-core and leaves the warning filters as they were."""
+    import subprocess
+    import sys
+
+    code = ("import sys, warnings; before = list(warnings.filters); import maskllm_megatron; "
+            "assert warnings.filters == before, 'warning filters changed'; "
+            "assert 'torch' not in sys.modules and 'megatron.core' not in sys.modules, 'heavy imports'; "
+            "from maskllm_megatron import sparsify, SparsifyConfig, MaskConfig, PriorConfig; "
+            "from maskllm_megatron.megatron.sparsify import sparsify as s; assert sparsify is s; "
+            "assert SparsifyConfig(mask=MaskConfig(nm='2:4')).mask.nm.n == 2; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-c", "import maskllm_megatron as m; m.nothing"], capture_output=True,
+                       text=True, timeout=60)
+    assert "has no attribute 'nothing'" in r.stderr

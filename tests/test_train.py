@@ -21,14 +21,6 @@ from tests.torchrun_util import free_port, torchrun
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_run")
-    subprocess.run([sys.executable, "tests/scripts/make_tiny_run.py", str(d)], check=True, cwd=ROOT,
-                   capture_output=True)
-    return d
-
-
 def write_config(tiny: Path, name: str, **sections) -> Path:
     cfg = {
         "model": {"checkpoint": str(tiny / "ckpt")},
@@ -42,7 +34,7 @@ def write_config(tiny: Path, name: str, **sections) -> Path:
                 "eval_iters": 4, "save_interval": 6},
     }
     for section, values in sections.items():
-        cfg[section].update(values)
+        cfg.setdefault(section, {}).update(values)
     path = tiny / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -61,7 +53,9 @@ def history(out_dir: Path) -> list:
     import torch
 
     latest = (out_dir / "checkpoints" / "latest").read_text().strip()
-    return torch.load(out_dir / "checkpoints" / latest / "extra_state.pt", weights_only=False)["history"]
+    from maskllm_megatron.checkpoint_files import read_extra
+
+    return read_extra(out_dir / "checkpoints" / latest)["history"]
 
 
 def valid_losses(out_dir: Path) -> list:
@@ -222,6 +216,29 @@ def test_driver_input_errors_are_one_line_and_it_runs_without_torchrun(tiny, ove
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
 
 
+def test_malformed_config_and_nm_overrides_through_the_command(tmp_path):
+    """The real command: a YAML syntax error is one line naming the file and the line; an N:M override
+    is read as text (YAML 1.1 would read 1:4 as the base-60 number 64), so its own check speaks."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  checkpoint: /ckpt\n data: [\n")
+    cases = [(["--config", str(bad)], f"maskllm-train: config file {bad} is not valid YAML at line 3"),
+             (["model.checkpoint=/ckpt", "data.train=[/d/x_text_document]", "optim.lr=[1,"],
+              "maskllm-train: override 'optim.lr=[1,' is not valid YAML"),
+             (["model.checkpoint=/ckpt", "data.train=[/d/x_text_document]", "mask.nm=2:5"],
+              "maskllm-train: prior.blocksize 128 must be a positive multiple of M=5")]  # 2:5, not 125
+    for args, message in cases:
+        proc = subprocess.run([sys.executable, "-m", "maskllm_megatron.train", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.startswith(message), proc.stderr
+    from maskllm_megatron.train.config import TrainConfig
+
+    for nm, n_m in (("1:4", (1, 4)), ("4:8", (4, 8))):
+        cfg = TrainConfig.load(None, ("model.checkpoint=/data:ckpt", "data.train=[/d/x_text_document]", f"mask.nm={nm}"))
+        spec = cfg.validate().mask_config().nm
+        assert (spec.n, spec.m) == n_m and cfg.model.checkpoint == "/data:ckpt"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_sigterm_or_ctrl_c_saves_and_exits_cleanly(tiny, sig):
     name = f"stop_{sig.name}"
@@ -297,6 +314,9 @@ def test_overrides_read_numbers_as_yaml_1_1_writes_them():
     ({"mask": {"init_std": 0.0}}, "mask.init_std 0 with a prior: the prior shifts the logits by"),
     ({"model": {"checkpoint": "/ckpt", "dtype": "fp16"}}, "model.dtype fp16: mask learning in fp16 needs loss scaling"),
     ({"model": {"checkpoint": "/ckpt", "dtype": "float32"}}, "model.dtype 'float32': use auto"),
+    ({"distill": {"kd_weight": 1.5}}, "distill.kd_weight 1.5 must be in [0, 1]"),
+    ({"distill": {"temperature": 0.0}}, "distill.temperature 0.0 must be > 0"),
+    ({"distill": {"kd_weight": 0.5}, "mask": {"train_weights": True}}, "distill.kd_weight > 0 with mask.train_weights"),
 ])
 def test_bad_config_is_one_line_naming_the_field(raw, message):
     from maskllm_megatron.train.config import ConfigError, TrainConfig
@@ -326,6 +346,10 @@ def test_resume_conflicts_name_what_may_not_change():
     # a prior-only checkpoint: the schedules may change, what made its logits may not
     assert conflict(0, run={"train_iters": 50}, optim={"lr": 1e-3}) is None
     assert "prior.method 'sparsegpt' -> 'wanda'" in conflict(0, prior={"method": "wanda"})
+    # distillation shapes the run; a checkpoint saved before the setting existed ran without it
+    assert "distill.kd_weight 0.0 -> 0.5" in conflict(5, distill={"kd_weight": 0.5})
+    old = {k: v for k, v in saved.items() if k != "distill"}
+    assert TrainConfig.from_dict(base).validate().resume_conflict(old, 5) is None
 
 
 def test_zero_init_noise_is_fine_without_a_prior():
@@ -427,3 +451,134 @@ def test_calibration_takes_exactly_calib_samples(tiny):
     assert torch.equal(torch.cat([b["tokens"] for b in batches]), more[:10])  # the first samples, in order
     with pytest.raises(ValueError, match="prior.calib_samples 1000000 is more than the .* training samples"):
         data.calibration_batches(10**6)
+
+
+def _plain_driver(config: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """The driver launched plainly (one process, no torchrun)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                            "MASTER_PORT", "TORCHELASTIC_RUN_ID")}
+    return subprocess.run([sys.executable, "-m", "maskllm_megatron.train", "--config", str(config), *overrides],
+                          cwd=ROOT, capture_output=True, text=True, env=dict(env, OMP_NUM_THREADS="1"), timeout=300)
+
+
+def test_resume_trusts_complete_checkpoints_not_the_latest_pointer(tiny):
+    """An emptied or dangling ``latest`` resumes from the newest complete checkpoint (it used to restart at 0
+    and rotate the run's checkpoints away); a half-deleted newest one is passed over for the one before it,
+    and the resumed run is the uninterrupted one; a torn last metrics line is dropped; a folder of only
+    incomplete checkpoints is refused in one line naming it."""
+    import torch  # noqa: F401
+
+    config = write_config(tiny, "pointer", parallel={"tp": 1}, prior={"method": "magnitude"},
+                          run={"train_iters": 6, "save_interval": 2, "keep_last": 3, "eval_interval": 0, "log_interval": 1})
+    out = tiny / "pointer"
+    r = _plain_driver(config)
+    assert r.returncode == 0
+    assert "Warning" not in r.stderr and "warn(" not in r.stderr, r.stderr[-3000:]  # stderr holds our lines only
+    ckpts = out / "checkpoints"
+    straight, names = history(out), sorted(p.name for p in ckpts.glob("iter_*"))
+    assert names == ["iter_0000002", "iter_0000004", "iter_0000006"]
+    lines = (out / "metrics.jsonl").read_text()
+    for pointer, why in (("", "is empty"), ("iter_0000099", "names 'iter_0000099'")):
+        (ckpts / "latest").write_text(pointer)
+        r = _plain_driver(config)
+        assert r.returncode == 0 and f"{ckpts / 'latest'} {why}" in r.stdout and "resuming from iter_0000006" in r.stdout, r.stdout[-2000:]
+        assert sorted(p.name for p in ckpts.glob("iter_*")) == names  # nothing rotated away
+        assert (out / "metrics.jsonl").read_text() == lines  # nothing truncated
+    # the newest checkpoint half deleted, and a torn metrics line: resume from iteration 4, exactly
+    next(p for p in (ckpts / "iter_0000006").glob("*.distcp")).unlink()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 7, "lm_lo')
+    r = _plain_driver(config)
+    assert r.returncode == 0 and "resumed from" in r.stdout and "iter_0000004" in r.stdout, r.stderr[-2000:]
+    assert "dropping its incomplete last line" in r.stdout
+    assert history(out) == straight
+    assert all(l.strip().startswith("{") and l.strip().endswith("}") for l in (out / "metrics.jsonl").read_text().splitlines())
+    # only incomplete checkpoints: refused, nothing deleted
+    for p in ckpts.glob("iter_*"):
+        (p / "metadata.json").unlink()
+    r = _plain_driver(config)
+    assert r.returncode == 1 and r.stderr.count("maskllm-train: ") == 1 and f"{ckpts} holds iter_0000006" in r.stderr
+    assert "none is a complete checkpoint" in r.stderr and len(list(ckpts.glob("iter_*"))) == 3
+
+
+def test_resume_refuses_inputs_remade_since_the_checkpoint_unless_allowed(tiny):
+    config_dir = tiny / "remade"
+    data = config_dir / "data"
+    data.mkdir(parents=True)
+    for suffix in (".bin", ".idx"):
+        shutil.copy(tiny / "data" / f"botchan_text_document{suffix}", data / f"d{suffix}")
+    config = write_config(tiny, "remade", parallel={"tp": 1}, prior={"method": "magnitude"},
+                          data={"train": [str(data / "d")]},
+                          run={"train_iters": 4, "save_interval": 2, "eval_interval": 0, "log_interval": 1})
+    assert _plain_driver(config, "run.train_iters=4").returncode == 0
+    (config_dir / "checkpoints" / "latest").write_text("iter_0000002")
+    shutil.rmtree(config_dir / "checkpoints" / "iter_0000004")
+    # the dataset made again at the same path, with other documents (the first ones dropped)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    old = IndexedDataset(str(data / "d"))
+    builder = IndexedDatasetBuilder(str(data / "new.bin"), dtype=old.index.dtype)
+    for i in range(5, len(old)):
+        builder.add_document(old[i], [old[i].size])
+    builder.finalize(str(data / "new.idx"))
+    del old
+    for suffix in (".bin", ".idx"):
+        os.replace(data / f"new{suffix}", data / f"d{suffix}")
+    r = _plain_driver(config)
+    assert r.returncode == 1 and "the dataset" in r.stderr and "changed since the run's last checkpoint" in r.stderr
+    assert "run.allow_changed_inputs=true" in r.stderr and r.stderr.count("maskllm-train: ") == 1
+    r = _plain_driver(config, "run.allow_changed_inputs=true")
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
+
+
+def test_data_is_checked_against_its_index_and_the_vocabulary_before_training(tiny, tmp_path):
+    """A truncated .bin and token ids beyond the model's vocabulary are refused in one line, before any
+    step (megatron would fail iterations in, or silently zero the ids at TP=2)."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    src = tiny / "data" / "botchan_text_document"
+    cut = tmp_path / "cut"
+    shutil.copy(f"{src}.idx", f"{cut}.idx")
+    data = Path(f"{src}.bin").read_bytes()
+    Path(f"{cut}.bin").write_bytes(data[: len(data) // 2])
+    big = tmp_path / "big"
+    builder = IndexedDatasetBuilder(f"{big}.bin", dtype=np.uint16)
+    g = np.random.default_rng(0)
+    for _ in range(40):
+        doc = g.integers(0, 999, 200).astype(np.uint16)
+        doc[7] = 4000  # the tiny model's vocabulary holds 1000
+        builder.add_document(doc, [doc.size])
+    builder.finalize(f"{big}.idx")
+    for prefix, message in ((cut, "the .bin is truncated"), (big, "holds token id 4000, beyond the model's vocabulary of 1000")):
+        config = write_config(tiny, f"data_check_{prefix.name}", parallel={"tp": 1}, prior={"method": "magnitude"},
+                              data={"train": [str(prefix)], "cache_dir": str(tmp_path / "cache")})
+        r = _plain_driver(config)
+        assert r.returncode == 1 and r.stderr.count("maskllm-train: ") == 1 and message in r.stderr, r.stderr[-2000:]
+        assert not (tiny / f"data_check_{prefix.name}" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("fault", ["grad_norm", "logits"])
+def test_a_non_finite_step_is_never_saved(tiny, fault):
+    """An infinite gradient norm, or a NaN left in the logits by an update, stops the run before its next
+    save; the newest kept checkpoint holds finite tensors only (read back here)."""
+    from maskllm_megatron import checkpoint_files as checkpointing
+
+    from tests.torchrun_util import printed_result
+
+    config = write_config(tiny, f"finite_{fault}", parallel={"tp": 1}, prior={"method": "magnitude"},
+                          run={"train_iters": 5, "save_interval": 1, "keep_last": 5, "eval_interval": 0})
+    r = printed_result(torchrun("tests/scripts/driver_guards_worker.py", "finite", config, fault, nproc=1))
+    expect = "the gradient norm is inf at iteration 3" if fault == "grad_norm" else "non-finite mask logits at iteration 3"
+    assert r["stopped"] and r["stopped"].startswith(expect), r
+    ckpts = tiny / f"finite_{fault}" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_0000001", "iter_0000002"]
+    assert r["kept"] == "iter_0000002" and r["tensors"] > 20 and r["finite"], r
+    assert checkpointing.is_complete(ckpts / "iter_0000002")
+
+
+def test_ranks_that_found_different_checkpoints_refuse_to_resume():
+    from tests.torchrun_util import printed_result
+
+    r = printed_result(torchrun("tests/scripts/driver_guards_worker.py", "agree", nproc=2))
+    assert r["refused"] and "the ranks found different checkpoints to resume (iterations 4 to 6" in r["refused"]

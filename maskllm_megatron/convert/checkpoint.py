@@ -42,13 +42,15 @@ class CheckpointInfo:
         path = folder / CONFIG_FILE
         if not folder.exists():
             raise ConversionError(f"{folder} does not exist: pass a checkpoint written by maskllm-convert hf-to-mcore")
-        if (folder / "extra_state.pt").is_file() or (folder / "latest").is_file():
+        if any((folder / n).is_file() for n in ("extra_state.json", "extra_state.pt", "latest")):
             raise ConversionError(f"{folder} is a mask-learning run checkpoint: turn it into a model with "
                                   f"maskllm-export --ckpt {folder} (--format mcore or hf)")
         if not path.is_file():
             raise ConversionError(f"{folder} has no {CONFIG_FILE}: pass a checkpoint written by maskllm-convert "
                                   "hf-to-mcore (or maskllm-export --format mcore)")
-        d = json.loads(path.read_text())
+        from maskllm_megatron.convert.io import read_json
+
+        d = read_json(path)
         if d.get("format") != FORMAT:
             raise ConversionError(f"{path} has format {d.get('format')!r}, expected {FORMAT!r}")
         return cls(ModelConfig.from_dict(d["model"]), d["dtype"], d["tp"], d["pp"], d.get("hf_config", {}),
@@ -86,14 +88,13 @@ def load_mcore_model(ckpt_dir: str | Path, *, parallel_output: bool = True):
 
     Returns ``(model, info)``; the model is in eval mode.
     """
-    from megatron.core import dist_checkpointing
-
+    from maskllm_megatron.megatron.checkpointing import load_sharded
     from maskllm_megatron.megatron.model_builder import build_gpt_model
 
     info = CheckpointInfo.load(ckpt_dir)
     model = build_gpt_model(info.model, info.model.to_transformer_config(
         _tp(), _pp(), info.dtype, perform_initialization=False), parallel_output=parallel_output)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(ckpt_dir).absolute()))
+    state = load_sharded(model.sharded_state_dict(), Path(ckpt_dir).absolute())
     model.load_state_dict(state)
     return model.eval(), info
 

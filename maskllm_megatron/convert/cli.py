@@ -42,9 +42,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from maskllm_megatron.launch import quiet_known_warnings
+
+    quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    from maskllm_megatron.convert.io import ConversionError, output_exists, partial_path
+    from maskllm_megatron.convert.io import ConversionError, check_output, partial_path
     from maskllm_megatron.launch import exit_cleanly_on_sigterm, relaunch, under_torchrun
 
     try:
@@ -53,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.tp * args.pp > 1 and not under_torchrun():
                 plan(args.hf, args.tp, args.pp, args.dtype)  # fail fast, before starting ranks
-                if args.out.exists() and not args.overwrite:
-                    raise ConversionError(output_exists(args.out))
+                check_output(args.out, args.overwrite, "maskllm-convert", [args.hf])
                 return relaunch("maskllm_megatron.convert.cli", argv, args.tp * args.pp,
                                 cleanup=partial_path(args.out.absolute()))
             exit_cleanly_on_sigterm()

@@ -16,7 +16,8 @@ import torch
 
 from maskllm_megatron.convert.checkpoint import (TOKENIZER_DIR, CheckpointInfo, global_param_names,
                                                  init_parallel)
-from maskllm_megatron.convert.io import (ConversionError, HFCheckpoint, copy_tokenizer, output_exists, partial_path,
+from maskllm_megatron.convert.io import (ConversionError, HFCheckpoint, check_output, copy_tokenizer, mark_output,
+                                         partial_path,
                                          progress)
 from maskllm_megatron.convert.mapping import TensorRule, architecture_for, model_config_from_hf
 from maskllm_megatron.megatron.model_builder import DTYPES, ModelConfig, ModelConfigError
@@ -73,8 +74,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, d
     """
     out = Path(out).absolute()
     p = plan(hf_dir, tp, pp, dtype)  # before megatron's import warnings, so bad input reads as one line
-    if out.exists() and not overwrite:
-        raise ConversionError(output_exists(out))
+    check_output(out, overwrite, "maskllm-convert", [hf_dir])
 
     import torch.distributed as dist
     from megatron.core import dist_checkpointing, parallel_state
@@ -118,6 +118,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, d
         if rank == 0:
             CheckpointInfo(p.model, dtype, tp, pp, p.hf.config, str(p.hf.folder)).save(tmp)
             copy_tokenizer(p.hf.folder, tmp / TOKENIZER_DIR)
+            mark_output(tmp, "maskllm-convert")
             if out.exists():
                 shutil.rmtree(out)
             tmp.rename(out)

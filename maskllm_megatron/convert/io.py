@@ -14,7 +14,7 @@ import shutil
 import struct
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Optional, Iterator
 
 import torch
 
@@ -98,10 +98,12 @@ class HFCheckpoint:
             raise ConversionError(f"{self.folder} does not exist: pass a Hugging Face model folder to --hf")
         if not (self.folder / "config.json").is_file():
             raise ConversionError(f"{self.folder} has no config.json: pass a Hugging Face model folder to --hf")
-        self.config: dict = json.loads((self.folder / "config.json").read_text())
+        self.config: dict = read_json(self.folder / "config.json")
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            weight_map: dict[str, str] = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index} has no weight_map: the index is damaged; write or download it again")
         elif (self.folder / "model.safetensors").is_file():
             weight_map = {k: "model.safetensors" for k in SafetensorsFile(self.folder / "model.safetensors").keys()}
         elif list(self.folder.glob("*.bin")):
@@ -230,6 +232,22 @@ class ShardWriter:
         return names
 
 
+def read_json(path: str | Path) -> dict:
+    """A JSON object file (config.json, an index, a record); malformed or not an object: one
+    ``ConversionError`` line naming the file and where it breaks."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}): the file is "
+                              "damaged; write or download it again") from None
+    except UnicodeDecodeError:
+        raise ConversionError(f"{path} is not text: the file is damaged; write or download it again") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path} holds a JSON {type(value).__name__}, not an object: the file is damaged")
+    return value
+
+
 def partial_path(out: Path) -> Path:
     """Where an output folder is assembled before it is renamed to ``out``."""
     return out.with_name(f".{out.name}.partial")
@@ -240,18 +258,69 @@ def output_exists(out: str | Path) -> str:
     return f"output {out} already exists: remove it, choose another --out, or pass --overwrite"
 
 
-@contextlib.contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary folder next to ``out``; rename it to ``out`` when the block succeeds,
-    delete it when the block fails, so ``out`` is either complete or absent."""
+OUTPUT_MARKER = ".maskllm-output.json"  # in every folder a tool writes: what --overwrite may replace
+
+
+def mark_output(folder: Path, tool: str) -> None:
+    """Record in an output folder (before it is renamed into place) which tool wrote it."""
+    (Path(folder) / OUTPUT_MARKER).write_text(json.dumps({"tool": tool}) + "\n")
+
+
+def written_by(path: Path) -> Optional[str]:
+    """The tool that wrote the output ``path`` (a folder with our marker, or a mask file with our header),
+    None for anything else."""
+    path = Path(path)
+    marker = path / OUTPUT_MARKER
+    if path.is_dir() and marker.is_file():
+        try:
+            return json.loads(marker.read_text()).get("tool")
+        except (ValueError, AttributeError):
+            return None
+    if path.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # not a safetensors file
+            return None
+        from maskllm_megatron.export.formats import MASK_FILE_FORMAT
+
+        return "maskllm-export" if meta.get("format") == MASK_FILE_FORMAT else None
+    return None
+
+
+def check_output(out: str | Path, overwrite: bool, tool: str, inputs=()) -> None:
+    """Refuse, before any work, an output that exists (without ``overwrite``), and with ``overwrite`` one
+    that holds or is an input (replacing it would delete what is being read) or that is not an earlier
+    output of the same ``tool``: ``--overwrite`` never deletes a folder it does not recognise."""
     out = Path(out).absolute()
-    if out.exists() and not overwrite:
+    if not out.exists():
+        return
+    if not overwrite:
         raise ConversionError(output_exists(out))
+    for inp in inputs:
+        inp = Path(inp).absolute()
+        if out == inp or out in inp.parents:
+            raise ConversionError(f"--out {out} holds the input {inp}: --overwrite would delete it; choose another --out")
+    if written_by(out) != tool:
+        raise ConversionError(f"--overwrite replaces only an earlier output of {tool}, and {out} is not one: remove it "
+                              "yourself or choose another --out")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False, tool: str = "maskllm-convert", inputs=()) -> Iterator[Path]:
+    """Yield an empty temporary folder next to ``out``; rename it to ``out`` when the block succeeds,
+    delete it when the block fails, so ``out`` is either complete or absent. The folder is marked as
+    ``tool``'s output (``check_output``)."""
+    out = Path(out).absolute()
+    check_output(out, overwrite, tool, inputs)
     tmp = partial_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        mark_output(tmp, tool)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

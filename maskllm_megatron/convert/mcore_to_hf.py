@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from maskllm_megatron.convert.checkpoint import TOKENIZER_DIR, CheckpointInfo, global_param_names, init_parallel
-from maskllm_megatron.convert.io import (ConversionError, ShardWriter, atomic_dir, copy_tokenizer, output_exists,
+from maskllm_megatron.convert.io import (ConversionError, ShardWriter, atomic_dir, check_output, copy_tokenizer,
                                          progress)
 from maskllm_megatron.convert.mapping import ARCHITECTURES, DEFAULT_FOR_FAMILY, hf_config_from_model_config
 from maskllm_megatron.megatron.model_builder import DTYPES
@@ -30,8 +30,7 @@ def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, max_shard_bytes: int = 5 
 
     ckpt_dir, out = Path(ckpt_dir).absolute(), Path(out).absolute()
     info = CheckpointInfo.load(ckpt_dir)
-    if out.exists() and not overwrite:
-        raise ConversionError(output_exists(out))
+    check_output(out, overwrite, "maskllm-convert", [ckpt_dir])
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     init_parallel(tp=world, pp=1)
     rank, tp_group = dist.get_rank(), parallel_state.get_tensor_model_parallel_group()
@@ -68,7 +67,7 @@ def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, max_shard_bytes: int = 5 
                   f"{writer.total_bytes / 2**20:.1f} MiB) in {time.time() - t0:.1f}s")
 
     if rank == 0:
-        with atomic_dir(out, overwrite=overwrite) as tmp:
+        with atomic_dir(out, overwrite=overwrite, inputs=[ckpt_dir]) as tmp:
             write(tmp)
     else:
         write(Path("/nonexistent"))

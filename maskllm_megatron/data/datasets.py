@@ -13,6 +13,7 @@ Micro-batch layout (megatron's pretraining sampler): the global sample stream is
 """
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -177,6 +178,83 @@ def build_datasets(config: DataConfig, tokenizer: TextTokenizer, train_samples: 
     return DatasetSplits(*builder.build())
 
 
+def check_prefix(prefix: str, vocab_size: int) -> None:
+    """Refuse, in one line, a dataset the model cannot read right: a ``.bin`` shorter than its ``.idx``
+    says (truncated: it would fail iterations in, on every resume), or token ids at or beyond the model's
+    vocabulary (a vocab-parallel embedding silently zeroes them). The largest id comes from the
+    ``PREFIX.tokens.json`` maskllm-preprocess writes, or, for a dataset made elsewhere, from one pass over
+    the ``.bin``."""
+    import json
+
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    problem = _index_problem(Path(f"{prefix}.idx"))
+    if problem:  # megatron's reader would assert, or read past the end of the file
+        raise DataConfigError(f"dataset {prefix}: {prefix}.idx cannot be read ({problem}): re-run maskllm-preprocess")
+    index = IndexedDataset(prefix).index
+    if len(index.sequence_lengths):
+        expected = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+    else:
+        expected = 0
+    actual = Path(f"{prefix}.bin").stat().st_size
+    if actual < expected:
+        raise DataConfigError(f"dataset {prefix}: {prefix}.bin has {actual:,} bytes but its .idx describes {expected:,}: "
+                              "the .bin is truncated (a copy or a write that did not finish); re-run maskllm-preprocess")
+    largest = None
+    record = Path(f"{prefix}.tokens.json")
+    if record.is_file():
+        try:
+            rec = json.loads(record.read_text())
+            if rec.get("idx_digest") == file_digest(f"{prefix}.idx"):
+                largest = rec.get("max_token_id")
+        except ValueError:
+            pass  # a damaged record: read the tokens themselves
+    if largest is None and expected:
+        tokens = np.memmap(f"{prefix}.bin", dtype=index.dtype, mode="r", shape=(expected // index.dtype_size,))
+        largest = int(tokens.max())
+        del tokens
+    if largest is not None and largest >= vocab_size:
+        raise DataConfigError(f"dataset {prefix} holds token id {largest}, beyond the model's vocabulary of {vocab_size}: "
+                              "it was tokenised with another tokenizer; preprocess it with the model's own "
+                              "(its checkpoint's tokenizer/)")
+
+
+def _index_problem(path: Path) -> str | None:
+    """What is wrong with an indexed dataset's ``.idx`` (megatron's ``MMIDIDX`` format, version 1), or None:
+    its header, and a size that holds every sequence length, pointer and document index it announces."""
+    import struct
+
+    data = path.read_bytes()[:34]
+    if len(data) < 34 or data[:9] != b"MMIDIDX\x00\x00":
+        return "not megatron's MMIDIDX index, or cut short in its header"
+    version, _, sequences, documents = struct.unpack("<QBQQ", data[9:34])
+    if version != 1:
+        return f"index version {version}, this reader knows 1"
+    need = 34 + sequences * (4 + 8) + documents * 8
+    size = path.stat().st_size
+    if size < need:
+        return f"{size:,} bytes where its {sequences:,} sequences and {documents:,} documents need {need:,}: truncated"
+    return None
+
+
+def split_token_count(config: DataConfig, split: int = 0) -> int:
+    """Tokens in the documents of one split (0 train, 1 validation, 2 test) over every prefix: what the
+    split holds before megatron repeats it in further epochs."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    bounds = convert_split_vector_to_split_matrix(parse_and_normalize_split(config.split))[split]
+    total = 0
+    for prefix in config.prefixes:
+        index = IndexedDataset(prefix)  # keep it alive: sequence_lengths views its memory map
+        lengths = index.sequence_lengths
+        beg, end = (int(round(b * len(lengths))) for b in bounds)  # megatron's own rounding
+        total += int(lengths[beg:end].sum())
+    return total
+
+
 def _check_documents(config: DataConfig, split_matrix: list[tuple[float, float] | None]) -> None:
     """Every built split of every prefix must hold tokens (megatron loops forever on an empty one)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -240,3 +318,32 @@ def micro_batches(dataset: Any, micro_batch_size: int, dp_rank: int = 0, dp_size
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                          persistent_workers=num_workers > 0)
     return iter(loader)
+
+
+def first_samples(dataset: Any, num_samples: int, micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """The first ``num_samples`` samples of ``dataset`` as micro-batches (the last one cut short when
+    ``num_samples`` is not a multiple of ``micro_batch_size``): what one-shot priors and reconstruction
+    calibrate on."""
+    if num_samples < 1:
+        raise DataConfigError(f"calibration samples: need at least 1, got {num_samples}")
+    if len(dataset) < num_samples:
+        raise DataConfigError(f"calibration asks for {num_samples} samples but the data holds {len(dataset)}: "
+                              "lower the sample count or give more text")
+    batches = list(itertools.islice(micro_batches(dataset, micro_batch_size), -(-num_samples // micro_batch_size)))
+    if num_samples % micro_batch_size:
+        batches[-1] = {k: v[: num_samples % micro_batch_size] for k, v in batches[-1].items()}
+    return batches
+
+
+def text_windows(ids: Sequence[int], seq_length: int, num_samples: int, micro_batch_size: int) -> list[torch.Tensor]:
+    """The first ``num_samples`` non-overlapping ``seq_length``-token windows of a token stream, as
+    ``tokens`` micro-batches [b, seq_length] (calibration on plain text)."""
+    if num_samples < 1 or seq_length < 1:
+        raise DataConfigError(f"calibration windows: need samples >= 1 and a sequence length >= 1, got "
+                              f"{num_samples} and {seq_length}")
+    need = num_samples * seq_length
+    if len(ids) < need:
+        raise DataConfigError(f"the calibration text has {len(ids):,} tokens, fewer than {num_samples} samples x "
+                              f"{seq_length} tokens = {need:,}: give more text or fewer samples")
+    tokens = torch.as_tensor(list(ids[:need]), dtype=torch.long).reshape(num_samples, seq_length)
+    return list(tokens.split(micro_batch_size))

@@ -255,7 +255,8 @@ class _WorkDir:
         builder.finalize(str(tmp) + ".idx")
         os.replace(str(tmp) + ".bin", str(final) + ".bin")
         os.replace(str(tmp) + ".idx", str(final) + ".idx")
-        meta = {"input_docs": input_docs, "documents": len(arrays), "tokens": int(sum(a.size for a in arrays))}
+        meta = {"input_docs": input_docs, "documents": len(arrays), "tokens": int(sum(a.size for a in arrays)),
+                "max_token_id": max((int(a.max()) for a in arrays if a.size), default=-1)}
         _write_atomic(final.with_suffix(".json"), json.dumps(meta).encode())
         self.chunks.append(meta)
         return meta
@@ -314,9 +315,25 @@ def preprocess(config: PreprocessConfig, progress: bool = True) -> PreprocessRes
     if docs == 0:
         raise PreprocessError(f"no non-empty documents in {', '.join(map(str, config.inputs))}")
     bin_path, idx_path = _merge(work, prefix, dtype)
+    maxima = [c.get("max_token_id") for c in work.chunks]
+    write_token_record(prefix, tokenizer.vocab_size, None if None in maxima else max(maxima))
     shutil.rmtree(work.path)
     return PreprocessResult(bin_path, idx_path, docs, sum(c["tokens"] for c in work.chunks),
                             sum(c["input_docs"] - c["documents"] for c in work.chunks), dtype.name, skip)
+
+
+def write_token_record(prefix: Path, vocab_size: int, max_token_id: int | None) -> None:
+    """``PREFIX.tokens.json``: the tokenizer's vocabulary size and the largest token id written, keyed by
+    the ``.idx`` digest, so that a training run checks its vocabulary against the data without reading
+    the ``.bin`` (``datasets.check_prefix``)."""
+    from maskllm_megatron.assets import file_digest
+
+    record = {"format": TOKEN_RECORD_FORMAT, "vocab_size": int(vocab_size), "max_token_id": max_token_id,
+              "idx_digest": file_digest(f"{prefix}.idx")}
+    _write_atomic(Path(f"{prefix}.tokens.json"), json.dumps(record).encode())
+
+
+TOKEN_RECORD_FORMAT = "maskllm-megatron/token-record-v1"
 
 
 def _merge(work: _WorkDir, prefix: Path, dtype: np.dtype) -> tuple[Path, Path]:
@@ -370,6 +387,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from maskllm_megatron.launch import quiet_known_warnings
+
+    quiet_known_warnings()
     args = vars(_parser().parse_args(argv))
     show = args.pop("progress")
     inputs = args.pop("input")

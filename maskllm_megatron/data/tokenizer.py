@@ -95,7 +95,13 @@ class HFTokenizer(TextTokenizer):
         cfg_path = self.path.with_name("tokenizer_config.json")
         if not cfg_path.is_file():
             return {}
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{cfg_path} is not valid JSON ({e}): the file is damaged; write or download it "
+                                 "again") from None
+        if not isinstance(cfg, dict):
+            raise TokenizerError(f"{cfg_path} is not a JSON object: the file is damaged")
         out = {}
         for key in ("eos_token", "bos_token"):
             value = cfg.get(key)

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from maskllm_megatron.convert.io import ConversionError, HFCheckpoint
+from maskllm_megatron.convert.io import ConversionError, HFCheckpoint, read_json
 from maskllm_megatron.export.formats import (
     SPARSE_24_FORMAT, FormatError, decompress_24_bitmask, first_true, hf_weight_is_transposed,
     is_published_mask_file, iter_mask_file, iter_published_masks, module_name, read_mask_file_header)
@@ -237,9 +237,11 @@ def verify_mcore_folder(folder: Path, spec: NMSpec | None = None, targets: str |
     torch.distributed.checkpoint in this one process, one module's tensors at a time; no megatron."""
     from torch.distributed.checkpoint import FileSystemReader, load
 
-    meta = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    from maskllm_megatron.checkpoint_files import read_metadata
+
+    meta = read_metadata(folder).state_dict_metadata  # refuses a planted pickle before torch unpickles it
     record_file = folder / "sparsity.json"
-    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    record = read_json(record_file) if record_file.is_file() else {}
     spec = spec or NMSpec.parse(record.get("structure", "2:4"))
     report = VerifyReport("megatron-core checkpoint", spec)
     mask_keys = sorted(k for k in meta if k.endswith(".prior_mask"))
@@ -285,6 +287,9 @@ def verify_path(path: str | Path, spec: NMSpec | None = None, targets: str | Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    from maskllm_megatron.launch import quiet_known_warnings
+
+    quiet_known_warnings()
     parser = argparse.ArgumentParser(
         prog="maskllm-verify", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Check that an exported checkpoint or mask file is valid N:M sparse along the input dim "
@@ -303,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = NMSpec.parse(args.nm) if args.nm else None
         report = verify_path(args.path, spec, args.targets, args.skip)
-    except (FormatError, ConversionError, ValueError, re.error) as e:
+    except (FormatError, ConversionError, ValueError, re.error) as e:  # CheckpointMismatch is a ValueError
         print(f"maskllm-verify: error: {e}", file=sys.stderr)
         return 2
     for line in report.failures:

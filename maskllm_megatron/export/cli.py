@@ -18,6 +18,10 @@ EXAMPLES = """examples:
   maskllm-export --ckpt runs/llama/checkpoints --out out/llama-2of4-ct --format compressed-tensors --tp 2
   maskllm-export --ckpt runs/llama/checkpoints --out out/llama-2of4-mcore --format mcore
   maskllm-export --ckpt runs/llama/checkpoints --out out/sparsegpt-prior.masks --format masks --use-prior
+  maskllm-export --ckpt runs/smollm2/checkpoints --out out/smollm2-2of4-recon --format hf --reconstruct \
+      --calib-samples 128                 # refit the kept weights on the run's own training data
+  maskllm-export --ckpt runs/llama/checkpoints --out out/llama-2of4-recon --format hf --reconstruct \
+      --calib-data /data/c4_llama2_text_document --calib-samples 128 --calib-seq-len 4096
   maskllm-export apply-masks --hf models/llama --masks out/llama.masks --out out/llama-2of4-hf
 """
 
@@ -36,7 +40,43 @@ def _export_parser() -> argparse.ArgumentParser:
     ap.add_argument("--base-ckpt", type=Path, help="the run's converted checkpoint, if it moved since training")
     ap.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors file (default 5)")
     ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    rec = ap.add_argument_group("reconstruction", "refit the kept weights under the masks so that every masked "
+                                "linear reproduces its dense output on calibration samples (block by block, "
+                                "as SparseGPT); the export's sparsity record says so")
+    rec.add_argument("--reconstruct", action="store_true", help="reconstruct the kept weights before writing")
+    rec.add_argument("--recon-method", choices=["lstsq", "obs"], default="lstsq",
+                     help="lstsq: exact per-row least squares (default); obs: SparseGPT's OBS sweep, faster")
+    rec.add_argument("--recon-target", choices=["layer", "dense"], default="layer",
+                     help="layer: each linear matches the dense layer on this model's inputs (SparseGPT's); dense: "
+                          "the dense model's output at that layer (lstsq only)")
+    rec.add_argument("--true-sequential", action="store_true",
+                     help="solve a block's linears one at a time, each on the inputs of the ones before it solved")
+    rec.add_argument("--calib-data", nargs="+", metavar="PREFIX",
+                     help="indexed dataset prefix(es) (megatron's blend form: PREFIX, or W1 PREFIX1 W2 PREFIX2 ...); "
+                          "default: the run's own training data")
+    rec.add_argument("--calib-text", type=Path, help="a plain-text file instead, cut into windows")
+    rec.add_argument("--calib-samples", type=int, default=128, help="calibration samples (default 128)")
+    rec.add_argument("--calib-seq-len", type=int, help="tokens per sample (default: the run's data.seq_length)")
+    rec.add_argument("--calib-batch-size", type=int, default=1, help="samples per calibration forward (default 1)")
+    rec.add_argument("--percdamp", type=float, default=0.01,
+                     help="dampening: this fraction of the Hessian's mean diagonal (default 0.01, SparseGPT's)")
     return ap
+
+
+def _reconstruct_request(args):
+    """The ``--reconstruct`` options as a request, or None; options without ``--reconstruct`` are refused."""
+    from maskllm_megatron.export.reconstruct import ReconstructError, ReconstructRequest
+
+    given = [f"--{n.replace('_', '-')}" for n in ("calib_data", "calib_text", "calib_seq_len")
+             if getattr(args, n) is not None]
+    if not args.reconstruct:
+        if given:
+            raise ReconstructError(f"{given[0]} is a reconstruction option: add --reconstruct")
+        return None
+    return ReconstructRequest(method=args.recon_method, percdamp=args.percdamp, target=args.recon_target,
+                              true_sequential=args.true_sequential, samples=args.calib_samples,
+                              seq_len=args.calib_seq_len, data=tuple(args.calib_data or ()),
+                              text_file=args.calib_text, micro_batch_size=args.calib_batch_size)
 
 
 def _apply_parser() -> argparse.ArgumentParser:
@@ -55,13 +95,16 @@ def _apply_parser() -> argparse.ArgumentParser:
 def _errors() -> tuple[type[Exception], ...]:
     from maskllm_megatron.convert.io import ConversionError
     from maskllm_megatron.export.formats import FormatError
-    from maskllm_megatron.megatron.checkpointing import CheckpointMismatch
+    from maskllm_megatron.checkpoint_files import CheckpointMismatch
     from maskllm_megatron.megatron.model_builder import ModelConfigError
 
     return ConversionError, FormatError, CheckpointMismatch, ModelConfigError, ValueError
 
 
 def main(argv: list[str] | None = None) -> int:
+    from maskllm_megatron.launch import quiet_known_warnings
+
+    quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["apply-masks"]:
         args = _apply_parser().parse_args(argv[1:])
@@ -79,9 +122,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = ExportConfig(args.ckpt, args.out.absolute(), args.format, args.use_prior, args.base_ckpt,
-                           args.overwrite, int(args.max_shard_size * 2**30))
+                           args.overwrite, int(args.max_shard_size * 2**30), _reconstruct_request(args))
         if args.tp > 1 and not under_torchrun():
-            check_request(cfg).info.model.validate_parallel(args.tp, 1)  # fail fast, before starting ranks
+            run = check_request(cfg)  # fail fast, before starting ranks
+            run.info.model.validate_parallel(args.tp, 1)
+            if cfg.reconstruct is not None:
+                from maskllm_megatron.export.reconstruct import plan_calibration
+
+                plan_calibration(cfg.reconstruct, run)
             return relaunch("maskllm_megatron.export.cli", argv, args.tp,
                             cleanup=cfg.out.with_name(f".{cfg.out.name}.work"))
         world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,7 +1,7 @@
 """Trim a mask-learning checkpoint to hard N:M masks and export it (``maskllm-export``).
 
 A run checkpoint (``OUT/checkpoints/iter_XXXXXXX``, any TP/PP) holds the frozen weights, the mask
-logits (+ prior masks) and optimizer state; its ``extra_state.pt`` names the converted checkpoint it
+logits (+ prior masks) and optimizer state; its extra state (``extra_state.json``) names the converted checkpoint it
 started from and the N:M / include / exclude settings. Export loads it at this world's TP (PP=1)
 without the optimizer, takes every masked layer's argmax mask (or its prior mask: one-shot baselines),
 writes ``W`` where the mask is set and +0.0 elsewhere (a select, never a multiply: no -0.0), and writes:
@@ -29,17 +29,20 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 import torch
 
 from maskllm_megatron.convert.checkpoint import TOKENIZER_DIR, CheckpointInfo, global_param_names, init_parallel
-from maskllm_megatron.convert.io import ConversionError, copy_tokenizer, output_exists
+from maskllm_megatron.convert.io import ConversionError, check_output, copy_tokenizer, mark_output, read_json
 from maskllm_megatron.convert.mapping import ARCHITECTURES, DEFAULT_FOR_FAMILY
 from maskllm_megatron.export.formats import (
     apply_mask_hf, global_sparsity, hf_weight_is_transposed, save_compressed_tensors, save_masks)
 from maskllm_megatron.masks import MaskConfig
 from maskllm_megatron.masks.patterns import NMSpec
+
+if TYPE_CHECKING:
+    from maskllm_megatron.export.reconstruct import ReconstructRequest
 
 Format = Literal["mcore", "hf", "compressed-tensors", "masks"]
 FORMATS: tuple[str, ...] = ("mcore", "hf", "compressed-tensors", "masks")
@@ -63,23 +66,32 @@ class RunCheckpoint:
     include: tuple[str, ...]
     exclude: tuple[str, ...]
     iteration: Optional[int] = None
+    config: dict = field(default_factory=dict)  # the run's TrainConfig, as saved
+
+    def train_config(self):
+        """The run's configuration as the driver's ``TrainConfig``."""
+        from maskllm_megatron.train.config import TrainConfig
+
+        return TrainConfig.from_dict(self.config)
 
     @classmethod
     def open(cls, path: str | Path, base: str | Path | None = None) -> "RunCheckpoint":
         """Read ``path`` (an ``iter_*`` folder, or a run's ``checkpoints/`` folder or run folder, whose
         ``latest`` pointer is followed). ``base`` overrides the converted checkpoint's location."""
         path = resolve_run_checkpoint(path)
-        extra = torch.load(path / "extra_state.pt", weights_only=False)
-        config = extra.get("config") if isinstance(extra, dict) else None
+        from maskllm_megatron.checkpoint_files import read_extra
+
+        extra = read_extra(path)
+        config = extra.get("config") if extra else None
         if not config:
-            raise ExportError(f"{path}/extra_state.pt has no run config: pass a checkpoint written by maskllm-train")
+            raise ExportError(f"{path}'s extra state has no run config: pass a checkpoint written by maskllm-train")
         base = Path(base or config["model"]["checkpoint"])
         if not (base / "model_config.json").is_file():
             raise ExportError(f"the run's model checkpoint {base} (model.checkpoint) is not a converted checkpoint "
                               f"folder here: pass --base-ckpt pointing at it")
         mask = config["mask"]
         return cls(path, base.absolute(), CheckpointInfo.load(base), NMSpec.parse(mask["nm"]),
-                   tuple(mask["include"]), tuple(mask["exclude"]), extra.get("iteration"))
+                   tuple(mask["include"]), tuple(mask["exclude"]), extra.get("iteration"), config)
 
     @property
     def model_type(self) -> str:
@@ -91,10 +103,16 @@ class RunCheckpoint:
         return SparsifyConfig(mask=MaskConfig(nm=self.nm), include=self.include, exclude=self.exclude)
 
 
+def _has_extra(folder: Path) -> bool:
+    from maskllm_megatron.checkpoint_files import extra_path
+
+    return extra_path(folder) is not None
+
+
 def is_run_checkpoint(path: str | Path) -> bool:
     """True for a mask-learning checkpoint (or a folder whose ``latest`` pointer leads to one)."""
     try:
-        return (resolve_run_checkpoint(path) / "extra_state.pt").is_file()
+        return _has_extra(resolve_run_checkpoint(path))
     except ExportError:
         return False
 
@@ -105,11 +123,11 @@ def resolve_run_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise ExportError(f"{path} does not exist: pass OUT/checkpoints/iter_XXXXXXX of a maskllm-train run")
     for root in (path, path / "checkpoints"):
-        if (root / "metadata.json").is_file() and (root / "extra_state.pt").is_file():
+        if (root / "metadata.json").is_file() and _has_extra(root):
             return root
         if (root / "latest").is_file():
             return resolve_run_checkpoint(root / (root / "latest").read_text().strip())
-    raise ExportError(f"{path} is not a mask-learning checkpoint (no metadata.json + extra_state.pt, no "
+    raise ExportError(f"{path} is not a mask-learning checkpoint (no metadata.json + extra state, no "
                       f"'latest' pointer): pass OUT/checkpoints/iter_XXXXXXX of a maskllm-train run")
 
 
@@ -181,8 +199,10 @@ def hf_masks(run: RunCheckpoint, trimmed: list[MaskedTensor]) -> dict[str, torch
     return out
 
 
-def save_trimmed_mcore(model, run: RunCheckpoint, trimmed: list[MaskedTensor], folder: Path, use_prior: bool) -> None:
-    """Write the trimmed model (no logits, masks as ``prior_mask``) as a converter-style folder."""
+def save_trimmed_mcore(model, run: RunCheckpoint, trimmed: list[MaskedTensor], folder: Path, use_prior: bool,
+                       reconstruction: Optional[dict] = None) -> None:
+    """Write the trimmed model (no logits, masks as ``prior_mask``) as a converter-style folder;
+    ``reconstruction`` (what ``--reconstruct`` did) goes into its sparsity record."""
     from megatron.core import dist_checkpointing, parallel_state
 
     sharded = {k: v for k, v in model.sharded_state_dict().items() if not k.endswith(".mask_logits")}
@@ -198,7 +218,8 @@ def save_trimmed_mcore(model, run: RunCheckpoint, trimmed: list[MaskedTensor], f
         copy_tokenizer(run.base / TOKENIZER_DIR, folder / TOKENIZER_DIR)
         record = {"format": SPARSITY_FORMAT, "structure": str(run.nm), "mask_source": _source(use_prior),
                   "mask_tensor": "prior_mask", "targets": [t.name for t in trimmed],
-                  "source_checkpoint": str(run.path), "iteration": run.iteration}
+                  "source_checkpoint": str(run.path), "iteration": run.iteration,
+                  **_weights_record(reconstruction)}
         (folder / SPARSITY_FILE).write_text(json.dumps(record, indent=2) + "\n")
     _barrier()
 
@@ -248,10 +269,14 @@ class ExportConfig:
     base: Optional[Path] = None  # converted checkpoint, when the run's model.checkpoint path moved
     overwrite: bool = False
     max_shard_bytes: int = 5 * 2**30
+    reconstruct: Optional["ReconstructRequest"] = None  # refit the kept weights on calibration data
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ExportError(f"unknown format {self.format!r}: use one of {', '.join(FORMATS)}")
+        if self.reconstruct is not None and self.format == "masks":
+            raise ExportError("--reconstruct changes weights, and a masks file holds none: export --format hf, "
+                              "mcore or compressed-tensors")
 
 
 @dataclass
@@ -273,6 +298,7 @@ class ExportResult:
     verify_summary: str = ""
     seconds: float = 0.0
     files: list[str] = field(default_factory=list)
+    reconstruction: Optional[dict] = None  # what --reconstruct did (the sparsity record's "reconstruction")
 
     def summary(self) -> str:
         lines = [f"wrote {self.format} export {self.out} ({', '.join(self.files[:4])}"
@@ -282,6 +308,14 @@ class ExportResult:
                  + (f", {100 * self.model_sparsity:.2f}% of all parameters" if self.model_sparsity is not None else ""),
                  f"  size {_mib(self.bytes)} vs dense {_mib(self.dense_bytes)} "
                  f"({100 * self.bytes / max(self.dense_bytes, 1):.1f}%)"]
+        if self.reconstruction is not None:
+            r = self.reconstruction
+            how = r['method'] + (", dense target" if r.get("target") == "dense" else "") + \
+                (", true sequential" if r.get("true_sequential") else "")
+            lines.append(f"  reconstructed ({how}, percdamp {r['percdamp']:g}) on {r['calib_samples']} x "
+                         f"{r['calib_seq_len']} tokens of {r['calib_source']} in {r['seconds']:.1f}s: masked layers' "
+                         f"calibration error {r['error_before']:.4g} -> {r['error_after']:.4g} "
+                         f"({100 * (r['error_after'] / max(r['error_before'], 1e-30) - 1):+.1f}%)")
         if self.bits_per_weight is not None:
             lines.append(f"  {self.bits_per_weight:.4f} bits/weight (floor log2(C)/M = {self.floor_bits_per_weight:.4f}, "
                          f"{100 * (self.bits_per_weight / self.floor_bits_per_weight - 1):+.2f}%)")
@@ -290,10 +324,10 @@ class ExportResult:
 
 
 def check_request(cfg: ExportConfig) -> RunCheckpoint:
-    """Every check that needs no model: fail before loading anything."""
-    if cfg.out.exists() and not cfg.overwrite:
-        raise ExportError(output_exists(cfg.out))
+    """Every check that needs no model: fail before loading anything. (The calibration of ``--reconstruct``
+    is checked by ``plan_calibration``, which ``export`` calls.)"""
     run = RunCheckpoint.open(cfg.ckpt, cfg.base)
+    check_output(cfg.out, cfg.overwrite, "maskllm-export", [run.path, run.base])
     if cfg.format == "compressed-tensors":
         if run.nm != NMSpec(2, 4):
             raise ExportError(f"compressed-tensors stores 2:4 only, the run learned {run.nm} masks: export "
@@ -311,6 +345,11 @@ def export(cfg: ExportConfig) -> Optional[ExportResult]:
 
     t0 = time.time()
     run = check_request(cfg)
+    plan = None
+    if cfg.reconstruct is not None:  # the calibration source exists, fits the model and holds enough tokens
+        from maskllm_megatron.export.reconstruct import plan_calibration
+
+        plan = plan_calibration(cfg.reconstruct, run)
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     run.info.model.validate_parallel(world, 1)
     init_parallel(tp=world, pp=1)
@@ -323,12 +362,18 @@ def export(cfg: ExportConfig) -> Optional[ExportResult]:
     _barrier()
     try:
         model = load_masked_model(run, use_prior=cfg.use_prior)
+        reconstruction = None
+        if cfg.reconstruct is not None:  # under the masks trim_ applies: the prior's or the argmax
+            from maskllm_megatron.export.reconstruct import reconstruct_model
+
+            reconstruction = reconstruct_model(model, cfg.reconstruct, plan, run, work / "calib-cache")
         trimmed = trim_(model, cfg.use_prior)
-        result = ExportResult(out, cfg.format, str(run.nm), _source(cfg.use_prior), targets=len(trimmed))
+        result = ExportResult(out, cfg.format, str(run.nm), _source(cfg.use_prior), targets=len(trimmed),
+                              reconstruction=reconstruction)
         if cfg.format == "masks":
             final = _export_masks(run, trimmed, work, result)
         else:
-            save_trimmed_mcore(model, run, trimmed, work / "mcore", cfg.use_prior)
+            save_trimmed_mcore(model, run, trimmed, work / "mcore", cfg.use_prior, reconstruction)
             del model, trimmed
             if cfg.format == "mcore":
                 final = _finish_mcore(run, work, result)
@@ -336,10 +381,13 @@ def export(cfg: ExportConfig) -> Optional[ExportResult]:
                 final = _export_hf(run, cfg, work, result)
         _barrier()
         if rank0:
+            if final.is_dir():
+                mark_output(final, "maskllm-export")
             if out.exists():
                 shutil.rmtree(out) if out.is_dir() else out.unlink()
             os.replace(final, out)
-            result.files = sorted(p.name for p in out.iterdir()) if out.is_dir() else [out.name]
+            result.files = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() \
+                else [out.name]
             result.seconds = time.time() - t0
         _barrier()
     finally:
@@ -373,7 +421,7 @@ def _export_hf(run: RunCheckpoint, cfg: ExportConfig, work: Path, result: Export
     hf_names = [n for t in targets for n in _rules(run)[t].hf]
     config = json.loads((work / "hf" / "config.json").read_text())
     config["sparsity"] = {"structure": str(run.nm), "targets": hf_names, "mask_source": result.mask_source,
-                          "source_checkpoint": str(run.path)}
+                          "source_checkpoint": str(run.path), **_weights_record(result.reconstruction)}
     (work / "hf" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     dense_bytes = _folder_bytes(work / "hf", "*.safetensors")
     if cfg.format == "hf":
@@ -419,15 +467,14 @@ def apply_masks(hf_dir: str | Path, mask_file: str | Path, out: str | Path, over
 
     t0 = time.time()
     hf_dir, mask_file, out = Path(hf_dir).absolute(), Path(mask_file).absolute(), Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise ExportError(output_exists(out))
+    check_output(out, overwrite, "maskllm-export", [hf_dir, mask_file])
     if not mask_file.is_file():
         raise ExportError(f"mask file {mask_file} does not exist: pass a maskllm-export --format masks file or "
                           f"a MaskLLM .npz")
     if not (hf_dir / "config.json").is_file():
         raise ExportError(f"{hf_dir} is not a Hugging Face model folder (no config.json): pass the dense model "
                           "the masks apply to as --hf")
-    config = json.loads((hf_dir / "config.json").read_text())
+    config = read_json(hf_dir / "config.json")
     state = _read_safetensors(hf_dir)
     # Exactly N kept in every group of the file (the record below says so), before any weight is touched;
     # a published .npz carries no N:M, and MaskLLM publishes 2:4 only.
@@ -451,16 +498,24 @@ def apply_masks(hf_dir: str | Path, mask_file: str | Path, out: str | Path, over
         _accept(verify_path(work, spec, targets=_exact_names(names)), result)
         result.model_sparsity = global_sparsity(masked)
         result.bytes, result.dense_bytes = _folder_bytes(work, "*.safetensors"), _folder_bytes(hf_dir, "*.safetensors")
+        mark_output(work, "maskllm-export")
         if out.exists():
             shutil.rmtree(out)
         os.replace(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result.files, result.seconds = sorted(p.name for p in out.iterdir()), time.time() - t0
+    result.files, result.seconds = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")), time.time() - t0
     return result
 
 
 # ------------------------------------------------------------------------------------ helpers
+def _weights_record(reconstruction: Optional[dict]) -> dict:
+    """The sparsity record's word on the kept weights: the originals, or reconstructed and how."""
+    if reconstruction is None:
+        return {"weights": "original"}
+    return {"weights": "reconstructed", "reconstruction": reconstruction}
+
+
 def _accept(report, result: ExportResult) -> None:
     """Fail the export (nothing is renamed into place) unless the verifier passed."""
     result.verify_summary = report.summary()

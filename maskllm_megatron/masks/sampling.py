@@ -134,6 +134,19 @@ def _sample_backward(grad_out, weight, probs, mask, coef, reg2, spec: NMSpec, ne
 
 
 _KERNELS = {}
+_compile_failed = False
+
+
+def _note_compile_failure(error: Exception) -> None:
+    """torch.compile could not build the fused kernels here: warn once, and run eager from now on."""
+    global _compile_failed
+    if not _compile_failed:
+        import warnings
+
+        warnings.warn(f"maskllm: the torch.compile'd mask kernels failed to build ({type(error).__name__}: "
+                      f"{str(error).splitlines()[0][:200] if str(error) else ''}); running the eager path (same "
+                      "function, slower)", RuntimeWarning, stacklevel=3)
+    _compile_failed = True
 
 
 def _kernels(fused: bool):
@@ -162,12 +175,21 @@ class _MaskedWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, logits, rh, ch, coef, inv_tau, reg2, spec, hard, fused):
-        ctx.one_pass = _one_pass_kernels(weight, logits, spec) if fused else None
+        ctx.one_pass = _one_pass_kernels(weight, logits, spec) if fused is not False else None
+        if fused is None:  # auto: the one-pass kernel, else torch.compile'd ones on CUDA, else eager
+            fused = ctx.one_pass is not None or weight.is_cuda
+        if fused and ctx.one_pass is None and _compile_failed:
+            fused = False
         if ctx.one_pass is not None:
             out, probs, mask = ctx.one_pass.masked_weight_forward(weight, logits, rh, ch, coef, inv_tau, spec, hard)
-        else:
-            forward_kernel, _ = _kernels(fused)
-            out, probs, mask = forward_kernel(weight, logits, rh, ch, coef, inv_tau, spec, hard)
+        elif fused:
+            try:
+                out, probs, mask = _kernels(True)[0](weight, logits, rh, ch, coef, inv_tau, spec, hard)
+            except Exception as e:  # no compiler / backend here: the eager path computes the same function
+                _note_compile_failure(e)
+                fused = False
+        if ctx.one_pass is None and not fused:
+            out, probs, mask = _kernels(False)[0](weight, logits, rh, ch, coef, inv_tau, spec, hard)
         ctx.save_for_backward(weight, probs, mask, coef, reg2)
         ctx.spec, ctx.fused = spec, fused
         return out
@@ -189,16 +211,19 @@ class _MaskedWeight(torch.autograd.Function):
 
 def masked_weight(weight: torch.Tensor, logits: torch.Tensor, key: int, row_ids: torch.Tensor,
                   group_ids: torch.Tensor, spec: NMSpec, temperature: float, scale: float,
-                  hard: bool = False, regularizer: float = 0.0, fused: bool = False) -> torch.Tensor:
+                  hard: bool = False, regularizer: float = 0.0, fused: bool | None = None) -> torch.Tensor:
     """Sampled masked weight ``W * (softmax((logits * scale + gumbel) / tau) @ patterns)``.
 
     The Gumbel noise is drawn from stream ``key`` at the GLOBAL rows ``row_ids`` and groups
     ``group_ids`` of this shard. ``hard=True`` uses the one-hot argmax sample in the forward and the
     soft gradient in the backward (straight-through). ``regularizer`` is lambda of the loss term
     ``-lambda * sum((W * mask)^2)``, already multiplied by whatever the LM loss is scaled with; its
-    gradient goes to the logits only. ``fused=True`` runs fused kernels (same function): torch.compile'd
-    ones, for fp32 2:4 layers on x86 CPUs the C++ kernels of ``cpu_kernel`` (faster logs, a few ULP off),
-    and on CUDA with ``MASKLLM_TRITON_KERNEL=1`` the Triton ones of ``triton_kernel``.
+    gradient goes to the logits only. ``fused`` picks the kernels (all compute the same function): True
+    the fused ones, for fp32 2:4 layers on x86 CPUs the one-pass C++ kernels of ``cpu_kernel`` (faster
+    logs, a few ULP off), on CUDA with ``MASKLLM_TRITON_KERNEL=1`` the one-pass Triton ones of
+    ``triton_kernel``, else torch.compile'd ones; False the eager ones; None (the default) the fastest
+    that runs here without compiling anything heavy: a one-pass kernel, else torch.compile'd on CUDA, else
+    eager. A torch.compile that fails falls back to eager, once, with a warning.
     """
     dev = logits.device
     rh = row_hash(key, row_ids.to(dev))
@@ -207,7 +232,8 @@ def masked_weight(weight: torch.Tensor, logits: torch.Tensor, key: int, row_ids:
     coef = torch.tensor(scale / temperature, **f32)
     inv_tau = torch.tensor(1.0 / temperature, **f32)
     reg2 = torch.tensor(2.0 * regularizer, **f32)
-    return _MaskedWeight.apply(weight, logits, rh, ch, coef, inv_tau, reg2, spec, bool(hard), bool(fused))
+    return _MaskedWeight.apply(weight, logits, rh, ch, coef, inv_tau, reg2, spec, bool(hard),
+                               None if fused is None else bool(fused))
 
 
 def soft_mask(logits: torch.Tensor, noise: torch.Tensor, spec: NMSpec, temperature: float,

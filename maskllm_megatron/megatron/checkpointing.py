@@ -7,6 +7,9 @@ values. Anything else missing or mis-shaped is an error naming the tensor, both 
 
 Saves are atomic: the checkpoint is written to ``<dir>.partial`` and renamed when every rank is done,
 so a crash during a save never leaves a folder that looks complete.
+
+Every load first passes ``checkpoint_files.check_metadata`` (nothing read from a checkpoint can run
+code); the driver's plain values are JSON (``checkpoint_files.write_extra`` / ``read_extra``).
 """
 from __future__ import annotations
 
@@ -28,8 +31,20 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
                       "distrib_optim_fully_reshardable_mem_efficient": True}
 
 
-class CheckpointMismatch(ValueError):
-    """The checkpoint does not fit the model (message names the tensor and the fix)."""
+from ..checkpoint_files import (EXTRA_FILE, LEGACY_EXTRA_FILE, CheckpointMismatch, UnsafeCheckpoint,  # noqa: F401
+                                check_metadata, extra_path, is_complete, read_extra, write_extra)
+
+
+def load_tensors_metadata(ckpt_dir: str | Path) -> dict:
+    """megatron's ``load_tensors_metadata`` after ``check_metadata``."""
+    check_metadata(ckpt_dir)
+    return dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+
+
+def load_sharded(sharded: dict, ckpt_dir: str | Path) -> dict:
+    """megatron's ``dist_checkpointing.load`` after ``check_metadata``."""
+    check_metadata(ckpt_dir)
+    return dist_checkpointing.load(sharded, str(ckpt_dir))
 
 
 def _is_rank0() -> bool:
@@ -55,8 +70,8 @@ def _tensor_entries(sharded: dict) -> dict:
 
 
 def save_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, optimizer=None, extra: Optional[dict] = None) -> Path:
-    """Write model (and optimizer) state to ``ckpt_dir`` atomically. ``extra`` is a small picklable dict
-    (iteration, scheduler, RNG, data position) stored by rank 0 beside the tensors."""
+    """Write model (and optimizer) state to ``ckpt_dir`` atomically. ``extra`` is a small dict of plain,
+    JSON-serialisable values (iteration, scheduler, data position) stored by rank 0 beside the tensors."""
     ckpt_dir = Path(ckpt_dir).absolute()
     partial = ckpt_dir.with_name(ckpt_dir.name + ".partial")
     if _is_rank0():
@@ -69,7 +84,7 @@ def save_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, optimizer=None
     dist_checkpointing.save(sharded, str(partial))
     if _is_rank0():
         if extra is not None:
-            torch.save(extra, partial / "extra_state.pt")
+            write_extra(partial, extra)
         if ckpt_dir.exists():
             shutil.rmtree(ckpt_dir)
         os.replace(partial, ckpt_dir)
@@ -156,7 +171,7 @@ def load_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, optimizer=None
     if not (ckpt_dir / "metadata.json").exists():
         raise CheckpointMismatch(f"{ckpt_dir} is not a complete dist_checkpointing checkpoint (no metadata.json): "
                                  "point at a checkpoint folder, not a partial or parent one")
-    saved = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+    saved = load_tensors_metadata(ckpt_dir)
     if optimizer is not None and not any(k.startswith("optimizer.") for k in saved):
         optimizer = None  # saved without optimizer state (e.g. a prior-only run): the optimizer starts fresh
     model_sharded = model.sharded_state_dict()
@@ -169,10 +184,10 @@ def load_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, optimizer=None
         _materialize_optimizer_state(optimizer)
         request = {"model": model_sharded,
                    "optimizer": optimizer.sharded_state_dict(model_sharded, is_loading=True, metadata=OPTIMIZER_METADATA)}
-        state = dist_checkpointing.load(request, str(ckpt_dir))
+        state = load_sharded(request, ckpt_dir)
         model_state, optimizer_state = state["model"], state["optimizer"]
     else:
-        model_state, optimizer_state = dist_checkpointing.load(model_sharded, str(ckpt_dir)), None
+        model_state, optimizer_state = load_sharded(model_sharded, ckpt_dir), None
     result = model.load_state_dict(model_state, strict=False)
     unexpected = [k for k in result.missing_keys if not k.endswith(MASK_SUFFIXES) and not k.endswith("_extra_state")]
     if unexpected:
@@ -180,6 +195,5 @@ def load_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, optimizer=None
     if optimizer is not None:
         optimizer.load_state_dict(optimizer_state)
         _unshare_adam_steps(optimizer)
-    extra_path = ckpt_dir / "extra_state.pt"
-    extra = torch.load(extra_path, weights_only=False) if extra_path.exists() else None
+    extra = read_extra(ckpt_dir)
     return {"absent_masks": absent, "extra": extra, "optimizer_loaded": optimizer is not None}

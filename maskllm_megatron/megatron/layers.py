@@ -52,7 +52,7 @@ class _MaskedLinearMixin:
         self.mask_step = MaskStep(seed=mask_config.seed)
         self.masking_enabled = True
         self.use_prior_mask = False  # forward with W * prior_mask (one-shot evaluation, calibration)
-        self.fused_mask_kernel = False
+        self.fused_mask_kernel = None  # auto: the fastest kernel that runs here (masks.sampling.masked_weight)
         self._eval_mask_cache = None
         spec = mask_config.nm
         rows, cols = self.weight.shape
@@ -156,9 +156,17 @@ class _MaskedLinearMixin:
         stamp = (self.use_prior_mask, source._version, source.data_ptr(), self.weight._version, self.weight.data_ptr())
         if self._eval_mask_cache is None or self._eval_mask_cache[0] != stamp:
             with torch.no_grad():
-                mask = self.prior_mask.to(self.weight.dtype) if self.use_prior_mask else self.hard_mask()
-                self._eval_mask_cache = (stamp, self.weight * mask)
+                self._eval_mask_cache = (stamp, self.weight * self.eval_mask())
         return self._eval_mask_cache[1]
+
+    def eval_mask(self) -> torch.Tensor:
+        """The {0,1} mask an evaluation forward applies (local shard, the weight's dtype): the prior mask
+        with ``use_prior_mask``, else the argmax of the logits."""
+        if self.use_prior_mask:
+            if self.prior_mask is None:
+                raise RuntimeError(f"{self.mask_layer_id}: use_prior_mask is set but no prior mask was stored")
+            return self.prior_mask.to(self.weight.dtype)
+        return self.hard_mask()
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         if weight is self.weight and self.masking_enabled:

@@ -22,6 +22,7 @@ checkpoint loads at any PP). Every data-parallel rank runs the same batches.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -32,7 +33,7 @@ from ..masks import NMSpec
 from ..prune.calibration import InputStats
 from ..prune.methods import METHODS, magnitude_mask, reconstruction_error, sparsegpt_prune, wanda_mask
 from .layers import MaskedRowParallelLinear, _MaskedLinearMixin
-from .sparsify import masked_layers
+from .sparsify import dense_forward, masked_layers
 
 
 @dataclass(frozen=True)
@@ -86,14 +87,60 @@ def _tp_all_gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
     return torch.cat(parts, dim)
 
 
-def _stats_hook(layer: _MaskedLinearMixin, stats: InputStats, gather_input: bool):
+def _input_hook(layer: _MaskedLinearMixin, gather_input: bool, sink):
+    """A forward pre-hook handing ``sink`` the layer's input (all-gathered over TP when asked)."""
     def hook(_module, args):
         x = args[0]
         if gather_input:
             x = _tp_all_gather(x, -1, layer.tp_group)
-        stats.add(x.detach())
+        sink(x.detach())
 
     return layer.register_forward_pre_hook(hook)
+
+
+@contextlib.contextmanager
+def _original_weights(originals: dict):
+    """The block's layers forward with the weights they had before it was solved (the dense model)."""
+    current = {layer: layer.weight.data for layer in originals}
+    for layer, weight in originals.items():
+        layer.weight.data = weight
+    try:
+        yield
+    finally:
+        for layer, weight in current.items():
+            layer.weight.data = weight
+
+
+def _solve_full_width(layer: _MaskedLinearMixin, stats: InputStats, solve, mask: Optional[torch.Tensor] = None):
+    """Run ``solve(W_rows, stats, mask_rows) -> (mask_rows, weight_rows)`` on this shard's rows at the
+    layer's FULL input width (``mask``: the local shard of a given mask, or None), and return this
+    shard's ``(mask, weight, rows)``, ``rows`` = (the rows solved here before, after, their mask), full
+    width, from which the caller measures the layer's error (summed over TP: the whole layer's).
+
+    Column-parallel layers (and TP=1) hold full rows: ``solve`` sees the local weight and mask. A
+    row-parallel shard holds a column slice of every row, which an OBS sweep or a least-squares solve
+    cannot work on alone: the weight (and mask) are all-gathered, each rank solves ``1/TP`` of the rows
+    on the full width with the full Hessian (the hook gathered the inputs), the rows are all-gathered
+    again and every rank keeps its own column slice. Either way the result equals TP=1's."""
+    W = layer.weight.detach()
+    rank, size = layer._tp()
+    if not (isinstance(layer, MaskedRowParallelLinear) and size > 1):
+        new_mask, new_w = solve(W, stats, mask)
+        new_w = new_w.to(W.dtype)
+        return new_mask, new_w, (W, new_w, new_mask)
+    full = layer.gather_global(W)  # [out, in]
+    if full.shape[0] % size:
+        raise ValueError(f"{layer.mask_layer_id}: the {full.shape[0]} output rows do not split over TP={size} "
+                         "ranks for the full-width solve: calibrate at a TP size that divides them (e.g. TP=1)")
+    rows = full.shape[0] // size
+    part = slice(rank * rows, (rank + 1) * rows)
+    mask_rows = layer.gather_global(mask)[part] if mask is not None else None
+    mask_rows, w_rows = solve(full[part], stats, mask_rows)
+    w_rows = w_rows.to(W.dtype)
+    cols = slice(rank * W.shape[1], (rank + 1) * W.shape[1])
+    new_mask = _tp_all_gather(mask_rows, 0, layer.tp_group)[:, cols].contiguous()
+    new_w = _tp_all_gather(w_rows, 0, layer.tp_group)[:, cols].contiguous()
+    return new_mask, new_w, (full[part], w_rows, mask_rows)
 
 
 def _layer_mask(layer: _MaskedLinearMixin, stats: InputStats,
@@ -109,25 +156,82 @@ def _layer_mask(layer: _MaskedLinearMixin, stats: InputStats,
                          "calibration batches (at least one sample)")
     if cfg.method == "wanda":
         return wanda_mask(W, stats.sq_norm, spec), None, None
-    rank, size = layer._tp()
-    if isinstance(layer, MaskedRowParallelLinear) and size > 1:
-        full = layer.gather_global(W)  # [out, in]
-        if full.shape[0] % size:
-            raise ValueError(f"{layer.mask_layer_id}: SparseGPT splits the {full.shape[0]} output rows over TP={size} "
-                             "ranks: compute this prior at a TP size that divides them (e.g. TP=1)")
-        rows = full.shape[0] // size
-        part = slice(rank * rows, (rank + 1) * rows)
-        mask_rows, w_rows = sparsegpt_prune(full[part], stats.hessian, spec, blocksize=cfg.blocksize,
-                                            percdamp=cfg.percdamp, update_weights=cfg.update_weights)
-        error = reconstruction_error(full[part], w_rows.to(W.dtype) * mask_rows, stats)
-        mask_full = _tp_all_gather(mask_rows, 0, layer.tp_group)
-        cols = slice(rank * W.shape[1], (rank + 1) * W.shape[1])
-        new_w = _tp_all_gather(w_rows.to(W.dtype), 0, layer.tp_group)[:, cols] if cfg.update_weights else None
-        return mask_full[:, cols].contiguous(), new_w, error
-    mask, new_w = sparsegpt_prune(W, stats.hessian, spec, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
-                                  update_weights=cfg.update_weights)
-    new_w = new_w.to(W.dtype) if cfg.update_weights else None
-    return mask, new_w, reconstruction_error(W, (W if new_w is None else new_w) * mask, stats)
+
+    def solve(w, layer_stats, _mask):
+        return sparsegpt_prune(w, layer_stats.hessian, spec, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
+                               update_weights=cfg.update_weights)
+
+    mask, new_w, (before, after, rows_mask) = _solve_full_width(layer, stats, solve)
+    error = reconstruction_error(before, after * rows_mask.to(after.dtype), stats)
+    return mask, (new_w if cfg.update_weights else None), error
+
+
+def calibrate_blockwise(model: torch.nn.Module, batches: Iterable, needs_hessian: bool, solve_block,
+                        sequential: bool = True, true_sequential: bool = False, dense_targets: bool = False) -> None:
+    """The calibration walk shared by the priors and the reconstruction, block by block as SparseGPT does.
+
+    The calibration batches (callables ``forward(model)``) run up to the first transformer block once.
+    Then for each block: its masked linears run dense on the block's inputs and collect their input
+    statistics (with ``needs_hessian`` the Hessian, for which row-parallel shards all-gather their
+    inputs); ``solve_block(layers, stats)`` sets their masks / weights and their mode; with
+    ``sequential`` the block runs again as solved to make the next block's inputs (else the dense
+    outputs are passed on). Every masked layer is dense (``masking_enabled`` off) until it is solved.
+
+    ``true_sequential`` solves the block's linears one at a time in order (GPTQ's "true sequential"):
+    each collects its statistics with the linears before it already solved. ``dense_targets`` also runs
+    the DENSE model (original weights, no masks) beside it and gives each layer's statistics that
+    model's inputs as targets (``InputStats(targets=True)``). The model ends in its training mode with
+    the masks ``solve_block`` set."""
+    layers = list(masked_layers(model))
+    if not layers:
+        raise ValueError("calibration needs a sparsified model: call sparsify(model, config) first")
+    was_training = model.training
+    model.eval()
+    for layer in layers:
+        layer.masking_enabled = False  # dense until solved
+    batches = list(batches)
+    inputs = _capture_first_layer_inputs(model, batches)
+    dense_inputs = list(inputs) if dense_targets else None
+    try:
+        for block in model.decoder.layers:
+            block_layers = [m for m in block.modules() if isinstance(m, _MaskedLinearMixin)]
+            originals = {layer: layer.weight.detach().clone() for layer in block_layers} if dense_targets else {}
+            groups = [[layer] for layer in block_layers] if true_sequential else [block_layers]
+            outputs = None
+            for group in groups:
+                stats, gather = {}, {}
+                for layer in group:
+                    gather[layer] = needs_hessian and isinstance(layer, MaskedRowParallelLinear) and layer._tp()[1] > 1
+                    width = layer.weight.shape[1] * (layer._tp()[1] if gather[layer] else 1)
+                    stats[layer] = InputStats(width, hessian=needs_hessian, device=layer.weight.device,
+                                              targets=dense_targets)
+                outputs = []
+                for b, kw in enumerate(inputs):
+                    targets = {}
+                    if dense_targets:  # this batch's inputs of the group's layers in the dense model
+                        hooks = [_input_hook(l, gather[l], lambda x, l=l: targets.__setitem__(l, x)) for l in group]
+                        with _original_weights(originals), dense_forward(block):
+                            block(**dense_inputs[b])
+                        for h in hooks:
+                            h.remove()
+                    hooks = [_input_hook(l, gather[l], lambda x, l=l: stats[l].add(x, targets.get(l))) for l in group]
+                    outputs.append(block(**kw)[0])
+                    for h in hooks:
+                        h.remove()
+                solve_block(group, stats)
+                for layer in group:
+                    layer.masking_enabled = True
+            if dense_targets:
+                with _original_weights(originals), dense_forward(block):
+                    dense_out = [block(**kw)[0] for kw in dense_inputs]
+                dense_inputs = [dict(kw, hidden_states=out) for kw, out in zip(dense_inputs, dense_out)]
+            if sequential:
+                outputs = [block(**kw)[0] for kw in inputs]
+            inputs = [dict(kw, hidden_states=out) for kw, out in zip(inputs, outputs)]
+    finally:
+        for layer in layers:
+            layer.masking_enabled = True
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -142,46 +246,24 @@ def compute_priors(model: torch.nn.Module, batches: Iterable, cfg: PriorConfig,
     reconstruction error ``||X W^T - X (W*mask)^T||^2`` on its calibration inputs, for the whole layer
     (summed over tensor-parallel ranks: the same figure at any TP size).
     """
-    layers = list(masked_layers(model))
-    if not layers:
-        raise ValueError("compute_priors needs a sparsified model: call sparsify(model, config) first")
-    was_training = model.training
-    model.eval()
-    for layer in layers:
-        layer.masking_enabled = False  # dense until its block is pruned
-        layer.use_prior_mask = False
-    batches = list(batches)
-    inputs = _capture_first_layer_inputs(model, batches)
     errors = {}
+    layers = list(masked_layers(model))
+    for layer in layers:
+        layer.use_prior_mask = False
+
+    def solve_block(block_layers, stats):
+        for layer in block_layers:
+            mask, new_w, error = _layer_mask(layer, stats[layer], cfg)
+            if error is not None:
+                errors[layer.mask_layer_id] = all_reduce_floats([error], group=layer.tp_group)[0]
+            if new_w is not None:
+                layer.weight.copy_(new_w)
+            layer.set_prior(mask, strength)
+            layer.use_prior_mask = True  # the next blocks see this block pruned
+
     try:
-        for block in model.decoder.layers:
-            block_layers = [m for m in block.modules() if isinstance(m, _MaskedLinearMixin)]
-            stats = {}
-            hooks = []
-            for layer in block_layers:
-                gather = (cfg.method == "sparsegpt" and isinstance(layer, MaskedRowParallelLinear)
-                          and layer._tp()[1] > 1)
-                width = layer.weight.shape[1] * (layer._tp()[1] if gather else 1)
-                stats[layer] = InputStats(width, hessian=cfg.method == "sparsegpt", device=layer.weight.device)
-                hooks.append(_stats_hook(layer, stats[layer], gather))
-            outputs = [block(**kw)[0] for kw in inputs]
-            for h in hooks:
-                h.remove()
-            for layer in block_layers:
-                mask, new_w, error = _layer_mask(layer, stats[layer], cfg)
-                if error is not None:
-                    errors[layer.mask_layer_id] = all_reduce_floats([error], group=layer.tp_group)[0]
-                if new_w is not None:
-                    layer.weight.copy_(new_w)
-                layer.set_prior(mask, strength)
-                layer.masking_enabled = True
-                layer.use_prior_mask = True
-            if cfg.sequential:
-                outputs = [block(**kw)[0] for kw in inputs]
-            inputs = [dict(kw, hidden_states=out) for kw, out in zip(inputs, outputs)]
+        calibrate_blockwise(model, batches, cfg.method == "sparsegpt", solve_block, cfg.sequential)
     finally:
         for layer in layers:
-            layer.masking_enabled = True
             layer.use_prior_mask = False
-        model.train(was_training)
     return errors

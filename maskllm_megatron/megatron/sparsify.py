@@ -11,6 +11,7 @@ its random streams, so pipeline and tensor layouts do not change what is sampled
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
 from dataclasses import dataclass, field
@@ -135,14 +136,30 @@ def masked_layers(model: torch.nn.Module) -> Iterator[_MaskedLinearMixin]:
             yield module
 
 
+@contextlib.contextmanager
+def dense_forward(model: torch.nn.Module):
+    """Every masked layer of ``model`` forwards with its dense weight inside the block (the teacher, the
+    dense model of a calibration)."""
+    layers = list(masked_layers(model))
+    before = [layer.masking_enabled for layer in layers]
+    for layer in layers:
+        layer.masking_enabled = False
+    try:
+        yield
+    finally:
+        for layer, enabled in zip(layers, before):
+            layer.masking_enabled = enabled
+
+
 def set_mask_step(model: torch.nn.Module, step: MaskStep) -> None:
     """Hand every masked layer the sampling state of the next micro-batch."""
     for layer in masked_layers(model):
         layer.set_mask_step(step)
 
 
-def set_fused_mask_kernel(model: torch.nn.Module, fused: bool = True) -> None:
-    """Use the torch.compile'd sampling kernels (CPU C++ / GPU Triton) in every masked layer."""
+def set_fused_mask_kernel(model: torch.nn.Module, fused: bool | None = True) -> None:
+    """The sampling kernels of every masked layer: True fused (one-pass C++ / Triton, else torch.compile'd),
+    False eager, None the layers' default (the fastest that runs here; ``masks.sampling.masked_weight``)."""
     for layer in masked_layers(model):
         layer.fused_mask_kernel = fused
 

@@ -43,14 +43,20 @@ class InputStats:
     """Streaming input statistics of one linear layer (see the module docstring)."""
 
     def __init__(self, in_features: int, hessian: bool = True, dtype: torch.dtype = torch.float32,
-                 device=None):
+                 device=None, targets: bool = False):
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"accumulate in float32 or float64, not {dtype}")
+        if targets and not hessian:
+            raise ValueError("target statistics need the Hessian as well")
         self.in_features = int(in_features)
         self.nsamples = 0
         self.sq_norm = torch.zeros(self.in_features, dtype=dtype, device=device)
-        self.hessian = (torch.zeros(self.in_features, self.in_features, dtype=dtype, device=device)
-                        if hessian else None)
+        square = lambda: torch.zeros(self.in_features, self.in_features, dtype=dtype, device=device)  # noqa: E731
+        self.hessian = square() if hessian else None
+        # with targets: the layer's inputs in the DENSE model beside its inputs here, for a reconstruction
+        # that matches the dense model's outputs: cross = 2/n X^T X_dense, target_hessian = 2/n X_dense^T X_dense
+        self.cross = square() if targets else None
+        self.target_hessian = square() if targets else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -64,10 +70,14 @@ class InputStats:
         return self.sq_norm / self.nsamples
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        """Accumulate a batch of layer inputs ``x: [..., in]`` (any leading shape: tokens)."""
+    def add(self, x: torch.Tensor, target: torch.Tensor | None = None) -> None:
+        """Accumulate a batch of layer inputs ``x: [..., in]`` (any leading shape: tokens), and with target
+        statistics the same tokens' inputs ``target`` in the dense model."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, these statistics expect {self.in_features}")
+        if (target is None) != (self.cross is None):
+            raise ValueError("these statistics take a target with every input" if self.cross is not None
+                             else "these statistics keep no targets: make them with targets=True")
         x = x.detach().reshape(-1, self.in_features).to(device=self.sq_norm.device, dtype=self.dtype)
         t = x.shape[0]
         if t == 0:
@@ -75,9 +85,18 @@ class InputStats:
         self.sq_norm += (x * x).sum(dim=0)
         if self.hessian is not None:
             n = self.nsamples
-            self.hessian *= n / (n + t)
-            x = x * (2.0 / (n + t)) ** 0.5
-            self.hessian += x.t() @ x
+            scale = (2.0 / (n + t)) ** 0.5
+            xs = x * scale
+            for acc in (self.hessian, self.cross, self.target_hessian):
+                if acc is not None:
+                    acc *= n / (n + t)
+            self.hessian += xs.t() @ xs
+            if self.cross is not None:
+                xt = target.detach().reshape(-1, self.in_features).to(xs) * scale
+                if xt.shape != xs.shape:
+                    raise ValueError(f"target has shape {tuple(target.shape)}, the input {tuple(x.shape)}")
+                self.cross += xs.t() @ xt
+                self.target_hessian += xt.t() @ xt
         self.nsamples += t
 
     @torch.no_grad()

@@ -10,6 +10,9 @@ from .config import ConfigError, TrainConfig
 
 
 def main(argv=None) -> int:
+    from ..launch import quiet_known_warnings
+
+    quiet_known_warnings()
     p = argparse.ArgumentParser(prog="maskllm-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example: torchrun --nproc-per-node 8 -m maskllm_megatron.train "
@@ -18,19 +21,22 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=1e-4")
     args = p.parse_args(argv)
     try:
-        cfg = TrainConfig.load(args.config, tuple(args.overrides))
+        cfg = TrainConfig.load(args.config, tuple(args.overrides)).validate()  # before megatron is imported
     except ConfigError as e:
         print(f"maskllm-train: {e}", file=sys.stderr)
         return 2
     from ..convert.io import ConversionError
     from ..data.datasets import DataConfigError
     from ..data.tokenizer import TokenizerError
+    from ..checkpoint_files import CheckpointMismatch
     from ..megatron.model_builder import ModelConfigError
+    from .metrics import MetricsError
     from .trainer import TrainingStopped, train
 
     try:
         train(cfg)
-    except (ConfigError, TrainingStopped, ConversionError, DataConfigError, TokenizerError, ModelConfigError) as e:
+    except (ConfigError, TrainingStopped, ConversionError, DataConfigError, TokenizerError, ModelConfigError,
+            CheckpointMismatch, MetricsError) as e:
         # what the user gave does not fit (a path, a layout, a dataset), or the run stopped itself: one line
         print(f"maskllm-train: {e}", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@ into it. Defaults are the MaskLLM paper's recipe for LLaMA-2 7B (README lists th
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,36 @@ DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
 
 class ConfigError(ValueError):
     """A bad configuration value (message names the key and the fix)."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without YAML 1.1's base-60 numbers: ``2:4`` and ``1:30`` are text, not 124 and
+    90 (a colon in a config value is an N:M, a path or a time, never a sexagesimal number)."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"))
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9_]+(?:[eE][-+][0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str, where: str):
+    """Parse YAML with ``_ConfigLoader``; a syntax error is one ``ConfigError`` line naming ``where``."""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML{at}: {problem}; fix the syntax") from None
 
 
 @dataclass
@@ -99,6 +130,15 @@ class PriorSection:
 
 
 @dataclass
+class DistillSection:
+    """Distillation from the dense model: the same frozen weights with masking off are the teacher, run
+    without autograd on each micro-batch. The loss is ``kd_weight * T^2 * KL(teacher_T || student_T) +
+    (1 - kd_weight) * LM``; ``kd_weight`` 0 is the paper's recipe (no teacher pass)."""
+    kd_weight: float = 0.0
+    temperature: float = 1.0
+
+
+@dataclass
 class RunSection:
     out_dir: str = "runs/maskllm"
     train_iters: int = 2000  # 0: a prior-only run (one-shot masks saved as iteration 0)
@@ -110,6 +150,7 @@ class RunSection:
     keep_last: int = 2  # scheduled checkpoints kept; a newer preemption or final save is kept on top
     tensorboard: bool = True
     wandb_project: str = ""
+    allow_changed_inputs: bool = False  # resume although the base checkpoint or a dataset was re-made since
 
 
 @dataclass
@@ -120,6 +161,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     mask: MaskSection = field(default_factory=MaskSection)
     prior: PriorSection = field(default_factory=PriorSection)
+    distill: DistillSection = field(default_factory=DistillSection)
     run: RunSection = field(default_factory=RunSection)
 
     def validate(self, world_size: Optional[int] = None) -> "TrainConfig":
@@ -189,10 +231,26 @@ class TrainConfig:
         if self.prior.blocksize < 1 or self.prior.blocksize % m or self.prior.percdamp < 0:
             raise ConfigError(f"prior.blocksize {self.prior.blocksize} must be a positive multiple of M={m} and "
                               f"prior.percdamp {self.prior.percdamp} >= 0 (SparseGPT's defaults: 128 and 0.01)")
+        k = self.distill
+        if not 0 <= k.kd_weight <= 1:
+            raise ConfigError(f"distill.kd_weight {k.kd_weight} must be in [0, 1]: the loss is kd_weight x KL + "
+                              "(1 - kd_weight) x LM (0: no distillation)")
+        if not k.temperature > 0:
+            raise ConfigError(f"distill.temperature {k.temperature} must be > 0 (1: the plain softmax)")
+        if k.kd_weight > 0 and self.mask.train_weights:
+            raise ConfigError("distill.kd_weight > 0 with mask.train_weights: the teacher is the model's own weights "
+                              "with masking off, which joint training changes; distil with frozen weights, or set "
+                              "distill.kd_weight=0")
         if self.prior.method != "none" and self.mask.prior_strength > 0 and self.mask.init_std == 0:
             raise ConfigError("mask.init_std 0 with a prior: the prior shifts the logits by (overlap - 1) x "
                               "std(initial logits) x mask.prior_strength, which is 0 when they all start at 0; "
                               "set mask.init_std > 0 (the recipe's 0.01) or prior.method=none")
+
+    def train_samples(self) -> int:
+        """Training samples the run's dataset is built for (its sample order depends on it): the whole
+        run's, and at least the prior's calibration samples (a prior-only run still needs them)."""
+        d = self.data
+        return max(self.run.train_iters * d.global_batch_size, self.prior.calib_samples, d.global_batch_size)
 
     def mask_config(self):
         """The mask sampler's configuration (``maskllm_megatron.masks``): schedules anneal over the run.
@@ -224,6 +282,7 @@ class TrainConfig:
         """
         keys = RESUME_KEEPS_PRIOR if iteration == 0 else RESUME_KEEPS
         now = self.to_dict()
+        defaults = TrainConfig().to_dict()  # what a run saved before a setting existed ran with
         changed = []
         for key in keys:
             section, name = key.split(".")
@@ -232,7 +291,8 @@ class TrainConfig:
             else:
                 names = [name]
             for n in names:
-                old, new = _plain(saved.get(section, {}).get(n)), _plain(now[section].get(n))
+                old = _plain(saved.get(section, {}).get(n, defaults.get(section, {}).get(n)))
+                new = _plain(now[section].get(n))
                 if old != new:
                     changed.append(f"{section}.{n} {old!r} -> {new!r}")
         if not changed:
@@ -255,7 +315,10 @@ class TrainConfig:
             p = Path(path)
             if not p.exists():
                 raise ConfigError(f"config file {path} does not exist")
-            raw = yaml.safe_load(p.read_text()) or {}
+            try:
+                raw = _yaml(p.read_text(), f"config file {path}") or {}
+            except UnicodeDecodeError:
+                raise ConfigError(f"config file {path} is not text: pass a YAML file") from None
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr=1e-4)")
@@ -264,7 +327,10 @@ class TrainConfig:
             parts = key.split(".")
             for part in parts[:-1]:
                 node = node.setdefault(part, {})
-            node[parts[-1]] = yaml.safe_load(value)
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {item!r}: {part} is not a section")
+            # a text field takes the text as written (a path, an N:M); any other as YAML (numbers, lists, booleans)
+            node[parts[-1]] = value if _field_type(cls, parts) is str else _yaml(value, f"override {item!r}")
         return cls.from_dict(raw)
 
     def to_dict(self) -> dict:
@@ -275,10 +341,20 @@ class TrainConfig:
 RESUME_KEEPS = ("run.train_iters", "run.seed", "data.train", "data.split", "data.seq_length",
                 "data.global_batch_size", "optim.*", "mask.nm", "mask.temperature", "mask.logit_scale", "mask.hard",
                 "mask.init_std", "mask.prior_strength", "mask.regularizer", "mask.include", "mask.exclude",
-                "mask.train_weights", "parallel.distributed_optimizer")
+                "mask.train_weights", "parallel.distributed_optimizer", "distill.*")
 #: ... and those that a prior-only checkpoint's logits were made with.
 RESUME_KEEPS_PRIOR = ("run.seed", "mask.nm", "mask.init_std", "mask.prior_strength", "mask.include", "mask.exclude",
                       "prior.*")
+
+
+def _field_type(cls, parts: list[str]):
+    """The declared type of the config field at ``section.key`` (None for an unknown key: from_dict names it)."""
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            return None
+        cls = hints[part]
+    return cls
 
 
 def _plain(value):

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from ..data.datasets import DataConfig, build_datasets, micro_batches, parse_blend
+from ..data.datasets import DataConfig, build_datasets, check_prefix, first_samples, micro_batches, parse_blend
 from ..data.tokenizer import load_tokenizer
 from .config import TrainConfig
 
@@ -25,18 +25,18 @@ def _model_batch(batch: dict) -> dict:
 class RunData:
     """Datasets of one run on one data-parallel rank."""
 
-    def __init__(self, cfg: TrainConfig, dp_rank: int, dp_size: int):
+    def __init__(self, cfg: TrainConfig, dp_rank: int, dp_size: int, vocab_size: int | None = None):
         d = cfg.data
         self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
         prefixes, weights = parse_blend(d.train)
         self.tokenizer = load_tokenizer(Path(cfg.model.checkpoint) / "tokenizer")
         data_cfg = DataConfig(prefixes, weights, split=d.split, seq_length=d.seq_length, seed=cfg.run.seed,
                               cache_dir=d.cache_dir or None)
+        for prefix in data_cfg.prefixes:  # before any training: a truncated .bin, ids beyond the vocabulary
+            check_prefix(prefix, vocab_size if vocab_size is not None else self.tokenizer.vocab_size)
         evals = (cfg.run.train_iters // cfg.run.eval_interval + 1) if cfg.run.eval_interval else 0
         valid_samples = d.global_batch_size * cfg.run.eval_iters if evals else 0
-        # a prior-only run (train_iters=0) still needs its calibration samples
-        train_samples = max(cfg.run.train_iters * d.global_batch_size, cfg.prior.calib_samples, d.global_batch_size)
-        self.splits = build_datasets(data_cfg, self.tokenizer, train_samples, valid_samples=valid_samples)
+        self.splits = build_datasets(data_cfg, self.tokenizer, cfg.train_samples(), valid_samples=valid_samples)
         if evals and self.splits.valid is None:
             raise ValueError(f"data.split {d.split!r} has no validation part but run.eval_interval is set: "
                              "give the split a validation share (e.g. 98,2,0) or set run.eval_interval=0")
@@ -64,15 +64,12 @@ class RunData:
     def calibration_batches(self, num_samples: int) -> list[dict]:
         """The first ``num_samples`` training samples, as micro-batches (same on every rank); the last
         one is cut short when ``num_samples`` is not a multiple of the micro-batch size."""
-        mbs = self.cfg.data.micro_batch_size
-        batches = list(itertools.islice(micro_batches(self.splits.train, mbs), -(-num_samples // mbs)))
-        if sum(len(b["tokens"]) for b in batches) < num_samples:
+        if num_samples > len(self.splits.train):
             raise ValueError(f"prior.calib_samples {num_samples} is more than the {len(self.splits.train)} training "
                              "samples: lower it or give more training text")
-        if batches and num_samples % mbs:
-            batches[-1] = {k: v[: num_samples % mbs] for k, v in batches[-1].items()}
+        batches = first_samples(self.splits.train, num_samples, self.cfg.data.micro_batch_size)
         return [_model_batch(b) for b in batches]
 
 
 def build_data(cfg: TrainConfig, info, dp_rank: int, dp_size: int) -> RunData:
-    return RunData(cfg, dp_rank, dp_size)
+    return RunData(cfg, dp_rank, dp_size, vocab_size=info.model.vocab_size)

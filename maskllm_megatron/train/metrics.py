@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import time
 from collections import defaultdict
@@ -97,9 +98,44 @@ class StepThroughput:
 
 
 def peak_memory_bytes() -> int:
+    """Peak GPU memory allocated, or without CUDA the process's peak resident set size."""
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    return host_peak_rss_bytes()
+
+
+def _proc_status_bytes(field: str) -> Optional[int]:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    found = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(found.group(1)) * 1024 if found else None
+
+
+def host_rss_bytes() -> int:
+    """The process's resident set size now (Linux ``VmRSS``)."""
+    rss = _proc_status_bytes("VmRSS")
+    return rss if rss is not None else host_peak_rss_bytes()
+
+
+def host_peak_rss_bytes() -> int:
+    """The process's peak resident set size: Linux's ``VmHWM``, the high-water mark of this process's
+    own memory. Not ``ru_maxrss``: a child started by ``subprocess`` inherits in it the parent's RSS at
+    the fork, so a child of a large process reads the parent's size as its own peak."""
+    peak = _proc_status_bytes("VmHWM")
+    return peak if peak is not None else int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def reset_host_peak_rss() -> bool:
+    """Reset the peak resident set size to the current one (``/proc/self/clear_refs``); False where the
+    kernel does not allow it (the peak then also covers what came before)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 class MetricsLogger:
@@ -145,10 +181,39 @@ class MetricsLogger:
             print(console, flush=True)
 
     def truncate_after(self, iteration: int) -> None:
-        """Drop records past ``iteration`` (a resumed run repeats them)."""
+        """Drop records past ``iteration`` (a resumed run repeats them), and a torn last line (a write the
+        run did not finish: disk full, a kill)."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("iteration", 0) <= iteration]
+        records, torn = read_records(self.path)
+        if torn:
+            print(f"[maskllm] {self.path}: dropping its incomplete last line", flush=True)
+        keep = [json.dumps(r) for r in records if r.get("iteration", 0) <= iteration]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(l + "\n" for l in keep))
         os.replace(tmp, self.path)
+
+
+class MetricsError(ValueError):
+    """A metrics file that is not what the driver writes (message names the file and line)."""
+
+
+def read_records(path: str | Path) -> tuple[list[dict], bool]:
+    """``(records, torn)`` of a ``metrics.jsonl``: every JSON record with an ``iteration``; a last line that
+    does not parse is a write that did not finish and is skipped (``torn``); a bad line anywhere else is a
+    ``MetricsError``."""
+    path = Path(path)
+    lines = [(i, l) for i, l in enumerate(path.read_text(errors="replace").splitlines(), 1) if l.strip()]
+    records, torn = [], False
+    for k, (lineno, line) in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if k == len(lines) - 1:
+                torn = True
+                continue
+            raise MetricsError(f"{path}:{lineno} is not a JSON record: {line[:80]!r}") from None
+        if not isinstance(rec, dict) or "iteration" not in rec:
+            raise MetricsError(f"{path}:{lineno} has no 'iteration': not a maskllm-train metrics file")
+        records.append(rec)
+    return records, torn

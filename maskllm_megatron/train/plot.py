@@ -1,7 +1,8 @@
 """``maskllm-plot``: one PNG of a mask-learning run from its ``metrics.jsonl``.
 
-Panels: training LM loss; hard-mask validation perplexity (the iteration-0 point is the argmax of the
-initial logits: the prior moved by the initial noise); flip rate of the argmax patterns; Gumbel
+Panels: training LM loss (with distillation also the KD term and the total); hard-mask validation
+perplexity (the iteration-0 point is the argmax of the initial logits: the prior moved by the initial
+noise) with the KL to the dense model on a twin axis; flip rate of the argmax patterns; Gumbel
 temperature with the logit scale on a twin axis.
 
     maskllm-plot runs/smollm2            # writes runs/smollm2/training.png
@@ -31,22 +32,17 @@ def metrics_path(run: str | Path) -> Path:
 def load_records(path: str | Path) -> list[dict]:
     """The JSON records of ``path``. A torn last line (a run killed mid-write) is skipped; a bad line
     anywhere else is an error."""
+    from .metrics import MetricsError, read_records
+
     path = Path(path)
     if not path.is_file():
         raise PlotError(f"{path} does not exist: pass a run folder (run.out_dir) or its metrics.jsonl")
-    lines = [(i, l) for i, l in enumerate(path.read_text().splitlines(), 1) if l.strip()]
-    records = []
-    for k, (lineno, line) in enumerate(lines):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if k == len(lines) - 1:
-                print(f"maskllm-plot: skipping the incomplete last line {lineno} of {path}", file=sys.stderr)
-                continue
-            raise PlotError(f"{path}:{lineno} is not a JSON record: {line[:80]!r}") from None
-        if not isinstance(rec, dict) or "iteration" not in rec:
-            raise PlotError(f"{path}:{lineno} has no 'iteration': not a maskllm-train metrics file")
-        records.append(rec)
+    try:
+        records, torn = read_records(path)
+    except MetricsError as e:
+        raise PlotError(str(e)) from None
+    if torn:
+        print(f"maskllm-plot: skipping the incomplete last line of {path}", file=sys.stderr)
     if not records:
         raise PlotError(f"{path} holds no records yet: wait for the first log interval of the run")
     return records
@@ -82,6 +78,14 @@ def plot_records(records: list[dict], out: str | Path, title: Optional[str] = No
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), constrained_layout=True)
     (ax_loss, ax_ppl), (ax_flip, ax_temp) = axes
     _line(ax_loss, loss, "training LM loss (soft mask)", "loss", "tab:blue")
+    kd, total = series(records, "kd_loss"), series(records, "loss")
+    if kd[0]:  # a distillation run: its KD term and the loss it optimises
+        ax_loss.set_title("training losses (soft mask)", fontsize=10)
+        ax_loss.lines[0].set_label("LM")
+        ax_loss.plot(*kd, color="tab:cyan", label="KD (T^2 KL to dense)")
+        ax_loss.plot(*total, color="black", linestyle="--", label="total")
+        ax_loss.legend(loc="upper right")
+    kl = series(records, "valid/kl_to_dense")
     _line(ax_ppl, ppl, "validation perplexity (hard mask)", "perplexity", "tab:green", marker="o")
     if ppl[0] and ppl[0][0] == 0:
         ax_ppl.scatter([0], [ppl[1][0]], color="tab:red", zorder=3,
@@ -89,6 +93,10 @@ def plot_records(records: list[dict], out: str | Path, title: Optional[str] = No
         ax_ppl.legend(loc="upper right")
     if ppl[1] and max(ppl[1]) / max(min(ppl[1]), 1e-9) > 20:
         ax_ppl.set_yscale("log")
+    if kl[0]:
+        twin_kl = ax_ppl.twinx()
+        twin_kl.plot(*kl, color="tab:brown", linestyle=":", marker="x", markersize=3)
+        twin_kl.set_ylabel("KL to dense (nats/token)", color="tab:brown")
     _line(ax_flip, flips, "mask flip rate (groups changed per log interval)", "flip rate", "tab:purple")
     ax_flip.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     _line(ax_temp, temp, "Gumbel temperature / logit scale", "temperature", "tab:orange")
@@ -124,6 +132,9 @@ def _line(ax, xy, title: str, ylabel: str, color: str, marker: Optional[str] = N
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from ..launch import quiet_known_warnings
+
+    quiet_known_warnings()
     p = argparse.ArgumentParser(prog="maskllm-plot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run folder (run.out_dir) or its metrics.jsonl")

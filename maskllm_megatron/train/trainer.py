@@ -122,15 +122,15 @@ def transfer_masks(model, ckpt_dir: str) -> dict:
     starts from its own freshly initialised logits shifted towards the transferred masks (the
     MaskLLM prior), exactly as from a one-shot prior.
     """
-    from megatron.core import dist_checkpointing
-
     from ..masks import hard_mask
+    from ..checkpoint_files import read_extra
+    from ..megatron.checkpointing import load_sharded, load_tensors_metadata
     from ..megatron.sparsify import masked_layers
 
     ckpt_dir = str(Path(ckpt_dir).absolute())
-    extra_path = Path(ckpt_dir) / "extra_state.pt"
-    iteration = torch.load(extra_path, weights_only=False)["iteration"] if extra_path.exists() else None
-    saved = dist_checkpointing.load_tensors_metadata(ckpt_dir)
+    extra = read_extra(ckpt_dir)
+    iteration = extra["iteration"] if extra is not None else None
+    saved = load_tensors_metadata(ckpt_dir)
     layers = list(masked_layers(model))
     use_prior = iteration == 0 and all(k.replace(".mask_logits", ".prior_mask") in saved
                                        for k in saved if k.endswith(".mask_logits"))
@@ -142,7 +142,7 @@ def transfer_masks(model, ckpt_dir: str) -> dict:
     # dist_checkpointing.load fills the tensors it is given in place: hand it copies of the layout.
     sharded = {k: replace(v, data=torch.empty_like(v.data)) for k, v in model.sharded_state_dict().items()
                if k.endswith(suffix)}
-    loaded = dist_checkpointing.load(sharded, ckpt_dir)
+    loaded = load_sharded(sharded, ckpt_dir)
     for layer in layers:
         source = loaded[f"{names[id(layer)]}{suffix}"]
         mask = source.to(layer.weight.dtype) if use_prior else hard_mask(source, layer.nm, dtype=layer.weight.dtype)
@@ -189,12 +189,74 @@ def checkpoint_root(cfg: TrainConfig) -> Path:
     return Path(cfg.run.out_dir).absolute() / "checkpoints"
 
 
-def latest_checkpoint(cfg: TrainConfig) -> Optional[Path]:
-    pointer = checkpoint_root(cfg) / "latest"
-    if not pointer.exists():
+def latest_checkpoint(cfg: TrainConfig, announce: bool = False) -> Optional[Path]:
+    """The newest complete checkpoint of the run (``checkpointing.is_complete``), whatever the ``latest``
+    pointer says: a pointer emptied, dangling or naming an older folder is not trusted (with ``announce``
+    the driver says that it resumes elsewhere). None when the run has no checkpoint; ``ConfigError``,
+    naming the folder, when it has checkpoint folders but none is complete (a fresh start there would
+    rotate them away)."""
+    from ..checkpoint_files import is_complete
+
+    root = checkpoint_root(cfg)
+    found = sorted(((checkpoint_iteration(p.name), p) for p in root.glob("iter_*") if p.is_dir()
+                    and checkpoint_iteration(p.name) is not None), reverse=True)
+    if not found:
         return None
-    path = checkpoint_root(cfg) / pointer.read_text().strip()
-    return path if (path / "metadata.json").exists() else None
+    newest = next((p for _, p in found if is_complete(p)), None)
+    if newest is None:
+        raise ConfigError(f"{root} holds {', '.join(p.name for _, p in found)} but none is a complete checkpoint: "
+                          "restore one, or move the folder away to start the run afresh")
+    pointer = root / "latest"
+    named = pointer.read_text().strip() if pointer.is_file() else ""
+    if announce and named != newest.name:
+        why = "is empty" if pointer.is_file() and not named else "is missing" if not pointer.is_file() else \
+            f"names {named!r}, which is not the newest complete checkpoint"
+        print(f"[maskllm] {pointer} {why}: resuming from {newest.name}", flush=True)
+    return newest
+
+
+def input_fingerprints(cfg: TrainConfig) -> dict:
+    """What the run reads, as content keys: the base checkpoint's metadata files and its data files' sizes,
+    and each dataset prefix's ``.idx`` digest and ``.bin`` size. A resume compares them with the
+    checkpoint's (``run.allow_changed_inputs`` accepts a change)."""
+    from ..assets import file_digest
+    from ..data.datasets import parse_blend
+
+    base = Path(cfg.model.checkpoint)
+    model = {name: file_digest(base / name) for name in ("model_config.json", "metadata.json", ".metadata")
+             if (base / name).is_file()}
+    model["data_bytes"] = sum(p.stat().st_size for p in base.glob("*.distcp"))
+    data = {}
+    for prefix in parse_blend(cfg.data.train)[0]:
+        data[prefix] = {"idx": file_digest(f"{prefix}.idx"), "bin_bytes": Path(f"{prefix}.bin").stat().st_size}
+    return {"model": model, "data": data}
+
+
+def inputs_conflict(saved: Optional[dict], now: dict, cfg: TrainConfig) -> Optional[str]:
+    """Why a resume must not go on with inputs re-made since the checkpoint (None if it may)."""
+    if not saved or cfg.run.allow_changed_inputs:
+        return None
+    if saved.get("model") != now["model"]:
+        what = f"the base checkpoint {cfg.model.checkpoint}"
+    elif saved.get("data") != now["data"]:
+        changed = sorted(set(saved.get("data", {})) ^ set(now["data"]) |
+                         {k for k in now["data"] if saved.get("data", {}).get(k) != now["data"][k]})
+        what = f"the dataset {changed[0]}"
+    else:
+        return None
+    return (f"{what} changed since the run's last checkpoint was saved (its files differ): the run would go on "
+            "with other inputs than it started with; restore them, or set run.allow_changed_inputs=true to "
+            "go on anyway")
+
+
+def agree_on_resume(resume: Optional[Path]) -> None:
+    """Every rank must resume the same iteration (a rank on another filesystem view would not)."""
+    it = checkpoint_iteration(resume.name) if resume is not None else -1
+    low = all_reduce_floats([it], op=torch.distributed.ReduceOp.MIN)[0]
+    high = all_reduce_floats([it], op=torch.distributed.ReduceOp.MAX)[0]
+    if low != high:
+        raise ConfigError(f"the ranks found different checkpoints to resume (iterations {int(low)} to {int(high)}; "
+                          f"-1: none): run.out_dir must be one folder that every rank sees the same")
 
 
 def stale_checkpoints(iterations: list[int], save_interval: int, keep_last: int) -> list[int]:
@@ -211,23 +273,42 @@ def stale_checkpoints(iterations: list[int], save_interval: int, keep_last: int)
 
 
 def save(cfg: TrainConfig, state: "LoopState", model, optimizer, scheduler, is_rank0: bool) -> Path:
+    """Save the iteration's checkpoint, move ``latest`` to it and rotate. Rotation only ever deletes
+    checkpoints of this run's own line: those this process wrote, and those of the run it resumed, up to
+    the checkpoint it resumed from; a folder of any other origin stays."""
     from ..megatron.checkpointing import save_checkpoint
 
+    _check_finite_logits(model, state.iteration)
     root = checkpoint_root(cfg)
     name = checkpoint_name(state.iteration)
     extra = {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
-             "scheduler": scheduler.state_dict(), "history": state.history, "config": cfg.to_dict()}
+             "scheduler": scheduler.state_dict(), "history": state.history, "config": cfg.to_dict(),
+             "inputs": state.inputs}
     path = save_checkpoint(model, root / name, optimizer, extra=extra)  # optimizer None: model + extra only
+    state.written.append(state.iteration)
     if is_rank0:
         tmp = root / "latest.tmp"
         tmp.write_text(name)
         os.replace(tmp, root / "latest")  # the pointer moves only after the checkpoint is complete
         done = {checkpoint_iteration(p.name): p for p in root.glob("iter_*") if p.is_dir()}
         done.pop(None, None)  # folders still being written
-        for it in stale_checkpoints(list(done), cfg.run.save_interval, cfg.run.keep_last):
-            shutil.rmtree(done[it], ignore_errors=True)
+        ours = {it: p for it, p in done.items() if it in state.written or it <= state.resumed_from}
+        for it in stale_checkpoints(list(ours), cfg.run.save_interval, cfg.run.keep_last):
+            shutil.rmtree(ours[it], ignore_errors=True)
     torch.distributed.barrier()
     return path
+
+
+def _check_finite_logits(model, iteration: int) -> None:
+    """Refuse to save non-finite mask logits (a step whose update overflowed): the last good checkpoint
+    stays the newest."""
+    from ..megatron.sparsify import masked_layers
+
+    bad = [layer.mask_layer_id for layer in masked_layers(model) if not bool(torch.isfinite(layer.mask_logits).all())]
+    flag = all_reduce_floats([len(bad)], op=torch.distributed.ReduceOp.MAX)[0]
+    if flag:
+        raise TrainingStopped(f"non-finite mask logits at iteration {iteration}"
+                              + (f" ({bad[0]})" if bad else "") + ": stopped without saving; lower optim.lr")
 
 
 # -- the loop ---------------------------------------------------------------------------------------
@@ -236,6 +317,9 @@ class LoopState:
     iteration: int = 0
     consumed_samples: int = 0
     history: list = field(default_factory=list)  # [iteration, lm loss, data fingerprint] per iteration
+    inputs: dict = field(default_factory=dict)  # input_fingerprints() of the run's first start
+    resumed_from: int = -1  # the iteration this process resumed (-1: a fresh start)
+    written: list = field(default_factory=list)  # iterations this process saved
 
 
 class _Preemption:
@@ -264,10 +348,41 @@ def _loss_func(loss_mask, output_tensor):
     return loss, {"lm loss": loss.detach().clone()}
 
 
-def run_batches(cfg, model, batches, num_microbatches, forward_only, step_of_microbatch=None):
-    """One pass of megatron's pipeline schedule over ``num_microbatches`` micro-batches."""
+@dataclass(frozen=True)
+class Teacher:
+    """The dense model as teacher of a forward pass: ``kd_weight`` of the distillation term in the loss
+    (0: the LM loss alone is optimised, the KL only measured) at ``temperature``."""
+    kd_weight: float = 0.0
+    temperature: float = 1.0
+
+
+def _distill_loss_func(loss_mask, labels, teacher_logits, teacher: Teacher, output_tensor):
+    """``kd_weight * T^2 KL(teacher_T || student_T) + (1 - kd_weight) * LM`` averaged over the loss mask;
+    the LM term is megatron's vocab-parallel cross entropy, as the model computes it from labels."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    from ..megatron.distill import sequence_first_grad, vocab_parallel_kl
+
+    output_tensor = sequence_first_grad(output_tensor)
+    kl = vocab_parallel_kl(output_tensor, teacher_logits, teacher.temperature,
+                           parallel_state.get_tensor_model_parallel_group())
+    ce = tensor_parallel.vocab_parallel_cross_entropy(output_tensor, labels)  # works in place on the logits
+    tokens = loss_mask.sum().clamp(min=1)
+    lm = (ce.float() * loss_mask).sum() / tokens
+    kd = (kl * loss_mask).sum() / tokens
+    loss = teacher.kd_weight * kd + (1 - teacher.kd_weight) * lm if teacher.kd_weight else lm
+    return loss, {"lm loss": lm.detach().clone(), "kd loss": kd.detach().clone(), "loss": loss.detach().clone()}
+
+
+def run_batches(cfg, model, batches, num_microbatches, forward_only, step_of_microbatch=None,
+                teacher: Optional[Teacher] = None):
+    """One pass of megatron's pipeline schedule over ``num_microbatches`` micro-batches; with a ``teacher``
+    the dense model runs beside the student on every micro-batch (``megatron.distill.paired_forward``:
+    the pipeline then carries both models' hidden states)."""
+    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from ..megatron.distill import paired_forward
     from ..megatron.sparsify import set_mask_step
 
     counter = iter(range(num_microbatches))
@@ -277,24 +392,29 @@ def run_batches(cfg, model, batches, num_microbatches, forward_only, step_of_mic
         mb = next(counter)
         if step_of_microbatch is not None:
             set_mask_step(m, step_of_microbatch(mb))
-        out = m(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
-        return out, partial(_loss_func, batch["loss_mask"])
+        if teacher is None:
+            out = m(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+            return out, partial(_loss_func, batch["loss_mask"])
+        student, dense = paired_forward(m, lambda mm: mm(batch["tokens"], batch["position_ids"], batch["attention_mask"]))
+        if not parallel_state.is_pipeline_last_stage():
+            return torch.cat([student, dense], dim=1), None  # hidden states [s, b, h]: both halves go on
+        return student, partial(_distill_loss_func, batch["loss_mask"], batch["labels"], dense, teacher)
 
     return get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
         num_microbatches=num_microbatches, seq_length=cfg.data.seq_length,
-        micro_batch_size=cfg.data.micro_batch_size, forward_only=forward_only)
+        micro_batch_size=cfg.data.micro_batch_size * (2 if teacher is not None else 1), forward_only=forward_only)
 
 
-def _mean_loss(results, dp_group=None) -> Optional[float]:
-    """Average LM loss over the micro-batches of the last pipeline stage, and over the data-parallel
-    ranks when ``dp_group`` is given (the whole batch's loss, as DP=1 logs it); the same on every rank
-    (None if no stage has it)."""
+def _mean_loss(results, dp_group=None, key: str = "lm loss") -> Optional[float]:
+    """Average of a logged loss (``key``) over the micro-batches of the last pipeline stage, and over the
+    data-parallel ranks when ``dp_group`` is given (the whole batch's loss, as DP=1 logs it); the same
+    on every rank (None if no stage has it)."""
     from megatron.core import parallel_state
 
     local = [0.0, 0.0]
     if parallel_state.is_pipeline_last_stage() and results:
-        vals = torch.stack([r["lm loss"].double() for r in results])
+        vals = torch.stack([r[key].double() for r in results])
         local = [float(vals.sum()), float(len(results))]
     total, n = all_reduce_floats(local, group=parallel_state.get_pipeline_model_parallel_group())
     if dp_group is not None:
@@ -303,42 +423,50 @@ def _mean_loss(results, dp_group=None) -> Optional[float]:
 
 
 def evaluate(cfg, model, data) -> dict:
-    """Validation with the HARD mask: loss and perplexity, averaged over data-parallel ranks."""
+    """Validation with the HARD mask: LM loss, perplexity and the KL to the dense model (temperature 1),
+    averaged over data-parallel ranks."""
     from megatron.core import parallel_state
 
     model.eval()
-    total = 0.0
+    total = kl = 0.0
     n = 0
     with torch.no_grad():
         for batches in data.valid_iterations(cfg.run.eval_iters):
-            loss = _mean_loss(run_batches(cfg, model, batches, len(batches), forward_only=True))
-            total += loss
+            results = run_batches(cfg, model, batches, len(batches), forward_only=True, teacher=Teacher())
+            total += _mean_loss(results)
+            kl += _mean_loss(results, key="kd loss")
             n += 1
     model.train()
-    total, n = all_reduce_floats([total, n], group=parallel_state.get_data_parallel_group())
+    total, kl, n = all_reduce_floats([total, kl, n], group=parallel_state.get_data_parallel_group())
     loss = total / n
-    return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0))}
+    return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0)), "valid/kl_to_dense": kl / n}
 
 
 def train(cfg: TrainConfig, data_factory=None) -> dict:
     """Run (or resume) mask learning as configured; return the final metrics."""
     from megatron.core import parallel_state
 
+    from ..checkpoint_files import read_extra
     from ..megatron.checkpointing import load_checkpoint
     from ..megatron.sparsify import mask_logits_group, masked_layers
     from .data import build_data
 
     env = setup_parallel(cfg)
     is_rank0 = env["rank"] == 0
-    resume = latest_checkpoint(cfg)
-    if resume is not None:  # before building anything: a resume that would mix two runs is refused
-        saved = torch.load(resume / "extra_state.pt", weights_only=False)
+    resume = latest_checkpoint(cfg, announce=is_rank0)
+    agree_on_resume(resume)
+    saved = read_extra(resume) if resume is not None else None
+    if saved is not None:  # before building anything: a resume that would mix two runs is refused
         conflict = cfg.resume_conflict(saved.get("config", {}), saved["iteration"])
         if conflict:
             raise ConfigError(conflict)
     model, info = build_model(cfg)
     data = (data_factory or build_data)(cfg, info, env["dp_rank"], env["dp_size"])
-    state = LoopState()
+    inputs = input_fingerprints(cfg)  # the inputs exist now: the model and data were read
+    conflict = inputs_conflict(saved.get("inputs"), inputs, cfg) if saved is not None else None
+    if conflict:
+        raise ConfigError(conflict)
+    state = LoopState(inputs=inputs)
     prior_report = {}
     if resume is None:
         prior_report = apply_prior(cfg, model, data)
@@ -351,7 +479,8 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
         extra = load_checkpoint(model, resume, optimizer)["extra"]
         if extra["iteration"] > 0:  # a prior-only checkpoint's scheduler was made for train_iters=0
             scheduler.load_state_dict(extra["scheduler"])
-        state = LoopState(extra["iteration"], extra["consumed_samples"], extra["history"])
+        state = LoopState(extra["iteration"], extra["consumed_samples"], extra["history"],
+                          inputs=extra.get("inputs") or inputs, resumed_from=extra["iteration"])
         logger.truncate_after(state.iteration)
         if is_rank0:
             print(f"[maskllm] resumed from {resume} at iteration {state.iteration}", flush=True)
@@ -377,6 +506,7 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     train_iter = data.train_iterations(state.consumed_samples, num_micro)
     logits_group = mask_logits_group(optimizer, sparsify_config(cfg))  # the logged lr is the logits'
     throughput = StepThroughput()
+    teacher = Teacher(cfg.distill.kd_weight, cfg.distill.temperature) if cfg.distill.kd_weight > 0 else None
     last = {}
     ddp.train()
     while state.iteration < cfg.run.train_iters:
@@ -390,16 +520,28 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
             # micro-batch mb of DP rank r holds the global batch's micro-batch mb * dp_size + r (the sampler
             # deals them out in that order): keyed by that index, the noise does not depend on the DP size
             results = run_batches(cfg, ddp, batches, num_micro, forward_only=False, step_of_microbatch=lambda mb:
-                                  mcfg.step_state(it, mb * env["dp_size"] + env["dp_rank"], grad_scale))
+                                  mcfg.step_state(it, mb * env["dp_size"] + env["dp_rank"], grad_scale),
+                                  teacher=teacher)
             loss = _mean_loss(results, dp_group)
-            nonfinite = loss is not None and not math.isfinite(loss)
+            if teacher is not None:
+                kd_loss, total_loss = (_mean_loss(results, dp_group, key) for key in ("kd loss", "loss"))
+                loss_checked = total_loss
+            else:
+                loss_checked = loss
+            nonfinite = loss_checked is not None and not math.isfinite(loss_checked)
             bad = all_reduce_floats([nonfinite], op=torch.distributed.ReduceOp.MAX)[0]
             if bad:
                 kept = latest_checkpoint(cfg)
-                raise TrainingStopped(f"LM loss is {loss} at iteration {it + 1}: stopped without saving; the last "
+                what = "the loss" if teacher is not None else "LM loss"
+                raise TrainingStopped(f"{what} is {loss_checked} at iteration {it + 1}: stopped without saving; the last "
                                       f"good checkpoint is {kept or 'none'}; lower optim.lr or check the data")
             _, grad_norm, _ = optimizer.step()  # the norm before clipping; megatron computes it only to clip
             scheduler.step(increment=1)
+            if grad_norm is not None and not math.isfinite(float(grad_norm)):
+                kept = latest_checkpoint(cfg)
+                raise TrainingStopped(f"the gradient norm is {float(grad_norm)} at iteration {it + 1}: stopped without "
+                                      f"saving; the last good checkpoint is {kept or 'none'}; lower optim.lr or check "
+                                      "the data")
         state.iteration += 1
         state.consumed_samples += cfg.data.global_batch_size
         state.history.append([state.iteration, loss, fingerprint])
@@ -414,7 +556,11 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
                     **watcher.collect(step)}
             if cfg.optim.clip_grad > 0 and grad_norm is not None:
                 last["grad_norm"] = float(grad_norm)
-            logger.log(last, console=(f"iter {state.iteration:6d}/{cfg.run.train_iters} | loss {loss:.4f} | "
+            if teacher is not None:
+                last.update(kd_loss=kd_loss, loss=total_loss)
+            losses = (f"loss {total_loss:.4f} (lm {loss:.4f}, kd {kd_loss:.4f})" if teacher is not None
+                      else f"loss {loss:.4f}")
+            logger.log(last, console=(f"iter {state.iteration:6d}/{cfg.run.train_iters} | {losses} | "
                                       f"lr {last['lr']:.2e} | "
                                       + (f"grad norm {last['grad_norm']:.2e} | " if "grad_norm" in last else "") +
                                       f"tau {step.temperature:.3f} | scale {step.scale:.0f} | "
@@ -423,7 +569,8 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
         if cfg.run.eval_interval and (state.iteration % cfg.run.eval_interval == 0 or state.iteration == cfg.run.train_iters):
             ev = evaluate(cfg, ddp, data)
             logger.log({"iteration": state.iteration, **ev},
-                       console=f"iter {state.iteration:6d} | hard-mask valid loss {ev['valid/loss']:.4f} | ppl {ev['valid/ppl']:.2f}")
+                       console=f"iter {state.iteration:6d} | hard-mask valid loss {ev['valid/loss']:.4f} | ppl "
+                               f"{ev['valid/ppl']:.2f} | KL to dense {ev['valid/kl_to_dense']:.4f}")
             last.update(ev)
         stop = preemption.agreed()
         if stop or (cfg.run.save_interval and state.iteration % cfg.run.save_interval == 0) \

@@ -55,6 +55,7 @@ def main():
                                   input_is_parallel=True, skip_bias_add=False, mask_config=mcfg, mask_layer_id="row")
     gated = MaskedColumnParallelLinear(h_in, 32, config=cfg, init_method=torch.nn.init.zeros_, bias=False,
                                        gather_output=False, mask_config=mcfg, mask_layer_id="fc1", gated_halves=True)
+    assert col.fused_mask_kernel is None and row.fused_mask_kernel is None  # built with defaults: the fastest kernel
     with torch.no_grad():
         col.weight.copy_(Wc[col.global_row_ids()])
         col.bias.copy_(bc[col.global_row_ids()])

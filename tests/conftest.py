@@ -1,0 +1,19 @@
+"""Fixtures shared by several test modules."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The driver tests' inputs (tests/scripts/make_tiny_run.py): a tiny LLaMA-shaped checkpoint pre-trained
+    on real text, its tokenizer and the text as an indexed dataset. Each test runs in a folder of its own
+    name under it."""
+    d = tmp_path_factory.mktemp("tiny_run")
+    subprocess.run([sys.executable, "tests/scripts/make_tiny_run.py", str(d)], check=True, cwd=ROOT,
+                   capture_output=True)
+    return d

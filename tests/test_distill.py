@@ -1,0 +1,95 @@
+"""Distillation from the dense model: the vocab-parallel KL against plain torch at TP=1 and TP=2 (values and
+gradients), and the driver distilling at PP=1 and PP=2, resuming exactly and logging every loss."""
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.test_train import history, records, torchrun, write_config
+from tests.torchrun_util import printed_result
+
+WORKER = "tests/scripts/distill_worker.py"
+
+
+def test_kl_and_its_gradient_equal_plain_torch():
+    from maskllm_megatron.megatron.distill import vocab_parallel_kl
+
+    g = torch.Generator().manual_seed(0)
+    s = (4 * torch.randn(3, 7, 50, generator=g)).requires_grad_(True)
+    t = 4 * torch.randn(3, 7, 50, generator=g)
+    for temperature in (1.0, 2.5):
+        s.grad = None
+        kl = vocab_parallel_kl(s, t, temperature)
+        kl.sum().backward()
+        ref_s = s.detach().double().requires_grad_(True)
+        ref = F.kl_div(F.log_softmax(ref_s / temperature, -1), F.log_softmax(t.double() / temperature, -1),
+                       log_target=True, reduction="none").sum(-1) * temperature ** 2
+        ref.sum().backward()
+        torch.testing.assert_close(kl.double(), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s.grad.double(), ref_s.grad, rtol=1e-5, atol=1e-6)
+    assert float(vocab_parallel_kl(t, t).abs().max()) < 1e-5  # a model against itself
+    with pytest.raises(ValueError, match="must be positive"):
+        vocab_parallel_kl(s, t, 0.0)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_vocab_parallel_kl_equals_the_gathered_computation(tp):
+    """float32 shards against float64 on the gathered logits: 1e-5 of the largest value."""
+    r = printed_result(torchrun(WORKER, nproc=tp))
+    assert r["tp"] == tp
+    assert r["kl_diff"] <= 1e-5 * r["kl_scale"], r
+    assert r["grad_diff"] <= 1e-5 * r["grad_scale"], r
+    assert r["ce_equal"], r  # the teacher path leaves the LM loss bit for bit as it was
+    assert r["kl_masked"] > 1e-3 and abs(r["kl_self"]) < 1e-6, r
+
+
+def _distill_config(tiny, name, **parallel):
+    return write_config(tiny, name, parallel={"tp": 1, **parallel}, prior={"method": "magnitude"},
+                        distill={"kd_weight": 0.5, "temperature": 2.0},
+                        run={"train_iters": 4, "log_interval": 1, "eval_interval": 2, "eval_iters": 1,
+                             "save_interval": 2})
+
+
+def test_distillation_at_pp2_equals_pp1_and_resumes_exactly(tiny):
+    for name, pp in (("kd_pp1", 1), ("kd_pp2", 2)):
+        torchrun("-m", "maskllm_megatron.train", "--config", _distill_config(tiny, name, pp=pp), nproc=pp)
+    pp1, pp2 = ([r for r in records(tiny / n) if "lm_loss" in r] for n in ("kd_pp1", "kd_pp2"))
+    assert len(pp1) == 4
+    for key in ("lm_loss", "kd_loss", "loss"):
+        assert [r[key] for r in pp2] == pytest.approx([r[key] for r in pp1], rel=1e-5), key
+    for r in pp1:
+        assert r["loss"] == pytest.approx(0.5 * r["kd_loss"] + 0.5 * r["lm_loss"], rel=1e-6)
+        assert r["kd_loss"] > 0
+    valid = [[r["valid/kl_to_dense"] for r in records(tiny / n) if "valid/kl_to_dense" in r] for n in ("kd_pp1", "kd_pp2")]
+    assert len(valid[0]) == 3 and valid[1] == pytest.approx(valid[0], rel=1e-5)
+    # resumed from iteration 2 it continues the same run, bit for bit
+    out = tiny / "kd_resumed"
+    shutil.copytree(tiny / "kd_pp1", out)
+    (out / "checkpoints" / "latest").write_text("iter_0000002")
+    shutil.rmtree(out / "checkpoints" / "iter_0000004")
+    log = torchrun("-m", "maskllm_megatron.train", "--config", _distill_config(tiny, "kd_resumed"), nproc=1)
+    assert "at iteration 2" in log
+    assert history(out) == history(tiny / "kd_pp1")
+    assert [r["loss"] for r in records(out) if "loss" in r] == [r["loss"] for r in pp1]
+
+
+def test_the_gradient_of_logits_returned_by_the_model_leaves_in_the_heads_layout():
+    """GPTModel returns [b, s, V] logits as a transpose of its head's [s, b, V] output; the gradient of a
+    loss on them must reach the head as a plainly contiguous [s, b, V] tensor, whatever b (at b=1 the
+    [b, s, V] gradient's transpose is 'contiguous' with a batch stride of s*V, which sends torch's
+    matmul to an expanded bmm), and be the same numbers."""
+    import torch
+
+    from maskllm_megatron.megatron.distill import sequence_first_grad
+
+    for b in (1, 3):
+        head = torch.randn(7, b, 11, requires_grad=True)  # [s, b, V]
+        seen = []
+        head.register_hook(lambda g: seen.append(g))
+        logits = head.transpose(0, 1).contiguous()  # what GPTModel returns
+        weights = torch.randn(b, 7, 11)
+        (sequence_first_grad(logits) * weights).sum().backward()
+        g = seen[0]
+        assert g.stride() == torch.empty(7, b, 11).stride(), (b, g.stride())
+        torch.testing.assert_close(g, weights.transpose(0, 1), rtol=0, atol=0)
