@@ -1,7 +1,8 @@
 """Whole-model training-step time: mask learning (frozen weights) over a dense training step (every
 weight trainable) of the same SmolLM2-135M model and batch, in one run. Mask variants: ``mask_fused``
 (the default fused kernels: the C++ CPU kernels where they run), ``mask_compiled`` (the torch.compile
-kernels, ``MASKLLM_CPU_KERNEL=0``) and ``mask_eager`` (plain torch ops). ``hf_dense`` (DP=1 only) is a
+kernels, ``MASKLLM_CPU_KERNEL=0``), ``mask_eager`` (plain torch ops) and ``mask_distill`` (the fused
+kernels with distillation from the dense model: the teacher pass and the KL, ``distill.kd_weight`` 0.5). ``hf_dense`` (DP=1 only) is a
 reference outside megatron: the same dense step in plain PyTorch on the Hugging Face model (transformers'
 LlamaForCausalLM with SDPA attention, AdamW with the same settings and clipping): what megatron-core costs
 on CPU.
@@ -9,7 +10,7 @@ on CPU.
     python benchmarks/bench_model_step.py                                   # TP=1, DP=1
     torchrun --nproc-per-node 2 benchmarks/bench_model_step.py              # TP=1, DP=2
     options: --ckpt DIR (converted checkpoint; made from the cached SmolLM2 if missing)
-             --variants dense,mask_fused,mask_compiled,mask_eager,hf_dense (dense is always timed)
+             --variants dense,mask_fused,mask_compiled,mask_eager,mask_distill,hf_dense (dense is always timed)
              --micro-batch 2 --seq 256 --repeats 5 --settle 1 --json OUT.json
              --profile OUT.txt (after timing: torch.profiler tables of one dense and one mask step, rank 0)
 
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("dense", "mask_fused", "mask_compiled", "mask_eager", "hf_dense")
+VARIANTS = ("dense", "mask_fused", "mask_compiled", "mask_eager", "mask_distill", "hf_dense")
 
 
 def ensure_checkpoint(ckpt: Path) -> Path:
@@ -122,8 +123,9 @@ def hf_dense_step(cfg, batch):
     return step
 
 
-def make_step(cfg, ddp, optimizer, scheduler, batch, dp_rank: int, masked: bool):
-    """A closure running one full training iteration, as the driver's loop does."""
+def make_step(cfg, ddp, optimizer, scheduler, batch, dp_rank: int, masked: bool, teacher=None):
+    """A closure running one full training iteration, as the driver's loop does (with a ``teacher``: the
+    driver's distillation)."""
     from maskllm_megatron.train.trainer import run_batches
 
     mcfg = cfg.mask_config()
@@ -136,7 +138,7 @@ def make_step(cfg, ddp, optimizer, scheduler, batch, dp_rank: int, masked: bool)
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         of_mb = (lambda mb: mcfg.step_state(it, dp_rank, 1.0)) if masked else None
-        run_batches(cfg, ddp, [batch], 1, forward_only=False, step_of_microbatch=of_mb)
+        run_batches(cfg, ddp, [batch], 1, forward_only=False, step_of_microbatch=of_mb, teacher=teacher)
         t0 = time.perf_counter()
         optimizer.step()
         scheduler.step(increment=1)
@@ -231,8 +233,12 @@ def main(argv=None):
     m_ddp.train()
     d_ddp.train()
     mask_step = make_step(cfg, m_ddp, m_opt, m_sched, batch, env["dp_rank"], masked=True)
+    from maskllm_megatron.train.trainer import Teacher
+
     steps = {"dense": make_step(cfg, d_ddp, d_opt, d_sched, batch, env["dp_rank"], masked=False),
-             "mask_fused": mask_step, "mask_compiled": mask_step, "mask_eager": mask_step}
+             "mask_fused": mask_step, "mask_compiled": mask_step, "mask_eager": mask_step,
+             "mask_distill": make_step(cfg, m_ddp, m_opt, m_sched, batch, env["dp_rank"], masked=True,
+                                       teacher=Teacher(kd_weight=0.5, temperature=1.0))}
     if "hf_dense" in variants:
         steps["hf_dense"] = hf_dense_step(cfg, batch)
 
@@ -287,6 +293,12 @@ def main(argv=None):
             ratio = results["over_dense"]["mask_fused"]
             print(f"  target: mask_fused / dense <= 1.2 -> {'met' if ratio <= 1.2 else 'NOT met'} ({ratio:.3f}; "
                   f"median of the per-round ratios {per_round['mask_fused']:.3f})")
+        if "mask_fused" in variants and "mask_distill" in variants:
+            rounds = statistics.median(a / b for a, b in zip(times["mask_distill"], times["mask_fused"]))
+            results["distill_over_mask"] = med["mask_distill"] / med["mask_fused"]
+            print(f"  distillation: mask_distill / mask_fused = {results['distill_over_mask']:.3f} (median of the "
+                  f"per-round ratios {rounds:.3f}): the teacher pass and the KL; at equal wall-clock a "
+                  f"distilling run gets 1/{results['distill_over_mask']:.3f} of the iterations")
         if args.json:
             write_atomic(args.json, json.dumps(results, indent=2))
     torch.distributed.destroy_process_group()

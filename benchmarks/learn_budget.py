@@ -18,7 +18,7 @@ import json
 import sys
 
 from maskllm_megatron import assets
-from maskllm_megatron.demo import (LearnRecipe, Stages, _ppl, add_recipe_arguments, final_checkpoint, learn_stage,
+from maskllm_megatron.demo import (LearnRecipe, Stages, heldout_ppl, add_recipe_arguments, final_checkpoint, learn_stage,
                                    learn_wall_s, recipe_from_args)
 from maskllm_megatron.train.config import checkpoint_iteration
 
@@ -50,12 +50,12 @@ def main(argv=None) -> int:
         name += f"-warmup{args.warmup_iters}"
     run = learn_stage(stages, ckpt, data.with_suffix(""), prior, args.iters, recipe, name=name,
                       checkpoints=args.checkpoints)
-    ppl = _ppl(["--ckpt", str(final_checkpoint(run))], run / "ppl.log")
+    ppl = heldout_ppl(["--ckpt", str(final_checkpoint(run))], run / "ppl.log")
     curve = []
     for c in sorted((run / "checkpoints").glob("iter_*"))[:-1] if args.checkpoints > 1 else []:
         it = checkpoint_iteration(c.name)
         curve.append({"iteration": it, "tokens": it * recipe.tokens_per_iteration,
-                      "heldout_ppl": _ppl(["--ckpt", str(c)], run / f"ppl_{it}.log")})
+                      "heldout_ppl": heldout_ppl(["--ckpt", str(c)], run / f"ppl_{it}.log")})
     result = {"iters": args.iters, "tokens": args.iters * recipe.tokens_per_iteration, "recipe": vars(args),
               "learn_wall_s": round(learn_wall_s(run)), "heldout_ppl": ppl, "curve": curve}
     print("RESULT " + json.dumps(result))

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from maskllm_megatron import assets
-from maskllm_megatron.demo import (Stages, _ppl, add_recipe_arguments, convert_stage, copy_run_records, data_stage,
+from maskllm_megatron.demo import (Stages, heldout_ppl, add_recipe_arguments, convert_stage, copy_run_records, data_stage,
                                    final_checkpoint, learn_stage, learn_wall_s, prior_stage, recipe_from_args)
 from maskllm_megatron.eval.perplexity import shakespeare_split, wikipedia_split
 from maskllm_megatron.train.config import checkpoint_iteration
@@ -65,10 +65,10 @@ def main(argv=None) -> int:
     logs.mkdir(exist_ok=True)
     table = {}
     for name, text in texts.items():
-        row = {"dense": _ppl(["--hf", str(hf)], logs / f"dense_{name}.log", text)}
+        row = {"dense": heldout_ppl(["--hf", str(hf)], logs / f"dense_{name}.log", text)}
         for method, prior in priors.items():
-            row[method] = _ppl(["--ckpt", str(prior), "--use-prior"], logs / f"{method}_{name}.log", text)
-        row["maskllm"] = _ppl(["--ckpt", str(final_checkpoint(run))], logs / f"maskllm_{name}.log", text)
+            row[method] = heldout_ppl(["--ckpt", str(prior), "--use-prior"], logs / f"{method}_{name}.log", text)
+        row["maskllm"] = heldout_ppl(["--ckpt", str(final_checkpoint(run))], logs / f"maskllm_{name}.log", text)
         row["gap_closed"] = (row["sparsegpt"] - row["maskllm"]) / (row["sparsegpt"] - row["dense"])
         table[name] = row
 
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     for c in sorted((run / "checkpoints").glob("iter_*")):
         it = checkpoint_iteration(c.name)
         curve.append({"iteration": it, "tokens": it * tokens_per_iter,
-                      "ppl": _ppl(["--ckpt", str(c)], logs / f"curve_{it}.log", texts["wikipedia"])})
+                      "ppl": heldout_ppl(["--ckpt", str(c)], logs / f"curve_{it}.log", texts["wikipedia"])})
 
     # The run's own hard-mask validation (the training blend's validation split) at every evaluation.
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -90,9 +90,9 @@ def main(argv=None) -> int:
     transfer = {
         "iterations": t_iters, "tokens": t_iters * tokens_per_iter,
         "wikipedia_mask_no_refinement": table["shakespeare"]["maskllm"],
-        "refined_from_wikipedia_mask": _ppl(["--ckpt", str(final_checkpoint(refined))], logs / "refine.log",
+        "refined_from_wikipedia_mask": heldout_ppl(["--ckpt", str(final_checkpoint(refined))], logs / "refine.log",
                                             texts["shakespeare"]),
-        "from_sparsegpt_prior": _ppl(["--ckpt", str(final_checkpoint(scratch))], logs / "scratch.log",
+        "from_sparsegpt_prior": heldout_ppl(["--ckpt", str(final_checkpoint(scratch))], logs / "scratch.log",
                                      texts["shakespeare"]),
     }
     result = {"recipe": asdict(recipe), "iterations": iters, "tokens": iters * tokens_per_iter, "learn_wall_s": learn_wall,
