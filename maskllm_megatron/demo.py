@@ -426,8 +426,35 @@ def copy_run_records(run: Path, out: Path, curves: str = "training_curves.png",
                     "--out", str(out / curves), "--title", title], check=False)  # no matplotlib: no PNG
 
 
-RECONSTRUCTIONS = ("none", "obs", "lstsq")
-RECON_SAMPLES = 128  # calibration samples of the run's own training data (the prior's)
+@dataclass(frozen=True)
+class Refit:
+    """A reconstruction of the learned masks' kept weights (``maskllm-export --reconstruct``) on calibration
+    samples of the run's own training data (the prior's)."""
+
+    method: str = "block"
+    target: str = "dense"
+    samples: int = 128
+    true_sequential: bool = False
+    epochs: int = 2  # method block
+    lr: float = 1e-4  # method block
+
+    @property
+    def name(self) -> str:
+        extra = f"-e{self.epochs}-lr{self.lr:g}" if self.method == "block" else ""
+        return (f"{self.method}-{self.target}{'-ts' if self.true_sequential else ''}{extra}-{self.samples}")
+
+    def flags(self) -> list[str]:
+        flags = ["--reconstruct", "--recon-method", self.method, "--recon-target", self.target,
+                 "--calib-samples", str(self.samples)]
+        if self.true_sequential:
+            flags.append("--true-sequential")
+        if self.method == "block":
+            flags += ["--recon-epochs", str(self.epochs), "--recon-lr", f"{self.lr:g}"]
+        return flags
+
+
+REFITS = {"none": None, "obs": Refit("obs", "layer"), "lstsq": Refit("lstsq", "layer"), "block": Refit()}
+DEMO_REFIT = "none"
 
 
 def _export(stages: Stages, ckpt: Path, name: str, flags: list[str], *key) -> Path:
@@ -453,12 +480,10 @@ def export_stage(stages: Stages, ckpt: Path) -> Path:
     return _export(stages, ckpt, "export", []) / "hf"
 
 
-def reconstruct_stage(stages: Stages, ckpt: Path, method: str) -> tuple[Path, float]:
+def reconstruct_stage(stages: Stages, ckpt: Path, refit: Refit) -> tuple[Path, float]:
     """The learned masks with their kept weights refitted (``maskllm-export --reconstruct``) as a verified
     Hugging Face folder, and the seconds the export took (reconstruction included)."""
-    folder = _export(stages, ckpt, f"reconstruct-{method}",
-                     ["--reconstruct", "--recon-method", method, "--calib-samples", str(RECON_SAMPLES)],
-                     method, RECON_SAMPLES)
+    folder = _export(stages, ckpt, f"reconstruct-{refit.name}", refit.flags(), refit.flags())
     return folder / "hf", float(json.loads((folder / "seconds.json").read_text()))
 
 
@@ -473,11 +498,11 @@ def main(argv=None) -> int:
                         "(the planning speed is conservative), the whole demo in 13-21; raise it for a longer, "
                         "better run")
     add_recipe_arguments(p)
-    p.add_argument("--reconstruct", choices=RECONSTRUCTIONS, default="none",
-                   help="also refit the kept weights of the learned masks (maskllm-export --reconstruct, "
-                        f"{RECON_SAMPLES} calibration samples) and add that row, with its cost in seconds: obs "
-                        "(SparseGPT's sweep, ~1-2 minutes here) or lstsq (exact, ~15-30 minutes). Default none: "
-                        "on this model it makes the learned mask worse (benchmarks/RESULTS.md, Reconstruction)")
+    p.add_argument("--reconstruct", choices=list(REFITS), default=DEMO_REFIT,
+                   help="also refit the kept weights of the learned masks (maskllm-export --reconstruct) and add "
+                        "that row with its cost in seconds: block (each block fitted to the dense model's hidden "
+                        "states), lstsq (each linear's exact least squares), obs (SparseGPT's sweep), or none "
+                        f"(default {DEMO_REFIT}; benchmarks/RESULTS.md, Reconstruction)")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="where the results go (default demo_out)")
     args = p.parse_args(argv)
     if not args.minutes > 0:
@@ -520,7 +545,8 @@ def _demo(recipe: LearnRecipe, iters: int, out: Path, reconstruct: str = "none")
     prior_ckpts = {method: prior_stage(stages, ckpt, prefix, method) for method in PRIORS}
     run = learn_stage(stages, ckpt, prefix, prior_ckpts["sparsegpt"], iters, recipe)
     exported = export_stage(stages, final_checkpoint(run))
-    refitted = reconstruct_stage(stages, final_checkpoint(run), reconstruct) if reconstruct != "none" else None
+    refit = REFITS[reconstruct]
+    refitted = reconstruct_stage(stages, final_checkpoint(run), refit) if refit is not None else None
 
     # 7. held-out perplexity
     def evaluate(w: Path):
@@ -531,7 +557,7 @@ def _demo(recipe: LearnRecipe, iters: int, out: Path, reconstruct: str = "none")
         if refitted is not None:
             folder, seconds = refitted
             rows.append((f"MaskLLM + {reconstruct} reconstruction ({seconds:.0f} s)",
-                         heldout_ppl(["--hf", str(folder)], w / f"reconstruct-{reconstruct}.log")))
+                         heldout_ppl(["--hf", str(folder)], w / f"reconstruct-{refit.name}.log")))
         (w / "table.json").write_text(json.dumps(rows))
 
     results = stages.run(7, "evaluate", _key(str(exported), [str(r) for r in prior_ckpts.values()], SEQ,

@@ -93,9 +93,10 @@ def test_the_dense_target_is_least_squares_against_the_dense_models_output():
 def test_reconstruction_lowers_every_layers_error_and_tp2_equals_tp1(tmp_path):
     errors = [printed_result(torchrun(WORKER, tp, tmp_path, nproc=tp)) for tp in (1, 2)]
     tp1, tp2 = (torch.load(tmp_path / f"reconstruct_tp{tp}.pt") for tp in (1, 2))
-    assert set(errors[0]) == {f"{f}/{m}" for f in ("llama", "gpt") for m in ("lstsq", "obs", "dense")}
+    assert set(errors[0]) == {f"{f}/{m}" for f in ("llama", "gpt") for m in ("lstsq", "obs", "dense", "block")}
     for name, per_layer in errors[0].items():
-        assert len(per_layer) == 8, name  # 2 blocks x qkv, proj, fc1, fc2
+        # 2 blocks x qkv, proj, fc1, fc2; the block fit reports per block
+        assert len(per_layer) == (2 if name.endswith("block") else 8), name
         for layer, (before, after) in per_layer.items():
             assert after < before, (name, layer, before, after)
             # the whole layer's error at either TP size (fp32 solves in another order: 1e-4)
@@ -107,3 +108,51 @@ def test_reconstruction_lowers_every_layers_error_and_tp2_equals_tp1(tmp_path):
     for name in tp1:
         for layer in tp1[name]:
             torch.testing.assert_close(tp1[name][layer], tp2[name][layer], rtol=1e-4, atol=1e-5)
+
+
+class _FakeMaskedLinear(torch.nn.Module):
+    """The parts of a masked layer ``fit_block`` uses: a weight, its evaluation mask, the dense switch."""
+
+    def __init__(self, weight, mask):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+        self.mask = mask
+        self.masking_enabled = True
+        self._eval_mask_cache = None
+
+    def eval_mask(self):
+        return self.mask
+
+    def forward(self, x):
+        w = self.weight * self.mask if self.masking_enabled else self.weight
+        return x @ w.t()
+
+
+def test_the_block_fit_converges_to_the_least_squares_solution():
+    """On one linear layer the block fit's problem is a least-squares one: Adam reaches the closed-form
+    solution's error (within 0.1%) and keeps the masked weights at +0.0. With a plain squared error that
+    is masked_lstsq on X; with the default per-token relative error, masked_lstsq on X's rows scaled by
+    1 / ||target row|| (a weighted least squares)."""
+    from maskllm_megatron.megatron.reconstruct import fit_block, token_relative_error
+
+    X, W, mask, _ = _problem(rows=8, cols=16, tokens=512, seed=5)
+    X = (X / X.std()).float()
+    for name, loss in (("squared", lambda o, t: (o - t) ** 2), ("relative", token_relative_error)):
+        if name == "relative":
+            X[0] *= 30  # one token with a massive activation: it must not rule the relative fit
+        weights = (1 / ((X @ W.t()).double() ** 2).sum(-1) if name == "relative"
+                   else torch.ones(512, dtype=torch.float64))
+        layer = _FakeMaskedLinear(W, mask)
+        inputs = [X[i:i + 64] for i in range(0, 512, 64)]
+        before, after = fit_block([layer], layer, inputs, [x @ W.t() for x in inputs], epochs=150, lr=3e-2,
+                                  loss=loss)
+        Xw = X.double() * weights.sqrt()[:, None]  # the weighted problem's rows
+        best = masked_lstsq(W, (2 / 512) * Xw.t() @ Xw, mask, SPEC, percdamp=0.0, dtype=torch.float64)
+        err = lambda w: float(((Xw @ (w.double() - W.double()).t()) ** 2).sum())  # noqa: E731
+        err_best, err_fit = err(best), err(layer.weight.detach())
+        assert before == pytest.approx(err(W * mask), rel=1e-4), name
+        assert after == pytest.approx(err_fit, rel=1e-3), name
+        assert err_best <= err_fit <= 1.001 * err_best, (name, err_best, err_fit, before)
+        assert torch.equal(layer.weight[mask == 0], torch.zeros(int((mask == 0).sum())))
+        assert not torch.signbit(layer.weight[mask == 0]).any()
+        assert not layer.weight.requires_grad and layer.masking_enabled is False  # the walk turns masking on

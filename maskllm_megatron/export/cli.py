@@ -44,11 +44,15 @@ def _export_parser() -> argparse.ArgumentParser:
                                 "linear reproduces its dense output on calibration samples (block by block, "
                                 "as SparseGPT); the export's sparsity record says so")
     rec.add_argument("--reconstruct", action="store_true", help="reconstruct the kept weights before writing")
-    rec.add_argument("--recon-method", choices=["lstsq", "obs"], default="lstsq",
-                     help="lstsq: exact per-row least squares (default); obs: SparseGPT's OBS sweep, faster")
+    rec.add_argument("--recon-method", choices=["lstsq", "obs", "block"], default="lstsq",
+                     help="lstsq: exact per-row least squares (default); obs: SparseGPT's OBS sweep, faster; block: "
+                          "each transformer block's kept weights fitted together by Adam to the dense block's output")
     rec.add_argument("--recon-target", choices=["layer", "dense"], default="layer",
-                     help="layer: each linear matches the dense layer on this model's inputs (SparseGPT's); dense: "
-                          "the dense model's output at that layer (lstsq only)")
+                     help="layer: match the dense layer (block) on this model's inputs (SparseGPT's); dense: the dense "
+                          "model's output there, which also undoes the error of the layers before (lstsq, block)")
+    rec.add_argument("--recon-epochs", type=int, default=2, help="block: passes over the calibration samples per "
+                     "block (default 2)")
+    rec.add_argument("--recon-lr", type=float, default=1e-4, help="block: Adam's learning rate (default 1e-4)")
     rec.add_argument("--true-sequential", action="store_true",
                      help="solve a block's linears one at a time, each on the inputs of the ones before it solved")
     rec.add_argument("--calib-data", nargs="+", metavar="PREFIX",
@@ -76,7 +80,8 @@ def _reconstruct_request(args):
     return ReconstructRequest(method=args.recon_method, percdamp=args.percdamp, target=args.recon_target,
                               true_sequential=args.true_sequential, samples=args.calib_samples,
                               seq_len=args.calib_seq_len, data=tuple(args.calib_data or ()),
-                              text_file=args.calib_text, micro_batch_size=args.calib_batch_size)
+                              text_file=args.calib_text, micro_batch_size=args.calib_batch_size,
+                              epochs=args.recon_epochs, lr=args.recon_lr)
 
 
 def _apply_parser() -> argparse.ArgumentParser:

@@ -38,6 +38,8 @@ class ReconstructRequest:
     data: tuple[str, ...] = ()  # indexed dataset prefix(es); empty with no text: the run's data.train
     text_file: Optional[Path] = None
     micro_batch_size: int = 1
+    epochs: int = 2  # method block
+    lr: float = 1e-4  # method block
 
     def __post_init__(self):
         try:
@@ -59,7 +61,7 @@ class ReconstructRequest:
         from maskllm_megatron.megatron.reconstruct import ReconstructConfig
 
         return ReconstructConfig(method=self.method, percdamp=self.percdamp, target=self.target,
-                                 true_sequential=self.true_sequential)
+                                 true_sequential=self.true_sequential, epochs=self.epochs, lr=self.lr)
 
 
 @dataclass
@@ -151,7 +153,6 @@ def reconstruct_model(model, req: ReconstructRequest, plan: CalibrationPlan, run
         raise ReconstructError(f"reconstruction failed, nothing written: {e}") from None
     before = sum(b for b, _ in errors.values())
     after = sum(a for _, a in errors.values())
-    return {"method": req.method, "percdamp": req.percdamp, "target": req.target,
-            "true_sequential": req.true_sequential, "calib_samples": req.samples, "calib_seq_len": plan.seq_len,
+    return {**req.solver().to_dict(), "calib_samples": req.samples, "calib_seq_len": plan.seq_len,
             "calib_source": plan.source, "layers": len(errors), "error_before": before, "error_after": after,
             "seconds": round(time.time() - t0, 1)}

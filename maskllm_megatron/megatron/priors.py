@@ -167,7 +167,8 @@ def _layer_mask(layer: _MaskedLinearMixin, stats: InputStats,
 
 
 def calibrate_blockwise(model: torch.nn.Module, batches: Iterable, needs_hessian: bool, solve_block,
-                        sequential: bool = True, true_sequential: bool = False, dense_targets: bool = False) -> None:
+                        sequential: bool = True, true_sequential: bool = False, dense_targets: bool = False,
+                        fit_block=None) -> None:
     """The calibration walk shared by the priors and the reconstruction, block by block as SparseGPT does.
 
     The calibration batches (callables ``forward(model)``) run up to the first transformer block once.
@@ -181,7 +182,12 @@ def calibrate_blockwise(model: torch.nn.Module, batches: Iterable, needs_hessian
     each collects its statistics with the linears before it already solved. ``dense_targets`` also runs
     the DENSE model (original weights, no masks) beside it and gives each layer's statistics that
     model's inputs as targets (``InputStats(targets=True)``). The model ends in its training mode with
-    the masks ``solve_block`` set."""
+    the masks ``solve_block`` set.
+
+    ``fit_block(block, layers, inputs, targets)``, given instead of ``solve_block``, fits a whole block at
+    once: ``inputs`` are the block's call kwargs per batch (this model's hidden states), ``targets`` the
+    dense block's outputs per batch, on the dense model's hidden states with ``dense_targets``, else on
+    ``inputs``. No statistics are collected then."""
     layers = list(masked_layers(model))
     if not layers:
         raise ValueError("calibration needs a sparsified model: call sparsify(model, config) first")
@@ -195,9 +201,17 @@ def calibrate_blockwise(model: torch.nn.Module, batches: Iterable, needs_hessian
     try:
         for block in model.decoder.layers:
             block_layers = [m for m in block.modules() if isinstance(m, _MaskedLinearMixin)]
-            originals = {layer: layer.weight.detach().clone() for layer in block_layers} if dense_targets else {}
+            originals = ({layer: layer.weight.detach().clone() for layer in block_layers}
+                         if dense_targets and fit_block is None else {})
             groups = [[layer] for layer in block_layers] if true_sequential else [block_layers]
             outputs = None
+            if fit_block is not None:  # every layer of the block is still dense: its outputs are the targets
+                with dense_forward(block):
+                    outputs = [block(**kw)[0] for kw in (dense_inputs if dense_targets else inputs)]
+                fit_block(block, block_layers, inputs, outputs)
+                for layer in block_layers:
+                    layer.masking_enabled = True
+                groups = []
             for group in groups:
                 stats, gather = {}, {}
                 for layer in group:
@@ -222,8 +236,11 @@ def calibrate_blockwise(model: torch.nn.Module, batches: Iterable, needs_hessian
                 for layer in group:
                     layer.masking_enabled = True
             if dense_targets:
-                with _original_weights(originals), dense_forward(block):
-                    dense_out = [block(**kw)[0] for kw in dense_inputs]
+                if fit_block is not None:  # the targets were the dense outputs
+                    dense_out = outputs
+                else:
+                    with _original_weights(originals), dense_forward(block):
+                        dense_out = [block(**kw)[0] for kw in dense_inputs]
                 dense_inputs = [dict(kw, hidden_states=out) for kw, out in zip(dense_inputs, dense_out)]
             if sequential:
                 outputs = [block(**kw)[0] for kw in inputs]

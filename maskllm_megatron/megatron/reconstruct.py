@@ -25,6 +25,7 @@ from .sparsify import masked_layers
 
 
 TARGETS = ("layer", "dense")
+METHODS = (*RECONSTRUCTIONS, "block")
 
 
 @dataclass(frozen=True)
@@ -43,22 +44,33 @@ class ReconstructConfig:
     target: str = "layer"
     true_sequential: bool = False
     sequential: bool = True  # each block calibrates on the outputs of the reconstructed blocks before it
+    epochs: int = 2  # block: passes over the calibration batches per block
+    lr: float = 1e-4  # block: Adam's learning rate (cosine to a tenth over the block's steps)
 
     def __post_init__(self):
-        if self.method not in RECONSTRUCTIONS:
-            raise ValueError(f"unknown reconstruction method {self.method!r}: use one of {', '.join(RECONSTRUCTIONS)}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown reconstruction method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.target not in TARGETS:
             raise ValueError(f"unknown reconstruction target {self.target!r}: use one of {', '.join(TARGETS)}")
-        if self.target == "dense" and self.method != "lstsq":
-            raise ValueError("target dense needs method lstsq (the OBS sweep fits the layer's own output)")
+        if self.target == "dense" and self.method == "obs":
+            raise ValueError("target dense needs method lstsq or block (the OBS sweep fits the layer's own output)")
+        if self.method == "block" and self.true_sequential:
+            raise ValueError("true_sequential solves linears one by one; method block fits a block's linears together")
         if not self.percdamp >= 0:
             raise ValueError(f"percdamp {self.percdamp} must be >= 0 (SparseGPT's default: 0.01)")
         if self.blocksize < 1:
             raise ValueError(f"blocksize {self.blocksize} must be positive (SparseGPT's default: 128)")
+        if self.epochs < 1:
+            raise ValueError(f"epochs {self.epochs} must be >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr {self.lr} must be positive (e.g. 1e-4)")
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "percdamp": self.percdamp, "blocksize": self.blocksize,
-                "target": self.target, "true_sequential": self.true_sequential, "sequential": self.sequential}
+        d = {"method": self.method, "percdamp": self.percdamp, "blocksize": self.blocksize,
+             "target": self.target, "true_sequential": self.true_sequential, "sequential": self.sequential}
+        if self.method == "block":
+            d.update(epochs=self.epochs, lr=self.lr)
+        return d
 
 
 @torch.no_grad()
@@ -91,8 +103,87 @@ def reconstruct_weights(model: torch.nn.Module, batches: Iterable, cfg: Reconstr
             errors[layer.mask_layer_id] = tuple(all_reduce_floats(pair, group=layer.tp_group))
             layer.weight.copy_(new_w)
 
-    calibrate_blockwise(model, batches, True, solve_block, cfg.sequential, cfg.true_sequential,
-                        dense_targets=cfg.target == "dense")
+    fit = None
+    if cfg.method == "block":
+        def fit(block, block_layers, inputs, targets):
+            errors[_block_name(block_layers)] = fit_block(block_layers, lambda kw: block(**kw)[0], inputs, targets,
+                                                          cfg.epochs, cfg.lr)
+
+    calibrate_blockwise(model, batches, cfg.method != "block", solve_block, cfg.sequential, cfg.true_sequential,
+                        dense_targets=cfg.target == "dense", fit_block=fit)
     for layer in masked_layers(model):
         layer._eval_mask_cache = None
     return errors
+
+
+def _block_name(block_layers) -> str:
+    """A block's key in the error report (``layers.<global number>``, from its first masked layer's id)."""
+    import re
+
+    lid = block_layers[0].mask_layer_id
+    m = re.match(r"layers\.\d+", lid)
+    return m.group(0) if m else lid
+
+
+def token_relative_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per token (the last axis holds its features), ``||output - target||^2 / ||target||^2``.
+
+    The loss of a block fit: what comes after a block sees each token's hidden state through an RMS or
+    layer norm, so an error matters relative to that token's norm. A plain squared error would be ruled by
+    the few tokens that carry massive activations (SmolLM2-135M: the first token's hidden state reaches a
+    norm of ~23,000 in the middle layers, ~150-700 elsewhere), and a fit to them ruins the others."""
+    output, target = output.float(), target.float()
+    return ((output - target) ** 2).sum(-1) / (target ** 2).sum(-1).clamp_min(1e-12)
+
+
+def fit_block(block_layers, run, inputs: list, targets: list, epochs: int, lr: float,
+              loss=token_relative_error) -> tuple[float, float]:
+    """Fit the kept weights of ``block_layers`` (the masked linears of one block, under their evaluation
+    masks) so that ``run(inputs[b])`` reproduces ``targets[b]``: Adam on the mean of ``loss`` (per-element
+    errors, e.g. per token), ``epochs`` passes over the batches in order, the learning rate cosine from
+    ``lr`` to ``lr / 10``. The masked weights stay exactly +0.0 (their gradient is masked and the weights
+    are re-masked after every step). Under tensor parallelism every rank computes the same loss (the
+    block's output is replicated) and updates its own shard, so the result is TP=1's up to floating-point
+    order. Returns the summed ``loss`` over the calibration batches before and after the fit (the whole
+    block's, at any TP size)."""
+    import math
+
+    layers = list(block_layers)
+    masks = [layer.eval_mask() != 0 for layer in layers]
+    weights = [layer.weight for layer in layers]
+    frozen = [w.requires_grad for w in weights]
+    zero = torch.zeros((), dtype=weights[0].dtype, device=weights[0].device)
+
+    def sq_error() -> float:
+        with torch.no_grad():
+            return sum(float(loss(run(kw), t).sum()) for kw, t in zip(inputs, targets))
+
+    try:
+        for layer, w, keep in zip(layers, weights, masks):
+            layer.masking_enabled = False  # the (masked) weight itself forwards, and gets the gradient
+            w.data = torch.where(keep, w.data, zero)
+            w.requires_grad_(True)
+        before = sq_error()
+        optimizer = torch.optim.Adam(weights, lr=lr)
+        total = epochs * len(inputs)
+        step = 0
+        for _ in range(epochs):
+            for kw, target in zip(inputs, targets):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
+                with torch.enable_grad():
+                    grads = torch.autograd.grad(loss(run(kw), target).mean(), weights)
+                for w, g, keep in zip(weights, grads, masks):
+                    w.grad = torch.where(keep, g, zero)
+                optimizer.step()
+                with torch.no_grad():
+                    for w, keep in zip(weights, masks):
+                        w.copy_(torch.where(keep, w, zero))
+                step += 1
+        after = sq_error()
+    finally:
+        for layer, w, req in zip(layers, weights, frozen):
+            w.grad = None
+            w.requires_grad_(req)
+            layer._eval_mask_cache = None
+    return before, after

@@ -27,7 +27,8 @@ def main():
     batches = calibration()
     result, report = {}, {}
     variants = {"lstsq": ReconstructConfig(method="lstsq"), "obs": ReconstructConfig(method="obs"),
-                "dense": ReconstructConfig(method="lstsq", target="dense", true_sequential=True)}
+                "dense": ReconstructConfig(method="lstsq", target="dense", true_sequential=True),
+                "block": ReconstructConfig(method="block", target="dense", epochs=2, lr=1e-3)}
     for family in ("llama", "gpt"):
         for method, recon in variants.items():
             model = build(model_config(family, max_position_embeddings=64))
