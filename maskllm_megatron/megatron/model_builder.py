@@ -274,6 +274,7 @@ def build_gpt_model(model_config: ModelConfig, transformer_config=None, *, tp: i
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     elif attention != "local":
         raise ValueError(f"attention must be 'sdpa' or 'local', got {attention!r}")
+    spec = _block_spec(spec, transformer_config, vp_stage)
     scaling = model_config.rope_scaling
     model = GPTModel(
         config=transformer_config,
@@ -299,6 +300,23 @@ def build_gpt_model(model_config: ModelConfig, transformer_config=None, *, tp: i
             high_freq_factor=scaling.high_freq_factor,
             original_max_position_embeddings=scaling.original_max_position_embeddings)
     return model
+
+
+def _block_spec(layer_spec, transformer_config, vp_stage):
+    """The decoder block of ``layer_spec`` with our norm (``norm.TorchNorm``, which accepts sequence
+    parallelism) in every layer and as the final norm; megatron would build the final norm itself
+    with ``WrappedTorchNorm``, which refuses it."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import (TransformerBlock, TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+
+    from .norm import TorchNorm
+
+    layer_spec.submodules.input_layernorm = TorchNorm
+    layer_spec.submodules.pre_mlp_layernorm = TorchNorm
+    layers = get_num_layers_to_build(transformer_config, vp_stage)
+    return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
+        layer_specs=[layer_spec] * layers, layer_norm=TorchNorm))
 
 
 def gpt_forward(model, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

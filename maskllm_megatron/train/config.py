@@ -76,6 +76,16 @@ class ParallelSection:
     # communication with the rest of the backward (megatron DDP); worth it on GPU clusters.
     overlap_grad_reduce: bool = False
     bucket_size: int = 0  # gradient bucket size in elements; 0: megatron's default
+    # Split the norms' and residuals' activations over the tensor-parallel ranks along the sequence
+    # (megatron's sequence parallelism); needs tp > 1 and data.seq_length a multiple of tp.
+    sequence_parallel: bool = False
+    # Activation recomputation (megatron's): none; full (whole layers: recompute_method uniform, chunks
+    # of recompute_num_layers layers, or block, the first recompute_num_layers layers of each pipeline
+    # stage); selective (the recompute_modules of every layer: core_attn, mlp, layernorm).
+    recompute: str = "none"
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
+    recompute_modules: tuple[str, ...] = ("core_attn",)
 
 
 @dataclass
@@ -175,6 +185,7 @@ class TrainConfig:
                 raise ConfigError(f"parallel.{name} must be >= 1")
         if p.bucket_size < 0:
             raise ConfigError(f"parallel.bucket_size {p.bucket_size} must be >= 0 (0: megatron's default)")
+        self._validate_memory_options()
         self._validate_ranges()
         if world_size is not None:
             if world_size % (p.tp * p.pp):
@@ -199,6 +210,42 @@ class TrainConfig:
             raise ConfigError("run.train_iters must be >= 0 (0: compute the prior, save it and stop) and "
                               "run.log_interval >= 1")
         return self
+
+    def _validate_memory_options(self) -> None:
+        """Sequence parallelism and activation recomputation (parallel.*): what megatron would refuse
+        with an assertion, or silently ignore, is one line here."""
+        p = self.parallel
+        if p.sequence_parallel and p.tp == 1:
+            raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1 (it splits the sequence over the "
+                              "tensor-parallel ranks): set it false at tp=1")
+        if p.sequence_parallel and self.data.seq_length % p.tp:
+            raise ConfigError(f"parallel.sequence_parallel splits data.seq_length {self.data.seq_length} over "
+                              f"tp={p.tp} ranks: make it a multiple of {p.tp}")
+        if p.recompute not in RECOMPUTE:
+            raise ConfigError(f"parallel.recompute {p.recompute!r}: use none, full or selective")
+        if p.recompute == "full":
+            if p.recompute_method not in ("uniform", "block"):
+                raise ConfigError(f"parallel.recompute_method {p.recompute_method!r}: use uniform (chunks of "
+                                  "recompute_num_layers layers) or block (the first recompute_num_layers of a stage)")
+            if p.recompute_num_layers < 1:
+                raise ConfigError(f"parallel.recompute_num_layers {p.recompute_num_layers} must be >= 1")
+        if p.recompute == "selective":
+            modules = tuple(p.recompute_modules)
+            unknown = sorted(set(modules) - set(SELECTIVE_MODULES))
+            if not modules or unknown:
+                raise ConfigError(f"parallel.recompute_modules {list(modules)}: the local spec recomputes "
+                                  f"{', '.join(SELECTIVE_MODULES)} (MoE and MLA modules are not built here)")
+
+    def recompute_overrides(self) -> dict:
+        """megatron ``TransformerConfig`` fields of parallel.sequence_parallel and parallel.recompute."""
+        p = self.parallel
+        out = {"sequence_parallel": p.sequence_parallel}
+        if p.recompute == "full":
+            out.update(recompute_granularity="full", recompute_method=p.recompute_method,
+                       recompute_num_layers=p.recompute_num_layers)
+        elif p.recompute == "selective":
+            out.update(recompute_granularity="selective", recompute_modules=list(p.recompute_modules))
+        return out
 
     def _validate_ranges(self) -> None:
         """Values megatron or the mask sampler would only refuse (or silently misuse) after the ranks start."""
@@ -336,6 +383,10 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+RECOMPUTE = ("none", "full", "selective")
+#: megatron's selective recompute modules that the local spec has (a dense GPT: no MoE, no MLA)
+SELECTIVE_MODULES = ("core_attn", "mlp", "layernorm")
 
 #: Keys a resume must keep (``section.*``: the whole section); see ``TrainConfig.resume_conflict``.
 RESUME_KEEPS = ("run.train_iters", "run.seed", "data.train", "data.split", "data.seq_length",

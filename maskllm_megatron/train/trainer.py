@@ -71,8 +71,14 @@ def build_model(cfg: TrainConfig):
         raise ConfigError(f"data.seq_length {cfg.data.seq_length} exceeds the model's maximum sequence length "
                           f"{info.model.max_position_embeddings} (max_position_embeddings): set data.seq_length "
                           f"<= {info.model.max_position_embeddings}")
-    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
-    tcfg = info.model.to_transformer_config(cfg.parallel.tp, cfg.parallel.pp, dtype, perform_initialization=False)
+    par = cfg.parallel
+    layers_per_stage = info.model.num_layers // par.pp
+    if par.recompute == "full" and (par.recompute_num_layers > layers_per_stage or (
+            par.recompute_method == "uniform" and layers_per_stage % par.recompute_num_layers)):
+        raise ConfigError(f"parallel.recompute_num_layers {par.recompute_num_layers}: a pipeline stage holds "
+                          f"{layers_per_stage} layers; recompute_method=uniform needs a divisor of it, block at most it")
+    tcfg = info.model.to_transformer_config(par.tp, par.pp, model_dtype(cfg), perform_initialization=False,
+                                            **cfg.recompute_overrides())
     model = build_gpt_model(info.model, tcfg)
     if torch.cuda.is_available():
         model.cuda()
@@ -80,6 +86,11 @@ def build_model(cfg: TrainConfig):
     set_fused_mask_kernel(model, cfg.mask.fused_kernel)
     load_checkpoint(model, cfg.model.checkpoint)
     return model, info
+
+
+def model_dtype(cfg: TrainConfig) -> str:
+    """model.dtype with auto resolved: bf16 on GPU, fp32 on CPU."""
+    return cfg.model.dtype if cfg.model.dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
 
 
 def apply_prior(cfg: TrainConfig, model, data) -> dict:
