@@ -290,6 +290,8 @@ def build_gpt_model(model_config: ModelConfig, transformer_config=None, *, tp: i
         rotary_base=model_config.rotary_base,
         vp_stage=vp_stage,
     )
+    if transformer_config.recompute_granularity == "full" and pre_process:
+        model.embedding.register_forward_hook(_block_input_requires_grad)
     if scaling is not None:
         # GPTModel only exposes the scaling factor; apply all four LLaMA-3 parameters here.
         rope = model.rotary_pos_emb
@@ -300,6 +302,17 @@ def build_gpt_model(model_config: ModelConfig, transformer_config=None, *, tp: i
             high_freq_factor=scaling.high_freq_factor,
             original_max_position_embeddings=scaling.original_max_position_embeddings)
     return model
+
+
+def _block_input_requires_grad(_module, _args, output):
+    """Forward hook on the embedding under full recompute. megatron checkpoints whole layers with a
+    re-entrant autograd function, whose output needs a gradient only when one of its tensor inputs does;
+    parameters inside the layers do not count. With frozen embeddings (mask learning) the first layer's
+    input needs none, so the checkpointed layers would get no gradient at all (seen: a zero gradient
+    norm). The embedding's output is made a leaf that requires one."""
+    if torch.is_grad_enabled() and not output.requires_grad:
+        return output.detach().requires_grad_()
+    return output
 
 
 def _block_spec(layer_spec, transformer_config, vp_stage):

@@ -157,6 +157,32 @@ def set_mask_step(model: torch.nn.Module, step: MaskStep) -> None:
         layer.set_mask_step(step)
 
 
+class _MaskStepOnBackward(torch.autograd.Function):
+    """Identity whose backward hands the model's masked layers the sampling state of the micro-batch
+    whose output it is (see ``mask_step_on_backward``)."""
+
+    @staticmethod
+    def forward(ctx, output, model, step):
+        ctx.model, ctx.step = model, step
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        set_mask_step(ctx.model, ctx.step)
+        return grad, None, None
+
+
+def mask_step_on_backward(output: torch.Tensor, model: torch.nn.Module, step: MaskStep) -> torch.Tensor:
+    """``output`` (a micro-batch's model output), such that its backward starts by setting ``step`` again.
+
+    Activation recomputation re-runs a layer's forward inside the backward, and the masked layers sample
+    with the step they hold then. With pipeline parallelism the 1F1B schedule runs later micro-batches'
+    forwards (which set their own steps) before an earlier one's backward: without this the recomputed
+    layers would sample another micro-batch's mask. A micro-batch's backward begins at its output, before
+    any of its recomputations."""
+    return _MaskStepOnBackward.apply(output, model, step)
+
+
 def set_fused_mask_kernel(model: torch.nn.Module, fused: bool | None = True) -> None:
     """The sampling kernels of every masked layer: True fused (one-pass C++ / Triton, else torch.compile'd),
     False eager, None the layers' default (the fastest that runs here; ``masks.sampling.masked_weight``)."""

@@ -81,7 +81,7 @@ class ParallelSection:
     sequence_parallel: bool = False
     # Activation recomputation (megatron's): none; full (whole layers: recompute_method uniform, chunks
     # of recompute_num_layers layers, or block, the first recompute_num_layers layers of each pipeline
-    # stage); selective (the recompute_modules of every layer: core_attn, mlp, layernorm).
+    # stage); selective (the recompute_modules of every layer: core_attn, mlp).
     recompute: str = "none"
     recompute_method: str = "uniform"
     recompute_num_layers: int = 1
@@ -234,7 +234,8 @@ class TrainConfig:
             unknown = sorted(set(modules) - set(SELECTIVE_MODULES))
             if not modules or unknown:
                 raise ConfigError(f"parallel.recompute_modules {list(modules)}: the local spec recomputes "
-                                  f"{', '.join(SELECTIVE_MODULES)} (MoE and MLA modules are not built here)")
+                                  f"{' and '.join(SELECTIVE_MODULES)} (layernorm needs Transformer Engine's "
+                                  "checkpoint; MoE and MLA modules are not built here)")
 
     def recompute_overrides(self) -> dict:
         """megatron ``TransformerConfig`` fields of parallel.sequence_parallel and parallel.recompute."""
@@ -386,7 +387,7 @@ class TrainConfig:
 
 RECOMPUTE = ("none", "full", "selective")
 #: megatron's selective recompute modules that the local spec has (a dense GPT: no MoE, no MLA)
-SELECTIVE_MODULES = ("core_attn", "mlp", "layernorm")
+SELECTIVE_MODULES = ("core_attn", "mlp")
 
 #: Keys a resume must keep (``section.*``: the whole section); see ``TrainConfig.resume_conflict``.
 RESUME_KEEPS = ("run.train_iters", "run.seed", "data.train", "data.split", "data.seq_length",

@@ -394,22 +394,27 @@ def run_batches(cfg, model, batches, num_microbatches, forward_only, step_of_mic
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from ..megatron.distill import paired_forward
-    from ..megatron.sparsify import set_mask_step
+    from ..megatron.sparsify import mask_step_on_backward, set_mask_step
 
     counter = iter(range(num_microbatches))
+    recompute = getattr(getattr(model, "config", None), "recompute_granularity", None) is not None
 
     def forward_step(data_iterator, m):
         batch = next(data_iterator)
         mb = next(counter)
-        if step_of_microbatch is not None:
-            set_mask_step(m, step_of_microbatch(mb))
+        step = step_of_microbatch(mb) if step_of_microbatch is not None else None
+        if step is not None:
+            set_mask_step(m, step)
+        # recomputed layers must sample this micro-batch's masks again in its backward
+        again = partial(mask_step_on_backward, model=m, step=step) if step is not None and recompute and \
+            not forward_only else (lambda out: out)
         if teacher is None:
             out = m(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
-            return out, partial(_loss_func, batch["loss_mask"])
+            return again(out), partial(_loss_func, batch["loss_mask"])
         student, dense = paired_forward(m, lambda mm: mm(batch["tokens"], batch["position_ids"], batch["attention_mask"]))
         if not parallel_state.is_pipeline_last_stage():
-            return torch.cat([student, dense], dim=1), None  # hidden states [s, b, h]: both halves go on
-        return student, partial(_distill_loss_func, batch["loss_mask"], batch["labels"], dense, teacher)
+            return again(torch.cat([student, dense], dim=1)), None  # hidden states [s, b, h]: both halves go on
+        return again(student), partial(_distill_loss_func, batch["loss_mask"], batch["labels"], dense, teacher)
 
     return get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
