@@ -237,6 +237,16 @@ class TrainConfig:
                                   f"{' and '.join(SELECTIVE_MODULES)} (layernorm needs Transformer Engine's "
                                   "checkpoint; MoE and MLA modules are not built here)")
 
+    def check_recompute_layers(self, num_layers: int) -> None:
+        """parallel.recompute_num_layers against the model's ``num_layers`` (known once the checkpoint is read)."""
+        p = self.parallel
+        per_stage = num_layers // p.pp
+        if p.recompute == "full" and (p.recompute_num_layers > per_stage or (
+                p.recompute_method == "uniform" and per_stage % p.recompute_num_layers)):
+            raise ConfigError(f"parallel.recompute_num_layers {p.recompute_num_layers}: a pipeline stage holds "
+                              f"{per_stage} layers; recompute_method=uniform needs a divisor of {per_stage}, "
+                              f"block at most {per_stage}")
+
     def recompute_overrides(self) -> dict:
         """megatron ``TransformerConfig`` fields of parallel.sequence_parallel and parallel.recompute."""
         p = self.parallel

@@ -71,12 +71,8 @@ def build_model(cfg: TrainConfig):
         raise ConfigError(f"data.seq_length {cfg.data.seq_length} exceeds the model's maximum sequence length "
                           f"{info.model.max_position_embeddings} (max_position_embeddings): set data.seq_length "
                           f"<= {info.model.max_position_embeddings}")
+    cfg.check_recompute_layers(info.model.num_layers)
     par = cfg.parallel
-    layers_per_stage = info.model.num_layers // par.pp
-    if par.recompute == "full" and (par.recompute_num_layers > layers_per_stage or (
-            par.recompute_method == "uniform" and layers_per_stage % par.recompute_num_layers)):
-        raise ConfigError(f"parallel.recompute_num_layers {par.recompute_num_layers}: a pipeline stage holds "
-                          f"{layers_per_stage} layers; recompute_method=uniform needs a divisor of it, block at most it")
     tcfg = info.model.to_transformer_config(par.tp, par.pp, model_dtype(cfg), perform_initialization=False,
                                             **cfg.recompute_overrides())
     model = build_gpt_model(info.model, tcfg)
