@@ -80,39 +80,40 @@ class AllocatorPeak:
     def __exit__(self, *exc):
         self.prof.__exit__(*exc)
         events = self.prof.profiler.kineto_results.events()
-        memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
         marks = sorted((e.start_ns(), e.name()[6:]) for e in events if e.name().startswith("mark::"))
-        self.peak = level = 0
-        self.levels = {}
-        i = 0
-        for when, nbytes in memory:
+        # Every allocation and free, by address. gloo runs collectives on its own threads, which sometimes drop
+        # the last reference to a tensor a collective used; the profiler sees only this thread's frees, so
+        # an allocation at an address still counted live frees the block that was there (seen at TP=2:
+        # without this the state grew by the collectives' outputs every step).
+        allocations = []
+
+        def walk(nodes):
+            for node in nodes:
+                extra = node.extra_fields
+                if type(extra).__name__ == "_ExtraFields_Allocation" and extra.device.type == "cpu":
+                    allocations.append((node.start_time_ns, extra.alloc_size, extra.ptr))
+                walk(node.children)
+
+        walk(self.prof.profiler.kineto_results.experimental_event_tree())
+        allocations.sort(key=lambda a: a[0])
+        live, level, self.peak, self.levels, i = {}, 0, 0, {}, 0
+        self.missed = 0  # bytes freed elsewhere, found when their address was reused
+        for when, size, ptr in allocations:
             while i < len(marks) and marks[i][0] <= when:
                 self.levels[marks[i][1]] = level
                 i += 1
-            level += nbytes
+            if size > 0:
+                if ptr in live:
+                    level -= live[ptr]
+                    self.missed += live[ptr]
+                live[ptr] = size
+                level += size
+            elif ptr in live:
+                level -= live.pop(ptr)
             self.peak = max(self.peak, level)
         for _, name in marks[i:]:
             self.levels[name] = level
         self.end = level
-        if os.environ.get("MEMORY_MODEL_DEBUG"):  # the ops running at the peak, and the levels around it
-            level, at = 0, 0
-            for when, nbytes in memory:
-                level += nbytes
-                if level == self.peak:
-                    at = when
-            ops = [e for e in events if e.name() != "[memory]" and e.start_ns() <= at <= e.end_ns()]
-            print("at peak:", " > ".join(e.name() for e in sorted(ops, key=lambda e: e.start_ns()))[-600:])
-            if os.environ.get("MEMORY_MODEL_DEBUG") == "2":
-                level = 0
-                rows = []
-                named = sorted((e.start_ns(), e.end_ns(), e.name()) for e in events if e.name() != "[memory]")
-                for when, nbytes in memory:
-                    level += nbytes
-                    rows.append((when, nbytes, level))
-                k = next(i for i, r in enumerate(rows) if r[0] == at)
-                for when, nbytes, lv in rows[max(0, k - 60):k + 3]:
-                    inner = [n for st, en, n in named if st <= when <= en and not n.startswith("autograd::engine")]
-                    print(f"   {nbytes / 2**20:+8.3f} -> {lv / 2**20:8.2f}  {inner[-1] if inner else ''}")
         return False
 
 
@@ -151,7 +152,9 @@ def measure(args, name: str, overrides: dict, seq: int) -> dict:
         set_fused_mask_kernel(model, cfg.mask.fused_kernel)
         for layer in masked_layers(model):
             layer.set_prior(magnitude_mask(layer.weight.detach(), layer.nm))
+        peak.mark("model_built")
         ddp, optimizer, _ = build_optimizer(cfg, model)
+        peak.mark("optimizer_built")
         ddp.train()
         for it in range(args.steps):
             ddp.zero_grad_buffer()
@@ -165,7 +168,7 @@ def measure(args, name: str, overrides: dict, seq: int) -> dict:
     est = estimate(mc, layout)
     trainer._loss_func = loss_func
     local = {"peak": peak.peak, "state": peak.levels["after_step_0"], "stage": parallel_state.get_pipeline_model_parallel_rank(),
-             "forward_end": peak.levels.get("forward_end")}
+             "forward_end": peak.levels.get("forward_end"), "levels": peak.levels}
     ranks = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(ranks, local)
     top = max(ranks, key=lambda r: r["peak"])

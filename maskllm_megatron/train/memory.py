@@ -191,6 +191,7 @@ def _stage(model, layout: Layout, stage: int) -> Estimate:
     in_flight = min(layout.num_microbatches, pp - stage)
     frozen_input = first and layout.recompute != "full"  # the embeddings are frozen; full recompute makes it a leaf
     acts = [_layer_activations(model, layout, sh, first_frozen=frozen_input and i == 0) for i in range(layers)]
+    released = 0.0  # what a micro-batch's backward has freed when it rebuilds a chunk
     if layout.recompute == "full":
         n = layout.recompute_num_layers
         if layout.recompute_method == "uniform":
@@ -203,6 +204,10 @@ def _stage(model, layout: Layout, stage: int) -> Estimate:
             chunks = [[a] for a in acts[:n]]
         # a chunk rebuilt in the backward holds all its layers' activations; its input is kept already
         rebuilt = max(sum(a["tokens_full"] + a["sampling_full"] for a in c) - c[0]["input"] for c in chunks)
+        if layout.recompute_method == "block" and n < layers:
+            # the block's layers come first: when the backward reaches them, the later layers' activations
+            # (of this micro-batch) are gone
+            released = sum(kept[n:]) + sum(kept_sampling[n:])
     else:
         kept = [a["tokens"] for a in acts]
         kept_sampling = [a["sampling"] for a in acts]
@@ -221,7 +226,8 @@ def _stage(model, layout: Layout, stage: int) -> Estimate:
         loss = sb * sh["h"] / sp * e + sb / sp * 4 * (2 if model.normalization == "LayerNorm" else 1)
         loss += sb * model.padded_vocab_size / t * (4 + (e if e != 4 else 0)) + 2 * sb * sh["h"] / sp * e
     fc2 = sh["linear"]["linear_fc2"] / t
-    first_backward = rebuilt + sb * e * (sh["f"] / t + sh["h"] / sp) + fc2 * e
+    work = sb * e * (sh["f"] / t + sh["h"] / sp) + fc2 * e
+    first_backward = max(rebuilt - released, 0.0) + work
     sp_buffer = sb * sh["h"] * e if sp > 1 else 0.0  # megatron's all-gather buffer, kept once allocated
     return Estimate(stage=stage, weights=params * e, mask_logits=masked * c_over_m * e,
                     prior_masks=masked if layout.prior else 0.0, gradients=trainable * 4, optimizer=optimizer,
