@@ -100,3 +100,21 @@ def test_recompute_layer_count_is_checked_against_the_model():
                         "a pipeline stage holds 8 layers")):
         with pytest.raises(ConfigError, match=message):
             cfg(*o).check_recompute_layers(32)
+
+
+def test_recompute_lowers_the_measured_peak_by_what_the_memory_model_predicts(layouts):
+    """The CPU allocator's peak over two training steps (benchmarks/memory_model.py's measurement: every
+    allocation, so weights, logits, gradients, Adam and activations) at two sequence lengths, with and
+    without full recompute: each within 5% of the memory model, and the saving within 5% of its prediction,
+    growing with the sequence."""
+    rows = {(r["layout"], r["seq"]): r for r in layouts["recompute_memory"]}
+    savings = []
+    for seq in (128, 256):
+        plain, full = rows[("tp1", seq)], rows[("tp1_full", seq)]
+        for r in (plain, full):
+            assert abs(r["ratio"] - 1) < 0.05, r
+        measured = plain["measured_peak"] - full["measured_peak"]
+        predicted = plain["predicted_peak"] - full["predicted_peak"]
+        assert measured > 0 and abs(measured / predicted - 1) < 0.05, (seq, measured, predicted)
+        savings.append(measured)
+    assert savings[1] > 1.5 * savings[0]

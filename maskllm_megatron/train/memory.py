@@ -118,10 +118,15 @@ class Estimate:
         return {**asdict(self), "state": self.state, "peak": self.peak}
 
     def line(self) -> str:
-        g = lambda x: f"{x / GB:.2f}"  # noqa: E731
-        return (f"{g(self.peak)} GB per GPU (weights {g(self.weights)}, logits {g(self.mask_logits)}, prior masks "
-                f"{g(self.prior_masks)}, gradients {g(self.gradients)}, optimizer {g(self.optimizer)}, activations "
-                f"{g(self.activations + self.transient)} of which mask sampling {g(self.mask_sampling)})")
+        return (f"{size(self.peak)} per GPU (weights {size(self.weights)}, logits {size(self.mask_logits)}, prior masks "
+                f"{size(self.prior_masks)}, gradients {size(self.gradients)}, optimizer {size(self.optimizer)}, "
+                f"activations {size(self.activations + self.transient)} of which mask sampling "
+                f"{size(self.mask_sampling)})")
+
+
+def size(nbytes: float) -> str:
+    """Bytes as GB (1e9), or MB below a GB."""
+    return f"{nbytes / GB:.2f} GB" if nbytes >= GB else f"{nbytes / 1e6:.1f} MB"
 
 
 def _shapes(model) -> dict:

@@ -23,7 +23,7 @@ import torch
 
 from ..launch import all_reduce_floats, init_process_group
 from .config import ConfigError, TrainConfig, checkpoint_iteration, checkpoint_name
-from .metrics import MaskWatcher, MetricsLogger, StepThroughput, peak_memory_bytes
+from .metrics import MaskWatcher, MetricsLogger, StepThroughput, host_rss_bytes, peak_memory_bytes
 
 
 class TrainingStopped(RuntimeError):
@@ -472,7 +472,12 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
         conflict = cfg.resume_conflict(saved.get("config", {}), saved["iteration"])
         if conflict:
             raise ConfigError(conflict)
+    before_model = host_rss_bytes()
     model, info = build_model(cfg)
+    estimate = memory_estimate(cfg, info.model)
+    if is_rank0:
+        print(f"[maskllm] memory model: {estimate.line()}"
+              + (" (the teacher's logits not counted)" if cfg.distill.kd_weight > 0 else ""), flush=True)
     data = (data_factory or build_data)(cfg, info, env["dp_rank"], env["dp_size"])
     inputs = input_fingerprints(cfg)  # the inputs exist now: the model and data were read
     conflict = inputs_conflict(saved.get("inputs"), inputs, cfg) if saved is not None else None
@@ -595,4 +600,24 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
                 print(f"[maskllm] {preemption.signal_name or 'stop requested'}: saved at iteration {state.iteration}; "
                       "exiting", flush=True)
             break
+    if is_rank0 and state.iteration > max(state.resumed_from, 0):
+        print(f"[maskllm] {peak_memory_line(estimate, before_model)}", flush=True)
     return {**last, "iteration": state.iteration, "history": state.history, "parallel": parallel_state.get_data_parallel_world_size()}
+
+
+def memory_estimate(cfg: TrainConfig, model_config):
+    """The memory model's per-GPU estimate for this run (``train.memory``)."""
+    from .memory import Layout, estimate
+
+    return estimate(model_config, Layout.from_config(cfg, torch.distributed.get_world_size(), model_dtype(cfg)))
+
+
+def peak_memory_line(estimate, before_model: int) -> str:
+    """The measured peak beside the estimate: on a GPU the allocator's peak (what the model counts); on the
+    CPU the process's peak resident set, which also holds the runtime (its size before the model was built
+    is given)."""
+    from .memory import size
+
+    where = "allocated on the GPU" if torch.cuda.is_available() else \
+        f"process peak RSS, of which {size(before_model)} before the model was built"
+    return f"peak memory {size(peak_memory_bytes())} measured ({where}); the memory model estimated {size(estimate.peak)}"

@@ -8,7 +8,8 @@ PP=2; megatron's plain optimizer, so every rank holds the whole reduced gradient
 the gradient of every layer's mask logits and of every norm weight (joint layouts), in the global TP=1
 layout, compared with the reference layout named in LAYOUTS: the largest difference relative to the
 reference's largest magnitude, and whether the hard masks after the last step are identical. Then the
-driver's ``train`` saves a run with sequence parallelism and resumes it without (``resume``).
+driver's ``train`` saves a run with sequence parallelism and resumes it without (``resume``), and peak memory
+is measured with and without recompute against the memory model (``recompute_memory``).
 """
 import json
 import sys
@@ -156,8 +157,15 @@ def resume_without_sp(tiny: Path) -> dict:
                                                "eval_interval": 0, "log_interval": 1, "tensorboard": False}}).run
         return c
 
-    train(cfg("sp_straight", sequence_parallel=True, recompute="full"))
+    from maskllm_megatron.launch import init_process_group
+
+    init_process_group()
     resumed = tiny / "sp_resumed"
+    if torch.distributed.get_rank() == 0:  # a fresh start (a folder left by an earlier launch would resume)
+        for name in ("sp_straight", "sp_resumed"):
+            shutil.rmtree(tiny / name, ignore_errors=True)
+    torch.distributed.barrier()
+    train(cfg("sp_straight", sequence_parallel=True, recompute="full"))
     if torch.distributed.get_rank() == 0:
         shutil.copytree(tiny / "sp_straight", resumed)
         (resumed / "checkpoints" / "latest").write_text("iter_0000002")
@@ -170,9 +178,28 @@ def resume_without_sp(tiny: Path) -> dict:
             for name in ("sp_straight", "sp_resumed")}
 
 
+def recompute_memory() -> list:
+    """benchmarks/memory_model.py's measurement (the CPU allocator's peak over two training steps of a small
+    LLaMA-shaped model, TP=1 x DP=2) with and without full recompute at two sequence lengths, beside the
+    memory model's estimates."""
+    import argparse
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import memory_model
+
+    args = argparse.Namespace(layers=4, hidden=128, ffn=352, heads=4, groups=2, vocab=1024, micro_batch=2,
+                              microbatches=2, steps=2, seqs=[128, 256])
+    return [{k: r[k] for k in ("layout", "seq", "measured_peak", "ratio")} | {"predicted_peak": r["predicted"]["peak"]}
+            for seq in args.seqs for name in ("tp1", "tp1_full")
+            for r in [memory_model.measure(args, name, memory_model.LAYOUTS[name], seq)]]
+
+
 def main():
     tiny, out = Path(sys.argv[1]), sys.argv[2]
-    runs, report = {}, {}
+    # first: cpu_compat's second gloo group for the distributed optimizer's buckets (DP=2 here) is created
+    # while no earlier layout has re-made megatron's groups (made after them, its creation was seen to hang)
+    report = {"recompute_memory": recompute_memory()}
+    runs = {}
     for name, (ref, overrides) in LAYOUTS.items():
         runs[name] = run(tiny, overrides)
         if ref is not None:
