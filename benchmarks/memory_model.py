@@ -12,7 +12,8 @@ allocation and free of the process from before the model is built (torch.profile
 summed in time order), so weights, logits, gradients, optimizer state and activations are all counted
 and nothing else is. Per layout it prints the measured peak of the most loaded rank, the model's
 estimate and their ratio, and the same for the persistent state (after the first step: Adam's state
-exists) and for what one more micro-batch adds.
+exists) and the bytes that stayed counted from the first step to the second (blocks that gloo's threads freed,
+which the profiler does not see until their address is reused; 0 at TP=1): the measurement's uncertainty.
 """
 from __future__ import annotations
 
@@ -114,6 +115,17 @@ class AllocatorPeak:
         for _, name in marks[i:]:
             self.levels[name] = level
         self.end = level
+        if os.environ.get("MEMORY_MODEL_TRACE"):  # the allocations up to the peak, with their operators
+            ops = sorted((e.start_ns(), e.end_ns(), e.name()) for e in events if e.name() != "[memory]")
+            level, rows = 0, []
+            for when, size, ptr in allocations:
+                level += size
+                rows.append((when, size, level))
+            k = max(range(len(rows)), key=lambda j: rows[j][2])
+            for when, size, lv in rows[max(0, k - 40):k + 1]:
+                if abs(size) > 2**16:
+                    inner = [n for st, en, n in ops if st <= when <= en and not n.startswith("autograd::engine")]
+                    print(f"   {size / 2**20:+8.3f} -> {lv / 2**20:8.2f}  {' > '.join(inner[-3:])}")
         return False
 
 
@@ -172,9 +184,13 @@ def measure(args, name: str, overrides: dict, seq: int) -> dict:
     ranks = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(ranks, local)
     top = max(ranks, key=lambda r: r["peak"])
-    return {"layout": name, "seq": seq, "overrides": overrides, "measured_peak": top["peak"],
+    # what stayed counted from the first step to the second: blocks gloo's threads freed unseen (0 at TP=1)
+    drift = max(abs(r["levels"][f"after_step_{args.steps - 1}"] - r["levels"]["after_step_0"]) for r in ranks)
+    return {"layout": name, "seq": seq, "overrides": overrides, "measured_peak": top["peak"], "drift": drift,
             "measured_state": top["state"], "measured_stage": top["stage"], "ranks": ranks,
-            "predicted": est.as_dict(), "ratio": top["peak"] / est.peak, "state_ratio": top["state"] / est.state}
+            "predicted": est.as_dict(), "ratio": top["peak"] / est.peak, "state_ratio": top["state"] / est.state,
+            # the step's own memory (peak above the persistent state), free of what the state over-counts
+            "step_ratio": (top["peak"] - top["state"]) / (est.peak - est.state)}
 
 
 def main(argv=None):
@@ -206,10 +222,11 @@ def main(argv=None):
             results.append(r)
             if torch.distributed.get_rank() == 0:
                 pr = r["predicted"]
-                print(f"{name:17s} seq {seq:5d}: peak measured {r['measured_peak'] / 2**20:8.1f} MiB, predicted "
-                      f"{pr['peak'] / 2**20:8.1f} MiB, ratio {r['ratio']:.3f} | state {r['measured_state'] / 2**20:7.1f} "
-                      f"vs {pr['state'] / 2**20:7.1f} MiB ({r['state_ratio']:.3f}) | stage {r['measured_stage']} "
-                      f"(model: {pr['stage']})", flush=True)
+                print(f"{name:17s} seq {seq:5d}: peak measured {r['measured_peak'] / 2**20:6.1f} MiB, predicted "
+                      f"{pr['peak'] / 2**20:6.1f} MiB, ratio {r['ratio']:.3f} | state {r['measured_state'] / 2**20:5.1f} "
+                      f"vs {pr['state'] / 2**20:5.1f} MiB ({r['state_ratio']:.3f}) | step (peak - state) ratio "
+                      f"{r['step_ratio']:.3f} | stage {r['measured_stage']} (model: {pr['stage']}) | unseen frees "
+                      f"{r['drift'] / 2**20:.1f} MiB", flush=True)
                 if args.verbose:
                     fe = r["ranks"][0]["forward_end"]
                     d = pr["detail"]

@@ -24,11 +24,14 @@ Full recompute keeps only each recomputed chunk's input (``s b h e / sp``) and r
 (its activations and its layers' mask sampling) at a time in the backward. Selective recompute drops
 what its modules keep (``core_attn``: the log-sum-exp, as the attention output is ``linear_proj``'s
 input anyway; ``mlp``: the MLP's activations and its two layers' mask sampling). The 1F1B pipeline
-schedule has ``min(pp - stage, micro-batches)`` micro-batches in flight on a stage. The last stage adds
+schedule has ``min(pp - stage, micro-batches)`` micro-batches in flight on a stage, and keeps the output
+(``s b h e / sp``) of each for its backward. The last stage adds
 the final norm and the loss: the fp32 softmax over the vocabulary shard (``4 s b V / t``, plus the
-logits' own copy when they are not fp32). On top comes the working memory of one layer's backward
-(``transient``: the gradients of its largest activations and of its largest masked weight). Not
-modelled: distillation (the teacher's logits), communication buffers, the framework's own allocations.
+logits' own copy when they are not fp32), and the final norm's output and the hidden state's gradient.
+The last layer's backward starts with what recompute rebuilt of it, plus the gradients of
+``linear_fc2``'s input and sampled weight, then of the activation's inputs. The peak is the larger of
+the two moments (``transient``). Not modelled: distillation (the teacher's logits), communication
+buffers, the framework's own allocations.
 """
 from __future__ import annotations
 
@@ -221,6 +224,8 @@ def _stage(model, layout: Layout, stage: int) -> Estimate:
     sb = layout.seq_length * layout.micro_batch_size
     sp = t if layout.sequence_parallel else 1
     activations = in_flight * (sum(kept) + sum(kept_sampling))
+    if not last:  # the pipeline schedule keeps each in-flight micro-batch's output for its backward
+        activations += in_flight * sb * sh["h"] / sp * e
     # the two moments the peak falls in: (a) the loss, on the last stage: the final norm, the logits' fp32
     # softmax (and the logits' own copy when they are not fp32), the final norm's output and the hidden
     # state's gradient; (b) the first masked layer's backward (linear_fc2 of the stage's last layer, the
@@ -230,8 +235,13 @@ def _stage(model, layout: Layout, stage: int) -> Estimate:
     if last:
         loss = sb * sh["h"] / sp * e + sb / sp * 4 * (2 if model.normalization == "LayerNorm" else 1)
         loss += sb * model.padded_vocab_size / t * (4 + (e if e != 4 else 0)) + 2 * sb * sh["h"] / sp * e
-    fc2 = sh["linear"]["linear_fc2"] / t
-    work = sb * e * (sh["f"] / t + sh["h"] / sp) + fc2 * e
+    # the last layer's backward starts with linear_fc2 (the gradients of its input and sampled weight) and
+    # then the activation (SwiGLU: the gradients of both halves beside the product's, once linear_fc2 has
+    # freed its input, sampled weight and probabilities); the hidden state's gradient is there throughout
+    fc2 = sh["linear"]["linear_fc2"] / t if "linear_fc2" in layout.masked else 0.0
+    per_weight = e + 4 * c_over_m + (4 if layout.hard else 0)
+    act = sb * e * sh["f"] / t
+    work = sb * e * sh["h"] / sp + max(act + fc2 * e, act * (2 if model.gated else 1) - fc2 * per_weight)
     first_backward = max(rebuilt - released, 0.0) + work
     sp_buffer = sb * sh["h"] * e if sp > 1 else 0.0  # megatron's all-gather buffer, kept once allocated
     return Estimate(stage=stage, weights=params * e, mask_logits=masked * c_over_m * e,
