@@ -129,6 +129,54 @@ class AllocatorPeak:
         return False
 
 
+class CollectiveTensorsFreedHere:
+    """gloo runs every collective on a worker thread, which sometimes drops the last reference to a tensor the
+    collective used (seen: row-parallel outputs at TP=2); the profiler records only this thread's frees, so
+    such blocks would stay counted. While active, the tensors of the latest collective are also referenced
+    here until the next collective starts (by then gloo has let go of them), so this thread frees them.
+    That keeps them alive for at most the gap between two collectives."""
+
+    NAMES = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather", "reduce_scatter",
+             "_all_gather_base", "_reduce_scatter_base", "broadcast", "all_to_all_single")
+    ALIASES = ("megatron.core.tensor_parallel.mappings", "megatron.core.tensor_parallel.layers",
+               "megatron.core.tensor_parallel.utils", "megatron.core.utils")
+
+    def __enter__(self):
+        import importlib
+
+        dist = torch.distributed
+        self.held, self.saved = [], []
+        wrapped = {}
+        for name in self.NAMES:
+            real = getattr(dist, name, None)
+            if real is not None:
+                wrapped[real] = self._wrap(real)
+                self.saved.append((dist, name, real))
+                setattr(dist, name, wrapped[real])
+        for module_name in self.ALIASES:  # megatron's dist_all_gather_func / dist_reduce_scatter_func aliases
+            module = importlib.import_module(module_name)
+            for attr in ("dist_all_gather_func", "dist_reduce_scatter_func"):
+                real = getattr(module, attr, None)
+                if real in wrapped:
+                    self.saved.append((module, attr, real))
+                    setattr(module, attr, wrapped[real])
+        return self
+
+    def _wrap(self, real):
+        def collective(*args, **kwargs):
+            self.held = []  # the previous collective's tensors: gloo is done with them
+            self.held = [a for a in list(args) + list(kwargs.values()) if isinstance(a, (torch.Tensor, list))]
+            return real(*args, **kwargs)
+
+        return collective
+
+    def __exit__(self, *exc):
+        for owner, name, real in reversed(self.saved):
+            setattr(owner, name, real)
+        self.held = []
+        return False
+
+
 def measure(args, name: str, overrides: dict, seq: int) -> dict:
     from megatron.core import parallel_state
 
@@ -157,7 +205,7 @@ def measure(args, name: str, overrides: dict, seq: int) -> dict:
         return loss_func(*a, **k)
 
     trainer._loss_func = marked_loss
-    with AllocatorPeak() as peak:
+    with CollectiveTensorsFreedHere(), AllocatorPeak() as peak:
         tcfg = mc.to_transformer_config(cfg.parallel.tp, cfg.parallel.pp, "fp32", **cfg.recompute_overrides())
         model = build_gpt_model(mc, tcfg)
         sparsify(model, sparsify_config(cfg))

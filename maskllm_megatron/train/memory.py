@@ -210,8 +210,9 @@ def _stage(model, layout: Layout, stage: int) -> Estimate:
             kept = [a["input"] if i < n else a["tokens"] for i, a in enumerate(acts)]
             kept_sampling = [0.0 if i < n else a["sampling"] for i, a in enumerate(acts)]
             chunks = [[a] for a in acts[:n]]
-        # a chunk rebuilt in the backward holds all its layers' activations; its input is kept already
-        rebuilt = max(sum(a["tokens_full"] + a["sampling_full"] for a in c) - c[0]["input"] for c in chunks)
+        # a chunk rebuilt in the backward holds all its layers' activations (its input is kept already) and
+        # its output, which megatron's checkpoint holds while it runs the chunk's backward
+        rebuilt = max(sum(a["tokens_full"] + a["sampling_full"] for a in c) for c in chunks)
         if layout.recompute_method == "block" and n < layers:
             # the block's layers come first: when the backward reaches them, the later layers' activations
             # (of this micro-batch) are gone
