@@ -220,8 +220,10 @@ def _stage(model, layout: Layout, stage: int) -> Estimate:
     else:
         kept = [a["tokens"] for a in acts]
         kept_sampling = [a["sampling"] for a in acts]
-        a = acts[-1]  # selective: the last layer's recomputed modules are rebuilt first
+        a = acts[-1]  # selective: the last layer's recomputed modules are rebuilt first (mlp: with its output)
         rebuilt = a["tokens_full"] + a["sampling_full"] - a["tokens"] - a["sampling"]
+        if "mlp" in (layout.recompute_modules if layout.recompute == "selective" else ()):
+            rebuilt += a["input"]
     sb = layout.seq_length * layout.micro_batch_size
     sp = t if layout.sequence_parallel else 1
     activations = in_flight * (sum(kept) + sum(kept_sampling))
