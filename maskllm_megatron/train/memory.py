@@ -25,9 +25,9 @@ Full recompute keeps only each recomputed chunk's input (``s b h e / sp``) and r
 what its modules keep (``core_attn``: the log-sum-exp, as the attention output is ``linear_proj``'s
 input anyway; ``mlp``: the MLP's activations and its two layers' mask sampling). The 1F1B pipeline
 schedule has ``min(pp - stage, micro-batches)`` micro-batches in flight on a stage, and keeps the output
-(``s b h e / sp``) of each for its backward. The last stage adds
-the final norm and the loss: the fp32 softmax over the vocabulary shard (``4 s b V / t``, plus the
-logits' own copy when they are not fp32), and the final norm's output and the hidden state's gradient.
+(``s b h e / sp``) of each for its backward. The last stage adds the final norm and the loss: the fp32
+softmax over the vocabulary shard (``4 s b V / t``, plus the logits' own copy when they are not fp32),
+and the final norm's output and the hidden state's gradient.
 The last layer's backward starts with what recompute rebuilt of it, plus the gradients of
 ``linear_fc2``'s input and sampled weight, then of the activation's inputs. The peak is the larger of
 the two moments (``transient``). Not modelled: distillation (the teacher's logits), communication
@@ -138,11 +138,10 @@ def _shapes(model) -> dict:
     q, kv = model.num_attention_heads * model.kv_channels, model.num_query_groups * model.kv_channels
     g = 2 if model.gated else 1
     linear = {"linear_qkv": h * (q + 2 * kv), "linear_proj": q * h, "linear_fc1": h * f * g, "linear_fc2": f * h}
-    rows = {"linear_qkv": q + 2 * kv, "linear_proj": h, "linear_fc1": f * g, "linear_fc2": h}
     bias = ((q + 2 * kv) * (model.qkv_bias or model.add_bias_linear)
             + (h + f * g + h) * model.add_bias_linear)
     norm = h * (2 if model.normalization == "LayerNorm" else 1)
-    return {"h": h, "f": f, "q": q, "kv": kv, "g": g, "linear": linear, "rows": rows, "bias": bias, "norm": norm}
+    return {"h": h, "f": f, "q": q, "kv": kv, "g": g, "linear": linear, "bias": bias, "norm": norm}
 
 
 def _layer_activations(model, layout: Layout, sh: dict, first_frozen: bool) -> dict:

@@ -35,7 +35,7 @@ LAYOUTS = {
 }
 
 
-def config(tiny: Path, overrides: dict):
+def config(tiny: Path, overrides: dict, prior: str = ""):
     from maskllm_megatron.train.config import TrainConfig
 
     parallel = {"tp": 1, "distributed_optimizer": False, **{k: v for k, v in overrides.items() if k != "train_weights"}}
@@ -48,7 +48,7 @@ def config(tiny: Path, overrides: dict):
         "mask": {"fused_kernel": False, "train_weights": overrides.get("train_weights", False)},
         # SparseGPT calibrates on the layers' inputs (under SP a column layer's input is a sequence shard);
         # pipeline stages take the magnitude prior (calibration runs at PP=1)
-        "prior": {"method": "magnitude" if overrides.get("pp", 1) > 1 else "sparsegpt", "calib_samples": 8},
+        "prior": {"method": prior or ("magnitude" if overrides.get("pp", 1) > 1 else "sparsegpt"), "calib_samples": 8},
         "run": {"out_dir": str(tiny / "layouts_unused"), "train_iters": 4, "seed": 1234},
     })
 
@@ -142,7 +142,7 @@ def compare(run_: dict, ref: dict) -> dict:
 
 
 def resume_without_sp(tiny: Path) -> dict:
-    """The driver's train(): a TP=2 run with SP and full recompute saved at iteration 2 of 4, then the same
+    """The driver's train(): a TP=2 run with SP and full recompute saved at iteration 2 of 3, then the same
     run resumed from that checkpoint with neither (in this process: a launch costs seconds)."""
     import shutil
 
@@ -151,9 +151,9 @@ def resume_without_sp(tiny: Path) -> dict:
     from maskllm_megatron.train.trainer import train
 
     def cfg(name, **parallel):
-        c = config(tiny, {"tp": 2, **parallel})
+        c = config(tiny, {"tp": 2, **parallel}, prior="magnitude")  # no calibration: what is checked is the resume
         c.parallel.distributed_optimizer = True  # the driver's default
-        c.run = TrainConfig.from_dict({"run": {"out_dir": str(tiny / name), "train_iters": 4, "save_interval": 2,
+        c.run = TrainConfig.from_dict({"run": {"out_dir": str(tiny / name), "train_iters": 3, "save_interval": 2,
                                                "eval_interval": 0, "log_interval": 1, "tensorboard": False}}).run
         return c
 
@@ -169,10 +169,10 @@ def resume_without_sp(tiny: Path) -> dict:
     if torch.distributed.get_rank() == 0:
         shutil.copytree(tiny / "sp_straight", resumed)
         (resumed / "checkpoints" / "latest").write_text("iter_0000002")
-        shutil.rmtree(resumed / "checkpoints" / "iter_0000004")
+        shutil.rmtree(resumed / "checkpoints" / "iter_0000003")
     torch.distributed.barrier()
     train(cfg("sp_resumed"))
-    return {name: {"history": read_extra(tiny / name / "checkpoints" / "iter_0000004")["history"],
+    return {name: {"history": read_extra(tiny / name / "checkpoints" / "iter_0000003")["history"],
                    "grad_norms": [json.loads(l)["grad_norm"] for l in (tiny / name / "metrics.jsonl").read_text().splitlines()
                                   if "grad_norm" in l]}
             for name in ("sp_straight", "sp_resumed")}
@@ -187,7 +187,7 @@ def recompute_memory() -> list:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import memory_model
 
-    args = argparse.Namespace(layers=4, hidden=128, ffn=352, heads=4, groups=2, vocab=1024, micro_batch=2,
+    args = argparse.Namespace(layers=2, hidden=128, ffn=352, heads=4, groups=2, vocab=1024, micro_batch=2,
                               microbatches=2, steps=2, seqs=[128, 256])
     return [{k: r[k] for k in ("layout", "seq", "measured_peak", "ratio")} | {"predicted_peak": r["predicted"]["peak"]}
             for seq in args.seqs for name in ("tp1", "tp1_full")
