@@ -194,11 +194,55 @@ def recompute_memory() -> list:
             for r in [memory_model.measure(args, name, memory_model.LAYOUTS[name], seq)]]
 
 
+def layernorm_sp() -> dict:
+    """A Nemotron-shaped model (LayerNorm with bias, as LayerNorm1p is converted; squared ReLU; partial RoPE),
+    built from the same seed at TP=2 with and without SP, trained jointly for one step: the loss, the mask
+    logits' and every norm parameter's reduced gradient (weight and bias), and the norms' attributes."""
+    from maskllm_megatron.megatron.model_builder import ModelConfig, build_gpt_model
+    from maskllm_megatron.megatron.sparsify import masked_layers, set_fused_mask_kernel, sparsify
+    from maskllm_megatron.train.config import TrainConfig
+    from maskllm_megatron.train.trainer import _mean_loss, build_optimizer, run_batches, setup_parallel, sparsify_config
+
+    mc = ModelConfig(family="nemotron", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                     num_query_groups=2, vocab_size=256, max_position_embeddings=64, normalization="LayerNorm",
+                     activation="squared_relu", rotary_percent=0.5)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (2, 33), generator=g)
+    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(2, 32),
+             "position_ids": torch.arange(32).expand(2, 32), "attention_mask": None}
+    out = {}
+    for sp in (False, True):
+        cfg = TrainConfig.from_dict({"model": {"checkpoint": "unused"}, "data": {
+            "train": ["unused"], "seq_length": 32, "micro_batch_size": 2, "global_batch_size": 2},
+            "parallel": {"tp": 2, "sequence_parallel": sp, "distributed_optimizer": False},
+            "mask": {"fused_kernel": False, "train_weights": True}, "prior": {"method": "none"}, "run": {"train_iters": 2}})
+        setup_parallel(cfg)
+        model = build_gpt_model(mc, mc.to_transformer_config(2, 1, "fp32", **cfg.recompute_overrides()))
+        sparsify(model, sparsify_config(cfg))
+        set_fused_mask_kernel(model, False)
+        ddp, _, _ = build_optimizer(cfg, model)
+        ddp.train()
+        mcfg = cfg.mask_config()
+        results = run_batches(cfg, ddp, [batch], 1, forward_only=False, step_of_microbatch=lambda mb: mcfg.step_state(0, 0))
+        norms = {n: p for n, p in model.named_parameters() if "layernorm" in n}
+        out[sp] = {"loss": _mean_loss(results), "norms": {n: p.main_grad.clone() for n, p in norms.items()},
+                   "attributes": sorted({getattr(p, "sequence_parallel", None) for p in norms.values()}, key=str),
+                   "biases": sum(n.endswith(".bias") for n in norms),
+                   "logits": [layer.gather_global(layer.mask_logits.main_grad.view_as(layer.mask_logits))
+                              for layer in masked_layers(model)]}
+    a, b = out[False], out[True]
+    return {"losses": [a["loss"], b["loss"]], "biases": b["biases"], "attributes": [a["attributes"], b["attributes"]],
+            "norm_grad_max_rel": max(float((a["norms"][n] - b["norms"][n]).abs().max() / a["norms"][n].abs().max())
+                                     for n in a["norms"]),
+            "norm_grads_nonzero": all(float(v.abs().max()) > 0 for v in b["norms"].values()),
+            "logit_grads_equal": all(torch.equal(x, y) for x, y in zip(a["logits"], b["logits"]))}
+
+
 def main():
     tiny, out = Path(sys.argv[1]), sys.argv[2]
     # first: cpu_compat's second gloo group for the distributed optimizer's buckets (DP=2 here) is created
     # while no earlier layout has re-made megatron's groups (made after them, its creation was seen to hang)
-    report = {"recompute_memory": recompute_memory()}
+    report = {"recompute_memory": recompute_memory(), "layernorm_sp": layernorm_sp()}
     runs = {}
     for name, (ref, overrides) in LAYOUTS.items():
         runs[name] = run(tiny, overrides)
