@@ -334,8 +334,8 @@ class TrainConfig:
 
         A resume continues one run: what shapes its trajectory (schedules over ``train_iters``, the
         optimizer and its state layout, the data and its order, mask sampling) must stay as saved. The
-        parallel layout, the micro-batch size, the cadence of logging, evaluation and saving, and the
-        mask kernel may change. A prior-only checkpoint (iteration 0) has learned nothing: only what made
+        parallel layout (sequence parallelism and recomputation included: neither changes the math), the
+        micro-batch size, the cadence of logging, evaluation and saving, and the mask kernel may change. A prior-only checkpoint (iteration 0) has learned nothing: only what made
         its logits (the prior, the mask layout) must match, and the schedules start afresh.
         """
         keys = RESUME_KEEPS_PRIOR if iteration == 0 else RESUME_KEEPS
