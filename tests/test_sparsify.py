@@ -18,7 +18,8 @@ def test_sparsify_masks_the_right_modules_freezes_weights_and_matches_hand_maske
         # fused SDPA core attention == megatron-core's DotProductAttention (logits and all gradients, TP=2)
         assert r[f"{family}_attention_diff"] <= 1e-5, r
     assert r["optimizer"]["params"] == r["optimizer"]["grad_buffer"]
-    # the logits really get lr x mask_lr_mult (measured from Adam's first step; asserted in the worker)
+    # the logits really get lr x mask_lr_mult, and joint training moves weights and norms by lr (measured from
+    # Adam's first step; asserted in the worker)
     assert set(r["applied_lr"]) == {"step0", "step10"}, r
     # refused: a second sparsify, and a tied LM head (which leaves the model exactly as built)
     assert r["refusals"]["twice"].startswith("the model is already sparsified (2 masked layers)"), r

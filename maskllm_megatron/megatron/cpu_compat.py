@@ -22,6 +22,10 @@ The patches:
    moves the last stage's copy of the embedding to CUDA (``weight.data.cuda()``) before all-reducing it
    from the first stage; inside that function ``Tensor.cuda()`` returns the tensor itself.
 
+Sequence parallelism needs no patch: megatron's SP mappings and linear layers call
+``reduce_scatter_tensor`` / ``all_gather_into_tensor`` (synchronous and asynchronous, fp32 / bf16 / fp16),
+which gloo has in torch 2.13 (checked before adding one; the driver's SP tests run on them at TP=2).
+
 One speed-up rides along (``SPEEDUPS``; nothing fails without it):
 - ``gloo_bucket_collectives``: megatron's distributed optimizer reduce-scatters each gradient bucket into
   this rank's shard of it and all-gathers each parameter bucket from it, in place, inside a coalescing

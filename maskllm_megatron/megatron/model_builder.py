@@ -274,6 +274,7 @@ def build_gpt_model(model_config: ModelConfig, transformer_config=None, *, tp: i
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     elif attention != "local":
         raise ValueError(f"attention must be 'sdpa' or 'local', got {attention!r}")
+    spec = _block_spec(spec, transformer_config, vp_stage)
     scaling = model_config.rope_scaling
     model = GPTModel(
         config=transformer_config,
@@ -289,6 +290,8 @@ def build_gpt_model(model_config: ModelConfig, transformer_config=None, *, tp: i
         rotary_base=model_config.rotary_base,
         vp_stage=vp_stage,
     )
+    if transformer_config.recompute_granularity == "full" and pre_process:
+        model.embedding.register_forward_hook(_block_input_requires_grad)
     if scaling is not None:
         # GPTModel only exposes the scaling factor; apply all four LLaMA-3 parameters here.
         rope = model.rotary_pos_emb
@@ -299,6 +302,34 @@ def build_gpt_model(model_config: ModelConfig, transformer_config=None, *, tp: i
             high_freq_factor=scaling.high_freq_factor,
             original_max_position_embeddings=scaling.original_max_position_embeddings)
     return model
+
+
+def _block_input_requires_grad(_module, _args, output):
+    """Forward hook on the embedding under full recompute. megatron checkpoints whole layers with a
+    re-entrant autograd function, whose output needs a gradient only when one of its tensor inputs does;
+    parameters inside the layers do not count. With frozen embeddings (mask learning) the first layer's
+    input needs none, so the checkpointed layers would get no gradient at all (seen: a zero gradient
+    norm). The embedding's output is made a leaf that requires one."""
+    if torch.is_grad_enabled() and not output.requires_grad:
+        return output.detach().requires_grad_()
+    return output
+
+
+def _block_spec(layer_spec, transformer_config, vp_stage):
+    """The decoder block of ``layer_spec`` with our norm (``norm.TorchNorm``, which accepts sequence
+    parallelism) in every layer and as the final norm; megatron would build the final norm itself
+    with ``WrappedTorchNorm``, which refuses it."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import (TransformerBlock, TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+
+    from .norm import TorchNorm
+
+    layer_spec.submodules.input_layernorm = TorchNorm
+    layer_spec.submodules.pre_mlp_layernorm = TorchNorm
+    layers = get_num_layers_to_build(transformer_config, vp_stage)
+    return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
+        layer_specs=[layer_spec] * layers, layer_norm=TorchNorm))
 
 
 def gpt_forward(model, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

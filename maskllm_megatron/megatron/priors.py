@@ -8,7 +8,8 @@ layer. (The reference MaskLLM collects all Hessians from the dense model in one 
 What each method computes under tensor parallelism (the result equals the TP=1 result):
 
 * Column-parallel (``linear_qkv``, ``linear_fc1``): the rank holds some output rows and sees the full
-  input, so its statistics are the full ones. All three methods treat rows independently, so the
+  input (under sequence parallelism its sequence shard, gathered for the statistics as the layer gathers
+  it), so its statistics are the full ones. All three methods treat rows independently, so the
   local rows' masks are exactly the TP=1 masks of those rows.
 * Row-parallel (``linear_proj``, ``linear_fc2``): the rank holds ``W[:, cols_r]`` and sees ``x[:, cols_r]``.
   Magnitude and Wanda are local to each group of M inputs, so the shard's own weights and input norms
@@ -88,9 +89,13 @@ def _tp_all_gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 
 def _input_hook(layer: _MaskedLinearMixin, gather_input: bool, sink):
-    """A forward pre-hook handing ``sink`` the layer's input (all-gathered over TP when asked)."""
+    """A forward pre-hook handing ``sink`` the layer's input (all-gathered over TP along the hidden
+    dimension when asked). Under sequence parallelism a column-parallel layer is handed its rank's
+    sequence shard, which it all-gathers itself: the hook gathers the whole sequence too."""
     def hook(_module, args):
         x = args[0]
+        if getattr(layer, "sequence_parallel", False) and layer.partition_dim == 0:
+            x = _tp_all_gather(x, 0, layer.tp_group)
         if gather_input:
             x = _tp_all_gather(x, -1, layer.tp_group)
         sink(x.detach())

@@ -4,7 +4,8 @@ Every selected Column/RowParallelLinear becomes its masked subclass IN PLACE (th
 swapped and mask logits are added; weights, biases, hooks and sharding stay as they are, so nothing is
 re-allocated). By default the four linears of every transformer block are masked (``linear_qkv``,
 ``linear_proj``, ``linear_fc1``, ``linear_fc2``); the LM head and embeddings stay dense. Then every
-weight is frozen (mask-only training) unless ``train_weights`` is set.
+weight is frozen (mask-only training) unless ``train_weights`` is set (joint training: the masked
+layers' weights and biases and the norms train too).
 
 Each masked layer is keyed by a layout-independent name (``layers.<global index>.<path>``) that seeds
 its random streams, so pipeline and tensor layouts do not change what is sampled.
@@ -23,6 +24,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from ..masks import MaskConfig, MaskStep
 from .layers import MaskedColumnParallelLinear, MaskedRowParallelLinear, _MaskedLinearMixin
 
+NORMS = (torch.nn.LayerNorm, torch.nn.RMSNorm)  # what the layer spec's norms are (``norm.TorchNorm``)
 DEFAULT_TARGETS = ("*.linear_qkv", "*.linear_proj", "*.linear_fc1", "*.linear_fc2")
 
 
@@ -38,7 +40,9 @@ class SparsifyConfig:
     mask: MaskConfig = field(default_factory=MaskConfig)
     include: tuple[str, ...] = DEFAULT_TARGETS
     exclude: tuple[str, ...] = ()
-    train_weights: bool = False  # joint training of the masked layers' weights (default: mask only)
+    # joint training: the masked layers' weights and biases and the norms train with the logits
+    # (default: mask only; embeddings and the LM head stay frozen either way)
+    train_weights: bool = False
     mask_lr_mult: float = 10.0  # the paper's x10 on the logits
     mask_weight_decay_mult: float = 1.0  # the logits get weight decay (0.1 in the paper's runs)
 
@@ -125,8 +129,13 @@ def sparsify(model: torch.nn.Module, config: SparsifyConfig) -> list[str]:
     for param_name, param in model.named_parameters():
         param.requires_grad_(param_name.endswith("mask_logits"))
     if config.train_weights:
-        for layer in masked_layers(model):
-            layer.freeze_weight(False)
+        for module in model.modules():
+            if isinstance(module, _MaskedLinearMixin):
+                module.freeze_weight(False)
+                if module.bias is not None:
+                    module.bias.requires_grad_(True)
+            elif isinstance(module, NORMS):
+                module.requires_grad_(True)
     return [full_names[id(module)] for module, *_ in converted]
 
 
@@ -155,6 +164,32 @@ def set_mask_step(model: torch.nn.Module, step: MaskStep) -> None:
     """Hand every masked layer the sampling state of the next micro-batch."""
     for layer in masked_layers(model):
         layer.set_mask_step(step)
+
+
+class _MaskStepOnBackward(torch.autograd.Function):
+    """Identity whose backward hands the model's masked layers the sampling state of the micro-batch
+    whose output it is (see ``mask_step_on_backward``)."""
+
+    @staticmethod
+    def forward(ctx, output, model, step):
+        ctx.model, ctx.step = model, step
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        set_mask_step(ctx.model, ctx.step)
+        return grad, None, None
+
+
+def mask_step_on_backward(output: torch.Tensor, model: torch.nn.Module, step: MaskStep) -> torch.Tensor:
+    """``output`` (a micro-batch's model output), such that its backward starts by setting ``step`` again.
+
+    Activation recomputation re-runs a layer's forward inside the backward, and the masked layers sample
+    with the step they hold then. With pipeline parallelism the 1F1B schedule runs later micro-batches'
+    forwards (which set their own steps) before an earlier one's backward: without this the recomputed
+    layers would sample another micro-batch's mask. A micro-batch's backward begins at its output, before
+    any of its recomputations."""
+    return _MaskStepOnBackward.apply(output, model, step)
 
 
 def set_fused_mask_kernel(model: torch.nn.Module, fused: bool | None = True) -> None:

@@ -76,6 +76,16 @@ class ParallelSection:
     # communication with the rest of the backward (megatron DDP); worth it on GPU clusters.
     overlap_grad_reduce: bool = False
     bucket_size: int = 0  # gradient bucket size in elements; 0: megatron's default
+    # Split the norms' and residuals' activations over the tensor-parallel ranks along the sequence
+    # (megatron's sequence parallelism); needs tp > 1 and data.seq_length a multiple of tp.
+    sequence_parallel: bool = False
+    # Activation recomputation (megatron's): none; full (whole layers: recompute_method uniform, chunks
+    # of recompute_num_layers layers, or block, the first recompute_num_layers layers of each pipeline
+    # stage); selective (the recompute_modules of every layer: core_attn, mlp).
+    recompute: str = "none"
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
+    recompute_modules: tuple[str, ...] = ("core_attn",)
 
 
 @dataclass
@@ -175,6 +185,7 @@ class TrainConfig:
                 raise ConfigError(f"parallel.{name} must be >= 1")
         if p.bucket_size < 0:
             raise ConfigError(f"parallel.bucket_size {p.bucket_size} must be >= 0 (0: megatron's default)")
+        self._validate_memory_options()
         self._validate_ranges()
         if world_size is not None:
             if world_size % (p.tp * p.pp):
@@ -199,6 +210,53 @@ class TrainConfig:
             raise ConfigError("run.train_iters must be >= 0 (0: compute the prior, save it and stop) and "
                               "run.log_interval >= 1")
         return self
+
+    def _validate_memory_options(self) -> None:
+        """Sequence parallelism and activation recomputation (parallel.*): what megatron would refuse
+        with an assertion, or silently ignore, is one line here."""
+        p = self.parallel
+        if p.sequence_parallel and p.tp == 1:
+            raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1 (it splits the sequence over the "
+                              "tensor-parallel ranks): set it false at tp=1")
+        if p.sequence_parallel and self.data.seq_length % p.tp:
+            raise ConfigError(f"parallel.sequence_parallel splits data.seq_length {self.data.seq_length} over "
+                              f"tp={p.tp} ranks: make it a multiple of {p.tp}")
+        if p.recompute not in RECOMPUTE:
+            raise ConfigError(f"parallel.recompute {p.recompute!r}: use none, full or selective")
+        if p.recompute == "full":
+            if p.recompute_method not in ("uniform", "block"):
+                raise ConfigError(f"parallel.recompute_method {p.recompute_method!r}: use uniform (chunks of "
+                                  "recompute_num_layers layers) or block (the first recompute_num_layers of a stage)")
+            if p.recompute_num_layers < 1:
+                raise ConfigError(f"parallel.recompute_num_layers {p.recompute_num_layers} must be >= 1")
+        if p.recompute == "selective":
+            modules = tuple(p.recompute_modules)
+            unknown = sorted(set(modules) - set(SELECTIVE_MODULES))
+            if not modules or unknown:
+                raise ConfigError(f"parallel.recompute_modules {list(modules)}: the local spec recomputes "
+                                  f"{' and '.join(SELECTIVE_MODULES)} (layernorm needs Transformer Engine's "
+                                  "checkpoint; MoE and MLA modules are not built here)")
+
+    def check_recompute_layers(self, num_layers: int) -> None:
+        """parallel.recompute_num_layers against the model's ``num_layers`` (known once the checkpoint is read)."""
+        p = self.parallel
+        per_stage = num_layers // p.pp
+        if p.recompute == "full" and (p.recompute_num_layers > per_stage or (
+                p.recompute_method == "uniform" and per_stage % p.recompute_num_layers)):
+            raise ConfigError(f"parallel.recompute_num_layers {p.recompute_num_layers}: a pipeline stage holds "
+                              f"{per_stage} layers; recompute_method=uniform needs a divisor of {per_stage}, "
+                              f"block at most {per_stage}")
+
+    def recompute_overrides(self) -> dict:
+        """megatron ``TransformerConfig`` fields of parallel.sequence_parallel and parallel.recompute."""
+        p = self.parallel
+        out = {"sequence_parallel": p.sequence_parallel}
+        if p.recompute == "full":
+            out.update(recompute_granularity="full", recompute_method=p.recompute_method,
+                       recompute_num_layers=p.recompute_num_layers)
+        elif p.recompute == "selective":
+            out.update(recompute_granularity="selective", recompute_modules=list(p.recompute_modules))
+        return out
 
     def _validate_ranges(self) -> None:
         """Values megatron or the mask sampler would only refuse (or silently misuse) after the ranks start."""
@@ -276,8 +334,8 @@ class TrainConfig:
 
         A resume continues one run: what shapes its trajectory (schedules over ``train_iters``, the
         optimizer and its state layout, the data and its order, mask sampling) must stay as saved. The
-        parallel layout, the micro-batch size, the cadence of logging, evaluation and saving, and the
-        mask kernel may change. A prior-only checkpoint (iteration 0) has learned nothing: only what made
+        parallel layout (sequence parallelism and recomputation included: neither changes the math), the
+        micro-batch size, the cadence of logging, evaluation and saving, and the mask kernel may change. A prior-only checkpoint (iteration 0) has learned nothing: only what made
         its logits (the prior, the mask layout) must match, and the schedules start afresh.
         """
         keys = RESUME_KEEPS_PRIOR if iteration == 0 else RESUME_KEEPS
@@ -336,6 +394,10 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+RECOMPUTE = ("none", "full", "selective")
+#: megatron's selective recompute modules that the local spec has (a dense GPT: no MoE, no MLA)
+SELECTIVE_MODULES = ("core_attn", "mlp")
 
 #: Keys a resume must keep (``section.*``: the whole section); see ``TrainConfig.resume_conflict``.
 RESUME_KEEPS = ("run.train_iters", "run.seed", "data.train", "data.split", "data.seq_length",

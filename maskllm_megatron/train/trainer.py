@@ -23,7 +23,7 @@ import torch
 
 from ..launch import all_reduce_floats, init_process_group
 from .config import ConfigError, TrainConfig, checkpoint_iteration, checkpoint_name
-from .metrics import MaskWatcher, MetricsLogger, StepThroughput, peak_memory_bytes
+from .metrics import MaskWatcher, MetricsLogger, StepThroughput, host_rss_bytes, peak_memory_bytes
 
 
 class TrainingStopped(RuntimeError):
@@ -71,8 +71,10 @@ def build_model(cfg: TrainConfig):
         raise ConfigError(f"data.seq_length {cfg.data.seq_length} exceeds the model's maximum sequence length "
                           f"{info.model.max_position_embeddings} (max_position_embeddings): set data.seq_length "
                           f"<= {info.model.max_position_embeddings}")
-    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
-    tcfg = info.model.to_transformer_config(cfg.parallel.tp, cfg.parallel.pp, dtype, perform_initialization=False)
+    cfg.check_recompute_layers(info.model.num_layers)
+    par = cfg.parallel
+    tcfg = info.model.to_transformer_config(par.tp, par.pp, model_dtype(cfg), perform_initialization=False,
+                                            **cfg.recompute_overrides())
     model = build_gpt_model(info.model, tcfg)
     if torch.cuda.is_available():
         model.cuda()
@@ -80,6 +82,11 @@ def build_model(cfg: TrainConfig):
     set_fused_mask_kernel(model, cfg.mask.fused_kernel)
     load_checkpoint(model, cfg.model.checkpoint)
     return model, info
+
+
+def model_dtype(cfg: TrainConfig) -> str:
+    """model.dtype with auto resolved: bf16 on GPU, fp32 on CPU."""
+    return cfg.model.dtype if cfg.model.dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
 
 
 def apply_prior(cfg: TrainConfig, model, data) -> dict:
@@ -383,22 +390,27 @@ def run_batches(cfg, model, batches, num_microbatches, forward_only, step_of_mic
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from ..megatron.distill import paired_forward
-    from ..megatron.sparsify import set_mask_step
+    from ..megatron.sparsify import mask_step_on_backward, set_mask_step
 
     counter = iter(range(num_microbatches))
+    recompute = getattr(getattr(model, "config", None), "recompute_granularity", None) is not None
 
     def forward_step(data_iterator, m):
         batch = next(data_iterator)
         mb = next(counter)
-        if step_of_microbatch is not None:
-            set_mask_step(m, step_of_microbatch(mb))
+        step = step_of_microbatch(mb) if step_of_microbatch is not None else None
+        if step is not None:
+            set_mask_step(m, step)
+        # recomputed layers must sample this micro-batch's masks again in its backward
+        again = partial(mask_step_on_backward, model=m, step=step) if step is not None and recompute and \
+            not forward_only else (lambda out: out)
         if teacher is None:
             out = m(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
-            return out, partial(_loss_func, batch["loss_mask"])
+            return again(out), partial(_loss_func, batch["loss_mask"])
         student, dense = paired_forward(m, lambda mm: mm(batch["tokens"], batch["position_ids"], batch["attention_mask"]))
         if not parallel_state.is_pipeline_last_stage():
-            return torch.cat([student, dense], dim=1), None  # hidden states [s, b, h]: both halves go on
-        return student, partial(_distill_loss_func, batch["loss_mask"], batch["labels"], dense, teacher)
+            return again(torch.cat([student, dense], dim=1)), None  # hidden states [s, b, h]: both halves go on
+        return again(student), partial(_distill_loss_func, batch["loss_mask"], batch["labels"], dense, teacher)
 
     return get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
@@ -460,7 +472,12 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
         conflict = cfg.resume_conflict(saved.get("config", {}), saved["iteration"])
         if conflict:
             raise ConfigError(conflict)
+    before_model = host_rss_bytes()
     model, info = build_model(cfg)
+    estimate = memory_estimate(cfg, info.model)
+    if is_rank0:
+        print(f"[maskllm] memory model: {estimate.line()}"
+              + (" (the teacher's logits not counted)" if cfg.distill.kd_weight > 0 else ""), flush=True)
     data = (data_factory or build_data)(cfg, info, env["dp_rank"], env["dp_size"])
     inputs = input_fingerprints(cfg)  # the inputs exist now: the model and data were read
     conflict = inputs_conflict(saved.get("inputs"), inputs, cfg) if saved is not None else None
@@ -583,4 +600,24 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
                 print(f"[maskllm] {preemption.signal_name or 'stop requested'}: saved at iteration {state.iteration}; "
                       "exiting", flush=True)
             break
+    if is_rank0 and state.iteration > max(state.resumed_from, 0):
+        print(f"[maskllm] {peak_memory_line(estimate, before_model)}", flush=True)
     return {**last, "iteration": state.iteration, "history": state.history, "parallel": parallel_state.get_data_parallel_world_size()}
+
+
+def memory_estimate(cfg: TrainConfig, model_config):
+    """The memory model's per-GPU estimate for this run (``train.memory``)."""
+    from .memory import Layout, estimate
+
+    return estimate(model_config, Layout.from_config(cfg, torch.distributed.get_world_size(), model_dtype(cfg)))
+
+
+def peak_memory_line(estimate, before_model: int) -> str:
+    """The measured peak beside the estimate: on a GPU the allocator's peak (what the model counts); on the
+    CPU the process's peak resident set, which also holds the runtime (its size before the model was built
+    is given)."""
+    from .memory import size
+
+    where = "allocated on the GPU" if torch.cuda.is_available() else \
+        f"process peak RSS, of which {size(before_model)} before the model was built"
+    return f"peak memory {size(peak_memory_bytes())} measured ({where}); the memory model estimated {size(estimate.peak)}"

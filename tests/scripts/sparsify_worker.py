@@ -241,14 +241,16 @@ def applied_learning_rates(mc):
         gpt_forward(ddp, tokens()[:, :-1], tokens()[:, 1:]).mean().backward()
         ddp.finish_grad_sync()
         opt.step()
-        moved = {"logits": 0.0, "weights": 0.0}
+        moved = {"logits": 0.0, "weights": 0.0, "norms": 0.0}
         for n, p in model.named_parameters():
             if n in before:
-                kind = "logits" if n.endswith("mask_logits") else "weights"
+                kind = "logits" if n.endswith("mask_logits") else "weights" if p.dim() == 2 else "norms"
                 moved[kind] = max(moved[kind], float((p.detach() - before[n]).abs().max()))
         want = lr if at_step == 0 else min_lr
-        for kind, expected in (("weights", want), ("logits", 10 * want)):
-            assert 0.95 * expected <= moved[kind] <= 1.0001 * expected, \
+        # joint training trains the norms too; their weights are ~1, where fp32 resolves a change of 1e-4
+        # only to ~1e-3 of it
+        for kind, expected, tol in (("weights", want, 1e-4), ("logits", 10 * want, 1e-4), ("norms", want, 2e-3)):
+            assert 0.95 * expected <= moved[kind] <= (1 + tol) * expected, \
                 f"step {at_step}: the largest {kind} change is {moved[kind]:.3e}, the lr is {expected:.1e}"
         out[f"step{at_step}"] = moved
     return out
