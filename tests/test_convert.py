@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from maskllm_megatron.megatron.model_builder import RopeScaling
 from tests.torchrun_util import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_
 
 def tiny_models() -> dict[str, object]:
     """name -> a transformers config of a tiny model."""
-    from transformers import GPT2Config, LlamaConfig, NemotronConfig, Qwen2Config
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, NemotronConfig, Qwen2Config, Qwen3Config
 
     return {
         # SmolLM2-like: grouped-query attention, tied embeddings.
@@ -40,6 +41,17 @@ def tiny_models() -> dict[str, object]:
         "gpt2": GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64),
         "gpt2_untied": GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=4, n_positions=64,
                                   tie_word_embeddings=False),
+        # Llama 3.2: tied embeddings with llama3 RoPE scaling.
+        "llama32_tied": LlamaConfig(**SMALL, num_key_value_heads=2, tie_word_embeddings=True, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+        # Qwen3: QK-norm, head_dim 32 given explicitly (not hidden / heads = 16); tied (0.6B-like) and untied.
+        "qwen3_tied": Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True),
+        "qwen3_untied": Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+        # Mistral: no sliding window (v0.2+), and a real one of 8 tokens over the 32-token test sequences.
+        "mistral": MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=None),
+        "mistral_window8": MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=8),
         # Nemotron: squared ReLU, LayerNorm1p, partial RoPE, untied.
         "nemotron": NemotronConfig(**SMALL, num_key_value_heads=2, head_dim=16, norm_eps=1e-5,
                                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
@@ -198,6 +210,46 @@ def test_written_config_has_the_rope_keys_transformers_4_reads(name, theta, scal
     # a hub-style (transformers 4) config reads as the same model as the new style
     legacy = {k: v for k, v in d.items() if k != "rope_parameters"}
     assert model_config_from_hf(legacy) == model_config_from_hf(original)
+
+
+# config.json files as transformers 4.x wrote them for the released models (sizes shrunk): top-level rope_theta
+# and rope_scaling, torch_dtype; no rope_parameters.
+_V4 = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+           max_position_embeddings=64, hidden_act="silu", torch_dtype="bfloat16", transformers_version="4.51.3")
+CONFIGS_V4 = {
+    "qwen3": (dict(_V4, model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=32, intermediate_size=96,
+                   rms_norm_eps=1e-6, rope_theta=1000000, rope_scaling=None, attention_bias=False,
+                   use_sliding_window=False, sliding_window=None, max_window_layers=28, tie_word_embeddings=True),
+              dict(qk_layernorm=True, kv_channels=32, rotary_base=1e6, tie_word_embeddings=True)),
+    "mistral": (dict(_V4, model_type="mistral", architectures=["MistralForCausalLM"], head_dim=None,
+                     intermediate_size=96, rms_norm_eps=1e-5, rope_theta=1000000.0, sliding_window=None),
+                dict(sliding_window=None, kv_channels=16, rotary_base=1e6)),
+    "mistral_v01": (dict(_V4, model_type="mistral", architectures=["MistralForCausalLM"], intermediate_size=96,
+                         rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=16),
+                    dict(sliding_window=16)),
+    "llama32": (dict(_V4, model_type="llama", architectures=["LlamaForCausalLM"], head_dim=16, intermediate_size=96,
+                     rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True, mlp_bias=False,
+                     attention_bias=False, rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                                         "original_max_position_embeddings": 8192,
+                                                         "rope_type": "llama3"}),
+                dict(tie_word_embeddings=True, rotary_base=5e5, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS_V4))
+def test_transformers_4_and_5_configs_read_as_the_same_model(name):
+    """A config.json written by transformers 4.x reads as the model it describes, and as the same model
+    once transformers 5.x has loaded and re-written it (5.x moves rope_theta into rope_parameters)."""
+    from transformers import AutoConfig
+
+    from maskllm_megatron.convert.mapping import model_config_from_hf
+
+    v4, expected = CONFIGS_V4[name]
+    mc = model_config_from_hf(v4)
+    assert {k: getattr(mc, k) for k in expected} == expected
+    v5 = AutoConfig.for_model(**v4).to_dict()
+    assert "rope_parameters" in v5 and "rope_theta" not in v5  # really the 5.x style
+    assert model_config_from_hf(v5) == mc
 
 
 def test_gpt2_names_without_transformer_prefix(workdir, tmp_path):

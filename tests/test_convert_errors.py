@@ -89,6 +89,8 @@ CASES = {
                               ["corrupt or truncated safetensors file", "re-download it"]),
     "corrupt_header": (lambda f: garble_header(first_shard(f)), (), ["corrupt or truncated safetensors file"]),
     "bad_dtype": (lambda f: None, ("--dtype", "int8"), ["unknown --dtype 'int8'", "fp32, bf16, fp16"]),
+    "qwen3_per_layer_sliding_window": (lambda f: break_config(f, model_type="qwen3", use_sliding_window=True), (),
+                                       ["use_sliding_window=true", "max_window_layers"]),
 }
 
 

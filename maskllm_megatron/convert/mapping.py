@@ -4,7 +4,8 @@ A ``TensorRule`` says how one megatron-core tensor (global, unsharded layout, gl
 is made from Hugging Face tensors and back, and how it is split over tensor-parallel ranks:
 
 - fused QKV: per query group g, rows ``[q heads of g..., k_g, v_g]`` (megatron's layout), made from
-  HF's separate q/k/v projections (LLaMA, Qwen2, Nemotron) or GPT-2's fused ``c_attn`` ([q; k; v]);
+  HF's separate q/k/v projections (LLaMA, Qwen2/3, Mistral, Nemotron) or GPT-2's fused ``c_attn`` ([q; k; v]);
+- Qwen3's ``q_norm`` / ``k_norm`` (over the head dimension) are megatron's ``q_layernorm`` / ``k_layernorm``;
 - SwiGLU: ``linear_fc1`` is ``[gate; up]`` globally; tensor-parallel rank r holds
   ``[gate_r; up_r]`` (layout ``SWIGLU``), as megatron's sharded state dict expects;
 - GPT-2 ``Conv1D`` weights are [in, out] and are transposed;
@@ -18,6 +19,7 @@ is made from Hugging Face tensors and back, and how it is split over tensor-para
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -150,8 +152,9 @@ def _embedding_rules(mc: ModelConfig, embed: str, head: str, pos: str | None) ->
     return rules
 
 
-def _norm_rules(mc: ModelConfig, mcore: str, hf: str, plus_one: bool = False) -> list[TensorRule]:
-    h = mc.hidden_size
+def _norm_rules(mc: ModelConfig, mcore: str, hf: str, plus_one: bool = False, size: int | None = None
+                ) -> list[TensorRule]:
+    h = size or mc.hidden_size
     rules = [_rule(f"{mcore}.weight", [f"{hf}.weight"], [(h,)], (h,), Layout.REPLICATED,
                    _plus_one if plus_one else None, _minus_one if plus_one else None)]
     if mc.normalization == "LayerNorm":
@@ -181,6 +184,9 @@ def _llama_like_layer(mc: ModelConfig, i: int, plus_one: bool) -> list[TensorRul
     rules += _bias_rule(mc, p + "self_attention.linear_qkv.bias", [a + "q_proj.bias", a + "k_proj.bias",
                         a + "v_proj.bias"], [(H * d,), (G * d,), (G * d,)], qkv_rows, mc.qkv_bias,
                         Layout.COLUMN, qkv_in, qkv_out, "q/k/v bias")
+    if mc.qk_layernorm:  # Qwen3: one norm over the head dimension, shared by all heads
+        rules += _norm_rules(mc, p + "self_attention.q_layernorm", a + "q_norm", plus_one, size=d)
+        rules += _norm_rules(mc, p + "self_attention.k_layernorm", a + "k_norm", plus_one, size=d)
     rules.append(_rule(p + "self_attention.linear_proj.weight", [a + "o_proj.weight"], [(h, H * d)], (h, H * d),
                        Layout.ROW))
     rules += _bias_rule(mc, p + "self_attention.linear_proj.bias", [a + "o_proj.bias"], [(h,)], h, mc.proj_bias,
@@ -283,13 +289,17 @@ def _rope_to_hf(mc: ModelConfig) -> dict:
     return {"rope_parameters": params, **legacy}
 
 
-def _llama_config(cfg: dict, qwen2: bool = False) -> ModelConfig:
+def _llama_config(cfg: dict, kind: str = "llama") -> ModelConfig:
+    """LLaMA-style config.json (``kind``: llama, qwen2, qwen3 or mistral) -> ModelConfig."""
     if cfg.get("hidden_act", "silu") != "silu":
         raise _unsupported(f"hidden_act {cfg['hidden_act']!r}", "LLaMA-style MLPs must use silu (SwiGLU)")
-    if qwen2 and cfg.get("use_sliding_window"):
-        raise _unsupported("use_sliding_window=true", "sliding-window attention is not implemented")
+    if kind in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+        raise _unsupported("use_sliding_window=true", f"{kind}'s per-layer sliding window (max_window_layers) is "
+                           "not implemented; set it false (the released models do)")
+    window = cfg.get("sliding_window") if kind == "mistral" else None
     base, partial, scaling = _rope(cfg)
     heads = cfg["num_attention_heads"]
+    attn_bias = bool(cfg.get("attention_bias", False))
     return ModelConfig(
         family="llama", num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],
         ffn_hidden_size=cfg["intermediate_size"], num_attention_heads=heads,
@@ -298,13 +308,14 @@ def _llama_config(cfg: dict, qwen2: bool = False) -> ModelConfig:
         max_position_embeddings=cfg["max_position_embeddings"], position_embedding="rope", rotary_base=base,
         rotary_percent=partial, rope_scaling=scaling, normalization="RMSNorm", norm_epsilon=cfg["rms_norm_eps"],
         activation="swiglu", tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=True if qwen2 else bool(cfg.get("attention_bias", False)),
-        proj_bias=False if qwen2 else bool(cfg.get("attention_bias", False)),
-        mlp_bias=False if qwen2 else bool(cfg.get("mlp_bias", False)),
-        init_method_std=float(cfg.get("initializer_range", 0.02)))
+        qkv_bias={"qwen2": True, "mistral": False}.get(kind, attn_bias),
+        proj_bias={"qwen2": False, "mistral": False}.get(kind, attn_bias),
+        mlp_bias=bool(cfg.get("mlp_bias", False)) if kind == "llama" else False,
+        init_method_std=float(cfg.get("initializer_range", 0.02)), qk_layernorm=kind == "qwen3",
+        sliding_window=int(window) if window is not None else None)
 
 
-def _llama_to_hf(mc: ModelConfig, base: dict) -> dict:
+def _llama_to_hf(mc: ModelConfig, base: dict, kind: str = "llama") -> dict:
     out = {
         "hidden_size": mc.hidden_size, "intermediate_size": mc.ffn_hidden_size, "num_hidden_layers": mc.num_layers,
         "num_attention_heads": mc.num_attention_heads, "num_key_value_heads": mc.num_query_groups,
@@ -312,9 +323,23 @@ def _llama_to_hf(mc: ModelConfig, base: dict) -> dict:
         "rms_norm_eps": mc.norm_epsilon, "hidden_act": "silu", "tie_word_embeddings": mc.tie_word_embeddings,
         "initializer_range": mc.init_method_std, **_rope_to_hf(mc),
     }
-    if base.get("model_type") == "qwen2":
+    if mc.qk_layernorm != (kind == "qwen3"):
+        raise ConversionError(f"{kind} {'has no' if mc.qk_layernorm else 'needs'} QK-norm: export this model as "
+                              f"{'qwen3' if mc.qk_layernorm else 'llama'} instead")
+    if mc.sliding_window is not None and kind != "mistral":
+        raise ConversionError(f"this model has a sliding window ({mc.sliding_window}) and {kind} has none: export "
+                              "it as mistral")
+    if kind == "qwen2":
         if not mc.qkv_bias or mc.proj_bias or mc.mlp_bias:
             raise ConversionError("Qwen2 has q/k/v biases only: export this model as llama instead")
+    elif kind == "mistral":
+        if mc.qkv_bias or mc.proj_bias or mc.mlp_bias:
+            raise ConversionError("Mistral has no biases: export this model as llama or qwen2 instead")
+        out["sliding_window"] = mc.sliding_window
+    elif kind == "qwen3":
+        if mc.qkv_bias != mc.proj_bias or mc.mlp_bias:
+            raise ConversionError("Qwen3Config.attention_bias needs q/k/v and o biases together and no MLP bias")
+        out.update(attention_bias=mc.qkv_bias)
     else:
         if mc.qkv_bias != mc.proj_bias:
             raise ConversionError("LlamaConfig.attention_bias needs q/k/v and o biases together: export as qwen2")
@@ -397,13 +422,29 @@ class Architecture:
 
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     Architecture("llama", "LlamaForCausalLM", "llama", _llama_config, _llama_to_hf, _llama_like_rules),
-    Architecture("qwen2", "Qwen2ForCausalLM", "llama", lambda c: _llama_config(c, qwen2=True), _llama_to_hf,
-                 _llama_like_rules),
+    *(Architecture(kind, cls, "llama", functools.partial(_llama_config, kind=kind),
+                   functools.partial(_llama_to_hf, kind=kind), _llama_like_rules)
+      for kind, cls in (("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"), ("mistral", "MistralForCausalLM"))),
     Architecture("gpt2", "GPT2LMHeadModel", "gpt", _gpt2_config, _gpt2_to_hf, _gpt2_rules, "transformer."),
     Architecture("nemotron", "NemotronForCausalLM", "nemotron", _nemotron_config, _nemotron_to_hf,
                  lambda mc: _llama_like_rules(mc, plus_one=True)),
 )}
 DEFAULT_FOR_FAMILY = {"llama": "llama", "gpt": "gpt2", "nemotron": "nemotron"}
+
+
+def default_model_type(mc: ModelConfig) -> str:
+    """The HF model type a model is exported as when its original config.json is not known."""
+    if mc.family == "llama":
+        if mc.qk_layernorm:
+            return "qwen3"
+        if mc.sliding_window is not None:
+            return "mistral"
+    return DEFAULT_FOR_FAMILY[mc.family]
+
+
+def model_type_of(mc: ModelConfig, hf_config: dict | None) -> str:
+    """The HF model type of a converted model: its original config's, else ``default_model_type``."""
+    return (hf_config or {}).get("model_type") or default_model_type(mc)
 
 
 def architecture_for(hf_config: dict) -> Architecture:
@@ -432,7 +473,7 @@ def hf_config_from_model_config(mc: ModelConfig, original: dict | None, dtype: s
     """A ``config.json`` dict for ``mc``: the original HF config (token ids etc.) with the architecture
     fields rewritten from ``mc``."""
     original = dict(original or {})
-    arch = ARCHITECTURES[original.get("model_type") or DEFAULT_FOR_FAMILY[mc.family]]
+    arch = ARCHITECTURES[model_type_of(mc, original)]
     out = {k: v for k, v in original.items() if k not in ("rope_scaling", "rope_theta", "torch_dtype")}
     out.update(arch.to_hf_config(mc, original))
     out.update(model_type=arch.model_type, architectures=[arch.hf_class],

@@ -15,7 +15,7 @@ from pathlib import Path
 from maskllm_megatron.convert.checkpoint import TOKENIZER_DIR, CheckpointInfo, global_param_names, init_parallel
 from maskllm_megatron.convert.io import (ConversionError, ShardWriter, atomic_dir, check_output, copy_tokenizer,
                                          progress)
-from maskllm_megatron.convert.mapping import ARCHITECTURES, DEFAULT_FOR_FAMILY, hf_config_from_model_config
+from maskllm_megatron.convert.mapping import ARCHITECTURES, hf_config_from_model_config, model_type_of
 from maskllm_megatron.megatron.model_builder import DTYPES
 
 
@@ -37,7 +37,7 @@ def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, max_shard_bytes: int = 5 
     t0 = time.time()
     model, info = load_mcore_model(ckpt_dir)
     params = global_param_names(model)
-    model_type = info.hf_config.get("model_type") or DEFAULT_FOR_FAMILY[info.model.family]
+    model_type = model_type_of(info.model, info.hf_config)
     rules = [r for r in ARCHITECTURES[model_type].rules(info.model) if r.export]
     hf_config = hf_config_from_model_config(info.model, info.hf_config, info.dtype)
     dtype = DTYPES[info.dtype]

@@ -6,8 +6,9 @@ given parallel layout, and ``build_gpt_model`` builds megatron-core's own ``GPTM
 ``get_gpt_layer_local_spec``. Three families are covered:
 
 - ``gpt``: GPT-2/GPT-3 style: learned absolute positions, LayerNorm, GeLU (tanh), biases, tied head.
-- ``llama``: LLaMA-2/3 style (also Qwen2, SmolLM2): RoPE (optionally LLaMA-3 scaled), RMSNorm,
-  SwiGLU, grouped-query attention, tied or untied head, optional attention biases.
+- ``llama``: LLaMA-2/3 style (also Qwen2, Qwen3, Mistral, SmolLM2): RoPE (optionally LLaMA-3 scaled),
+  RMSNorm, SwiGLU, grouped-query attention, tied or untied head, optional attention biases, optional
+  QK-norm (Qwen3: megatron's ``qk_layernorm``) and causal sliding window (Mistral: ``window_size``).
 - ``nemotron``: Nemotron-4 style: squared-ReLU MLP without gate, LayerNorm1p, partial RoPE.
   megatron-core's torch norm wrapper refuses ``layernorm_zero_centered_gamma``; since
   ``norm(x) * (1 + w) + b`` equals a plain LayerNorm with weight ``w + 1``, the converter stores
@@ -92,6 +93,8 @@ class ModelConfig:
     proj_bias: bool = False
     mlp_bias: bool = False
     init_method_std: float = 0.02
+    qk_layernorm: bool = False  # Qwen3: a norm over each head's queries and keys before RoPE
+    sliding_window: int | None = None  # Mistral: each token attends to itself and the window - 1 before it
 
     def __post_init__(self) -> None:
         if self.num_query_groups is None:
@@ -135,6 +138,8 @@ class ModelConfig:
             raise ModelConfigError("rope_scaling is set but position_embedding is not 'rope'")
         if self.normalization not in ("RMSNorm", "LayerNorm"):
             raise ModelConfigError(f"unknown normalization {self.normalization!r}: use RMSNorm or LayerNorm")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ModelConfigError(f"sliding_window must be >= 1 or None (full attention), got {self.sliding_window}")
 
     def validate_parallel(self, tp: int, pp: int = 1) -> None:
         """Check that ``tp`` x ``pp`` can shard this model; raise naming the fix if not."""
@@ -172,6 +177,7 @@ class ModelConfig:
         norm = h * (2 if self.normalization == "LayerNorm" else 1)
         layer = h * (q + 2 * kv) + q * h + h * f * (2 if self.gated else 1) + f * h + 2 * norm
         layer += (q + 2 * kv) * self.qkv_bias + h * self.proj_bias + (f * (2 if self.gated else 1) + h) * self.mlp_bias
+        layer += 2 * self.kv_channels * self.qk_layernorm
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         pos = self.max_position_embeddings * h if self.position_embedding == "learned_absolute" else 0
         return L * layer + emb + pos + norm
@@ -237,6 +243,9 @@ class ModelConfig:
             bf16=torch_dtype == torch.bfloat16,
             fp16=torch_dtype == torch.float16,
             use_cpu_initialization=not torch.cuda.is_available(),
+            qk_layernorm=self.qk_layernorm,
+            # megatron's window (left, right): the token itself and sliding_window - 1 before it (HF's window)
+            window_size=(self.sliding_window - 1, 0) if self.sliding_window is not None else None,
         )
         kwargs.update(overrides)
         return TransformerConfig(**kwargs)
@@ -267,7 +276,7 @@ def build_gpt_model(model_config: ModelConfig, transformer_config=None, *, tp: i
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    spec = get_gpt_layer_local_spec(normalization=model_config.normalization)
+    spec = get_gpt_layer_local_spec(normalization=model_config.normalization, qk_layernorm=model_config.qk_layernorm)
     if attention == "sdpa":
         from .attention import SDPAttention
 
