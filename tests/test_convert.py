@@ -21,11 +21,13 @@ WORKER = str(ROOT / "tests" / "scripts" / "convert_parity.py")
 VOCAB = 250  # not a multiple of 128: exercises vocabulary padding
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, max_position_embeddings=64)
+SMALL_MOE = {**{k: v for k, v in SMALL.items() if k != "intermediate_size"}, "num_key_value_heads": 2}
 
 
 def tiny_models() -> dict[str, object]:
     """name -> a transformers config of a tiny model."""
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, NemotronConfig, Qwen2Config, Qwen3Config
+    from transformers import (GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, NemotronConfig, Qwen2Config,
+                              Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
     return {
         # SmolLM2-like: grouped-query attention, tied embeddings.
@@ -52,6 +54,13 @@ def tiny_models() -> dict[str, object]:
         # Mistral: no sliding window (v0.2+), and a real one of 8 tokens over the 32-token test sequences.
         "mistral": MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=None),
         "mistral_window8": MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=8),
+        # Mixture of experts (4 experts, top-2): Mixtral (renormalised top-k), Qwen3-MoE (QK-norm, norm_topk_prob:
+        # renormalised), Qwen2-MoE (softmax over all experts, not renormalised; a gated shared expert).
+        "mixtral": MixtralConfig(**SMALL_MOE, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2),
+        "qwen3_moe": Qwen3MoeConfig(**SMALL_MOE, head_dim=16, moe_intermediate_size=32, num_experts=4,
+                                    num_experts_per_tok=2, norm_topk_prob=True),
+        "qwen2_moe": Qwen2MoeConfig(**SMALL_MOE, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                    num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, tie_word_embeddings=True),
         # Nemotron: squared ReLU, LayerNorm1p, partial RoPE, untied.
         "nemotron": NemotronConfig(**SMALL, num_key_value_heads=2, head_dim=16, norm_eps=1e-5,
                                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
@@ -93,10 +102,11 @@ def results_tp1(workdir) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def results_tp2(workdir) -> dict[str, dict]:
     return _results(torchrun(WORKER, str(workdir), "2", "--pp-model", "llama3_untied", "--pp-model", "llama_gqa_tied",
-                             nproc=2))
+                             *[a for m in MOE for a in ("--ep-model", m)], nproc=2))
 
 
 NAMES = list(tiny_models())
+MOE = ["mixtral", "qwen3_moe", "qwen2_moe"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -113,6 +123,19 @@ def test_pipeline_parallel_checkpoint_matches(results_tp2, name):
     """A checkpoint written at TP=1 x PP=2 loads at TP=2 with the same logits (tied: the last stage's
     copy of the embedding is all-reduced from the first stage's)."""
     assert results_tp2[name]["pp2_max_abs_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_moe_at_expert_parallel_2_matches_transformers(results_tp2, name):
+    """Converted at TP=1 x EP=2 (each rank reads and saves its 2 of the 4 experts; tokens reach the other
+    rank's experts through megatron's all-gather dispatcher on gloo): logits equal transformers'. The same
+    model converted at TP=2 loads at EP=2, and the EP=2 checkpoint at TP=2, with the same logits. Router
+    numerics: megatron runs the router's linear, softmax and top-k in fp32 (transformers: the linear in the
+    model's dtype, the softmax in fp32): at fp32 the logits agree to ~1.5e-6."""
+    r = results_tp2[name]
+    assert r["ep2_max_abs_diff"] <= 1e-4, r
+    assert r["ep2_vs_tp_max_abs_diff"] <= 1e-5 and r["tp_ckpt_at_ep2_max_abs_diff"] <= 1e-5, r
+    assert r["ep2_ckpt_at_tp_max_abs_diff"] <= 1e-5, r
 
 
 def test_bf16_checkpoint(results_tp1):
@@ -227,6 +250,21 @@ CONFIGS_V4 = {
     "mistral_v01": (dict(_V4, model_type="mistral", architectures=["MistralForCausalLM"], intermediate_size=96,
                          rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=16),
                     dict(sliding_window=16)),
+    "mixtral": (dict(_V4, model_type="mixtral", architectures=["MixtralForCausalLM"], intermediate_size=32,
+                     rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None, num_local_experts=8, num_experts_per_tok=2,
+                     router_aux_loss_coef=0.02, output_router_logits=False),
+                dict(num_experts=8, moe_topk=2, moe_pre_softmax=False, ffn_hidden_size=32, rotary_base=1e6)),
+    "qwen3_moe": (dict(_V4, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], head_dim=32,
+                       intermediate_size=96, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=4,
+                       norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6,
+                       rope_theta=1e6, rope_scaling=None, attention_bias=False, use_sliding_window=False),
+                  dict(num_experts=8, moe_topk=4, moe_pre_softmax=False, ffn_hidden_size=16, qk_layernorm=True)),
+    "qwen2_moe": (dict(_V4, model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], intermediate_size=96,
+                       moe_intermediate_size=16, shared_expert_intermediate_size=64, num_experts=8,
+                       num_experts_per_tok=4, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+                       rms_norm_eps=1e-6, rope_theta=1e6, use_sliding_window=False),
+                  dict(num_experts=8, moe_topk=4, moe_pre_softmax=True, shared_expert_size=64, shared_expert_gate=True,
+                       qkv_bias=True)),
     "llama32": (dict(_V4, model_type="llama", architectures=["LlamaForCausalLM"], head_dim=16, intermediate_size=96,
                      rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True, mlp_bias=False,
                      attention_bias=False, rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
