@@ -1,0 +1,169 @@
+"""Masks on the experts of mixture-of-experts models (tiny Qwen2-MoE shape: 4 experts, top-2, a gated shared
+expert), with real ranks (torchrun, gloo):
+
+- sparsify masks every expert's and the shared expert's linear_fc1/fc2; patterns address experts by their global
+  index; the logits are initialised and sampled by global expert index, so EP=1 and EP=2 sample the same masks;
+  a checkpoint saved at EP=2 loads at EP=1 with the same logits and output (tests/scripts/moe_worker.py);
+- Wanda calibrates each expert on the tokens routed to it (checked by hand from the router weight), an expert
+  no calibration token reached falls back to magnitude and says so;
+- the driver learns masks at EP=2, resumes exactly, and the export loads in transformers with the masked
+  model's logits and passes maskllm-verify."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.torchrun_util import printed_result, torchrun
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = str(ROOT / "tests" / "scripts" / "moe_worker.py")
+
+
+@pytest.fixture(scope="module")
+def moe_inputs(tmp_path_factory) -> Path:
+    """A tiny random Qwen2-MoE with the botchan SentencePiece tokenizer (converted by ``masks_result``); botchan
+    text as an indexed dataset."""
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+
+    from maskllm_megatron import assets
+    from maskllm_megatron.data.preprocess import PreprocessConfig, preprocess
+
+    work = tmp_path_factory.mktemp("moe_run")
+    torch.manual_seed(0)
+    cfg = Qwen2MoeConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, moe_intermediate_size=32,
+                         shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2, intermediate_size=96)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(work / "hf")
+    shutil.copy(assets.sentencepiece_test_model("bpe"), work / "hf" / "tokenizer.model")
+    lines = [line for line in assets.botchan_text()[:40000].splitlines() if line.strip()]
+    docs = [" ".join(lines[i:i + 12]) for i in range(0, len(lines), 12)]
+    (work / "text.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    preprocess(PreprocessConfig(inputs=(work / "text.jsonl",), output_prefix=work / "botchan_text_document",
+                                tokenizer=work / "hf" / "tokenizer.model"), progress=False)
+    return work
+
+
+@pytest.fixture(scope="module")
+def masks_result(tmp_path_factory, moe_inputs) -> dict:
+    """The worker's mask checks; first it converts the driver's model at TP=1 x EP=2 (one launch for both)."""
+    return printed_result(torchrun(WORKER, "masks", str(tmp_path_factory.mktemp("moe_masks")),
+                                   str(moe_inputs / "hf"), str(moe_inputs / "ckpt"), nproc=2))
+
+
+def test_every_expert_and_the_shared_expert_are_masked_and_patterns_address_experts(masks_result):
+    r = masks_result
+    # per layer: linear_qkv, linear_proj, 4 experts x 2, shared expert x 2 = 12; the router is no parallel linear
+    assert r["masked_layers"] == 24 and r["names_equal"] and r["local_experts_per_rank"] == 2
+    assert r["include_expert3"] == [f"decoder.layers.{i}.mlp.experts.local_experts.3.linear_fc{j}"
+                                    for i in (0, 1) for j in (1, 2)]  # held by rank 1 only: rank 0 masks nothing
+    assert r["exclude_shared_and_attention"] == [f"decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc{j}"
+                                                 for i in (0, 1) for e in range(4) for j in (1, 2)]
+    # under EP the expert logits are reduced over the expert-data-parallel group, like their weights
+    assert r["mask_logits_allreduce"] == ["False:experts", "True:linear_proj", "True:linear_qkv", "True:shared_experts"]
+
+
+def test_ep1_and_ep2_sample_the_same_masks_and_checkpoints_cross_load(masks_result):
+    r = masks_result
+    assert r["init_logits_equal"]  # initial logits keyed by the global expert index
+    assert r["experts_compared"] == 8 and r["samples_equal"]  # the same Gumbel samples for every expert
+    assert r["ep2_vs_ep1_logits"] <= 1e-5  # EP=1 checkpoint at EP=2: the same hard-mask output
+    assert r["changed_by_prior"] > 0.05  # new logits saved at EP=2 ...
+    assert r["ep2_ckpt_logits_equal"] and r["ep2_ckpt_at_ep1_output"] <= 1e-5  # ... load at EP=1, tensor for tensor
+
+
+def test_wanda_calibrates_each_expert_on_its_routed_tokens_and_falls_back_to_magnitude(masks_result):
+    """One calibration token: the router picks 2 of the 4 experts per layer; the other two get the magnitude mask,
+    and the prior says so. Layer 0's 8 expert masks equal a hand computation from the router weight."""
+    for ep in (1, 2):
+        p = masks_result[f"prior_ep{ep}"]
+        assert len(p["reached"]) == 2 and p["hand_equal"] and p["hand_checked"] == 8 // ep, p
+        unreached0 = sorted({int(n.split(".")[5]) for n in p["unreached"] if n.startswith("layers.0.")})
+        assert unreached0 == sorted(set(range(4)) - set(p["reached"]))
+        assert len(p["unreached"]) == 8 and p["printed"]  # 2 experts x 2 linears x 2 layers, reported
+    assert masks_result["prior_ep2_equal_ep1"]
+
+
+# ------------------------------------------------------------------------------------------------ the driver
+def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def _config(work: Path, name: str) -> Path:
+    cfg = {
+        "model": {"checkpoint": str(work / "ckpt")},
+        "parallel": {"tp": 1, "ep": 2},
+        "data": {"train": [str(work / "botchan_text_document")], "split": "90,10,0", "seq_length": 32,
+                 "micro_batch_size": 2, "global_batch_size": 8, "cache_dir": str(work / "cache")},
+        "optim": {"lr": 2e-4, "min_lr": 2e-5},
+        "mask": {"fused_kernel": False},
+        "prior": {"method": "wanda", "calib_samples": 4},
+        "run": {"out_dir": str(work / name), "train_iters": 4, "log_interval": 1, "eval_interval": 4,
+                "eval_iters": 1, "save_interval": 2, "tensorboard": False},
+    }
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _history(out: Path) -> list:
+    from maskllm_megatron.checkpoint_files import read_extra
+
+    return read_extra(out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip())["history"]
+
+
+@pytest.fixture(scope="module")
+def moe_run(moe_inputs, masks_result) -> dict:
+    """EP=2 x DP=2 (2 ranks), 4 iterations with a Wanda prior, saved at 2 and 4; then the run resumed from its
+    iteration-2 checkpoint in a copy of its folder."""
+    work = moe_inputs
+    log = torchrun("-m", "maskllm_megatron.train", "--config", str(_config(work, "straight")), nproc=2)
+    resumed = work / "resumed"
+    shutil.copytree(work / "straight", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "iter_0000004")
+    (resumed / "checkpoints" / "latest").write_text("iter_0000002")
+    config = _config(work, "resumed")
+    resume_log = torchrun("-m", "maskllm_megatron.train", "--config", str(config), nproc=2)
+    return {"work": work, "log": log, "resume_log": resume_log}
+
+
+def test_driver_learns_expert_masks_at_ep2_and_resumes_exactly(moe_run):
+    work = moe_run["work"]
+    straight = _history(work / "straight")
+    assert [h[0] for h in straight] == [1, 2, 3, 4] and all(0 < h[1] < 20 for h in straight)
+    assert "wanda" in moe_run["log"] and "prior_magnitude_fallbacks" in (work / "straight" / "metrics.jsonl").read_text()
+    assert "resumed from" in moe_run["resume_log"] and "at iteration 2" in moe_run["resume_log"]
+    assert _history(work / "resumed") == straight  # iteration, loss and data fingerprint of every step
+    compare = _run("tests/scripts/compare_checkpoints.py", str(work / "straight" / "checkpoints" / "iter_0000004"),
+                   str(work / "resumed" / "checkpoints" / "iter_0000004"))
+    assert "0 differ" in compare.stdout
+
+
+def test_export_loads_in_transformers_with_the_masked_logits_and_verifies(moe_run, tmp_path):
+    """The run learned (expert masks moved off the Wanda prior); its HF export (loaded at EP=1 from the EP=2
+    checkpoint) is verified, loads as Qwen2MoeForCausalLM with the masked megatron model's logits, and passes
+    maskllm-verify."""
+    ckpt = moe_run["work"] / "straight" / "checkpoints" / "iter_0000004"
+    out = tmp_path / "hf"
+    check = printed_result(torchrun(WORKER, "export", str(ckpt), str(out), nproc=1))
+    assert check["verify"].endswith("OK") and "38 tensors checked for 2:4" in check["verify"], check
+    assert check["expert_rows_moved_off_prior"] > 0
+    assert check["hf_class"] == "Qwen2MoeForCausalLM" and check["expert_layers"] == 16 and check["masked"] == 24
+    assert check["sparsity_targets"] == 2 * (3 + 4 * 3 + 3 + 1)  # q,k,v; o; 4 experts x gate,up,down; shared x 3
+    assert check["scale"] > 0.1 and check["max_abs_diff"] <= 1e-4, check
+    verify = _run("-m", "maskllm_megatron.eval.verify", str(out))
+    assert "OK" in verify.stdout
