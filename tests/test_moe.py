@@ -141,25 +141,34 @@ def moe_run(moe_inputs, masks_result) -> dict:
     return {"work": work, "log": log, "resume_log": resume_log}
 
 
-def test_driver_learns_expert_masks_at_ep2_and_resumes_exactly(moe_run):
+@pytest.fixture(scope="module")
+def exported(moe_run, tmp_path_factory) -> dict:
+    """One process: the straight run's last checkpoint exported to HF and checked against transformers, and
+    compared tensor for tensor with the resumed run's."""
+    ckpt = moe_run["work"] / "straight" / "checkpoints" / "iter_0000004"
+    out = tmp_path_factory.mktemp("moe_export") / "hf"
+    r = printed_result(torchrun(WORKER, "export", str(ckpt), str(out),
+                                str(moe_run["work"] / "resumed" / "checkpoints" / "iter_0000004"), nproc=1))
+    return dict(r, out=out)
+
+
+def test_driver_learns_expert_masks_at_ep2_and_resumes_exactly(moe_run, exported):
     work = moe_run["work"]
     straight = _history(work / "straight")
     assert [h[0] for h in straight] == [1, 2, 3, 4] and all(0 < h[1] < 20 for h in straight)
     assert "wanda" in moe_run["log"] and "prior_magnitude_fallbacks" in (work / "straight" / "metrics.jsonl").read_text()
     assert "resumed from" in moe_run["resume_log"] and "at iteration 2" in moe_run["resume_log"]
     assert _history(work / "resumed") == straight  # iteration, loss and data fingerprint of every step
-    compare = _run("tests/scripts/compare_checkpoints.py", str(work / "straight" / "checkpoints" / "iter_0000004"),
-                   str(work / "resumed" / "checkpoints" / "iter_0000004"))
-    assert "0 differ" in compare.stdout
+    # every tensor of the final checkpoints, model and both chained optimizers (dense and expert-parallel)
+    compared = exported["checkpoints"]
+    assert compared["differ"] == [] and compared["compared"] == 44, compared
 
 
-def test_export_loads_in_transformers_with_the_masked_logits_and_verifies(moe_run, tmp_path):
+def test_export_loads_in_transformers_with_the_masked_logits_and_verifies(exported):
     """The run learned (expert masks moved off the Wanda prior); its HF export (loaded at EP=1 from the EP=2
     checkpoint) is verified, loads as Qwen2MoeForCausalLM with the masked megatron model's logits, and passes
     maskllm-verify."""
-    ckpt = moe_run["work"] / "straight" / "checkpoints" / "iter_0000004"
-    out = tmp_path / "hf"
-    check = printed_result(torchrun(WORKER, "export", str(ckpt), str(out), nproc=1))
+    check, out = exported, exported["out"]
     assert check["verify"].endswith("OK") and "38 tensors checked for 2:4" in check["verify"], check
     assert check["expert_rows_moved_off_prior"] > 0
     assert check["hf_class"] == "Qwen2MoeForCausalLM" and check["expert_layers"] == 16 and check["masked"] == 24

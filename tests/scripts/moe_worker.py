@@ -10,9 +10,10 @@ usage: moe_worker.py masks WORKDIR [HF CKPT]   (nproc 2)
   3. EP=1: load the EP=2 checkpoint: the same logits, tensor for tensor, and the same output.
   4. Wanda priors on ONE calibration token (top-2 of 4 experts: two experts per layer are reached, two are
      not), against a hand computation for layer 0 from the router weight; at EP=1 and at EP=2.
-usage: moe_worker.py export RUN_CKPT OUT   (nproc 1)
+usage: moe_worker.py export RUN_CKPT OUT [OTHER_CKPT]   (nproc 1)
   maskllm-export --format hf of the run checkpoint to OUT (verified), then the run's masked megatron model
-  (argmax masks) vs transformers on OUT, and how many 2:4 groups of the experts' masks moved off the prior.
+  (argmax masks) vs transformers on OUT, and how many rows of the experts' masks moved off the prior; with
+  OTHER_CKPT, which tensors (model and optimizer) differ between it and RUN_CKPT.
 Prints one line ``RESULT {...}`` (rank 0).
 """
 import contextlib
@@ -213,7 +214,25 @@ def masks(work: Path, convert: list) -> dict:
     return r
 
 
-def export_and_check(run_ckpt: Path, out: Path) -> dict:
+def differing_tensors(a: Path, b: Path) -> dict:
+    """The tensors (model and optimizer state) of two dist checkpoints that are not bit-identical."""
+    from megatron.core import dist_checkpointing
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            elif isinstance(v, torch.Tensor):
+                out[f"{prefix}{k}"] = v
+        return out
+
+    ta, tb = flat(dist_checkpointing.load_plain_tensors(str(a))), flat(dist_checkpointing.load_plain_tensors(str(b)))
+    keys = sorted(set(ta) | set(tb))
+    return {"compared": len(keys), "differ": [k for k in keys if k not in ta or k not in tb or not torch.equal(ta[k], tb[k])]}
+
+
+def export_and_check(run_ckpt: Path, out: Path, other: list) -> dict:
     from transformers import AutoModelForCausalLM
 
     from maskllm_megatron.convert.checkpoint import init_parallel
@@ -236,7 +255,7 @@ def export_and_check(run_ckpt: Path, out: Path) -> dict:
     return {"max_abs_diff": (ours - theirs).abs().max().item(), "scale": theirs.abs().max().item(),
             "masked": len(layers), "expert_layers": len(experts), "expert_rows_moved_off_prior": moved,
             "hf_class": type(hf).__name__, "sparsity_targets": len(cfg["sparsity"]["targets"]),
-            "verify": result.verify_summary}
+            "verify": result.verify_summary, "checkpoints": differing_tensors(run_ckpt, other[0]) if other else None}
 
 
 def main():
@@ -244,7 +263,7 @@ def main():
     if mode == "masks":
         r = masks(Path(sys.argv[2]), [Path(a) for a in sys.argv[3:5]])
     else:
-        r = export_and_check(Path(sys.argv[2]), Path(sys.argv[3]))
+        r = export_and_check(Path(sys.argv[2]), Path(sys.argv[3]), [Path(a) for a in sys.argv[4:5]])
     if torch.distributed.get_rank() == 0:
         print("RESULT " + json.dumps(r), flush=True)
 
