@@ -81,18 +81,23 @@ def test_ep1_and_ep2_sample_the_same_masks_and_checkpoints_cross_load(masks_resu
     assert r["ep2_vs_ep1_logits"] <= 1e-5  # EP=1 checkpoint at EP=2: the same hard-mask output
     assert r["changed_by_prior"] > 0.05  # new logits saved at EP=2 ...
     assert r["ep2_ckpt_logits_equal"] and r["ep2_ckpt_at_ep1_output"] <= 1e-5  # ... load at EP=1, tensor for tensor
+    # expert tensor parallel (TP=2: each expert's fc2 holds half its input groups): the same logits, samples, output
+    assert r["expert_tp2_local_logits_shape"] == [64, 32 // 4 // 2, 6]
+    assert r["expert_tp2_logits_equal"] and r["expert_tp2_samples_equal"] and r["expert_tp2_output"] <= 1e-5
 
 
-def test_wanda_calibrates_each_expert_on_its_routed_tokens_and_falls_back_to_magnitude(masks_result):
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_priors_calibrate_each_expert_on_its_routed_tokens_and_fall_back_to_magnitude(masks_result, method):
     """One calibration token: the router picks 2 of the 4 experts per layer; the other two get the magnitude mask,
-    and the prior says so. Layer 0's 8 expert masks equal a hand computation from the router weight."""
+    and the prior says so. Layer 0's 8 expert masks equal a hand computation from the router weight (EP=2: rank
+    0's 4); EP=2 computes the same priors as EP=1."""
     for ep in (1, 2):
-        p = masks_result[f"prior_ep{ep}"]
+        p = masks_result[f"{method}_ep{ep}"]
         assert len(p["reached"]) == 2 and p["hand_equal"] and p["hand_checked"] == 8 // ep, p
         unreached0 = sorted({int(n.split(".")[5]) for n in p["unreached"] if n.startswith("layers.0.")})
         assert unreached0 == sorted(set(range(4)) - set(p["reached"]))
         assert len(p["unreached"]) == 8 and p["printed"]  # 2 experts x 2 linears x 2 layers, reported
-    assert masks_result["prior_ep2_equal_ep1"]
+    assert masks_result[f"{method}_ep2_equal_ep1"]
 
 
 # ------------------------------------------------------------------------------------------------ the driver

@@ -8,8 +8,9 @@ usage: moe_worker.py masks WORKDIR [HF CKPT]   (nproc 2)
   2. EP=2: sparsify (initial logits must equal EP=1's under the global expert index), load the EP=1 checkpoint
      (same samples, same logits); include/exclude patterns on experts; magnitude priors; save at EP=2.
   3. EP=1: load the EP=2 checkpoint: the same logits, tensor for tensor, and the same output.
-  4. Wanda priors on ONE calibration token (top-2 of 4 experts: two experts per layer are reached, two are
-     not), against a hand computation for layer 0 from the router weight; at EP=1 and at EP=2.
+  3b. TP=2 (expert TP 2) loads it too: the same global logits, samples and output.
+  4. Wanda and SparseGPT priors on ONE calibration token (top-2 of 4 experts: two experts per layer are reached,
+     two are not), against a hand computation for layer 0 from the router weight; at EP=1 and at EP=2.
 usage: moe_worker.py export RUN_CKPT OUT [OTHER_CKPT]   (nproc 1)
   maskllm-export --format hf of the run checkpoint to OUT (verified), then the run's masked megatron model
   (argmax masks) vs transformers on OUT, and how many rows of the experts' masks moved off the prior; with
@@ -33,13 +34,13 @@ def model_config():
                        num_experts=4, moe_topk=2, moe_pre_softmax=True, shared_expert_size=48, shared_expert_gate=True)
 
 
-def init(ep: int) -> None:
+def init(ep: int, tp: int = 1) -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=ep)
+    parallel_state.initialize_model_parallel(tp, 1, expert_model_parallel_size=ep)
     model_parallel_cuda_manual_seed(5)
     torch.manual_seed(5)
 
@@ -90,7 +91,7 @@ def sampled(model) -> dict:
         return per_layer(model, lambda layer: layer.gather_global(layer.sampled_weight()))
 
 
-def wanda_prior(model, unreached: list):
+def prior_on_one_token(model, unreached: list, method: str):
     from maskllm_megatron.megatron.model_builder import gpt_forward
     from maskllm_megatron.megatron.priors import PriorConfig, compute_priors
 
@@ -98,19 +99,25 @@ def wanda_prior(model, unreached: list):
     hook = model.decoder.layers[0].mlp.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        compute_priors(model, [lambda m: gpt_forward(m, tokens(1)[:1])], PriorConfig(method="wanda"),
+        compute_priors(model, [lambda m: gpt_forward(m, tokens(1)[:1])], PriorConfig(method=method),
                        fallbacks=unreached)
     hook.remove()
     return captured[0], out.getvalue()
 
 
-def hand_wanda_layer0(model, x: torch.Tensor) -> dict:
+def hand_prior_layer0(model, x: torch.Tensor, method: str) -> dict:
     """Layer 0's expert prior masks computed by hand from its MoE input x: the router's top-2 (softmax over all 4
-    in fp32), Wanda on each reached expert's inputs (fc1: x; fc2: silu(gate) * up), magnitude on the others."""
+    in fp32), Wanda / SparseGPT on each reached expert's inputs (fc1: x; fc2: silu(gate) * up * routing weight),
+    magnitude on the others."""
     import torch.nn.functional as F
 
     from maskllm_megatron.masks.patterns import NMSpec
-    from maskllm_megatron.prune.methods import magnitude_mask, wanda_mask
+    from maskllm_megatron.prune.methods import magnitude_mask, sparsegpt_prune, wanda_mask
+
+    def solve(w, inp):
+        if method == "wanda":
+            return wanda_mask(w, (inp * inp).sum(0), spec)
+        return sparsegpt_prune(w, 2 * inp.t() @ inp / inp.shape[0], spec)[0]
 
     spec = NMSpec(2, 4)
     moe = model.decoder.layers[0].mlp
@@ -124,8 +131,8 @@ def hand_wanda_layer0(model, x: torch.Tensor) -> dict:
         w1, w2 = expert.linear_fc1.weight.detach(), expert.linear_fc2.weight.detach()
         if e in reached:
             gate, up = (x @ w1.t()).chunk(2, dim=-1)
-            h = F.silu(gate) * up
-            masks = (wanda_mask(w1, (x * x).sum(0), spec), wanda_mask(w2, (h * h).sum(0), spec))
+            h = F.silu(gate) * up * scores[:, e:e + 1]
+            masks = (solve(w1, x), solve(w2, h))
         else:
             masks = (magnitude_mask(w1, spec), magnitude_mask(w2, spec))
         out[f"layers.0.mlp.experts.local_experts.{e}.linear_fc1"] = masks[0].bool()
@@ -133,10 +140,10 @@ def hand_wanda_layer0(model, x: torch.Tensor) -> dict:
     return out
 
 
-def check_prior(model, ep: int) -> dict:
+def check_prior(model, method: str) -> dict:
     unreached = []
-    x, printed = wanda_prior(model, unreached)
-    hand = hand_wanda_layer0(model, x)
+    x, printed = prior_on_one_token(model, unreached, method)
+    hand = hand_prior_layer0(model, x, method)
     priors = per_layer(model, lambda layer: layer.prior_mask.clone())
     checked = {k: bool(torch.equal(priors[k], v)) for k, v in hand.items() if k != "reached"}
     return {"reached": hand["reached"], "hand_equal": all(checked.values()), "hand_checked": len(checked),
@@ -202,15 +209,32 @@ def masks(work: Path, convert: list) -> dict:
     r["ep2_ckpt_logits_equal"] = sorted(loaded) == sorted(logits2) and all(torch.equal(v, logits2[k])
                                                                            for k, v in loaded.items())
     r["ep2_ckpt_at_ep1_output"] = (logits_of(model) - out2).abs().max().item()
-    # 4. Wanda priors on one token, by hand; at EP=1 and EP=2
-    p1 = check_prior(model, 1)
-    init(2)
+    samples3 = sampled(model)
+    # 3b. expert tensor parallel: TP=2 (experts' TP = 2), EP=1 loads the EP=2 checkpoint; logits sharded with the
+    # weight's rows / input groups, the same global logits, samples and output (evaluation: megatron trains MoE at
+    # TP > 1 only with sequence parallelism)
+    init(1, tp=2)
     model, _ = build()
     load_checkpoint(model, work / "ep2")
-    p2 = check_prior(model, 2)
-    r["prior_ep1"] = {k: v for k, v in p1.items() if k != "priors"}
-    r["prior_ep2"] = {k: v for k, v in p2.items() if k != "priors"}
-    r["prior_ep2_equal_ep1"] = all(torch.equal(v, p1["priors"][k]) for k, v in p2["priors"].items())
+    fc2 = model.decoder.layers[0].mlp.experts.local_experts[0].linear_fc2
+    r["expert_tp2_local_logits_shape"] = list(fc2.mask_logits.shape)
+    r["expert_tp2_logits_equal"] = all(torch.equal(v, logits2[k]) for k, v in per_layer(
+        model, lambda layer: layer.gather_global(layer.mask_logits.detach())).items())
+    r["expert_tp2_samples_equal"] = all(torch.equal(v, samples3[k]) for k, v in sampled(model).items())
+    r["expert_tp2_output"] = (logits_of(model) - out2).abs().max().item()
+    # 4. priors on one token, by hand; at EP=1 and EP=2
+    for method in ("wanda", "sparsegpt"):
+        init(1)
+        model, _ = build()
+        load_checkpoint(model, work / "ep2")
+        p1 = check_prior(model, method)
+        init(2)
+        model, _ = build()
+        load_checkpoint(model, work / "ep2")
+        p2 = check_prior(model, method)
+        r[f"{method}_ep1"] = {k: v for k, v in p1.items() if k != "priors"}
+        r[f"{method}_ep2"] = {k: v for k, v in p2.items() if k != "priors"}
+        r[f"{method}_ep2_equal_ep1"] = all(torch.equal(v, p1["priors"][k]) for k, v in p2["priors"].items())
     return r
 
 
