@@ -3,22 +3,19 @@ expert), with real ranks (torchrun, gloo):
 
 - sparsify masks every expert's and the shared expert's linear_fc1/fc2; patterns address experts by their global
   index; the logits are initialised and sampled by global expert index, so EP=1 and EP=2 sample the same masks;
-  a checkpoint saved at EP=2 loads at EP=1 with the same logits and output (tests/scripts/moe_worker.py);
-- Wanda calibrates each expert on the tokens routed to it (checked by hand from the router weight), an expert
-  no calibration token reached falls back to magnitude and says so;
+  a checkpoint saved at EP=2 loads at EP=1, and at expert TP=2, with the same logits and output
+  (tests/scripts/moe_worker.py);
+- Wanda and SparseGPT calibrate each expert on the tokens routed to it (checked by hand from the router weight),
+  an expert no calibration token reached falls back to magnitude and says so;
 - the driver learns masks at EP=2, resumes exactly, and the export loads in transformers with the masked
   model's logits and passes maskllm-verify."""
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from tests.torchrun_util import printed_result, torchrun
@@ -30,29 +27,11 @@ WORKER = str(ROOT / "tests" / "scripts" / "moe_worker.py")
 @pytest.fixture(scope="module")
 def moe_inputs(tmp_path_factory) -> Path:
     """A tiny random Qwen2-MoE with the botchan SentencePiece tokenizer (converted by ``masks_result``); botchan
-    text as an indexed dataset."""
-    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+    text as an indexed dataset (tests/scripts/make_tiny_moe.py)."""
+    sys.path.insert(0, str(ROOT / "tests" / "scripts"))
+    from make_tiny_moe import make
 
-    from maskllm_megatron import assets
-    from maskllm_megatron.data.preprocess import PreprocessConfig, preprocess
-
-    work = tmp_path_factory.mktemp("moe_run")
-    torch.manual_seed(0)
-    cfg = Qwen2MoeConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64, moe_intermediate_size=32,
-                         shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2, intermediate_size=96)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(work / "hf")
-    shutil.copy(assets.sentencepiece_test_model("bpe"), work / "hf" / "tokenizer.model")
-    lines = [line for line in assets.botchan_text()[:40000].splitlines() if line.strip()]
-    docs = [" ".join(lines[i:i + 12]) for i in range(0, len(lines), 12)]
-    (work / "text.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    preprocess(PreprocessConfig(inputs=(work / "text.jsonl",), output_prefix=work / "botchan_text_document",
-                                tokenizer=work / "hf" / "tokenizer.model"), progress=False)
-    return work
+    return make(tmp_path_factory.mktemp("moe_run"))
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +80,6 @@ def test_priors_calibrate_each_expert_on_its_routed_tokens_and_fall_back_to_magn
 
 
 # ------------------------------------------------------------------------------------------------ the driver
-def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
-
-
 def _config(work: Path, name: str) -> Path:
     cfg = {
         "model": {"checkpoint": str(work / "ckpt")},
@@ -169,7 +141,7 @@ def test_driver_learns_expert_masks_at_ep2_and_resumes_exactly(moe_run, exported
     assert compared["differ"] == [] and compared["compared"] == 44, compared
 
 
-def test_export_loads_in_transformers_with_the_masked_logits_and_verifies(exported):
+def test_export_loads_in_transformers_with_the_masked_logits_and_verifies(exported, capsys):
     """The run learned (expert masks moved off the Wanda prior); its HF export (loaded at EP=1 from the EP=2
     checkpoint) is verified, loads as Qwen2MoeForCausalLM with the masked megatron model's logits, and passes
     maskllm-verify."""
@@ -179,5 +151,8 @@ def test_export_loads_in_transformers_with_the_masked_logits_and_verifies(export
     assert check["hf_class"] == "Qwen2MoeForCausalLM" and check["expert_layers"] == 16 and check["masked"] == 24
     assert check["sparsity_targets"] == 2 * (3 + 4 * 3 + 3 + 1)  # q,k,v; o; 4 experts x gate,up,down; shared x 3
     assert check["scale"] > 0.1 and check["max_abs_diff"] <= 1e-4, check
-    verify = _run("-m", "maskllm_megatron.eval.verify", str(out))
-    assert "OK" in verify.stdout
+    from maskllm_megatron.eval.verify import main as maskllm_verify  # the maskllm-verify command, in-process
+
+    capsys.readouterr()
+    assert maskllm_verify([str(out)]) == 0
+    assert capsys.readouterr().out.strip().endswith("OK")

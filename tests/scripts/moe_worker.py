@@ -268,7 +268,8 @@ def export_and_check(run_ckpt: Path, out: Path, other: list) -> dict:
     run = RunCheckpoint.open(run_ckpt)
     model = load_masked_model(run, parallel_output=False)
     toks = torch.randint(0, run.info.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(9))
-    ours = logits_of(model, toks)[..., : run.info.model.vocab_size]
+    device = next(model.parameters()).device  # the GPU when there is one
+    ours = logits_of(model, toks.to(device))[..., : run.info.model.vocab_size].float().cpu()
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = hf(toks).logits
