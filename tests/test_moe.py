@@ -34,11 +34,30 @@ def moe_inputs(tmp_path_factory) -> Path:
     return make(tmp_path_factory.mktemp("moe_run"))
 
 
+def _config(work: Path, name: str) -> Path:
+    cfg = {
+        "model": {"checkpoint": str(work / "ckpt")},
+        "parallel": {"tp": 1, "ep": 2},
+        "data": {"train": [str(work / "botchan_text_document")], "split": "90,10,0", "seq_length": 32,
+                 "micro_batch_size": 2, "global_batch_size": 8, "cache_dir": str(work / "cache")},
+        "optim": {"lr": 2e-4, "min_lr": 2e-5},
+        "mask": {"fused_kernel": False},
+        "prior": {"method": "wanda", "calib_samples": 4},
+        "run": {"out_dir": str(work / name), "train_iters": 4, "log_interval": 1, "eval_interval": 4,
+                "eval_iters": 1, "save_interval": 2, "tensorboard": False},
+    }
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 @pytest.fixture(scope="module")
 def masks_result(tmp_path_factory, moe_inputs) -> dict:
-    """The worker's mask checks; first it converts the driver's model at TP=1 x EP=2 (one launch for both)."""
-    return printed_result(torchrun(WORKER, "masks", str(tmp_path_factory.mktemp("moe_masks")),
-                                   str(moe_inputs / "hf"), str(moe_inputs / "ckpt"), nproc=2))
+    """One launch of 2 ranks: the worker converts the driver's model at TP=1 x EP=2, runs its mask checks, then
+    the driver's command on it: EP=2 x DP=2, 4 iterations with a Wanda prior, saved at 2 and 4 ("straight")."""
+    log = torchrun(WORKER, "masks", str(tmp_path_factory.mktemp("moe_masks")), str(moe_inputs / "hf"),
+                   str(moe_inputs / "ckpt"), str(_config(moe_inputs, "straight")), nproc=2)
+    return dict(printed_result(log), log=log)
 
 
 def test_every_expert_and_the_shared_expert_are_masked_and_patterns_address_experts(masks_result):
@@ -80,23 +99,6 @@ def test_priors_calibrate_each_expert_on_its_routed_tokens_and_fall_back_to_magn
 
 
 # ------------------------------------------------------------------------------------------------ the driver
-def _config(work: Path, name: str) -> Path:
-    cfg = {
-        "model": {"checkpoint": str(work / "ckpt")},
-        "parallel": {"tp": 1, "ep": 2},
-        "data": {"train": [str(work / "botchan_text_document")], "split": "90,10,0", "seq_length": 32,
-                 "micro_batch_size": 2, "global_batch_size": 8, "cache_dir": str(work / "cache")},
-        "optim": {"lr": 2e-4, "min_lr": 2e-5},
-        "mask": {"fused_kernel": False},
-        "prior": {"method": "wanda", "calib_samples": 4},
-        "run": {"out_dir": str(work / name), "train_iters": 4, "log_interval": 1, "eval_interval": 4,
-                "eval_iters": 1, "save_interval": 2, "tensorboard": False},
-    }
-    path = work / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 def _history(out: Path) -> list:
     from maskllm_megatron.checkpoint_files import read_extra
 
@@ -105,10 +107,11 @@ def _history(out: Path) -> list:
 
 @pytest.fixture(scope="module")
 def moe_run(moe_inputs, masks_result) -> dict:
-    """EP=2 x DP=2 (2 ranks), 4 iterations with a Wanda prior, saved at 2 and 4; then the run resumed from its
-    iteration-2 checkpoint in a copy of its folder."""
+    """The straight run (``masks_result``) resumed from its iteration-2 checkpoint in a copy of its folder, by the
+    driver's command in fresh processes."""
     work = moe_inputs
-    log = torchrun("-m", "maskllm_megatron.train", "--config", str(_config(work, "straight")), nproc=2)
+    assert masks_result["train_exit_status"] == 0
+    log = masks_result["log"]
     resumed = work / "resumed"
     shutil.copytree(work / "straight", resumed)
     shutil.rmtree(resumed / "checkpoints" / "iter_0000004")

@@ -1,7 +1,7 @@
 """Worker for tests/test_moe.py (torchrun, gloo): masks on the experts of a tiny Qwen2-MoE-shaped model
 (4 experts, top-2, softmax over all experts, a gated shared expert).
 
-usage: moe_worker.py masks WORKDIR [HF CKPT]   (nproc 2)
+usage: moe_worker.py masks WORKDIR [HF CKPT [RUN_YAML]]   (nproc 2)
   0. with HF and CKPT: convert the HF folder at TP=1 x EP=2 to CKPT (the driver test's model)
   1. EP=1 (2 data-parallel ranks): sparsify; initial logits, a sampled masked weight per layer and the hard-mask
      logits; save a checkpoint.
@@ -11,6 +11,8 @@ usage: moe_worker.py masks WORKDIR [HF CKPT]   (nproc 2)
   3b. TP=2 (expert TP 2) loads it too: the same global logits, samples and output.
   4. Wanda and SparseGPT priors on ONE calibration token (top-2 of 4 experts: two experts per layer are reached,
      two are not), against a hand computation for layer 0 from the router weight; at EP=1 and at EP=2.
+  5. with RUN_YAML: the driver's command (``maskllm-train --config RUN_YAML``, its main() in these processes, which
+     saves a process launch), e.g. mask learning on CKPT at EP=2.
 usage: moe_worker.py export RUN_CKPT OUT [OTHER_CKPT]   (nproc 1)
   maskllm-export --format hf of the run checkpoint to OUT (verified), then the run's masked megatron model
   (argmax masks) vs transformers on OUT, and how many rows of the experts' masks moved off the prior; with
@@ -20,6 +22,7 @@ Prints one line ``RESULT {...}`` (rank 0).
 import contextlib
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -287,9 +290,13 @@ def main():
     mode = sys.argv[1]
     if mode == "masks":
         r = masks(Path(sys.argv[2]), [Path(a) for a in sys.argv[3:5]])
+        if len(sys.argv) > 5:
+            from maskllm_megatron.train.__main__ import main as train_main
+
+            r["train_exit_status"] = train_main(["--config", sys.argv[5]])
     else:
         r = export_and_check(Path(sys.argv[2]), Path(sys.argv[3]), [Path(a) for a in sys.argv[4:5]])
-    if torch.distributed.get_rank() == 0:
+    if int(os.environ.get("RANK", "0")) == 0:  # (the driver's main destroys the process group when it ends)
         print("RESULT " + json.dumps(r), flush=True)
 
 
