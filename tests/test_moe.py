@@ -159,3 +159,19 @@ def test_export_loads_in_transformers_with_the_masked_logits_and_verifies(export
     capsys.readouterr()
     assert maskllm_verify([str(out)]) == 0
     assert capsys.readouterr().out.strip().endswith("OK")
+
+
+def test_moe_training_at_tp2_is_refused_in_one_line(tmp_path):
+    """megatron-core trains MoE layers at TP > 1 only with sequence parallelism: the driver says so before it
+    builds anything."""
+    from maskllm_megatron.convert.checkpoint import CheckpointInfo
+    from maskllm_megatron.megatron.model_builder import ModelConfig
+    from maskllm_megatron.train.config import ConfigError, TrainConfig
+    from maskllm_megatron.train.trainer import build_model
+
+    CheckpointInfo(ModelConfig(family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=32, num_attention_heads=4,
+                               vocab_size=256, max_position_embeddings=64, num_experts=4)).save(tmp_path)
+    cfg = TrainConfig.from_dict({"model": {"checkpoint": str(tmp_path)}, "parallel": {"tp": 2, "ep": 1},
+                                 "data": {"train": ["x"], "seq_length": 32}})
+    with pytest.raises(ConfigError, match=r"^parallel.tp 2 with a mixture-of-experts model: .* use parallel.tp=1"):
+        build_model(cfg)

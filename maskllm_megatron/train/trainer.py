@@ -76,10 +76,6 @@ def build_model(cfg: TrainConfig):
         raise ConfigError(f"parallel.tp {cfg.parallel.tp} with a mixture-of-experts model: megatron-core trains MoE "
                           "layers at TP > 1 only with sequence parallelism; use parallel.tp=1 and spread the experts "
                           "with parallel.ep")
-    try:
-        info.model.validate_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
-    except ValueError as e:
-        raise ConfigError(f"parallel: {e}") from None
     dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
     tcfg = info.model.to_transformer_config(cfg.parallel.tp, cfg.parallel.pp, dtype, ep=cfg.parallel.ep,
                                             perform_initialization=False)
@@ -119,16 +115,12 @@ def apply_prior(cfg: TrainConfig, model, data) -> dict:
                             fallbacks=unreached)
     report = {"prior_method": method, "prior_layers": len(list(masked_layers(model))),
               "prior_reconstruction_error": sum(errors.values()) if errors else None}
-    if info_is_moe(model):  # experts no calibration token reached got the magnitude mask (counted over EP ranks)
+    if getattr(model.config, "num_moe_experts", None):  # experts no calibration token reached: magnitude masks
         from megatron.core import parallel_state
 
         report["prior_magnitude_fallbacks"] = int(all_reduce_floats(
             [len(unreached)], group=parallel_state.get_expert_model_parallel_group())[0])
     return report
-
-
-def info_is_moe(model) -> bool:
-    return bool(getattr(getattr(model, "config", None), "num_moe_experts", None))
 
 
 def _calibration_forward(model, batch):
