@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU check in one call, for a CUDA machine that has torch but not megatron-core (as the lent
 # H200 machines): prepare here, run there.
-#   bash benchmarks/gpu_checks.sh prepare    # here (needs pip): .whl/ (megatron-core for Python 3.12) and
-#                                            # .gpurun/tiny (the tests' tiny pretrained run, 1.6 MB)
+#   bash benchmarks/gpu_checks.sh prepare    # here (needs pip): .whl/ (megatron-core for Python 3.12),
+#                                            # .gpurun/tiny (the tests' tiny pretrained run, 1.6 MB) and
+#                                            # .gpurun/moe (the tiny Qwen2-MoE and its dataset, 1.2 MB)
 #   bash benchmarks/gpu_checks.sh run        # there: installs .whl/ into /tmp/site, then
 #       1. the driver end to end on the GPU (gpu_driver_smoke.sh), compiled mask kernels;
 #       2. the same with the one-pass Triton kernels (MASKLLM_TRITON_KERNEL=1);
-#       3. gpu_smoke.sh: masked layer (compiled / one-pass / eager) vs dense, model step, 2:4 matmuls.
+#       3. gpu_smoke.sh: masked layer (compiled / one-pass / eager) vs dense, model step, 2:4 matmuls;
+#       4. gpu_moe_smoke.sh: a mixture-of-experts model converted, learned, resumed, exported on the GPU.
 # Logs and gpu_smoke.json go to $OUT (or ./gpu_checks_out). About 6-7 minutes on an H200.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +19,7 @@ case "${1:-}" in
     rm -rf .whl && "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.16.1
     rm -rf .gpurun && "$PY" tests/scripts/make_tiny_run.py .gpurun/tiny > /dev/null
+    "$PY" tests/scripts/make_tiny_moe.py .gpurun/moe > /dev/null
     echo "prepared .whl/ ($(ls .whl)) and .gpurun/tiny; on the GPU machine: bash benchmarks/gpu_checks.sh run"
     ;;
   run)
@@ -37,7 +40,8 @@ case "${1:-}" in
     cp /tmp/drv/run/metrics.jsonl "$DEST/driver_metrics.jsonl" 2> /dev/null
     cp /tmp/drv1/run/metrics.jsonl "$DEST/driver_one_pass_metrics.jsonl" 2> /dev/null
     OUT="$DEST" bash benchmarks/gpu_smoke.sh > "$DEST/gpu_smoke.log" 2>&1 || status=1
-    tail -n 3 "$DEST/driver.log" "$DEST/driver_one_pass.log"
+    timeout 150 bash benchmarks/gpu_moe_smoke.sh .gpurun/moe /tmp/moe > "$DEST/moe.log" 2>&1 || status=1
+    tail -n 3 "$DEST/driver.log" "$DEST/driver_one_pass.log" "$DEST/moe.log"
     grep -E '"(fused|one_pass|eager)_over_dense"|_vs_eager_' "$DEST/gpu_smoke.json" 2> /dev/null
     exit $status
     ;;

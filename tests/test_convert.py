@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from maskllm_megatron.megatron.model_builder import RopeScaling
 from tests.torchrun_util import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,11 +21,13 @@ WORKER = str(ROOT / "tests" / "scripts" / "convert_parity.py")
 VOCAB = 250  # not a multiple of 128: exercises vocabulary padding
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, max_position_embeddings=64)
+SMALL_MOE = {**{k: v for k, v in SMALL.items() if k != "intermediate_size"}, "num_key_value_heads": 2}
 
 
 def tiny_models() -> dict[str, object]:
     """name -> a transformers config of a tiny model."""
-    from transformers import GPT2Config, LlamaConfig, NemotronConfig, Qwen2Config
+    from transformers import (GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, NemotronConfig, Qwen2Config,
+                              Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
     return {
         # SmolLM2-like: grouped-query attention, tied embeddings.
@@ -40,6 +43,24 @@ def tiny_models() -> dict[str, object]:
         "gpt2": GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64),
         "gpt2_untied": GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=4, n_positions=64,
                                   tie_word_embeddings=False),
+        # Llama 3.2: tied embeddings with llama3 RoPE scaling.
+        "llama32_tied": LlamaConfig(**SMALL, num_key_value_heads=2, tie_word_embeddings=True, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+        # Qwen3: QK-norm, head_dim 32 given explicitly (not hidden / heads = 16); tied (0.6B-like) and untied.
+        "qwen3_tied": Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True),
+        "qwen3_untied": Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+        # Mistral: no sliding window (v0.2+), and a real one of 8 tokens over the 32-token test sequences.
+        "mistral": MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=None),
+        "mistral_window8": MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=8),
+        # Mixture of experts (4 experts, top-2): Mixtral (renormalised top-k), Qwen3-MoE (QK-norm, norm_topk_prob:
+        # renormalised), Qwen2-MoE (softmax over all experts, not renormalised; a gated shared expert).
+        "mixtral": MixtralConfig(**SMALL_MOE, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2),
+        "qwen3_moe": Qwen3MoeConfig(**SMALL_MOE, head_dim=16, moe_intermediate_size=32, num_experts=4,
+                                    num_experts_per_tok=2, norm_topk_prob=True),
+        "qwen2_moe": Qwen2MoeConfig(**SMALL_MOE, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                    num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, tie_word_embeddings=True),
         # Nemotron: squared ReLU, LayerNorm1p, partial RoPE, untied.
         "nemotron": NemotronConfig(**SMALL, num_key_value_heads=2, head_dim=16, norm_eps=1e-5,
                                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
@@ -81,10 +102,11 @@ def results_tp1(workdir) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def results_tp2(workdir) -> dict[str, dict]:
     return _results(torchrun(WORKER, str(workdir), "2", "--pp-model", "llama3_untied", "--pp-model", "llama_gqa_tied",
-                             nproc=2))
+                             *[a for m in MOE for a in ("--ep-model", m)], nproc=2))
 
 
 NAMES = list(tiny_models())
+MOE = ["mixtral", "qwen3_moe", "qwen2_moe"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -101,6 +123,19 @@ def test_pipeline_parallel_checkpoint_matches(results_tp2, name):
     """A checkpoint written at TP=1 x PP=2 loads at TP=2 with the same logits (tied: the last stage's
     copy of the embedding is all-reduced from the first stage's)."""
     assert results_tp2[name]["pp2_max_abs_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_moe_at_expert_parallel_2_matches_transformers(results_tp2, name):
+    """Converted at TP=1 x EP=2 (each rank reads and saves its 2 of the 4 experts; tokens reach the other
+    rank's experts through megatron's all-gather dispatcher on gloo): logits equal transformers'. The same
+    model converted at TP=2 loads at EP=2, and the EP=2 checkpoint at TP=2, with the same logits. Router
+    numerics: megatron runs the router's linear, softmax and top-k in fp32 (transformers: the linear in the
+    model's dtype, the softmax in fp32): at fp32 the logits agree to ~1.5e-6."""
+    r = results_tp2[name]
+    assert r["ep2_max_abs_diff"] <= 1e-4, r
+    assert r["ep2_vs_tp_max_abs_diff"] <= 1e-5 and r["tp_ckpt_at_ep2_max_abs_diff"] <= 1e-5, r
+    assert r["ep2_ckpt_at_tp_max_abs_diff"] <= 1e-5, r
 
 
 def test_bf16_checkpoint(results_tp1):
@@ -198,6 +233,61 @@ def test_written_config_has_the_rope_keys_transformers_4_reads(name, theta, scal
     # a hub-style (transformers 4) config reads as the same model as the new style
     legacy = {k: v for k, v in d.items() if k != "rope_parameters"}
     assert model_config_from_hf(legacy) == model_config_from_hf(original)
+
+
+# config.json files as transformers 4.x wrote them for the released models (sizes shrunk): top-level rope_theta
+# and rope_scaling, torch_dtype; no rope_parameters.
+_V4 = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+           max_position_embeddings=64, hidden_act="silu", torch_dtype="bfloat16", transformers_version="4.51.3")
+CONFIGS_V4 = {
+    "qwen3": (dict(_V4, model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=32, intermediate_size=96,
+                   rms_norm_eps=1e-6, rope_theta=1000000, rope_scaling=None, attention_bias=False,
+                   use_sliding_window=False, sliding_window=None, max_window_layers=28, tie_word_embeddings=True),
+              dict(qk_layernorm=True, kv_channels=32, rotary_base=1e6, tie_word_embeddings=True)),
+    "mistral": (dict(_V4, model_type="mistral", architectures=["MistralForCausalLM"], head_dim=None,
+                     intermediate_size=96, rms_norm_eps=1e-5, rope_theta=1000000.0, sliding_window=None),
+                dict(sliding_window=None, kv_channels=16, rotary_base=1e6)),
+    "mistral_v01": (dict(_V4, model_type="mistral", architectures=["MistralForCausalLM"], intermediate_size=96,
+                         rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=16),
+                    dict(sliding_window=16)),
+    "mixtral": (dict(_V4, model_type="mixtral", architectures=["MixtralForCausalLM"], intermediate_size=32,
+                     rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None, num_local_experts=8, num_experts_per_tok=2,
+                     router_aux_loss_coef=0.02, output_router_logits=False),
+                dict(num_experts=8, moe_topk=2, moe_pre_softmax=False, ffn_hidden_size=32, rotary_base=1e6)),
+    "qwen3_moe": (dict(_V4, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], head_dim=32,
+                       intermediate_size=96, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=4,
+                       norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6,
+                       rope_theta=1e6, rope_scaling=None, attention_bias=False, use_sliding_window=False),
+                  dict(num_experts=8, moe_topk=4, moe_pre_softmax=False, ffn_hidden_size=16, qk_layernorm=True)),
+    "qwen2_moe": (dict(_V4, model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], intermediate_size=96,
+                       moe_intermediate_size=16, shared_expert_intermediate_size=64, num_experts=8,
+                       num_experts_per_tok=4, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+                       rms_norm_eps=1e-6, rope_theta=1e6, use_sliding_window=False),
+                  dict(num_experts=8, moe_topk=4, moe_pre_softmax=True, shared_expert_size=64, shared_expert_gate=True,
+                       qkv_bias=True)),
+    "llama32": (dict(_V4, model_type="llama", architectures=["LlamaForCausalLM"], head_dim=16, intermediate_size=96,
+                     rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True, mlp_bias=False,
+                     attention_bias=False, rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                                         "original_max_position_embeddings": 8192,
+                                                         "rope_type": "llama3"}),
+                dict(tie_word_embeddings=True, rotary_base=5e5, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS_V4))
+def test_transformers_4_and_5_configs_read_as_the_same_model(name):
+    """A config.json written by transformers 4.x reads as the model it describes, and as the same model
+    once transformers 5.x has loaded and re-written it (5.x moves rope_theta into rope_parameters)."""
+    from transformers import AutoConfig
+
+    from maskllm_megatron.convert.mapping import model_config_from_hf
+
+    v4, expected = CONFIGS_V4[name]
+    mc = model_config_from_hf(v4)
+    assert {k: getattr(mc, k) for k in expected} == expected
+    v5 = AutoConfig.for_model(**v4).to_dict()
+    assert "rope_parameters" in v5 and "rope_theta" not in v5  # really the 5.x style
+    assert model_config_from_hf(v5) == mc
 
 
 def test_gpt2_names_without_transformer_prefix(workdir, tmp_path):

@@ -89,6 +89,14 @@ CASES = {
                               ["corrupt or truncated safetensors file", "re-download it"]),
     "corrupt_header": (lambda f: garble_header(first_shard(f)), (), ["corrupt or truncated safetensors file"]),
     "bad_dtype": (lambda f: None, ("--dtype", "int8"), ["unknown --dtype 'int8'", "fp32, bf16, fp16"]),
+    "deepseek_mla": (lambda f: break_config(f, model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"]), (),
+                     ["model_type 'deepseek_v3'", "multi-head latent attention (MLA)", "supported model types are"]),
+    "moe_with_dense_layers": (lambda f: break_config(f, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2,
+                                                     moe_intermediate_size=32, mlp_only_layers=[0]), (),
+                              ["mlp_only_layers [0]", "every layer must be MoE"]),
+    "ep_on_a_dense_model": (lambda f: None, ("--ep", "2"), ["expert-parallel size 2 for a model without experts"]),
+    "qwen3_per_layer_sliding_window": (lambda f: break_config(f, model_type="qwen3", use_sliding_window=True), (),
+                                       ["use_sliding_window=true", "max_window_layers"]),
 }
 
 

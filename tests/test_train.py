@@ -291,6 +291,7 @@ def test_overrides_read_numbers_as_yaml_1_1_writes_them():
     ({"parallel": {"tpp": 2}}, "unknown key(s) ['tpp'] in parallel"),
     ({"parallel": {"tp": "x"}}, "parallel.tp: 'x' is not a valid int"),
     ({"parallel": {"bucket_size": -1}}, "parallel.bucket_size -1 must be >= 0"),
+    ({"parallel": {"ep": 0}}, "parallel.ep must be >= 1"),
     ({"prior": {"method": "obs"}}, "prior.method 'obs': use magnitude"),
     ({"data": {"cache_dir": None}}, "data.cache_dir: None is not a valid str"),
     ({"prior": {"method": "magnitude", "update_weights": True}}, "prior.update_weights is SparseGPT's OBS weight update"),

@@ -30,10 +30,11 @@ class CheckpointInfo:
     pp: int = 1
     hf_config: dict = field(default_factory=dict)
     source: str = ""
+    ep: int = 1
 
     def save(self, folder: Path) -> None:
         d = {"format": FORMAT, "model": self.model.to_dict(), "dtype": self.dtype, "tp": self.tp, "pp": self.pp,
-             "hf_config": self.hf_config, "source": self.source}
+             "ep": self.ep, "hf_config": self.hf_config, "source": self.source}
         (folder / CONFIG_FILE).write_text(json.dumps(d, indent=2) + "\n")
 
     @classmethod
@@ -54,12 +55,13 @@ class CheckpointInfo:
         if d.get("format") != FORMAT:
             raise ConversionError(f"{path} has format {d.get('format')!r}, expected {FORMAT!r}")
         return cls(ModelConfig.from_dict(d["model"]), d["dtype"], d["tp"], d["pp"], d.get("hf_config", {}),
-                   d.get("source", ""))
+                   d.get("source", ""), d.get("ep", 1))
 
 
-def init_parallel(tp: int = 1, pp: int = 1) -> None:
+def init_parallel(tp: int = 1, pp: int = 1, ep: int = 1) -> None:
     """Initialise torch.distributed (from torchrun's environment, or a one-process world when launched
-    plainly) and megatron-core's model-parallel groups for ``tp`` x ``pp`` ranks."""
+    plainly) and megatron-core's model-parallel groups for ``tp`` x ``pp`` x ``ep`` ranks (expert
+    parallel: the ``ep`` ranks hold the same dense weights and different experts)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -68,15 +70,17 @@ def init_parallel(tp: int = 1, pp: int = 1) -> None:
 
     cpu_compat.apply()
     init_process_group()
-    if dist.get_world_size() != tp * pp:
-        raise ConversionError(
-            f"{dist.get_world_size()} processes for --tp {tp} x --pp {pp}: launch with nproc={tp * pp}")
+    if dist.get_world_size() != tp * pp * ep:
+        raise ConversionError(f"{dist.get_world_size()} processes for --tp {tp} x --pp {pp}"
+                              + (f" x --ep {ep}" if ep > 1 else "") + f": launch with nproc={tp * pp * ep}")
     if parallel_state.model_parallel_is_initialized():
         if (parallel_state.get_tensor_model_parallel_world_size() == tp
-                and parallel_state.get_pipeline_model_parallel_world_size() == pp):
+                and parallel_state.get_pipeline_model_parallel_world_size() == pp
+                and parallel_state.get_expert_model_parallel_world_size() == ep):
             return
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             expert_model_parallel_size=ep)
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     model_parallel_cuda_manual_seed(1234)
@@ -84,7 +88,7 @@ def init_parallel(tp: int = 1, pp: int = 1) -> None:
 
 def load_mcore_model(ckpt_dir: str | Path, *, parallel_output: bool = True):
     """Build the checkpoint's GPTModel (in its dtype) for the initialised parallel layout (see
-    ``init_parallel``; any TP/PP, whatever the checkpoint was saved with) and load its weights.
+    ``init_parallel``; any TP/PP/EP, whatever the checkpoint was saved with) and load its weights.
 
     Returns ``(model, info)``; the model is in eval mode.
     """
@@ -93,7 +97,7 @@ def load_mcore_model(ckpt_dir: str | Path, *, parallel_output: bool = True):
 
     info = CheckpointInfo.load(ckpt_dir)
     model = build_gpt_model(info.model, info.model.to_transformer_config(
-        _tp(), _pp(), info.dtype, perform_initialization=False), parallel_output=parallel_output)
+        _tp(), _pp(), info.dtype, ep=_ep(), perform_initialization=False), parallel_output=parallel_output)
     state = load_sharded(model.sharded_state_dict(), Path(ckpt_dir).absolute())
     model.load_state_dict(state)
     return model.eval(), info
@@ -111,17 +115,49 @@ def _pp() -> int:
     return parallel_state.get_pipeline_model_parallel_world_size()
 
 
+def _ep() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_expert_model_parallel_world_size()
+
+
 def global_param_names(model) -> dict[str, torch.nn.Parameter]:
-    """``{name with global layer numbers: parameter}`` of this rank's (pipeline stage of the) model."""
+    """``{name with global layer numbers and global expert indices: parameter}`` of this rank's (pipeline
+    stage and expert-parallel share of the) model."""
+    from maskllm_megatron.megatron.model_builder import expert_offset, global_expert_name
+
     out = {}
     layers = getattr(getattr(model, "decoder", None), "layers", [])
     offset = layers[0].layer_number - 1 if len(layers) else 0
+    experts = expert_offset(model)
     for name, p in model.named_parameters():
         if name.startswith("decoder.layers."):
             idx, rest = name[len("decoder.layers."):].split(".", 1)
-            name = f"decoder.layers.{int(idx) + offset}.{rest}"
+            name = global_expert_name(f"decoder.layers.{int(idx) + offset}.{rest}", experts)
         out[name] = p
     return out
+
+
+def tp_rank_and_size(name: str) -> tuple[int, int]:
+    """This rank's tensor-parallel rank and size for the parameter ``name``: the expert tensor-parallel
+    group's for routed experts, the tensor-parallel group's otherwise."""
+    from megatron.core import parallel_state
+
+    from maskllm_megatron.megatron.model_builder import is_expert_name
+
+    if is_expert_name(name):
+        return (parallel_state.get_expert_tensor_parallel_rank(), parallel_state.get_expert_tensor_parallel_world_size())
+    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+
+
+def tp_group_of(name: str):
+    """The group a parameter ``name``'s tensor-parallel shards are gathered over (see ``tp_rank_and_size``)."""
+    from megatron.core import parallel_state
+
+    from maskllm_megatron.megatron.model_builder import is_expert_name
+
+    return (parallel_state.get_expert_tensor_parallel_group() if is_expert_name(name)
+            else parallel_state.get_tensor_model_parallel_group())
 
 
 def dtype_name(dtype: torch.dtype) -> str:

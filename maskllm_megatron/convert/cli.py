@@ -1,7 +1,7 @@
 """``maskllm-convert``: Hugging Face <-> megatron-core checkpoints.
 
-Launching: ``hf-to-mcore`` needs one process per TP x PP rank. Launched plainly with ``--tp N``
-(N > 1), it checks the input, then re-launches itself under ``torchrun --nproc-per-node tp*pp``;
+Launching: ``hf-to-mcore`` needs one process per TP x PP (x EP) rank. Launched plainly with ``--tp N``
+(N > 1), it checks the input, then re-launches itself under ``torchrun --nproc-per-node tp*pp*ep``;
 launched under torchrun already, it uses the given ranks. ``mcore-to-hf`` runs in one process
 (loading the checkpoint at TP=1 whatever it was saved with), or under torchrun with nproc = TP size.
 Errors in the input or the request print one line, ``error: <problem>: <fix>``, exit with status 2,
@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, type=Path, help="checkpoint folder to create")
     a.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
     a.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    a.add_argument("--ep", type=int, default=1, help="expert-parallel size of a mixture-of-experts model (default 1)")
     a.add_argument("--dtype", default="fp32", help="bf16, fp16 or fp32 (default fp32)")
     a.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     b = sub.add_parser("mcore-to-hf", help="megatron-core checkpoint -> Hugging Face folder",
@@ -54,13 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "hf-to-mcore":
             from maskllm_megatron.convert.hf_to_mcore import hf_to_mcore, plan
 
-            if args.tp * args.pp > 1 and not under_torchrun():
-                plan(args.hf, args.tp, args.pp, args.dtype)  # fail fast, before starting ranks
+            ranks = args.tp * args.pp * args.ep
+            if ranks > 1 and not under_torchrun():
+                plan(args.hf, args.tp, args.pp, args.dtype, args.ep)  # fail fast, before starting ranks
                 check_output(args.out, args.overwrite, "maskllm-convert", [args.hf])
-                return relaunch("maskllm_megatron.convert.cli", argv, args.tp * args.pp,
-                                cleanup=partial_path(args.out.absolute()))
+                return relaunch("maskllm_megatron.convert.cli", argv, ranks, cleanup=partial_path(args.out.absolute()))
             exit_cleanly_on_sigterm()
-            hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.dtype, overwrite=args.overwrite)
+            hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.dtype, overwrite=args.overwrite, ep=args.ep)
         else:
             from maskllm_megatron.convert.mcore_to_hf import mcore_to_hf
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from maskllm_megatron.convert.checkpoint import (TOKENIZER_DIR, CheckpointInfo, global_param_names,
-                                                 init_parallel)
+                                                 init_parallel, tp_rank_and_size)
 from maskllm_megatron.convert.io import (ConversionError, HFCheckpoint, check_output, copy_tokenizer, mark_output,
                                          partial_path,
                                          progress)
@@ -33,7 +33,7 @@ class Plan:
     unused: list[str]
 
 
-def plan(hf_dir: str | Path, tp: int = 1, pp: int = 1, dtype: str = "fp32") -> Plan:
+def plan(hf_dir: str | Path, tp: int = 1, pp: int = 1, dtype: str = "fp32", ep: int = 1) -> Plan:
     """Read and check everything that can be checked without megatron: the config, the shards'
     headers, every tensor's presence and shape, and that ``tp``/``pp`` can shard the model."""
     if dtype not in DTYPES:
@@ -44,7 +44,7 @@ def plan(hf_dir: str | Path, tp: int = 1, pp: int = 1, dtype: str = "fp32") -> P
         hf.add_prefix_aliases(arch.hf_prefix)
     mc = model_config_from_hf(hf.config)
     try:
-        mc.validate_parallel(tp, pp)
+        mc.validate_parallel(tp, pp, ep)
     except ModelConfigError as e:
         raise ConversionError(str(e)) from None
     rules = {r.mcore: r for r in arch.rules(mc)}
@@ -67,29 +67,30 @@ def plan(hf_dir: str | Path, tp: int = 1, pp: int = 1, dtype: str = "fp32") -> P
 
 
 def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype: str = "fp32",
-                overwrite: bool = False, show_progress: bool = True) -> Path:
-    """Convert on every rank of a ``tp * pp`` world (a one-process world is made when launched plainly).
+                overwrite: bool = False, show_progress: bool = True, ep: int = 1) -> Path:
+    """Convert on every rank of a ``tp * pp * ep`` world (a one-process world is made when launched plainly);
+    with expert parallelism each rank reads only its own experts.
 
     Writes ``out`` atomically (assembled in a hidden ``.partial`` folder, then renamed); returns it.
     """
     out = Path(out).absolute()
-    p = plan(hf_dir, tp, pp, dtype)  # before megatron's import warnings, so bad input reads as one line
+    p = plan(hf_dir, tp, pp, dtype, ep)  # before megatron's import warnings, so bad input reads as one line
     check_output(out, overwrite, "maskllm-convert", [hf_dir])
 
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import dist_checkpointing
 
     from maskllm_megatron.megatron.model_builder import build_gpt_model
 
-    init_parallel(tp, pp)
-    rank, tp_rank = dist.get_rank(), parallel_state.get_tensor_model_parallel_rank()
+    init_parallel(tp, pp, ep)
+    rank = dist.get_rank()
     say = print if rank == 0 and show_progress else (lambda *a, **k: None)
     if rank == 0 and p.unused:
         say(f"note: ignoring {len(p.unused)} tensors the mapping does not use: {', '.join(p.unused[:5])}"
             + (" ..." if len(p.unused) > 5 else ""))
 
     t0 = time.time()
-    config = p.model.to_transformer_config(tp, pp, dtype, perform_initialization=False)
+    config = p.model.to_transformer_config(tp, pp, dtype, ep=ep, perform_initialization=False)
     model = build_gpt_model(p.model, config)
     params = global_param_names(model)
     missing = sorted(set(params) - set(p.rules))
@@ -102,7 +103,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, d
             full = rule.to_mcore([p.hf.read(n) for n in rule.hf])
             if tuple(full.shape) != rule.mcore_shape:
                 raise ConversionError(f"{name}: built shape {list(full.shape)} != {list(rule.mcore_shape)} (bug)")
-            param.copy_(rule.layout.shard(full, tp_rank, tp).to(param.dtype))
+            param.copy_(rule.layout.shard(full, *tp_rank_and_size(name)).to(param.dtype))
             del full
             if show_progress and rank == 0:
                 progress(i, len(order), f"rank 0 loading {p.hf.folder.name}")
@@ -116,7 +117,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, d
         dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
         dist.barrier()
         if rank == 0:
-            CheckpointInfo(p.model, dtype, tp, pp, p.hf.config, str(p.hf.folder)).save(tmp)
+            CheckpointInfo(p.model, dtype, tp, pp, p.hf.config, str(p.hf.folder), ep).save(tmp)
             copy_tokenizer(p.hf.folder, tmp / TOKENIZER_DIR)
             mark_output(tmp, "maskllm-convert")
             if out.exists():
@@ -127,6 +128,6 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, d
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    say(f"wrote megatron-core checkpoint {out} (tp={tp} pp={pp} {dtype}, {p.model.num_parameters() / 1e6:.1f}M "
+    say(f"wrote megatron-core checkpoint {out} (tp={tp} pp={pp}{f' ep={ep}' if ep > 1 else ''} {dtype}, {p.model.num_parameters() / 1e6:.1f}M "
         f"parameters) in {time.time() - t0:.1f}s")
     return out

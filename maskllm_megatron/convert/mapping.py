@@ -4,7 +4,8 @@ A ``TensorRule`` says how one megatron-core tensor (global, unsharded layout, gl
 is made from Hugging Face tensors and back, and how it is split over tensor-parallel ranks:
 
 - fused QKV: per query group g, rows ``[q heads of g..., k_g, v_g]`` (megatron's layout), made from
-  HF's separate q/k/v projections (LLaMA, Qwen2, Nemotron) or GPT-2's fused ``c_attn`` ([q; k; v]);
+  HF's separate q/k/v projections (LLaMA, Qwen2/3, Mistral, Nemotron) or GPT-2's fused ``c_attn`` ([q; k; v]);
+- Qwen3's ``q_norm`` / ``k_norm`` (over the head dimension) are megatron's ``q_layernorm`` / ``k_layernorm``;
 - SwiGLU: ``linear_fc1`` is ``[gate; up]`` globally; tensor-parallel rank r holds
   ``[gate_r; up_r]`` (layout ``SWIGLU``), as megatron's sharded state dict expects;
 - GPT-2 ``Conv1D`` weights are [in, out] and are transposed;
@@ -18,6 +19,7 @@ is made from Hugging Face tensors and back, and how it is split over tensor-para
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -150,8 +152,9 @@ def _embedding_rules(mc: ModelConfig, embed: str, head: str, pos: str | None) ->
     return rules
 
 
-def _norm_rules(mc: ModelConfig, mcore: str, hf: str, plus_one: bool = False) -> list[TensorRule]:
-    h = mc.hidden_size
+def _norm_rules(mc: ModelConfig, mcore: str, hf: str, plus_one: bool = False, size: int | None = None
+                ) -> list[TensorRule]:
+    h = size or mc.hidden_size
     rules = [_rule(f"{mcore}.weight", [f"{hf}.weight"], [(h,)], (h,), Layout.REPLICATED,
                    _plus_one if plus_one else None, _minus_one if plus_one else None)]
     if mc.normalization == "LayerNorm":
@@ -167,8 +170,8 @@ def _bias_rule(mc: ModelConfig, mcore: str, hf: list[str], shapes, mcore_rows: i
     return [_zero_rule(mcore, (mcore_rows,), layout, what)] if mc.add_bias_linear else []
 
 
-def _llama_like_layer(mc: ModelConfig, i: int, plus_one: bool) -> list[TensorRule]:
-    """LLaMA / Qwen2 / Nemotron decoder layer i (HF ``model.layers.i``)."""
+def _llama_like_layer(mc: ModelConfig, i: int, plus_one: bool, moe: "MoENames | None" = None) -> list[TensorRule]:
+    """LLaMA / Qwen2 / Qwen3 / Mistral / Nemotron / MoE decoder layer i (HF ``model.layers.i``)."""
     h, H, G, d, f = mc.hidden_size, mc.num_attention_heads, mc.num_query_groups, mc.kv_channels, mc.ffn_hidden_size
     p, a, m = f"decoder.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
     qkv_rows = (H + 2 * G) * d
@@ -181,32 +184,80 @@ def _llama_like_layer(mc: ModelConfig, i: int, plus_one: bool) -> list[TensorRul
     rules += _bias_rule(mc, p + "self_attention.linear_qkv.bias", [a + "q_proj.bias", a + "k_proj.bias",
                         a + "v_proj.bias"], [(H * d,), (G * d,), (G * d,)], qkv_rows, mc.qkv_bias,
                         Layout.COLUMN, qkv_in, qkv_out, "q/k/v bias")
+    if mc.qk_layernorm:  # Qwen3: one norm over the head dimension, shared by all heads
+        rules += _norm_rules(mc, p + "self_attention.q_layernorm", a + "q_norm", plus_one, size=d)
+        rules += _norm_rules(mc, p + "self_attention.k_layernorm", a + "k_norm", plus_one, size=d)
     rules.append(_rule(p + "self_attention.linear_proj.weight", [a + "o_proj.weight"], [(h, H * d)], (h, H * d),
                        Layout.ROW))
     rules += _bias_rule(mc, p + "self_attention.linear_proj.bias", [a + "o_proj.bias"], [(h,)], h, mc.proj_bias,
                         Layout.REPLICATED, what="o_proj bias")
     rules += _norm_rules(mc, p + "pre_mlp_layernorm", f"model.layers.{i}.post_attention_layernorm", plus_one)
+    if mc.is_moe:
+        return rules + _moe_rules(mc, i, moe or MoENames())
+    return rules + _mlp_rules(mc, p + "mlp.", m, f)
+
+
+def _mlp_rules(mc: ModelConfig, p: str, m: str, f: int, names=("gate_proj", "up_proj", "down_proj"),
+               biases: bool = True) -> list[TensorRule]:
+    """An MLP (megatron ``{p}linear_fc1/2``) from HF ``{m}{gate, up, down}.weight``; SwiGLU's [gate; up] fused."""
+    h = mc.hidden_size
+    gate, up, down = (m + n for n in names)
+    rules = []
     if mc.gated:
         cat = lambda ts: torch.cat(ts)  # noqa: E731
         split = lambda t: [c.contiguous() for c in t.chunk(2)]  # noqa: E731
-        rules.append(_rule(p + "mlp.linear_fc1.weight", [m + "gate_proj.weight", m + "up_proj.weight"],
+        rules.append(_rule(p + "linear_fc1.weight", [gate + ".weight", up + ".weight"],
                            [(f, h), (f, h)], (2 * f, h), Layout.SWIGLU, cat, split))
-        rules += _bias_rule(mc, p + "mlp.linear_fc1.bias", [m + "gate_proj.bias", m + "up_proj.bias"],
-                            [(f,), (f,)], 2 * f, mc.mlp_bias, Layout.SWIGLU, cat, split, "MLP bias")
+        if biases:
+            rules += _bias_rule(mc, p + "linear_fc1.bias", [gate + ".bias", up + ".bias"],
+                                [(f,), (f,)], 2 * f, mc.mlp_bias, Layout.SWIGLU, cat, split, "MLP bias")
     else:
-        rules.append(_rule(p + "mlp.linear_fc1.weight", [m + "up_proj.weight"], [(f, h)], (f, h), Layout.COLUMN))
-        rules += _bias_rule(mc, p + "mlp.linear_fc1.bias", [m + "up_proj.bias"], [(f,)], f, mc.mlp_bias,
-                            Layout.COLUMN, what="MLP bias")
-    rules.append(_rule(p + "mlp.linear_fc2.weight", [m + "down_proj.weight"], [(h, f)], (h, f), Layout.ROW))
-    rules += _bias_rule(mc, p + "mlp.linear_fc2.bias", [m + "down_proj.bias"], [(h,)], h, mc.mlp_bias,
-                        Layout.REPLICATED, what="MLP bias")
+        rules.append(_rule(p + "linear_fc1.weight", [up + ".weight"], [(f, h)], (f, h), Layout.COLUMN))
+        if biases:
+            rules += _bias_rule(mc, p + "linear_fc1.bias", [up + ".bias"], [(f,)], f, mc.mlp_bias,
+                                Layout.COLUMN, what="MLP bias")
+    rules.append(_rule(p + "linear_fc2.weight", [down + ".weight"], [(h, f)], (h, f), Layout.ROW))
+    if biases:
+        rules += _bias_rule(mc, p + "linear_fc2.bias", [down + ".bias"], [(h,)], h, mc.mlp_bias,
+                            Layout.REPLICATED, what="MLP bias")
     return rules
 
 
-def _llama_like_rules(mc: ModelConfig, plus_one: bool = False) -> list[TensorRule]:
+@dataclass(frozen=True)
+class MoENames:
+    """Where a Hugging Face MoE block keeps its tensors: ``model.layers.i.{block}.gate.weight`` (router),
+    ``...{block}.experts.{e}.{gate, up, down}.weight``, ``...{block}.shared_expert.{gate_proj, up_proj,
+    down_proj}.weight`` and ``...{block}.shared_expert_gate.weight`` (Qwen2-MoE)."""
+
+    block: str = "mlp"
+    expert: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+
+MIXTRAL_NAMES = MoENames("block_sparse_moe", ("w1", "w3", "w2"))
+
+
+def _moe_rules(mc: ModelConfig, i: int, names: MoENames) -> list[TensorRule]:
+    """Layer i's MoE block -> megatron-core's MoELayer (local spec, SequentialMLP): ``mlp.router.weight``
+    [E, h], expert e's MLP as ``mlp.experts.local_experts.{e}`` (e: GLOBAL expert index; a rank holds
+    experts ep_rank * E/EP ...), ``mlp.shared_experts`` and its ``gate_weight`` [1, h]."""
+    h, E = mc.hidden_size, mc.num_experts
+    p, m = f"decoder.layers.{i}.mlp.", f"model.layers.{i}.{names.block}."
+    rules = [_rule(p + "router.weight", [m + "gate.weight"], [(E, h)], (E, h), Layout.REPLICATED)]
+    for e in range(E):
+        rules += _mlp_rules(mc, f"{p}experts.local_experts.{e}.", f"{m}experts.{e}.", mc.ffn_hidden_size,
+                            names.expert, biases=False)
+    if mc.shared_expert_size is not None:
+        rules += _mlp_rules(mc, p + "shared_experts.", m + "shared_expert.", mc.shared_expert_size, biases=False)
+        if mc.shared_expert_gate:
+            rules.append(_rule(p + "shared_experts.gate_weight", [m + "shared_expert_gate.weight"], [(1, h)], (1, h),
+                               Layout.REPLICATED))
+    return rules
+
+
+def _llama_like_rules(mc: ModelConfig, plus_one: bool = False, moe: MoENames | None = None) -> list[TensorRule]:
     rules = _embedding_rules(mc, "model.embed_tokens.weight", "lm_head.weight", None)
     for i in range(mc.num_layers):
-        rules += _llama_like_layer(mc, i, plus_one)
+        rules += _llama_like_layer(mc, i, plus_one, moe)
     return rules + _norm_rules(mc, "decoder.final_layernorm", "model.norm", plus_one)
 
 
@@ -283,28 +334,81 @@ def _rope_to_hf(mc: ModelConfig) -> dict:
     return {"rope_parameters": params, **legacy}
 
 
-def _llama_config(cfg: dict, qwen2: bool = False) -> ModelConfig:
+# The LLaMA-style families: (dense attention/bias variant, MoE block) per model type.
+_ATTENTION = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral",
+              "mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
+_MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def _moe_config(cfg: dict, kind: str) -> dict:
+    """ModelConfig's MoE fields from a Mixtral / Qwen2-MoE / Qwen3-MoE config.json."""
+    if kind == "mixtral":  # softmax, top-k, renormalised: the softmax over the top-k logits
+        experts = cfg.get("num_local_experts", cfg.get("num_experts"))
+        return dict(num_experts=experts, moe_topk=cfg["num_experts_per_tok"], moe_pre_softmax=False,
+                    ffn_hidden_size=cfg["intermediate_size"])
+    if cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers"):
+        raise _unsupported(f"decoder_sparse_step {cfg.get('decoder_sparse_step')} / mlp_only_layers "
+                           f"{cfg.get('mlp_only_layers')}", "dense MLP layers between MoE layers are not mapped; "
+                           "every layer must be MoE (decoder_sparse_step 1, mlp_only_layers [])")
+    shared = cfg.get("shared_expert_intermediate_size") if kind == "qwen2_moe" else None
+    return dict(num_experts=cfg.get("num_experts", cfg.get("num_local_experts")), moe_topk=cfg["num_experts_per_tok"],
+                moe_pre_softmax=not cfg.get("norm_topk_prob", False), ffn_hidden_size=cfg["moe_intermediate_size"],
+                shared_expert_size=shared or None, shared_expert_gate=bool(shared))
+
+
+def _llama_config(cfg: dict, kind: str = "llama") -> ModelConfig:
+    """LLaMA-style config.json (``kind``: llama, qwen2, qwen3, mistral, mixtral, qwen2_moe, qwen3_moe) -> ModelConfig."""
+    attn = _ATTENTION[kind]
     if cfg.get("hidden_act", "silu") != "silu":
         raise _unsupported(f"hidden_act {cfg['hidden_act']!r}", "LLaMA-style MLPs must use silu (SwiGLU)")
-    if qwen2 and cfg.get("use_sliding_window"):
-        raise _unsupported("use_sliding_window=true", "sliding-window attention is not implemented")
+    if attn in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+        raise _unsupported("use_sliding_window=true", f"{kind}'s per-layer sliding window (max_window_layers) is "
+                           "not implemented; set it false (the released models do)")
+    window = cfg.get("sliding_window") if attn == "mistral" else None
     base, partial, scaling = _rope(cfg)
     heads = cfg["num_attention_heads"]
+    attn_bias = bool(cfg.get("attention_bias", False))
+    fields = dict(ffn_hidden_size=cfg["intermediate_size"]) if kind not in _MOE else _moe_config(cfg, kind)
     return ModelConfig(
         family="llama", num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],
-        ffn_hidden_size=cfg["intermediate_size"], num_attention_heads=heads,
-        num_query_groups=cfg.get("num_key_value_heads") or heads,
+        num_attention_heads=heads, num_query_groups=cfg.get("num_key_value_heads") or heads,
         kv_channels=cfg.get("head_dim") or cfg["hidden_size"] // heads, vocab_size=cfg["vocab_size"],
         max_position_embeddings=cfg["max_position_embeddings"], position_embedding="rope", rotary_base=base,
         rotary_percent=partial, rope_scaling=scaling, normalization="RMSNorm", norm_epsilon=cfg["rms_norm_eps"],
         activation="swiglu", tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=True if qwen2 else bool(cfg.get("attention_bias", False)),
-        proj_bias=False if qwen2 else bool(cfg.get("attention_bias", False)),
-        mlp_bias=False if qwen2 else bool(cfg.get("mlp_bias", False)),
-        init_method_std=float(cfg.get("initializer_range", 0.02)))
+        qkv_bias={"qwen2": True, "mistral": False}.get(attn, attn_bias),
+        proj_bias={"qwen2": False, "mistral": False}.get(attn, attn_bias),
+        mlp_bias=bool(cfg.get("mlp_bias", False)) if kind == "llama" else False,
+        init_method_std=float(cfg.get("initializer_range", 0.02)), qk_layernorm=attn == "qwen3",
+        sliding_window=int(window) if window is not None else None, **fields)
 
 
-def _llama_to_hf(mc: ModelConfig, base: dict) -> dict:
+def _moe_to_hf(mc: ModelConfig, base: dict, kind: str) -> dict:
+    if not mc.is_moe:
+        raise ConversionError(f"{kind} is a mixture-of-experts architecture and this model has a dense MLP: export "
+                              "it as llama, qwen2, qwen3 or mistral")
+    shared = mc.shared_expert_size is not None
+    if shared != (kind == "qwen2_moe") or (shared and not mc.shared_expert_gate):
+        raise ConversionError(f"{kind} {'has no' if shared else 'needs a gated'} shared expert: export this model as "
+                              f"{'qwen2_moe' if shared else 'mixtral or qwen3_moe'}")
+    if kind == "mixtral":
+        if mc.moe_pre_softmax:
+            raise ConversionError("Mixtral renormalises its top-k weights and this model does not: export it as "
+                                  "qwen3_moe (norm_topk_prob false)")
+        return {"num_local_experts": mc.num_experts, "num_experts_per_tok": mc.moe_topk,
+                "intermediate_size": mc.ffn_hidden_size}
+    out = {"num_experts": mc.num_experts, "num_experts_per_tok": mc.moe_topk, "norm_topk_prob": not mc.moe_pre_softmax,
+           "moe_intermediate_size": mc.ffn_hidden_size, "decoder_sparse_step": 1, "mlp_only_layers": [],
+           "intermediate_size": base.get("intermediate_size", mc.ffn_hidden_size)}  # (dense layers': none here)
+    if kind == "qwen3_moe":
+        out["num_local_experts"] = mc.num_experts  # transformers 5's name for num_experts
+    else:
+        out["shared_expert_intermediate_size"] = mc.shared_expert_size
+    return out
+
+
+def _llama_to_hf(mc: ModelConfig, base: dict, kind: str = "llama") -> dict:
+    attn = _ATTENTION[kind]
     out = {
         "hidden_size": mc.hidden_size, "intermediate_size": mc.ffn_hidden_size, "num_hidden_layers": mc.num_layers,
         "num_attention_heads": mc.num_attention_heads, "num_key_value_heads": mc.num_query_groups,
@@ -312,9 +416,28 @@ def _llama_to_hf(mc: ModelConfig, base: dict) -> dict:
         "rms_norm_eps": mc.norm_epsilon, "hidden_act": "silu", "tie_word_embeddings": mc.tie_word_embeddings,
         "initializer_range": mc.init_method_std, **_rope_to_hf(mc),
     }
-    if base.get("model_type") == "qwen2":
+    if kind in _MOE:
+        out.update(_moe_to_hf(mc, base, kind))
+    elif mc.is_moe:
+        raise ConversionError(f"this model has {mc.num_experts} experts per layer and {kind} none: export it as "
+                              "mixtral, qwen2_moe or qwen3_moe")
+    if mc.qk_layernorm != (attn == "qwen3"):
+        raise ConversionError(f"{kind} {'has no' if mc.qk_layernorm else 'needs'} QK-norm: export this model as "
+                              f"{'qwen3' if mc.qk_layernorm else 'llama'} instead")
+    if mc.sliding_window is not None and attn != "mistral":
+        raise ConversionError(f"this model has a sliding window ({mc.sliding_window}) and {kind} has none: export "
+                              "it as mistral")
+    if attn == "qwen2":
         if not mc.qkv_bias or mc.proj_bias or mc.mlp_bias:
-            raise ConversionError("Qwen2 has q/k/v biases only: export this model as llama instead")
+            raise ConversionError(f"{kind} has q/k/v biases only: export this model as llama instead")
+    elif attn == "mistral":
+        if mc.qkv_bias or mc.proj_bias or mc.mlp_bias:
+            raise ConversionError(f"{kind} has no biases: export this model as llama or qwen2 instead")
+        out["sliding_window"] = mc.sliding_window
+    elif attn == "qwen3":
+        if mc.qkv_bias != mc.proj_bias or mc.mlp_bias:
+            raise ConversionError(f"{kind}'s attention_bias needs q/k/v and o biases together and no MLP bias")
+        out.update(attention_bias=mc.qkv_bias)
     else:
         if mc.qkv_bias != mc.proj_bias:
             raise ConversionError("LlamaConfig.attention_bias needs q/k/v and o biases together: export as qwen2")
@@ -397,8 +520,15 @@ class Architecture:
 
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     Architecture("llama", "LlamaForCausalLM", "llama", _llama_config, _llama_to_hf, _llama_like_rules),
-    Architecture("qwen2", "Qwen2ForCausalLM", "llama", lambda c: _llama_config(c, qwen2=True), _llama_to_hf,
-                 _llama_like_rules),
+    *(Architecture(kind, cls, "llama", functools.partial(_llama_config, kind=kind),
+                   functools.partial(_llama_to_hf, kind=kind),
+                   _llama_like_rules)
+      for kind, cls in (("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"), ("mistral", "MistralForCausalLM"))),
+    Architecture("mixtral", "MixtralForCausalLM", "llama", functools.partial(_llama_config, kind="mixtral"),
+                 functools.partial(_llama_to_hf, kind="mixtral"), lambda mc: _llama_like_rules(mc, moe=MIXTRAL_NAMES)),
+    *(Architecture(kind, cls, "llama", functools.partial(_llama_config, kind=kind),
+                   functools.partial(_llama_to_hf, kind=kind), _llama_like_rules)
+      for kind, cls in (("qwen2_moe", "Qwen2MoeForCausalLM"), ("qwen3_moe", "Qwen3MoeForCausalLM"))),
     Architecture("gpt2", "GPT2LMHeadModel", "gpt", _gpt2_config, _gpt2_to_hf, _gpt2_rules, "transformer."),
     Architecture("nemotron", "NemotronForCausalLM", "nemotron", _nemotron_config, _nemotron_to_hf,
                  lambda mc: _llama_like_rules(mc, plus_one=True)),
@@ -406,9 +536,40 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
 DEFAULT_FOR_FAMILY = {"llama": "llama", "gpt": "gpt2", "nemotron": "nemotron"}
 
 
+def default_model_type(mc: ModelConfig) -> str:
+    """The HF model type a model is exported as when its original config.json is not known."""
+    if mc.family == "llama" and mc.is_moe:
+        return "qwen2_moe" if mc.shared_expert_size else "qwen3_moe" if mc.qk_layernorm or mc.moe_pre_softmax \
+            else "mixtral"
+    if mc.family == "llama":
+        if mc.qk_layernorm:
+            return "qwen3"
+        if mc.sliding_window is not None:
+            return "mistral"
+    return DEFAULT_FOR_FAMILY[mc.family]
+
+
+def model_type_of(mc: ModelConfig, hf_config: dict | None) -> str:
+    """The HF model type of a converted model: its original config's, else ``default_model_type``."""
+    return (hf_config or {}).get("model_type") or default_model_type(mc)
+
+
+# Architectures users ask for that are known not to map (yet), and why.
+UNSUPPORTED = {
+    "deepseek_v2": "multi-head latent attention (MLA) and group-limited routing are not mapped",
+    "deepseek_v3": "multi-head latent attention (MLA), sigmoid routing with expert bias and dense first layers are "
+                   "not mapped",
+    "qwen3_next": "its hybrid linear attention (Gated DeltaNet) has no megatron-core local layer",
+    "gpt_oss": "attention sinks and its clamped SwiGLU experts are not mapped",
+}
+
+
 def architecture_for(hf_config: dict) -> Architecture:
     """The ``Architecture`` of a ``config.json`` dict, or a ConversionError naming the supported ones."""
     model_type = hf_config.get("model_type")
+    if model_type in UNSUPPORTED:
+        raise _unsupported(f"model_type {model_type!r}", f"{UNSUPPORTED[model_type]}; supported model types are "
+                           f"{', '.join(sorted(ARCHITECTURES))}")
     if model_type not in ARCHITECTURES:
         archs = hf_config.get("architectures") or ["?"]
         raise ConversionError(
@@ -432,7 +593,7 @@ def hf_config_from_model_config(mc: ModelConfig, original: dict | None, dtype: s
     """A ``config.json`` dict for ``mc``: the original HF config (token ids etc.) with the architecture
     fields rewritten from ``mc``."""
     original = dict(original or {})
-    arch = ARCHITECTURES[original.get("model_type") or DEFAULT_FOR_FAMILY[mc.family]]
+    arch = ARCHITECTURES[model_type_of(mc, original)]
     out = {k: v for k, v in original.items() if k not in ("rope_scaling", "rope_theta", "torch_dtype")}
     out.update(arch.to_hf_config(mc, original))
     out.update(model_type=arch.model_type, architectures=[arch.hf_class],

@@ -12,10 +12,11 @@ import os
 import time
 from pathlib import Path
 
-from maskllm_megatron.convert.checkpoint import TOKENIZER_DIR, CheckpointInfo, global_param_names, init_parallel
+from maskllm_megatron.convert.checkpoint import (TOKENIZER_DIR, CheckpointInfo, global_param_names, init_parallel,
+                                                 tp_group_of)
 from maskllm_megatron.convert.io import (ConversionError, ShardWriter, atomic_dir, check_output, copy_tokenizer,
                                          progress)
-from maskllm_megatron.convert.mapping import ARCHITECTURES, DEFAULT_FOR_FAMILY, hf_config_from_model_config
+from maskllm_megatron.convert.mapping import ARCHITECTURES, hf_config_from_model_config, model_type_of
 from maskllm_megatron.megatron.model_builder import DTYPES
 
 
@@ -24,7 +25,6 @@ def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, max_shard_bytes: int = 5 
     """Export ``ckpt_dir`` to the Hugging Face folder ``out`` (written atomically); return ``out``."""
     import torch
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
     from maskllm_megatron.convert.checkpoint import load_mcore_model
 
@@ -33,11 +33,11 @@ def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, max_shard_bytes: int = 5 
     check_output(out, overwrite, "maskllm-convert", [ckpt_dir])
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     init_parallel(tp=world, pp=1)
-    rank, tp_group = dist.get_rank(), parallel_state.get_tensor_model_parallel_group()
+    rank = dist.get_rank()
     t0 = time.time()
     model, info = load_mcore_model(ckpt_dir)
     params = global_param_names(model)
-    model_type = info.hf_config.get("model_type") or DEFAULT_FOR_FAMILY[info.model.family]
+    model_type = model_type_of(info.model, info.hf_config)
     rules = [r for r in ARCHITECTURES[model_type].rules(info.model) if r.export]
     hf_config = hf_config_from_model_config(info.model, info.hf_config, info.dtype)
     dtype = DTYPES[info.dtype]
@@ -49,7 +49,7 @@ def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, max_shard_bytes: int = 5 
             for i, rule in enumerate(rules, 1):
                 local = params[rule.mcore].detach()
                 parts = [torch.empty_like(local) for _ in range(world)]
-                dist.all_gather(parts, local.contiguous(), group=tp_group)
+                dist.all_gather(parts, local.contiguous(), group=tp_group_of(rule.mcore))
                 tensors = rule.to_hf(rule.layout.unshard(parts))
                 del parts
                 if writer is not None:

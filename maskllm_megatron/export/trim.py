@@ -35,7 +35,7 @@ import torch
 
 from maskllm_megatron.convert.checkpoint import TOKENIZER_DIR, CheckpointInfo, global_param_names, init_parallel
 from maskllm_megatron.convert.io import ConversionError, check_output, copy_tokenizer, mark_output, read_json
-from maskllm_megatron.convert.mapping import ARCHITECTURES, DEFAULT_FOR_FAMILY
+from maskllm_megatron.convert.mapping import ARCHITECTURES, model_type_of
 from maskllm_megatron.export.formats import (
     apply_mask_hf, global_sparsity, hf_weight_is_transposed, save_compressed_tensors, save_masks)
 from maskllm_megatron.masks import MaskConfig
@@ -95,7 +95,7 @@ class RunCheckpoint:
 
     @property
     def model_type(self) -> str:
-        return self.info.hf_config.get("model_type") or DEFAULT_FOR_FAMILY[self.info.model.family]
+        return model_type_of(self.info.model, self.info.hf_config)
 
     def sparsify_config(self):
         from maskllm_megatron.megatron.sparsify import SparsifyConfig

@@ -5,9 +5,11 @@ megatron-core's local ``DotProductAttention`` materialises the [b, heads, s, s] 
 backward as separate full-size kernels. Without Transformer Engine (every CPU run) that is about a
 third of a SmolLM2 training step. ``SDPAttention`` keeps the parent's constructor, parameters and
 checkpoint layout and only replaces the arithmetic with PyTorch's fused SDPA (flash-attention
-kernel on CPU, flash/memory-efficient kernels on GPU), GQA included. Features SDPA cannot express
-here (attention dropout under megatron's RNG tracker, sliding windows, softmax offsets, packed
-sequences) fall back to the parent's forward, so results never silently change.
+kernel on CPU, flash/memory-efficient kernels on GPU), GQA included. A causal sliding window
+(megatron's ``window_size`` = (left, 0), Mistral) becomes a boolean mask, or the causal kernel when
+the sequence fits in the window. Features SDPA cannot express here (attention dropout under
+megatron's RNG tracker, other windows, softmax offsets, packed sequences) fall back to the parent's
+forward, so results never silently change.
 """
 from __future__ import annotations
 
@@ -22,7 +24,14 @@ class SDPAttention(DotProductAttention):
     def _needs_parent(self, attention_bias, packed_seq_params) -> bool:
         dropout = self.attention_dropout.p if self.training else 0.0
         return (dropout > 0 or attention_bias is not None or packed_seq_params is not None
-                or self.softmax_offset is not None or self.scale_mask_softmax.window_size is not None)
+                or self.softmax_offset is not None or self._window() not in (None, "causal"))
+
+    def _window(self):
+        """None (no window), "causal" (a causal window (left, 0): handled here), or the window itself."""
+        window = self.scale_mask_softmax.window_size
+        if window is None:
+            return None
+        return "causal" if window[1] == 0 and window[0] >= 0 else window
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -36,10 +45,17 @@ class SDPAttention(DotProductAttention):
             scale = scale * self.layer_number  # its softmax multiplies it back: the net scale is unchanged
         # [s, b, heads, hn] -> [b, heads, s, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        if attention_mask is None:
-            keep, causal = None, True
-        else:
-            keep, causal = ~attention_mask, False
+        sq, sk = q.shape[2], k.shape[2]
+        left = self.scale_mask_softmax.window_size[0] if self._window() == "causal" else None
+        if left is not None and sk - 1 <= left:
+            left = None  # the whole sequence fits in the window
+        keep = None if attention_mask is None else ~attention_mask
+        if left is not None:
+            qi = torch.arange(sk - sq, sk, device=q.device).unsqueeze(1)  # query positions (end-aligned)
+            ki = torch.arange(sk, device=q.device).unsqueeze(0)
+            window = (ki <= qi) & (ki >= qi - left)
+            keep = window if keep is None else keep & window
+        causal = keep is None
         in_dtype = q.dtype
         if self.config.attention_softmax_in_fp32 and in_dtype != torch.float32 and q.device.type == "cpu":
             q, k, v = q.float(), k.float(), v.float()  # CPU half kernels are slow and less accurate

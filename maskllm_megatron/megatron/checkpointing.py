@@ -14,6 +14,7 @@ code); the driver's plain values are JSON (``checkpoint_files.write_extra`` / ``
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -162,6 +163,12 @@ def _unshare_adam_steps(optimizer) -> None:
                 seen.add(id(state["step"]))
 
 
+def _is_optimizer_key(key: str) -> bool:
+    """An optimizer-state tensor's key: ``optimizer.*``, or ``chained_<i>.optimizer.*`` when megatron chains
+    several optimizers (a mixture-of-experts model's expert-parallel parameters get their own)."""
+    return key.startswith("optimizer.") or re.match(r"chained_\d+\.optimizer\.", key) is not None
+
+
 def load_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, optimizer=None) -> dict:
     """Load ``ckpt_dir`` into ``model`` (and ``optimizer``) at this rank's layout.
 
@@ -172,7 +179,7 @@ def load_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, optimizer=None
         raise CheckpointMismatch(f"{ckpt_dir} is not a complete dist_checkpointing checkpoint (no metadata.json): "
                                  "point at a checkpoint folder, not a partial or parent one")
     saved = load_tensors_metadata(ckpt_dir)
-    if optimizer is not None and not any(k.startswith("optimizer.") for k in saved):
+    if optimizer is not None and not any(_is_optimizer_key(k) for k in saved):
         optimizer = None  # saved without optimizer state (e.g. a prior-only run): the optimizer starts fresh
     model_sharded = model.sharded_state_dict()
     if _prepare_prior_buffers(model, model_sharded, saved):

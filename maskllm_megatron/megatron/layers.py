@@ -15,6 +15,11 @@ replaced by the sampled masked weight (training) or ``W * hard_mask`` (eval). Gr
 fusion is switched off for the masked weight only: it is a fresh tensor whose gradient flows by autograd
 to the logits (and to ``W`` when trained jointly).
 
+A routed expert's linears (megatron's ``SequentialMLP``) are sharded over the expert-tensor-parallel group
+(their ``tp_group``) and live on one expert-parallel rank; ``SequentialMLP.sharded_state_dict`` adds the
+global expert axis to every tensor its experts declare, logits included, so a checkpoint saved at EP=2 loads
+at EP=1.
+
 Noise and initial logits are drawn from counter-based streams at GLOBAL positions (see
 ``maskllm_megatron.masks.rng``), so TP=1 and TP=2 sample identical masks. For a gated MLP's fused
 ``linear_fc1`` ([gate; up] rows) set ``gated_halves=True``: the global row of a local row is then
@@ -72,6 +77,11 @@ class _MaskedLinearMixin:
         # over data-parallel ranks (the memory layout measured in benchmarks/RESULTS.md).
         self.mask_logits = torch.nn.Parameter(logits.to(self.weight.device, self.config.params_dtype))
         set_tensor_model_parallel_attributes(self.mask_logits, True, self.partition_dim, 1)
+        # A routed expert's weight under expert parallelism is not all-reduced over the whole data-parallel group
+        # (other EP ranks hold other experts) but over the expert-data-parallel one: megatron's DDP and optimizer
+        # read this attribute, so the logits follow their weight.
+        if hasattr(self.weight, "allreduce"):
+            self.mask_logits.allreduce = self.weight.allreduce
         # the global positions that key the noise, kept on the logits' device (no copy per forward)
         self.register_buffer("noise_row_ids", self.global_row_ids().to(self.weight.device), persistent=False)
         self.register_buffer("noise_group_ids", self.global_group_ids().to(self.weight.device), persistent=False)

@@ -6,8 +6,14 @@ given parallel layout, and ``build_gpt_model`` builds megatron-core's own ``GPTM
 ``get_gpt_layer_local_spec``. Three families are covered:
 
 - ``gpt``: GPT-2/GPT-3 style: learned absolute positions, LayerNorm, GeLU (tanh), biases, tied head.
-- ``llama``: LLaMA-2/3 style (also Qwen2, SmolLM2): RoPE (optionally LLaMA-3 scaled), RMSNorm,
-  SwiGLU, grouped-query attention, tied or untied head, optional attention biases.
+- ``llama``: LLaMA-2/3 style (also Qwen2, Qwen3, Mistral, SmolLM2): RoPE (optionally LLaMA-3 scaled),
+  RMSNorm, SwiGLU, grouped-query attention, tied or untied head, optional attention biases, optional
+  QK-norm (Qwen3: megatron's ``qk_layernorm``) and causal sliding window (Mistral: ``window_size``).
+- mixture of experts (``num_experts``; Mixtral, Qwen2-MoE, Qwen3-MoE): every layer's MLP is megatron-core's
+  ``MoELayer`` from the local spec: a top-k router, ``SequentialMLP`` experts (each a SwiGLU MLP whose
+  linears are Column/RowParallelLinear, so they can be masked), optionally a gated shared expert.
+  Expert parallel (EP) ranks hold ``num_experts / EP`` experts each; ``global_expert_name`` turns a
+  rank's local expert index into the global one.
 - ``nemotron``: Nemotron-4 style: squared-ReLU MLP without gate, LayerNorm1p, partial RoPE.
   megatron-core's torch norm wrapper refuses ``layernorm_zero_centered_gamma``; since
   ``norm(x) * (1 + w) + b`` equals a plain LayerNorm with weight ``w + 1``, the converter stores
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -92,6 +99,16 @@ class ModelConfig:
     proj_bias: bool = False
     mlp_bias: bool = False
     init_method_std: float = 0.02
+    qk_layernorm: bool = False  # Qwen3: a norm over each head's queries and keys before RoPE
+    sliding_window: int | None = None  # Mistral: each token attends to itself and the window - 1 before it
+    # Mixture of experts (every layer's MLP; ffn_hidden_size is then each expert's intermediate size)
+    num_experts: int | None = None  # routed experts per layer; None: a dense MLP
+    moe_topk: int = 2  # experts per token
+    # True: weights = softmax over all experts, taken at the top k (not renormalised; Qwen2-MoE, Qwen3-MoE
+    # with norm_topk_prob false); False: softmax over the top-k logits (renormalised; Mixtral, norm_topk_prob)
+    moe_pre_softmax: bool = False
+    shared_expert_size: int | None = None  # intermediate size of a shared expert every token passes (Qwen2-MoE)
+    shared_expert_gate: bool = False  # the shared expert's output scaled by sigmoid(x . g) per token
 
     def __post_init__(self) -> None:
         if self.num_query_groups is None:
@@ -135,12 +152,33 @@ class ModelConfig:
             raise ModelConfigError("rope_scaling is set but position_embedding is not 'rope'")
         if self.normalization not in ("RMSNorm", "LayerNorm"):
             raise ModelConfigError(f"unknown normalization {self.normalization!r}: use RMSNorm or LayerNorm")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ModelConfigError(f"sliding_window must be >= 1 or None (full attention), got {self.sliding_window}")
+        if self.num_experts is None:
+            if self.shared_expert_size is not None or self.shared_expert_gate:
+                raise ModelConfigError("shared_expert_size / shared_expert_gate need num_experts (a MoE model)")
+        else:
+            if self.num_experts < 1 or not 1 <= self.moe_topk <= self.num_experts:
+                raise ModelConfigError(f"num_experts {self.num_experts} and moe_topk {self.moe_topk}: need "
+                                       "1 <= moe_topk <= num_experts")
+            if self.add_bias_linear:
+                raise ModelConfigError("a mixture-of-experts model with linear (o_proj / MLP) biases is not "
+                                       "supported (megatron-core keeps expert biases only without expert TP)")
+            if self.shared_expert_gate and self.shared_expert_size is None:
+                raise ModelConfigError("shared_expert_gate needs shared_expert_size")
+            if self.shared_expert_size is not None and self.shared_expert_size < 1:
+                raise ModelConfigError(f"shared_expert_size must be >= 1, got {self.shared_expert_size}")
 
-    def validate_parallel(self, tp: int, pp: int = 1) -> None:
-        """Check that ``tp`` x ``pp`` can shard this model; raise naming the fix if not."""
-        if tp < 1 or pp < 1:
-            raise ModelConfigError(f"tensor/pipeline parallel sizes must be >= 1, got tp={tp} pp={pp}")
-        for name in self.TP_SHARDED:
+    def validate_parallel(self, tp: int, pp: int = 1, ep: int = 1) -> None:
+        """Check that ``tp`` x ``pp`` (x ``ep`` expert-parallel) can shard this model; raise naming the fix if not."""
+        if tp < 1 or pp < 1 or ep < 1:
+            raise ModelConfigError(f"tensor/pipeline/expert parallel sizes must be >= 1, got tp={tp} pp={pp} ep={ep}")
+        if ep > 1 and self.num_experts is None:
+            raise ModelConfigError(f"expert-parallel size {ep} for a model without experts: use ep=1")
+        if self.num_experts is not None and self.num_experts % ep:
+            raise ModelConfigError(f"expert-parallel size {ep} does not divide num_experts={self.num_experts}: use a "
+                                   f"divisor of {self.num_experts}")
+        for name in self._tp_sharded():
             value = getattr(self, name)
             if value % tp:
                 raise ModelConfigError(f"tensor-parallel size {tp} does not divide {name}={value}: this model "
@@ -151,9 +189,16 @@ class ModelConfig:
 
     TP_SHARDED = ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "padded_vocab_size")
 
+    def _tp_sharded(self) -> tuple[str, ...]:
+        return self.TP_SHARDED + (("shared_expert_size",) if self.shared_expert_size is not None else ())
+
     def tensor_parallel_sizes(self, limit: int = 64) -> list[int]:
         """The tensor-parallel sizes up to ``limit`` that divide every sharded dimension."""
-        return [d for d in range(1, limit + 1) if all(getattr(self, n) % d == 0 for n in self.TP_SHARDED)]
+        return [d for d in range(1, limit + 1) if all(getattr(self, n) % d == 0 for n in self._tp_sharded())]
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
 
     @property
     def gated(self) -> bool:
@@ -170,8 +215,14 @@ class ModelConfig:
         h, f, L = self.hidden_size, self.ffn_hidden_size, self.num_layers
         q, kv = self.num_attention_heads * self.kv_channels, self.num_query_groups * self.kv_channels
         norm = h * (2 if self.normalization == "LayerNorm" else 1)
-        layer = h * (q + 2 * kv) + q * h + h * f * (2 if self.gated else 1) + f * h + 2 * norm
+        mlp = h * f * (2 if self.gated else 1) + f * h
+        if self.is_moe:  # router, experts, the shared expert and its gate
+            shared = self.shared_expert_size or 0
+            mlp = self.num_experts * (h + mlp) + shared * h * (2 if self.gated else 1) + shared * h
+            mlp += h * self.shared_expert_gate
+        layer = h * (q + 2 * kv) + q * h + mlp + 2 * norm
         layer += (q + 2 * kv) * self.qkv_bias + h * self.proj_bias + (f * (2 if self.gated else 1) + h) * self.mlp_bias
+        layer += 2 * self.kv_channels * self.qk_layernorm
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         pos = self.max_position_embeddings * h if self.position_embedding == "learned_absolute" else 0
         return L * layer + emb + pos + norm
@@ -197,14 +248,16 @@ class ModelConfig:
 
     # ----------------------------------------------------------------------------------------
     def to_transformer_config(self, tp: int = 1, pp: int = 1, dtype: str | torch.dtype = "fp32",
-                              **overrides: Any):
-        """megatron-core ``TransformerConfig`` for this model at tensor/pipeline parallel ``tp``/``pp``.
+                              ep: int = 1, **overrides: Any):
+        """megatron-core ``TransformerConfig`` for this model at tensor/pipeline/expert parallel ``tp``/``pp``/``ep``.
 
-        Dropouts are 0 and fusions off (CPU friendly, deterministic); ``overrides`` are passed on.
+        Dropouts are 0 and fusions off (CPU friendly, deterministic); ``overrides`` are passed on. MoE: the
+        router's linear, softmax and top-k run in fp32 (``moe_router_dtype``), no auxiliary loss (the router
+        is frozen during mask learning), no token dropping, experts' TP = TP.
         """
         from megatron.core.transformer.transformer_config import TransformerConfig
 
-        self.validate_parallel(tp, pp)
+        self.validate_parallel(tp, pp, ep)
         torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         kwargs: dict[str, Any] = dict(
             num_layers=self.num_layers,
@@ -237,9 +290,31 @@ class ModelConfig:
             bf16=torch_dtype == torch.bfloat16,
             fp16=torch_dtype == torch.float16,
             use_cpu_initialization=not torch.cuda.is_available(),
+            qk_layernorm=self.qk_layernorm,
+            # megatron's window (left, right): the token itself and sliding_window - 1 before it (HF's window)
+            window_size=(self.sliding_window - 1, 0) if self.sliding_window is not None else None,
         )
+        if self.is_moe:
+            kwargs.update(
+                num_moe_experts=self.num_experts, moe_ffn_hidden_size=self.ffn_hidden_size,
+                moe_router_topk=self.moe_topk, moe_router_pre_softmax=self.moe_pre_softmax,
+                moe_shared_expert_intermediate_size=self.shared_expert_size,
+                moe_shared_expert_gate=self.shared_expert_gate, moe_router_dtype="fp32",
+                moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+                moe_token_dispatcher_type="allgather", moe_grouped_gemm=False, expert_model_parallel_size=ep)
         kwargs.update(overrides)
         return TransformerConfig(**kwargs)
+
+
+def _router_without_transformer_engine() -> None:
+    """megatron-core 0.16.1's router linear (``moe_utils.RouterGatingLinearFunction``) tests
+    ``te_general_gemm is not None``, a name only defined when Transformer Engine imports: without TE (every
+    CPU run, a GPU without TE) the first MoE forward raises NameError. Defining it as None takes the
+    torch.mm path the code has for that case."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not getattr(moe_utils, "HAVE_TE", True) and not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def build_gpt_model(model_config: ModelConfig, transformer_config=None, *, tp: int | None = None,
@@ -262,12 +337,16 @@ def build_gpt_model(model_config: ModelConfig, transformer_config=None, *, tp: i
     tp = parallel_state.get_tensor_model_parallel_world_size() if tp is None else tp
     pp = parallel_state.get_pipeline_model_parallel_world_size() if pp is None else pp
     if transformer_config is None:
-        transformer_config = model_config.to_transformer_config(tp, pp, dtype)
+        transformer_config = model_config.to_transformer_config(
+            tp, pp, dtype, ep=parallel_state.get_expert_model_parallel_world_size())
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    spec = get_gpt_layer_local_spec(normalization=model_config.normalization)
+    if model_config.is_moe:
+        _router_without_transformer_engine()
+    spec = get_gpt_layer_local_spec(num_experts=model_config.num_experts, moe_grouped_gemm=False,
+                                    qk_layernorm=model_config.qk_layernorm, normalization=model_config.normalization)
     if attention == "sdpa":
         from .attention import SDPAttention
 
@@ -330,6 +409,31 @@ def _block_spec(layer_spec, transformer_config, vp_stage):
     layers = get_num_layers_to_build(transformer_config, vp_stage)
     return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
         layer_specs=[layer_spec] * layers, layer_norm=TorchNorm))
+
+
+_LOCAL_EXPERT = re.compile(r"(experts\.local_experts\.)(\d+)(?=\.|$)")
+
+
+def expert_offset(model) -> int:
+    """The global index of this rank's first expert: expert-parallel rank r holds experts r * E / EP, ...
+    (0 for a dense model)."""
+    from megatron.core import parallel_state
+
+    experts = getattr(getattr(model, "config", None), "num_moe_experts", None)
+    if not experts:
+        return 0
+    return parallel_state.get_expert_model_parallel_rank() * (experts // parallel_state.get_expert_model_parallel_world_size())
+
+
+def global_expert_name(name: str, offset: int) -> str:
+    """``...experts.local_experts.<local>...`` with the GLOBAL expert index (``offset`` + local)."""
+    return _LOCAL_EXPERT.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + offset}", name) if offset else name
+
+
+def is_expert_name(name: str) -> bool:
+    """Whether a module / parameter name is inside a routed expert (sharded over expert-parallel ranks and
+    expert-tensor-parallel ranks)."""
+    return ".experts.local_experts." in name
 
 
 def gpt_forward(model, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

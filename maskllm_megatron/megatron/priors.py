@@ -19,7 +19,9 @@ What each method computes under tensor parallelism (the result equals the TP=1 r
   again before every rank keeps its own column slice.
 
 Pipeline parallel calibration is not supported (build the model at PP=1 for this step; the resulting
-checkpoint loads at any PP). Every data-parallel rank runs the same batches.
+checkpoint loads at any PP). Every data-parallel rank runs the same batches. Under expert parallelism the
+dispatcher gathers the (identical) tokens of the EP ranks, so each routed expert's statistics hold every
+routed token EP times: the same averages, hence the same masks (SparseGPT's summed error is EP times larger).
 """
 from __future__ import annotations
 
@@ -151,10 +153,11 @@ def _solve_full_width(layer: _MaskedLinearMixin, stats: InputStats, solve, mask:
 def _layer_mask(layer: _MaskedLinearMixin, stats: InputStats,
                 cfg: PriorConfig) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[float]]:
     """(local {0,1} mask, updated local weight or None, SparseGPT's reconstruction error of the rows this
-    rank pruned or None) for one masked linear. The errors of a layer's TP ranks add up to its TP=1 error."""
+    rank pruned or None) for one masked linear. The errors of a layer's TP ranks add up to its TP=1 error.
+    A routed expert that no calibration token reached gets the magnitude mask (``unreached_expert``)."""
     spec: NMSpec = layer.nm
     W = layer.weight.detach()
-    if cfg.method == "magnitude":
+    if cfg.method == "magnitude" or (stats.nsamples == 0 and unreached_expert(layer)):
         return magnitude_mask(W, spec), None, None
     if stats.nsamples == 0:
         raise ValueError(f"{layer.mask_layer_id}: no calibration tokens reached this layer: {cfg.method} needs "
@@ -169,6 +172,13 @@ def _layer_mask(layer: _MaskedLinearMixin, stats: InputStats,
     mask, new_w, (before, after, rows_mask) = _solve_full_width(layer, stats, solve)
     error = reconstruction_error(before, after * rows_mask.to(after.dtype), stats)
     return mask, (new_w if cfg.update_weights else None), error
+
+
+def unreached_expert(layer: _MaskedLinearMixin) -> bool:
+    """Whether ``layer`` is in a routed expert (its calibration inputs are the tokens routed to it, possibly none)."""
+    from .model_builder import is_expert_name
+
+    return is_expert_name(layer.mask_layer_id)
 
 
 def calibrate_blockwise(model: torch.nn.Module, batches: Iterable, needs_hessian: bool, solve_block,
@@ -258,7 +268,7 @@ def calibrate_blockwise(model: torch.nn.Module, batches: Iterable, needs_hessian
 
 @torch.no_grad()
 def compute_priors(model: torch.nn.Module, batches: Iterable, cfg: PriorConfig,
-                   strength: Optional[float] = None) -> dict[str, float]:
+                   strength: Optional[float] = None, fallbacks: Optional[list] = None) -> dict[str, float]:
     """Compute and store the one-shot prior of every masked layer of a sparsified ``model``.
 
     ``batches`` is a list of callables ``forward(model)`` that run the model on one calibration batch
@@ -267,14 +277,21 @@ def compute_priors(model: torch.nn.Module, batches: Iterable, cfg: PriorConfig,
     ``update_weights`` the weights get SparseGPT's OBS update. Returns, for SparseGPT, each layer's
     reconstruction error ``||X W^T - X (W*mask)^T||^2`` on its calibration inputs, for the whole layer
     (summed over tensor-parallel ranks: the same figure at any TP size).
+
+    Mixture of experts: each routed expert calibrates on the tokens the router sends it (the expert's
+    linears see exactly those); an expert no calibration token reached gets the magnitude mask, which is
+    printed, and its layer ids are appended to ``fallbacks`` when a list is given.
     """
     errors = {}
     layers = list(masked_layers(model))
     for layer in layers:
         layer.use_prior_mask = False
+    unreached = []
 
     def solve_block(block_layers, stats):
         for layer in block_layers:
+            if cfg.method != "magnitude" and stats[layer].nsamples == 0 and unreached_expert(layer):
+                unreached.append(layer.mask_layer_id)
             mask, new_w, error = _layer_mask(layer, stats[layer], cfg)
             if error is not None:
                 errors[layer.mask_layer_id] = all_reduce_floats([error], group=layer.tp_group)[0]
@@ -288,4 +305,9 @@ def compute_priors(model: torch.nn.Module, batches: Iterable, cfg: PriorConfig,
     finally:
         for layer in layers:
             layer.use_prior_mask = False
+    if unreached:
+        print(f"[maskllm] {cfg.method} prior: no calibration token was routed to {len(unreached)} expert linear(s) "
+              f"on this rank; they get the magnitude mask: {', '.join(unreached)}", flush=True)
+    if fallbacks is not None:
+        fallbacks.extend(unreached)
     return errors

@@ -7,8 +7,12 @@ re-allocated). By default the four linears of every transformer block are masked
 weight is frozen (mask-only training) unless ``train_weights`` is set (joint training: the masked
 layers' weights and biases and the norms train too).
 
-Each masked layer is keyed by a layout-independent name (``layers.<global index>.<path>``) that seeds
-its random streams, so pipeline and tensor layouts do not change what is sampled.
+Each masked layer is keyed by a layout-independent name (``layers.<global index>.<path>``, with the GLOBAL
+expert index for a routed expert: ``layers.0.mlp.experts.local_experts.<e>.linear_fc1``) that seeds its random
+streams, so pipeline, tensor and expert-parallel layouts do not change what is sampled. In a mixture-of-experts
+model the default patterns mask every expert's and the shared expert's ``linear_fc1`` / ``linear_fc2``; the
+router (not a parallel linear), embeddings and norms stay dense. ``*.experts.*`` addresses the routed experts,
+``*.shared_experts.*`` the shared one, ``*.local_experts.3.*`` expert 3.
 """
 from __future__ import annotations
 
@@ -33,8 +37,10 @@ class SparsifyConfig:
     """Which linears to mask and what trains.
 
     ``include`` / ``exclude`` are shell-style patterns on module names with GLOBAL layer numbers
-    (``decoder.layers.3.mlp.linear_fc1`` is the fourth block on whichever pipeline stage holds it);
-    e.g. ``include=("*.mlp.*",)`` sparsifies the MLP only, ``exclude=("*.self_attention.*",)`` likewise.
+    (``decoder.layers.3.mlp.linear_fc1`` is the fourth block on whichever pipeline stage holds it) and
+    GLOBAL expert indices (``decoder.layers.0.mlp.experts.local_experts.5.linear_fc2`` is expert 5 on whichever
+    expert-parallel rank holds it); e.g. ``include=("*.mlp.*",)`` sparsifies the MLP only,
+    ``exclude=("*.self_attention.*",)`` likewise, ``exclude=("*.shared_experts.*",)`` keeps a shared expert dense.
     """
 
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -58,10 +64,14 @@ class SparsifyConfig:
 
 
 def _global_names(model: torch.nn.Module) -> tuple[dict[int, str], dict[int, str]]:
-    """Two maps from module id, with pipeline-local layer indices replaced by global layer numbers:
-    the full module name (``decoder.layers.<global>.mlp.linear_fc1``, what include/exclude match, so
-    a pattern selects the same layers on every pipeline stage) and the layer id that keys the random
-    streams (``layers.<global>.mlp.linear_fc1``)."""
+    """Two maps from module id, with pipeline-local layer indices replaced by global layer numbers and
+    expert-parallel-local expert indices by global ones: the full module name
+    (``decoder.layers.<global>.mlp.linear_fc1``, what include/exclude match, so a pattern selects the same
+    layers on every pipeline stage and expert-parallel rank) and the layer id that keys the random streams
+    (``layers.<global>.mlp.linear_fc1``)."""
+    from .model_builder import expert_offset, global_expert_name
+
+    experts = expert_offset(model)
     layer_numbers = {}
     for name, module in model.named_modules():
         if hasattr(module, "layer_number") and re.search(r"layers\.\d+$", name):
@@ -71,6 +81,7 @@ def _global_names(model: torch.nn.Module) -> tuple[dict[int, str], dict[int, str
         m = re.match(r"((.*?)layers\.\d+)(\..*)?$", name)
         if m and m.group(1) in layer_numbers:
             number, rest = layer_numbers[m.group(1)], m.group(3) or ""
+            rest = global_expert_name(rest, experts)
             full[id(module)] = f"{m.group(2)}layers.{number}{rest}"
             ids[id(module)] = f"layers.{number}{rest}"
         else:
@@ -123,7 +134,7 @@ def sparsify(model: torch.nn.Module, config: SparsifyConfig) -> list[str]:
             module._parameters, module._buffers = params, buffers
             module._non_persistent_buffers_set = non_persistent
         raise
-    if not converted:
+    if not converted and not _selects_an_expert_elsewhere(model, config, full_names):
         raise ValueError(f"sparsify matched no Column/RowParallelLinear with include={config.include} "
                          f"exclude={config.exclude}: check the module names (model.named_modules())")
     for param_name, param in model.named_parameters():
@@ -137,6 +148,21 @@ def sparsify(model: torch.nn.Module, config: SparsifyConfig) -> list[str]:
             elif isinstance(module, NORMS):
                 module.requires_grad_(True)
     return [full_names[id(module)] for module, *_ in converted]
+
+
+def _selects_an_expert_elsewhere(model: torch.nn.Module, config: SparsifyConfig, full_names: dict) -> bool:
+    """Whether the patterns select a routed expert held by another expert-parallel rank (then this rank
+    legitimately masks nothing, e.g. ``include=("*.local_experts.3.*",)`` on the rank holding experts 0, 1)."""
+    from .model_builder import _LOCAL_EXPERT
+
+    experts = getattr(getattr(model, "config", None), "num_moe_experts", None) or 0
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            name = full_names[id(module)]
+            if _LOCAL_EXPERT.search(name) and any(
+                    config.selects(_LOCAL_EXPERT.sub(lambda m: f"{m.group(1)}{e}", name)) for e in range(experts)):
+                return True
+    return False
 
 
 def masked_layers(model: torch.nn.Module) -> Iterator[_MaskedLinearMixin]:

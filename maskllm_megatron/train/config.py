@@ -71,6 +71,7 @@ class ModelSection:
 class ParallelSection:
     tp: int = 1
     pp: int = 1
+    ep: int = 1  # expert parallel (mixture-of-experts models): each of ep ranks holds num_experts / ep experts
     distributed_optimizer: bool = True
     # Reduce each gradient bucket as soon as the backward pass has filled it, overlapping data-parallel
     # communication with the rest of the backward (megatron DDP); worth it on GPU clusters.
@@ -180,7 +181,7 @@ class TrainConfig:
             raise ConfigError("model.checkpoint is empty: point it at a folder written by maskllm-convert hf-to-mcore")
         if not d.train:
             raise ConfigError("data.train is empty: give an indexed dataset prefix (maskllm-preprocess output)")
-        for name in ("tp", "pp"):
+        for name in ("tp", "pp", "ep"):
             if getattr(p, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1")
         if p.bucket_size < 0:
@@ -188,9 +189,9 @@ class TrainConfig:
         self._validate_memory_options()
         self._validate_ranges()
         if world_size is not None:
-            if world_size % (p.tp * p.pp):
-                raise ConfigError(f"world size {world_size} is not a multiple of tp*pp={p.tp * p.pp}: "
-                                  "change --nproc-per-node or parallel.tp/pp")
+            if world_size % (p.tp * p.pp * p.ep):
+                raise ConfigError(f"world size {world_size} is not a multiple of tp*pp*ep={p.tp * p.pp * p.ep}: "
+                                  "change --nproc-per-node or parallel.tp/pp/ep")
             dp = world_size // (p.tp * p.pp)
             if d.global_batch_size % (d.micro_batch_size * dp):
                 raise ConfigError(f"data.global_batch_size {d.global_batch_size} is not a multiple of "

@@ -43,7 +43,8 @@ def setup_parallel(cfg: TrainConfig) -> dict:
     if parallel_state.model_parallel_is_initialized():  # e.g. a conversion ran earlier in this process
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=cfg.parallel.tp,
-                                             pipeline_model_parallel_size=cfg.parallel.pp)
+                                             pipeline_model_parallel_size=cfg.parallel.pp,
+                                             expert_model_parallel_size=cfg.parallel.ep)
     model_parallel_cuda_manual_seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     return {"rank": torch.distributed.get_rank(), "dp_rank": parallel_state.get_data_parallel_rank(),
@@ -71,9 +72,13 @@ def build_model(cfg: TrainConfig):
         raise ConfigError(f"data.seq_length {cfg.data.seq_length} exceeds the model's maximum sequence length "
                           f"{info.model.max_position_embeddings} (max_position_embeddings): set data.seq_length "
                           f"<= {info.model.max_position_embeddings}")
+    if info.model.is_moe and cfg.parallel.tp > 1 and not cfg.parallel.sequence_parallel:
+        raise ConfigError(f"parallel.tp {cfg.parallel.tp} with a mixture-of-experts model: megatron-core trains MoE "
+                          "layers at TP > 1 only with sequence parallelism; set parallel.sequence_parallel=true, "
+                          "or use parallel.tp=1 and spread the experts with parallel.ep")
     cfg.check_recompute_layers(info.model.num_layers)
     par = cfg.parallel
-    tcfg = info.model.to_transformer_config(par.tp, par.pp, model_dtype(cfg), perform_initialization=False,
+    tcfg = info.model.to_transformer_config(par.tp, par.pp, model_dtype(cfg), ep=par.ep, perform_initialization=False,
                                             **cfg.recompute_overrides())
     model = build_gpt_model(info.model, tcfg)
     if torch.cuda.is_available():
@@ -110,10 +115,18 @@ def apply_prior(cfg: TrainConfig, model, data) -> dict:
         raise ValueError("one-shot priors are computed at PP=1: run the prior step with parallel.pp=1 "
                          "(or prior.method=checkpoint with a PP=1 prior run)")
     batches = [partial(_calibration_forward, batch=b) for b in data.calibration_batches(cfg.prior.calib_samples)]
+    unreached: list = []
     errors = compute_priors(model, batches, PriorConfig(method=method, update_weights=cfg.prior.update_weights,
-                                                        blocksize=cfg.prior.blocksize, percdamp=cfg.prior.percdamp))
-    return {"prior_method": method, "prior_layers": len(list(masked_layers(model))),
-            "prior_reconstruction_error": sum(errors.values()) if errors else None}
+                                                        blocksize=cfg.prior.blocksize, percdamp=cfg.prior.percdamp),
+                            fallbacks=unreached)
+    report = {"prior_method": method, "prior_layers": len(list(masked_layers(model))),
+              "prior_reconstruction_error": sum(errors.values()) if errors else None}
+    if getattr(model.config, "num_moe_experts", None):  # experts no calibration token reached: magnitude masks
+        from megatron.core import parallel_state
+
+        report["prior_magnitude_fallbacks"] = int(all_reduce_floats(
+            [len(unreached)], group=parallel_state.get_expert_model_parallel_group())[0])
+    return report
 
 
 def _calibration_forward(model, batch):

@@ -2,7 +2,9 @@
 load the checkpoint, compare its logits with transformers', export mcore -> HF and compare every
 tensor with the original. ``--pp-model NAME`` (repeatable) also converts that model at TP=1 x PP=2 (nproc must be
 2) and checks the logits of that checkpoint loaded back at TP=2; ``--bf16-model NAME`` also converts
-that model with --dtype bf16 and exports it back. Prints one JSON line per model (rank 0).
+that model with --dtype bf16 and exports it back; ``--ep-model NAME`` (repeatable, nproc 2) also converts that
+MoE model at TP=1 x EP=2 (each rank reads its two experts) and checks its logits at EP=2, and the logits of the
+TP-sized checkpoint loaded at EP=2. Prints one JSON line per model (rank 0).
 
     python -m torch.distributed.run --nproc-per-node 2 tests/scripts/convert_parity.py WORKDIR 2 [--pp-model NAME]
 """
@@ -58,6 +60,7 @@ def main():
     ap.add_argument("tp", type=int)
     ap.add_argument("--pp-model", action="append", default=[])
     ap.add_argument("--bf16-model")
+    ap.add_argument("--ep-model", action="append", default=[])
     args = ap.parse_args()
     work, tp, pp_model = args.work, args.tp, args.pp_model
     init_parallel(tp, 1)
@@ -74,6 +77,14 @@ def main():
             ckpt_pp = hf_to_mcore(hf, work / f"mcore-pp2-{hf.name}", tp=1, pp=2, show_progress=False)
             init_parallel(tp, 1)
             result["pp2_max_abs_diff"] = (mcore_logits(ckpt_pp, tokens) - got).abs().max().item()
+        if hf.name in args.ep_model:
+            init_parallel(1, 1, 2)
+            ckpt_ep = hf_to_mcore(hf, work / f"mcore-ep2-{hf.name}", tp=1, ep=2, show_progress=False)
+            ep_logits = mcore_logits(ckpt_ep, tokens)
+            result["ep2_vs_tp_max_abs_diff"] = (ep_logits - got).abs().max().item()
+            result["tp_ckpt_at_ep2_max_abs_diff"] = (mcore_logits(ckpt, tokens) - got).abs().max().item()
+            init_parallel(tp, 1)
+            result["ep2_ckpt_at_tp_max_abs_diff"] = (mcore_logits(ckpt_ep, tokens) - got).abs().max().item()
         if args.bf16_model == hf.name:
             ckpt_bf16 = hf_to_mcore(hf, work / f"mcore-bf16-tp{tp}-{hf.name}", tp=tp, dtype="bf16", show_progress=False)
             result["bf16_max_abs_diff"] = (mcore_logits(ckpt_bf16, tokens) - got).abs().max().item()
@@ -84,6 +95,8 @@ def main():
             ref = hf_logits(hf, tokens)
             result["shape"] = [list(got.shape), list(ref.shape)]
             result["max_abs_diff"] = (got - ref).abs().max().item()
+            if hf.name in args.ep_model:
+                result["ep2_max_abs_diff"] = (ep_logits - ref).abs().max().item()
             result["logit_scale"] = ref.abs().max().item()
             result["roundtrip"] = compare_tensors(hf, back)
             result["export_max_abs_diff"] = (hf_logits(back, tokens) - ref).abs().max().item()
