@@ -24,7 +24,7 @@ env: $(STAMP)
 # Two workers, one test file each (module fixtures are built once): most tests wait on subprocesses and
 # torchrun ranks, so two run side by side on 2 cores. TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+PYTEST := $(PY) -m pytest -q --durations=25 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 test: env
 	$(PYTEST) tests
