@@ -93,3 +93,47 @@ def test_the_gradient_of_logits_returned_by_the_model_leaves_in_the_heads_layout
         g = seen[0]
         assert g.stride() == torch.empty(7, b, 11).stride(), (b, g.stride())
         torch.testing.assert_close(g, weights.transpose(0, 1), rtol=0, atol=0)
+
+
+def _refit_config(tiny, name, tp):
+    return write_config(tiny, name, parallel={"tp": tp}, prior={"method": "magnitude"},
+                        mask={"refit": True, "fused_kernel": False}, distill={"kd_weight": 1.0, "temperature": 1.0},
+                        optim={"lr": 1e-3, "min_lr": 1e-4, "weight_decay": 0.0},
+                        run={"train_iters": 4, "log_interval": 1, "eval_interval": 4, "eval_iters": 2,
+                             "save_interval": 4})
+
+
+def test_refit_trains_the_kept_weights_under_the_fixed_mask_from_the_dense_teacher(tiny, tmp_path):
+    """mask.refit (#24): the prior's mask stays exactly as it was (here magnitude's, recomputed in plain torch
+    from the dense weights), the kept weights learn by distillation from the original dense model (its KL
+    falls), TP=2 gives TP=1's losses, and the export is that mask on the refit weights, recorded as such."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from maskllm_megatron.export.cli import main as export_main
+    from maskllm_megatron.masks import NMSpec, topn_mask
+
+    for name, tp in (("refit_tp2", 2), ("refit_tp1", 1)):
+        torchrun("-m", "maskllm_megatron.train", "--config", _refit_config(tiny, name, tp), nproc=tp)
+    tp2, tp1 = ([r for r in records(tiny / n) if "kd_loss" in r] for n in ("refit_tp2", "refit_tp1"))
+    assert len(tp2) == 4 and [r["kd_loss"] for r in tp1] == pytest.approx([r["kd_loss"] for r in tp2], rel=1e-4)
+    kl = [r["valid/kl_to_dense"] for r in records(tiny / "refit_tp2") if "valid/kl_to_dense" in r]
+    assert len(kl) == 2 and kl[1] < 0.9 * kl[0], kl  # iteration 0 (the prior's mask, dense weights) and 4
+
+    dense_hf, out = tmp_path / "dense_hf", tmp_path / "refit_hf"
+    subprocess.run([sys.executable, "-m", "maskllm_megatron.convert.cli", "mcore-to-hf", "--ckpt", str(tiny / "ckpt"),
+                    "--out", str(dense_hf)], check=True, capture_output=True)
+    assert export_main(["--ckpt", str(tiny / "refit_tp2"), "--format", "hf", "--out", str(out)]) == 0
+    dense, refit = load_file(dense_hf / "model.safetensors"), load_file(out / "model.safetensors")
+    record = json.loads((out / "config.json").read_text())["sparsity"]
+    assert record["weights"] == "refit" and record["refit"]["kd_weight"] == 1.0
+    spec = NMSpec(2, 4)
+    for name in record["targets"]:
+        mask = topn_mask(dense[name].abs(), spec).bool()  # magnitude 2:4 of the dense weight
+        assert torch.equal(refit[name] != 0, mask), name
+        assert not torch.equal(refit[name], dense[name] * mask), name  # the kept weights moved
+    untouched = [k for k in dense if k not in record["targets"]]
+    assert untouched and all(torch.equal(dense[k], refit[k]) for k in untouched)  # norms, embeddings, head

@@ -318,6 +318,9 @@ def test_overrides_read_numbers_as_yaml_1_1_writes_them():
     ({"distill": {"kd_weight": 1.5}}, "distill.kd_weight 1.5 must be in [0, 1]"),
     ({"distill": {"temperature": 0.0}}, "distill.temperature 0.0 must be > 0"),
     ({"distill": {"kd_weight": 0.5}, "mask": {"train_weights": True}}, "distill.kd_weight > 0 with mask.train_weights"),
+    ({"mask": {"refit": True, "train_weights": True}}, "mask.refit with mask.train_weights"),
+    ({"mask": {"refit": True}, "prior": {"method": "none"}}, "mask.refit keeps the prior's mask fixed, and prior.method"),
+    ({"mask": {"refit": True}, "prior": {"update_weights": True}}, "mask.refit with prior.update_weights"),
 ])
 def test_bad_config_is_one_line_naming_the_field(raw, message):
     from maskllm_megatron.train.config import ConfigError, TrainConfig

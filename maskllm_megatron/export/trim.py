@@ -219,7 +219,7 @@ def save_trimmed_mcore(model, run: RunCheckpoint, trimmed: list[MaskedTensor], f
         record = {"format": SPARSITY_FORMAT, "structure": str(run.nm), "mask_source": _source(use_prior),
                   "mask_tensor": "prior_mask", "targets": [t.name for t in trimmed],
                   "source_checkpoint": str(run.path), "iteration": run.iteration,
-                  **_weights_record(reconstruction)}
+                  **_weights_record(reconstruction, run)}
         (folder / SPARSITY_FILE).write_text(json.dumps(record, indent=2) + "\n")
     _barrier()
 
@@ -421,7 +421,7 @@ def _export_hf(run: RunCheckpoint, cfg: ExportConfig, work: Path, result: Export
     hf_names = [n for t in targets for n in _rules(run)[t].hf]
     config = json.loads((work / "hf" / "config.json").read_text())
     config["sparsity"] = {"structure": str(run.nm), "targets": hf_names, "mask_source": result.mask_source,
-                          "source_checkpoint": str(run.path), **_weights_record(result.reconstruction)}
+                          "source_checkpoint": str(run.path), **_weights_record(result.reconstruction, run)}
     (work / "hf" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     dense_bytes = _folder_bytes(work / "hf", "*.safetensors")
     if cfg.format == "hf":
@@ -509,11 +509,18 @@ def apply_masks(hf_dir: str | Path, mask_file: str | Path, out: str | Path, over
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _weights_record(reconstruction: Optional[dict]) -> dict:
-    """The sparsity record's word on the kept weights: the originals, or reconstructed and how."""
-    if reconstruction is None:
-        return {"weights": "original"}
-    return {"weights": "reconstructed", "reconstruction": reconstruction}
+def _weights_record(reconstruction: Optional[dict], run: RunCheckpoint) -> dict:
+    """The sparsity record's word on the kept weights: the originals, reconstructed at export and how,
+    refit end to end by the run (``mask.refit``), or trained with the masks (``mask.train_weights``)."""
+    if reconstruction is not None:
+        return {"weights": "reconstructed", "reconstruction": reconstruction}
+    mask, distill = run.config.get("mask", {}), run.config.get("distill", {})
+    if mask.get("refit"):
+        return {"weights": "refit", "refit": {"iterations": run.iteration, "kd_weight": distill.get("kd_weight", 0.0),
+                                              "temperature": distill.get("temperature", 1.0)}}
+    if mask.get("train_weights"):
+        return {"weights": "trained with the masks", "iterations": run.iteration}
+    return {"weights": "original"}
 
 
 def _accept(report, result: ExportResult) -> None:

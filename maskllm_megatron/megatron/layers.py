@@ -37,7 +37,8 @@ from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-from ..masks import MaskConfig, MaskStep, apply_prior, hard_mask, init_key, init_logits, masked_weight, noise_key
+from ..masks import (MaskConfig, MaskStep, apply_prior, hard_mask, init_key, init_logits, mask_to_patterns, masked_weight,
+                     noise_key)
 from ..masks.patterns import NMSpec
 
 _layer_counter = itertools.count()
@@ -57,6 +58,8 @@ class _MaskedLinearMixin:
         self.mask_step = MaskStep(seed=mask_config.seed)
         self.masking_enabled = True
         self.use_prior_mask = False  # forward with W * prior_mask (one-shot evaluation, calibration)
+        self.mask_fixed = False  # refit: training forwards with W * argmax mask, differentiable in W only
+        self.teacher_weight = None  # refit with distillation: the original dense weight the teacher forwards with
         self.fused_mask_kernel = None  # auto: the fastest kernel that runs here (masks.sampling.masked_weight)
         self._eval_mask_cache = None
         spec = mask_config.nm
@@ -178,11 +181,38 @@ class _MaskedLinearMixin:
             return self.prior_mask.to(self.weight.dtype)
         return self.hard_mask()
 
+    def fix_mask(self, teacher: bool = False) -> None:
+        """Refit: fix the mask to the prior mask (``set_prior``: a one-shot mask, or another run's learned
+        one), and train the kept weights instead of the logits.
+
+        The logits become the one-hot of each group's prior pattern, so their argmax, which every tool
+        reading a checkpoint takes as the mask (the export included), is the prior exactly; they stop
+        learning. The weight learns through ``W * mask``: pruned weights get no gradient. With ``teacher``
+        a copy of the current (dense) weight is kept for the teacher's forward, as the weight itself
+        changes: one more weight per masked weight in memory."""
+        if self.prior_mask is None:
+            raise RuntimeError(f"{self.mask_layer_id}: fix_mask needs a prior mask (set_prior) to fix")
+        with torch.no_grad():
+            patterns = mask_to_patterns(self.prior_mask, self.nm)
+            self.mask_logits.copy_(torch.nn.functional.one_hot(patterns, self.mask_logits.shape[-1]))
+        self.mask_logits.requires_grad_(False)
+        self.freeze_weight(False)
+        self.mask_fixed = True
+        self.teacher_weight = self.weight.detach().clone() if teacher else None
+
     def _forward_impl(self, input, weight, *args, **kwargs):
         if weight is self.weight and self.masking_enabled:
             if self.training:
-                self._eval_mask_cache = None  # the step after this forward changes the logits
-            weight = self.sampled_weight() if self.training and not self.use_prior_mask else self.eval_weight()
+                self._eval_mask_cache = None  # the step after this forward changes the logits (or the weight)
+            if self.training and self.mask_fixed:
+                weight = self.weight * self.hard_mask()
+            elif self.training and not self.use_prior_mask:
+                weight = self.sampled_weight()
+            else:
+                weight = self.eval_weight()
+            kwargs["gradient_accumulation_fusion"] = False
+        elif weight is self.weight and self.teacher_weight is not None:
+            weight = self.teacher_weight  # the teacher (masking off) of a refit: the original dense weight
             kwargs["gradient_accumulation_fusion"] = False
         return super()._forward_impl(input, weight, *args, **kwargs)
 

@@ -186,6 +186,16 @@ def dense_forward(model: torch.nn.Module):
             layer.masking_enabled = enabled
 
 
+def fix_masks(model: torch.nn.Module, teacher: bool = False) -> int:
+    """Refit: every masked layer keeps its prior mask fixed and trains its kept weights instead of its
+    logits (``fix_mask``); with ``teacher``, each keeps a copy of its dense weight for the teacher's
+    forward. Returns the number of layers."""
+    layers = list(masked_layers(model))
+    for layer in layers:
+        layer.fix_mask(teacher)
+    return len(layers)
+
+
 def set_mask_step(model: torch.nn.Module, step: MaskStep) -> None:
     """Hand every masked layer the sampling state of the next micro-batch."""
     for layer in masked_layers(model):
@@ -250,5 +260,6 @@ def optimizer_overrides(config: SparsifyConfig, lr: float, min_lr: float = 0.0) 
 
 def mask_logits_group(optimizer, config: SparsifyConfig) -> dict:
     """The optimizer param group of the mask logits (made by ``optimizer_overrides``): the one that
-    carries their ``lr_mult``. Present on every rank, possibly empty (distributed optimizer)."""
-    return next(g for g in optimizer.param_groups if g.get("lr_mult") == config.mask_lr_mult)
+    carries their ``lr_mult``. Present on every rank, possibly empty (distributed optimizer); None when the
+    logits do not learn (a refit, ``fix_masks``)."""
+    return next((g for g in optimizer.param_groups if g.get("lr_mult") == config.mask_lr_mult), None)

@@ -127,6 +127,9 @@ class MaskSection:
     include: tuple[str, ...] = ("*.linear_qkv", "*.linear_proj", "*.linear_fc1", "*.linear_fc2")
     exclude: tuple[str, ...] = ()
     train_weights: bool = False
+    # refit: fix the mask to the prior's (prior.method=checkpoint: a mask-learning run's) and train the masked
+    # layers' kept weights end to end instead of the logits (with distill.kd_weight > 0: from the dense model)
+    refit: bool = False
     fused_kernel: bool = True
 
 
@@ -300,7 +303,17 @@ class TrainConfig:
             raise ConfigError("distill.kd_weight > 0 with mask.train_weights: the teacher is the model's own weights "
                               "with masking off, which joint training changes; distil with frozen weights, or set "
                               "distill.kd_weight=0")
-        if self.prior.method != "none" and self.mask.prior_strength > 0 and self.mask.init_std == 0:
+        if self.mask.refit and self.mask.train_weights:
+            raise ConfigError("mask.refit with mask.train_weights: refit trains the kept weights under a fixed mask, "
+                              "joint training learns the mask with the weights; set one of them")
+        if self.mask.refit and self.prior.method == "none":
+            raise ConfigError("mask.refit keeps the prior's mask fixed, and prior.method is none: set prior.method="
+                              "checkpoint and prior.checkpoint=<a mask-learning run's checkpoint> (or a one-shot method)")
+        if self.mask.refit and self.prior.update_weights:
+            raise ConfigError("mask.refit with prior.update_weights: the refit's teacher is the original dense model; "
+                              "set prior.update_weights=false (the refit updates the weights itself)")
+        if self.prior.method != "none" and self.mask.prior_strength > 0 and self.mask.init_std == 0 \
+                and not self.mask.refit:
             raise ConfigError("mask.init_std 0 with a prior: the prior shifts the logits by (overlap - 1) x "
                               "std(initial logits) x mask.prior_strength, which is 0 when they all start at 0; "
                               "set mask.init_std > 0 (the recipe's 0.01) or prior.method=none")
@@ -404,7 +417,7 @@ SELECTIVE_MODULES = ("core_attn", "mlp")
 RESUME_KEEPS = ("run.train_iters", "run.seed", "data.train", "data.split", "data.seq_length",
                 "data.global_batch_size", "optim.*", "mask.nm", "mask.temperature", "mask.logit_scale", "mask.hard",
                 "mask.init_std", "mask.prior_strength", "mask.regularizer", "mask.include", "mask.exclude",
-                "mask.train_weights", "parallel.distributed_optimizer", "distill.*")
+                "mask.train_weights", "mask.refit", "parallel.distributed_optimizer", "distill.*")
 #: ... and those that a prior-only checkpoint's logits were made with.
 RESUME_KEEPS_PRIOR = ("run.seed", "mask.nm", "mask.init_std", "mask.prior_strength", "mask.include", "mask.exclude",
                       "prior.*")

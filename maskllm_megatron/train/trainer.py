@@ -473,7 +473,7 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
 
     from ..checkpoint_files import read_extra
     from ..megatron.checkpointing import load_checkpoint
-    from ..megatron.sparsify import mask_logits_group, masked_layers
+    from ..megatron.sparsify import fix_masks, mask_logits_group, masked_layers
     from .data import build_data
 
     env = setup_parallel(cfg)
@@ -500,6 +500,8 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     prior_report = {}
     if resume is None:
         prior_report = apply_prior(cfg, model, data)
+    if cfg.mask.refit:  # before the optimizer: the weights learn, the logits do not (a resume loads both after)
+        fix_masks(model, teacher=cfg.distill.kd_weight > 0)
     ddp, optimizer, scheduler = build_optimizer(cfg, model)
     if cfg.parallel.overlap_grad_reduce and is_rank0:
         buckets = sum(len(g.buckets) for g in ddp.bucket_groups)
@@ -534,7 +536,8 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     dp_group = parallel_state.get_data_parallel_group()
     tokens_per_iter = cfg.data.global_batch_size * cfg.data.seq_length
     train_iter = data.train_iterations(state.consumed_samples, num_micro)
-    logits_group = mask_logits_group(optimizer, sparsify_config(cfg))  # the logged lr is the logits'
+    # the logged lr is the logits' (a refit's: the weights')
+    logged_group = mask_logits_group(optimizer, sparsify_config(cfg)) or optimizer.param_groups[0]
     throughput = StepThroughput()
     teacher = Teacher(cfg.distill.kd_weight, cfg.distill.temperature) if cfg.distill.kd_weight > 0 else None
     last = {}
@@ -579,7 +582,7 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
             step = mcfg.step_state(state.iteration - 1)
             iters = cfg.run.log_interval if state.iteration % cfg.run.log_interval == 0 else \
                 state.iteration % cfg.run.log_interval
-            last = {"iteration": state.iteration, "lm_loss": loss, "lr": scheduler.get_lr(logits_group),
+            last = {"iteration": state.iteration, "lm_loss": loss, "lr": scheduler.get_lr(logged_group),
                     "temperature": step.temperature, "scale": step.scale, "reg_coef": mcfg.regularizer_schedule(step.iteration),
                     "tokens_per_s": throughput.report(tokens_per_iter * iters),
                     "peak_memory_gb": peak_memory_bytes() / 2**30, "consumed_samples": state.consumed_samples,
