@@ -21,15 +21,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from maskllm_megatron import assets
-from maskllm_megatron.demo import Refit, Stages, export_stage, heldout_ppl, reconstruct_stage
+from maskllm_megatron.demo import Reconstruction, Stages, export_stage, heldout_ppl, reconstruct_stage
 
 TEXTS = {"wikipedia": ("--corpus", "wikipedia-heldout"), "shakespeare": ("--corpus", "shakespeare-heldout")}
 VARIANTS = {
-    "block": Refit("block", "dense"),  # each block's kept weights fitted to the dense model's hidden states
-    "block-layer": Refit("block", "layer"),  # ... to the dense block's output on this model's inputs
-    "lstsq": Refit("lstsq", "layer"),  # each linear's exact least squares against its dense output (SparseGPT's)
-    "lstsq-dense-ts": Refit("lstsq", "dense", true_sequential=True),  # ... against the dense model's, one by one
-    "obs": Refit("obs", "layer"),  # SparseGPT's OBS sweep under the given mask
+    "block": Reconstruction("block", "dense"),  # each block's kept weights fitted to the dense model's hidden states
+    "block-layer": Reconstruction("block", "layer"),  # ... to the dense block's output on this model's inputs
+    "lstsq": Reconstruction("lstsq", "layer"),  # each linear's exact least squares against its dense output (SparseGPT's)
+    "lstsq-dense-ts": Reconstruction("lstsq", "dense", true_sequential=True),  # ... against the dense model's, one by one
+    "obs": Reconstruction("obs", "layer"),  # SparseGPT's OBS sweep under the given mask
 }
 
 
@@ -42,8 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt", type=Path, required=True, help="a mask-learning run's checkpoint")
     p.add_argument("--variants", default="block", help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--samples", type=int, default=128, help="calibration samples (512 tokens each)")
-    p.add_argument("--epochs", type=int, default=Refit.epochs, help="block variants: passes per block")
-    p.add_argument("--lr", type=float, default=Refit.lr, help="block variants: Adam's learning rate")
+    p.add_argument("--epochs", type=int, default=Reconstruction.epochs, help="block variants: passes per block")
+    p.add_argument("--lr", type=float, default=Reconstruction.lr, help="block variants: Adam's learning rate")
     p.add_argument("--sweep", type=ints, default=[], help="more calibration-sample counts for the first variant")
     p.add_argument("--texts", default="wikipedia,shakespeare", help="held-out texts to score")
     p.add_argument("--json", type=Path, help="write the rows here too")
@@ -66,11 +66,11 @@ def main(argv=None) -> int:
     rows = [score("learned mask, original weights", export_stage(stages, ckpt), None)]
     runs = [(name, replace(VARIANTS[name], samples=args.samples)) for name in names]
     runs += [(names[0], replace(VARIANTS[names[0]], samples=n)) for n in args.sweep]
-    for name, refit in runs:
-        if refit.method == "block":
-            refit = replace(refit, epochs=args.epochs, lr=args.lr)
-        folder, seconds = reconstruct_stage(stages, ckpt, refit)
-        rows.append(dict(score(f"+ {name} ({refit.samples} samples)", folder, seconds), flags=refit.flags()))
+    for name, recon in runs:
+        if recon.method == "block":
+            recon = replace(recon, epochs=args.epochs, lr=args.lr)
+        folder, seconds = reconstruct_stage(stages, ckpt, recon)
+        rows.append(dict(score(f"+ {name} ({recon.samples} samples)", folder, seconds), flags=recon.flags()))
     if args.json:
         tmp = args.json.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({"checkpoint": str(ckpt), "rows": rows}, indent=2))

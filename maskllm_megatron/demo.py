@@ -427,7 +427,7 @@ def copy_run_records(run: Path, out: Path, curves: str = "training_curves.png",
 
 
 @dataclass(frozen=True)
-class Refit:
+class Reconstruction:
     """A reconstruction of the learned masks' kept weights (``maskllm-export --reconstruct``) on calibration
     samples of the run's own training data (the prior's)."""
 
@@ -453,8 +453,8 @@ class Refit:
         return flags
 
 
-REFITS = {"none": None, "obs": Refit("obs", "layer"), "lstsq": Refit("lstsq", "layer"), "block": Refit()}
-DEMO_REFIT = "none"
+RECONSTRUCTIONS = {"none": None, "obs": Reconstruction("obs", "layer"), "lstsq": Reconstruction("lstsq", "layer"), "block": Reconstruction()}
+DEMO_RECONSTRUCTION = "none"
 
 
 def _export(stages: Stages, ckpt: Path, name: str, flags: list[str], *key) -> Path:
@@ -480,10 +480,10 @@ def export_stage(stages: Stages, ckpt: Path) -> Path:
     return _export(stages, ckpt, "export", []) / "hf"
 
 
-def reconstruct_stage(stages: Stages, ckpt: Path, refit: Refit) -> tuple[Path, float]:
+def reconstruct_stage(stages: Stages, ckpt: Path, recon: Reconstruction) -> tuple[Path, float]:
     """The learned masks with their kept weights refitted (``maskllm-export --reconstruct``) as a verified
     Hugging Face folder, and the seconds the export took (reconstruction included)."""
-    folder = _export(stages, ckpt, f"reconstruct-{refit.name}", refit.flags(), refit.flags())
+    folder = _export(stages, ckpt, f"reconstruct-{recon.name}", recon.flags(), recon.flags())
     return folder / "hf", float(json.loads((folder / "seconds.json").read_text()))
 
 
@@ -498,11 +498,11 @@ def main(argv=None) -> int:
                         "(the planning speed is conservative), the whole demo in 13-21; raise it for a longer, "
                         "better run")
     add_recipe_arguments(p)
-    p.add_argument("--reconstruct", choices=list(REFITS), default=DEMO_REFIT,
+    p.add_argument("--reconstruct", choices=list(RECONSTRUCTIONS), default=DEMO_RECONSTRUCTION,
                    help="also refit the kept weights of the learned masks (maskllm-export --reconstruct) and add "
                         "that row with its cost in seconds: block (each block fitted to the dense model's hidden "
                         "states), lstsq (each linear's exact least squares), obs (SparseGPT's sweep), or none "
-                        f"(default {DEMO_REFIT}; benchmarks/RESULTS.md, Reconstruction)")
+                        f"(default {DEMO_RECONSTRUCTION}; benchmarks/RESULTS.md, Reconstruction)")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="where the results go (default demo_out)")
     args = p.parse_args(argv)
     if not args.minutes > 0:
@@ -545,8 +545,8 @@ def _demo(recipe: LearnRecipe, iters: int, out: Path, reconstruct: str = "none")
     prior_ckpts = {method: prior_stage(stages, ckpt, prefix, method) for method in PRIORS}
     run = learn_stage(stages, ckpt, prefix, prior_ckpts["sparsegpt"], iters, recipe)
     exported = export_stage(stages, final_checkpoint(run))
-    refit = REFITS[reconstruct]
-    refitted = reconstruct_stage(stages, final_checkpoint(run), refit) if refit is not None else None
+    recon = RECONSTRUCTIONS[reconstruct]
+    reconstructed = reconstruct_stage(stages, final_checkpoint(run), recon) if recon is not None else None
 
     # 7. held-out perplexity
     def evaluate(w: Path):
@@ -554,14 +554,14 @@ def _demo(recipe: LearnRecipe, iters: int, out: Path, reconstruct: str = "none")
         for method in PRIORS:
             rows.append((method, heldout_ppl(["--ckpt", str(prior_ckpts[method]), "--use-prior"], w / f"{method}.log")))
         rows.append(("MaskLLM", heldout_ppl(["--hf", str(exported)], w / "maskllm.log")))
-        if refitted is not None:
-            folder, seconds = refitted
+        if reconstructed is not None:
+            folder, seconds = reconstructed
             rows.append((f"MaskLLM + {reconstruct} reconstruction ({seconds:.0f} s)",
-                         heldout_ppl(["--hf", str(folder)], w / f"reconstruct-{refit.name}.log")))
+                         heldout_ppl(["--hf", str(folder)], w / f"reconstruct-{recon.name}.log")))
         (w / "table.json").write_text(json.dumps(rows))
 
     results = stages.run(7, "evaluate", _key(str(exported), [str(r) for r in prior_ckpts.values()], SEQ,
-                                             *([str(refitted[0])] if refitted else [])), evaluate)
+                                             *([str(reconstructed[0])] if reconstructed else [])), evaluate)
     rows = json.loads((results / "table.json").read_text())
     tokens = iters * recipe.tokens_per_iteration
     lines = ["| model | held-out PPL |", "|---|---|"] + [f"| {n} | {v:.2f} |" for n, v in rows]

@@ -272,9 +272,14 @@ def test_example_configs_validate(example):
     # the preprocessing command in the header writes the dataset the config reads
     for prefix in re.findall(r"maskllm-preprocess .*--output-prefix (\S+)", example.read_text()):
         assert prefix in cfg.data.train, (prefix, cfg.data.train)
-    # a prior checkpoint is the one a prior-only run writes (iteration 0)
-    if cfg.prior.method == "checkpoint":
+    # a prior checkpoint is the one a prior-only run writes (iteration 0); a refit's is the final checkpoint of
+    # the mask-learning example it names
+    if cfg.prior.method == "checkpoint" and not cfg.mask.refit:
         assert cfg.prior.checkpoint.endswith("/checkpoints/iter_0000000")
+    if cfg.mask.refit:
+        learners = [TrainConfig.load(str(p)) for p in (ROOT / "examples").glob("*.yaml") if p != example]
+        assert any(cfg.prior.checkpoint == f"{c.run.out_dir}/checkpoints/iter_{c.run.train_iters:07d}"
+                   and c.model.checkpoint == cfg.model.checkpoint for c in learners), cfg.prior.checkpoint
 
 
 def test_overrides_read_numbers_as_yaml_1_1_writes_them():

@@ -490,7 +490,9 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     estimate = memory_estimate(cfg, info.model)
     if is_rank0:
         print(f"[maskllm] memory model: {estimate.line()}"
-              + (" (the teacher's logits not counted)" if cfg.distill.kd_weight > 0 else ""), flush=True)
+              + (" (the teacher's logits not counted)" if cfg.distill.kd_weight > 0 else "")
+              + (" (mask.refit is modelled as mask learning: it trains the masked weights instead of the logits "
+                 "and keeps a copy of them for the teacher)" if cfg.mask.refit else ""), flush=True)
     data = (data_factory or build_data)(cfg, info, env["dp_rank"], env["dp_size"])
     inputs = input_fingerprints(cfg)  # the inputs exist now: the model and data were read
     conflict = inputs_conflict(saved.get("inputs"), inputs, cfg) if saved is not None else None
