@@ -171,3 +171,5 @@ if __name__ == "__main__":
     result = {"make": make, "tp1": tp1}[mode](work)
     if torch.distributed.get_rank() == 0:
         print("RESULT " + json.dumps(result), flush=True)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # an undestroyed gloo group may abort at exit (seen: SIGABRT)
