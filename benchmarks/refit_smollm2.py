@@ -4,11 +4,11 @@ against the iterations spent (not in CI).
     python benchmarks/refit_smollm2.py --ckpt RUN/checkpoints/iter_XXXXXXX [--iters 40] [--checkpoints 2] \
         [--lr 5e-5] [--kd-weight 1.0] [--temperature 1.0] [--json benchmarks/results/refit_demo.json]
 
-The driver (2 data-parallel ranks, 2 x 512 tokens an iteration, the run's own training data) keeps the
-run's hard masks fixed (``prior.method=checkpoint``, ``mask.refit=true``) and trains the masked layers'
-kept weights by distillation from the dense model (the same original weights with masking off), Adam with
-a cosine decay to lr / 10, no weight decay. Each of ``--checkpoints`` evenly spaced checkpoints is
-exported (``maskllm-export --format hf``, verified 2:4) and scored on held-out Wikipedia and Shakespeare
+The demo's refit stage (``demo.refit_stage``: the driver on 2 data-parallel ranks, 2 x 512 tokens an
+iteration of the run's own training data) keeps the run's hard masks fixed (``prior.method=checkpoint``,
+``mask.refit=true``) and trains the masked layers' kept weights by distillation from the dense model (the
+original weights, kept as the teacher's copy), Adam with a cosine decay to lr / 10, no weight decay. Each
+of ``--checkpoints`` evenly spaced checkpoints is exported (``maskllm-export --format hf``, verified 2:4) and scored on held-out Wikipedia and Shakespeare
 (512-token windows with BOS, 8,192 tokens) beside the plain export of the run's masks. Stages live in the
 demo's cache (``demo.Stages``): a re-run with the same settings reuses them.
 """
@@ -18,46 +18,22 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from maskllm_megatron import assets
-from maskllm_megatron.checkpoint_files import read_extra
-from maskllm_megatron.demo import (DP, SEQ, Stages, _key, _run, _train_config, _write_yaml, export_stage,
-                                   heldout_ppl)
+from maskllm_megatron.demo import DP, SEQ, Stages, WeightRefit, export_stage, heldout_ppl, refit_stage
 
 TEXTS = {"wikipedia": ("--corpus", "wikipedia-heldout"), "shakespeare": ("--corpus", "shakespeare-heldout")}
-
-
-def refit_stage(stages: Stages, ckpt: Path, iters: int, checkpoints: int, lr: float, kd_weight: float,
-                temperature: float) -> Path:
-    """The refit run (``mask.refit``) from ``ckpt``'s masks, with ``checkpoints`` evenly spaced checkpoints."""
-    config = read_extra(ckpt)["config"]
-    base, prefix = Path(config["model"]["checkpoint"]), Path(config["data"]["train"][0])
-
-    def refit(w: Path):
-        cfg = _train_config(base, prefix, w, prior={"method": "checkpoint", "checkpoint": str(ckpt)},
-                            data={"micro_batch_size": 1, "global_batch_size": DP},
-                            optim={"lr": lr, "min_lr": lr / 10, "weight_decay": 0.0},
-                            mask={"refit": True}, distill={"kd_weight": kd_weight, "temperature": temperature},
-                            run={"train_iters": iters, "log_interval": 5, "eval_interval": 0,
-                                 "save_interval": max(1, iters // checkpoints), "keep_last": checkpoints})
-        t0 = time.time()
-        _run(["-m", "maskllm_megatron.train", "--config", str(_write_yaml(cfg, w / "refit.yaml"))],
-             w / "train.log", nproc=DP)
-        (w / "refit_wall_s").write_text(str(time.time() - t0))
-
-    return stages.run(5, "refit", _key(str(ckpt), iters, checkpoints, lr, kd_weight, temperature), refit)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", type=Path, required=True, help="a mask-learning run's checkpoint")
-    p.add_argument("--iters", type=int, default=40, help="refit iterations (2 x 512 tokens each)")
+    p.add_argument("--iters", type=int, default=40, help=f"refit iterations ({DP} x {SEQ} tokens each)")
     p.add_argument("--checkpoints", type=int, default=2, help="evenly spaced checkpoints to score")
-    p.add_argument("--lr", type=float, default=5e-5, help="Adam's peak learning rate for the kept weights")
-    p.add_argument("--kd-weight", type=float, default=1.0, help="distill.kd_weight (0: the LM loss alone)")
-    p.add_argument("--temperature", type=float, default=1.0, help="distill.temperature")
+    p.add_argument("--lr", type=float, default=WeightRefit.lr, help="Adam's peak learning rate for the kept weights")
+    p.add_argument("--kd-weight", type=float, default=WeightRefit.kd_weight, help="distill.kd_weight (0: LM loss)")
+    p.add_argument("--temperature", type=float, default=WeightRefit.temperature, help="distill.temperature")
     p.add_argument("--texts", default="wikipedia,shakespeare", help="held-out texts to score")
     p.add_argument("--json", type=Path, help="write the rows here too")
     args = p.parse_args(argv)
@@ -73,7 +49,7 @@ def main(argv=None) -> int:
         return row
 
     rows = [score("original (the learned mask)", export_stage(stages, ckpt), iterations=0, tokens=0)]
-    run = refit_stage(stages, ckpt, args.iters, args.checkpoints, args.lr, args.kd_weight, args.temperature)
+    run = refit_stage(stages, ckpt, WeightRefit(args.iters, args.lr, args.kd_weight, args.temperature), args.checkpoints)
     wall = float((run / "refit_wall_s").read_text())
     for saved in sorted((run / "checkpoints").glob("iter_*")):
         iteration = int(saved.name.split("_")[1])

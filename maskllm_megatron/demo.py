@@ -10,9 +10,10 @@ finished stages, and a failed stage says how to resume):
   4. one-shot 2:4 priors: magnitude, Wanda, SparseGPT (mask only), calibrated on training articles;
   5. MaskLLM mask learning, torchrun with 2 processes (data parallel), frozen weights, from the best
      prior, for a time budget (--minutes, turned into iterations at a planning speed);
-  6. export of the learned 2:4 model to a Hugging Face folder, verified;
-  7. held-out perplexity of dense, each prior and MaskLLM: a Markdown table, a PNG bar chart and the
-     training curves.
+  6. export of the learned 2:4 model to a Hugging Face folder, verified; then the kept weights refit under
+     the learned masks (``mask.refit``, distilled from the dense model; --refit-iters, 0: none), exported;
+  7. held-out perplexity of dense, each prior, MaskLLM and MaskLLM + refit: a Markdown table, a PNG bar
+     chart and the training curves.
 """
 from __future__ import annotations
 
@@ -406,6 +407,50 @@ def learn_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, iter
                       resumable=True)
 
 
+@dataclass(frozen=True)
+class WeightRefit:
+    """The kept weights refit end to end under a run's learned masks (``mask.refit``): Adam from ``lr``
+    (cosine to lr / 10, no weight decay) on ``kd_weight`` x the KL to the dense model (temperature 1) +
+    the rest x the LM loss, ``iters`` iterations of DP x SEQ tokens of the run's own training data."""
+
+    iters: int = 20
+    lr: float = 5e-5
+    kd_weight: float = 1.0
+    temperature: float = 1.0
+
+
+def refit_stage(stages: Stages, ckpt: Path, refit: WeightRefit, checkpoints: int = 1) -> Path:
+    """The refit run from ``ckpt``'s masks (2 data-parallel processes) with ``checkpoints`` evenly spaced
+    checkpoints (the last one is the final); its folder holds ``refit_wall_s``."""
+    from .checkpoint_files import read_extra
+
+    config = read_extra(ckpt)["config"]
+    base, prefix = Path(config["model"]["checkpoint"]), Path(config["data"]["train"][0])
+
+    def run(w: Path):
+        cfg = _train_config(base, prefix, w, prior={"method": "checkpoint", "checkpoint": str(ckpt)},
+                            data={"micro_batch_size": 1, "global_batch_size": DP},
+                            optim={"lr": refit.lr, "min_lr": refit.lr / 10, "weight_decay": 0.0},
+                            mask={"refit": True}, distill={"kd_weight": refit.kd_weight,
+                                                           "temperature": refit.temperature},
+                            run={"train_iters": refit.iters, "log_interval": 5, "eval_interval": 0,
+                                 "save_interval": max(1, refit.iters // checkpoints), "keep_last": checkpoints})
+        t0 = time.time()
+        _run(["-m", "maskllm_megatron.train", "--config", str(_write_yaml(cfg, w / "refit.yaml"))],
+             w / "train.log", nproc=DP)
+        (w / "refit_wall_s").write_text(str(time.time() - t0))
+
+    content = hashlib.sha256(extra_path_bytes(ckpt)).hexdigest()
+    return stages.run(6, "refit", _key(str(ckpt), content, asdict(refit), checkpoints), run)
+
+
+def extra_path_bytes(ckpt: Path) -> bytes:
+    """A run checkpoint's extra state (its losses and config): what keys a stage to that checkpoint's content."""
+    from .checkpoint_files import extra_path
+
+    return extra_path(ckpt).read_bytes()
+
+
 def learn_wall_s(run: Path) -> float:
     """Wall time a ``learn_stage`` run took, over all its attempts (0 before the first one ends)."""
     wall = run / "learn_wall_s"
@@ -462,9 +507,7 @@ def _export(stages: Stages, ckpt: Path, name: str, flags: list[str], *key) -> Pa
     ``seconds.json`` (the export's wall time). Keyed by the checkpoint's content too (its extra state: the
     run's losses): a learning stage run again at the same path, e.g. after its folder was deleted, must not
     reuse the export of the earlier run."""
-    from .checkpoint_files import extra_path
-
-    content = hashlib.sha256(extra_path(ckpt).read_bytes()).hexdigest()
+    content = hashlib.sha256(extra_path_bytes(ckpt)).hexdigest()
 
     def export(w: Path):
         t0 = time.time()
@@ -502,11 +545,17 @@ def main(argv=None) -> int:
                    help="also refit the kept weights of the learned masks (maskllm-export --reconstruct) and add "
                         "that row with its cost in seconds: block (each block fitted to the dense model's hidden "
                         "states), lstsq (each linear's exact least squares), obs (SparseGPT's sweep), or none "
-                        f"(default {DEMO_RECONSTRUCTION}; benchmarks/RESULTS.md, Reconstruction)")
+                        f"(default {DEMO_RECONSTRUCTION}; benchmarks/RESULTS.md, Reconstruction and refit)")
+    p.add_argument("--refit-iters", type=int, default=WeightRefit.iters,
+                   help="then refit the kept weights under the learned masks end to end (mask.refit, distilled "
+                        f"from the dense model) for this many iterations of {DP} x {SEQ} tokens and add that row "
+                        f"(default {WeightRefit.iters}, 0: no refit)")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="where the results go (default demo_out)")
     args = p.parse_args(argv)
     if not args.minutes > 0:
         raise SystemExit(f"error: --minutes {args.minutes:g} must be positive (e.g. 12)")
+    if args.refit_iters < 0:
+        raise SystemExit(f"error: --refit-iters {args.refit_iters} must be >= 0 (0: no refit)")
     recipe = recipe_from_args(args)  # every setting checked before any work
     iters = recipe.iterations(args.minutes)
     try:
@@ -523,13 +572,13 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --out {out}: cannot create the folder ({e.strerror})") from None
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # `kill` and schedulers stop it as Ctrl-C does
     try:
-        return _demo(recipe, iters, out, args.reconstruct)
+        return _demo(recipe, iters, out, args.reconstruct, args.refit_iters)
     except KeyboardInterrupt:  # outside a stage (e.g. fetching the model)
         raise SystemExit(f"demo interrupted; run the same command (`{rerun_command()}`) again: finished stages "
                          "are reused") from None
 
 
-def _demo(recipe: LearnRecipe, iters: int, out: Path, reconstruct: str = "none") -> int:
+def _demo(recipe: LearnRecipe, iters: int, out: Path, reconstruct: str = "none", refit_iters: int = 0) -> int:
     """The seven stages and the results (``main`` has checked the arguments)."""
     from .eval.perplexity import wikipedia_split
 
@@ -547,6 +596,9 @@ def _demo(recipe: LearnRecipe, iters: int, out: Path, reconstruct: str = "none")
     exported = export_stage(stages, final_checkpoint(run))
     recon = RECONSTRUCTIONS[reconstruct]
     reconstructed = reconstruct_stage(stages, final_checkpoint(run), recon) if recon is not None else None
+    refit = WeightRefit(iters=refit_iters)
+    refit_run = refit_stage(stages, final_checkpoint(run), refit) if refit_iters else None
+    refit_hf = export_stage(stages, final_checkpoint(refit_run)) if refit_run is not None else None
 
     # 7. held-out perplexity
     def evaluate(w: Path):
@@ -558,10 +610,15 @@ def _demo(recipe: LearnRecipe, iters: int, out: Path, reconstruct: str = "none")
             folder, seconds = reconstructed
             rows.append((f"MaskLLM + {reconstruct} reconstruction ({seconds:.0f} s)",
                          heldout_ppl(["--hf", str(folder)], w / f"reconstruct-{recon.name}.log")))
+        if refit_hf is not None:
+            seconds = float((refit_run / "refit_wall_s").read_text())
+            rows.append((f"MaskLLM + refit, {refit.iters} iterations ({seconds:.0f} s)",
+                         heldout_ppl(["--hf", str(refit_hf)], w / "refit.log")))
         (w / "table.json").write_text(json.dumps(rows))
 
     results = stages.run(7, "evaluate", _key(str(exported), [str(r) for r in prior_ckpts.values()], SEQ,
-                                             *([str(reconstructed[0])] if reconstructed else [])), evaluate)
+                                             *([str(reconstructed[0])] if reconstructed else []),
+                                             *([str(refit_hf)] if refit_hf else [])), evaluate)
     rows = json.loads((results / "table.json").read_text())
     tokens = iters * recipe.tokens_per_iteration
     lines = ["| model | held-out PPL |", "|---|---|"] + [f"| {n} | {v:.2f} |" for n, v in rows]
@@ -573,6 +630,9 @@ def _demo(recipe: LearnRecipe, iters: int, out: Path, reconstruct: str = "none")
     ppl = dict((n, v) for n, v in rows)
     md += (f"\nMaskLLM vs the SparseGPT prior it started from: perplexity "
            f"{100 * (ppl['MaskLLM'] / ppl['sparsegpt'] - 1):+.1f}%.\n")
+    if refit_hf is not None:
+        md += (f"MaskLLM + refit: the learned masks kept exactly, the kept weights trained {refit.iters} iterations x "
+               f"{DP} x {SEQ} tokens by distillation from the dense model (mask.refit, lr {refit.lr:g}).\n")
     for stale in ("perplexity.png", "training_curves.png"):  # an earlier run's figures must not pass for these
         (out / stale).unlink(missing_ok=True)
     tmp = out / ".results.md.tmp"

@@ -234,6 +234,7 @@ def test_bad_arguments_are_refused_before_any_stage(tmp_path, monkeypatch):
                           (["--global-batch", "3"], "error: --global-batch: global_batch 3: the driver refuses it"),
                           (["--warmup-iters", "50"], "error: --warmup-iters: warmup_iters 50: the driver refuses it: "
                                                      "optim.warmup_iters 50 must be below run.train_iters 38"),
+                          (["--refit-iters", "-1"], "error: --refit-iters -1 must be >= 0"),
                           (["--out", str(tmp_path / "afile")], "is a file: pass a folder for the results"),
                           (["--out", str(tmp_path / "afile" / "sub")], "cannot create the folder")):
         with pytest.raises(SystemExit, match=re.escape(message)):
@@ -255,6 +256,38 @@ def test_export_stage_follows_the_checkpoint_content_not_only_its_path(tmp_path,
     assert demo.export_stage(stages, ckpt) == first and len(exports) == 1  # same content: cached
     (ckpt / "extra_state.json").write_bytes(b"history of a second run")
     assert demo.export_stage(stages, ckpt) != first and len(exports) == 2
+
+
+def test_refit_stage_runs_a_driver_config_that_refits_the_runs_own_masks(tmp_path, monkeypatch):
+    """The demo's refit: a config the driver accepts, that keeps the run's masks (prior.method=checkpoint on
+    the run's checkpoint) on the run's base model and data, keyed by the checkpoint's content."""
+    import json
+
+    from maskllm_megatron import demo
+    from maskllm_megatron.train.config import TrainConfig
+
+    configs = []
+
+    def fake_run(cmd, log, **kw):
+        configs.append(TrainConfig.load(cmd[cmd.index("--config") + 1]))
+        (log.parent / "checkpoints").mkdir()
+
+    monkeypatch.setattr(demo, "_run", fake_run)
+    stages = Stages(tmp_path / "stages")
+    ckpt = tmp_path / "run" / "checkpoints" / "iter_0000038"
+    ckpt.mkdir(parents=True)
+    learned = {"model": {"checkpoint": "/base/ckpt"}, "data": {"train": ["/data/wiki_text_document"]}}
+    (ckpt / "extra_state.json").write_text(json.dumps({"iteration": 38, "config": learned}))
+    refit = demo.WeightRefit(iters=8)
+    first = demo.refit_stage(stages, ckpt, refit)
+    assert demo.refit_stage(stages, ckpt, refit) == first and len(configs) == 1
+    cfg = configs[0].validate(world_size=demo.DP)
+    assert cfg.mask.refit and cfg.prior.method == "checkpoint" and cfg.prior.checkpoint == str(ckpt)
+    assert cfg.model.checkpoint == "/base/ckpt" and cfg.data.train == ["/data/wiki_text_document"]
+    assert cfg.run.train_iters == 8 and cfg.distill.kd_weight == 1.0 and cfg.optim.weight_decay == 0.0
+    assert (first / "refit_wall_s").is_file()
+    (ckpt / "extra_state.json").write_text(json.dumps({"iteration": 38, "config": learned, "history": [1]}))
+    assert demo.refit_stage(stages, ckpt, refit) != first and len(configs) == 2  # another run's checkpoint
 
 
 def test_convert_stage_follows_the_model_folders_content(tmp_path, monkeypatch):
