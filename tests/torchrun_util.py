@@ -18,8 +18,13 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 600, env:
     ]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     full_env.update(env or {})
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
-    out = proc.stdout + proc.stderr
+    for attempt in range(3):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+        out = proc.stdout + proc.stderr
+        # the port was free when chosen but taken (by the other test worker's ranks) before torchrun bound it
+        if proc.returncode == 0 or "EADDRINUSE" not in out:
+            break
+        cmd[cmd.index("--master-port") + 1] = str(free_port())
     if proc.returncode != 0:
         raise AssertionError(f"torchrun {script} failed (exit {proc.returncode}):\n{out[-6000:]}")
     return out
