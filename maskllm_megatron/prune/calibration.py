@@ -99,51 +99,6 @@ class InputStats:
                 self.target_hessian += xt.t() @ xt
         self.nsamples += t
 
-    @torch.no_grad()
-    def merge(self, other: "InputStats") -> "InputStats":
-        """Fold in statistics of *other tokens* of the same layer (in place); returns self."""
-        if other.in_features != self.in_features:
-            raise ValueError(f"cannot merge statistics of {other.in_features} and {self.in_features} features")
-        if (other.hessian is None) != (self.hessian is None):
-            raise ValueError("cannot merge statistics with and without a Hessian")
-        n1, n2 = self.nsamples, other.nsamples
-        if n2 == 0:
-            return self
-        self.sq_norm += other.sq_norm.to(self.sq_norm)
-        if self.hessian is not None:
-            self.hessian.mul_(n1 / (n1 + n2)).add_(other.hessian.to(self.hessian), alpha=n2 / (n1 + n2))
-        self.nsamples = n1 + n2
-        return self
-
-    def narrow(self, start: int, length: int) -> "InputStats":
-        """Statistics restricted to input columns ``[start, start+length)`` (a Row-parallel shard).
-
-        Exact for magnitude/Wanda; for SparseGPT it keeps only the diagonal block of H (see module doc).
-        """
-        out = InputStats(length, hessian=False, dtype=self.dtype, device=self.sq_norm.device)
-        out.nsamples = self.nsamples
-        out.sq_norm = self.sq_norm[start:start + length].clone()
-        if self.hessian is not None:
-            out.hessian = self.hessian[start:start + length, start:start + length].clone()
-        return out
-
-    def state(self) -> dict:
-        """Plain-tensor state (checkpointing, collectives); inverse of ``from_state``."""
-        st = {"nsamples": torch.tensor(self.nsamples, dtype=torch.int64), "sq_norm": self.sq_norm}
-        if self.hessian is not None:
-            st["hessian"] = self.hessian
-        return st
-
-    @classmethod
-    def from_state(cls, state: dict) -> "InputStats":
-        sq = state["sq_norm"]
-        out = cls(sq.numel(), hessian=False, dtype=sq.dtype, device=sq.device)
-        out.nsamples = int(state["nsamples"])
-        out.sq_norm = sq.clone()
-        if state.get("hessian") is not None:
-            out.hessian = state["hessian"].clone()
-        return out
-
     def __repr__(self) -> str:
         return (f"InputStats(in_features={self.in_features}, nsamples={self.nsamples}, "
                 f"hessian={self.hessian is not None}, dtype={self.dtype})")
