@@ -14,7 +14,7 @@ A linear ``y = x @ W.T`` with ``W: [out, in]`` sees activations ``x: [tokens, in
 Combining partial statistics (what the megatron glue must do)
 -------------------------------------------------------------
 * Different tokens (data parallel ranks, micro-batches, sequence-parallel shards of the *same*
-  layer input): ``merge`` = add ``nsamples``, add ``sq_norm``, token-weighted average of ``hessian``
+  layer input): add ``nsamples``, add ``sq_norm``, token-weighted average of ``hessian``
   (``H = (n1 H1 + n2 H2) / (n1 + n2)``). As a collective: all-reduce ``nsamples``, ``sq_norm`` and
   ``hessian * nsamples``, then divide the last by the total ``nsamples``.
 * Column-parallel layers (QKV, MLP in): every TP rank holds some output rows but sees the *full*
@@ -23,7 +23,7 @@ Combining partial statistics (what the megatron glue must do)
   hook the all-gathered input, or merge the per-rank sequence shards as "different tokens" above.
 * Row-parallel layers (attention out, MLP out): rank ``r`` holds ``W[:, cols_r]`` and sees only
   ``x[:, cols_r]``. Its ``sq_norm`` and the diagonal block ``H[cols_r, cols_r]`` are exactly the full
-  statistics restricted to its columns (``narrow`` gives that restriction), so magnitude and Wanda
+  statistics restricted to its columns, so magnitude and Wanda
   masks computed on the shard equal the full-layer masks restricted to it (groups of M never straddle
   shards when the shard width is a multiple of M).
   SparseGPT is different: its OBS sweep walks *all* input columns of a row and propagates the error
