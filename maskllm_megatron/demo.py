@@ -538,7 +538,7 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=12.0,
                    help="mask-learning budget in minutes, turned into iterations at --tokens-per-second (at least "
                         "10 iterations). Default 12: 38 iterations, which learn in 6-10 minutes on 2 CPU cores "
-                        "(the planning speed is conservative), the whole demo in 13-21; raise it for a longer, "
+                        "(the planning speed is conservative), the whole demo in 18-26 with the refit; raise it for a longer, "
                         "better run")
     add_recipe_arguments(p)
     p.add_argument("--reconstruct", choices=list(RECONSTRUCTIONS), default=DEMO_RECONSTRUCTION,
