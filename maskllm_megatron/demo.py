@@ -538,11 +538,11 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=12.0,
                    help="mask-learning budget in minutes, turned into iterations at --tokens-per-second (at least "
                         "10 iterations). Default 12: 38 iterations, which learn in 6-10 minutes on 2 CPU cores "
-                        "(the planning speed is conservative), the whole demo in 18-26 with the refit; raise it for a longer, "
-                        "better run")
+                        "(the planning speed is conservative), the whole demo in 18-26 with the refit; raise it "
+                        "for a longer, better run")
     add_recipe_arguments(p)
     p.add_argument("--reconstruct", choices=list(RECONSTRUCTIONS), default=DEMO_RECONSTRUCTION,
-                   help="also refit the kept weights of the learned masks (maskllm-export --reconstruct) and add "
+                   help="also reconstruct the kept weights layer by layer at export (maskllm-export --reconstruct) and add "
                         "that row with its cost in seconds: block (each block fitted to the dense model's hidden "
                         "states), lstsq (each linear's exact least squares), obs (SparseGPT's sweep), or none "
                         f"(default {DEMO_RECONSTRUCTION}; benchmarks/RESULTS.md, Reconstruction and refit)")
