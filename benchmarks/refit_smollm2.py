@@ -2,7 +2,7 @@
 against the iterations spent (not in CI).
 
     python benchmarks/refit_smollm2.py --ckpt RUN/checkpoints/iter_XXXXXXX [--iters 40] [--checkpoints 2] \
-        [--lr 5e-5] [--kd-weight 1.0] [--temperature 1.0] [--json benchmarks/results/refit_demo.json]
+        [--lr 2e-4] [--kd-weight 1.0] [--temperature 1.0] [--json benchmarks/results/refit_demo.json]
 
 The demo's refit stage (``demo.refit_stage``: the driver on 2 data-parallel ranks, 2 x 512 tokens an
 iteration of the run's own training data) keeps the run's hard masks fixed (``prior.method=checkpoint``,

@@ -414,7 +414,7 @@ class WeightRefit:
     the rest x the LM loss, ``iters`` iterations of DP x SEQ tokens of the run's own training data."""
 
     iters: int = 20
-    lr: float = 5e-5
+    lr: float = 2e-4
     kd_weight: float = 1.0
     temperature: float = 1.0
 
