@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from compare_checkpoints import differing_tensors  # this folder is the script's own: on sys.path
+
 
 def model_config():
     from maskllm_megatron.megatron.model_builder import ModelConfig
@@ -239,24 +241,6 @@ def masks(work: Path, convert: list) -> dict:
         r[f"{method}_ep2"] = {k: v for k, v in p2.items() if k != "priors"}
         r[f"{method}_ep2_equal_ep1"] = all(torch.equal(v, p1["priors"][k]) for k, v in p2["priors"].items())
     return r
-
-
-def differing_tensors(a: Path, b: Path) -> dict:
-    """The tensors (model and optimizer state) of two dist checkpoints that are not bit-identical."""
-    from megatron.core import dist_checkpointing
-
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            elif isinstance(v, torch.Tensor):
-                out[f"{prefix}{k}"] = v
-        return out
-
-    ta, tb = flat(dist_checkpointing.load_plain_tensors(str(a))), flat(dist_checkpointing.load_plain_tensors(str(b)))
-    keys = sorted(set(ta) | set(tb))
-    return {"compared": len(keys), "differ": [k for k in keys if k not in ta or k not in tb or not torch.equal(ta[k], tb[k])]}
 
 
 def export_and_check(run_ckpt: Path, out: Path, other: list) -> dict:
