@@ -69,9 +69,11 @@ def main(argv=None) -> int:
         for kind, (med, same) in results.items():
             print(f"  {kind:15s} megatron {med['megatron']:.3f} s   all_reduce path {med['all_reduce']:.3f} s   "
                   f"ratio {med['megatron'] / med['all_reduce']:.2f}   bit-identical: {same}")
-    dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    rc = main()
+    from maskllm_megatron.megatron.parallel import teardown
+    teardown(sync=True)  # every process group gone before the interpreter shuts down
+    raise SystemExit(rc)

@@ -173,9 +173,11 @@ def main(argv=None):
         with open(args.json + ".tmp", "w") as f:
             json.dump(results, f, indent=2)
         os.replace(args.json + ".tmp", args.json)
-    torch.distributed.destroy_process_group()
     return results
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    ok = main()
+    from maskllm_megatron.megatron.parallel import teardown
+    teardown(sync=True)  # every process group gone before the interpreter shuts down
+    sys.exit(0 if ok else 1)

@@ -193,7 +193,6 @@ def main(argv=None):
         if args.json:
             write_atomic(args.json, json.dumps({"measured": {f"{d} {n}": r for (d, n), r in measured.items()},
                                                 "projected": projected}, indent=2))
-    torch.distributed.destroy_process_group()
 
 
 
@@ -343,7 +342,6 @@ def moe_main(args) -> None:
             print(f"  projected {name:62s} {b:6.2f} B per masked expert weight per GPU")
         if args.json:
             write_atomic(args.json, json.dumps({"measured": measured, "projected": projected}, indent=2))
-    torch.distributed.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------- cluster plans
@@ -414,3 +412,5 @@ def plan_main(args) -> None:
 
 if __name__ == "__main__":
     main()
+    from maskllm_megatron.megatron.parallel import teardown
+    teardown(sync=True)  # every process group gone before the interpreter shuts down

@@ -301,9 +301,10 @@ def main(argv=None):
                   f"distilling run gets 1/{results['distill_over_mask']:.3f} of the iterations")
         if args.json:
             write_atomic(args.json, json.dumps(results, indent=2))
-    torch.distributed.destroy_process_group()
     return results
 
 
 if __name__ == "__main__":
     main()
+    from maskllm_megatron.megatron.parallel import teardown
+    teardown(sync=True)  # every process group gone before the interpreter shuts down

@@ -326,9 +326,11 @@ def main(argv=None) -> int:
         with open(args.json + ".tmp", "w") as f:
             f.write(text)
         os.replace(args.json + ".tmp", args.json)
-    torch.distributed.destroy_process_group()
     return 1 if any(isinstance(v, dict) and "error" in v for v in results.values()) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    from maskllm_megatron.megatron.parallel import teardown
+    teardown(sync=True)  # every process group gone before the interpreter shuts down
+    sys.exit(rc)

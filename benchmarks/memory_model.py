@@ -285,8 +285,10 @@ def main(argv=None):
     if torch.distributed.get_rank() == 0 and args.json:
         Path(args.json).write_text(json.dumps({"world_size": world, "args": {k: v for k, v in vars(args).items()},
                                                "results": results}, indent=1))
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    from maskllm_megatron.megatron.parallel import teardown
+    teardown(sync=True)  # every process group gone before the interpreter shuts down
+    sys.exit(rc)

@@ -54,46 +54,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def collective_device():
-    """Where a small tensor for a collective must live: the current GPU under NCCL (which cannot reduce
-    CPU tensors), else the CPU (gloo)."""
-    import torch
-
-    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def all_reduce_floats(values, op=None, group=None) -> list[float]:
-    """All-reduce a few numbers across ranks (sum unless ``op``) in float64; returns them as floats."""
-    import torch
-
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=collective_device())
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM if op is None else op, group=group)
-    return t.tolist()
-
-
-def init_process_group() -> None:
-    """torch.distributed from torchrun's environment, or a one-process world when launched plainly;
-    NCCL on the LOCAL_RANK's GPU where CUDA is available, else gloo. No-op when already initialised."""
-    import torch
-
-    if torch.distributed.is_initialized():
-        return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if "RANK" not in os.environ or (os.environ.get("WORLD_SIZE") == "1" and "MASTER_ADDR" not in os.environ):
-        # one process: an in-process store, no TCP port (a port found free can be taken before the store
-        # binds it, seen under a parallel test run: EADDRINUSE)
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(0)
-        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group(backend)
-
-
 def under_torchrun() -> bool:
     """True in a process started by torchrun (or any launcher that sets LOCAL_RANK)."""
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ

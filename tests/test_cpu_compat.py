@@ -82,6 +82,20 @@ def test_single_rank_bucket_collectives_are_skipped_only_when_they_are_identitie
     assert r["out"] == r["buf"] == list(map(float, range(8)))
 
 
+def test_teardown_joins_every_gloo_worker_thread_before_the_interpreter_shuts_down():
+    """torch's destroy_process_group leaves megatron-core's groups alive (40 of this probe's 44 gloo worker
+    threads); a thread still alive at interpreter shutdown can abort a finished process with "terminate
+    called without an active exception". parallel.teardown leaves none, and both ranks end with exit 0."""
+    out = torchrun("tests/scripts/teardown_probe.py", nproc=2)
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in rows) == [0, 1], out[-2000:]
+    for r in rows:
+        assert r["sum"] == [4.0, 4.0, 4.0]  # the TP group's, then the shadow group's all-reduce
+        assert r["live"] >= 10, r  # megatron's groups, each with its gloo threads
+        assert r["after_teardown"] == 0, r
+        assert not r["initialized"] and not r["megatron_initialized"], r
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the patches apply only without CUDA")
 def test_gloo_bucket_collectives_are_bit_identical_to_megatrons_at_dp2():
     """The fast path (one all-reduce per bucket on a second gloo group) gives the bytes megatron's own

@@ -430,7 +430,7 @@ def test_setup_parallel_after_a_conversion_in_the_same_process():
     ``benchmarks/bench_model_step.py`` does on first use) gets the driver's layout, not megatron's
     "data parallel group is already initialized"."""
     code = """
-from maskllm_megatron.convert.checkpoint import init_parallel
+from maskllm_megatron.megatron.parallel import init_parallel
 from maskllm_megatron.train.config import TrainConfig
 from maskllm_megatron.train.trainer import setup_parallel
 from megatron.core import parallel_state

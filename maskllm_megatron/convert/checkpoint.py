@@ -58,37 +58,9 @@ class CheckpointInfo:
                    d.get("source", ""), d.get("ep", 1))
 
 
-def init_parallel(tp: int = 1, pp: int = 1, ep: int = 1) -> None:
-    """Initialise torch.distributed (from torchrun's environment, or a one-process world when launched
-    plainly) and megatron-core's model-parallel groups for ``tp`` x ``pp`` x ``ep`` ranks (expert
-    parallel: the ``ep`` ranks hold the same dense weights and different experts)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from maskllm_megatron.launch import init_process_group
-    from maskllm_megatron.megatron import cpu_compat
-
-    cpu_compat.apply()
-    init_process_group()
-    if dist.get_world_size() != tp * pp * ep:
-        raise ConversionError(f"{dist.get_world_size()} processes for --tp {tp} x --pp {pp}"
-                              + (f" x --ep {ep}" if ep > 1 else "") + f": launch with nproc={tp * pp * ep}")
-    if parallel_state.model_parallel_is_initialized():
-        if (parallel_state.get_tensor_model_parallel_world_size() == tp
-                and parallel_state.get_pipeline_model_parallel_world_size() == pp
-                and parallel_state.get_expert_model_parallel_world_size() == ep):
-            return
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                             expert_model_parallel_size=ep)
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    model_parallel_cuda_manual_seed(1234)
-
-
 def load_mcore_model(ckpt_dir: str | Path, *, parallel_output: bool = True):
     """Build the checkpoint's GPTModel (in its dtype) for the initialised parallel layout (see
-    ``init_parallel``; any TP/PP/EP, whatever the checkpoint was saved with) and load its weights.
+    ``megatron.parallel.init_parallel``; any TP/PP/EP, whatever the checkpoint was saved with) and load its weights.
 
     Returns ``(model, info)``; the model is in eval mode.
     """

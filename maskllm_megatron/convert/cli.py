@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from maskllm_megatron.convert.io import ConversionError, check_output, partial_path
     from maskllm_megatron.launch import exit_cleanly_on_sigterm, relaunch, under_torchrun
+    from maskllm_megatron.megatron.parallel import ParallelLayoutError, teardown
 
     try:
         if args.command == "hf-to-mcore":
@@ -67,9 +68,12 @@ def main(argv: list[str] | None = None) -> int:
 
             exit_cleanly_on_sigterm()
             mcore_to_hf(args.ckpt, args.out, int(args.max_shard_size * 2**30), overwrite=args.overwrite)
-    except ConversionError as e:
+        teardown(sync=True)
+    except (ConversionError, ParallelLayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        teardown()
     return 0
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from maskllm_megatron.convert.checkpoint import (TOKENIZER_DIR, CheckpointInfo, global_param_names,
-                                                 init_parallel, tp_rank_and_size)
+from maskllm_megatron.convert.checkpoint import (TOKENIZER_DIR, CheckpointInfo, global_param_names, tp_rank_and_size)
+from maskllm_megatron.megatron.parallel import init_parallel
 from maskllm_megatron.convert.io import (ConversionError, HFCheckpoint, check_output, copy_tokenizer, mark_output,
                                          partial_path,
                                          progress)

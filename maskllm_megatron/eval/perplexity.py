@@ -308,9 +308,9 @@ def mcore_perplexity(path: str | Path, req: EvalRequest, use_prior: bool = False
     """Perplexity of a megatron-core checkpoint on every rank of a TP-sized world (PP=1)."""
     import torch.distributed as dist
 
-    from maskllm_megatron.convert.checkpoint import init_parallel
     from maskllm_megatron.data.tokenizer import load_tokenizer
     from maskllm_megatron.megatron.model_builder import gpt_forward
+    from maskllm_megatron.megatron.parallel import init_parallel
 
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     init_parallel(tp=world, pp=1)
@@ -366,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from maskllm_megatron.export.cli import _errors
     from maskllm_megatron.launch import exit_cleanly_on_sigterm, relaunch, under_torchrun
+    from maskllm_megatron.megatron.parallel import teardown
 
     errors = (*_errors(), EvalError, OSError)
     try:
@@ -381,9 +382,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             exit_cleanly_on_sigterm()
             result = mcore_perplexity(args.ckpt, req, args.use_prior)
+            teardown(sync=True)
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        teardown()
     if int(os.environ.get("RANK", "0")) == 0:
         print(result.summary())
         if args.json:

@@ -102,8 +102,9 @@ def _errors() -> tuple[type[Exception], ...]:
     from maskllm_megatron.export.formats import FormatError
     from maskllm_megatron.checkpoint_files import CheckpointMismatch
     from maskllm_megatron.megatron.model_builder import ModelConfigError
+    from maskllm_megatron.megatron.parallel import ParallelLayoutError
 
-    return ConversionError, FormatError, CheckpointMismatch, ModelConfigError, ValueError
+    return ConversionError, FormatError, CheckpointMismatch, ModelConfigError, ParallelLayoutError, ValueError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = _export_parser().parse_args(argv)
     from maskllm_megatron.export.trim import ExportConfig, check_request, export
+    from maskllm_megatron.megatron.parallel import teardown
 
     try:
         cfg = ExportConfig(args.ckpt, args.out.absolute(), args.format, args.use_prior, args.base_ckpt,
@@ -142,9 +144,12 @@ def main(argv: list[str] | None = None) -> int:
             raise _errors()[0](f"{world} processes for --tp {args.tp}: launch with --nproc-per-node {args.tp}")
         exit_cleanly_on_sigterm()
         result = export(cfg)
+        teardown(sync=True)
     except _errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        teardown()
     if result is not None:
         print(result.summary(), flush=True)
     return 0

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Literal, Optional
 
 import torch
 
-from maskllm_megatron.convert.checkpoint import TOKENIZER_DIR, CheckpointInfo, global_param_names, init_parallel
+from maskllm_megatron.convert.checkpoint import TOKENIZER_DIR, CheckpointInfo, global_param_names
+from maskllm_megatron.megatron.parallel import init_parallel
 from maskllm_megatron.convert.io import ConversionError, check_output, copy_tokenizer, mark_output, read_json
 from maskllm_megatron.convert.mapping import ARCHITECTURES, model_type_of
 from maskllm_megatron.export.formats import (

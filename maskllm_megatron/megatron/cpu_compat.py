@@ -251,6 +251,11 @@ def _keep_adam_step(fn: Callable) -> Callable:
 _SHADOW_GROUPS: dict = {}
 
 
+def drop_shadow_groups() -> None:
+    """Forget the shadow groups (``parallel.teardown`` destroys them with the rest)."""
+    _SHADOW_GROUPS.clear()
+
+
 def _shadow_group(group):
     """A second gloo group with ``group``'s ranks (made once, by its members), whose collectives run at
     once even while a coalescing manager is open on ``group``."""

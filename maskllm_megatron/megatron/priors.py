@@ -31,7 +31,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from ..launch import all_reduce_floats
+from .parallel import all_reduce_floats
 from ..masks import NMSpec
 from ..prune.calibration import InputStats
 from ..prune.methods import METHODS, magnitude_mask, reconstruction_error, sparsegpt_prune, wanda_mask

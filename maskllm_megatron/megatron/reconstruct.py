@@ -18,7 +18,7 @@ from typing import Iterable
 
 import torch
 
-from ..launch import all_reduce_floats
+from .parallel import all_reduce_floats
 from ..prune.methods import RECONSTRUCTIONS, reconstruct_weight, reconstruction_error
 from .priors import _solve_full_width, calibrate_blockwise
 from .sparsify import masked_layers

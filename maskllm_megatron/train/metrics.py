@@ -55,7 +55,7 @@ class MaskWatcher:
         if torch.distributed.is_initialized() and keys:
             from megatron.core import parallel_state
 
-            from ..launch import collective_device
+            from ..megatron.parallel import collective_device
 
             stacked = stacked.to(collective_device())
             torch.distributed.all_reduce(stacked, group=parallel_state.get_model_parallel_group())

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ..launch import all_reduce_floats, init_process_group
+from ..megatron.parallel import all_reduce_floats, init_parallel, init_process_group
 from .config import ConfigError, TrainConfig, checkpoint_iteration, checkpoint_name
 from .metrics import MaskWatcher, MetricsLogger, StepThroughput, host_rss_bytes, peak_memory_bytes
 
@@ -32,20 +32,16 @@ class TrainingStopped(RuntimeError):
 
 # -- parallel state ---------------------------------------------------------------------------------
 def setup_parallel(cfg: TrainConfig) -> dict:
+    """torch.distributed and megatron-core's groups for the run's layout (after checking that the processes
+    started fit it), seeded with ``run.seed``."""
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from ..megatron import cpu_compat
 
     cpu_compat.apply()
     init_process_group()  # torchrun's ranks, or one process when launched plainly
     cfg.validate(torch.distributed.get_world_size())
-    if parallel_state.model_parallel_is_initialized():  # e.g. a conversion ran earlier in this process
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=cfg.parallel.tp,
-                                             pipeline_model_parallel_size=cfg.parallel.pp,
-                                             expert_model_parallel_size=cfg.parallel.ep)
-    model_parallel_cuda_manual_seed(cfg.run.seed)
+    init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep, seed=cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     return {"rank": torch.distributed.get_rank(), "dp_rank": parallel_state.get_data_parallel_rank(),
             "dp_size": parallel_state.get_data_parallel_world_size(),

@@ -51,7 +51,7 @@ def compare_tensors(a_dir: Path, b_dir: Path, cast_a: torch.dtype | None = None)
 def main():
     import torch.distributed as dist
 
-    from maskllm_megatron.convert.checkpoint import init_parallel
+    from maskllm_megatron.megatron.parallel import init_parallel
     from maskllm_megatron.convert.hf_to_mcore import hf_to_mcore
     from maskllm_megatron.convert.mcore_to_hf import mcore_to_hf
 

@@ -27,7 +27,9 @@ def wiki_windows(hf_dir: Path, windows: int, seq_len: int) -> torch.Tensor:
 def main():
     from transformers import AutoModelForCausalLM
 
-    from maskllm_megatron.convert.checkpoint import init_parallel, load_mcore_model
+    from maskllm_megatron.convert.checkpoint import load_mcore_model
+
+    from maskllm_megatron.megatron.parallel import init_parallel
     from maskllm_megatron.megatron.model_builder import gpt_forward
 
     ckpt, hf_dir, windows, seq_len = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])

@@ -67,8 +67,9 @@ def main():
     if torch.distributed.get_rank() == 0:  # one writer: ranks printing at once interleave their lines
         for r in results:
             print(json.dumps(r), flush=True)
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    from maskllm_megatron.megatron.parallel import teardown
+    teardown(sync=True)  # every process group gone before the interpreter shuts down

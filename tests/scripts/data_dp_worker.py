@@ -29,9 +29,9 @@ def main() -> None:
     out = [{"tokens": b["tokens"].tolist(), "dataset_id": b["dataset_id"].tolist()}
            for _, b in zip(range(STEPS), batches)]
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    from maskllm_megatron.megatron.parallel import teardown
+    teardown(sync=True)  # every process group gone before the interpreter shuts down

@@ -44,7 +44,6 @@ def main():
     result.update(validation_paths(tp))
     if rank == 0:
         print("RESULT " + json.dumps(result), flush=True)
-    torch.distributed.destroy_process_group()
 
 
 @torch.no_grad()
@@ -79,3 +78,5 @@ def validation_paths(tp):
 
 if __name__ == "__main__":
     main()
+    from maskllm_megatron.megatron.parallel import teardown
+    teardown(sync=True)  # every process group gone before the interpreter shuts down

@@ -60,7 +60,7 @@ def finite(config: str, fault: str) -> dict:
 
 
 def agree() -> dict:
-    from maskllm_megatron.launch import init_process_group
+    from maskllm_megatron.megatron.parallel import init_process_group
     from maskllm_megatron.train.config import ConfigError
     from maskllm_megatron.train.trainer import agree_on_resume
 
@@ -78,5 +78,5 @@ if __name__ == "__main__":
     result = finite(sys.argv[2], sys.argv[3]) if sys.argv[1] == "finite" else agree()
     if torch.distributed.get_rank() == 0:
         print("RESULT " + json.dumps(result), flush=True)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()  # an undestroyed gloo group may abort at exit (seen: SIGABRT)
+    from maskllm_megatron.megatron.parallel import teardown
+    teardown(sync=True)  # every process group gone before the interpreter shuts down

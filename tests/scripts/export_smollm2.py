@@ -15,7 +15,8 @@ WINDOW = dict(seq_len=128, bos=True)
 
 
 def main():
-    from maskllm_megatron.convert.checkpoint import CheckpointInfo, init_parallel
+    from maskllm_megatron.convert.checkpoint import CheckpointInfo
+    from maskllm_megatron.megatron.parallel import init_parallel
     from maskllm_megatron.convert.hf_to_mcore import hf_to_mcore
     from maskllm_megatron.eval.perplexity import EvalRequest, corpus_text, mcore_perplexity
     from maskllm_megatron.export.trim import ExportConfig, export

@@ -48,7 +48,9 @@ def make(work: Path) -> dict:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from maskllm_megatron.convert.checkpoint import CheckpointInfo, init_parallel
+    from maskllm_megatron.convert.checkpoint import CheckpointInfo
+
+    from maskllm_megatron.megatron.parallel import init_parallel
     from maskllm_megatron.convert.hf_to_mcore import hf_to_mcore
     from maskllm_megatron.export.trim import ExportConfig, export
     from maskllm_megatron.masks import MaskConfig
@@ -120,7 +122,8 @@ def make(work: Path) -> dict:
 
 
 def tp1(work: Path) -> dict:
-    from maskllm_megatron.convert.checkpoint import init_parallel, load_mcore_model
+    from maskllm_megatron.convert.checkpoint import load_mcore_model
+    from maskllm_megatron.megatron.parallel import init_parallel
     from maskllm_megatron.export import trim
     from maskllm_megatron.export.cli import main
 
@@ -171,5 +174,5 @@ if __name__ == "__main__":
     result = {"make": make, "tp1": tp1}[mode](work)
     if torch.distributed.get_rank() == 0:
         print("RESULT " + json.dumps(result), flush=True)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()  # an undestroyed gloo group may abort at exit (seen: SIGABRT)
+    from maskllm_megatron.megatron.parallel import teardown
+    teardown(sync=True)  # every process group gone before the interpreter shuts down

@@ -157,7 +157,7 @@ def resume_without_sp(tiny: Path) -> dict:
                                                "eval_interval": 0, "log_interval": 1, "tensorboard": False}}).run
         return c
 
-    from maskllm_megatron.launch import init_process_group
+    from maskllm_megatron.megatron.parallel import init_process_group
 
     init_process_group()
     resumed = tiny / "sp_resumed"
@@ -251,8 +251,9 @@ def main():
     report["resume"] = resume_without_sp(tiny)
     if torch.distributed.get_rank() == 0:
         Path(out).write_text(json.dumps(report, indent=1))
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    from maskllm_megatron.megatron.parallel import teardown
+    teardown(sync=True)  # every process group gone before the interpreter shuts down

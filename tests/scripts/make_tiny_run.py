@@ -70,8 +70,9 @@ def main():
     CheckpointInfo(model=mc, dtype="fp32").save(ckpt)
     (ckpt / "tokenizer").mkdir(exist_ok=True)
     shutil.copy(sp_model, ckpt / "tokenizer" / "tokenizer.model")
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    from maskllm_megatron.megatron.parallel import teardown
+    teardown(sync=True)  # every process group gone before the interpreter shuts down

@@ -205,8 +205,9 @@ def main():
     if torch.distributed.get_rank() == 0:
         torch.save(result, f"{outdir}/tp{tp}_{mode}.pt")
     print(json.dumps({"rank": torch.distributed.get_rank(), "ok": True}))
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    from maskllm_megatron.megatron.parallel import teardown
+    teardown(sync=True)  # every process group gone before the interpreter shuts down

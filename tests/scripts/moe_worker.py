@@ -246,7 +246,7 @@ def masks(work: Path, convert: list) -> dict:
 def export_and_check(run_ckpt: Path, out: Path, other: list) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from maskllm_megatron.convert.checkpoint import init_parallel
+    from maskllm_megatron.megatron.parallel import init_parallel
     from maskllm_megatron.export.trim import ExportConfig, RunCheckpoint, export, load_masked_model
     from maskllm_megatron.megatron.sparsify import masked_layers
 

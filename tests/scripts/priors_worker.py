@@ -72,7 +72,6 @@ def main():
     if torch.distributed.get_rank() == 0:
         torch.save(result, out / f"priors_tp{tp}.pt")
         print("RESULT " + json.dumps(report))
-    torch.distributed.destroy_process_group()
 
 
 @torch.no_grad()
@@ -116,3 +115,5 @@ def dense_hook_reference(batches):
 
 if __name__ == "__main__":
     main()
+    from maskllm_megatron.megatron.parallel import teardown
+    teardown(sync=True)  # every process group gone before the interpreter shuts down

@@ -18,7 +18,8 @@ from convert_smollm2 import wiki_windows  # noqa: E402
 
 
 def main():
-    from maskllm_megatron.convert.checkpoint import init_parallel, load_mcore_model
+    from maskllm_megatron.convert.checkpoint import load_mcore_model
+    from maskllm_megatron.megatron.parallel import init_parallel
     from maskllm_megatron.megatron.model_builder import gpt_forward
     from maskllm_megatron.megatron.priors import PriorConfig, compute_priors
     from maskllm_megatron.megatron.reconstruct import ReconstructConfig, reconstruct_weights

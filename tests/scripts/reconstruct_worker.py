@@ -15,7 +15,7 @@ import torch
 
 def main():
     tp, out = int(sys.argv[1]), Path(sys.argv[2])
-    from maskllm_megatron.convert.checkpoint import init_parallel
+    from maskllm_megatron.megatron.parallel import init_parallel
     from maskllm_megatron.masks import MaskConfig
     from maskllm_megatron.megatron.reconstruct import ReconstructConfig, reconstruct_weights
     from maskllm_megatron.megatron.sparsify import SparsifyConfig, masked_layers, sparsify
@@ -53,7 +53,6 @@ def main():
     if torch.distributed.get_rank() == 0:
         torch.save(result, out / f"reconstruct_tp{tp}.pt")
         print("RESULT " + json.dumps(report))
-    torch.distributed.destroy_process_group()
 
 
 def calibration():
@@ -110,3 +109,5 @@ def lstsq_reference(batches):
 
 if __name__ == "__main__":
     main()
+    from maskllm_megatron.megatron.parallel import teardown
+    teardown(sync=True)  # every process group gone before the interpreter shuts down

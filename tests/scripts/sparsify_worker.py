@@ -325,8 +325,9 @@ def main():
     report = check(out) if mode == "check" else ckpt(mode, out)
     if torch.distributed.get_rank() == 0:
         print("RESULT " + json.dumps(report))
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    from maskllm_megatron.megatron.parallel import teardown
+    teardown(sync=True)  # every process group gone before the interpreter shuts down
