@@ -34,7 +34,7 @@ setup(
         "maskllm-train=maskllm_megatron.train.__main__:main",
         "maskllm-convert=maskllm_megatron.convert.cli:main",
         "maskllm-preprocess=maskllm_megatron.data.preprocess:main",
-        "maskllm-verify=maskllm_megatron.eval.verify:main",
+        "maskllm-verify=maskllm_megatron.export.verify:main",
         "maskllm-export=maskllm_megatron.export.cli:main",
         "maskllm-eval=maskllm_megatron.eval.perplexity:main",
         "maskllm-plot=maskllm_megatron.train.plot:main",

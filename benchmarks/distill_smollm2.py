@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from maskllm_megatron import assets
+from maskllm_megatron.cache import cache_dir
 from maskllm_megatron.demo import (Stages, heldout_ppl, add_recipe_arguments, convert_stage, data_stage, final_checkpoint,
                                    learn_stage, learn_wall_s, prior_stage, recipe_from_args)
 from maskllm_megatron.eval.perplexity import wikipedia_split
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.step_ratio >= 1:
         raise SystemExit(f"error: --step-ratio {args.step_ratio} must be >= 1 (a distilling step does more)")
-    stages = Stages(assets.cache_dir() / "demo")
+    stages = Stages(cache_dir() / "demo")
     hf = assets.smollm2_hf_dir()
     ckpt = convert_stage(stages, hf)
     wiki = data_stage(stages, "wiki_train", [t for _, t in wikipedia_split()[0]], ckpt / "tokenizer")

@@ -42,5 +42,5 @@ print(f"resume from 6: {len(b)} iterations, worst relative loss difference {wors
 assert len(a) == len(b) == 14 and a[:6] == b[:6] and worst < 1e-3, (a, b)
 EOF
 "$PY" -m maskllm_megatron.export.cli --ckpt "$OUTDIR/run/checkpoints" --out "$OUTDIR/hf" --format hf
-"$PY" -m maskllm_megatron.eval.verify "$OUTDIR/hf"
+"$PY" -m maskllm_megatron.export.verify "$OUTDIR/hf"
 echo "gpu_driver_smoke: OK"

@@ -43,5 +43,5 @@ assert len(a) == len(b) == 4 and a[:2] == b[:2] and worst < 1e-3, (a, b)
 PYEOF
 "$PY" -m torch.distributed.run --nproc-per-node 1 --master-addr 127.0.0.1 --master-port 29573 \
     tests/scripts/moe_worker.py export "$OUTDIR/run/checkpoints/iter_0000004" "$OUTDIR/hf"
-"$PY" -m maskllm_megatron.eval.verify "$OUTDIR/hf"
+"$PY" -m maskllm_megatron.export.verify "$OUTDIR/hf"
 echo "gpu_moe_smoke: OK"

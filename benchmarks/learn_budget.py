@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from maskllm_megatron import assets
+from maskllm_megatron.cache import cache_dir
 from maskllm_megatron.demo import (LearnRecipe, Stages, heldout_ppl, add_recipe_arguments, final_checkpoint, learn_stage,
                                    learn_wall_s, recipe_from_args)
 from maskllm_megatron.train.config import checkpoint_iteration
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     add_recipe_arguments(p, skip=("tokens_per_second",))  # --iters sets the length
     p.add_argument("--checkpoints", type=int, default=1, help="evenly spaced checkpoints to score (a curve)")
     args = p.parse_args(argv)
-    stages = Stages(assets.cache_dir() / "demo")
+    stages = Stages(cache_dir() / "demo")
     found = {name: [p for p in sorted(stages.root.glob(pattern)) if ".partial" not in str(p)] for name, pattern in (
         ("converted model", "convert-*/ckpt"), ("training data", "data-wiki_train-*/wiki_train.bin"),
         ("SparseGPT prior", "prior-sparsegpt-[0-9a-f]*/checkpoints/iter_0000000"))}  # not -update-

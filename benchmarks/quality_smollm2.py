@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from maskllm_megatron import assets
+from maskllm_megatron.cache import cache_dir
 from maskllm_megatron.demo import (Stages, heldout_ppl, add_recipe_arguments, convert_stage, copy_run_records, data_stage,
                                    final_checkpoint, learn_stage, learn_wall_s, prior_stage, recipe_from_args)
 from maskllm_megatron.eval.perplexity import shakespeare_split, wikipedia_split
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/quality_out"))
     args = p.parse_args(argv)
     t0 = time.time()
-    stages = Stages(assets.cache_dir() / "demo")
+    stages = Stages(cache_dir() / "demo")
     out = args.out.absolute()
     out.mkdir(parents=True, exist_ok=True)
 

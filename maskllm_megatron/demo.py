@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from . import assets
+from .cache import cache_dir, file_digest
 from .launch import die_with_parent, free_port, usable_cpus
 from .train.config import ConfigError, TrainConfig, checkpoint_name
 
@@ -336,7 +337,7 @@ def _bar_chart(table: list[tuple[str, float]], path: Path) -> None:
 def folder_digest(folder: Path) -> str:
     """BLAKE2b of every file in ``folder`` (names and bytes): what a stage made from it depends on."""
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return _key([(str(path.relative_to(folder)), assets.file_digest(path)) for path in files])
+    return _key([(str(path.relative_to(folder)), file_digest(path)) for path in files])
 
 
 def convert_stage(stages: Stages, hf: Path) -> Path:
@@ -582,7 +583,7 @@ def _demo(recipe: LearnRecipe, iters: int, out: Path, reconstruct: str = "none",
     """The seven stages and the results (``main`` has checked the arguments)."""
     from .eval.perplexity import wikipedia_split
 
-    stages = Stages(assets.cache_dir() / "demo")
+    stages = Stages(cache_dir() / "demo")
 
     # 1. real model and text
     hf = assets.smollm2_hf_dir()

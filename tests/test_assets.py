@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from maskllm_megatron import assets
+from maskllm_megatron import assets, cache
 
 
 def test_filter_wiki_markup():
@@ -76,7 +76,7 @@ def test_smollm2_hf_dir():
 def test_cache_dir_override_and_package_cache(tmp_path, monkeypatch):
     """MASKLLM_CACHE moves the cache; a package already in it is not downloaded again."""
     monkeypatch.setenv("MASKLLM_CACHE", str(tmp_path))
-    assert assets.cache_dir() == tmp_path
+    assert cache.cache_dir() == tmp_path
     cached = tmp_path / "packages" / "demo-1.0" / "demo-1.0-py3-none-any.whl"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"x")

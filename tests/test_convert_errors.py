@@ -216,7 +216,7 @@ def test_malformed_input_files_are_one_line_and_write_nothing(tmp_path):
     cases = [
         (["maskllm_megatron.convert.cli", "hf-to-mcore", "--hf", bad_config, "--out", tmp_path / "o"],
          f"error: {bad_config}/config.json is not valid JSON (line 1, column 25"),
-        (["maskllm_megatron.eval.verify", bad_config], "is not valid JSON"),
+        (["maskllm_megatron.export.verify", bad_config], "is not valid JSON"),
         (["maskllm_megatron.convert.cli", "hf-to-mcore", "--hf", bad_header, "--out", tmp_path / "o"],
          "corrupt or truncated safetensors file"),
         (["maskllm_megatron.train", "model.checkpoint=/nowhere", f"data.train=[{data}]"],

@@ -100,7 +100,7 @@ def _refit_config(tiny, name, tp):
                         mask={"refit": True, "fused_kernel": False}, distill={"kd_weight": 1.0, "temperature": 1.0},
                         optim={"lr": 1e-3, "min_lr": 1e-4, "weight_decay": 0.0},
                         run={"train_iters": 4, "log_interval": 1, "eval_interval": 4, "eval_iters": 2,
-                             "save_interval": 4})
+                             "save_interval": 2})
 
 
 def test_refit_trains_the_kept_weights_under_the_fixed_mask_from_the_dense_teacher(tiny, tmp_path):
@@ -137,3 +137,14 @@ def test_refit_trains_the_kept_weights_under_the_fixed_mask_from_the_dense_teach
         assert not torch.equal(refit[name], dense[name] * mask), name  # the kept weights moved
     untouched = [k for k in dense if k not in record["targets"]]
     assert untouched and all(torch.equal(dense[k], refit[k]) for k in untouched)  # norms, embeddings, head
+
+    # resumed from iteration 2, the refit continues bit for bit: the mask and the refit weights come from the
+    # checkpoint, the teacher is still the original dense model
+    out = tiny / "refit_resumed"
+    shutil.copytree(tiny / "refit_tp1", out)
+    (out / "checkpoints" / "latest").write_text("iter_0000002")
+    shutil.rmtree(out / "checkpoints" / "iter_0000004")
+    log = torchrun("-m", "maskllm_megatron.train", "--config", _refit_config(tiny, "refit_resumed", 1), nproc=1)
+    assert "at iteration 2" in log
+    assert [r["kd_loss"] for r in records(out) if "kd_loss" in r] == [r["kd_loss"] for r in tp1]
+    assert history(out) == history(tiny / "refit_tp1")

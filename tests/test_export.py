@@ -110,7 +110,7 @@ def test_mcore_export_gives_the_masked_models_logits_at_tp2_and_tp1(tiny_run):
         f"decoder.layers.{m}.prior_mask" for m in ("self_attention.linear_qkv", "self_attention.linear_proj",
                                                    "mlp.linear_fc1", "mlp.linear_fc2"))
     # maskllm-verify reads the export by itself (no megatron): every block's weight against its mask
-    from maskllm_megatron.eval.verify import verify_path
+    from maskllm_megatron.export.verify import verify_path
 
     report = verify_path(work / "mcore_tp2")
     assert report.ok and report.checked == 8 and report.zeros * 2 == report.weights
@@ -207,7 +207,7 @@ def test_compressed_tensors_export_decompresses_to_the_hf_export(tiny_run):
 
 # ---------------------------------------------------------------------------------------------- verifier
 def test_verifier_passes_exports_and_fails_a_planted_violation(tiny_run, tmp_path):
-    from maskllm_megatron.eval.verify import verify_path
+    from maskllm_megatron.export.verify import verify_path
 
     work = tiny_run["work"]
     for name in ("hf_tp2", "ct_tp2", "masks_tp2.safetensors"):
@@ -337,7 +337,7 @@ def test_reconstructed_export_refits_the_kept_weights_at_tp2_as_at_tp1(tiny_run,
     assert changed > 0.9 * sum(int((plain[n] != 0).sum()) for n in record["targets"])
     for name in set(rec1) - set(record["targets"]):  # embeddings, norms, head: untouched
         assert torch.equal(rec1[name], plain[name]), name
-    from maskllm_megatron.eval.verify import verify_path
+    from maskllm_megatron.export.verify import verify_path
 
     assert verify_path(outs[2]).ok
     from maskllm_megatron.eval.perplexity import EvalRequest, hf_perplexity
@@ -385,7 +385,7 @@ def test_a_planted_pickle_in_checkpoint_metadata_is_refused_unrun(tiny_run, tmp_
     shutil.copytree(source, evil)
     marker = tmp_path / "ran"
     (evil / ".metadata").write_bytes(pickle.dumps(_Planted(marker)))
-    cmd = {"verify": ["-m", "maskllm_megatron.eval.verify", str(evil)],
+    cmd = {"verify": ["-m", "maskllm_megatron.export.verify", str(evil)],
            "eval": ["-m", "maskllm_megatron.eval.perplexity", "--ckpt", str(evil), "--text-file", __file__,
                     "--seq-len", "32"],
            "export": ["-m", "maskllm_megatron.export.cli", "--ckpt", str(evil), "--out", str(tmp_path / "o"),

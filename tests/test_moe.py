@@ -154,7 +154,7 @@ def test_export_loads_in_transformers_with_the_masked_logits_and_verifies(export
     assert check["hf_class"] == "Qwen2MoeForCausalLM" and check["expert_layers"] == 16 and check["masked"] == 24
     assert check["sparsity_targets"] == 2 * (3 + 4 * 3 + 3 + 1)  # q,k,v; o; 4 experts x gate,up,down; shared x 3
     assert check["scale"] > 0.1 and check["max_abs_diff"] <= 1e-4, check
-    from maskllm_megatron.eval.verify import main as maskllm_verify  # the maskllm-verify command, in-process
+    from maskllm_megatron.export.verify import main as maskllm_verify  # the maskllm-verify command, in-process
 
     capsys.readouterr()
     assert maskllm_verify([str(out)]) == 0

@@ -111,20 +111,27 @@ def test_reconstruction_lowers_every_layers_error_and_tp2_equals_tp1(tmp_path):
 
 
 class _FakeMaskedLinear(torch.nn.Module):
-    """The parts of a masked layer ``fit_block`` uses: a weight, its evaluation mask, the dense switch."""
+    """The parts of a masked layer ``fit_block`` uses: a weight, its evaluation mask, its mask mode."""
 
     def __init__(self, weight, mask):
         super().__init__()
+        from maskllm_megatron.megatron.layers import MaskMode
+
         self.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
         self.mask = mask
-        self.masking_enabled = True
+        self.mask_mode = MaskMode.LEARN
         self._eval_mask_cache = None
+
+    def set_mask_mode(self, mode):
+        self.mask_mode = mode
 
     def eval_mask(self):
         return self.mask
 
     def forward(self, x):
-        w = self.weight * self.mask if self.masking_enabled else self.weight
+        from maskllm_megatron.megatron.layers import MaskMode
+
+        w = self.weight if self.mask_mode is MaskMode.DENSE else self.weight * self.mask
         return x @ w.t()
 
 
@@ -155,4 +162,4 @@ def test_the_block_fit_converges_to_the_least_squares_solution():
         assert err_best <= err_fit <= 1.001 * err_best, (name, err_best, err_fit, before)
         assert torch.equal(layer.weight[mask == 0], torch.zeros(int((mask == 0).sum())))
         assert not torch.signbit(layer.weight[mask == 0]).any()
-        assert not layer.weight.requires_grad and layer.masking_enabled is False  # the walk turns masking on
+        assert not layer.weight.requires_grad and layer.mask_mode.value == "learn"  # its mode, as it was

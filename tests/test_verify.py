@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from maskllm_megatron.eval.verify import main
+from maskllm_megatron.export.verify import main
 from maskllm_megatron.export.formats import apply_mask_hf, save_compressed_tensors, save_masks
 from maskllm_megatron.masks.patterns import NMSpec, patterns_to_mask
 

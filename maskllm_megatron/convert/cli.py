@@ -48,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    from maskllm_megatron.convert.io import ConversionError, check_output, partial_path
+    from maskllm_megatron.convert.io import check_output, partial_path
     from maskllm_megatron.launch import exit_cleanly_on_sigterm, relaunch, under_torchrun
-    from maskllm_megatron.megatron.parallel import ParallelLayoutError, teardown
+    from maskllm_megatron.megatron.parallel import ProcessGroupScope
 
+    groups = ProcessGroupScope()
     try:
         if args.command == "hf-to-mcore":
             from maskllm_megatron.convert.hf_to_mcore import hf_to_mcore, plan
@@ -68,12 +69,12 @@ def main(argv: list[str] | None = None) -> int:
 
             exit_cleanly_on_sigterm()
             mcore_to_hf(args.ckpt, args.out, int(args.max_shard_size * 2**30), overwrite=args.overwrite)
-        teardown(sync=True)
-    except (ConversionError, ParallelLayoutError) as e:
+        groups.close(sync=True)
+    except ValueError as e:  # ConversionError, ParallelLayoutError, ...: bad input, one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        teardown()
+        groups.close()
     return 0
 
 

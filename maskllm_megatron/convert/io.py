@@ -19,8 +19,14 @@ from typing import Optional, Iterator
 import torch
 
 
-class ConversionError(RuntimeError):
-    """A problem with the input or the request; the message names it and the fix, on one line."""
+#: ``format`` in the header of the N:M mask files ``maskllm-export --format masks`` writes (export/formats.py);
+#: named here, below the exporter, so that ``check_output`` recognises such a file as ours.
+MASK_FILE_FORMAT = "maskllm-nm-packed"
+
+
+class ConversionError(ValueError):
+    """A problem with the input or the request; the message names it and the fix, on one line. (Every error
+    class for bad input derives from ValueError: the tools print those as one line, without a traceback.)"""
 
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -284,8 +290,6 @@ def written_by(path: Path) -> Optional[str]:
                 meta = f.metadata() or {}
         except Exception:  # not a safetensors file
             return None
-        from maskllm_megatron.export.formats import MASK_FILE_FORMAT
-
         return "maskllm-export" if meta.get("format") == MASK_FILE_FORMAT else None
     return None
 

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from maskllm_megatron.assets import file_digest
+from maskllm_megatron.cache import file_digest
 from maskllm_megatron.data.tokenizer import TextTokenizer
 
 

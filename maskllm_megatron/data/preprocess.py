@@ -326,7 +326,7 @@ def write_token_record(prefix: Path, vocab_size: int, max_token_id: int | None) 
     """``PREFIX.tokens.json``: the tokenizer's vocabulary size and the largest token id written, keyed by
     the ``.idx`` digest, so that a training run checks its vocabulary against the data without reading
     the ``.bin`` (``datasets.check_prefix``)."""
-    from maskllm_megatron.assets import file_digest
+    from maskllm_megatron.cache import file_digest
 
     record = {"format": TOKEN_RECORD_FORMAT, "vocab_size": int(vocab_size), "max_token_id": max_token_id,
               "idx_digest": file_digest(f"{prefix}.idx")}

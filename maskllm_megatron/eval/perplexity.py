@@ -283,7 +283,7 @@ def hf_perplexity(folder: str | Path, req: EvalRequest) -> PerplexityResult:
 def checkpoint_model_config(path: str | Path):
     """The architecture (``ModelConfig``) of a converted, exported or run checkpoint, without its weights."""
     from maskllm_megatron.convert.checkpoint import CheckpointInfo
-    from maskllm_megatron.export.trim import RunCheckpoint, is_run_checkpoint
+    from maskllm_megatron.train.run_checkpoint import RunCheckpoint, is_run_checkpoint
 
     return RunCheckpoint.open(path).info.model if is_run_checkpoint(path) else CheckpointInfo.load(path).model
 
@@ -292,7 +292,7 @@ def load_mcore_for_eval(path: str | Path, use_prior: bool = False):
     """(model with gathered logits, ModelConfig, tokenizer folder) of a converted, exported or run
     checkpoint at the initialised layout; a run checkpoint forwards with its hard (or prior) masks."""
     from maskllm_megatron.convert.checkpoint import TOKENIZER_DIR, load_mcore_model
-    from maskllm_megatron.export.trim import RunCheckpoint, is_run_checkpoint, load_masked_model
+    from maskllm_megatron.train.run_checkpoint import RunCheckpoint, is_run_checkpoint, load_masked_model
 
     if is_run_checkpoint(path):
         run = RunCheckpoint.open(path)
@@ -364,11 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    from maskllm_megatron.export.cli import _errors
     from maskllm_megatron.launch import exit_cleanly_on_sigterm, relaunch, under_torchrun
-    from maskllm_megatron.megatron.parallel import teardown
+    from maskllm_megatron.megatron.parallel import ProcessGroupScope
 
-    errors = (*_errors(), EvalError, OSError)
+    errors = (ValueError, OSError)  # bad input: every error class for it derives from ValueError
+    groups = ProcessGroupScope()
     try:
         if args.hf is not None and (args.tp != 1 or args.use_prior):
             raise EvalError("--tp and --use-prior apply to --ckpt (megatron-core) only")
@@ -382,12 +382,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             exit_cleanly_on_sigterm()
             result = mcore_perplexity(args.ckpt, req, args.use_prior)
-            teardown(sync=True)
+            groups.close(sync=True)
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        teardown()
+        groups.close()
     if int(os.environ.get("RANK", "0")) == 0:
         print(result.summary())
         if args.json:

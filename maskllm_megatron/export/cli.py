@@ -97,16 +97,6 @@ def _apply_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _errors() -> tuple[type[Exception], ...]:
-    from maskllm_megatron.convert.io import ConversionError
-    from maskllm_megatron.export.formats import FormatError
-    from maskllm_megatron.checkpoint_files import CheckpointMismatch
-    from maskllm_megatron.megatron.model_builder import ModelConfigError
-    from maskllm_megatron.megatron.parallel import ParallelLayoutError
-
-    return ConversionError, FormatError, CheckpointMismatch, ModelConfigError, ParallelLayoutError, ValueError
-
-
 def main(argv: list[str] | None = None) -> int:
     from maskllm_megatron.launch import quiet_known_warnings
 
@@ -118,15 +108,16 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             result = apply_masks(args.hf, args.masks, args.out, args.overwrite, int(args.max_shard_size * 2**30))
-        except (*_errors(), OSError) as e:
+        except (ValueError, OSError) as e:  # bad input: one line
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(result.summary())
         return 0
     args = _export_parser().parse_args(argv)
     from maskllm_megatron.export.trim import ExportConfig, check_request, export
-    from maskllm_megatron.megatron.parallel import teardown
+    from maskllm_megatron.megatron.parallel import ParallelLayoutError, ProcessGroupScope
 
+    groups = ProcessGroupScope()
     try:
         cfg = ExportConfig(args.ckpt, args.out.absolute(), args.format, args.use_prior, args.base_ckpt,
                            args.overwrite, int(args.max_shard_size * 2**30), _reconstruct_request(args))
@@ -141,15 +132,15 @@ def main(argv: list[str] | None = None) -> int:
                             cleanup=cfg.out.with_name(f".{cfg.out.name}.work"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world != args.tp:
-            raise _errors()[0](f"{world} processes for --tp {args.tp}: launch with --nproc-per-node {args.tp}")
+            raise ParallelLayoutError(f"{world} processes for --tp {args.tp}: launch with --nproc-per-node {args.tp}")
         exit_cleanly_on_sigterm()
         result = export(cfg)
-        teardown(sync=True)
-    except _errors() as e:
+        groups.close(sync=True)
+    except ValueError as e:  # bad input (every error class for it derives from ValueError): one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        teardown()
+        groups.close()
     if result is not None:
         print(result.summary(), flush=True)
     return 0

@@ -29,12 +29,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from maskllm_megatron.convert.io import MASK_FILE_FORMAT
 from maskllm_megatron.masks.patterns import NMSpec, check_groupable, mask_to_patterns, patterns_to_mask
 
 #: compressed-tensors release whose on-disk sparse-24-bitmask layout this module reproduces.
 COMPRESSED_TENSORS_VERSION = "0.12.2"
 SPARSE_24_FORMAT = "sparse-24-bitmask"
-MASK_FILE_FORMAT = "maskllm-nm-packed"
 MASK_FILE_VERSION = "1"
 _CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt"})
 _BLOCK_WEIGHTS = 1 << 22  # weights per block when converting masks <-> pattern indices

@@ -36,11 +36,11 @@ import torch
 from maskllm_megatron.convert.checkpoint import TOKENIZER_DIR, CheckpointInfo, global_param_names
 from maskllm_megatron.megatron.parallel import init_parallel
 from maskllm_megatron.convert.io import ConversionError, check_output, copy_tokenizer, mark_output, read_json
-from maskllm_megatron.convert.mapping import ARCHITECTURES, model_type_of
+from maskllm_megatron.convert.mapping import ARCHITECTURES
 from maskllm_megatron.export.formats import (
     apply_mask_hf, global_sparsity, hf_weight_is_transposed, save_compressed_tensors, save_masks)
-from maskllm_megatron.masks import MaskConfig
 from maskllm_megatron.masks.patterns import NMSpec
+from maskllm_megatron.train.run_checkpoint import RunCheckpoint, load_masked_model
 
 if TYPE_CHECKING:
     from maskllm_megatron.export.reconstruct import ReconstructRequest
@@ -53,109 +53,6 @@ SPARSITY_FORMAT = "maskllm-megatron/sparsity-v1"
 
 class ExportError(ConversionError):
     """The input or the request does not allow this export (message: problem and fix)."""
-
-
-# ------------------------------------------------------------------------------------ run checkpoints
-@dataclass(frozen=True)
-class RunCheckpoint:
-    """A mask-learning checkpoint and what its run config says about it."""
-
-    path: Path
-    base: Path  # the converted (dense) checkpoint the run started from: model_config.json + tokenizer/
-    info: CheckpointInfo
-    nm: NMSpec
-    include: tuple[str, ...]
-    exclude: tuple[str, ...]
-    iteration: Optional[int] = None
-    config: dict = field(default_factory=dict)  # the run's TrainConfig, as saved
-
-    def train_config(self):
-        """The run's configuration as the driver's ``TrainConfig``."""
-        from maskllm_megatron.train.config import TrainConfig
-
-        return TrainConfig.from_dict(self.config)
-
-    @classmethod
-    def open(cls, path: str | Path, base: str | Path | None = None) -> "RunCheckpoint":
-        """Read ``path`` (an ``iter_*`` folder, or a run's ``checkpoints/`` folder or run folder, whose
-        ``latest`` pointer is followed). ``base`` overrides the converted checkpoint's location."""
-        path = resolve_run_checkpoint(path)
-        from maskllm_megatron.checkpoint_files import read_extra
-
-        extra = read_extra(path)
-        config = extra.get("config") if extra else None
-        if not config:
-            raise ExportError(f"{path}'s extra state has no run config: pass a checkpoint written by maskllm-train")
-        base = Path(base or config["model"]["checkpoint"])
-        if not (base / "model_config.json").is_file():
-            raise ExportError(f"the run's model checkpoint {base} (model.checkpoint) is not a converted checkpoint "
-                              f"folder here: pass --base-ckpt pointing at it")
-        mask = config["mask"]
-        return cls(path, base.absolute(), CheckpointInfo.load(base), NMSpec.parse(mask["nm"]),
-                   tuple(mask["include"]), tuple(mask["exclude"]), extra.get("iteration"), config)
-
-    @property
-    def model_type(self) -> str:
-        return model_type_of(self.info.model, self.info.hf_config)
-
-    def sparsify_config(self):
-        from maskllm_megatron.megatron.sparsify import SparsifyConfig
-
-        return SparsifyConfig(mask=MaskConfig(nm=self.nm), include=self.include, exclude=self.exclude)
-
-
-def _has_extra(folder: Path) -> bool:
-    from maskllm_megatron.checkpoint_files import extra_path
-
-    return extra_path(folder) is not None
-
-
-def is_run_checkpoint(path: str | Path) -> bool:
-    """True for a mask-learning checkpoint (or a folder whose ``latest`` pointer leads to one)."""
-    try:
-        return _has_extra(resolve_run_checkpoint(path))
-    except ExportError:
-        return False
-
-
-def resolve_run_checkpoint(path: str | Path) -> Path:
-    """``path`` itself when it is a checkpoint, else the one its (or its ``checkpoints/``) ``latest`` names."""
-    path = Path(path).absolute()
-    if not path.exists():
-        raise ExportError(f"{path} does not exist: pass OUT/checkpoints/iter_XXXXXXX of a maskllm-train run")
-    for root in (path, path / "checkpoints"):
-        if (root / "metadata.json").is_file() and _has_extra(root):
-            return root
-        if (root / "latest").is_file():
-            return resolve_run_checkpoint(root / (root / "latest").read_text().strip())
-    raise ExportError(f"{path} is not a mask-learning checkpoint (no metadata.json + extra state, no "
-                      f"'latest' pointer): pass OUT/checkpoints/iter_XXXXXXX of a maskllm-train run")
-
-
-def load_masked_model(run: RunCheckpoint, *, use_prior: bool = False, parallel_output: bool = True):
-    """The run's sparsified GPTModel at the initialised layout (PP=1), logits loaded, eval mode;
-    with ``use_prior`` every masked layer forwards with its prior mask instead of the argmax."""
-    from megatron.core import parallel_state
-
-    from maskllm_megatron.megatron.checkpointing import load_checkpoint
-    from maskllm_megatron.megatron.model_builder import build_gpt_model
-    from maskllm_megatron.megatron.sparsify import masked_layers, sparsify
-
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    tcfg = run.info.model.to_transformer_config(tp, 1, run.info.dtype, perform_initialization=False)
-    model = build_gpt_model(run.info.model, tcfg, parallel_output=parallel_output)
-    sparsify(model, run.sparsify_config())
-    absent = load_checkpoint(model, run.path)["absent_masks"]
-    if any(k.endswith(".mask_logits") for k in absent):
-        raise ExportError(f"{run.path} has no mask logits for {absent[0]}: it is not a mask-learning checkpoint of "
-                          f"this config")
-    for layer in masked_layers(model):
-        if use_prior:
-            if layer.prior_mask is None:
-                raise ExportError(f"{run.path} stores no prior mask for {layer.mask_layer_id} (the run had no "
-                                  f"prior): drop --use-prior")
-            layer.use_prior_mask = True
-    return model.eval()
 
 
 # ------------------------------------------------------------------------------------ trimming
@@ -172,7 +69,7 @@ class MaskedTensor:
 def trim_(model, use_prior: bool = False) -> list[MaskedTensor]:
     """Replace every masked weight by ``W`` where its mask (argmax, or prior) is set, +0.0 elsewhere,
     and store the mask as the layer's ``prior_mask`` (forward then uses ``W * mask``: unchanged)."""
-    from maskllm_megatron.megatron.sparsify import masked_layers
+    from maskllm_megatron.megatron.sparsify import MaskMode, masked_layers
 
     names = {id(p): n for n, p in global_param_names(model).items()}
     out = []
@@ -180,7 +77,7 @@ def trim_(model, use_prior: bool = False) -> list[MaskedTensor]:
         mask = layer.prior_mask.bool() if use_prior else layer.hard_mask().bool()
         layer.weight.copy_(apply_mask_hf(layer.weight, mask))
         layer.prior_mask = mask
-        layer.use_prior_mask = True
+        layer.set_mask_mode(MaskMode.PRIOR)
         out.append(MaskedTensor(names[id(layer.weight)], layer, mask))
     return out
 
@@ -229,7 +126,7 @@ def verify_mcore(run: RunCheckpoint, folder: Path):
     """Reload an exported mcore folder into a sparsified model at this layout and check every masked
     weight with the verifier's checks: at most N of M non-zeros, no -0.0, the stored mask exactly N of M
     and zero weights wherever it is unset. Returns a ``VerifyReport`` on rank 0 (None elsewhere)."""
-    from maskllm_megatron.eval.verify import VerifyReport
+    from maskllm_megatron.export.verify import VerifyReport
     from maskllm_megatron.megatron.checkpointing import load_checkpoint
     from maskllm_megatron.megatron.model_builder import build_gpt_model
     from maskllm_megatron.megatron.sparsify import masked_layers, sparsify
@@ -412,7 +309,7 @@ def _export_hf(run: RunCheckpoint, cfg: ExportConfig, work: Path, result: Export
     """hf / compressed-tensors: the converter's mcore -> HF on the trimmed checkpoint, then on rank 0
     the sparsity record (or compression) and the verifier."""
     from maskllm_megatron.convert.mcore_to_hf import mcore_to_hf
-    from maskllm_megatron.eval.verify import verify_path
+    from maskllm_megatron.export.verify import verify_path
 
     with contextlib.redirect_stdout(io.StringIO()):  # the converter announces its (temporary) folder
         mcore_to_hf(work / "mcore", work / "hf", cfg.max_shard_bytes, show_progress=False)
@@ -444,7 +341,7 @@ def _export_hf(run: RunCheckpoint, cfg: ExportConfig, work: Path, result: Export
 
 
 def _export_masks(run: RunCheckpoint, trimmed: list[MaskedTensor], work: Path, result: ExportResult) -> Path:
-    from maskllm_megatron.eval.verify import verify_path
+    from maskllm_megatron.export.verify import verify_path
 
     masks = hf_masks(run, trimmed)  # collective
     if _rank() != 0:
@@ -463,7 +360,7 @@ def apply_masks(hf_dir: str | Path, mask_file: str | Path, out: str | Path, over
                 max_shard_bytes: int = 5 * 2**30) -> ExportResult:
     """Write ``out``: the dense HF model ``hf_dir`` with a mask file applied (``save_masks`` file or
     MaskLLM's published ``.npz``), a ``"sparsity"`` entry in config.json, verified."""
-    from maskllm_megatron.eval.verify import verify_mask_file, verify_path
+    from maskllm_megatron.export.verify import verify_mask_file, verify_path
     from maskllm_megatron.export.formats import _write_shards, apply_mask_file
 
     t0 = time.time()

@@ -62,7 +62,7 @@ def best_isa() -> Optional[str]:
 
 def _build(cxx: str, isa: str) -> Path:
     """Compile the kernel (once per source/flags/compiler/torch) and return the library's path."""
-    from ..assets import cache_dir
+    from ..cache import cache_dir
 
     torch_dir = Path(torch.__file__).parent
     flags = COMMON_FLAGS + ISA_FLAGS[isa]

@@ -27,6 +27,7 @@ looked up in the gate or the up half, and checkpoints re-lay the logits like meg
 """
 from __future__ import annotations
 
+import enum
 import itertools
 from typing import Optional
 
@@ -44,6 +45,21 @@ from ..masks.patterns import NMSpec
 _layer_counter = itertools.count()
 
 
+class MaskMode(enum.Enum):
+    """What a masked layer multiplies into its weight; the layer's ``mask_mode``, one at a time.
+
+    ``LEARN`` (the default): in training a soft mask sampled from the logits, differentiable in them; in
+    evaluation the argmax (hard) mask. ``PRIOR``: the stored prior mask, in training and evaluation (a
+    one-shot mask's evaluation, the calibration of the blocks after a solved one, an export). ``FIXED``
+    (a refit, ``fix_mask``): the fixed mask, differentiable in the weight only. ``DENSE``: no mask, the
+    weight itself, or in a refit the original dense weight kept for the teacher."""
+
+    LEARN = "learn"
+    PRIOR = "prior"
+    FIXED = "fixed"
+    DENSE = "dense"
+
+
 class _MaskedLinearMixin:
     """Shared logic of the two masked layers. ``partition_dim`` is the weight's TP axis."""
 
@@ -56,9 +72,7 @@ class _MaskedLinearMixin:
         self.mask_layer_id = layer_id if layer_id is not None else f"masked_linear_{next(_layer_counter)}"
         self.gated_halves = gated_halves
         self.mask_step = MaskStep(seed=mask_config.seed)
-        self.masking_enabled = True
-        self.use_prior_mask = False  # forward with W * prior_mask (one-shot evaluation, calibration)
-        self.mask_fixed = False  # refit: training forwards with W * argmax mask, differentiable in W only
+        self.mask_mode = MaskMode.LEARN
         self.teacher_weight = None  # refit with distillation: the original dense weight the teacher forwards with
         self.fused_mask_kernel = None  # auto: the fastest kernel that runs here (masks.sampling.masked_weight)
         self._eval_mask_cache = None
@@ -158,56 +172,71 @@ class _MaskedLinearMixin:
                              self.nm, s.temperature, s.scale, hard=s.hard, regularizer=s.regularizer,
                              fused=self.fused_mask_kernel)
 
+    def set_mask_mode(self, mode: MaskMode) -> None:
+        """Switch what the forward multiplies into the weight (see ``MaskMode``); ``PRIOR`` needs a stored
+        prior mask. ``FIXED`` is entered by ``fix_mask``, which also changes what learns."""
+        mode = MaskMode(mode)
+        if mode is MaskMode.PRIOR and self.prior_mask is None:
+            raise RuntimeError(f"{self.mask_layer_id}: no prior mask is stored (set_prior) to forward with")
+        self.mask_mode = mode
+
     def eval_weight(self) -> torch.Tensor:
-        """``W * hard_mask`` (or ``W * prior_mask`` with ``use_prior_mask``), cached until the logits,
-        the prior or the weight change: in-place writes (a checkpoint load) bump the version in the stamp,
-        and a training forward drops the cache, because megatron's optimizer writes the updated logits
-        through its parameter buffer, which leaves ``mask_logits._version`` as it was."""
-        source = self.prior_mask if self.use_prior_mask else self.mask_logits
-        if source is None:
-            raise RuntimeError(f"{self.mask_layer_id}: use_prior_mask is set but no prior mask was stored (set_prior)")
-        stamp = (self.use_prior_mask, source._version, source.data_ptr(), self.weight._version, self.weight.data_ptr())
+        """``W * eval_mask()``, cached until the logits, the prior or the weight change: in-place writes (a
+        checkpoint load) bump the version in the stamp, and a training forward drops the cache, because
+        megatron's optimizer writes the updated logits through its parameter buffer, which leaves
+        ``mask_logits._version`` as it was."""
+        prior = self.mask_mode is MaskMode.PRIOR
+        source = self._stored_prior() if prior else self.mask_logits
+        stamp = (prior, source._version, source.data_ptr(), self.weight._version, self.weight.data_ptr())
         if self._eval_mask_cache is None or self._eval_mask_cache[0] != stamp:
             with torch.no_grad():
                 self._eval_mask_cache = (stamp, self.weight * self.eval_mask())
         return self._eval_mask_cache[1]
 
     def eval_mask(self) -> torch.Tensor:
-        """The {0,1} mask an evaluation forward applies (local shard, the weight's dtype): the prior mask
-        with ``use_prior_mask``, else the argmax of the logits."""
-        if self.use_prior_mask:
-            if self.prior_mask is None:
-                raise RuntimeError(f"{self.mask_layer_id}: use_prior_mask is set but no prior mask was stored")
-            return self.prior_mask.to(self.weight.dtype)
+        """The {0,1} mask an evaluation forward applies (local shard, the weight's dtype): the prior mask in
+        the ``PRIOR`` mode, else the argmax of the logits (in a refit: the fixed mask)."""
+        if self.mask_mode is MaskMode.PRIOR:
+            return self._stored_prior().to(self.weight.dtype)
         return self.hard_mask()
+
+    def _stored_prior(self) -> torch.Tensor:
+        if self.prior_mask is None:
+            raise RuntimeError(f"{self.mask_layer_id}: mask mode {self.mask_mode.value} needs a prior mask and none "
+                               "is stored (set_prior, or a checkpoint that holds one)")
+        return self.prior_mask
 
     def fix_mask(self, teacher: bool = False) -> None:
         """Refit: fix the mask to the prior mask (``set_prior``: a one-shot mask, or another run's learned
-        one), and train the kept weights instead of the logits.
+        one), and train the kept weights instead of the logits (the ``FIXED`` mode).
 
         The logits become the one-hot of each group's prior pattern, so their argmax, which every tool
         reading a checkpoint takes as the mask (the export included), is the prior exactly; they stop
         learning. The weight learns through ``W * mask``: pruned weights get no gradient. With ``teacher``
-        a copy of the current (dense) weight is kept for the teacher's forward, as the weight itself
-        changes: one more weight per masked weight in memory."""
-        if self.prior_mask is None:
-            raise RuntimeError(f"{self.mask_layer_id}: fix_mask needs a prior mask (set_prior) to fix")
-        with torch.no_grad():
-            patterns = mask_to_patterns(self.prior_mask, self.nm)
-            self.mask_logits.copy_(torch.nn.functional.one_hot(patterns, self.mask_logits.shape[-1]))
+        a copy of the current weight, which must still be the original dense one, is kept for the
+        teacher's forward, as the weight itself changes: one more weight per masked weight in memory.
+
+        On a resume no prior is stored yet: call this on the dense model before the optimizer is built, and
+        the refit checkpoint loaded afterwards brings the prior mask, the one-hot logits and the refit
+        weights (the teacher's copy stays the dense weight)."""
+        if self.prior_mask is not None:
+            with torch.no_grad():
+                patterns = mask_to_patterns(self.prior_mask, self.nm)
+                self.mask_logits.copy_(torch.nn.functional.one_hot(patterns, self.mask_logits.shape[-1]))
         self.mask_logits.requires_grad_(False)
         self.freeze_weight(False)
-        self.mask_fixed = True
+        self.mask_mode = MaskMode.FIXED
         self.teacher_weight = self.weight.detach().clone() if teacher else None
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        if weight is self.weight and self.masking_enabled:
+        mode = self.mask_mode
+        if weight is self.weight and mode is not MaskMode.DENSE:
             if self.training:
                 self._eval_mask_cache = None  # the step after this forward changes the logits (or the weight)
-            if self.training and self.mask_fixed:
-                weight = self.weight * self.hard_mask()
-            elif self.training and not self.use_prior_mask:
+            if self.training and mode is MaskMode.LEARN:
                 weight = self.sampled_weight()
+            elif self.training and mode is MaskMode.FIXED:  # the prior mask is the logits' argmax: no argmax here
+                weight = self.weight * self._stored_prior().to(self.weight.dtype)
             else:
                 weight = self.eval_weight()
             kwargs["gradient_accumulation_fusion"] = False

@@ -18,8 +18,30 @@ import sys
 import torch
 
 
-class ParallelLayoutError(RuntimeError):
+class ParallelLayoutError(ValueError):
     """The processes started do not fit the requested layout; the message names the launch that does."""
+
+
+class ProcessGroupScope:
+    """A command's hold on the process groups: ``close`` tears down (``teardown``) those the command made,
+    and none when the caller had initialised torch.distributed already (a test or a script that calls the
+    command's ``main`` in-process keeps its groups).
+
+        groups = ProcessGroupScope()
+        try:
+            ...                       # the command's work
+            groups.close(sync=True)   # completed: a barrier first
+        finally:
+            groups.close()            # after an error: no barrier (the other ranks may never arrive)
+    """
+
+    def __init__(self) -> None:
+        self.owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+    def close(self, sync: bool = False) -> None:
+        if self.owned:
+            self.owned = False
+            teardown(sync)
 
 
 def init_process_group() -> None:
@@ -41,11 +63,12 @@ def init_process_group() -> None:
     torch.distributed.init_process_group(backend)
 
 
-def init_parallel(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234) -> None:
+def init_parallel(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234, data_parallel: bool = False) -> None:
     """torch.distributed (``init_process_group``) and megatron-core's model-parallel groups for ``tp`` x
     ``pp`` x ``ep`` ranks (expert parallel: the ``ep`` ranks hold the same dense weights and different
-    experts), then megatron's per-rank RNG states from ``seed``. Groups of another layout made earlier in
-    this process are replaced; the same layout is kept."""
+    experts), then megatron's per-rank RNG states from ``seed``. The world must be exactly that many
+    processes, or with ``data_parallel`` (the driver) a multiple of ``tp`` x ``pp``: the data-parallel
+    replicas. Groups of another layout made earlier in this process are replaced; the same layout is kept."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -54,7 +77,7 @@ def init_parallel(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234) -> No
     cpu_compat.apply()
     init_process_group()
     world = torch.distributed.get_world_size()
-    if world != tp * pp * ep:
+    if (world % (tp * pp) or world % ep) if data_parallel else world != tp * pp * ep:
         raise ParallelLayoutError(f"{world} processes for --tp {tp} x --pp {pp}" + (f" x --ep {ep}" if ep > 1 else "")
                                   + f": launch with nproc={tp * pp * ep}")
     same = (parallel_state.model_parallel_is_initialized()

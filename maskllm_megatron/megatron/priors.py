@@ -35,7 +35,7 @@ from .parallel import all_reduce_floats
 from ..masks import NMSpec
 from ..prune.calibration import InputStats
 from ..prune.methods import METHODS, magnitude_mask, reconstruction_error, sparsegpt_prune, wanda_mask
-from .layers import MaskedRowParallelLinear, _MaskedLinearMixin
+from .layers import MaskedRowParallelLinear, MaskMode, _MaskedLinearMixin
 from .sparsify import dense_forward, masked_layers
 
 
@@ -191,7 +191,9 @@ def calibrate_blockwise(model: torch.nn.Module, batches: Iterable, needs_hessian
     statistics (with ``needs_hessian`` the Hessian, for which row-parallel shards all-gather their
     inputs); ``solve_block(layers, stats)`` sets their masks / weights and their mode; with
     ``sequential`` the block runs again as solved to make the next block's inputs (else the dense
-    outputs are passed on). Every masked layer is dense (``masking_enabled`` off) until it is solved.
+    outputs are passed on). Every masked layer forwards dense (``MaskMode.DENSE``) until it is solved; it
+    is back in its own mode when ``solve_block`` (or ``fit_block``) sees it, so its ``eval_mask`` is
+    the mask it evaluates with, and ``solve_block`` may set another (the priors: ``PRIOR``).
 
     ``true_sequential`` solves the block's linears one at a time in order (GPTQ's "true sequential"):
     each collects its statistics with the linears before it already solved. ``dense_targets`` also runs
@@ -208,8 +210,9 @@ def calibrate_blockwise(model: torch.nn.Module, batches: Iterable, needs_hessian
         raise ValueError("calibration needs a sparsified model: call sparsify(model, config) first")
     was_training = model.training
     model.eval()
+    modes = {layer: layer.mask_mode for layer in layers}
     for layer in layers:
-        layer.masking_enabled = False  # dense until solved
+        layer.set_mask_mode(MaskMode.DENSE)  # dense until solved
     batches = list(batches)
     inputs = _capture_first_layer_inputs(model, batches)
     dense_inputs = list(inputs) if dense_targets else None
@@ -223,9 +226,9 @@ def calibrate_blockwise(model: torch.nn.Module, batches: Iterable, needs_hessian
             if fit_block is not None:  # every layer of the block is still dense: its outputs are the targets
                 with dense_forward(block):
                     outputs = [block(**kw)[0] for kw in (dense_inputs if dense_targets else inputs)]
-                fit_block(block, block_layers, inputs, outputs)
                 for layer in block_layers:
-                    layer.masking_enabled = True
+                    layer.set_mask_mode(modes[layer])
+                fit_block(block, block_layers, inputs, outputs)
                 groups = []
             for group in groups:
                 stats, gather = {}, {}
@@ -247,9 +250,9 @@ def calibrate_blockwise(model: torch.nn.Module, batches: Iterable, needs_hessian
                     outputs.append(block(**kw)[0])
                     for h in hooks:
                         h.remove()
-                solve_block(group, stats)
                 for layer in group:
-                    layer.masking_enabled = True
+                    layer.set_mask_mode(modes[layer])
+                solve_block(group, stats)
             if dense_targets:
                 if fit_block is not None:  # the targets were the dense outputs
                     dense_out = outputs
@@ -262,7 +265,8 @@ def calibrate_blockwise(model: torch.nn.Module, batches: Iterable, needs_hessian
             inputs = [dict(kw, hidden_states=out) for kw, out in zip(inputs, outputs)]
     finally:
         for layer in layers:
-            layer.masking_enabled = True
+            if layer.mask_mode is MaskMode.DENSE:  # not reached: the walk stopped on an error
+                layer.set_mask_mode(modes[layer])
         model.train(was_training)
 
 
@@ -285,7 +289,7 @@ def compute_priors(model: torch.nn.Module, batches: Iterable, cfg: PriorConfig,
     errors = {}
     layers = list(masked_layers(model))
     for layer in layers:
-        layer.use_prior_mask = False
+        layer.set_mask_mode(MaskMode.LEARN)
     unreached = []
 
     def solve_block(block_layers, stats):
@@ -298,13 +302,13 @@ def compute_priors(model: torch.nn.Module, batches: Iterable, cfg: PriorConfig,
             if new_w is not None:
                 layer.weight.copy_(new_w)
             layer.set_prior(mask, strength)
-            layer.use_prior_mask = True  # the next blocks see this block pruned
+            layer.set_mask_mode(MaskMode.PRIOR)  # the next blocks see this block pruned
 
     try:
         calibrate_blockwise(model, batches, cfg.method == "sparsegpt", solve_block, cfg.sequential)
     finally:
         for layer in layers:
-            layer.use_prior_mask = False
+            layer.set_mask_mode(MaskMode.LEARN)
     if unreached:
         print(f"[maskllm] {cfg.method} prior: no calibration token was routed to {len(unreached)} expert linear(s) "
               f"on this rank; they get the magnitude mask: {', '.join(unreached)}", flush=True)

@@ -3,7 +3,7 @@
 MaskLLM learns the best mask for frozen weights; the kept weights can then be refitted so that every
 masked linear reproduces its dense output on calibration inputs: ``min ||X W_dense^T - X W^T||`` over
 the weights the mask keeps, the others exactly zero. Each layer keeps whatever mask it evaluates with
-(the argmax of its learned logits, or its prior / a loaded mask with ``use_prior_mask``): the N:M
+(the argmax of its learned logits, or in the ``PRIOR`` mode its prior / a loaded mask): the N:M
 pattern never changes, only the values under it.
 
 The walk is SparseGPT's (``priors.calibrate_blockwise``): block by block, each block's linears collect
@@ -21,6 +21,7 @@ import torch
 from .parallel import all_reduce_floats
 from ..prune.methods import RECONSTRUCTIONS, reconstruct_weight, reconstruction_error
 from .priors import _solve_full_width, calibrate_blockwise
+from .layers import MaskMode
 from .sparsify import masked_layers
 
 
@@ -152,6 +153,7 @@ def fit_block(block_layers, run, inputs: list, targets: list, epochs: int, lr: f
     masks = [layer.eval_mask() != 0 for layer in layers]
     weights = [layer.weight for layer in layers]
     frozen = [w.requires_grad for w in weights]
+    modes = [layer.mask_mode for layer in layers]
     zero = torch.zeros((), dtype=weights[0].dtype, device=weights[0].device)
 
     def sq_error() -> float:
@@ -160,7 +162,7 @@ def fit_block(block_layers, run, inputs: list, targets: list, epochs: int, lr: f
 
     try:
         for layer, w, keep in zip(layers, weights, masks):
-            layer.masking_enabled = False  # the (masked) weight itself forwards, and gets the gradient
+            layer.set_mask_mode(MaskMode.DENSE)  # the (masked) weight itself forwards, and gets the gradient
             w.data = torch.where(keep, w.data, zero)
             w.requires_grad_(True)
         before = sq_error()
@@ -182,8 +184,9 @@ def fit_block(block_layers, run, inputs: list, targets: list, epochs: int, lr: f
                 step += 1
         after = sq_error()
     finally:
-        for layer, w, req in zip(layers, weights, frozen):
+        for layer, w, req, mode in zip(layers, weights, frozen, modes):
             w.grad = None
             w.requires_grad_(req)
+            layer.set_mask_mode(mode)
             layer._eval_mask_cache = None
     return before, after

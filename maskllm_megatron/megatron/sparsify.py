@@ -26,7 +26,7 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from ..masks import MaskConfig, MaskStep
-from .layers import MaskedColumnParallelLinear, MaskedRowParallelLinear, _MaskedLinearMixin
+from .layers import MaskedColumnParallelLinear, MaskedRowParallelLinear, MaskMode, _MaskedLinearMixin
 
 NORMS = (torch.nn.LayerNorm, torch.nn.RMSNorm)  # what the layer spec's norms are (``norm.TorchNorm``)
 DEFAULT_TARGETS = ("*.linear_qkv", "*.linear_proj", "*.linear_fc1", "*.linear_fc2")
@@ -176,14 +176,14 @@ def dense_forward(model: torch.nn.Module):
     """Every masked layer of ``model`` forwards with its dense weight inside the block (the teacher, the
     dense model of a calibration)."""
     layers = list(masked_layers(model))
-    before = [layer.masking_enabled for layer in layers]
+    before = [layer.mask_mode for layer in layers]
     for layer in layers:
-        layer.masking_enabled = False
+        layer.set_mask_mode(MaskMode.DENSE)
     try:
         yield
     finally:
-        for layer, enabled in zip(layers, before):
-            layer.masking_enabled = enabled
+        for layer, mode in zip(layers, before):
+            layer.set_mask_mode(mode)
 
 
 def fix_masks(model: torch.nn.Module, teacher: bool = False) -> int:

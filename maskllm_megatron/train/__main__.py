@@ -33,18 +33,19 @@ def main(argv=None) -> int:
     from .metrics import MetricsError
     from .trainer import TrainingStopped, train
 
-    from ..megatron.parallel import teardown
+    from ..megatron.parallel import ProcessGroupScope
 
+    groups = ProcessGroupScope()
     try:
         train(cfg)
-        teardown(sync=True)
+        groups.close(sync=True)
     except (ConfigError, TrainingStopped, ConversionError, DataConfigError, TokenizerError, ModelConfigError,
             CheckpointMismatch, MetricsError) as e:
         # what the user gave does not fit (a path, a layout, a dataset), or the run stopped itself: one line
         print(f"maskllm-train: {e}", file=sys.stderr)
         return 1
     finally:
-        teardown()
+        groups.close()
     return 0
 
 

@@ -41,7 +41,7 @@ def setup_parallel(cfg: TrainConfig) -> dict:
     cpu_compat.apply()
     init_process_group()  # torchrun's ranks, or one process when launched plainly
     cfg.validate(torch.distributed.get_world_size())
-    init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep, seed=cfg.run.seed)
+    init_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep, seed=cfg.run.seed, data_parallel=True)
     torch.manual_seed(cfg.run.seed)
     return {"rank": torch.distributed.get_rank(), "dp_rank": parallel_state.get_data_parallel_rank(),
             "dp_size": parallel_state.get_data_parallel_world_size(),
@@ -235,7 +235,7 @@ def input_fingerprints(cfg: TrainConfig) -> dict:
     """What the run reads, as content keys: the base checkpoint's metadata files and its data files' sizes,
     and each dataset prefix's ``.idx`` digest and ``.bin`` size. A resume compares them with the
     checkpoint's (``run.allow_changed_inputs`` accepts a change)."""
-    from ..assets import file_digest
+    from ..cache import file_digest
     from ..data.datasets import parse_blend
 
     base = Path(cfg.model.checkpoint)

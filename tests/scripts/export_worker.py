@@ -97,7 +97,7 @@ def make(work: Path) -> dict:
         (run.parent / "latest").write_text(run.name)
     ref = logits_of(model)
     for layer in masked_layers(model):
-        layer.use_prior_mask = True
+        layer.set_mask_mode("prior")
     ref_prior = logits_of(model)
     del ddp, opt, model
 
@@ -138,7 +138,7 @@ def tp1(work: Path) -> dict:
     diff = float((logits_of(exported) - ref["ref"]).abs().max())
     # loaded into a sparsified model, the export's masks come back as prior masks
     from maskllm_megatron.convert.checkpoint import CheckpointInfo
-    from maskllm_megatron.export.trim import RunCheckpoint, load_masked_model
+    from maskllm_megatron.train.run_checkpoint import RunCheckpoint, load_masked_model
 
     run = RunCheckpoint.open(work / "run")
     learned = load_masked_model(run, parallel_output=False)

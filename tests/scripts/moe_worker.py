@@ -247,7 +247,8 @@ def export_and_check(run_ckpt: Path, out: Path, other: list) -> dict:
     from transformers import AutoModelForCausalLM
 
     from maskllm_megatron.megatron.parallel import init_parallel
-    from maskllm_megatron.export.trim import ExportConfig, RunCheckpoint, export, load_masked_model
+    from maskllm_megatron.export.trim import ExportConfig, export
+    from maskllm_megatron.train.run_checkpoint import RunCheckpoint, load_masked_model
     from maskllm_megatron.megatron.sparsify import masked_layers
 
     result = export(ExportConfig(run_ckpt, out, "hf"))

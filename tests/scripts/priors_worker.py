@@ -91,7 +91,7 @@ def dense_hook_reference(batches):
         inputs = {layer.mask_layer_id: [] for layer in masked_layers(dense)}
         hooks = []
         for layer in masked_layers(dense):
-            layer.masking_enabled = False
+            layer.set_mask_mode("dense")
             hooks.append(layer.register_forward_pre_hook(
                 lambda _m, args, key=layer.mask_layer_id: inputs[key].append(args[0].reshape(-1, args[0].shape[-1]))))
         dense.eval()

@@ -44,7 +44,7 @@ def main():
     with torch.no_grad():
         compute_priors(model, batches, PriorConfig(method="sparsegpt", update_weights=True))
         for l in layers:
-            l.use_prior_mask = True
+            l.set_mask_mode("prior")
         updated = {l: l.weight.detach().clone() for l in layers}
         ppl_sparsegpt = ppl()
         for l in layers:  # SparseGPT's mask on the ORIGINAL weights: what the reconstruction starts from
@@ -52,7 +52,7 @@ def main():
         ppl_mask_only = ppl()
         reconstruct_weights(model, batches, ReconstructConfig(method="obs"))
         for l in layers:
-            l.use_prior_mask = True
+            l.set_mask_mode("prior")
         ppl_reconstructed = ppl()
         rel = max(((l.weight - updated[l]).norm() / updated[l].norm()).item() for l in layers)
         zeros_kept = all(bool((l.weight[l.prior_mask == 0] == 0).all()) for l in layers)

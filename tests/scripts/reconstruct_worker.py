@@ -78,7 +78,7 @@ def lstsq_reference(batches):
         inputs = {layer.mask_layer_id: [] for layer in masked_layers(model)}
         hooks = []
         for layer in masked_layers(model):
-            layer.masking_enabled = False
+            layer.set_mask_mode("dense")
             hooks.append(layer.register_forward_pre_hook(
                 lambda _m, args, key=layer.mask_layer_id: inputs[key].append(args[0].reshape(-1, args[0].shape[-1]))))
         model.eval()
@@ -87,7 +87,7 @@ def lstsq_reference(batches):
         for h in hooks:
             h.remove()
         for layer in masked_layers(model):
-            layer.masking_enabled = True
+            layer.set_mask_mode("learn")
         dense = {l.mask_layer_id: l.weight.detach().double() for l in masked_layers(model)}
         reconstruct_weights(model, batches, ReconstructConfig(method="lstsq", percdamp=0.0, sequential=False))
         for layer in masked_layers(model):

@@ -1,0 +1,122 @@
+"""The run checkpoint, the folder kind ``maskllm-train`` writes (``OUT/checkpoints/iter_XXXXXXX``, any
+TP/PP): the frozen weights, the mask logits (+ prior masks) and optimizer state, and the extra state
+(``extra_state.json``) with the run's config, which names the converted checkpoint the run started from.
+Read here for the tools that turn a run into a model: ``maskllm-export`` and ``maskllm-eval``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from maskllm_megatron.convert.checkpoint import CheckpointInfo
+from maskllm_megatron.convert.io import ConversionError
+from maskllm_megatron.convert.mapping import model_type_of
+from maskllm_megatron.masks import MaskConfig
+from maskllm_megatron.masks.patterns import NMSpec
+
+
+class RunCheckpointError(ConversionError):
+    """The path is not a usable run checkpoint (message: problem and fix)."""
+
+
+@dataclass(frozen=True)
+class RunCheckpoint:
+    """A mask-learning checkpoint and what its run config says about it."""
+
+    path: Path
+    base: Path  # the converted (dense) checkpoint the run started from: model_config.json + tokenizer/
+    info: CheckpointInfo
+    nm: NMSpec
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    iteration: Optional[int] = None
+    config: dict = field(default_factory=dict)  # the run's TrainConfig, as saved
+
+    def train_config(self):
+        """The run's configuration as the driver's ``TrainConfig``."""
+        from .config import TrainConfig
+
+        return TrainConfig.from_dict(self.config)
+
+    @classmethod
+    def open(cls, path: str | Path, base: str | Path | None = None) -> "RunCheckpoint":
+        """Read ``path`` (an ``iter_*`` folder, or a run's ``checkpoints/`` folder or run folder, whose
+        ``latest`` pointer is followed). ``base`` overrides the converted checkpoint's location."""
+        path = resolve_run_checkpoint(path)
+        from maskllm_megatron.checkpoint_files import read_extra
+
+        extra = read_extra(path)
+        config = extra.get("config") if extra else None
+        if not config:
+            raise RunCheckpointError(f"{path}'s extra state has no run config: pass a checkpoint written by maskllm-train")
+        base = Path(base or config["model"]["checkpoint"])
+        if not (base / "model_config.json").is_file():
+            raise RunCheckpointError(f"the run's model checkpoint {base} (model.checkpoint) is not a converted checkpoint "
+                              f"folder here: pass --base-ckpt pointing at it")
+        mask = config["mask"]
+        return cls(path, base.absolute(), CheckpointInfo.load(base), NMSpec.parse(mask["nm"]),
+                   tuple(mask["include"]), tuple(mask["exclude"]), extra.get("iteration"), config)
+
+    @property
+    def model_type(self) -> str:
+        return model_type_of(self.info.model, self.info.hf_config)
+
+    def sparsify_config(self):
+        from maskllm_megatron.megatron.sparsify import SparsifyConfig
+
+        return SparsifyConfig(mask=MaskConfig(nm=self.nm), include=self.include, exclude=self.exclude)
+
+
+def _has_extra(folder: Path) -> bool:
+    from maskllm_megatron.checkpoint_files import extra_path
+
+    return extra_path(folder) is not None
+
+
+def is_run_checkpoint(path: str | Path) -> bool:
+    """True for a mask-learning checkpoint (or a folder whose ``latest`` pointer leads to one)."""
+    try:
+        return _has_extra(resolve_run_checkpoint(path))
+    except RunCheckpointError:
+        return False
+
+
+def resolve_run_checkpoint(path: str | Path) -> Path:
+    """``path`` itself when it is a checkpoint, else the one its (or its ``checkpoints/``) ``latest`` names."""
+    path = Path(path).absolute()
+    if not path.exists():
+        raise RunCheckpointError(f"{path} does not exist: pass OUT/checkpoints/iter_XXXXXXX of a maskllm-train run")
+    for root in (path, path / "checkpoints"):
+        if (root / "metadata.json").is_file() and _has_extra(root):
+            return root
+        if (root / "latest").is_file():
+            return resolve_run_checkpoint(root / (root / "latest").read_text().strip())
+    raise RunCheckpointError(f"{path} is not a mask-learning checkpoint (no metadata.json + extra state, no "
+                      f"'latest' pointer): pass OUT/checkpoints/iter_XXXXXXX of a maskllm-train run")
+
+
+def load_masked_model(run: RunCheckpoint, *, use_prior: bool = False, parallel_output: bool = True):
+    """The run's sparsified GPTModel at the initialised layout (PP=1), logits loaded, eval mode;
+    with ``use_prior`` every masked layer forwards with its prior mask instead of the argmax."""
+    from megatron.core import parallel_state
+
+    from maskllm_megatron.megatron.checkpointing import load_checkpoint
+    from maskllm_megatron.megatron.model_builder import build_gpt_model
+    from maskllm_megatron.megatron.sparsify import MaskMode, masked_layers, sparsify
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tcfg = run.info.model.to_transformer_config(tp, 1, run.info.dtype, perform_initialization=False)
+    model = build_gpt_model(run.info.model, tcfg, parallel_output=parallel_output)
+    sparsify(model, run.sparsify_config())
+    absent = load_checkpoint(model, run.path)["absent_masks"]
+    if any(k.endswith(".mask_logits") for k in absent):
+        raise RunCheckpointError(f"{run.path} has no mask logits for {absent[0]}: it is not a mask-learning "
+                                 f"checkpoint of this config")
+    for layer in masked_layers(model):
+        if use_prior:
+            if layer.prior_mask is None:
+                raise RunCheckpointError(f"{run.path} stores no prior mask for {layer.mask_layer_id} (the run had "
+                                         f"no prior): drop --use-prior")
+            layer.set_mask_mode(MaskMode.PRIOR)
+    return model.eval()
