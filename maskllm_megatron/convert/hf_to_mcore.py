@@ -7,18 +7,16 @@ are one copy of the model; besides them a rank holds one global tensor at a time
 """
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from maskllm_megatron.convert.checkpoint import (TOKENIZER_DIR, CheckpointInfo, global_param_names, tp_rank_and_size)
-from maskllm_megatron.megatron.parallel import init_parallel
-from maskllm_megatron.convert.io import (ConversionError, HFCheckpoint, check_output, copy_tokenizer, mark_output,
-                                         partial_path,
+from maskllm_megatron.convert.checkpoint import TOKENIZER_DIR, CheckpointInfo, global_param_names, tp_rank_and_size
+from maskllm_megatron.convert.io import (ConversionError, HFCheckpoint, atomic_dir, check_output, copy_tokenizer,
                                          progress)
+from maskllm_megatron.megatron.parallel import init_parallel
 from maskllm_megatron.convert.mapping import TensorRule, architecture_for, model_config_from_hf
 from maskllm_megatron.megatron.model_builder import DTYPES, ModelConfig, ModelConfigError
 
@@ -108,26 +106,12 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, d
             if show_progress and rank == 0:
                 progress(i, len(order), f"rank 0 loading {p.hf.folder.name}")
 
-    tmp = partial_path(out)
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    try:
+    with atomic_dir(out, overwrite, "maskllm-convert", [hf_dir]) as tmp:
         dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
         dist.barrier()
         if rank == 0:
             CheckpointInfo(p.model, dtype, tp, pp, p.hf.config, str(p.hf.folder), ep).save(tmp)
             copy_tokenizer(p.hf.folder, tmp / TOKENIZER_DIR)
-            mark_output(tmp, "maskllm-convert")
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        dist.barrier()
-    except BaseException:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
     say(f"wrote megatron-core checkpoint {out} (tp={tp} pp={pp}{f' ep={ep}' if ep > 1 else ''} {dtype}, {p.model.num_parameters() / 1e6:.1f}M "
         f"parameters) in {time.time() - t0:.1f}s")
     return out

@@ -316,21 +316,40 @@ def check_output(out: str | Path, overwrite: bool, tool: str, inputs=()) -> None
 def atomic_dir(out: str | Path, overwrite: bool = False, tool: str = "maskllm-convert", inputs=()) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``out``; rename it to ``out`` when the block succeeds,
     delete it when the block fails, so ``out`` is either complete or absent. The folder is marked as
-    ``tool``'s output (``check_output``)."""
+    ``tool``'s output (``check_output``).
+
+    In a multi-process torch.distributed world every rank enters the block (each writes its part, e.g. its
+    dist-checkpoint shards) and only rank 0 touches the folder itself, between barriers: the folder exists
+    before any rank writes, and is renamed after all have written."""
     out = Path(out).absolute()
     check_output(out, overwrite, tool, inputs)
     tmp = partial_path(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    rank0, barrier = _ranks()
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
     try:
         yield tmp
-        mark_output(tmp, tool)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        barrier()
+        if rank0:
+            mark_output(tmp, tool)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        barrier()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _ranks():
+    """(whether this process does the file-system work, a barrier over all ranks; a no-op in one process)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank() == 0, dist.barrier
+    return True, lambda: None
 
 
 def progress(done: int, total: int, label: str, stream=sys.stderr) -> None:

@@ -66,10 +66,6 @@ def mcore_to_hf(ckpt_dir: str | Path, out: str | Path, max_shard_bytes: int = 5 
             print(f"wrote Hugging Face model {out} ({len(names)} safetensors file(s), "
                   f"{writer.total_bytes / 2**20:.1f} MiB) in {time.time() - t0:.1f}s")
 
-    if rank == 0:
-        with atomic_dir(out, overwrite=overwrite, inputs=[ckpt_dir]) as tmp:
-            write(tmp)
-    else:
-        write(Path("/nonexistent"))
-    dist.barrier()
+    with atomic_dir(out, overwrite=overwrite, inputs=[ckpt_dir]) as tmp:  # every rank gathers, rank 0 writes
+        write(tmp)
     return out

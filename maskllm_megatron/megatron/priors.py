@@ -34,7 +34,7 @@ import torch
 from .parallel import all_reduce_floats
 from ..masks import NMSpec
 from ..prune.calibration import InputStats
-from ..prune.methods import METHODS, magnitude_mask, reconstruction_error, sparsegpt_prune, wanda_mask
+from ..prune.methods import METHODS, magnitude_mask, oneshot_mask, reconstruction_error, sparsegpt_prune
 from .layers import MaskedRowParallelLinear, MaskMode, _MaskedLinearMixin
 from .sparsify import dense_forward, masked_layers
 
@@ -157,13 +157,13 @@ def _layer_mask(layer: _MaskedLinearMixin, stats: InputStats,
     A routed expert that no calibration token reached gets the magnitude mask (``unreached_expert``)."""
     spec: NMSpec = layer.nm
     W = layer.weight.detach()
-    if cfg.method == "magnitude" or (stats.nsamples == 0 and unreached_expert(layer)):
+    if cfg.method != "magnitude" and stats.nsamples == 0:
+        if not unreached_expert(layer):
+            raise ValueError(f"{layer.mask_layer_id}: no calibration tokens reached this layer: {cfg.method} needs "
+                             "calibration batches (at least one sample)")
         return magnitude_mask(W, spec), None, None
-    if stats.nsamples == 0:
-        raise ValueError(f"{layer.mask_layer_id}: no calibration tokens reached this layer: {cfg.method} needs "
-                         "calibration batches (at least one sample)")
-    if cfg.method == "wanda":
-        return wanda_mask(W, stats.sq_norm, spec), None, None
+    if cfg.method != "sparsegpt":  # local to each group of M inputs: the shard's own weights and statistics
+        return oneshot_mask(cfg.method, W, stats, spec), None, None
 
     def solve(w, layer_stats, _mask):
         return sparsegpt_prune(w, layer_stats.hessian, spec, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
@@ -290,11 +290,15 @@ def compute_priors(model: torch.nn.Module, batches: Iterable, cfg: PriorConfig,
     layers = list(masked_layers(model))
     for layer in layers:
         layer.set_mask_mode(MaskMode.LEARN)
+    if cfg.method == "magnitude":  # the weights alone: no calibration walk, any pipeline layout
+        for layer in layers:
+            layer.set_prior(oneshot_mask("magnitude", layer.weight.detach(), None, layer.nm), strength)
+        return errors
     unreached = []
 
     def solve_block(block_layers, stats):
         for layer in block_layers:
-            if cfg.method != "magnitude" and stats[layer].nsamples == 0 and unreached_expert(layer):
+            if stats[layer].nsamples == 0 and unreached_expert(layer):
                 unreached.append(layer.mask_layer_id)
             mask, new_w, error = _layer_mask(layer, stats[layer], cfg)
             if error is not None:

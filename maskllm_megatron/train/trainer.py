@@ -100,24 +100,19 @@ def apply_prior(cfg: TrainConfig, model, data) -> dict:
         return {}
     if method == "checkpoint":
         return transfer_masks(model, cfg.prior.checkpoint)
-    if method == "magnitude":  # needs no calibration data, so it works at any pipeline layout
-        from ..prune.methods import magnitude_mask
-
-        layers = list(masked_layers(model))
-        for layer in layers:
-            layer.set_prior(magnitude_mask(layer.weight.detach(), layer.nm))
-        return {"prior_method": method, "prior_layers": len(layers)}
-    if cfg.parallel.pp != 1:
+    calibrated = method != "magnitude"  # magnitude needs no calibration data, so it works at any pipeline layout
+    if calibrated and cfg.parallel.pp != 1:
         raise ValueError("one-shot priors are computed at PP=1: run the prior step with parallel.pp=1 "
                          "(or prior.method=checkpoint with a PP=1 prior run)")
-    batches = [partial(_calibration_forward, batch=b) for b in data.calibration_batches(cfg.prior.calib_samples)]
+    batches = ([partial(_calibration_forward, batch=b) for b in data.calibration_batches(cfg.prior.calib_samples)]
+               if calibrated else [])
     unreached: list = []
     errors = compute_priors(model, batches, PriorConfig(method=method, update_weights=cfg.prior.update_weights,
                                                         blocksize=cfg.prior.blocksize, percdamp=cfg.prior.percdamp),
                             fallbacks=unreached)
     report = {"prior_method": method, "prior_layers": len(list(masked_layers(model))),
               "prior_reconstruction_error": sum(errors.values()) if errors else None}
-    if getattr(model.config, "num_moe_experts", None):  # experts no calibration token reached: magnitude masks
+    if calibrated and getattr(model.config, "num_moe_experts", None):  # experts no token reached: magnitude masks
         from megatron.core import parallel_state
 
         report["prior_magnitude_fallbacks"] = int(all_reduce_floats(
