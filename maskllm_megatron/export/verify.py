@@ -9,7 +9,6 @@ mcore``: each masked weight with its stored mask, read from the dist checkpoint 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import warnings

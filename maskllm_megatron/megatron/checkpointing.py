@@ -32,8 +32,7 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
                       "distrib_optim_fully_reshardable_mem_efficient": True}
 
 
-from ..checkpoint_files import (EXTRA_FILE, LEGACY_EXTRA_FILE, CheckpointMismatch, UnsafeCheckpoint,  # noqa: F401
-                                check_metadata, extra_path, is_complete, read_extra, write_extra)
+from ..checkpoint_files import CheckpointMismatch, check_metadata, read_extra, write_extra
 
 
 def load_tensors_metadata(ckpt_dir: str | Path) -> dict:

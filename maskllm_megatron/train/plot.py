@@ -11,7 +11,6 @@ temperature with the logit scale on a twin axis.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys

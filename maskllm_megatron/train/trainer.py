@@ -463,7 +463,6 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     from megatron.core import parallel_state
 
     from ..checkpoint_files import read_extra
-    from ..megatron.checkpointing import load_checkpoint
     from ..megatron.sparsify import fix_masks, mask_logits_group, masked_layers
     from .data import build_data
 
@@ -489,7 +488,7 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     conflict = inputs_conflict(saved.get("inputs"), inputs, cfg) if saved is not None else None
     if conflict:
         raise ConfigError(conflict)
-    state = LoopState(inputs=inputs)
+    state = LoopState(inputs=inputs)  # a fresh run's; a resume reads its own
     prior_report = {}
     if resume is None:
         prior_report = apply_prior(cfg, model, data)
@@ -501,21 +500,9 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
         print(f"[maskllm] gradient reduction overlaps the backward: {buckets} buckets", flush=True)
     logger = MetricsLogger(cfg.run.out_dir, cfg.run.tensorboard, cfg.run.wandb_project, cfg.to_dict(), enabled=is_rank0)
     if resume is not None:
-        extra = load_checkpoint(model, resume, optimizer)["extra"]
-        if extra["iteration"] > 0:  # a prior-only checkpoint's scheduler was made for train_iters=0
-            scheduler.load_state_dict(extra["scheduler"])
-        state = LoopState(extra["iteration"], extra["consumed_samples"], extra["history"],
-                          inputs=extra.get("inputs") or inputs, resumed_from=extra["iteration"])
-        logger.truncate_after(state.iteration)
-        if is_rank0:
-            print(f"[maskllm] resumed from {resume} at iteration {state.iteration}", flush=True)
+        state = _resume(resume, model, optimizer, scheduler, logger, inputs, is_rank0)
     else:
-        logger.truncate_after(-1)  # no checkpoint: records of an earlier attempt in out_dir are stale
-        record = {"iteration": 0, **{k: v for k, v in prior_report.items() if v is not None}}
-        if cfg.run.eval_interval:
-            record.update(evaluate(cfg, ddp, data))  # where the prior starts (hard mask)
-        valid = f" | hard-mask valid loss {record['valid/loss']:.4f}" if "valid/loss" in record else ""
-        logger.log(record, console=f"iter      0 | prior {prior_report.get('prior_method', 'none')}{valid}")
+        _log_start(cfg, ddp, data, logger, prior_report)
     if cfg.run.train_iters == 0 and resume is None:  # a prior-only run: keep the one-shot masks
         path = save(cfg, state, ddp.module, None, scheduler, is_rank0)  # no optimizer state exists yet
         if is_rank0:
@@ -526,7 +513,6 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     watcher.collect(mcfg.step_state(state.iteration))  # flip-rate baseline
     preemption = _Preemption()
     num_micro = cfg.data.global_batch_size // (cfg.data.micro_batch_size * env["dp_size"])
-    dp_group = parallel_state.get_data_parallel_group()
     tokens_per_iter = cfg.data.global_batch_size * cfg.data.seq_length
     train_iter = data.train_iterations(state.consumed_samples, num_micro)
     # the logged lr is the logits' (a refit's: the weights')
@@ -536,38 +522,9 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     last = {}
     ddp.train()
     while state.iteration < cfg.run.train_iters:
-        it = state.iteration
-        grad_scale = 1.0 / num_micro
         with throughput.step():
-            ddp.zero_grad_buffer()
-            optimizer.zero_grad()
-            batches = next(train_iter)
-            fingerprint = all_reduce_floats([sum(int(b["tokens"].sum()) for b in batches)], group=dp_group)[0]
-            # micro-batch mb of DP rank r holds the global batch's micro-batch mb * dp_size + r (the sampler
-            # deals them out in that order): keyed by that index, the noise does not depend on the DP size
-            results = run_batches(cfg, ddp, batches, num_micro, forward_only=False, step_of_microbatch=lambda mb:
-                                  mcfg.step_state(it, mb * env["dp_size"] + env["dp_rank"], grad_scale),
-                                  teacher=teacher)
-            loss = _mean_loss(results, dp_group)
-            if teacher is not None:
-                kd_loss, total_loss = (_mean_loss(results, dp_group, key) for key in ("kd loss", "loss"))
-                loss_checked = total_loss
-            else:
-                loss_checked = loss
-            nonfinite = loss_checked is not None and not math.isfinite(loss_checked)
-            bad = all_reduce_floats([nonfinite], op=torch.distributed.ReduceOp.MAX)[0]
-            if bad:
-                kept = latest_checkpoint(cfg)
-                what = "the loss" if teacher is not None else "LM loss"
-                raise TrainingStopped(f"{what} is {loss_checked} at iteration {it + 1}: stopped without saving; the last "
-                                      f"good checkpoint is {kept or 'none'}; lower optim.lr or check the data")
-            _, grad_norm, _ = optimizer.step()  # the norm before clipping; megatron computes it only to clip
-            scheduler.step(increment=1)
-            if grad_norm is not None and not math.isfinite(float(grad_norm)):
-                kept = latest_checkpoint(cfg)
-                raise TrainingStopped(f"the gradient norm is {float(grad_norm)} at iteration {it + 1}: stopped without "
-                                      f"saving; the last good checkpoint is {kept or 'none'}; lower optim.lr or check "
-                                      "the data")
+            loss, kd_loss, total_loss, grad_norm, fingerprint = _train_step(
+                cfg, ddp, optimizer, scheduler, next(train_iter), state.iteration, num_micro, env, teacher)
         state.iteration += 1
         state.consumed_samples += cfg.data.global_batch_size
         state.history.append([state.iteration, loss, fingerprint])
@@ -584,14 +541,7 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
                 last["grad_norm"] = float(grad_norm)
             if teacher is not None:
                 last.update(kd_loss=kd_loss, loss=total_loss)
-            losses = (f"loss {total_loss:.4f} (lm {loss:.4f}, kd {kd_loss:.4f})" if teacher is not None
-                      else f"loss {loss:.4f}")
-            logger.log(last, console=(f"iter {state.iteration:6d}/{cfg.run.train_iters} | {losses} | "
-                                      f"lr {last['lr']:.2e} | "
-                                      + (f"grad norm {last['grad_norm']:.2e} | " if "grad_norm" in last else "") +
-                                      f"tau {step.temperature:.3f} | scale {step.scale:.0f} | "
-                                      f"flip {last.get('mask/flip_rate', 0):.4f} | maxp {last.get('mask/max_prob', 0):.3f} | "
-                                      f"{last['tokens_per_s']:.0f} tok/s | {last['peak_memory_gb']:.2f} GB"))
+            logger.log(last, console=_console_line(last, cfg.run.train_iters))
         if cfg.run.eval_interval and (state.iteration % cfg.run.eval_interval == 0 or state.iteration == cfg.run.train_iters):
             ev = evaluate(cfg, ddp, data)
             logger.log({"iteration": state.iteration, **ev},
@@ -612,6 +562,81 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     if is_rank0 and state.iteration > max(state.resumed_from, 0):
         print(f"[maskllm] {peak_memory_line(estimate, before_model)}", flush=True)
     return {**last, "iteration": state.iteration, "history": state.history, "parallel": parallel_state.get_data_parallel_world_size()}
+
+
+def _train_step(cfg: TrainConfig, ddp, optimizer, scheduler, batches: list, it: int, num_micro: int, env: dict,
+                teacher) -> tuple:
+    """One optimizer step on this rank's micro-batches of iteration ``it``: ``(lm_loss, kd_loss, loss,
+    grad_norm, data fingerprint)`` (the losses averaged over data-parallel ranks; kd_loss and loss None
+    without distillation). A non-finite loss or gradient norm stops the run on every rank, unsaved."""
+    from megatron.core import parallel_state
+
+    mcfg = cfg.mask_config()
+    dp_group = parallel_state.get_data_parallel_group()
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    fingerprint = all_reduce_floats([sum(int(b["tokens"].sum()) for b in batches)], group=dp_group)[0]
+    # micro-batch mb of DP rank r holds the global batch's micro-batch mb * dp_size + r (the sampler deals them
+    # out in that order): keyed by that index, the noise does not depend on the DP size
+    results = run_batches(cfg, ddp, batches, num_micro, forward_only=False, step_of_microbatch=lambda mb:
+                          mcfg.step_state(it, mb * env["dp_size"] + env["dp_rank"], 1.0 / num_micro), teacher=teacher)
+    loss = _mean_loss(results, dp_group)
+    kd_loss = total_loss = None
+    if teacher is not None:
+        kd_loss, total_loss = (_mean_loss(results, dp_group, key) for key in ("kd loss", "loss"))
+    checked = total_loss if teacher is not None else loss
+    nonfinite = checked is not None and not math.isfinite(checked)
+    if all_reduce_floats([nonfinite], op=torch.distributed.ReduceOp.MAX)[0]:  # every rank stops together
+        _stop(cfg, "the loss" if teacher is not None else "LM loss", checked, it + 1)
+    _, grad_norm, _ = optimizer.step()  # the norm before clipping; megatron computes it only to clip
+    scheduler.step(increment=1)
+    if grad_norm is not None and not math.isfinite(float(grad_norm)):
+        _stop(cfg, "the gradient norm", float(grad_norm), it + 1)
+    return loss, kd_loss, total_loss, grad_norm, fingerprint
+
+
+def _resume(resume: Path, model, optimizer, scheduler, logger, inputs: dict, is_rank0: bool) -> "LoopState":
+    """Load a run checkpoint (model, optimizer, scheduler) and the loop state it saved; the metrics log
+    forgets what came after it."""
+    from ..megatron.checkpointing import load_checkpoint
+
+    extra = load_checkpoint(model, resume, optimizer)["extra"]
+    if extra["iteration"] > 0:  # a prior-only checkpoint's scheduler was made for train_iters=0
+        scheduler.load_state_dict(extra["scheduler"])
+    state = LoopState(extra["iteration"], extra["consumed_samples"], extra["history"],
+                      inputs=extra.get("inputs") or inputs, resumed_from=extra["iteration"])
+    logger.truncate_after(state.iteration)
+    if is_rank0:
+        print(f"[maskllm] resumed from {resume} at iteration {state.iteration}", flush=True)
+    return state
+
+
+def _log_start(cfg: TrainConfig, ddp, data, logger, prior_report: dict) -> None:
+    """A fresh run's iteration-0 record: the prior's report and where its hard masks start (validation)."""
+    logger.truncate_after(-1)  # no checkpoint: records of an earlier attempt in out_dir are stale
+    record = {"iteration": 0, **{k: v for k, v in prior_report.items() if v is not None}}
+    if cfg.run.eval_interval:
+        record.update(evaluate(cfg, ddp, data))
+    valid = f" | hard-mask valid loss {record['valid/loss']:.4f}" if "valid/loss" in record else ""
+    logger.log(record, console=f"iter      0 | prior {prior_report.get('prior_method', 'none')}{valid}")
+
+
+def _stop(cfg: TrainConfig, what: str, value: float, iteration: int) -> None:
+    """Stop a run whose step went non-finite, before it saves, naming the checkpoint to go back to."""
+    kept = latest_checkpoint(cfg)
+    raise TrainingStopped(f"{what} is {value} at iteration {iteration}: stopped without saving; the last good "
+                          f"checkpoint is {kept or 'none'}; lower optim.lr or check the data")
+
+
+def _console_line(last: dict, train_iters: int) -> str:
+    """The console line of a logged iteration, from its metrics record."""
+    losses = (f"loss {last['loss']:.4f} (lm {last['lm_loss']:.4f}, kd {last['kd_loss']:.4f})" if "kd_loss" in last
+              else f"loss {last['lm_loss']:.4f}")
+    grad = f"grad norm {last['grad_norm']:.2e} | " if "grad_norm" in last else ""
+    return (f"iter {last['iteration']:6d}/{train_iters} | {losses} | lr {last['lr']:.2e} | {grad}"
+            f"tau {last['temperature']:.3f} | scale {last['scale']:.0f} | flip {last.get('mask/flip_rate', 0):.4f} | "
+            f"maxp {last.get('mask/max_prob', 0):.3f} | {last['tokens_per_s']:.0f} tok/s | "
+            f"{last['peak_memory_gb']:.2f} GB")
 
 
 def memory_estimate(cfg: TrainConfig, model_config):
