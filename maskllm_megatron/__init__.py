@@ -14,6 +14,7 @@ _EXPORTS = {
     "sparsify": "maskllm_megatron.megatron.sparsify",
     "SparsifyConfig": "maskllm_megatron.megatron.sparsify",
     "masked_layers": "maskllm_megatron.megatron.sparsify",
+    "MaskMode": "maskllm_megatron.megatron.layers",
     "MaskConfig": "maskllm_megatron.masks",
     "PriorConfig": "maskllm_megatron.megatron.priors",
     "compute_priors": "maskllm_megatron.megatron.priors",
