@@ -166,8 +166,7 @@ def bench_layer(device: str, shapes, tokens: int, repeats: int, profile_to: str 
 def bench_model_step(device: str, layers: int, micro_batch: int, seq: int, repeats: int) -> dict:
     from maskllm_megatron.megatron.model_builder import ModelConfig, build_gpt_model
     from maskllm_megatron.megatron.sparsify import set_fused_mask_kernel, sparsify
-    from maskllm_megatron.train.trainer import (apply_prior, build_optimizer, run_batches,
-                                                sparsify_config)
+    from maskllm_megatron.train.trainer import apply_prior, build_optimizer, run_batches
 
     cfg = driver_config(micro_batch, seq)
     mc = ModelConfig(**dict(SMOLLM2, num_layers=layers))
@@ -181,7 +180,7 @@ def bench_model_step(device: str, layers: int, micro_batch: int, seq: int, repea
     def build(masked: bool):
         model = build_gpt_model(mc, mc.to_transformer_config(1, 1, "bf16")).to(device)
         if masked:
-            sparsify(model, sparsify_config(cfg))
+            sparsify(model, cfg.sparsify_config())
             apply_prior(cfg, model, None)
         return (model, *build_optimizer(cfg, model))
 

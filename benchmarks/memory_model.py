@@ -184,7 +184,7 @@ def measure(args, name: str, overrides: dict, seq: int) -> dict:
     from maskllm_megatron.megatron.sparsify import masked_layers, set_fused_mask_kernel, sparsify
     from maskllm_megatron.prune.methods import magnitude_mask
     from maskllm_megatron.train.memory import Layout, estimate
-    from maskllm_megatron.train.trainer import build_optimizer, run_batches, setup_parallel, sparsify_config
+    from maskllm_megatron.train.trainer import build_optimizer, run_batches, setup_parallel
 
     cfg = train_config(args, overrides, seq)
     env = setup_parallel(cfg)
@@ -208,7 +208,7 @@ def measure(args, name: str, overrides: dict, seq: int) -> dict:
     with CollectiveTensorsFreedHere(), AllocatorPeak() as peak:
         tcfg = mc.to_transformer_config(cfg.parallel.tp, cfg.parallel.pp, "fp32", **cfg.recompute_overrides())
         model = build_gpt_model(mc, tcfg)
-        sparsify(model, sparsify_config(cfg))
+        sparsify(model, cfg.sparsify_config())
         set_fused_mask_kernel(model, cfg.mask.fused_kernel)
         for layer in masked_layers(model):
             layer.set_prior(magnitude_mask(layer.weight.detach(), layer.nm))

@@ -12,11 +12,11 @@ from importlib import import_module
 
 _EXPORTS = {
     "sparsify": "maskllm_megatron.megatron.sparsify",
-    "SparsifyConfig": "maskllm_megatron.megatron.sparsify",
+    "SparsifyConfig": "maskllm_megatron.megatron.configs",
     "masked_layers": "maskllm_megatron.megatron.sparsify",
     "MaskMode": "maskllm_megatron.megatron.layers",
     "MaskConfig": "maskllm_megatron.masks",
-    "PriorConfig": "maskllm_megatron.megatron.priors",
+    "PriorConfig": "maskllm_megatron.megatron.configs",
     "compute_priors": "maskllm_megatron.megatron.priors",
     "ReconstructConfig": "maskllm_megatron.megatron.reconstruct",
     "reconstruct_weights": "maskllm_megatron.megatron.reconstruct",

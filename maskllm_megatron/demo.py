@@ -33,12 +33,15 @@ from pathlib import Path
 from . import assets
 from .cache import cache_dir, file_digest
 from .launch import die_with_parent, free_port, usable_cpus
-from .train.config import ConfigError, TrainConfig, checkpoint_name
+from .train.config import ConfigError, OptimSection, TrainConfig, checkpoint_name
 
 SEQ = 512
 PRIORS = ("magnitude", "wanda", "sparsegpt")
-MASK_LR_MULT = 10.0  # the logits' lr over the driver's base optim.lr (the frozen weights take no step)
+MASK_LR_MULT = OptimSection.mask_lr_mult  # the logits' lr over the driver's base optim.lr (its default)
 DP = 2  # mask learning runs torchrun with this many data-parallel processes
+# Part of every learning stage's cache key: a cached run made by a driver that computed something else for
+# the same settings (the value names the change) is not reused.
+LEARN_STAGE_FORMAT = "lr-applied"
 
 
 def _recipe_field(default, driver: str | None, help: str):
@@ -51,18 +54,13 @@ def _recipe_field(default, driver: str | None, help: str):
 class LearnRecipe:
     """Mask-learning settings for a short CPU budget (the paper's recipe is for ~2B tokens).
 
-    With a few dozen iterations, what limits learning is the number of optimizer steps, not tokens:
-    one 512-token sequence per data-parallel rank per iteration, and a logits learning rate high enough
-    for logits to cross the prior's margin within the run. Measured here from the SparseGPT prior
-    (held-out PPL 131.8): logits lr 1e-4 x 60 iterations -> 121.9; 2e-4 x 40 iterations -> 112.2 at the
-    paper's prior strength 3, whose initial noise flips ~5% of the groups off the prior, and 96.4 at
-    strength 4, which keeps them; strength 5 froze the masks (no group left the prior in 20 iterations).
-    (These runs were recorded as 1e-3 and 2e-3: until commit 0746cd5 the driver
-    applied the base lr to the logits, a tenth of what it configured.) At strength 4, 40 iterations:
-    2e-4 -> 96.4, 5e-4 -> 78.8, 1e-3 -> 65.7, 2e-3 diverged (5729). See benchmarks/RESULTS.md.
-    On another machine type (AMD EPYC, whose MKL gives a slightly different SparseGPT prior, 131.5) 1e-3
-    left the stable range within 5 iterations (soft-mask loss 9.9) and ended at 185; 5e-4 reached 79.3
-    there (78.8 on the first type), and 1e-3 after a 5-iteration linear warm-up 66.3: the default.
+    With a few dozen iterations, what limits learning is the number of optimizer steps, not tokens: one
+    512-token sequence per data-parallel rank per iteration, and a logits learning rate high enough for
+    logits to cross the prior's margin within the run. From the SparseGPT prior, 40 iterations at prior
+    strength 4 (which keeps the prior's patterns at the start; 3, the paper's, lets the initial noise flip
+    ~5% of the groups off them; 5 froze the masks): logits lr 2e-4 -> 96.4, 5e-4 -> 78.8, 1e-3 -> 65.7,
+    2e-3 diverged. On an AVX-512 machine 1e-3 without warm-up left the stable range within 5 iterations;
+    a 5-iteration linear warm-up makes it stable on both machine types. benchmarks/RESULTS.md has the runs.
     """
 
     global_batch: int = _recipe_field(2, "data.global_batch_size",
@@ -283,16 +281,13 @@ def _run(cmd: list, log: Path, nproc: int = 0, append: bool = False) -> str:
 
 
 def _train_config(ckpt: Path, data_prefix: Path, out: Path, **sections) -> dict:
+    """The demo's driver config: the driver's defaults (the paper's recipe) but for a CPU-sized run."""
     cfg = {
         "model": {"checkpoint": str(ckpt), "dtype": "fp32"},
-        "parallel": {"tp": 1, "pp": 1, "distributed_optimizer": True},
         "data": {"train": [str(data_prefix)], "split": "98,2,0", "seq_length": SEQ, "micro_batch_size": 2,
                  "global_batch_size": 4, "cache_dir": str(out / "index_cache")},
-        "optim": {"lr": 5e-5, "min_lr": 5e-6, "weight_decay": 0.1, "clip_grad": 1.0, "mask_lr_mult": MASK_LR_MULT},
-        "mask": {"nm": "2:4", "prior_strength": 3.0, "fused_kernel": True},
-        "prior": {"method": "sparsegpt", "calib_samples": 32},
-        "run": {"out_dir": str(out), "train_iters": 0, "log_interval": 5, "eval_interval": 0, "save_interval": 0,
-                "seed": 1234, "tensorboard": True},
+        "prior": {"calib_samples": 32},
+        "run": {"out_dir": str(out), "train_iters": 0, "log_interval": 5, "eval_interval": 0, "save_interval": 0},
     }
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
@@ -404,7 +399,7 @@ def learn_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, iter
     unused = {"tokens_per_second"} | ({"kd_weight", "kd_temperature"} if recipe.kd_weight == 0 else set())
     settings = {k: v for k, v in asdict(recipe).items() if k not in unused}
     return stages.run(5, name, _key(str(prior_ckpt), str(prefix), iters, checkpoints, evals, settings,
-                                    "lr-applied"), learn,
+                                    LEARN_STAGE_FORMAT), learn,
                       resumable=True)
 
 

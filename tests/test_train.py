@@ -302,7 +302,7 @@ def test_overrides_read_numbers_as_yaml_1_1_writes_them():
     ({"prior": {"method": "magnitude", "update_weights": True}}, "prior.update_weights is SparseGPT's OBS weight update"),
     ({"prior": {"calib_samples": 0}}, "prior.calib_samples 0 must be >= 1: sparsegpt needs calibration text"),
     ({"prior": {"blocksize": 130}}, "prior.blocksize 130 must be a positive multiple of M=4"),
-    ({"prior": {"percdamp": -0.1}}, "prior.percdamp -0.1 >= 0"),
+    ({"prior": {"percdamp": -0.1}}, "prior.percdamp -0.1 must be >= 0"),
     ({"data": {"train": ["/data/x_text_document"], "micro_batch_size": 0}}, "data.micro_batch_size 0 must be >= 1"),
     ({"optim": {"lr": 0.0}}, "optim.lr 0.0 must be > 0"),
     ({"optim": {"min_lr": 1e-3}}, "optim.min_lr 0.001 must be in [0, optim.lr=5e-05]"),
@@ -591,3 +591,15 @@ def test_ranks_that_found_different_checkpoints_refuse_to_resume():
 
     r = printed_result(torchrun("tests/scripts/driver_guards_worker.py", "agree", nproc=2))
     assert r["refused"] and "the ranks found different checkpoints to resume (iterations 4 to 6" in r["refused"]
+
+
+def test_driver_defaults_are_the_librarys():
+    """The driver's mask, prior and optim sections build the library's configs with the library's own
+    defaults: a default declared again in the driver, and changed there, fails here."""
+    from maskllm_megatron import MaskConfig, PriorConfig, SparsifyConfig
+    from maskllm_megatron.train.config import TrainConfig
+
+    cfg = TrainConfig()
+    assert cfg.mask_config() == MaskConfig(total_steps=cfg.run.train_iters, seed=cfg.run.seed)
+    assert cfg.sparsify_config() == SparsifyConfig(mask=cfg.mask_config())
+    assert cfg.prior_config() == PriorConfig()

@@ -246,8 +246,8 @@ def soft_mask(logits: torch.Tensor, noise: torch.Tensor, spec: NMSpec, temperatu
 
 def noise_key(seed: int, layer_id: str, iteration: int, microbatch: int) -> int:
     """The Gumbel stream of one layer for one micro-batch of an iteration, numbered across the whole
-    global batch (so the same data gets the same noise at any data-parallel size). The trailing 0 is
-    where the data-parallel rank was once keyed: DP=1 streams stay those of runs recorded before."""
+    global batch (so the same data gets the same noise at any data-parallel size). The trailing 0 is a
+    fixed part of every stream's key: saved runs resume, and recorded results reproduce, with it."""
     return stream_key("gumbel", seed, layer_id, iteration, microbatch, 0)
 
 

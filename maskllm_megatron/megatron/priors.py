@@ -26,7 +26,6 @@ routed token EP times: the same averages, hence the same masks (SparseGPT's summ
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
@@ -34,26 +33,10 @@ import torch
 from .parallel import all_reduce_floats
 from ..masks import NMSpec
 from ..prune.calibration import InputStats
-from ..prune.methods import METHODS, magnitude_mask, oneshot_mask, reconstruction_error, sparsegpt_prune
+from ..prune.methods import magnitude_mask, oneshot_mask, reconstruction_error, sparsegpt_prune
+from .configs import PriorConfig  # noqa: F401 (compute_priors' config, importable from here too)
 from .layers import MaskedRowParallelLinear, MaskMode, _MaskedLinearMixin
 from .sparsify import dense_forward, masked_layers
-
-
-@dataclass(frozen=True)
-class PriorConfig:
-    """How to compute one-shot priors."""
-
-    method: str = "sparsegpt"
-    update_weights: bool = False  # SparseGPT's OBS weight update (MaskLLM's prior uses mask only)
-    blocksize: int = 128
-    percdamp: float = 0.01
-    sequential: bool = True  # feed each block the outputs of the already-pruned blocks before it
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown prior method {self.method!r}: use one of {', '.join(METHODS)}")
-        if self.update_weights and self.method != "sparsegpt":
-            raise ValueError("update_weights is SparseGPT's OBS update: use it with method='sparsegpt'")
 
 
 class _Stop(Exception):

@@ -17,52 +17,17 @@ router (not a parallel linear), embeddings and norms stay dense. ``*.experts.*``
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import re
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-from ..masks import MaskConfig, MaskStep
+from ..masks import MaskStep
+from .configs import SparsifyConfig  # noqa: F401 (sparsify's config, importable from here too)
 from .layers import MaskedColumnParallelLinear, MaskedRowParallelLinear, MaskMode, _MaskedLinearMixin
 
 NORMS = (torch.nn.LayerNorm, torch.nn.RMSNorm)  # what the layer spec's norms are (``norm.TorchNorm``)
-DEFAULT_TARGETS = ("*.linear_qkv", "*.linear_proj", "*.linear_fc1", "*.linear_fc2")
-
-
-@dataclass(frozen=True)
-class SparsifyConfig:
-    """Which linears to mask and what trains.
-
-    ``include`` / ``exclude`` are shell-style patterns on module names with GLOBAL layer numbers
-    (``decoder.layers.3.mlp.linear_fc1`` is the fourth block on whichever pipeline stage holds it) and
-    GLOBAL expert indices (``decoder.layers.0.mlp.experts.local_experts.5.linear_fc2`` is expert 5 on whichever
-    expert-parallel rank holds it); e.g. ``include=("*.mlp.*",)`` sparsifies the MLP only,
-    ``exclude=("*.self_attention.*",)`` likewise, ``exclude=("*.shared_experts.*",)`` keeps a shared expert dense.
-    """
-
-    mask: MaskConfig = field(default_factory=MaskConfig)
-    include: tuple[str, ...] = DEFAULT_TARGETS
-    exclude: tuple[str, ...] = ()
-    # joint training: the masked layers' weights and biases and the norms train with the logits
-    # (default: mask only; embeddings and the LM head stay frozen either way)
-    train_weights: bool = False
-    mask_lr_mult: float = 10.0  # the paper's x10 on the logits
-    mask_weight_decay_mult: float = 1.0  # the logits get weight decay (0.1 in the paper's runs)
-
-    def __post_init__(self):
-        if not self.include:
-            raise ValueError("SparsifyConfig.include is empty: name at least one module pattern, e.g. '*.linear_fc1'")
-        if self.mask_lr_mult <= 0:
-            raise ValueError(f"mask_lr_mult must be positive, got {self.mask_lr_mult}")
-
-    def selects(self, name: str) -> bool:
-        return (any(fnmatch.fnmatchcase(name, p) for p in self.include)
-                and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude))
-
-
 def _global_names(model: torch.nn.Module) -> tuple[dict[int, str], dict[int, str]]:
     """Two maps from module id, with pipeline-local layer indices replaced by global layer numbers and
     expert-parallel-local expert indices by global ones: the full module name

@@ -11,6 +11,15 @@ from typing import Any, Optional
 
 import yaml
 
+from ..masks.config import MaskConfig
+from ..megatron.configs import PriorConfig, SparsifyConfig
+from ..prune.methods import METHODS
+
+# The library's defaults: the driver's mask, prior and optim sections take theirs from these, so each
+# default is declared once (the MaskLLM paper's recipe).
+_MASK, _SPARSIFY, _PRIOR = MaskConfig(), SparsifyConfig(), PriorConfig()
+#: prior.method: a one-shot method, none (logits from noise only), or checkpoint (an earlier run's masks)
+PRIOR_SOURCES = METHODS + ("none", "checkpoint")
 
 def checkpoint_name(iteration: int) -> str:
     """The folder (under ``<run.out_dir>/checkpoints``) of the checkpoint saved at ``iteration``."""
@@ -112,21 +121,23 @@ class OptimSection:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-5
     clip_grad: float = 1.0
-    mask_lr_mult: float = 10.0
+    mask_lr_mult: float = _SPARSIFY.mask_lr_mult
 
 
 @dataclass
 class MaskSection:
-    nm: str = "2:4"
-    temperature: tuple[float, float] = (4.0, 0.05)
-    logit_scale: tuple[float, float] = (1e2, 5e2)
-    hard: bool = False
-    init_std: float = 0.01
-    prior_strength: float = 3.0
-    regularizer: tuple[float, float] = (1e-5, 0.0)
-    include: tuple[str, ...] = ("*.linear_qkv", "*.linear_proj", "*.linear_fc1", "*.linear_fc2")
-    exclude: tuple[str, ...] = ()
-    train_weights: bool = False
+    """The mask sampler (``masks.MaskConfig``) and what is masked (``megatron.configs.SparsifyConfig``),
+    with their defaults; ``TrainConfig.mask_config`` / ``sparsify_config`` build and validate them."""
+    nm: str = str(_MASK.nm)
+    temperature: tuple[float, float] = _MASK.temperature
+    logit_scale: tuple[float, float] = _MASK.logit_scale
+    hard: bool = _MASK.hard
+    init_std: float = _MASK.init_std
+    prior_strength: float = _MASK.prior_strength
+    regularizer: tuple[float, float] = _MASK.regularizer
+    include: tuple[str, ...] = _SPARSIFY.include
+    exclude: tuple[str, ...] = _SPARSIFY.exclude
+    train_weights: bool = _SPARSIFY.train_weights
     # refit: fix the mask to the prior's (prior.method=checkpoint: a mask-learning run's) and train the masked
     # layers' kept weights end to end instead of the logits (with distill.kd_weight > 0: from the dense model)
     refit: bool = False
@@ -135,12 +146,14 @@ class MaskSection:
 
 @dataclass
 class PriorSection:
-    method: str = "sparsegpt"  # magnitude | wanda | sparsegpt | none | checkpoint
+    """Where the logits' prior comes from: a one-shot method (``megatron.configs.PriorConfig``, its
+    defaults; ``TrainConfig.prior_config`` builds it), ``none`` or ``checkpoint``."""
+    method: str = _PRIOR.method  # one of PRIOR_SOURCES
     checkpoint: str = ""  # with method=checkpoint: take the hard masks of an earlier run as the prior
     calib_samples: int = 128
-    update_weights: bool = False
-    blocksize: int = 128  # SparseGPT's column block
-    percdamp: float = 0.01  # SparseGPT's dampening: this fraction of the Hessian's mean diagonal
+    update_weights: bool = _PRIOR.update_weights
+    blocksize: int = _PRIOR.blocksize
+    percdamp: float = _PRIOR.percdamp
 
 
 @dataclass
@@ -200,11 +213,13 @@ class TrainConfig:
                 raise ConfigError(f"data.global_batch_size {d.global_batch_size} is not a multiple of "
                                   f"micro_batch_size {d.micro_batch_size} x data-parallel size {dp}: "
                                   f"make it {d.micro_batch_size * dp}, {2 * d.micro_batch_size * dp}, ...")
-        if self.prior.method not in ("magnitude", "wanda", "sparsegpt", "none", "checkpoint"):
-            raise ConfigError(f"prior.method {self.prior.method!r}: use magnitude, wanda, sparsegpt, none or checkpoint")
-        if self.prior.update_weights and self.prior.method != "sparsegpt":
-            raise ConfigError(f"prior.update_weights is SparseGPT's OBS weight update: use it with prior.method=sparsegpt, "
-                              f"not {self.prior.method}")
+        if self.prior.method not in PRIOR_SOURCES:
+            raise ConfigError(f"prior.method {self.prior.method!r}: use {', '.join(PRIOR_SOURCES)}")
+        if self.prior.method in METHODS:
+            self.prior_config()  # the one-shot method's own checks, as ConfigError
+        elif self.prior.update_weights:
+            raise ConfigError(f"prior.update_weights needs a one-shot prior (SparseGPT's OBS update), not "
+                              f"prior.method={self.prior.method}")
         if self.prior.method in ("wanda", "sparsegpt") and self.prior.calib_samples < 1:
             raise ConfigError(f"prior.calib_samples {self.prior.calib_samples} must be >= 1: {self.prior.method} "
                               "needs calibration text (the recipe uses 128 samples)")
@@ -273,7 +288,7 @@ class TrainConfig:
         for name in ("seq_length", "micro_batch_size", "global_batch_size"):
             if getattr(d, name) < 1:
                 raise ConfigError(f"data.{name} {getattr(d, name)} must be >= 1")
-        for name in ("lr", "adam_eps", "mask_lr_mult"):
+        for name in ("lr", "adam_eps"):
             if not getattr(o, name) > 0:
                 raise ConfigError(f"optim.{name} {getattr(o, name)} must be > 0")
         if not 0 <= o.min_lr <= o.lr:
@@ -290,9 +305,10 @@ class TrainConfig:
         if o.decay_style not in DECAY_STYLES:
             raise ConfigError(f"optim.decay_style {o.decay_style!r}: use one of {', '.join(DECAY_STYLES)}")
         m = self.mask_config().nm.m  # the mask sampler's own checks, as ConfigError
-        if self.prior.blocksize < 1 or self.prior.blocksize % m or self.prior.percdamp < 0:
-            raise ConfigError(f"prior.blocksize {self.prior.blocksize} must be a positive multiple of M={m} and "
-                              f"prior.percdamp {self.prior.percdamp} >= 0 (SparseGPT's defaults: 128 and 0.01)")
+        self.sparsify_config()
+        if self.prior.blocksize % m:
+            raise ConfigError(f"prior.blocksize {self.prior.blocksize} must be a positive multiple of M={m} "
+                              "(SparseGPT's column blocks hold whole groups)")
         k = self.distill
         if not 0 <= k.kd_weight <= 1:
             raise ConfigError(f"distill.kd_weight {k.kd_weight} must be in [0, 1]: the loss is kd_weight x KL + "
@@ -324,10 +340,9 @@ class TrainConfig:
         d = self.data
         return max(self.run.train_iters * d.global_batch_size, self.prior.calib_samples, d.global_batch_size)
 
-    def mask_config(self):
-        """The mask sampler's configuration (``maskllm_megatron.masks``): schedules anneal over the run.
-        A value it refuses is a ConfigError naming the ``mask.`` key."""
-        from ..masks.config import MaskConfig
+    def mask_config(self) -> MaskConfig:
+        """The mask sampler's configuration: schedules anneal over the run. A value it refuses is a
+        ConfigError naming the ``mask.`` key."""
         from ..masks.patterns import NMSpec
 
         m = self.mask
@@ -335,13 +350,23 @@ class TrainConfig:
             nm = NMSpec.parse(m.nm)
         except ValueError as e:
             raise ConfigError(f"mask.nm: {e}") from None
-        try:
-            return MaskConfig(nm=nm, total_steps=max(1, self.run.train_iters), temperature=tuple(m.temperature),
-                              logit_scale=tuple(m.logit_scale), hard=m.hard, init_std=m.init_std,
-                              prior_strength=m.prior_strength, regularizer=tuple(m.regularizer), seed=self.run.seed,
-                              freeze_weight=not m.train_weights)
-        except ValueError as e:  # MaskConfig's messages start with the field they refuse
-            raise ConfigError(f"mask.{e}") from None
+        return _library("mask", MaskConfig, nm=nm, total_steps=max(1, self.run.train_iters),
+                        temperature=tuple(m.temperature), logit_scale=tuple(m.logit_scale), hard=m.hard,
+                        init_std=m.init_std, prior_strength=m.prior_strength, regularizer=tuple(m.regularizer),
+                        seed=self.run.seed, freeze_weight=not m.train_weights)
+
+    def sparsify_config(self) -> SparsifyConfig:
+        """What ``sparsify`` masks and trains (``mask.include``/``exclude``/``train_weights``, and the
+        logits' ``optim.mask_lr_mult``)."""
+        m = self.mask
+        return _library("mask", SparsifyConfig, mask=self.mask_config(), include=tuple(m.include),
+                        exclude=tuple(m.exclude), train_weights=m.train_weights, mask_lr_mult=self.optim.mask_lr_mult)
+
+    def prior_config(self) -> PriorConfig:
+        """The one-shot prior's configuration (prior.method one of ``prune.methods.METHODS``)."""
+        p = self.prior
+        return _library("prior", PriorConfig, method=p.method, update_weights=p.update_weights,
+                        blocksize=p.blocksize, percdamp=p.percdamp)
 
     def resume_conflict(self, saved: dict, iteration: int) -> Optional[str]:
         """Why this config cannot resume a run saved at ``iteration`` with config ``saved`` (None if it can).
@@ -421,6 +446,20 @@ RESUME_KEEPS = ("run.train_iters", "run.seed", "data.train", "data.split", "data
 #: ... and those that a prior-only checkpoint's logits were made with.
 RESUME_KEEPS_PRIOR = ("run.seed", "mask.nm", "mask.init_std", "mask.prior_strength", "mask.include", "mask.exclude",
                       "prior.*")
+
+
+#: library config fields the driver keeps in another section than the one they are built for
+_DRIVER_SECTION = {"mask_lr_mult": "optim"}
+
+
+def _library(section: str, cls, **kwargs):
+    """``cls(**kwargs)``, a library config; its ValueError (which starts with the field it refuses) becomes
+    a ConfigError naming the driver key (``section.field``)."""
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        field_name = str(e).split()[0]
+        raise ConfigError(f"{_DRIVER_SECTION.get(field_name, section)}.{e}") from None
 
 
 def _field_type(cls, parts: list[str]):

@@ -48,13 +48,6 @@ def setup_parallel(cfg: TrainConfig) -> dict:
             "last_stage": parallel_state.is_pipeline_last_stage()}
 
 
-def sparsify_config(cfg: TrainConfig):
-    from ..megatron.sparsify import SparsifyConfig
-
-    return SparsifyConfig(mask=cfg.mask_config(), include=tuple(cfg.mask.include), exclude=tuple(cfg.mask.exclude),
-                          train_weights=cfg.mask.train_weights, mask_lr_mult=cfg.optim.mask_lr_mult)
-
-
 # -- model ------------------------------------------------------------------------------------------
 def build_model(cfg: TrainConfig):
     """The converted checkpoint's GPTModel for this rank's stage, sparsified, dense weights loaded."""
@@ -79,7 +72,7 @@ def build_model(cfg: TrainConfig):
     model = build_gpt_model(info.model, tcfg)
     if torch.cuda.is_available():
         model.cuda()
-    sparsify(model, sparsify_config(cfg))
+    sparsify(model, cfg.sparsify_config())
     set_fused_mask_kernel(model, cfg.mask.fused_kernel)
     load_checkpoint(model, cfg.model.checkpoint)
     return model, info
@@ -92,7 +85,7 @@ def model_dtype(cfg: TrainConfig) -> str:
 
 def apply_prior(cfg: TrainConfig, model, data) -> dict:
     """One-shot prior from calibration data, or the hard masks of an earlier run as the prior."""
-    from ..megatron.priors import PriorConfig, compute_priors
+    from ..megatron.priors import compute_priors
     from ..megatron.sparsify import masked_layers
 
     method = cfg.prior.method
@@ -107,9 +100,7 @@ def apply_prior(cfg: TrainConfig, model, data) -> dict:
     batches = ([partial(_calibration_forward, batch=b) for b in data.calibration_batches(cfg.prior.calib_samples)]
                if calibrated else [])
     unreached: list = []
-    errors = compute_priors(model, batches, PriorConfig(method=method, update_weights=cfg.prior.update_weights,
-                                                        blocksize=cfg.prior.blocksize, percdamp=cfg.prior.percdamp),
-                            fallbacks=unreached)
+    errors = compute_priors(model, batches, cfg.prior_config(), fallbacks=unreached)
     report = {"prior_method": method, "prior_layers": len(list(masked_layers(model))),
               "prior_reconstruction_error": sum(errors.values()) if errors else None}
     if calibrated and getattr(model.config, "num_moe_experts", None):  # experts no token reached: magnitude masks
@@ -187,7 +178,7 @@ def build_optimizer(cfg: TrainConfig, model):
                               adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
                               clip_grad=o.clip_grad, bf16=bf16, params_dtype=model.config.params_dtype,
                               use_distributed_optimizer=cfg.parallel.distributed_optimizer)
-    optimizer = get_megatron_optimizer(opt_cfg, [ddp], config_overrides=optimizer_overrides(sparsify_config(cfg), o.lr, o.min_lr))
+    optimizer = get_megatron_optimizer(opt_cfg, [ddp], config_overrides=optimizer_overrides(cfg.sparsify_config(), o.lr, o.min_lr))
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if o.warmup_iters else o.lr, max_lr=o.lr, min_lr=o.min_lr,
         lr_warmup_steps=o.warmup_iters, lr_decay_steps=max(1, cfg.run.train_iters), lr_decay_style=o.decay_style,
@@ -516,7 +507,7 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     tokens_per_iter = cfg.data.global_batch_size * cfg.data.seq_length
     train_iter = data.train_iterations(state.consumed_samples, num_micro)
     # the logged lr is the logits' (a refit's: the weights')
-    logged_group = mask_logits_group(optimizer, sparsify_config(cfg)) or optimizer.param_groups[0]
+    logged_group = mask_logits_group(optimizer, cfg.sparsify_config()) or optimizer.param_groups[0]
     throughput = StepThroughput()
     teacher = Teacher(cfg.distill.kd_weight, cfg.distill.temperature) if cfg.distill.kd_weight > 0 else None
     last = {}

@@ -201,7 +201,7 @@ def layernorm_sp() -> dict:
     from maskllm_megatron.megatron.model_builder import ModelConfig, build_gpt_model
     from maskllm_megatron.megatron.sparsify import masked_layers, set_fused_mask_kernel, sparsify
     from maskllm_megatron.train.config import TrainConfig
-    from maskllm_megatron.train.trainer import _mean_loss, build_optimizer, run_batches, setup_parallel, sparsify_config
+    from maskllm_megatron.train.trainer import _mean_loss, build_optimizer, run_batches, setup_parallel
 
     mc = ModelConfig(family="nemotron", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                      num_query_groups=2, vocab_size=256, max_position_embeddings=64, normalization="LayerNorm",
@@ -218,7 +218,7 @@ def layernorm_sp() -> dict:
             "mask": {"fused_kernel": False, "train_weights": True}, "prior": {"method": "none"}, "run": {"train_iters": 2}})
         setup_parallel(cfg)
         model = build_gpt_model(mc, mc.to_transformer_config(2, 1, "fp32", **cfg.recompute_overrides()))
-        sparsify(model, sparsify_config(cfg))
+        sparsify(model, cfg.sparsify_config())
         set_fused_mask_kernel(model, False)
         ddp, _, _ = build_optimizer(cfg, model)
         ddp.train()
