@@ -18,7 +18,7 @@ _EXPORTS = {
     "MaskConfig": "maskllm_megatron.masks",
     "PriorConfig": "maskllm_megatron.megatron.configs",
     "compute_priors": "maskllm_megatron.megatron.priors",
-    "ReconstructConfig": "maskllm_megatron.megatron.reconstruct",
+    "ReconstructConfig": "maskllm_megatron.megatron.configs",
     "reconstruct_weights": "maskllm_megatron.megatron.reconstruct",
 }
 

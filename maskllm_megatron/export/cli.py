@@ -18,9 +18,9 @@ EXAMPLES = """examples:
   maskllm-export --ckpt runs/llama/checkpoints --out out/llama-2of4-ct --format compressed-tensors --tp 2
   maskllm-export --ckpt runs/llama/checkpoints --out out/llama-2of4-mcore --format mcore
   maskllm-export --ckpt runs/llama/checkpoints --out out/sparsegpt-prior.masks --format masks --use-prior
-  maskllm-export --ckpt runs/smollm2/checkpoints --out out/smollm2-2of4-recon --format hf --reconstruct \
+  maskllm-export --ckpt runs/smollm2/checkpoints --out out/smollm2-2of4-recon --format hf --reconstruct \\
       --calib-samples 128                 # refit the kept weights on the run's own training data
-  maskllm-export --ckpt runs/llama/checkpoints --out out/llama-2of4-recon --format hf --reconstruct \
+  maskllm-export --ckpt runs/llama/checkpoints --out out/llama-2of4-recon --format hf --reconstruct \\
       --calib-data /data/c4_llama2_text_document --calib-samples 128 --calib-seq-len 4096
   maskllm-export apply-masks --hf models/llama --masks out/llama.masks --out out/llama-2of4-hf
 """
@@ -44,15 +44,16 @@ def _export_parser() -> argparse.ArgumentParser:
                                 "linear reproduces its dense output on calibration samples (block by block, "
                                 "as SparseGPT); the export's sparsity record says so")
     rec.add_argument("--reconstruct", action="store_true", help="reconstruct the kept weights before writing")
-    rec.add_argument("--recon-method", choices=["lstsq", "obs", "block"], default="lstsq",
+    rc = _reconstruct_defaults()
+    rec.add_argument("--recon-method", choices=rc.methods, default=rc.config.method,
                      help="lstsq: exact per-row least squares (default); obs: SparseGPT's OBS sweep, faster; block: "
                           "each transformer block's kept weights fitted together by Adam to the dense block's output")
-    rec.add_argument("--recon-target", choices=["layer", "dense"], default="layer",
+    rec.add_argument("--recon-target", choices=rc.targets, default=rc.config.target,
                      help="layer: match the dense layer (block) on this model's inputs (SparseGPT's); dense: the dense "
                           "model's output there, which also undoes the error of the layers before (lstsq, block)")
-    rec.add_argument("--recon-epochs", type=int, default=2, help="block: passes over the calibration samples per "
-                     "block (default 2)")
-    rec.add_argument("--recon-lr", type=float, default=1e-4, help="block: Adam's learning rate (default 1e-4)")
+    rec.add_argument("--recon-epochs", type=int, default=rc.config.epochs, help="block: passes over the calibration "
+                     "samples per block (default %(default)s)")
+    rec.add_argument("--recon-lr", type=float, default=rc.config.lr, help="block: Adam's learning rate (default %(default)s)")
     rec.add_argument("--true-sequential", action="store_true",
                      help="solve a block's linears one at a time, each on the inputs of the ones before it solved")
     rec.add_argument("--calib-data", nargs="+", metavar="PREFIX",
@@ -62,14 +63,23 @@ def _export_parser() -> argparse.ArgumentParser:
     rec.add_argument("--calib-samples", type=int, default=128, help="calibration samples (default 128)")
     rec.add_argument("--calib-seq-len", type=int, help="tokens per sample (default: the run's data.seq_length)")
     rec.add_argument("--calib-batch-size", type=int, default=1, help="samples per calibration forward (default 1)")
-    rec.add_argument("--percdamp", type=float, default=0.01,
-                     help="dampening: this fraction of the Hessian's mean diagonal (default 0.01, SparseGPT's)")
+    rec.add_argument("--percdamp", type=float, default=rc.config.percdamp,
+                     help="dampening: this fraction of the Hessian's mean diagonal (default %(default)s, SparseGPT's)")
     return ap
+
+
+def _reconstruct_defaults() -> argparse.Namespace:
+    """The solver's defaults and choices (``megatron.configs``), for the reconstruction options."""
+    from maskllm_megatron.megatron.configs import RECONSTRUCT_METHODS, RECONSTRUCT_TARGETS, ReconstructConfig
+
+    return argparse.Namespace(config=ReconstructConfig(), methods=list(RECONSTRUCT_METHODS),
+                              targets=list(RECONSTRUCT_TARGETS))
 
 
 def _reconstruct_request(args):
     """The ``--reconstruct`` options as a request, or None; options without ``--reconstruct`` are refused."""
     from maskllm_megatron.export.reconstruct import ReconstructError, ReconstructRequest
+    from maskllm_megatron.megatron.configs import ReconstructConfig
 
     given = [f"--{n.replace('_', '-')}" for n in ("calib_data", "calib_text", "calib_seq_len")
              if getattr(args, n) is not None]
@@ -77,11 +87,14 @@ def _reconstruct_request(args):
         if given:
             raise ReconstructError(f"{given[0]} is a reconstruction option: add --reconstruct")
         return None
-    return ReconstructRequest(method=args.recon_method, percdamp=args.percdamp, target=args.recon_target,
-                              true_sequential=args.true_sequential, samples=args.calib_samples,
-                              seq_len=args.calib_seq_len, data=tuple(args.calib_data or ()),
-                              text_file=args.calib_text, micro_batch_size=args.calib_batch_size,
-                              epochs=args.recon_epochs, lr=args.recon_lr)
+    try:
+        solver = ReconstructConfig(method=args.recon_method, percdamp=args.percdamp, target=args.recon_target,
+                                   true_sequential=args.true_sequential, epochs=args.recon_epochs, lr=args.recon_lr)
+    except ValueError as e:
+        raise ReconstructError(f"--reconstruct: {e}") from None
+    return ReconstructRequest(solver=solver, samples=args.calib_samples, seq_len=args.calib_seq_len,
+                              data=tuple(args.calib_data or ()), text_file=args.calib_text,
+                              micro_batch_size=args.calib_batch_size)
 
 
 def _apply_parser() -> argparse.ArgumentParser:

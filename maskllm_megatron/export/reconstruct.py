@@ -12,13 +12,14 @@ calibrated on, when the counts agree).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from maskllm_megatron.convert.io import ConversionError
+from maskllm_megatron.megatron.configs import ReconstructConfig
 
 
 class ReconstructError(ConversionError):
@@ -27,25 +28,16 @@ class ReconstructError(ConversionError):
 
 @dataclass(frozen=True)
 class ReconstructRequest:
-    """``maskllm-export --reconstruct`` and its calibration options."""
+    """``maskllm-export --reconstruct``: the solver (``ReconstructConfig``) and its calibration samples."""
 
-    method: str = "lstsq"
-    percdamp: float = 0.01
-    target: str = "layer"
-    true_sequential: bool = False
+    solver: ReconstructConfig = field(default_factory=ReconstructConfig)
     samples: int = 128
     seq_len: Optional[int] = None  # None: the run's data.seq_length
     data: tuple[str, ...] = ()  # indexed dataset prefix(es); empty with no text: the run's data.train
     text_file: Optional[Path] = None
     micro_batch_size: int = 1
-    epochs: int = 2  # method block
-    lr: float = 1e-4  # method block
 
     def __post_init__(self):
-        try:
-            self.solver()
-        except ValueError as e:
-            raise ReconstructError(f"--reconstruct: {e}") from None
         if self.samples < 1:
             raise ReconstructError(f"--calib-samples {self.samples} must be >= 1 (e.g. 128)")
         if self.seq_len is not None and self.seq_len < 1:
@@ -56,12 +48,6 @@ class ReconstructRequest:
             raise ReconstructError("--calib-data and --calib-text exclude each other: pass one calibration source")
         if self.text_file is not None and not Path(self.text_file).is_file():
             raise ReconstructError(f"--calib-text {self.text_file} does not exist: pass a plain-text file")
-
-    def solver(self):
-        from maskllm_megatron.megatron.reconstruct import ReconstructConfig
-
-        return ReconstructConfig(method=self.method, percdamp=self.percdamp, target=self.target,
-                                 true_sequential=self.true_sequential, epochs=self.epochs, lr=self.lr)
 
 
 @dataclass
@@ -148,11 +134,11 @@ def reconstruct_model(model, req: ReconstructRequest, plan: CalibrationPlan, run
     device = next(model.parameters()).device
     forwards = [lambda m, t=t.to(device): gpt_forward(m, t) for t in batches]
     try:
-        errors = reconstruct_weights(model, forwards, req.solver())
+        errors = reconstruct_weights(model, forwards, req.solver)
     except HessianError as e:
         raise ReconstructError(f"reconstruction failed, nothing written: {e}") from None
     before = sum(b for b, _ in errors.values())
     after = sum(a for _, a in errors.values())
-    return {**req.solver().to_dict(), "calib_samples": req.samples, "calib_seq_len": plan.seq_len,
+    return {**req.solver.to_dict(), "calib_samples": req.samples, "calib_seq_len": plan.seq_len,
             "calib_source": plan.source, "layers": len(errors), "error_before": before, "error_after": after,
             "seconds": round(time.time() - t0, 1)}

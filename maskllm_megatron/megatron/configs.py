@@ -1,7 +1,8 @@
 """The library's configuration objects for the Megatron glue: which linears are masked and what trains
-(``SparsifyConfig``), and how one-shot priors are computed (``PriorConfig``). The mask sampler's own
-settings are ``masks.MaskConfig``. Each default and each check lives here once; the driver's config
-sections (``train/config.py``) take their defaults from these and build them to validate.
+(``SparsifyConfig``), how one-shot priors are computed (``PriorConfig``) and how kept weights are refitted
+under fixed masks (``ReconstructConfig``); the mask sampler's own settings are ``masks.MaskConfig``. Each
+default and each check lives here once: the driver's config sections (``train/config.py``) and the
+export's options take their defaults from these and build them to validate.
 
 No megatron-core import: a CLI can read and check a configuration without loading megatron.
 """
@@ -11,7 +12,7 @@ import fnmatch
 from dataclasses import dataclass, field
 
 from ..masks import MaskConfig
-from ..prune.methods import METHODS
+from ..prune.methods import METHODS, RECONSTRUCTIONS
 
 #: The four linears of every transformer block (and every expert's fc1/fc2); the LM head and embeddings stay dense.
 DEFAULT_TARGETS = ("*.linear_qkv", "*.linear_proj", "*.linear_fc1", "*.linear_fc2")
@@ -70,3 +71,53 @@ class PriorConfig:
             raise ValueError(f"blocksize {self.blocksize} must be >= 1 (SparseGPT's: 128)")
         if self.percdamp < 0:
             raise ValueError(f"percdamp {self.percdamp} must be >= 0 (SparseGPT's: 0.01)")
+
+
+#: what ``ReconstructConfig.target`` fits each layer to, and how (``method``)
+RECONSTRUCT_TARGETS = ("layer", "dense")
+RECONSTRUCT_METHODS = (*RECONSTRUCTIONS, "block")
+
+
+@dataclass(frozen=True)
+class ReconstructConfig:
+    """How the kept weights are refitted: ``method`` lstsq (exact, one Cholesky solve per row) or obs
+    (SparseGPT's sweep, ~20x cheaper, less exact); ``target`` what each layer is fitted to: ``layer``, the
+    dense layer's output on this model's inputs (SparseGPT's objective), or ``dense``, the dense MODEL's
+    output at that layer (its inputs come from the dense model, so the fit also undoes the error of the
+    layers before; lstsq only); ``true_sequential`` solves a block's linears one by one, each on the
+    inputs the ones before it give once solved; ``percdamp`` SparseGPT's dampening of the Hessian;
+    ``blocksize`` the OBS sweep's column block."""
+
+    method: str = "lstsq"
+    percdamp: float = 0.01
+    blocksize: int = 128
+    target: str = "layer"
+    true_sequential: bool = False
+    sequential: bool = True  # each block calibrates on the outputs of the reconstructed blocks before it
+    epochs: int = 2  # block: passes over the calibration batches per block
+    lr: float = 1e-4  # block: Adam's learning rate (cosine to a tenth over the block's steps)
+
+    def __post_init__(self):
+        if self.method not in RECONSTRUCT_METHODS:
+            raise ValueError(f"unknown reconstruction method {self.method!r}: use one of {', '.join(RECONSTRUCT_METHODS)}")
+        if self.target not in RECONSTRUCT_TARGETS:
+            raise ValueError(f"unknown reconstruction target {self.target!r}: use one of {', '.join(RECONSTRUCT_TARGETS)}")
+        if self.target == "dense" and self.method == "obs":
+            raise ValueError("target dense needs method lstsq or block (the OBS sweep fits the layer's own output)")
+        if self.method == "block" and self.true_sequential:
+            raise ValueError("true_sequential solves linears one by one; method block fits a block's linears together")
+        if not self.percdamp >= 0:
+            raise ValueError(f"percdamp {self.percdamp} must be >= 0 (SparseGPT's default: 0.01)")
+        if self.blocksize < 1:
+            raise ValueError(f"blocksize {self.blocksize} must be positive (SparseGPT's default: 128)")
+        if self.epochs < 1:
+            raise ValueError(f"epochs {self.epochs} must be >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr {self.lr} must be positive (e.g. 1e-4)")
+
+    def to_dict(self) -> dict:
+        d = {"method": self.method, "percdamp": self.percdamp, "blocksize": self.blocksize,
+             "target": self.target, "true_sequential": self.true_sequential, "sequential": self.sequential}
+        if self.method == "block":
+            d.update(epochs=self.epochs, lr=self.lr)
+        return d

@@ -13,65 +13,16 @@ mask given) at full width, so TP=2 gives TP=1's weights. Calibrate at PP=1; the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 
 from .parallel import all_reduce_floats
-from ..prune.methods import RECONSTRUCTIONS, reconstruct_weight, reconstruction_error
+from ..prune.methods import reconstruct_weight, reconstruction_error
+from .configs import ReconstructConfig
 from .priors import _solve_full_width, calibrate_blockwise
 from .layers import MaskMode
 from .sparsify import masked_layers
-
-
-TARGETS = ("layer", "dense")
-METHODS = (*RECONSTRUCTIONS, "block")
-
-
-@dataclass(frozen=True)
-class ReconstructConfig:
-    """How the kept weights are refitted: ``method`` lstsq (exact, one Cholesky solve per row) or obs
-    (SparseGPT's sweep, ~20x cheaper, less exact); ``target`` what each layer is fitted to: ``layer``, the
-    dense layer's output on this model's inputs (SparseGPT's objective), or ``dense``, the dense MODEL's
-    output at that layer (its inputs come from the dense model, so the fit also undoes the error of the
-    layers before; lstsq only); ``true_sequential`` solves a block's linears one by one, each on the
-    inputs the ones before it give once solved; ``percdamp`` SparseGPT's dampening of the Hessian;
-    ``blocksize`` the OBS sweep's column block."""
-
-    method: str = "lstsq"
-    percdamp: float = 0.01
-    blocksize: int = 128
-    target: str = "layer"
-    true_sequential: bool = False
-    sequential: bool = True  # each block calibrates on the outputs of the reconstructed blocks before it
-    epochs: int = 2  # block: passes over the calibration batches per block
-    lr: float = 1e-4  # block: Adam's learning rate (cosine to a tenth over the block's steps)
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown reconstruction method {self.method!r}: use one of {', '.join(METHODS)}")
-        if self.target not in TARGETS:
-            raise ValueError(f"unknown reconstruction target {self.target!r}: use one of {', '.join(TARGETS)}")
-        if self.target == "dense" and self.method == "obs":
-            raise ValueError("target dense needs method lstsq or block (the OBS sweep fits the layer's own output)")
-        if self.method == "block" and self.true_sequential:
-            raise ValueError("true_sequential solves linears one by one; method block fits a block's linears together")
-        if not self.percdamp >= 0:
-            raise ValueError(f"percdamp {self.percdamp} must be >= 0 (SparseGPT's default: 0.01)")
-        if self.blocksize < 1:
-            raise ValueError(f"blocksize {self.blocksize} must be positive (SparseGPT's default: 128)")
-        if self.epochs < 1:
-            raise ValueError(f"epochs {self.epochs} must be >= 1")
-        if not self.lr > 0:
-            raise ValueError(f"lr {self.lr} must be positive (e.g. 1e-4)")
-
-    def to_dict(self) -> dict:
-        d = {"method": self.method, "percdamp": self.percdamp, "blocksize": self.blocksize,
-             "target": self.target, "true_sequential": self.true_sequential, "sequential": self.sequential}
-        if self.method == "block":
-            d.update(epochs=self.epochs, lr=self.lr)
-        return d
 
 
 @torch.no_grad()
