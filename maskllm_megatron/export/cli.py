@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["apply-masks"]:
         args = _apply_parser().parse_args(argv[1:])
-        from maskllm_megatron.export.trim import apply_masks
+        from maskllm_megatron.export.apply import apply_masks
 
         try:
             result = apply_masks(args.hf, args.masks, args.out, args.overwrite, int(args.max_shard_size * 2**30))
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(result.summary())
         return 0
     args = _export_parser().parse_args(argv)
-    from maskllm_megatron.export.trim import ExportConfig, check_request, export
+    from maskllm_megatron.export.pipeline import ExportConfig, check_request, export
     from maskllm_megatron.megatron.parallel import ParallelLayoutError, ProcessGroupScope
 
     groups = ProcessGroupScope()

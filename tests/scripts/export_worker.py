@@ -52,7 +52,7 @@ def make(work: Path) -> dict:
 
     from maskllm_megatron.megatron.parallel import init_parallel
     from maskllm_megatron.convert.hf_to_mcore import hf_to_mcore
-    from maskllm_megatron.export.trim import ExportConfig, export
+    from maskllm_megatron.export.pipeline import ExportConfig, export
     from maskllm_megatron.masks import MaskConfig
     from maskllm_megatron.megatron.checkpointing import load_checkpoint, save_checkpoint
     from maskllm_megatron.megatron.model_builder import build_gpt_model, gpt_forward

@@ -247,7 +247,7 @@ def export_and_check(run_ckpt: Path, out: Path, other: list) -> dict:
     from transformers import AutoModelForCausalLM
 
     from maskllm_megatron.megatron.parallel import init_parallel
-    from maskllm_megatron.export.trim import ExportConfig, export
+    from maskllm_megatron.export.pipeline import ExportConfig, export
     from maskllm_megatron.train.run_checkpoint import RunCheckpoint, load_masked_model
     from maskllm_megatron.megatron.sparsify import masked_layers
 
