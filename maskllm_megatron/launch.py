@@ -77,6 +77,14 @@ def die_with_parent() -> None:
         pass
 
 
+def torchrun_command(nproc: int, args: list) -> list[str]:
+    """The one torchrun command line of this package (the CLIs' re-launch, the demo's stages, the tests):
+    ``python -m torch.distributed.run`` with ``nproc`` local ranks on a loopback port free a moment ago,
+    running ``args`` (``-m module ...``, or a script and its arguments)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+            "127.0.0.1", "--master-port", str(free_port()), *map(str, args)]
+
+
 def relaunch(module: str, argv: list[str], nproc: int, cleanup: Path | None = None) -> int:
     """Run ``python -m module argv`` under torchrun with ``nproc`` local ranks (threads split evenly
     unless OMP_NUM_THREADS is set); remove ``cleanup`` when it fails. Returns the exit status.
@@ -84,8 +92,7 @@ def relaunch(module: str, argv: list[str], nproc: int, cleanup: Path | None = No
     torchrun runs in a session of its own: Ctrl-C or SIGTERM to this process is passed on to it as one
     SIGTERM, which it gives the ranks (they remove their partial outputs and exit); this process waits
     for them, so nothing is left running, and then removes ``cleanup``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-           "127.0.0.1", "--master-port", str(free_port()), "-m", module, *argv]
+    cmd = torchrun_command(nproc, ["-m", module, *argv])
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nproc)))
     print(f"launching {nproc} ranks: torchrun -m {module} ...", file=sys.stderr)

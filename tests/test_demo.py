@@ -4,7 +4,7 @@ import re
 import pytest
 import yaml
 
-from maskllm_megatron.demo import SEQ, LearnRecipe, Stages, _key
+from maskllm_megatron.demo import SEQ, LearnRecipe, Stages, stage_key as _key
 
 
 def test_stage_runs_once_and_is_reused(tmp_path):
@@ -119,7 +119,7 @@ def test_ctrl_c_stops_a_torchrun_stage_after_its_save_and_says_how_to_resume(tmp
     threading.Thread(target=interrupt_when_ready, daemon=True).start()
     t0 = time.time()
     with pytest.raises(SystemExit) as e:
-        stages.run(5, "maskllm", "k", lambda w: demo._run([str(script), str(w), "32"], w / "log", nproc=1),
+        stages.run(5, "maskllm", "k", lambda w: demo.run_logged([str(script), str(w), "32"], w / "log", nproc=1),
                    resumable=True)
     assert "stage 5 (maskllm) interrupted" in str(e.value)
     assert "resumes from its checkpoint iter_0000003" in str(e.value)
@@ -140,7 +140,7 @@ def test_learn_stage_is_finished_only_at_its_last_iteration(tmp_path, monkeypatc
         (out / "latest").write_text(f"iter_{next(reached):07d}")
         return ""
 
-    monkeypatch.setattr(demo, "_run", fake_run)
+    monkeypatch.setattr(demo.pipeline, "run_logged", fake_run)
     stages = Stages(tmp_path)
     recipe = LearnRecipe(lr=1e-3, adam_eps=1e-8, adam_beta2=0.999, clip_grad=0.0, regularizer=2e-5, warmup_iters=3)
     args = (stages, tmp_path / "ckpt", tmp_path / "data", tmp_path / "prior", 10, recipe)
@@ -149,7 +149,9 @@ def test_learn_stage_is_finished_only_at_its_last_iteration(tmp_path, monkeypatc
     assert "stopped at iter_0000004 of 10 iterations" in str(e.value)
     partial, = tmp_path.glob("maskllm-*.partial")
     cfg = yaml.safe_load((partial / "maskllm.yaml").read_text())  # the recipe reaches the driver
-    optim = cfg["optim"]
+    from maskllm_megatron.train.config import TrainConfig
+
+    optim = TrainConfig.from_dict(cfg).to_dict()["optim"]  # as the driver reads it (its defaults filled in)
     assert (optim["lr"] * optim["mask_lr_mult"], optim["adam_eps"], optim["adam_beta2"], optim["clip_grad"]) == \
         pytest.approx((1e-3, 1e-8, 0.999, 0.0))
     assert cfg["mask"]["regularizer"] == [2e-5, 0.0]
@@ -247,7 +249,7 @@ def test_export_stage_follows_the_checkpoint_content_not_only_its_path(tmp_path,
     from maskllm_megatron import demo
 
     exports = []
-    monkeypatch.setattr(demo, "_run", lambda cmd, log, **kw: exports.append(cmd) or "")
+    monkeypatch.setattr(demo.pipeline, "run_logged", lambda cmd, log, **kw: exports.append(cmd) or "")
     stages = Stages(tmp_path / "stages")
     ckpt = tmp_path / "run" / "checkpoints" / "iter_0000038"
     ckpt.mkdir(parents=True)
@@ -272,7 +274,7 @@ def test_refit_stage_runs_a_driver_config_that_refits_the_runs_own_masks(tmp_pat
         configs.append(TrainConfig.load(cmd[cmd.index("--config") + 1]))
         (log.parent / "checkpoints").mkdir()
 
-    monkeypatch.setattr(demo, "_run", fake_run)
+    monkeypatch.setattr(demo.pipeline, "run_logged", fake_run)
     stages = Stages(tmp_path / "stages")
     ckpt = tmp_path / "run" / "checkpoints" / "iter_0000038"
     ckpt.mkdir(parents=True)
@@ -296,7 +298,7 @@ def test_convert_stage_follows_the_model_folders_content(tmp_path, monkeypatch):
     from maskllm_megatron import demo
 
     runs = []
-    monkeypatch.setattr(demo, "_run", lambda cmd, log, **kw: runs.append(cmd) or "")
+    monkeypatch.setattr(demo.pipeline, "run_logged", lambda cmd, log, **kw: runs.append(cmd) or "")
     stages = Stages(tmp_path / "stages")
     hf = tmp_path / "hf"
     hf.mkdir()

@@ -4,18 +4,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
-from maskllm_megatron.launch import free_port
+from maskllm_megatron.launch import torchrun_command
 
 
 def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 600, env: dict | None = None) -> str:
     """Run ``python -m torch.distributed.run --nproc-per-node nproc script args``; raise with the
     output when it fails; return stdout + stderr."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), script, *map(str, args),
-    ]
+    cmd = torchrun_command(nproc, [script, *args])
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     full_env.update(env or {})
     for attempt in range(3):
@@ -24,7 +20,7 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 600, env:
         # the port was free when chosen but taken (by the other test worker's ranks) before torchrun bound it
         if proc.returncode == 0 or "EADDRINUSE" not in out:
             break
-        cmd[cmd.index("--master-port") + 1] = str(free_port())
+        cmd = torchrun_command(nproc, [script, *args])
     if proc.returncode != 0:
         raise AssertionError(f"torchrun {script} failed (exit {proc.returncode}):\n{out[-6000:]}")
     return out

@@ -1,0 +1,6 @@
+"""``python -m maskllm_megatron.demo``."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,185 @@
+"""The demo's stages, each a cached run of one of the package's commands: conversion, preprocessing, one-shot
+priors, mask learning, the weight refit, export (with reconstruction) and held-out perplexity. The
+benchmarks in ``benchmarks/`` build on these."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ..cache import file_digest
+from ..train.config import checkpoint_name
+from .recipe import DP, SEQ, LearnRecipe, Reconstruction, WeightRefit, train_config, write_yaml
+from .stages import Stages, run_logged, stage_key
+
+PRIORS = ("magnitude", "wanda", "sparsegpt")
+# Part of every learning stage's cache key: a cached run made by a driver that computed something else for
+# the same settings (the value names the change) is not reused.
+LEARN_STAGE_FORMAT = "lr-applied"
+
+
+def heldout_ppl(args: list, log: Path, text: tuple = ("--corpus", "wikipedia-heldout")) -> float:
+    """Held-out perplexity (SEQ-token windows with BOS, first 8,192 tokens) of a model given by ``args``."""
+    out = run_logged(["-m", "maskllm_megatron.eval.perplexity", *args, *text, "--seq-len",
+                str(SEQ), "--bos", "--max-tokens", "8192", "--json"], log)
+    line = next(l for l in out.splitlines() if l.startswith("RESULT "))
+    return float(json.loads(line[len("RESULT "):])["ppl"])
+
+
+def folder_digest(folder: Path) -> str:
+    """BLAKE2b of every file in ``folder`` (names and bytes): what a stage made from it depends on."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return stage_key([(str(path.relative_to(folder)), file_digest(path)) for path in files])
+
+
+def convert_stage(stages: Stages, hf: Path) -> Path:
+    """HF -> megatron-core checkpoint (TP=1, fp32), keyed by the HF folder's content (a model made again
+    from another package version, or by another transformers, is converted again)."""
+    return stages.run(2, "convert", stage_key(str(hf), folder_digest(hf), "tp1", "fp32"), lambda w: run_logged(
+        ["-m", "maskllm_megatron.convert.cli", "hf-to-mcore", "--hf", str(hf), "--out", str(w / "ckpt"), "--tp", "1",
+         "--dtype", "fp32"], w / "convert.log")) / "ckpt"
+
+
+def data_stage(stages: Stages, name: str, docs: list[str], tokenizer: Path) -> Path:
+    """Documents -> indexed dataset prefix (cached by the documents' content)."""
+    def preprocess(w: Path):
+        with open(w / "train.jsonl", "w") as f:
+            for text in docs:
+                f.write(json.dumps({"text": text}) + "\n")
+        run_logged(["-m", "maskllm_megatron.data.preprocess", "--input", str(w / "train.jsonl"), "--tokenizer",
+              str(tokenizer), "--output-prefix", str(w / name), "--workers", "2"], w / "preprocess.log")
+
+    return stages.run(3, f"data-{name}", stage_key(name, hashlib.sha256("\x00".join(docs).encode()).hexdigest()),
+                      preprocess) / name
+
+
+def prior_stage(stages: Stages, ckpt: Path, prefix: Path, method: str, update_weights: bool = False,
+                calib_samples: int = 32) -> Path:
+    """A prior-only run: the one-shot masks (and SparseGPT's updated weights) saved as iteration 0."""
+    name = f"prior-{method}{'-update' if update_weights else ''}"
+
+    def prior(w: Path):
+        cfg = train_config(ckpt, prefix, w, prior={"method": method, "calib_samples": calib_samples,
+                                                    "update_weights": update_weights})
+        run_logged(["-m", "maskllm_megatron.train", "--config", str(write_yaml(cfg, w / "prior.yaml"))],
+             w / "prior.log", nproc=1)
+
+    run = stages.run(4, name, stage_key(str(ckpt), str(prefix), method, update_weights, calib_samples), prior)
+    return run / "checkpoints" / checkpoint_name(0)
+
+
+def learn_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, iters: int, recipe: LearnRecipe,
+                name: str = "maskllm", checkpoints: int = 1, evals: int = 4) -> Path:
+    """MaskLLM mask learning (2 data-parallel processes) from ``prior_ckpt``'s masks; keeps
+    ``checkpoints`` evenly spaced checkpoints and the final one (3 GB each) and runs ``evals`` hard-mask
+    validations."""
+    def learn(w: Path):
+        every = max(5, iters // checkpoints)  # the driver also keeps the final checkpoint
+        cfg = train_config(ckpt, prefix, w, prior={"method": "checkpoint", "checkpoint": str(prior_ckpt)},
+                            **recipe.driver_sections(),
+                            run={"train_iters": iters, "log_interval": 5, "eval_interval": max(5, iters // evals),
+                                 "eval_iters": 1, "save_interval": every, "keep_last": checkpoints, "out_dir": str(w)})
+        wall, t0 = w / "learn_wall_s", time.time()  # summed over the attempts a resumed run is made of
+        if not (w / "checkpoints" / "latest").exists():
+            wall.unlink(missing_ok=True)  # nothing to resume: this attempt starts the run again
+        try:
+            run_logged(["-m", "maskllm_megatron.train", "--config", str(write_yaml(cfg, w / "maskllm.yaml"))],
+                 w / "train.log", nproc=DP, append=True)
+        finally:
+            wall.write_text(str(learn_wall_s(w) + time.time() - t0))
+        reached = final_checkpoint(w).name
+        if reached != checkpoint_name(iters):  # stopped early (SIGTERM saves and exits cleanly): not finished
+            raise RuntimeError(f"the run stopped at {reached} of {iters} iterations")
+
+    # what shapes the run: not the planning speed (it only sets iters, keyed), nor, without distillation,
+    # its temperature (no teacher runs)
+    unused = {"tokens_per_second"} | ({"kd_weight", "kd_temperature"} if recipe.kd_weight == 0 else set())
+    settings = {k: v for k, v in asdict(recipe).items() if k not in unused}
+    return stages.run(5, name, stage_key(str(prior_ckpt), str(prefix), iters, checkpoints, evals, settings,
+                                    LEARN_STAGE_FORMAT), learn,
+                      resumable=True)
+
+
+def refit_stage(stages: Stages, ckpt: Path, refit: WeightRefit, checkpoints: int = 1) -> Path:
+    """The refit run from ``ckpt``'s masks (2 data-parallel processes) with ``checkpoints`` evenly spaced
+    checkpoints (the last one is the final); its folder holds ``refit_wall_s``."""
+    from ..checkpoint_files import read_extra
+
+    config = read_extra(ckpt)["config"]
+    base, prefix = Path(config["model"]["checkpoint"]), Path(config["data"]["train"][0])
+
+    def run(w: Path):
+        cfg = train_config(base, prefix, w, prior={"method": "checkpoint", "checkpoint": str(ckpt)},
+                            data={"micro_batch_size": 1, "global_batch_size": DP},
+                            optim={"lr": refit.lr, "min_lr": refit.lr / 10, "weight_decay": 0.0},
+                            mask={"refit": True}, distill={"kd_weight": refit.kd_weight,
+                                                           "temperature": refit.temperature},
+                            run={"train_iters": refit.iters, "log_interval": 5, "eval_interval": 0,
+                                 "save_interval": max(1, refit.iters // checkpoints), "keep_last": checkpoints})
+        t0 = time.time()
+        run_logged(["-m", "maskllm_megatron.train", "--config", str(write_yaml(cfg, w / "refit.yaml"))],
+             w / "train.log", nproc=DP)
+        (w / "refit_wall_s").write_text(str(time.time() - t0))
+
+    content = hashlib.sha256(extra_path_bytes(ckpt)).hexdigest()
+    return stages.run(6, "refit", stage_key(str(ckpt), content, asdict(refit), checkpoints), run)
+
+
+def extra_path_bytes(ckpt: Path) -> bytes:
+    """A run checkpoint's extra state (its losses and config): what keys a stage to that checkpoint's content."""
+    from ..checkpoint_files import extra_path
+
+    return extra_path(ckpt).read_bytes()
+
+
+def learn_wall_s(run: Path) -> float:
+    """Wall time a ``learn_stage`` run took, over all its attempts (0 before the first one ends)."""
+    wall = run / "learn_wall_s"
+    return float(wall.read_text()) if wall.exists() else 0.0
+
+
+def final_checkpoint(run: Path) -> Path:
+    return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+
+
+def copy_run_records(run: Path, out: Path, curves: str = "training_curves.png",
+                     title: str = "MaskLLM mask learning: SmolLM2-135M, 2:4") -> None:
+    """A learning run's ``metrics.jsonl`` and ``maskllm.yaml``, and a PNG of its curves, into a results
+    folder: the folder then holds what its figures came from (the run itself stays in the cache)."""
+    for name in ("metrics.jsonl", "maskllm.yaml"):
+        shutil.copy(run / name, out / name)
+    subprocess.run([sys.executable, "-m", "maskllm_megatron.train.plot", str(out / "metrics.jsonl"),
+                    "--out", str(out / curves), "--title", title], check=False)  # no matplotlib: no PNG
+
+
+def _export(stages: Stages, ckpt: Path, name: str, flags: list[str], *key) -> Path:
+    """``maskllm-export --format hf`` of ``ckpt`` with ``flags`` as a stage whose folder holds ``hf/`` and
+    ``seconds.json`` (the export's wall time). Keyed by the checkpoint's content too (its extra state: the
+    run's losses): a learning stage run again at the same path, e.g. after its folder was deleted, must not
+    reuse the export of the earlier run."""
+    content = hashlib.sha256(extra_path_bytes(ckpt)).hexdigest()
+
+    def export(w: Path):
+        t0 = time.time()
+        run_logged(["-m", "maskllm_megatron.export.cli", "--ckpt", str(ckpt), "--out", str(w / "hf"), "--format", "hf",
+              *flags], w / f"{name}.log")
+        (w / "seconds.json").write_text(json.dumps(time.time() - t0))
+
+    return stages.run(6, name, stage_key(str(ckpt), content, *key), export)
+
+
+def export_stage(stages: Stages, ckpt: Path) -> Path:
+    """The learned 2:4 model as a verified Hugging Face folder."""
+    return _export(stages, ckpt, "export", []) / "hf"
+
+
+def reconstruct_stage(stages: Stages, ckpt: Path, recon: Reconstruction) -> tuple[Path, float]:
+    """The learned masks with their kept weights refitted (``maskllm-export --reconstruct``) as a verified
+    Hugging Face folder, and the seconds the export took (reconstruction included)."""
+    folder = _export(stages, ckpt, f"reconstruct-{recon.name}", recon.flags(), recon.flags())
+    return folder / "hf", float(json.loads((folder / "seconds.json").read_text()))

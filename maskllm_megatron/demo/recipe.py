@@ -1,0 +1,179 @@
+"""The demo's recipes: mask learning (``LearnRecipe``), the weight refit (``WeightRefit``) and export-time
+reconstruction (``Reconstruction``), and the driver config they become (``train_config``)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from ..train.config import ConfigError, OptimSection, TrainConfig
+
+SEQ = 512  # tokens per sequence in every demo stage
+DP = 2  # mask learning runs torchrun with this many data-parallel processes
+MASK_LR_MULT = OptimSection.mask_lr_mult  # the logits' lr over the driver's base optim.lr (its default)
+
+
+def _recipe_field(default, driver: str | None, help: str):
+    """A ``LearnRecipe`` field: its default, the driver config key it sets (for error messages) and its
+    flag's help text."""
+    return field(default=default, metadata={"driver": driver, "help": help})
+
+
+@dataclass(frozen=True)
+class LearnRecipe:
+    """Mask-learning settings for a short CPU budget (the paper's recipe is for ~2B tokens).
+
+    With a few dozen iterations, what limits learning is the number of optimizer steps, not tokens: one
+    512-token sequence per data-parallel rank per iteration, and a logits learning rate high enough for
+    logits to cross the prior's margin within the run. From the SparseGPT prior, 40 iterations at prior
+    strength 4 (which keeps the prior's patterns at the start; 3, the paper's, lets the initial noise flip
+    ~5% of the groups off them; 5 froze the masks): logits lr 2e-4 -> 96.4, 5e-4 -> 78.8, 1e-3 -> 65.7,
+    2e-3 diverged. On an AVX-512 machine 1e-3 without warm-up left the stable range within 5 iterations;
+    a 5-iteration linear warm-up makes it stable on both machine types. benchmarks/RESULTS.md has the runs.
+    """
+
+    global_batch: int = _recipe_field(2, "data.global_batch_size",
+                                      "sequences of {seq} tokens per iteration, split over the {dp} data-parallel ranks")
+    lr: float = _recipe_field(1e-3, "optim.lr", "the mask logits' learning rate (the driver's optim.lr x "
+                              "mask_lr_mult), cosine to lr/10")
+    prior_strength: float = _recipe_field(4.0, "mask.prior_strength",
+                                          "how far the prior's pattern starts ahead, in logit standard deviations")
+    adam_eps: float = _recipe_field(1e-5, "optim.adam_eps", "Adam's epsilon")  # the driver's default
+    adam_beta2: float = _recipe_field(0.95, "optim.adam_beta2", "Adam's beta2")
+    clip_grad: float = _recipe_field(1.0, "optim.clip_grad", "global gradient-norm clipping threshold, 0 turns "
+                                     "clipping off")
+    regularizer: float = _recipe_field(1e-5, "mask.regularizer", "sparse-weight regulariser coefficient at the "
+                                       "start (decays to 0, the paper's)")
+    warmup_iters: int = _recipe_field(5, "optim.warmup_iters", "iterations of linear lr warm-up from 0 before the "
+                                      "cosine decay")
+    kd_weight: float = _recipe_field(0.0, "distill.kd_weight", "weight of the distillation term (KL to the dense "
+                                     "model) in the loss, the LM loss taking the rest; 0: the LM loss alone")
+    kd_temperature: float = _recipe_field(1.0, "distill.temperature", "softmax temperature of the distillation term")
+    # measured here at DP=2; only the demo uses it
+    tokens_per_second: float = _recipe_field(55.0, None, "expected mask-learning speed, to turn a time budget "
+                                             "into iterations")
+
+    def __post_init__(self):
+        """Refuse what the driver would refuse, before any stage runs: the driver's own validation of the
+        config ``learn_stage`` writes. Messages start with the recipe field (``recipe_from_args`` reads it)."""
+        if not self.tokens_per_second > 0:
+            raise ValueError(f"tokens_per_second {self.tokens_per_second} must be positive")
+        if not self.lr > 0:  # the driver sees lr / MASK_LR_MULT: say it in the recipe's own terms
+            raise ValueError(f"lr {self.lr} must be positive")
+        self.check_run(None)
+
+    def check_run(self, iterations: int | None) -> None:
+        """The driver's validation of the config ``learn_stage`` writes for a run of ``iterations``
+        (None: the recipe alone; the warm-up is then checked against the run's length later)."""
+        sections = self.driver_sections()
+        if iterations is not None:
+            sections["run"] = {"train_iters": iterations}
+        cfg = train_config(Path("checkpoint"), Path("data"), Path("run"), **sections)
+        try:
+            TrainConfig.from_dict(cfg).validate(world_size=DP)
+        except ConfigError as e:
+            key = str(e).split()[0].rstrip(":")
+            name = next((f.name for f in fields(self) if f.metadata["driver"] == key), None)
+            if name is None:  # a setting the recipe does not own: the demo's own config is wrong
+                raise
+            raise ValueError(f"{name} {getattr(self, name)}: the driver refuses it: {e}") from None
+
+    def driver_sections(self) -> dict:
+        """The driver config sections (``maskllm_megatron.train.config``) this recipe sets."""
+        return {"data": {"micro_batch_size": max(1, self.global_batch // DP), "global_batch_size": self.global_batch},
+                "optim": {"lr": self.lr / MASK_LR_MULT, "min_lr": self.lr / MASK_LR_MULT / 10,
+                          "adam_eps": self.adam_eps, "adam_beta2": self.adam_beta2, "clip_grad": self.clip_grad,
+                          "warmup_iters": self.warmup_iters},
+                "mask": {"prior_strength": self.prior_strength, "regularizer": [self.regularizer, 0.0]},
+                "distill": {"kd_weight": self.kd_weight, "temperature": self.kd_temperature}}
+
+    @property
+    def tokens_per_iteration(self) -> int:
+        return self.global_batch * SEQ
+
+    def iterations(self, minutes: float) -> int:
+        return max(10, int(minutes * 60 * self.tokens_per_second / self.tokens_per_iteration))
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per ``LearnRecipe`` field (``--global-batch``, ``--lr``, ...), defaulting to the demo's;
+    ``recipe_from_args`` reads them back. The demo and the quality benchmarks share this spelling."""
+    for f in fields(LearnRecipe):
+        if f.name not in skip:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                                help=f.metadata["help"].format(seq=SEQ, dp=DP) + f" (default {f.default:g})")
+
+
+def recipe_from_args(args: argparse.Namespace) -> LearnRecipe:
+    """The recipe ``add_recipe_arguments``' flags describe (a skipped field keeps its default); a value
+    the recipe refuses exits with a one-line error that names the flag."""
+    try:
+        return LearnRecipe(**{f.name: getattr(args, f.name) for f in fields(LearnRecipe) if hasattr(args, f.name)})
+    except ValueError as e:
+        name = str(e).split()[0]
+        raise SystemExit(f"error: --{name.replace('_', '-')}: {e}") from None
+
+
+@dataclass(frozen=True)
+class WeightRefit:
+    """The kept weights refit end to end under a run's learned masks (``mask.refit``): Adam from ``lr``
+    (cosine to lr / 10, no weight decay) on ``kd_weight`` x the KL to the dense model (temperature 1) +
+    the rest x the LM loss, ``iters`` iterations of DP x SEQ tokens of the run's own training data."""
+
+    iters: int = 20
+    lr: float = 2e-4
+    kd_weight: float = 1.0
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """A reconstruction of the learned masks' kept weights (``maskllm-export --reconstruct``) on calibration
+    samples of the run's own training data (the prior's)."""
+
+    method: str = "block"
+    target: str = "dense"
+    samples: int = 128
+    true_sequential: bool = False
+    epochs: int = 2  # method block
+    lr: float = 1e-4  # method block
+
+    @property
+    def name(self) -> str:
+        extra = f"-e{self.epochs}-lr{self.lr:g}" if self.method == "block" else ""
+        return (f"{self.method}-{self.target}{'-ts' if self.true_sequential else ''}{extra}-{self.samples}")
+
+    def flags(self) -> list[str]:
+        flags = ["--reconstruct", "--recon-method", self.method, "--recon-target", self.target,
+                 "--calib-samples", str(self.samples)]
+        if self.true_sequential:
+            flags.append("--true-sequential")
+        if self.method == "block":
+            flags += ["--recon-epochs", str(self.epochs), "--recon-lr", f"{self.lr:g}"]
+        return flags
+
+
+RECONSTRUCTIONS = {"none": None, "obs": Reconstruction("obs", "layer"), "lstsq": Reconstruction("lstsq", "layer"),
+                   "block": Reconstruction()}
+DEMO_RECONSTRUCTION = "none"
+
+
+def train_config(ckpt: Path, data_prefix: Path, out: Path, **sections) -> dict:
+    """The demo's driver config: the driver's defaults (the paper's recipe) but for a CPU-sized run."""
+    cfg = {
+        "model": {"checkpoint": str(ckpt), "dtype": "fp32"},
+        "data": {"train": [str(data_prefix)], "split": "98,2,0", "seq_length": SEQ, "micro_batch_size": 2,
+                 "global_batch_size": 4, "cache_dir": str(out / "index_cache")},
+        "prior": {"calib_samples": 32},
+        "run": {"out_dir": str(out), "train_iters": 0, "log_interval": 5, "eval_interval": 0, "save_interval": 0},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+def write_yaml(cfg: dict, path: Path) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    return path
