@@ -22,7 +22,7 @@ from maskllm_megatron.convert.checkpoint import TOKENIZER_DIR, CheckpointInfo, g
 from maskllm_megatron.convert.io import copy_tokenizer
 from maskllm_megatron.convert.mapping import ARCHITECTURES
 from maskllm_megatron.export.formats import apply_mask_hf, hf_weight_is_transposed
-from maskllm_megatron.train.run_checkpoint import RunCheckpoint
+from maskllm_megatron.train.run_checkpoint import RunCheckpoint, build_sparsified
 
 SPARSITY_FILE = "sparsity.json"
 SPARSITY_FORMAT = "maskllm-megatron/sparsity-v1"
@@ -99,16 +99,9 @@ def verify_mcore(run: RunCheckpoint, folder: Path):
     weight with the verifier's checks: at most N of M non-zeros, no -0.0, the stored mask exactly N of M
     and zero weights wherever it is unset. Returns a ``VerifyReport`` on rank 0 (None elsewhere)."""
     from maskllm_megatron.export.verify import VerifyReport
-    from maskllm_megatron.megatron.checkpointing import load_checkpoint
-    from maskllm_megatron.megatron.model_builder import build_gpt_model
-    from maskllm_megatron.megatron.sparsify import masked_layers, sparsify
-    from megatron.core import parallel_state
+    from maskllm_megatron.megatron.sparsify import masked_layers
 
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    tcfg = run.info.model.to_transformer_config(tp, 1, run.info.dtype, perform_initialization=False)
-    model = build_gpt_model(run.info.model, tcfg)
-    sparsify(model, run.sparsify_config())
-    load_checkpoint(model, folder)
+    model, _ = build_sparsified(run, folder)
     names = {id(p): n for n, p in global_param_names(model).items()}
     report = VerifyReport("megatron-core checkpoint", run.nm) if rank() == 0 else None
     for layer in masked_layers(model):

@@ -96,20 +96,29 @@ def resolve_run_checkpoint(path: str | Path) -> Path:
                       f"'latest' pointer): pass OUT/checkpoints/iter_XXXXXXX of a maskllm-train run")
 
 
-def load_masked_model(run: RunCheckpoint, *, use_prior: bool = False, parallel_output: bool = True):
-    """The run's sparsified GPTModel at the initialised layout (PP=1), logits loaded, eval mode;
-    with ``use_prior`` every masked layer forwards with its prior mask instead of the argmax."""
+def build_sparsified(run: RunCheckpoint, folder: Path, *, parallel_output: bool = True):
+    """The run's model at the initialised tensor-parallel layout (PP=1), sparsified as the run was, with
+    ``folder`` (the run checkpoint itself, or an export of it) loaded: (model, ``load_checkpoint``'s report)."""
     from megatron.core import parallel_state
 
     from maskllm_megatron.megatron.checkpointing import load_checkpoint
     from maskllm_megatron.megatron.model_builder import build_gpt_model
-    from maskllm_megatron.megatron.sparsify import MaskMode, masked_layers, sparsify
+    from maskllm_megatron.megatron.sparsify import sparsify
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tcfg = run.info.model.to_transformer_config(tp, 1, run.info.dtype, perform_initialization=False)
     model = build_gpt_model(run.info.model, tcfg, parallel_output=parallel_output)
     sparsify(model, run.sparsify_config())
-    absent = load_checkpoint(model, run.path)["absent_masks"]
+    return model, load_checkpoint(model, folder)
+
+
+def load_masked_model(run: RunCheckpoint, *, use_prior: bool = False, parallel_output: bool = True):
+    """The run's sparsified GPTModel at the initialised layout (PP=1), logits loaded, eval mode;
+    with ``use_prior`` every masked layer forwards with its prior mask instead of the argmax."""
+    from maskllm_megatron.megatron.sparsify import MaskMode, masked_layers
+
+    model, report = build_sparsified(run, run.path, parallel_output=parallel_output)
+    absent = report["absent_masks"]
     if any(k.endswith(".mask_logits") for k in absent):
         raise RunCheckpointError(f"{run.path} has no mask logits for {absent[0]}: it is not a mask-learning "
                                  f"checkpoint of this config")
