@@ -95,18 +95,14 @@ def _ep() -> int:
 
 def global_param_names(model) -> dict[str, torch.nn.Parameter]:
     """``{name with global layer numbers and global expert indices: parameter}`` of this rank's (pipeline
-    stage and expert-parallel share of the) model."""
-    from maskllm_megatron.megatron.model_builder import expert_offset, global_expert_name
+    stage and expert-parallel share of the) model (``model_builder.global_module_names``)."""
+    from maskllm_megatron.megatron.model_builder import global_module_names
 
+    modules, _ = global_module_names(model)
     out = {}
-    layers = getattr(getattr(model, "decoder", None), "layers", [])
-    offset = layers[0].layer_number - 1 if len(layers) else 0
-    experts = expert_offset(model)
     for name, p in model.named_parameters():
-        if name.startswith("decoder.layers."):
-            idx, rest = name[len("decoder.layers."):].split(".", 1)
-            name = global_expert_name(f"decoder.layers.{int(idx) + offset}.{rest}", experts)
-        out[name] = p
+        module, _, param = name.rpartition(".")
+        out[f"{modules[module]}.{param}" if module else param] = p
     return out
 
 

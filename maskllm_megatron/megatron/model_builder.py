@@ -430,6 +430,28 @@ def global_expert_name(name: str, offset: int) -> str:
     return _LOCAL_EXPERT.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + offset}", name) if offset else name
 
 
+def global_module_names(model) -> tuple[dict[str, str], dict[str, str]]:
+    """Two maps from every module's (rank-local) name, with pipeline-local layer indices replaced by global
+    layer numbers (megatron's 1-based ``layer_number``) and expert-parallel-local expert indices by global
+    ones: the full name (``decoder.layers.<global>.mlp.linear_fc1``) and the name from the transformer
+    layer on (``layers.<global>.mlp.linear_fc1``; outside a layer, the full name). Checkpoint tensors and
+    include/exclude patterns use the first, the random streams the second: both are the same on every
+    pipeline stage and expert-parallel rank."""
+    experts = expert_offset(model)
+    layer_numbers = {name: module.layer_number - 1 for name, module in model.named_modules()
+                     if hasattr(module, "layer_number") and re.search(r"layers\.\d+$", name)}
+    full, relative = {}, {}
+    for name, _ in model.named_modules():
+        m = re.match(r"((.*?)layers\.\d+)(\..*)?$", name)
+        if m and m.group(1) in layer_numbers:
+            rest = global_expert_name(m.group(3) or "", experts)
+            relative[name] = f"layers.{layer_numbers[m.group(1)]}{rest}"
+            full[name] = f"{m.group(2)}{relative[name]}"
+        else:
+            full[name] = relative[name] = name
+    return full, relative
+
+
 def is_expert_name(name: str) -> bool:
     """Whether a module / parameter name is inside a routed expert (sharded over expert-parallel ranks and
     expert-tensor-parallel ranks)."""

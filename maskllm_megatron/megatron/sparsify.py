@@ -17,7 +17,6 @@ router (not a parallel linear), embeddings and norms stay dense. ``*.experts.*``
 from __future__ import annotations
 
 import contextlib
-import re
 from typing import Iterator
 
 import torch
@@ -25,35 +24,10 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 
 from ..masks import MaskStep
 from .configs import SparsifyConfig  # noqa: F401 (sparsify's config, importable from here too)
+from .model_builder import global_module_names
 from .layers import MaskedColumnParallelLinear, MaskedRowParallelLinear, MaskMode, _MaskedLinearMixin
 
 NORMS = (torch.nn.LayerNorm, torch.nn.RMSNorm)  # what the layer spec's norms are (``norm.TorchNorm``)
-def _global_names(model: torch.nn.Module) -> tuple[dict[int, str], dict[int, str]]:
-    """Two maps from module id, with pipeline-local layer indices replaced by global layer numbers and
-    expert-parallel-local expert indices by global ones: the full module name
-    (``decoder.layers.<global>.mlp.linear_fc1``, what include/exclude match, so a pattern selects the same
-    layers on every pipeline stage and expert-parallel rank) and the layer id that keys the random streams
-    (``layers.<global>.mlp.linear_fc1``)."""
-    from .model_builder import expert_offset, global_expert_name
-
-    experts = expert_offset(model)
-    layer_numbers = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "layer_number") and re.search(r"layers\.\d+$", name):
-            layer_numbers[name] = module.layer_number - 1  # megatron's layer_number is global, 1-based
-    full, ids = {}, {}
-    for name, module in model.named_modules():
-        m = re.match(r"((.*?)layers\.\d+)(\..*)?$", name)
-        if m and m.group(1) in layer_numbers:
-            number, rest = layer_numbers[m.group(1)], m.group(3) or ""
-            rest = global_expert_name(rest, experts)
-            full[id(module)] = f"{m.group(2)}layers.{number}{rest}"
-            ids[id(module)] = f"layers.{number}{rest}"
-        else:
-            full[id(module)] = ids[id(module)] = name
-    return full, ids
-
-
 def sparsify(model: torch.nn.Module, config: SparsifyConfig) -> list[str]:
     """Mask the selected linears of ``model`` in place; freeze what does not train. Returns the
     (global) names of the masked modules. Call once, before wrapping the model in DDP / building the
@@ -63,7 +37,9 @@ def sparsify(model: torch.nn.Module, config: SparsifyConfig) -> list[str]:
         raise ValueError(f"the model is already sparsified ({already} masked layers): call sparsify once, on the "
                          "model as built")
     gated = bool(getattr(getattr(model, "config", None), "gated_linear_unit", False))
-    full_names, layer_ids = _global_names(model)
+    full, relative = global_module_names(model)
+    full_names = {id(module): full[local] for local, module in model.named_modules()}
+    layer_ids = {id(module): relative[local] for local, module in model.named_modules()}
     converted = []  # (module, its class, its attributes) to put back if a later layer is refused
     try:
         for _, module in list(model.named_modules()):
