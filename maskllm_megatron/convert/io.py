@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -169,6 +170,31 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
+def shard_plan(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[tuple[str, list[str]]]:
+    """Hugging Face's sharding of tensors (``(name, bytes)`` in order) into files of at most
+    ``max_shard_bytes`` (a larger tensor gets a file of its own): ``[(file name, [tensor names])]``, one
+    ``model.safetensors`` when everything fits, else ``model-0000i-of-0000n.safetensors``."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in sizes:
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    return list(zip(names, shards))
+
+
+def write_shard_index(folder: Path, plan: list[tuple[str, list[str]]], total_bytes: int) -> None:
+    """``model.safetensors.index.json`` for a ``shard_plan`` of several files (none for one file)."""
+    if len(plan) > 1:
+        index = {"metadata": {"total_size": total_bytes},
+                 "weight_map": {name: fname for fname, names in plan for name in sorted(names)}}
+        (Path(folder) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 class ShardWriter:
     """Stream tensors straight into ``model-0000i-of-0000n.safetensors`` shards of at most
     ``max_shard_bytes`` (one ``model.safetensors`` when everything fits) plus
@@ -179,23 +205,13 @@ class ShardWriter:
     def __init__(self, folder: Path, entries: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
                  max_shard_bytes: int = 5 * 2**30):
         self.folder, self.dtype = Path(folder), dtype
-        shards: list[list[tuple[str, tuple[int, ...], int]]] = [[]]
-        size = 0
-        for name, shape in entries:
-            nbytes = dtype.itemsize
-            for d in shape:
-                nbytes *= d
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append((name, tuple(shape), nbytes))
-            size += nbytes
-        n = len(shards)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self._plan = [(fname, shard) for fname, shard in zip(names, shards)]
+        shapes = {name: tuple(shape) for name, shape in entries}
+        nbytes = {name: dtype.itemsize * math.prod(shape) for name, shape in shapes.items()}
+        self._plan = [(fname, [(name, shapes[name], nbytes[name]) for name in names])
+                      for fname, names in shard_plan(list(nbytes.items()), max_shard_bytes)]
         self._expected = [(name, shape, fname) for fname, shard in self._plan for name, shape, _ in shard]
         self._next, self._file, self._file_name = 0, None, None
-        self.total_bytes = sum(nb for _, shard in self._plan for *_, nb in shard)
+        self.total_bytes = sum(nbytes.values())
 
     def _open(self, fname: str) -> None:
         if self._file is not None:
@@ -231,10 +247,7 @@ class ShardWriter:
         if self._next != len(self._expected):
             raise ConversionError(f"only {self._next} of {len(self._expected)} tensors written (bug)")
         names = [fname for fname, _ in self._plan]
-        if len(names) > 1:
-            index = {"metadata": {"total_size": self.total_bytes},
-                     "weight_map": {name: fname for name, _, fname in sorted(self._expected)}}
-            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_shard_index(self.folder, [(fname, [n for n, *_ in shard]) for fname, shard in self._plan], self.total_bytes)
         return names
 
 

@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from maskllm_megatron.convert.io import MASK_FILE_FORMAT
+from maskllm_megatron.convert.io import MASK_FILE_FORMAT, shard_plan, write_shard_index
 from maskllm_megatron.masks.patterns import NMSpec, check_groupable, mask_to_patterns, patterns_to_mask
 
 #: compressed-tensors release whose on-disk sparse-24-bitmask layout this module reproduces.
@@ -206,24 +206,13 @@ def save_compressed_tensors(folder: str | Path, state_dict: Mapping[str, torch.T
 
 
 def _write_shards(folder: Path, tensors: Mapping[str, torch.Tensor], max_shard_bytes: int) -> None:
-    """safetensors shards of at most ``max_shard_bytes`` plus an index when there are several."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t.contiguous()
-        size += nbytes
-    n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for fname, shard in zip(names, shards):
-        _save_safetensors(shard, folder / fname, {"format": "pt"})
-    if n > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": {k: f for f, shard in zip(names, shards) for k in shard}}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    """safetensors shards of at most ``max_shard_bytes`` plus an index when there are several (tensors of
+    any dtypes; the converter's ``ShardWriter`` streams one dtype)."""
+    sizes = [(name, t.numel() * t.element_size()) for name, t in tensors.items()]
+    plan = shard_plan(sizes, max_shard_bytes)
+    for fname, names in plan:
+        _save_safetensors({name: tensors[name].contiguous() for name in names}, folder / fname, {"format": "pt"})
+    write_shard_index(folder, plan, sum(nbytes for _, nbytes in sizes))
 
 
 # ----------------------------------------------------------------------------- mask files
