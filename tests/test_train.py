@@ -16,7 +16,8 @@ import psutil
 import pytest
 import yaml
 
-from tests.torchrun_util import free_port, torchrun
+from maskllm_megatron.launch import free_port
+from tests.torchrun_util import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
