@@ -140,7 +140,7 @@ def _layer_mask(layer: _MaskedLinearMixin, stats: InputStats,
     A routed expert that no calibration token reached gets the magnitude mask (``unreached_expert``)."""
     spec: NMSpec = layer.nm
     W = layer.weight.detach()
-    if cfg.method != "magnitude" and stats.nsamples == 0:
+    if stats.nsamples == 0:  # (magnitude never calibrates: compute_priors sets it without this walk)
         if not unreached_expert(layer):
             raise ValueError(f"{layer.mask_layer_id}: no calibration tokens reached this layer: {cfg.method} needs "
                              "calibration batches (at least one sample)")

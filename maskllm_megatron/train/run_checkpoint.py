@@ -63,7 +63,7 @@ class RunCheckpoint:
         return model_type_of(self.info.model, self.info.hf_config)
 
     def sparsify_config(self):
-        from maskllm_megatron.megatron.sparsify import SparsifyConfig
+        from maskllm_megatron.megatron.configs import SparsifyConfig
 
         return SparsifyConfig(mask=MaskConfig(nm=self.nm), include=self.include, exclude=self.exclude)
 

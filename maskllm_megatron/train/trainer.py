@@ -515,7 +515,7 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     while state.iteration < cfg.run.train_iters:
         with throughput.step():
             loss, kd_loss, total_loss, grad_norm, fingerprint = _train_step(
-                cfg, ddp, optimizer, scheduler, next(train_iter), state.iteration, num_micro, env, teacher)
+                cfg, mcfg, ddp, optimizer, scheduler, next(train_iter), state.iteration, num_micro, env, teacher)
         state.iteration += 1
         state.consumed_samples += cfg.data.global_batch_size
         state.history.append([state.iteration, loss, fingerprint])
@@ -555,14 +555,14 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     return {**last, "iteration": state.iteration, "history": state.history, "parallel": parallel_state.get_data_parallel_world_size()}
 
 
-def _train_step(cfg: TrainConfig, ddp, optimizer, scheduler, batches: list, it: int, num_micro: int, env: dict,
-                teacher) -> tuple:
-    """One optimizer step on this rank's micro-batches of iteration ``it``: ``(lm_loss, kd_loss, loss,
-    grad_norm, data fingerprint)`` (the losses averaged over data-parallel ranks; kd_loss and loss None
-    without distillation). A non-finite loss or gradient norm stops the run on every rank, unsaved."""
+def _train_step(cfg: TrainConfig, mcfg, ddp, optimizer, scheduler, batches: list, it: int, num_micro: int,
+                env: dict, teacher) -> tuple:
+    """One optimizer step on this rank's micro-batches of iteration ``it``, masks sampled as ``mcfg`` (the
+    run's ``MaskConfig``) says: ``(lm_loss, kd_loss, loss, grad_norm, data fingerprint)`` (the losses
+    averaged over data-parallel ranks; kd_loss and loss None without distillation). A non-finite loss or
+    gradient norm stops the run on every rank, unsaved."""
     from megatron.core import parallel_state
 
-    mcfg = cfg.mask_config()
     dp_group = parallel_state.get_data_parallel_group()
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
