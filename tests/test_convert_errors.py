@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskllm_megatron.convert.io import ConversionError, atomic_dir, partial_path
+from maskllm_megatron.checkpoint_folders import FolderError, atomic_dir, partial_path
 from maskllm_megatron.megatron.model_builder import ModelConfig, ModelConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +165,7 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     with atomic_dir(out) as tmp:
         (tmp / "done").write_text("x")
     assert (out / "done").is_file() and not partial_path(out).exists()
-    with pytest.raises(ConversionError, match="already exists"):
+    with pytest.raises(FolderError, match="already exists"):
         with atomic_dir(out):
             pass
 

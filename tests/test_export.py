@@ -419,7 +419,7 @@ def test_overwrite_replaces_only_an_earlier_output_of_the_same_tool(tiny_run, tm
     for _ in range(2):
         rc, _, err = _export_cli(["--ckpt", run_copy, "--out", masks, "--format", "masks", "--overwrite"])
         assert rc == 0, err[-2000:]
-    from maskllm_megatron.convert.io import written_by
+    from maskllm_megatron.checkpoint_folders import written_by
 
     assert written_by(work / "hf_tp2") == "maskllm-export" and written_by(foreign) is None
     assert written_by(work / "base") == "maskllm-convert"

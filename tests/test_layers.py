@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "maskllm_megatron"
 #: Bottom to top; the units of one layer never import each other. Keep README's map the same.
 LAYERS = (
     ("cache",),  # the cache folder and content digests
-    ("checkpoint_files", "launch", "assets"),  # checkpoint files read without megatron; CLI launch; downloads
+    ("checkpoint_folders", "launch", "assets"),  # folder kinds, read and written atomically; CLI launch; downloads
     ("masks",),  # pure torch: patterns, sampling, kernels, schedules
     ("prune",),  # pure torch: one-shot methods and reconstruction
     ("megatron",),  # the glue: masked layers, sparsify, priors, process groups, checkpoints

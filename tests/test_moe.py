@@ -100,7 +100,7 @@ def test_priors_calibrate_each_expert_on_its_routed_tokens_and_fall_back_to_magn
 
 # ------------------------------------------------------------------------------------------------ the driver
 def _history(out: Path) -> list:
-    from maskllm_megatron.checkpoint_files import read_extra
+    from maskllm_megatron.checkpoint_folders import read_extra
 
     return read_extra(out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip())["history"]
 

@@ -54,7 +54,7 @@ def history(out_dir: Path) -> list:
     import torch
 
     latest = (out_dir / "checkpoints" / "latest").read_text().strip()
-    from maskllm_megatron.checkpoint_files import read_extra
+    from maskllm_megatron.checkpoint_folders import read_extra
 
     return read_extra(out_dir / "checkpoints" / latest)["history"]
 
@@ -572,7 +572,7 @@ def test_data_is_checked_against_its_index_and_the_vocabulary_before_training(ti
 def test_a_non_finite_step_is_never_saved(tiny, fault):
     """An infinite gradient norm, or a NaN left in the logits by an update, stops the run before its next
     save; the newest kept checkpoint holds finite tensors only (read back here)."""
-    from maskllm_megatron import checkpoint_files as checkpointing
+    from maskllm_megatron import checkpoint_folders as checkpointing
 
     from tests.torchrun_util import printed_result
 

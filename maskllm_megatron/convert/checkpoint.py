@@ -1,8 +1,8 @@
-"""megatron-core checkpoints written by the converter: layout, process groups, loading.
+"""The converted checkpoint folder's model record and loading (the folder kind: ``checkpoint_folders``).
 
-A checkpoint folder holds a megatron-core ``dist_checkpointing`` checkpoint (any TP/PP layout, loadable
-at any other), ``model_config.json`` (``CheckpointInfo``: the ``ModelConfig``, dtype, the layout it was
-written with and the original HF ``config.json``) and ``tokenizer/`` (the HF tokenizer files).
+The folder holds a megatron-core ``dist_checkpointing`` checkpoint (any TP/PP layout, loadable at any
+other), ``model_config.json`` (``CheckpointInfo``: the ``ModelConfig``, dtype, the layout it was written
+with and the original HF ``config.json``) and ``tokenizer/`` (the HF tokenizer files).
 """
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ from pathlib import Path
 
 import torch
 
-from maskllm_megatron.convert.io import ConversionError
+from maskllm_megatron.checkpoint_folders import MODEL_CONFIG_FILE, looks_like_run
+from maskllm_megatron.convert.io import ConversionError, read_json
 from maskllm_megatron.megatron.model_builder import DTYPES, ModelConfig
 
-CONFIG_FILE = "model_config.json"
-TOKENIZER_DIR = "tokenizer"
 FORMAT = "maskllm-megatron/mcore-checkpoint-v1"
 
 
@@ -35,22 +34,20 @@ class CheckpointInfo:
     def save(self, folder: Path) -> None:
         d = {"format": FORMAT, "model": self.model.to_dict(), "dtype": self.dtype, "tp": self.tp, "pp": self.pp,
              "ep": self.ep, "hf_config": self.hf_config, "source": self.source}
-        (folder / CONFIG_FILE).write_text(json.dumps(d, indent=2) + "\n")
+        (folder / MODEL_CONFIG_FILE).write_text(json.dumps(d, indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: str | Path) -> "CheckpointInfo":
         folder = Path(folder)
-        path = folder / CONFIG_FILE
+        path = folder / MODEL_CONFIG_FILE
         if not folder.exists():
             raise ConversionError(f"{folder} does not exist: pass a checkpoint written by maskllm-convert hf-to-mcore")
-        if any((folder / n).is_file() for n in ("extra_state.json", "extra_state.pt", "latest")):
+        if looks_like_run(folder):
             raise ConversionError(f"{folder} is a mask-learning run checkpoint: turn it into a model with "
                                   f"maskllm-export --ckpt {folder} (--format mcore or hf)")
         if not path.is_file():
-            raise ConversionError(f"{folder} has no {CONFIG_FILE}: pass a checkpoint written by maskllm-convert "
+            raise ConversionError(f"{folder} has no {MODEL_CONFIG_FILE}: pass a checkpoint written by maskllm-convert "
                                   "hf-to-mcore (or maskllm-export --format mcore)")
-        from maskllm_megatron.convert.io import read_json
-
         d = read_json(path)
         if d.get("format") != FORMAT:
             raise ConversionError(f"{path} has format {d.get('format')!r}, expected {FORMAT!r}")

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    from maskllm_megatron.convert.io import check_output, partial_path
+    from maskllm_megatron.checkpoint_folders import check_output, partial_path
     from maskllm_megatron.launch import exit_cleanly_on_sigterm, relaunch, under_torchrun
     from maskllm_megatron.megatron.parallel import ProcessGroupScope
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from maskllm_megatron.convert.checkpoint import TOKENIZER_DIR, CheckpointInfo, global_param_names, tp_rank_and_size
-from maskllm_megatron.convert.io import (ConversionError, HFCheckpoint, atomic_dir, check_output, copy_tokenizer,
-                                         progress)
+from maskllm_megatron.convert.checkpoint import CheckpointInfo, global_param_names, tp_rank_and_size
+from maskllm_megatron.checkpoint_folders import TOKENIZER_DIR, atomic_dir, check_output
+from maskllm_megatron.convert.io import ConversionError, HFCheckpoint, copy_tokenizer, progress
 from maskllm_megatron.megatron.parallel import init_parallel
 from maskllm_megatron.convert.mapping import TensorRule, architecture_for, model_config_from_hf
 from maskllm_megatron.megatron.model_builder import DTYPES, ModelConfig, ModelConfigError

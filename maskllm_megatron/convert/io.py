@@ -1,4 +1,4 @@
-"""Streaming safetensors I/O and atomic output folders.
+"""Streaming safetensors I/O for the converter (atomic output folders: ``checkpoint_folders``).
 
 ``SafetensorsFile`` parses the safetensors header itself and reads one tensor at a time with plain
 file reads (no mmap), so converting never maps a whole shard into memory and a truncated or corrupt
@@ -7,25 +7,19 @@ file is reported before anything is written. ``HFCheckpoint`` is a Hugging Face 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import shutil
 import struct
 import sys
 from pathlib import Path
-from typing import Optional, Iterator
 
 import torch
 
-
-#: ``format`` in the header of the N:M mask files ``maskllm-export --format masks`` writes (export/formats.py);
-#: named here, below the exporter, so that ``check_output`` recognises such a file as ours.
-MASK_FILE_FORMAT = "maskllm-nm-packed"
+from maskllm_megatron.checkpoint_folders import FolderError
 
 
-class ConversionError(ValueError):
+class ConversionError(FolderError):
     """A problem with the input or the request; the message names it and the fix, on one line. (Every error
     class for bad input derives from ValueError: the tools print those as one line, without a traceback.)"""
 
@@ -265,104 +259,6 @@ def read_json(path: str | Path) -> dict:
     if not isinstance(value, dict):
         raise ConversionError(f"{path} holds a JSON {type(value).__name__}, not an object: the file is damaged")
     return value
-
-
-def partial_path(out: Path) -> Path:
-    """Where an output folder is assembled before it is renamed to ``out``."""
-    return out.with_name(f".{out.name}.partial")
-
-
-def output_exists(out: str | Path) -> str:
-    """The one-line refusal of an existing output folder, naming the three ways on."""
-    return f"output {out} already exists: remove it, choose another --out, or pass --overwrite"
-
-
-OUTPUT_MARKER = ".maskllm-output.json"  # in every folder a tool writes: what --overwrite may replace
-
-
-def mark_output(folder: Path, tool: str) -> None:
-    """Record in an output folder (before it is renamed into place) which tool wrote it."""
-    (Path(folder) / OUTPUT_MARKER).write_text(json.dumps({"tool": tool}) + "\n")
-
-
-def written_by(path: Path) -> Optional[str]:
-    """The tool that wrote the output ``path`` (a folder with our marker, or a mask file with our header),
-    None for anything else."""
-    path = Path(path)
-    marker = path / OUTPUT_MARKER
-    if path.is_dir() and marker.is_file():
-        try:
-            return json.loads(marker.read_text()).get("tool")
-        except (ValueError, AttributeError):
-            return None
-    if path.is_file():
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-        except Exception:  # not a safetensors file
-            return None
-        return "maskllm-export" if meta.get("format") == MASK_FILE_FORMAT else None
-    return None
-
-
-def check_output(out: str | Path, overwrite: bool, tool: str, inputs=()) -> None:
-    """Refuse, before any work, an output that exists (without ``overwrite``), and with ``overwrite`` one
-    that holds or is an input (replacing it would delete what is being read) or that is not an earlier
-    output of the same ``tool``: ``--overwrite`` never deletes a folder it does not recognise."""
-    out = Path(out).absolute()
-    if not out.exists():
-        return
-    if not overwrite:
-        raise ConversionError(output_exists(out))
-    for inp in inputs:
-        inp = Path(inp).absolute()
-        if out == inp or out in inp.parents:
-            raise ConversionError(f"--out {out} holds the input {inp}: --overwrite would delete it; choose another --out")
-    if written_by(out) != tool:
-        raise ConversionError(f"--overwrite replaces only an earlier output of {tool}, and {out} is not one: remove it "
-                              "yourself or choose another --out")
-
-
-@contextlib.contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False, tool: str = "maskllm-convert", inputs=()) -> Iterator[Path]:
-    """Yield an empty temporary folder next to ``out``; rename it to ``out`` when the block succeeds,
-    delete it when the block fails, so ``out`` is either complete or absent. The folder is marked as
-    ``tool``'s output (``check_output``).
-
-    In a multi-process torch.distributed world every rank enters the block (each writes its part, e.g. its
-    dist-checkpoint shards) and only rank 0 touches the folder itself, between barriers: the folder exists
-    before any rank writes, and is renamed after all have written."""
-    out = Path(out).absolute()
-    check_output(out, overwrite, tool, inputs)
-    tmp = partial_path(out)
-    rank0, barrier = _ranks()
-    if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    try:
-        yield tmp
-        barrier()
-        if rank0:
-            mark_output(tmp, tool)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        barrier()
-    except BaseException:
-        if rank0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _ranks():
-    """(whether this process does the file-system work, a barrier over all ranks; a no-op in one process)."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.get_rank() == 0, dist.barrier
-    return True, lambda: None
 
 
 def progress(done: int, total: int, label: str, stream=sys.stderr) -> None:

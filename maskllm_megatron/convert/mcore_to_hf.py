@@ -12,10 +12,10 @@ import os
 import time
 from pathlib import Path
 
-from maskllm_megatron.convert.checkpoint import (TOKENIZER_DIR, CheckpointInfo, global_param_names, tp_group_of)
+from maskllm_megatron.convert.checkpoint import CheckpointInfo, global_param_names, tp_group_of
 from maskllm_megatron.megatron.parallel import init_parallel
-from maskllm_megatron.convert.io import (ShardWriter, atomic_dir, check_output, copy_tokenizer,
-                                         progress)
+from maskllm_megatron.checkpoint_folders import TOKENIZER_DIR, atomic_dir, check_output
+from maskllm_megatron.convert.io import ShardWriter, copy_tokenizer, progress
 from maskllm_megatron.convert.mapping import ARCHITECTURES, hf_config_from_model_config, model_type_of
 from maskllm_megatron.megatron.model_builder import DTYPES
 

@@ -108,7 +108,7 @@ def learn_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, iter
 def refit_stage(stages: Stages, ckpt: Path, refit: WeightRefit, checkpoints: int = 1) -> Path:
     """The refit run from ``ckpt``'s masks (2 data-parallel processes) with ``checkpoints`` evenly spaced
     checkpoints (the last one is the final); its folder holds ``refit_wall_s``."""
-    from ..checkpoint_files import read_extra
+    from ..checkpoint_folders import read_extra
 
     config = read_extra(ckpt)["config"]
     base, prefix = Path(config["model"]["checkpoint"]), Path(config["data"]["train"][0])
@@ -132,7 +132,7 @@ def refit_stage(stages: Stages, ckpt: Path, refit: WeightRefit, checkpoints: int
 
 def extra_path_bytes(ckpt: Path) -> bytes:
     """A run checkpoint's extra state (its losses and config): what keys a stage to that checkpoint's content."""
-    from ..checkpoint_files import extra_path
+    from ..checkpoint_folders import extra_path
 
     return extra_path(ckpt).read_bytes()
 

@@ -262,12 +262,13 @@ def hf_perplexity(folder: str | Path, req: EvalRequest) -> PerplexityResult:
     """Perplexity of a Hugging Face model folder (loaded by transformers in its own dtype)."""
     from transformers import AutoModelForCausalLM
 
+    from maskllm_megatron.checkpoint_folders import MODEL_CONFIG_FILE, is_dist_checkpoint
     from maskllm_megatron.data.tokenizer import load_tokenizer
 
     folder = Path(folder)
     if not folder.exists():
         raise EvalError(f"{folder} does not exist: pass a Hugging Face model folder to --hf")
-    if (folder / "metadata.json").is_file() or (folder / "model_config.json").is_file():
+    if is_dist_checkpoint(folder) or (folder / MODEL_CONFIG_FILE).is_file():
         raise EvalError(f"{folder} is a megatron-core checkpoint: pass it as --ckpt")
     if not (folder / "config.json").is_file():
         raise EvalError(f"{folder} has no config.json: pass a Hugging Face model folder to --hf")
@@ -282,8 +283,9 @@ def hf_perplexity(folder: str | Path, req: EvalRequest) -> PerplexityResult:
 
 def checkpoint_model_config(path: str | Path):
     """The architecture (``ModelConfig``) of a converted, exported or run checkpoint, without its weights."""
+    from maskllm_megatron.checkpoint_folders import is_run_checkpoint
     from maskllm_megatron.convert.checkpoint import CheckpointInfo
-    from maskllm_megatron.train.run_checkpoint import RunCheckpoint, is_run_checkpoint
+    from maskllm_megatron.train.run_checkpoint import RunCheckpoint
 
     return RunCheckpoint.open(path).info.model if is_run_checkpoint(path) else CheckpointInfo.load(path).model
 
@@ -291,8 +293,9 @@ def checkpoint_model_config(path: str | Path):
 def load_mcore_for_eval(path: str | Path, use_prior: bool = False):
     """(model with gathered logits, ModelConfig, tokenizer folder) of a converted, exported or run
     checkpoint at the initialised layout; a run checkpoint forwards with its hard (or prior) masks."""
-    from maskllm_megatron.convert.checkpoint import TOKENIZER_DIR, load_mcore_model
-    from maskllm_megatron.train.run_checkpoint import RunCheckpoint, is_run_checkpoint, load_masked_model
+    from maskllm_megatron.checkpoint_folders import TOKENIZER_DIR, is_run_checkpoint
+    from maskllm_megatron.convert.checkpoint import load_mcore_model
+    from maskllm_megatron.train.run_checkpoint import RunCheckpoint, load_masked_model
 
     if is_run_checkpoint(path):
         run = RunCheckpoint.open(path)

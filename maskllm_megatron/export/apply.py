@@ -5,7 +5,8 @@ import json
 import time
 from pathlib import Path
 
-from maskllm_megatron.convert.io import atomic_dir, check_output, copy_tokenizer, read_json
+from maskllm_megatron.checkpoint_folders import atomic_dir, check_output
+from maskllm_megatron.convert.io import copy_tokenizer, read_json
 from maskllm_megatron.export.formats import global_sparsity
 from maskllm_megatron.export.pipeline import (ExportError, ExportResult, accept_report, exact_names, folder_bytes,
                                               read_safetensors)

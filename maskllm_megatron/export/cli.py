@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(result.summary())
         return 0
     args = _export_parser().parse_args(argv)
+    from maskllm_megatron.checkpoint_folders import partial_path
     from maskllm_megatron.export.pipeline import ExportConfig, check_request, export
     from maskllm_megatron.megatron.parallel import ParallelLayoutError, ProcessGroupScope
 
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 plan_calibration(cfg.reconstruct, run)
             return relaunch("maskllm_megatron.export.cli", argv, args.tp,
-                            cleanup=cfg.out.with_name(f".{cfg.out.name}.work"))
+                            cleanup=partial_path(cfg.out, "work"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world != args.tp:
             raise ParallelLayoutError(f"{world} processes for --tp {args.tp}: launch with --nproc-per-node {args.tp}")

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import shutil
 import zipfile
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -29,7 +28,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from maskllm_megatron.convert.io import MASK_FILE_FORMAT, shard_plan, write_shard_index
+from maskllm_megatron.checkpoint_folders import MASK_FILE_FORMAT, publish, staging
+from maskllm_megatron.convert.io import shard_plan, write_shard_index
 from maskllm_megatron.masks.patterns import NMSpec, check_groupable, mask_to_patterns, patterns_to_mask
 
 #: compressed-tensors release whose on-disk sparse-24-bitmask layout this module reproduces.
@@ -62,10 +62,6 @@ def first_true(bad: torch.Tensor) -> tuple[int, int]:
     """(row, column) of the first True in a 2-D tensor."""
     i = int(bad.reshape(-1).to(torch.uint8).argmax())
     return divmod(i, bad.shape[-1])
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -193,15 +189,10 @@ def save_compressed_tensors(folder: str | Path, state_dict: Mapping[str, torch.T
     cfg = dict(config)
     cfg["quantization_config"] = sparsity_config_24({module_name(n) for n in targets}, ignore,
                                                     global_sparsity(state_dict))
-    tmp = _tmp_name(folder)
-    tmp.mkdir(parents=True)
-    try:
+    with staging(folder, f"tmp-{os.getpid()}", collective=False) as tmp:
         _write_shards(tmp, out, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        publish(tmp, folder, collective=False)
     return folder
 
 
@@ -304,13 +295,9 @@ def save_masks(path: str | Path, masks: Mapping[str, torch.Tensor], spec: NMSpec
     k, bits = chunk_layout(spec.num_patterns)
     meta = {"format": MASK_FILE_FORMAT, "version": MASK_FILE_VERSION, "nm": str(spec),
             "groups_per_chunk": str(k), "bits_per_chunk": str(bits), "shapes": json.dumps(shapes)}
-    tmp = _tmp_name(path)
-    try:
-        _save_safetensors(tensors, tmp, meta)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with staging(path, f"tmp-{os.getpid()}", collective=False) as tmp:
+        _save_safetensors(tensors, tmp / path.name, meta)
+        publish(tmp / path.name, path, collective=False)
     size = path.stat().st_size
     return {"path": str(path), "weights": weights, "bytes": size,
             "bits_per_weight": 8 * size / weights if weights else 0.0, "floor_bits_per_weight": nm_floor_bits(spec)}

@@ -15,8 +15,8 @@ writes ``W`` where the mask is set and +0.0 elsewhere (a select, never a multipl
 - ``compressed-tensors``: the HF weights as ``sparse-24-bitmask`` (2:4 only; not GPT-2's Conv1D).
 - ``masks``: a ``save_masks`` file under the HF weight names ([out, in] layout).
 
-Everything is assembled in a hidden ``.<name>.work`` folder next to the output, verified, then
-renamed into place: the output is complete or absent.
+Everything is assembled in a hidden ``.<name>.work`` folder next to the output (``checkpoint_folders.staging``;
+it also holds the calibration cache), verified, then renamed into place: the output is complete or absent.
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ import io
 import json
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +32,11 @@ from typing import TYPE_CHECKING, Literal, Optional
 
 import torch
 
-from maskllm_megatron.convert.io import ConversionError, check_output, copy_tokenizer, mark_output
+from maskllm_megatron.checkpoint_folders import SPARSITY_FILE, check_output, is_rank0, publish, staging
+from maskllm_megatron.convert.io import ConversionError, copy_tokenizer
 from maskllm_megatron.export.formats import global_sparsity, hf_weight_is_transposed, save_compressed_tensors, save_masks
-from maskllm_megatron.export.trim import (SPARSITY_FILE, MaskedTensor, barrier, rank, hf_rules, mask_source_name, weights_record,
-                                          hf_masks, save_trimmed_mcore, trim_, verify_mcore)
+from maskllm_megatron.export.trim import (MaskedTensor, hf_masks, hf_rules, mask_source_name, save_trimmed_mcore, trim_,
+                                          verify_mcore, weights_record)
 from maskllm_megatron.masks.patterns import NMSpec
 from maskllm_megatron.megatron.parallel import init_parallel
 from maskllm_megatron.train.run_checkpoint import RunCheckpoint, load_masked_model
@@ -148,13 +148,7 @@ def export(cfg: ExportConfig) -> Optional[ExportResult]:
     run.info.model.validate_parallel(world, 1)
     init_parallel(tp=world, pp=1)
     out = cfg.out.absolute()
-    work = out.with_name(f".{out.name}.work")
-    rank0 = rank() == 0
-    if rank0:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-    barrier()
-    try:
+    with staging(out, "work") as work:
         model = load_masked_model(run, use_prior=cfg.use_prior)
         reconstruction = None
         if cfg.reconstruct is not None:  # under the masks trim_ applies: the prior's or the argmax
@@ -173,21 +167,12 @@ def export(cfg: ExportConfig) -> Optional[ExportResult]:
                 final = _finish_mcore(run, work, result)
             else:
                 final = _export_hf(run, cfg, work, result)
-        barrier()
-        if rank0:
-            if final.is_dir():
-                mark_output(final, "maskllm-export")
-            if out.exists():
-                shutil.rmtree(out) if out.is_dir() else out.unlink()
-            os.replace(final, out)
-            result.files = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() \
-                else [out.name]
-            result.seconds = time.time() - t0
-        barrier()
-    finally:
-        if rank0:
-            shutil.rmtree(work, ignore_errors=True)
-    return result if rank0 else None
+        publish(final, out, "maskllm-export")
+    if not is_rank0():
+        return None
+    result.files = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else [out.name]
+    result.seconds = time.time() - t0
+    return result
 
 
 def _finish_mcore(run: RunCheckpoint, work: Path, result: ExportResult) -> Path:
@@ -209,7 +194,7 @@ def _export_hf(run: RunCheckpoint, cfg: ExportConfig, work: Path, result: Export
 
     with contextlib.redirect_stdout(io.StringIO()):  # the converter announces its (temporary) folder
         mcore_to_hf(work / "mcore", work / "hf", cfg.max_shard_bytes, show_progress=False)
-    if rank() != 0:
+    if not is_rank0():
         return work
     targets = json.loads((work / "mcore" / SPARSITY_FILE).read_text())["targets"]
     hf_names = [n for t in targets for n in hf_rules(run)[t].hf]
@@ -240,7 +225,7 @@ def _export_masks(run: RunCheckpoint, trimmed: list[MaskedTensor], work: Path, r
     from maskllm_megatron.export.verify import verify_path
 
     masks = hf_masks(run, trimmed)  # collective
-    if rank() != 0:
+    if not is_rank0():
         return work
     path = work / "masks.safetensors"
     stats = save_masks(path, masks, run.nm)

@@ -11,20 +11,19 @@ writes the trimmed model as a converter-style checkpoint folder (dist checkpoint
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from maskllm_megatron.convert.checkpoint import TOKENIZER_DIR, CheckpointInfo, global_param_names
+from maskllm_megatron.checkpoint_folders import SPARSITY_FILE, TOKENIZER_DIR, atomic_dir, is_rank0
+from maskllm_megatron.convert.checkpoint import CheckpointInfo, global_param_names
 from maskllm_megatron.convert.io import copy_tokenizer
 from maskllm_megatron.convert.mapping import ARCHITECTURES
 from maskllm_megatron.export.formats import apply_mask_hf, hf_weight_is_transposed
 from maskllm_megatron.train.run_checkpoint import RunCheckpoint, build_sparsified
 
-SPARSITY_FILE = "sparsity.json"
 SPARSITY_FORMAT = "maskllm-megatron/sparsity-v1"
 
 
@@ -59,7 +58,7 @@ def hf_masks(run: RunCheckpoint, trimmed: list[MaskedTensor]) -> dict[str, torch
     the result, the others ``{}``)."""
     rules = hf_rules(run)
     transposed = hf_weight_is_transposed({"model_type": run.model_type})
-    rank0 = rank() == 0
+    rank0 = is_rank0()
     out = {}
     for t in trimmed:
         full = t.layer.gather_global(t.mask)
@@ -76,22 +75,17 @@ def save_trimmed_mcore(model, run: RunCheckpoint, trimmed: list[MaskedTensor], f
     from megatron.core import dist_checkpointing, parallel_state
 
     sharded = {k: v for k, v in model.sharded_state_dict().items() if not k.endswith(".mask_logits")}
-    if rank() == 0:
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-    barrier()
-    dist_checkpointing.save(sharded, str(folder))
-    barrier()
-    if rank() == 0:
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        CheckpointInfo(run.info.model, run.info.dtype, tp, 1, run.info.hf_config, str(run.path)).save(folder)
-        copy_tokenizer(run.base / TOKENIZER_DIR, folder / TOKENIZER_DIR)
-        record = {"format": SPARSITY_FORMAT, "structure": str(run.nm), "mask_source": mask_source_name(use_prior),
-                  "mask_tensor": "prior_mask", "targets": [t.name for t in trimmed],
-                  "source_checkpoint": str(run.path), "iteration": run.iteration,
-                  **weights_record(reconstruction, run)}
-        (folder / SPARSITY_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    barrier()
+    with atomic_dir(folder, tool="maskllm-export") as tmp:
+        dist_checkpointing.save(sharded, str(tmp))
+        if is_rank0():
+            tp = parallel_state.get_tensor_model_parallel_world_size()
+            CheckpointInfo(run.info.model, run.info.dtype, tp, 1, run.info.hf_config, str(run.path)).save(tmp)
+            copy_tokenizer(run.base / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
+            record = {"format": SPARSITY_FORMAT, "structure": str(run.nm), "mask_source": mask_source_name(use_prior),
+                      "mask_tensor": "prior_mask", "targets": [t.name for t in trimmed],
+                      "source_checkpoint": str(run.path), "iteration": run.iteration,
+                      **weights_record(reconstruction, run)}
+            (tmp / SPARSITY_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def verify_mcore(run: RunCheckpoint, folder: Path):
@@ -103,7 +97,7 @@ def verify_mcore(run: RunCheckpoint, folder: Path):
 
     model, _ = build_sparsified(run, folder)
     names = {id(p): n for n, p in global_param_names(model).items()}
-    report = VerifyReport("megatron-core checkpoint", run.nm) if rank() == 0 else None
+    report = VerifyReport("megatron-core checkpoint", run.nm) if is_rank0() else None
     for layer in masked_layers(model):
         name = names[id(layer.weight)]
         if layer.prior_mask is None:
@@ -134,22 +128,9 @@ def weights_record(reconstruction: Optional[dict], run: RunCheckpoint) -> dict:
     return {"weights": "original"}
 
 
-
 def hf_rules(run: RunCheckpoint) -> dict:
     return {r.mcore: r for r in ARCHITECTURES[run.model_type].rules(run.info.model)}
 
 
-
 def mask_source_name(use_prior: bool) -> str:
     return "prior" if use_prior else "learned"
-
-
-
-def rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-
-def barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from maskllm_megatron.checkpoint_folders import SPARSITY_FILE, is_dist_checkpoint, read_metadata
 from maskllm_megatron.convert.io import ConversionError, HFCheckpoint, read_json
 from maskllm_megatron.export.formats import (
     SPARSE_24_FORMAT, FormatError, decompress_24_bitmask, first_true, hf_weight_is_transposed,
@@ -215,11 +216,6 @@ def verify_mask_file(path: Path, spec: NMSpec | None = None) -> VerifyReport:
     return report
 
 
-def is_mcore_folder(folder: Path) -> bool:
-    """A megatron-core dist checkpoint (torch_dist): megatron's metadata.json and the DCP index."""
-    return (folder / "metadata.json").is_file() and (folder / ".metadata").is_file()
-
-
 def _layer_names(key: str, stacked: int) -> list[str]:
     """megatron-core stacks the blocks' tensors into one global ``decoder.layers.<module>`` tensor:
     the per-block names ``decoder.layers.<i>.<module>``."""
@@ -236,10 +232,8 @@ def verify_mcore_folder(folder: Path, spec: NMSpec | None = None, targets: str |
     torch.distributed.checkpoint in this one process, one module's tensors at a time; no megatron."""
     from torch.distributed.checkpoint import FileSystemReader, load
 
-    from maskllm_megatron.checkpoint_files import read_metadata
-
     meta = read_metadata(folder).state_dict_metadata  # refuses a planted pickle before torch unpickles it
-    record_file = folder / "sparsity.json"
+    record_file = folder / SPARSITY_FILE
     record = read_json(record_file) if record_file.is_file() else {}
     spec = spec or NMSpec.parse(record.get("structure", "2:4"))
     report = VerifyReport("megatron-core checkpoint", spec)
@@ -274,7 +268,7 @@ def verify_path(path: str | Path, spec: NMSpec | None = None, targets: str | Non
     """Verify a model folder (HF, compressed-tensors, megatron-core export) or a mask file."""
     path = Path(path)
     if path.is_dir():
-        if is_mcore_folder(path):
+        if is_dist_checkpoint(path):
             return verify_mcore_folder(path, spec, targets, skip)
         if not (path / "config.json").is_file():
             raise FormatError(f"{path} is neither a Hugging Face / compressed-tensors folder (no config.json) nor a "

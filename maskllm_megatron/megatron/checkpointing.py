@@ -5,17 +5,16 @@ sits in it), so a checkpoint written at one TP/PP layout loads at another. Loadi
 (no mask logits) into a sparsified model is the normal start: the logits keep their initial (or prior)
 values. Anything else missing or mis-shaped is an error naming the tensor, both shapes and the fix.
 
-Saves are atomic: the checkpoint is written to ``<dir>.partial`` and renamed when every rank is done,
-so a crash during a save never leaves a folder that looks complete.
+Saves are atomic (``checkpoint_folders.staging`` / ``publish``): the checkpoint is written to a hidden
+``.<dir>.partial`` and renamed when every rank is done, so a crash during a save never leaves a folder
+that looks complete.
 
-Every load first passes ``checkpoint_files.check_metadata`` (nothing read from a checkpoint can run
-code); the driver's plain values are JSON (``checkpoint_files.write_extra`` / ``read_extra``).
+Every load first passes ``checkpoint_folders.check_metadata`` (nothing read from a checkpoint can run
+code); the driver's plain values are JSON (``checkpoint_folders.write_extra`` / ``read_extra``).
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -32,7 +31,7 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
                       "distrib_optim_fully_reshardable_mem_efficient": True}
 
 
-from ..checkpoint_files import CheckpointMismatch, check_metadata, read_extra, write_extra
+from ..checkpoint_folders import CheckpointMismatch, check_metadata, is_rank0, publish, read_extra, staging, write_extra
 
 
 def load_tensors_metadata(ckpt_dir: str | Path) -> dict:
@@ -45,15 +44,6 @@ def load_sharded(sharded: dict, ckpt_dir: str | Path) -> dict:
     """megatron's ``dist_checkpointing.load`` after ``check_metadata``."""
     check_metadata(ckpt_dir)
     return dist_checkpointing.load(sharded, str(ckpt_dir))
-
-
-def _is_rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def _global_shape(value) -> Optional[tuple]:
@@ -72,24 +62,14 @@ def _tensor_entries(sharded: dict) -> dict:
 def save_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, optimizer=None, extra: Optional[dict] = None) -> Path:
     """Write model (and optimizer) state to ``ckpt_dir`` atomically. ``extra`` is a small dict of plain,
     JSON-serialisable values (iteration, scheduler, data position) stored by rank 0 beside the tensors."""
-    ckpt_dir = Path(ckpt_dir).absolute()
-    partial = ckpt_dir.with_name(ckpt_dir.name + ".partial")
-    if _is_rank0():
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    _barrier()
     sharded = model.sharded_state_dict()
     if optimizer is not None:
         sharded = {"model": sharded, "optimizer": optimizer.sharded_state_dict(sharded, metadata=OPTIMIZER_METADATA)}
-    dist_checkpointing.save(sharded, str(partial))
-    if _is_rank0():
-        if extra is not None:
+    with staging(ckpt_dir) as partial:
+        dist_checkpointing.save(sharded, str(partial))
+        if extra is not None and is_rank0():
             write_extra(partial, extra)
-        if ckpt_dir.exists():
-            shutil.rmtree(ckpt_dir)
-        os.replace(partial, ckpt_dir)
-    _barrier()
-    return ckpt_dir
+        return publish(partial, ckpt_dir)
 
 
 def _prepare_prior_buffers(model: torch.nn.Module, model_sharded: dict, saved: dict) -> bool:

@@ -55,14 +55,12 @@ def reconstruct_weights(model: torch.nn.Module, batches: Iterable, cfg: Reconstr
             errors[layer.mask_layer_id] = tuple(all_reduce_floats(pair, group=layer.tp_group))
             layer.weight.copy_(new_w)
 
-    fit = None
-    if cfg.method == "block":
-        def fit(block, block_layers, inputs, targets):
-            errors[_block_name(block_layers)] = fit_block(block_layers, lambda kw: block(**kw)[0], inputs, targets,
-                                                          cfg.epochs, cfg.lr)
+    def fit(block, block_layers, inputs, targets):
+        errors[_block_name(block_layers)] = fit_block(block_layers, lambda kw: block(**kw)[0], inputs, targets,
+                                                      cfg.epochs, cfg.lr)
 
     calibrate_blockwise(model, batches, cfg.method != "block", solve_block, cfg.sequential, cfg.true_sequential,
-                        dense_targets=cfg.target == "dense", fit_block=fit)
+                        dense_targets=cfg.target == "dense", fit_block=fit if cfg.method == "block" else None)
     for layer in masked_layers(model):
         layer._eval_mask_cache = None
     return errors

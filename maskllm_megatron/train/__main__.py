@@ -25,10 +25,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"maskllm-train: {e}", file=sys.stderr)
         return 2
-    from ..convert.io import ConversionError
     from ..data.datasets import DataConfigError
     from ..data.tokenizer import TokenizerError
-    from ..checkpoint_files import CheckpointMismatch
+    from ..checkpoint_folders import FolderError
     from ..megatron.model_builder import ModelConfigError
     from .metrics import MetricsError
     from .trainer import TrainingStopped, train
@@ -39,8 +38,8 @@ def main(argv=None) -> int:
     try:
         train(cfg)
         groups.close(sync=True)
-    except (ConfigError, TrainingStopped, ConversionError, DataConfigError, TokenizerError, ModelConfigError,
-            CheckpointMismatch, MetricsError) as e:
+    except (ConfigError, TrainingStopped, FolderError, DataConfigError, TokenizerError, ModelConfigError,
+            MetricsError) as e:
         # what the user gave does not fit (a path, a layout, a dataset), or the run stopped itself: one line
         print(f"maskllm-train: {e}", file=sys.stderr)
         return 1

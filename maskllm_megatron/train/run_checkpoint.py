@@ -1,7 +1,6 @@
-"""The run checkpoint, the folder kind ``maskllm-train`` writes (``OUT/checkpoints/iter_XXXXXXX``, any
-TP/PP): the frozen weights, the mask logits (+ prior masks) and optimizer state, and the extra state
-(``extra_state.json``) with the run's config, which names the converted checkpoint the run started from.
-Read here for the tools that turn a run into a model: ``maskllm-export`` and ``maskllm-eval``.
+"""A run checkpoint (the folder kind ``maskllm-train`` writes; ``checkpoint_folders`` finds and checks it)
+read as the tools that turn a run into a model need it: ``maskllm-export`` and ``maskllm-eval``. Its
+extra state holds the run's config, which names the converted checkpoint the run started from.
 """
 from __future__ import annotations
 
@@ -9,15 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from maskllm_megatron.checkpoint_folders import MODEL_CONFIG_FILE, RunCheckpointError, read_extra, resolve_run_checkpoint
 from maskllm_megatron.convert.checkpoint import CheckpointInfo
-from maskllm_megatron.convert.io import ConversionError
 from maskllm_megatron.convert.mapping import model_type_of
 from maskllm_megatron.masks import MaskConfig
 from maskllm_megatron.masks.patterns import NMSpec
-
-
-class RunCheckpointError(ConversionError):
-    """The path is not a usable run checkpoint (message: problem and fix)."""
 
 
 @dataclass(frozen=True)
@@ -44,14 +39,12 @@ class RunCheckpoint:
         """Read ``path`` (an ``iter_*`` folder, or a run's ``checkpoints/`` folder or run folder, whose
         ``latest`` pointer is followed). ``base`` overrides the converted checkpoint's location."""
         path = resolve_run_checkpoint(path)
-        from maskllm_megatron.checkpoint_files import read_extra
-
         extra = read_extra(path)
         config = extra.get("config") if extra else None
         if not config:
             raise RunCheckpointError(f"{path}'s extra state has no run config: pass a checkpoint written by maskllm-train")
         base = Path(base or config["model"]["checkpoint"])
-        if not (base / "model_config.json").is_file():
+        if not (base / MODEL_CONFIG_FILE).is_file():
             raise RunCheckpointError(f"the run's model checkpoint {base} (model.checkpoint) is not a converted checkpoint "
                               f"folder here: pass --base-ckpt pointing at it")
         mask = config["mask"]
@@ -66,34 +59,6 @@ class RunCheckpoint:
         from maskllm_megatron.megatron.configs import SparsifyConfig
 
         return SparsifyConfig(mask=MaskConfig(nm=self.nm), include=self.include, exclude=self.exclude)
-
-
-def _has_extra(folder: Path) -> bool:
-    from maskllm_megatron.checkpoint_files import extra_path
-
-    return extra_path(folder) is not None
-
-
-def is_run_checkpoint(path: str | Path) -> bool:
-    """True for a mask-learning checkpoint (or a folder whose ``latest`` pointer leads to one)."""
-    try:
-        return _has_extra(resolve_run_checkpoint(path))
-    except RunCheckpointError:
-        return False
-
-
-def resolve_run_checkpoint(path: str | Path) -> Path:
-    """``path`` itself when it is a checkpoint, else the one its (or its ``checkpoints/``) ``latest`` names."""
-    path = Path(path).absolute()
-    if not path.exists():
-        raise RunCheckpointError(f"{path} does not exist: pass OUT/checkpoints/iter_XXXXXXX of a maskllm-train run")
-    for root in (path, path / "checkpoints"):
-        if (root / "metadata.json").is_file() and _has_extra(root):
-            return root
-        if (root / "latest").is_file():
-            return resolve_run_checkpoint(root / (root / "latest").read_text().strip())
-    raise RunCheckpointError(f"{path} is not a mask-learning checkpoint (no metadata.json + extra state, no "
-                      f"'latest' pointer): pass OUT/checkpoints/iter_XXXXXXX of a maskllm-train run")
 
 
 def build_sparsified(run: RunCheckpoint, folder: Path, *, parallel_output: bool = True):

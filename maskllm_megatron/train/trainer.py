@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from ..checkpoint_folders import DIST_FILES, LATEST_FILE, MODEL_CONFIG_FILE, is_complete, read_extra
 from ..megatron.parallel import all_reduce_floats, init_parallel, init_process_group
 from .config import ConfigError, TrainConfig, checkpoint_iteration, checkpoint_name
 from .metrics import MaskWatcher, MetricsLogger, StepThroughput, host_rss_bytes, peak_memory_bytes
@@ -125,7 +126,6 @@ def transfer_masks(model, ckpt_dir: str) -> dict:
     MaskLLM prior), exactly as from a one-shot prior.
     """
     from ..masks import hard_mask
-    from ..checkpoint_files import read_extra
     from ..megatron.checkpointing import load_sharded, load_tensors_metadata
     from ..megatron.sparsify import masked_layers
 
@@ -197,8 +197,6 @@ def latest_checkpoint(cfg: TrainConfig, announce: bool = False) -> Optional[Path
     the driver says that it resumes elsewhere). None when the run has no checkpoint; ``ConfigError``,
     naming the folder, when it has checkpoint folders but none is complete (a fresh start there would
     rotate them away)."""
-    from ..checkpoint_files import is_complete
-
     root = checkpoint_root(cfg)
     found = sorted(((checkpoint_iteration(p.name), p) for p in root.glob("iter_*") if p.is_dir()
                     and checkpoint_iteration(p.name) is not None), reverse=True)
@@ -208,7 +206,7 @@ def latest_checkpoint(cfg: TrainConfig, announce: bool = False) -> Optional[Path
     if newest is None:
         raise ConfigError(f"{root} holds {', '.join(p.name for _, p in found)} but none is a complete checkpoint: "
                           "restore one, or move the folder away to start the run afresh")
-    pointer = root / "latest"
+    pointer = root / LATEST_FILE
     named = pointer.read_text().strip() if pointer.is_file() else ""
     if announce and named != newest.name:
         why = "is empty" if pointer.is_file() and not named else "is missing" if not pointer.is_file() else \
@@ -225,7 +223,7 @@ def input_fingerprints(cfg: TrainConfig) -> dict:
     from ..data.datasets import parse_blend
 
     base = Path(cfg.model.checkpoint)
-    model = {name: file_digest(base / name) for name in ("model_config.json", "metadata.json", ".metadata")
+    model = {name: file_digest(base / name) for name in (MODEL_CONFIG_FILE, *DIST_FILES)
              if (base / name).is_file()}
     model["data_bytes"] = sum(p.stat().st_size for p in base.glob("*.distcp"))
     data = {}
@@ -291,7 +289,7 @@ def save(cfg: TrainConfig, state: "LoopState", model, optimizer, scheduler, is_r
     if is_rank0:
         tmp = root / "latest.tmp"
         tmp.write_text(name)
-        os.replace(tmp, root / "latest")  # the pointer moves only after the checkpoint is complete
+        os.replace(tmp, root / LATEST_FILE)  # the pointer moves only after the checkpoint is complete
         done = {checkpoint_iteration(p.name): p for p in root.glob("iter_*") if p.is_dir()}
         done.pop(None, None)  # folders still being written
         ours = {it: p for it, p in done.items() if it in state.written or it <= state.resumed_from}
@@ -453,7 +451,6 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     """Run (or resume) mask learning as configured; return the final metrics."""
     from megatron.core import parallel_state
 
-    from ..checkpoint_files import read_extra
     from ..megatron.sparsify import fix_masks, mask_logits_group, masked_layers
     from .data import build_data
 

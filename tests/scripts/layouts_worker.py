@@ -146,7 +146,7 @@ def resume_without_sp(tiny: Path) -> dict:
     run resumed from that checkpoint with neither (in this process: a launch costs seconds)."""
     import shutil
 
-    from maskllm_megatron.checkpoint_files import read_extra
+    from maskllm_megatron.checkpoint_folders import read_extra
     from maskllm_megatron.train.config import TrainConfig
     from maskllm_megatron.train.trainer import train
 

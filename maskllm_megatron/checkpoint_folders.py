@@ -1,0 +1,328 @@
+"""The folders the tools read and write, in one place: what each kind holds, how it is recognised and
+read without megatron, and how every one is written atomically by all ranks. Pure Python and torch.
+
+Kinds (``folder_kind`` tells them apart; each tool refuses the wrong one in one line naming the fix):
+
+- **converted** (``maskllm-convert hf-to-mcore``): a megatron-core dist checkpoint (``metadata.json`` +
+  torch's ``.metadata``), ``model_config.json`` (``convert.checkpoint.CheckpointInfo``) and ``tokenizer/``.
+- **exported mcore** (``maskllm-export --format mcore``): a converted folder whose masked weights keep
+  their boolean mask as ``prior_mask`` tensors, plus ``sparsity.json``.
+- **run** (``maskllm-train``): ``OUT/checkpoints/iter_XXXXXXX``, a dist checkpoint (weights, logits,
+  optimizer) plus ``extra_state.json`` (iteration, scheduler, history, the run's config); the
+  ``latest`` file beside it names the newest (``resolve_run_checkpoint`` follows it).
+- **hf** (``maskllm-convert mcore-to-hf``, ``maskllm-export --format hf / compressed-tensors``):
+  ``config.json`` + safetensors; a **mask file** is one safetensors file with a ``MASK_FILE_FORMAT`` header.
+
+Nothing read from a checkpoint can run code: the driver's plain values are JSON (``extra_state.json``;
+an older ``extra_state.pt`` is read with ``torch.load(weights_only=True)``), and torch's dist-checkpoint
+``.metadata``, a pickle that every load unpickles, is first read by an unpickler that admits only the
+dist-checkpoint metadata classes (``check_metadata``): a checkpoint from a stranger that names anything
+else is refused.
+
+Every output is assembled in a hidden sibling (``staging``) and renamed into place (``publish``) once
+every rank has written its part, so a folder that exists is complete; ``atomic_dir`` is the two together
+for a tool's output folder, which it marks as that tool's (``--overwrite`` replaces only such a folder).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+
+class FolderError(ValueError):
+    """A path is not the folder kind a tool needs, or an output cannot be written there (message: the
+    problem and the fix). Like every bad-input error it is a ValueError: the tools print it as one line."""
+
+
+class CheckpointMismatch(FolderError):
+    """The checkpoint does not fit the model, or is damaged (message names the file or tensor and the fix)."""
+
+
+class UnsafeCheckpoint(CheckpointMismatch):
+    """A checkpoint file would run code when read (message names the file and what it references)."""
+
+
+class RunCheckpointError(FolderError):
+    """The path is not a usable run checkpoint (message: problem and fix)."""
+
+
+MODEL_CONFIG_FILE = "model_config.json"  # a converted (or exported mcore) folder's CheckpointInfo
+TOKENIZER_DIR = "tokenizer"
+SPARSITY_FILE = "sparsity.json"  # an exported mcore folder's structure record
+EXTRA_FILE = "extra_state.json"  # a run checkpoint's plain values
+LEGACY_EXTRA_FILE = "extra_state.pt"  # written before the JSON file; read without unpickling code
+LATEST_FILE = "latest"  # beside a run's iter_* folders: the newest one's name
+DIST_FILES = ("metadata.json", ".metadata")  # megatron's and torch's indexes of a dist checkpoint
+OUTPUT_MARKER = ".maskllm-output.json"  # in every folder a tool writes: what --overwrite may replace
+#: ``format`` in the header of the N:M mask files ``maskllm-export --format masks`` writes
+MASK_FILE_FORMAT = "maskllm-nm-packed"
+
+
+def extra_path(ckpt_dir: str | Path) -> Optional[Path]:
+    """The checkpoint's extra-state file (JSON, or an older ``.pt``), None if it has none."""
+    for name in (EXTRA_FILE, LEGACY_EXTRA_FILE):
+        path = Path(ckpt_dir) / name
+        if path.is_file():
+            return path
+    return None
+
+
+def read_extra(ckpt_dir: str | Path) -> Optional[dict]:
+    """The driver's plain values saved beside the tensors (None if there are none). A malformed file is a
+    ``CheckpointMismatch`` naming it."""
+    path = extra_path(ckpt_dir)
+    if path is None:
+        return None
+    try:
+        if path.name == EXTRA_FILE:
+            extra = json.loads(path.read_text())
+        else:
+            extra = torch.load(path, weights_only=True)  # plain containers and numbers only
+    except (ValueError, OSError, pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise CheckpointMismatch(f"{path} cannot be read as a checkpoint's extra state ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else 'empty'}): the checkpoint is damaged; "
+                                 "resume from another one") from None
+    if not isinstance(extra, dict):
+        raise CheckpointMismatch(f"{path} holds a {type(extra).__name__}, not a checkpoint's extra state")
+    return extra
+
+
+def write_extra(folder: Path, extra: dict) -> None:
+    """Write the driver's plain values as the folder's ``extra_state.json``."""
+    (folder / EXTRA_FILE).write_text(json.dumps(extra, allow_nan=True))
+
+
+# torch.distributed.checkpoint's metadata pickle names these and nothing else (checked on its writers'
+# output: megatron's torch_dist strategy, plain dcp.save, which records the checkpoint id as a path; a
+# path object is inert data)
+_METADATA_MODULES = {"torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner"}
+_METADATA_NAMES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                   ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                   *((module, cls) for module in ("pathlib", "pathlib._local")
+                     for cls in ("Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"))}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        allowed = (module in _METADATA_MODULES and not name.startswith("__")) or (module, name) in _METADATA_NAMES
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            allowed = True
+        if not allowed:
+            raise UnsafeCheckpoint(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def check_metadata(ckpt_dir: str | Path) -> None:
+    """Refuse a dist checkpoint whose ``.metadata`` pickle references anything but the dist-checkpoint
+    metadata classes (a planted pickle would run code inside torch's reader). Call before every load."""
+    path = Path(ckpt_dir) / ".metadata"
+    if not path.is_file():
+        raise CheckpointMismatch(f"{ckpt_dir} has no .metadata: it is not a complete dist checkpoint")
+    try:
+        _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+    except UnsafeCheckpoint as e:
+        raise UnsafeCheckpoint(f"{path} references {e}, which a dist checkpoint's metadata never holds: refusing to "
+                               "read a checkpoint that could run code (rewrite it with maskllm-train or "
+                               "maskllm-convert)") from None
+    except Exception as e:  # a truncated or foreign file
+        raise CheckpointMismatch(f"{path} is not a dist checkpoint's metadata ({type(e).__name__}): the checkpoint "
+                                 "is damaged; save or convert it again") from None
+
+
+def read_metadata(ckpt_dir: str | Path):
+    """torch's dist-checkpoint ``Metadata`` of ``ckpt_dir``, read by the restricted unpickler."""
+    check_metadata(ckpt_dir)
+    return _MetadataUnpickler(io.BytesIO((Path(ckpt_dir) / ".metadata").read_bytes())).load()
+
+
+def is_complete(ckpt_dir: str | Path) -> bool:
+    """True when ``ckpt_dir`` holds a whole checkpoint: megatron's ``metadata.json``, torch's ``.metadata``,
+    the extra state, and every byte range of every data file the metadata names (a folder half deleted,
+    or copied in part, is not complete)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / DIST_FILES[0]).is_file() or extra_path(ckpt_dir) is None:
+        return False
+    try:
+        metadata = read_metadata(ckpt_dir)
+        needed = {}
+        for info in (getattr(metadata, "storage_data", None) or {}).values():
+            path = getattr(info, "relative_path", None)
+            if path is not None:
+                needed[path] = max(needed.get(path, 0), int(info.offset) + int(info.length))
+        for name, size in needed.items():
+            f = ckpt_dir / name
+            if not f.is_file() or f.stat().st_size < size:
+                return False
+        read_extra(ckpt_dir)
+    except CheckpointMismatch:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- recognising the kinds
+
+def is_dist_checkpoint(folder: str | Path) -> bool:
+    """A megatron-core dist checkpoint (converted, exported mcore or run): megatron's and torch's indexes."""
+    return all((Path(folder) / name).is_file() for name in DIST_FILES)
+
+
+def looks_like_run(folder: str | Path) -> bool:
+    """The folder has a run's files (extra state or a ``latest`` pointer), complete or not: the tools that
+    take a model refuse it and name ``maskllm-export``."""
+    folder = Path(folder)
+    return extra_path(folder) is not None or (folder / LATEST_FILE).is_file()
+
+
+def resolve_run_checkpoint(path: str | Path) -> Path:
+    """``path`` itself when it is a run checkpoint, else the one its (or its ``checkpoints/``) ``latest`` names."""
+    path = Path(path).absolute()
+    if not path.exists():
+        raise RunCheckpointError(f"{path} does not exist: pass OUT/checkpoints/iter_XXXXXXX of a maskllm-train run")
+    for root in (path, path / "checkpoints"):
+        if (root / DIST_FILES[0]).is_file() and extra_path(root) is not None:
+            return root
+        if (root / LATEST_FILE).is_file():
+            return resolve_run_checkpoint(root / (root / LATEST_FILE).read_text().strip())
+    raise RunCheckpointError(f"{path} is not a mask-learning checkpoint (no metadata.json + extra state, no "
+                             f"'latest' pointer): pass OUT/checkpoints/iter_XXXXXXX of a maskllm-train run")
+
+
+def is_run_checkpoint(path: str | Path) -> bool:
+    """True for a run checkpoint (or a folder whose ``latest`` pointer leads to one)."""
+    try:
+        resolve_run_checkpoint(path)
+    except RunCheckpointError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- writing atomically
+
+def is_rank0() -> bool:
+    """Whether this process does the file-system work of a write (always, outside a multi-process world)."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """A barrier over every rank; nothing in a one-process world."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _roles(collective: bool):
+    return (is_rank0(), barrier) if collective else (True, lambda: None)
+
+
+def partial_path(out: Path, suffix: str = "partial") -> Path:
+    """The hidden sibling where ``out`` is assembled before it is renamed into place."""
+    return out.with_name(f".{out.name}.{suffix}")
+
+
+@contextlib.contextmanager
+def staging(out: str | Path, suffix: str = "partial", collective: bool = True) -> Iterator[Path]:
+    """An empty hidden folder beside ``out`` (``partial_path``) for the block to assemble ``out`` in; deleted
+    when the block ends, whatever happens (``publish`` moves the finished output out of it first).
+
+    ``collective``: every rank of a multi-process world enters the block and rank 0 does the file-system
+    work between barriers, so the folder exists before any rank writes; False: this process alone."""
+    tmp = partial_path(Path(out).absolute(), suffix)
+    rank0, sync = _roles(collective)
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    sync()
+    try:
+        yield tmp
+    finally:
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(src: Path, out: str | Path, tool: Optional[str] = None, collective: bool = True) -> Path:
+    """Rename the finished ``src`` (a folder or a file, assembled in ``staging``) to ``out`` once every rank
+    has written its part, replacing an earlier ``out``; a folder is first marked as ``tool``'s output."""
+    out = Path(out).absolute()
+    rank0, sync = _roles(collective)
+    sync()
+    if rank0:
+        if tool is not None and src.is_dir():
+            mark_output(src, tool)
+        if out.is_dir() and not out.is_symlink():
+            shutil.rmtree(out)
+        elif out.exists() or out.is_symlink():
+            out.unlink()
+        os.replace(src, out)
+    sync()
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False, tool: str = "maskllm-convert", inputs=(),
+               collective: bool = True) -> Iterator[Path]:
+    """Yield an empty folder to write ``out`` in; ``out`` appears, marked as ``tool``'s output, only when the
+    block succeeds, so it is either complete or absent. Refuses first what ``check_output`` refuses."""
+    out = Path(out).absolute()
+    check_output(out, overwrite, tool, inputs)
+    with staging(out, "partial", collective) as tmp:
+        yield tmp
+        publish(tmp, out, tool, collective)
+
+
+def output_exists(out: str | Path) -> str:
+    """The one-line refusal of an existing output folder, naming the three ways on."""
+    return f"output {out} already exists: remove it, choose another --out, or pass --overwrite"
+
+
+def mark_output(folder: Path, tool: str) -> None:
+    """Record in an output folder (before it is renamed into place) which tool wrote it."""
+    (Path(folder) / OUTPUT_MARKER).write_text(json.dumps({"tool": tool}) + "\n")
+
+
+def written_by(path: Path) -> Optional[str]:
+    """The tool that wrote the output ``path`` (a folder with our marker, or a mask file with our header),
+    None for anything else."""
+    path = Path(path)
+    marker = path / OUTPUT_MARKER
+    if path.is_dir() and marker.is_file():
+        try:
+            return json.loads(marker.read_text()).get("tool")
+        except (ValueError, AttributeError):
+            return None
+    if path.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # not a safetensors file
+            return None
+        return "maskllm-export" if meta.get("format") == MASK_FILE_FORMAT else None
+    return None
+
+
+def check_output(out: str | Path, overwrite: bool, tool: str, inputs=()) -> None:
+    """Refuse, before any work, an output that exists (without ``overwrite``), and with ``overwrite`` one
+    that holds or is an input (replacing it would delete what is being read) or that is not an earlier
+    output of the same ``tool``: ``--overwrite`` never deletes a folder it does not recognise."""
+    out = Path(out).absolute()
+    if not out.exists():
+        return
+    if not overwrite:
+        raise FolderError(output_exists(out))
+    for inp in inputs:
+        inp = Path(inp).absolute()
+        if out == inp or out in inp.parents:
+            raise FolderError(f"--out {out} holds the input {inp}: --overwrite would delete it; choose another --out")
+    if written_by(out) != tool:
+        raise FolderError(f"--overwrite replaces only an earlier output of {tool}, and {out} is not one: remove it "
+                          "yourself or choose another --out")
