@@ -2,15 +2,16 @@
 against the iterations spent (not in CI).
 
     python benchmarks/refit_smollm2.py --ckpt RUN/checkpoints/iter_XXXXXXX [--iters 40] [--checkpoints 2] \
-        [--lr 2e-4] [--kd-weight 1.0] [--temperature 1.0] [--json benchmarks/results/refit_demo.json]
+        [--lr 2e-4] [--batch 1] [--kd-weight 1.0] [--temperature 1.0] [--json benchmarks/results/refit_demo.json]
 
 The demo's refit stage (``demo.refit_stage``: the driver on 2 data-parallel ranks, 2 x 512 tokens an
-iteration of the run's own training data) keeps the run's hard masks fixed (``prior.method=checkpoint``,
-``mask.refit=true``) and trains the masked layers' kept weights by distillation from the dense model (the
-original weights, kept as the teacher's copy), Adam with a cosine decay to lr / 10, no weight decay. Each
-of ``--checkpoints`` evenly spaced checkpoints is exported (``maskllm-export --format hf``, verified 2:4) and scored on held-out Wikipedia and Shakespeare
-(512-token windows with BOS, 8,192 tokens) beside the plain export of the run's masks. Stages live in the
-demo's cache (``demo.Stages``): a re-run with the same settings reuses them.
+iteration of the run's own training data, ``--batch`` times that with gradient accumulation) keeps the
+run's hard masks fixed (``prior.method=checkpoint``, ``mask.refit=true``) and trains the masked layers'
+kept weights by distillation from the dense model (the original weights, kept as the teacher's copy),
+Adam with a cosine decay to lr / 10, no weight decay. Each of ``--checkpoints`` evenly spaced checkpoints
+is exported (``maskllm-export --format hf``, verified 2:4) and scored on held-out Wikipedia and
+Shakespeare (512-token windows with BOS, 8,192 tokens) beside the plain export of the run's masks.
+Stages live in the demo's cache (``demo.Stages``): a re-run with the same settings reuses them.
 """
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ TEXTS = {"wikipedia": ("--corpus", "wikipedia-heldout"), "shakespeare": ("--corp
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", type=Path, required=True, help="a mask-learning run's checkpoint")
-    p.add_argument("--iters", type=int, default=40, help=f"refit iterations ({DP} x {SEQ} tokens each)")
+    p.add_argument("--iters", type=int, default=40, help=f"refit iterations ({DP} x --batch x {SEQ} tokens each)")
     p.add_argument("--checkpoints", type=int, default=2, help="evenly spaced checkpoints to score")
     p.add_argument("--lr", type=float, default=WeightRefit.lr, help="Adam's peak learning rate for the kept weights")
+    p.add_argument("--batch", type=int, default=WeightRefit.batch,
+                   help=f"sequences a rank per iteration ({DP} x batch x {SEQ} tokens an iteration)")
     p.add_argument("--kd-weight", type=float, default=WeightRefit.kd_weight, help="distill.kd_weight (0: LM loss)")
     p.add_argument("--temperature", type=float, default=WeightRefit.temperature, help="distill.temperature")
     p.add_argument("--texts", default="wikipedia,shakespeare", help="held-out texts to score")
@@ -49,13 +52,15 @@ def main(argv=None) -> int:
         return row
 
     rows = [score("original (the learned mask)", export_stage(stages, ckpt), iterations=0, tokens=0)]
-    run = refit_stage(stages, ckpt, WeightRefit(args.iters, args.lr, args.kd_weight, args.temperature), args.checkpoints)
+    run = refit_stage(stages, ckpt, WeightRefit(args.iters, args.lr, args.kd_weight, args.temperature, args.batch),
+                      args.checkpoints)
     wall = float((run / "refit_wall_s").read_text())
     for saved in sorted((run / "checkpoints").glob("iter_*")):
         iteration = int(saved.name.split("_")[1])
         rows.append(score(f"refit, {iteration} iterations", export_stage(stages, saved), iterations=iteration,
-                          tokens=iteration * DP * SEQ))
-    result = {"checkpoint": str(ckpt), "iters": args.iters, "lr": args.lr, "kd_weight": args.kd_weight,
+                          tokens=iteration * DP * args.batch * SEQ))
+    result = {"checkpoint": str(ckpt), "iters": args.iters, "batch": args.batch, "lr": args.lr,
+              "kd_weight": args.kd_weight,
               "temperature": args.temperature, "refit_wall_s": round(wall, 1), "rows": rows}
     if args.json:
         tmp = args.json.with_suffix(".json.tmp")

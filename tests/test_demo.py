@@ -290,6 +290,10 @@ def test_refit_stage_runs_a_driver_config_that_refits_the_runs_own_masks(tmp_pat
     assert (first / "refit_wall_s").is_file()
     (ckpt / "extra_state.json").write_text(json.dumps({"iteration": 38, "config": learned, "history": [1]}))
     assert demo.refit_stage(stages, ckpt, refit) != first and len(configs) == 2  # another run's checkpoint
+    larger = demo.refit_stage(stages, ckpt, demo.WeightRefit(iters=8, batch=4))  # 4 sequences a rank, accumulated
+    cfg = configs[2].validate(world_size=demo.DP)
+    assert larger != first and cfg.data.micro_batch_size == 1 and cfg.data.global_batch_size == 4 * demo.DP
+    assert configs[0].data.global_batch_size == demo.DP
 
 
 def test_convert_stage_follows_the_model_folders_content(tmp_path, monkeypatch):

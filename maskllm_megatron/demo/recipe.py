@@ -118,12 +118,14 @@ def recipe_from_args(args: argparse.Namespace) -> LearnRecipe:
 class WeightRefit:
     """The kept weights refit end to end under a run's learned masks (``mask.refit``): Adam from ``lr``
     (cosine to lr / 10, no weight decay) on ``kd_weight`` x the KL to the dense model (temperature 1) +
-    the rest x the LM loss, ``iters`` iterations of DP x SEQ tokens of the run's own training data."""
+    the rest x the LM loss, ``iters`` iterations of DP x ``batch`` x SEQ tokens of the run's own training
+    data (``batch`` sequences a rank, accumulated one at a time)."""
 
     iters: int = 20
     lr: float = 2e-4
     kd_weight: float = 1.0
     temperature: float = 1.0
+    batch: int = 1
 
 
 @dataclass(frozen=True)
