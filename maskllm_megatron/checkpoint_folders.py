@@ -234,7 +234,9 @@ def staging(out: str | Path, suffix: str = "partial", collective: bool = True) -
     when the block ends, whatever happens (``publish`` moves the finished output out of it first).
 
     ``collective``: every rank of a multi-process world enters the block and rank 0 does the file-system
-    work between barriers, so the folder exists before any rank writes; False: this process alone."""
+    work between barriers, so the folder exists before any rank writes; False: this process alone. A
+    failure on rank 0 deletes the folder at once, without waiting for the others (they may be stuck in a
+    collective): their writes then fail too, and nothing half-written is left."""
     tmp = partial_path(Path(out).absolute(), suffix)
     rank0, sync = _roles(collective)
     if rank0:

@@ -23,7 +23,8 @@ def main(out: Path) -> None:
     try:
         with atomic_dir(out, overwrite=True, tool="test") as tmp:
             (tmp / f"new-{rank}").write_text("x")
-            raise RuntimeError("killed mid-write")
+            dist.barrier()  # every rank has written its part when the failure comes (a rank that fails
+            raise RuntimeError("killed mid-write")  # first deletes the staging under a slower one's feet)
     except RuntimeError:
         failed = True
     dist.barrier()
