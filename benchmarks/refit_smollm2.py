@@ -2,7 +2,7 @@
 against the iterations spent (not in CI).
 
     python benchmarks/refit_smollm2.py --ckpt RUN/checkpoints/iter_XXXXXXX [--iters 40] [--checkpoints 2] \
-        [--lr 2e-4] [--batch 1] [--kd-weight 1.0] [--temperature 1.0] [--json benchmarks/results/refit_demo.json]
+        [--lr 2e-4] [--warmup 0] [--batch 1] [--kd-weight 1.0] [--temperature 1.0] [--json benchmarks/results/refit_demo.json]
 
 The demo's refit stage (``demo.refit_stage``: the driver on 2 data-parallel ranks, 2 x 512 tokens an
 iteration of the run's own training data, ``--batch`` times that with gradient accumulation) keeps the
@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=40, help=f"refit iterations ({DP} x --batch x {SEQ} tokens each)")
     p.add_argument("--checkpoints", type=int, default=2, help="evenly spaced checkpoints to score")
     p.add_argument("--lr", type=float, default=WeightRefit.lr, help="Adam's peak learning rate for the kept weights")
+    p.add_argument("--warmup", type=int, default=WeightRefit.warmup_iters,
+                   help="iterations of linear lr warm-up from 0 (Adam's first steps move every weight by ~lr)")
     p.add_argument("--batch", type=int, default=WeightRefit.batch,
                    help=f"sequences a rank per iteration ({DP} x batch x {SEQ} tokens an iteration)")
     p.add_argument("--kd-weight", type=float, default=WeightRefit.kd_weight, help="distill.kd_weight (0: LM loss)")
@@ -52,14 +54,14 @@ def main(argv=None) -> int:
         return row
 
     rows = [score("original (the learned mask)", export_stage(stages, ckpt), iterations=0, tokens=0)]
-    run = refit_stage(stages, ckpt, WeightRefit(args.iters, args.lr, args.kd_weight, args.temperature, args.batch),
+    run = refit_stage(stages, ckpt, WeightRefit(args.iters, args.lr, args.kd_weight, args.temperature, args.batch, args.warmup),
                       args.checkpoints)
     wall = float((run / "refit_wall_s").read_text())
     for saved in sorted((run / "checkpoints").glob("iter_*")):
         iteration = int(saved.name.split("_")[1])
         rows.append(score(f"refit, {iteration} iterations", export_stage(stages, saved), iterations=iteration,
                           tokens=iteration * DP * args.batch * SEQ))
-    result = {"checkpoint": str(ckpt), "iters": args.iters, "batch": args.batch, "lr": args.lr,
+    result = {"checkpoint": str(ckpt), "iters": args.iters, "batch": args.batch, "warmup": args.warmup, "lr": args.lr,
               "kd_weight": args.kd_weight,
               "temperature": args.temperature, "refit_wall_s": round(wall, 1), "rows": rows}
     if args.json:

@@ -116,7 +116,8 @@ def refit_stage(stages: Stages, ckpt: Path, refit: WeightRefit, checkpoints: int
     def run(w: Path):
         cfg = train_config(base, prefix, w, prior={"method": "checkpoint", "checkpoint": str(ckpt)},
                             data={"micro_batch_size": 1, "global_batch_size": DP * refit.batch},
-                            optim={"lr": refit.lr, "min_lr": refit.lr / 10, "weight_decay": 0.0},
+                            optim={"lr": refit.lr, "min_lr": refit.lr / 10, "weight_decay": 0.0,
+                                   "warmup_iters": refit.warmup_iters},
                             mask={"refit": True}, distill={"kd_weight": refit.kd_weight,
                                                            "temperature": refit.temperature},
                             run={"train_iters": refit.iters, "log_interval": 5, "eval_interval": 0,
