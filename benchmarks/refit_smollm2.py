@@ -54,16 +54,17 @@ def main(argv=None) -> int:
         return row
 
     rows = [score("original (the learned mask)", export_stage(stages, ckpt), iterations=0, tokens=0)]
-    run = refit_stage(stages, ckpt, WeightRefit(args.iters, args.lr, args.kd_weight, args.temperature, args.batch, args.warmup),
-                      args.checkpoints)
+    refit = WeightRefit(iters=args.iters, lr=args.lr, kd_weight=args.kd_weight, temperature=args.temperature,
+                        batch=args.batch, warmup_iters=args.warmup)
+    run = refit_stage(stages, ckpt, refit, args.checkpoints)
     wall = float((run / "refit_wall_s").read_text())
     for saved in sorted((run / "checkpoints").glob("iter_*")):
         iteration = int(saved.name.split("_")[1])
         rows.append(score(f"refit, {iteration} iterations", export_stage(stages, saved), iterations=iteration,
                           tokens=iteration * DP * args.batch * SEQ))
-    result = {"checkpoint": str(ckpt), "iters": args.iters, "batch": args.batch, "warmup": args.warmup, "lr": args.lr,
-              "kd_weight": args.kd_weight,
-              "temperature": args.temperature, "refit_wall_s": round(wall, 1), "rows": rows}
+    result = {"checkpoint": str(ckpt), "iters": args.iters, "batch": args.batch, "warmup": args.warmup,
+              "lr": args.lr, "kd_weight": args.kd_weight, "temperature": args.temperature,
+              "refit_wall_s": round(wall, 1), "rows": rows}
     if args.json:
         tmp = args.json.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(result, indent=2))

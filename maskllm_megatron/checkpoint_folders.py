@@ -1,7 +1,8 @@
 """The folders the tools read and write, in one place: what each kind holds, how it is recognised and
 read without megatron, and how every one is written atomically by all ranks. Pure Python and torch.
 
-Kinds (``folder_kind`` tells them apart; each tool refuses the wrong one in one line naming the fix):
+Kinds (``is_dist_checkpoint``, ``looks_like_run`` and ``resolve_run_checkpoint`` tell them apart; each tool
+refuses the wrong one in one line naming the fix):
 
 - **converted** (``maskllm-convert hf-to-mcore``): a megatron-core dist checkpoint (``metadata.json`` +
   torch's ``.metadata``), ``model_config.json`` (``convert.checkpoint.CheckpointInfo``) and ``tokenizer/``.

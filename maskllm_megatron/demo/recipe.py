@@ -117,9 +117,9 @@ def recipe_from_args(args: argparse.Namespace) -> LearnRecipe:
 @dataclass(frozen=True)
 class WeightRefit:
     """The kept weights refit end to end under a run's learned masks (``mask.refit``): Adam to ``lr``
-    (after ``warmup_iters`` of linear warm-up; cosine to lr / 10, no weight decay) on ``kd_weight`` x the KL to the dense model (temperature 1) +
-    the rest x the LM loss, ``iters`` iterations of DP x ``batch`` x SEQ tokens of the run's own training
-    data (``batch`` sequences a rank, accumulated one at a time)."""
+    (after ``warmup_iters`` of linear warm-up; cosine to lr / 10, no weight decay) on ``kd_weight`` x the
+    KL to the dense model (temperature 1) + the rest x the LM loss, ``iters`` iterations of DP x ``batch``
+    x SEQ tokens of the run's own training data (``batch`` sequences a rank, accumulated one at a time)."""
 
     iters: int = 20
     lr: float = 2e-4
