@@ -1,7 +1,7 @@
 """Reconstruction of a learned mask's kept weights on SmolLM2-135M: held-out perplexity and cost (not in CI).
 
     python benchmarks/reconstruct_smollm2.py --ckpt RUN/checkpoints/iter_XXXXXXX \
-        [--variants block,lstsq,lstsq-dense-ts,obs] [--samples 128] [--sweep 16,32,64] \
+        [--variants block,lstsq,lstsq-dense-ts,obs] [--samples 128] [--sweep 16,32,64] [--use-prior] \
         [--json benchmarks/results/reconstruct_demo.json]
 
 Each variant exports the checkpoint with ``maskllm-export --format hf --reconstruct`` (calibration samples
@@ -10,6 +10,7 @@ checkpoint's content and the flags: a re-run reuses it), then scores it on held-
 Shakespeare (512-token windows with BOS, 8,192 tokens) beside the plain export of the same masks. The
 export's wall time (reconstruction included) is reported: it depends on what else the machine ran.
 ``--sweep`` repeats the first variant at other calibration-sample counts (where the gain saturates).
+``--use-prior`` takes a prior-only checkpoint's one-shot masks (e.g. the demo's SparseGPT prior stage).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=Reconstruction.epochs, help="block variants: passes per block")
     p.add_argument("--lr", type=float, default=Reconstruction.lr, help="block variants: Adam's learning rate")
     p.add_argument("--sweep", type=ints, default=[], help="more calibration-sample counts for the first variant")
+    p.add_argument("--use-prior", action="store_true", help="the checkpoint's prior masks (a prior-only run)")
     p.add_argument("--texts", default="wikipedia,shakespeare", help="held-out texts to score")
     p.add_argument("--json", type=Path, help="write the rows here too")
     args = p.parse_args(argv)
@@ -63,17 +65,18 @@ def main(argv=None) -> int:
         print("ROW " + json.dumps(row), flush=True)
         return row
 
-    rows = [score("learned mask, original weights", export_stage(stages, ckpt), None)]
+    masks = "prior" if args.use_prior else "learned"
+    rows = [score(f"{masks} mask, original weights", export_stage(stages, ckpt, args.use_prior), None)]
     runs = [(name, replace(VARIANTS[name], samples=args.samples)) for name in names]
     runs += [(names[0], replace(VARIANTS[names[0]], samples=n)) for n in args.sweep]
     for name, recon in runs:
         if recon.method == "block":
             recon = replace(recon, epochs=args.epochs, lr=args.lr)
-        folder, seconds = reconstruct_stage(stages, ckpt, recon)
+        folder, seconds = reconstruct_stage(stages, ckpt, recon, args.use_prior)
         rows.append(dict(score(f"+ {name} ({recon.samples} samples)", folder, seconds), flags=recon.flags()))
     if args.json:
         tmp = args.json.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"checkpoint": str(ckpt), "rows": rows}, indent=2))
+        tmp.write_text(json.dumps({"checkpoint": str(ckpt), "masks": masks, "rows": rows}, indent=2))
         os.replace(tmp, args.json)
     print("| weights | " + " | ".join(f"held-out {t}" for t in texts) + " | export s |")
     print("|---|" + "---|" * (len(texts) + 1))

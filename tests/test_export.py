@@ -263,6 +263,29 @@ def test_compressed_tensors_refuses_non_24_before_loading(tiny_run, tmp_path):
     assert not (tmp_path / "ct").exists()
 
 
+def test_a_prior_only_checkpoint_needs_use_prior(tiny_run, tmp_path, capsys):
+    """A run saved at iteration 0 (``run.train_iters=0``) learned nothing: its logits' argmax is the prior
+    blurred by the initial noise (2,669 held-out PPL for SmolLM2's SparseGPT prior of 131). Export and eval
+    refuse it in one line without --use-prior, writing nothing; with it, the prior's masks are exported."""
+    from maskllm_megatron.eval.perplexity import main as eval_main
+    from maskllm_megatron.export.cli import main
+
+    run = tmp_path / "prior_only"
+    shutil.copytree(tiny_run["work"] / "run" / "checkpoints" / "iter_0000003", run)
+    extra = json.loads((run / "extra_state.json").read_text())
+    extra["iteration"], extra["config"]["prior"] = 0, {"method": "magnitude"}
+    (run / "extra_state.json").write_text(json.dumps(extra))
+    assert main(["--ckpt", str(run), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {run} is a prior-only checkpoint (iteration 0) and holds no learned masks: pass "
+                   f"--use-prior to export its one-shot prior"], err
+    assert not (tmp_path / "hf").exists()
+    assert eval_main(["--ckpt", str(run), "--corpus", "shakespeare"]) == 2
+    assert "--use-prior to evaluate its one-shot prior" in capsys.readouterr().err
+    assert main(["--ckpt", str(run), "--out", str(tmp_path / "prior.masks"), "--format", "masks", "--use-prior"]) == 0
+    assert (tmp_path / "prior.masks").exists()
+
+
 # ---------------------------------------------------------------------------------------------- real weights
 @pytest.mark.slow
 def test_smollm2_magnitude_mask_file_near_the_floor(smollm2_export):

@@ -174,13 +174,17 @@ def _export(stages: Stages, ckpt: Path, name: str, flags: list[str], *key) -> Pa
     return stages.run(6, name, stage_key(str(ckpt), content, *key), export)
 
 
-def export_stage(stages: Stages, ckpt: Path) -> Path:
-    """The learned 2:4 model as a verified Hugging Face folder."""
-    return _export(stages, ckpt, "export", []) / "hf"
+def export_stage(stages: Stages, ckpt: Path, use_prior: bool = False) -> Path:
+    """The learned 2:4 model (``use_prior``: a prior-only checkpoint's one-shot masks) as a verified Hugging
+    Face folder."""
+    prior = ["--use-prior"] if use_prior else []
+    return _export(stages, ckpt, "export", prior, *prior) / "hf"
 
 
-def reconstruct_stage(stages: Stages, ckpt: Path, recon: Reconstruction) -> tuple[Path, float]:
-    """The learned masks with their kept weights refitted (``maskllm-export --reconstruct``) as a verified
-    Hugging Face folder, and the seconds the export took (reconstruction included)."""
-    folder = _export(stages, ckpt, f"reconstruct-{recon.name}", recon.flags(), recon.flags())
+def reconstruct_stage(stages: Stages, ckpt: Path, recon: Reconstruction, use_prior: bool = False) -> tuple[Path, float]:
+    """The learned masks (``use_prior``: the prior's) with their kept weights refitted (``maskllm-export
+    --reconstruct``) as a verified Hugging Face folder, and the seconds the export took (reconstruction
+    included)."""
+    flags = recon.flags() + (["--use-prior"] if use_prior else [])
+    folder = _export(stages, ckpt, f"reconstruct-{recon.name}", flags, flags)
     return folder / "hf", float(json.loads((folder / "seconds.json").read_text()))

@@ -299,6 +299,9 @@ def load_mcore_for_eval(path: str | Path, use_prior: bool = False):
 
     if is_run_checkpoint(path):
         run = RunCheckpoint.open(path)
+        if run.prior_only and not use_prior:
+            raise EvalError(f"{run.path} is a prior-only checkpoint (iteration 0) and holds no learned masks: pass "
+                            f"--use-prior to evaluate its one-shot prior")
         return load_masked_model(run, use_prior=use_prior, parallel_output=False), run.info.model, \
             run.base / TOKENIZER_DIR
     if use_prior:

@@ -52,6 +52,13 @@ class RunCheckpoint:
                    tuple(mask["include"]), tuple(mask["exclude"]), extra.get("iteration"), config)
 
     @property
+    def prior_only(self) -> bool:
+        """Saved at iteration 0 with a one-shot prior (``run.train_iters=0``): nothing is learned yet, and the
+        logits' argmax is the prior blurred by the logits' initial noise, not a mask anyone chose."""
+        return (self.iteration == 0 and self.config.get("prior", {}).get("method", "none") != "none"
+                and not self.config.get("mask", {}).get("refit", False))
+
+    @property
     def model_type(self) -> str:
         return model_type_of(self.info.model, self.info.hf_config)
 
