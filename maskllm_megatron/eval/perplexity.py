@@ -290,6 +290,18 @@ def checkpoint_model_config(path: str | Path):
     return RunCheckpoint.open(path).info.model if is_run_checkpoint(path) else CheckpointInfo.load(path).model
 
 
+def refuse_prior_only(path: str | Path) -> None:
+    """A prior-only run checkpoint (iteration 0) evaluated with its logits' argmax would score the prior
+    blurred by the initial noise: name ``--use-prior`` instead (checked before any rank starts)."""
+    from maskllm_megatron.checkpoint_folders import is_run_checkpoint
+    from maskllm_megatron.train.run_checkpoint import RunCheckpoint
+
+    run = RunCheckpoint.open(path) if is_run_checkpoint(path) else None
+    if run is not None and run.prior_only:
+        raise EvalError(f"{run.path} is a prior-only checkpoint (iteration 0) and holds no learned masks: pass "
+                        f"--use-prior to evaluate its one-shot prior")
+
+
 def load_mcore_for_eval(path: str | Path, use_prior: bool = False):
     """(model with gathered logits, ModelConfig, tokenizer folder) of a converted, exported or run
     checkpoint at the initialised layout; a run checkpoint forwards with its hard (or prior) masks."""
@@ -299,9 +311,6 @@ def load_mcore_for_eval(path: str | Path, use_prior: bool = False):
 
     if is_run_checkpoint(path):
         run = RunCheckpoint.open(path)
-        if run.prior_only and not use_prior:
-            raise EvalError(f"{run.path} is a prior-only checkpoint (iteration 0) and holds no learned masks: pass "
-                            f"--use-prior to evaluate its one-shot prior")
         return load_masked_model(run, use_prior=use_prior, parallel_output=False), run.info.model, \
             run.base / TOKENIZER_DIR
     if use_prior:
@@ -378,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.hf is not None and (args.tp != 1 or args.use_prior):
             raise EvalError("--tp and --use-prior apply to --ckpt (megatron-core) only")
+        if args.ckpt is not None and not args.use_prior:
+            refuse_prior_only(args.ckpt)
         if args.tp > 1 and not under_torchrun():
             checkpoint_model_config(args.ckpt).validate_parallel(args.tp, 1)  # fail fast, before starting ranks
             return relaunch("maskllm_megatron.eval.perplexity", argv, args.tp)
