@@ -354,7 +354,8 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--hf", type=Path, help="Hugging Face model folder (dense or exported sparse)")
     model.add_argument("--ckpt", type=Path, help="megatron-core checkpoint: converted, exported, or a run checkpoint")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size for --ckpt (default 1)")
-    ap.add_argument("--use-prior", action="store_true", help="run checkpoint: use the prior masks, not the argmax")
+    ap.add_argument("--use-prior", action="store_true", help="run checkpoint: use the prior masks, not the argmax "
+                    "(a prior-only checkpoint, saved at iteration 0, needs it)")
     text = ap.add_mutually_exclusive_group(required=True)
     text.add_argument("--text-file", type=Path, help="plain text file")
     text.add_argument("--jsonl", type=Path, help="JSONL file; records joined with blank lines")

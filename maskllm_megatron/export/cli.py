@@ -36,7 +36,8 @@ def _export_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, type=Path, help="folder (mask file for --format masks) to create")
     ap.add_argument("--format", required=True, choices=["mcore", "hf", "compressed-tensors", "masks"])
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size to load at (default 1)")
-    ap.add_argument("--use-prior", action="store_true", help="export the stored prior (one-shot) masks instead")
+    ap.add_argument("--use-prior", action="store_true", help="export the stored prior (one-shot) masks instead "
+                    "(a prior-only checkpoint, saved at iteration 0, needs it)")
     ap.add_argument("--base-ckpt", type=Path, help="the run's converted checkpoint, if it moved since training")
     ap.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors file (default 5)")
     ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
