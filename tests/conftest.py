@@ -1,4 +1,5 @@
 """Fixtures shared by several test modules."""
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,3 +18,12 @@ def tiny(tmp_path_factory):
     subprocess.run([sys.executable, "tests/scripts/make_tiny_run.py", str(d)], check=True, cwd=ROOT,
                    capture_output=True)
     return d
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raising KeyboardInterrupt, as in a terminal. A shell starts a background job (``make test &``)
+    with SIGINT ignored, and Python keeps an ignored SIGINT: the Ctrl-C tests would then wait forever."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

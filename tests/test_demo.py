@@ -94,7 +94,7 @@ while True:
 """
 
 
-def test_ctrl_c_stops_a_torchrun_stage_after_its_save_and_says_how_to_resume(tmp_path):
+def test_ctrl_c_stops_a_torchrun_stage_after_its_save_and_says_how_to_resume(tmp_path, ctrl_c_raises):
     """Ctrl-C in the demo: the stage's ranks (torchrun, its own session) get one SIGTERM through torchrun,
     which waits for their save even past its default 30 s; then the demo says the stage resumes from the
     checkpoint they saved."""

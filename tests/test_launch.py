@@ -21,7 +21,7 @@ while True:
 """
 
 
-def test_ctrl_c_reaches_the_ranks_once_and_removes_the_partial_output(tmp_path, monkeypatch):
+def test_ctrl_c_reaches_the_ranks_once_and_removes_the_partial_output(tmp_path, monkeypatch, ctrl_c_raises):
     import psutil
 
     from maskllm_megatron.launch import relaunch
