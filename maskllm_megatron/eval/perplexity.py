@@ -290,18 +290,6 @@ def checkpoint_model_config(path: str | Path):
     return RunCheckpoint.open(path).info.model if is_run_checkpoint(path) else CheckpointInfo.load(path).model
 
 
-def refuse_prior_only(path: str | Path) -> None:
-    """A prior-only run checkpoint (iteration 0) evaluated with its logits' argmax would score the prior
-    blurred by the initial noise: name ``--use-prior`` instead (checked before any rank starts)."""
-    from maskllm_megatron.checkpoint_folders import is_run_checkpoint
-    from maskllm_megatron.train.run_checkpoint import RunCheckpoint
-
-    run = RunCheckpoint.open(path) if is_run_checkpoint(path) else None
-    if run is not None and run.prior_only:
-        raise EvalError(f"{run.path} is a prior-only checkpoint (iteration 0) and holds no learned masks: pass "
-                        f"--use-prior to evaluate its one-shot prior")
-
-
 def load_mcore_for_eval(path: str | Path, use_prior: bool = False):
     """(model with gathered logits, ModelConfig, tokenizer folder) of a converted, exported or run
     checkpoint at the initialised layout; a run checkpoint forwards with its hard (or prior) masks."""
@@ -380,16 +368,18 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    from maskllm_megatron.checkpoint_folders import is_run_checkpoint
     from maskllm_megatron.launch import exit_cleanly_on_sigterm, relaunch, under_torchrun
     from maskllm_megatron.megatron.parallel import ProcessGroupScope
+    from maskllm_megatron.train.run_checkpoint import RunCheckpoint
 
     errors = (ValueError, OSError)  # bad input: every error class for it derives from ValueError
     groups = ProcessGroupScope()
     try:
         if args.hf is not None and (args.tp != 1 or args.use_prior):
             raise EvalError("--tp and --use-prior apply to --ckpt (megatron-core) only")
-        if args.ckpt is not None and not args.use_prior:
-            refuse_prior_only(args.ckpt)
+        if args.ckpt is not None and is_run_checkpoint(args.ckpt):  # before any rank starts
+            RunCheckpoint.open(args.ckpt).check_mask_source(args.use_prior, "evaluate")
         if args.tp > 1 and not under_torchrun():
             checkpoint_model_config(args.ckpt).validate_parallel(args.tp, 1)  # fail fast, before starting ranks
             return relaunch("maskllm_megatron.eval.perplexity", argv, args.tp)

@@ -122,9 +122,7 @@ def check_request(cfg: ExportConfig) -> RunCheckpoint:
     is checked by ``plan_calibration``, which ``export`` calls.)"""
     run = RunCheckpoint.open(cfg.ckpt, cfg.base)
     check_output(cfg.out, cfg.overwrite, "maskllm-export", [run.path, run.base])
-    if run.prior_only and not cfg.use_prior:
-        raise ExportError(f"{run.path} is a prior-only checkpoint (iteration 0) and holds no learned masks: pass "
-                          f"--use-prior to export its one-shot prior")
+    run.check_mask_source(cfg.use_prior, "export")
     if cfg.format == "compressed-tensors":
         if run.nm != NMSpec(2, 4):
             raise ExportError(f"compressed-tensors stores 2:4 only, the run learned {run.nm} masks: export "

@@ -58,6 +58,12 @@ class RunCheckpoint:
         return (self.iteration == 0 and self.config.get("prior", {}).get("method", "none") != "none"
                 and not self.config.get("mask", {}).get("refit", False))
 
+    def check_mask_source(self, use_prior: bool, verb: str) -> None:
+        """Refuse the argmax of a prior-only checkpoint (``verb``: what the tool would do with it)."""
+        if self.prior_only and not use_prior:
+            raise RunCheckpointError(f"{self.path} is a prior-only checkpoint (iteration 0) and holds no learned "
+                                     f"masks: pass --use-prior to {verb} its one-shot prior")
+
     @property
     def model_type(self) -> str:
         return model_type_of(self.info.model, self.info.hf_config)
