@@ -61,7 +61,8 @@ SPARSITY_FILE = "sparsity.json"  # an exported mcore folder's structure record
 EXTRA_FILE = "extra_state.json"  # a run checkpoint's plain values
 LEGACY_EXTRA_FILE = "extra_state.pt"  # written before the JSON file; read without unpickling code
 LATEST_FILE = "latest"  # beside a run's iter_* folders: the newest one's name
-DIST_FILES = ("metadata.json", ".metadata")  # megatron's and torch's indexes of a dist checkpoint
+MEGATRON_METADATA = "metadata.json"  # megatron's index of a dist checkpoint
+DIST_FILES = (MEGATRON_METADATA, ".metadata")  # megatron's and torch's indexes of a dist checkpoint
 OUTPUT_MARKER = ".maskllm-output.json"  # in every folder a tool writes: what --overwrite may replace
 #: ``format`` in the header of the N:M mask files ``maskllm-export --format masks`` writes
 MASK_FILE_FORMAT = "maskllm-nm-packed"
@@ -149,7 +150,7 @@ def is_complete(ckpt_dir: str | Path) -> bool:
     the extra state, and every byte range of every data file the metadata names (a folder half deleted,
     or copied in part, is not complete)."""
     ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / DIST_FILES[0]).is_file() or extra_path(ckpt_dir) is None:
+    if not (ckpt_dir / MEGATRON_METADATA).is_file() or extra_path(ckpt_dir) is None:
         return False
     try:
         metadata = read_metadata(ckpt_dir)
@@ -188,7 +189,7 @@ def resolve_run_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise RunCheckpointError(f"{path} does not exist: pass OUT/checkpoints/iter_XXXXXXX of a maskllm-train run")
     for root in (path, path / "checkpoints"):
-        if (root / DIST_FILES[0]).is_file() and extra_path(root) is not None:
+        if (root / MEGATRON_METADATA).is_file() and extra_path(root) is not None:
             return root
         if (root / LATEST_FILE).is_file():
             return resolve_run_checkpoint(root / (root / LATEST_FILE).read_text().strip())

@@ -178,7 +178,7 @@ def export_stage(stages: Stages, ckpt: Path, use_prior: bool = False) -> Path:
     """The learned 2:4 model (``use_prior``: a prior-only checkpoint's one-shot masks) as a verified Hugging
     Face folder."""
     prior = ["--use-prior"] if use_prior else []
-    return _export(stages, ckpt, "export", prior, *prior) / "hf"
+    return _export(stages, ckpt, "export", prior, *prior) / "hf"  # key as before without use_prior: reused
 
 
 def reconstruct_stage(stages: Stages, ckpt: Path, recon: Reconstruction, use_prior: bool = False) -> tuple[Path, float]:

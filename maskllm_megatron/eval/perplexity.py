@@ -262,13 +262,13 @@ def hf_perplexity(folder: str | Path, req: EvalRequest) -> PerplexityResult:
     """Perplexity of a Hugging Face model folder (loaded by transformers in its own dtype)."""
     from transformers import AutoModelForCausalLM
 
-    from maskllm_megatron.checkpoint_folders import DIST_FILES, MODEL_CONFIG_FILE
+    from maskllm_megatron.checkpoint_folders import MEGATRON_METADATA, MODEL_CONFIG_FILE
     from maskllm_megatron.data.tokenizer import load_tokenizer
 
     folder = Path(folder)
     if not folder.exists():
         raise EvalError(f"{folder} does not exist: pass a Hugging Face model folder to --hf")
-    if any((folder / name).is_file() for name in (DIST_FILES[0], MODEL_CONFIG_FILE)):  # even a damaged one
+    if any((folder / name).is_file() for name in (MEGATRON_METADATA, MODEL_CONFIG_FILE)):  # even a damaged one
         raise EvalError(f"{folder} is a megatron-core checkpoint: pass it as --ckpt")
     if not (folder / "config.json").is_file():
         raise EvalError(f"{folder} has no config.json: pass a Hugging Face model folder to --hf")
