@@ -330,3 +330,110 @@ def check_output(out: str | Path, overwrite: bool, tool: str, inputs=()) -> None
     if written_by(out) != tool:
         raise FolderError(f"--overwrite replaces only an earlier output of {tool}, and {out} is not one: remove it "
                           "yourself or choose another --out")
+
+
+# ----------------------------------------------------------------------------- one driver per run folder
+
+RUN_LOCK_FILE = ".maskllm-run.lock"  # in run.out_dir: flock'ed by the live driver, JSON naming it
+
+
+class RunFolderBusy(FolderError):
+    """Another live driver holds the run folder (message names it: host, pid, start time)."""
+
+
+class RunLock:
+    """The hold of one driver on its run folder: an exclusive ``flock`` on ``RUN_LOCK_FILE``, which also
+    names the holder in JSON (host, pid, start time). The kernel drops the flock when the process dies,
+    however it dies, so a folder left by ``kill -9`` is free again at once. Where the filesystem refuses
+    ``flock`` (some NFS and Lustre mounts), the JSON alone decides: a holder on this host whose pid is gone
+    is taken over; a live one, or one on another host (whose liveness cannot be seen), is refused."""
+
+    def __init__(self, out_dir: str | Path):
+        self.path = Path(out_dir).absolute() / RUN_LOCK_FILE
+        self.fd: Optional[int] = None
+        self.flock = True
+
+    @staticmethod
+    def _me() -> dict:
+        import datetime
+        import socket
+
+        return {"host": socket.gethostname(), "pid": os.getpid(),
+                "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
+
+    def _holder(self) -> dict:
+        try:
+            holder = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            holder = {}
+        return holder if isinstance(holder, dict) else {}
+
+    def _refuse(self, holder: dict, extra: str = "") -> RunFolderBusy:
+        who = (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}"
+               if holder else "its lock file names no holder")
+        return RunFolderBusy(f"{self.path.parent} is in use by another maskllm-train ({who}){extra}: wait for "
+                             "that run to end or stop it, or set another run.out_dir")
+
+    def acquire(self) -> "RunLock":
+        import errno
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise self._refuse(self._holder()) from None
+        except OSError as e:  # the filesystem has no flock (ENOLCK, EOPNOTSUPP, ENOSYS, EINVAL): the JSON decides
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                os.close(fd)
+                raise
+            self.flock = False
+            holder = self._holder()
+            if holder.get("pid") is not None and holder.get("pid") != os.getpid():
+                if holder.get("host") != socket.gethostname():
+                    os.close(fd)
+                    raise self._refuse(holder, f"; this filesystem has no flock, so a dead holder on another host "
+                                               f"cannot be told from a live one: if it is dead, delete {self.path}")
+                if _pid_alive(int(holder["pid"])):
+                    os.close(fd)
+                    raise self._refuse(holder)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(self._me()) + "\n").encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        """Let the folder go (process exit does it too). Without flock the JSON is removed, so that the next
+        driver does not take this process's pid, reused later, for a holder."""
+        if self.fd is None:
+            return
+        if not self.flock:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        os.close(self.fd)
+        self.fd = None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+_RUN_LOCKS: dict = {}  # out_dir -> RunLock held by this process (for the process's life)
+
+
+def hold_run_folder(out_dir: str | Path) -> RunLock:
+    """Hold ``out_dir`` for this process until it exits (``RunLock``); ``RunFolderBusy`` when another live
+    driver holds it. Holding it again in the same process is a no-op."""
+    key = str(Path(out_dir).absolute())
+    if key not in _RUN_LOCKS:
+        _RUN_LOCKS[key] = RunLock(key).acquire()
+    return _RUN_LOCKS[key]

@@ -40,12 +40,15 @@ One speed-up rides along (``SPEEDUPS``; nothing fails without it):
 """
 from __future__ import annotations
 
+import datetime
 import functools
 import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from .parallel import timeout_minutes
 
 # Modules that create tensors with device="cuda" (or call torch.cuda.*) on paths we use.
 CUDA_MODULES = (
@@ -262,7 +265,8 @@ def _shadow_group(group):
     dist = torch.distributed
     ranks = tuple(dist.get_process_group_ranks(group or dist.group.WORLD))
     if ranks not in _SHADOW_GROUPS:
-        _SHADOW_GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo", use_local_synchronization=True)
+        _SHADOW_GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo", use_local_synchronization=True,
+                                                timeout=datetime.timedelta(minutes=timeout_minutes()))
     return _SHADOW_GROUPS[ranks]
 
 

@@ -11,9 +11,11 @@ fully alive, so their threads are joined first.
 """
 from __future__ import annotations
 
+import datetime
 import gc
 import os
 import sys
+from typing import Optional
 
 import torch
 
@@ -44,11 +46,33 @@ class ProcessGroupScope:
             teardown(sync)
 
 
-def init_process_group() -> None:
+#: minutes a rank waits for the others (group creation, every collective) before its run ends with an error
+DEFAULT_TIMEOUT_MINUTES = 30.0
+_timeout_minutes = DEFAULT_TIMEOUT_MINUTES
+
+
+def timeout_minutes() -> float:
+    """The process groups' timeout of this process (``init_process_group``'s, else the default)."""
+    return _timeout_minutes
+
+
+def init_process_group(timeout_minutes: Optional[float] = None) -> None:
     """torch.distributed from torchrun's environment, or a one-process world when launched plainly;
-    NCCL on the LOCAL_RANK's GPU where CUDA is available, else gloo. No-op when already initialised."""
+    NCCL on the LOCAL_RANK's GPU where CUDA is available, else gloo. No-op when already initialised.
+
+    ``timeout_minutes`` (default ``DEFAULT_TIMEOUT_MINUTES``) bounds every wait on another rank: the
+    rendezvous, group creation and each collective (megatron's groups and ``cpu_compat``'s get it too),
+    so a rank that never arrives ends the run with an error instead of a hang.
+
+    Under torchrun every restart attempt gets its own prefix in the rendezvous store: torchrun keeps one
+    TCP store across attempts (pytorch issue #135712), and without the prefix a restarted rank read the
+    dead attempt's gloo addresses from it and waited in group creation forever."""
+    global _timeout_minutes
+    if timeout_minutes is not None:
+        _timeout_minutes = float(timeout_minutes)
     if torch.distributed.is_initialized():
         return
+    timeout = datetime.timedelta(minutes=_timeout_minutes)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if "RANK" not in os.environ or (os.environ.get("WORLD_SIZE") == "1" and "MASTER_ADDR" not in os.environ):
         # one process: an in-process store, no TCP port (a port found free can be taken before the store
@@ -56,11 +80,18 @@ def init_process_group() -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if torch.cuda.is_available():
             torch.cuda.set_device(0)
-        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1,
+                                             timeout=timeout)
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group(backend)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        torch.distributed.init_process_group(backend, timeout=timeout)
+        return
+    store, rank, world = next(torch.distributed.rendezvous("env://", timeout=timeout))
+    store = torch.distributed.PrefixStore(f"maskllm/attempt_{attempt}", store)
+    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 def init_parallel(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234, data_parallel: bool = False) -> None:
@@ -87,7 +118,8 @@ def init_parallel(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234, data_
     if not same:
         _drop_model_parallel_groups()
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                                 expert_model_parallel_size=ep)
+                                                 expert_model_parallel_size=ep,
+                                                 distributed_timeout_minutes=_timeout_minutes)
     model_parallel_cuda_manual_seed(seed)
 
 

@@ -34,8 +34,11 @@ def main(argv=None) -> int:
 
     from ..megatron.parallel import ProcessGroupScope
 
+    from .run_folder import hold
+
     groups = ProcessGroupScope()
     try:
+        hold(cfg.run.out_dir)  # torch.distributed, and the run folder's lock
         train(cfg)
         groups.close(sync=True)
     except (ConfigError, TrainingStopped, FolderError, DataConfigError, TokenizerError, ModelConfigError,

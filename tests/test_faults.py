@@ -1,0 +1,74 @@
+"""What a cluster does to a long run (issue #39), on the tiny model of tests/test_train.py: a second driver
+on a live run's folder, a lock left by kill -9, flipped bytes in a checkpoint, a full disk, a rank that
+never arrives, torchrun's elastic restart after one rank's death, and the console of a save."""
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_train import ROOT, _plain_driver, write_config
+
+
+def _tiny_run(tiny: Path, name: str, **run) -> Path:
+    return write_config(tiny, name, parallel={"tp": 1}, prior={"method": "magnitude"},
+                        run={"train_iters": 2, "save_interval": 2, "eval_interval": 0, "log_interval": 1, **run})
+
+
+def _one_error(r: subprocess.CompletedProcess) -> str:
+    errors = [line for line in r.stderr.splitlines() if line.startswith("maskllm-train: ")]
+    assert r.returncode == 1 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    return errors[0]
+
+
+def test_a_second_driver_is_refused_naming_the_holder_and_a_killed_holder_is_taken_over(tiny):
+    config = _tiny_run(tiny, "locked")
+    out = tiny / "locked"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom maskllm_megatron.checkpoint_folders import "
+                               "hold_run_folder\nhold_run_folder(sys.argv[1])\nprint('held', flush=True)\ntime.sleep(600)",
+                               str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        error = _one_error(_plain_driver(config))
+        assert f"{out} is in use by another maskllm-train (host {socket.gethostname()}, pid {holder.pid}, started " \
+               in error and "set another run.out_dir" in error, error
+        assert not (out / "checkpoints").exists()  # refused before anything was written
+    finally:
+        holder.kill()  # kill -9: the kernel drops its flock; its JSON stays behind
+        holder.wait()
+    assert json.loads((out / ".maskllm-run.lock").read_text())["pid"] == holder.pid
+    r = _plain_driver(config)
+    assert r.returncode == 0 and "saved" in r.stdout, r.stderr[-3000:]
+    assert json.loads((out / ".maskllm-run.lock").read_text())["pid"] != holder.pid
+
+
+def test_without_flock_the_lock_file_decides(tmp_path, monkeypatch):
+    """A filesystem that refuses flock (some NFS / Lustre mounts): a holder on this host whose pid is gone
+    is taken over; a live one, or one on another host, is refused in one line."""
+    import fcntl
+
+    from maskllm_megatron.checkpoint_folders import RUN_LOCK_FILE, RunFolderBusy, RunLock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock_file = tmp_path / RUN_LOCK_FILE
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for holder, refused in (({"host": socket.gethostname(), "pid": int(dead.stdout)}, None),
+                            ({"host": socket.gethostname(), "pid": os.getppid()}, "is in use by another maskllm-train"),
+                            ({"host": "node-17", "pid": 4242}, f"if it is dead, delete {lock_file}")):
+        lock_file.write_text(json.dumps({**holder, "started": "2026-01-01 00:00:00 UTC"}))
+        if refused is None:
+            lock = RunLock(tmp_path).acquire()
+            assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+            lock.release()
+            assert not lock_file.exists()
+        else:
+            with pytest.raises(RunFolderBusy, match=refused) as e:
+                RunLock(tmp_path).acquire()
+            assert f"pid {holder['pid']}" in str(e.value) and "\n" not in str(e.value)
