@@ -18,7 +18,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from maskllm_megatron.checkpoint_folders import SPARSITY_FILE, is_dist_checkpoint, read_metadata
+from maskllm_megatron.checkpoint_folders import (DIGEST_ALGORITHM, SPARSITY_FILE, digest_problem, is_dist_checkpoint,
+                                                is_run_checkpoint, read_digests, read_metadata, resolve_run_checkpoint)
 from maskllm_megatron.convert.io import ConversionError, HFCheckpoint, read_json
 from maskllm_megatron.export.formats import (
     SPARSE_24_FORMAT, FormatError, decompress_24_bitmask, first_true, hf_weight_is_transposed,
@@ -279,6 +280,24 @@ def verify_path(path: str | Path, spec: NMSpec | None = None, targets: str | Non
     raise FormatError(f"{path} does not exist: pass an HF/compressed-tensors/megatron-core folder or a mask file")
 
 
+def verify_run_checkpoint(path: str | Path) -> int:
+    """A run checkpoint (or a run folder, whose ``latest`` is followed): every file against the digests its
+    rank recorded when it saved. Prints the result; 0 when all match, 1 on a damaged file. Its masks are
+    not N:M yet (logits): those are checked on an export."""
+    ckpt = resolve_run_checkpoint(path)
+    files = read_digests(ckpt)
+    if files is None:
+        raise FormatError(f"{ckpt} has no digests (saved before maskllm-train recorded them): nothing to check; "
+                          f"export it (maskllm-export --ckpt {ckpt} --out OUT) and verify OUT")
+    problem = digest_problem(ckpt)
+    if problem:
+        print(f"FAIL {problem}")
+        return 1
+    print(f"run checkpoint {ckpt}: {len(files)} files, {sum(f['bytes'] for f in files.values()):,} bytes, match "
+          f"their {DIGEST_ALGORITHM} digests (the masks are checked N:M on an export: maskllm-export --ckpt {ckpt})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from maskllm_megatron.launch import quiet_known_warnings
 
@@ -289,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                     "(and holds no -0.0). Exit status 0 when valid, 1 on a violation, 2 on unreadable input.",
         epilog="examples:\n  maskllm-verify out/llama-2-7b-2of4-hf\n  maskllm-verify masks.safetensors --nm 2:4")
     parser.add_argument("path", help="HF folder, compressed-tensors folder, megatron-core export folder, or mask "
-                                     "file (.safetensors / .npz)")
+                                     "file (.safetensors / .npz); a run checkpoint: its files' digests")
     parser.add_argument("--nm", help="N:M to check, e.g. 2:4 (default: the structure that config.json's "
                                      "'sparsity' record (our exports) or sparsity_config names, else 2:4)")
     parser.add_argument("--targets", help="regex of weight names to check, overriding the config (default: the "
@@ -299,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", help="regex of weight names to leave unchecked (listed as skipped)")
     args = parser.parse_args(argv)
     try:
+        if Path(args.path).is_dir() and is_run_checkpoint(args.path):
+            return verify_run_checkpoint(args.path)
         spec = NMSpec.parse(args.nm) if args.nm else None
         report = verify_path(args.path, spec, args.targets, args.skip)
     except (FormatError, ConversionError, ValueError, re.error) as e:  # CheckpointMismatch is a ValueError

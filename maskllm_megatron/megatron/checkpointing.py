@@ -9,6 +9,9 @@ Saves are atomic (``checkpoint_folders.staging`` / ``publish``): the checkpoint 
 ``.<dir>.partial`` and renamed when every rank is done, so a crash during a save never leaves a folder
 that looks complete.
 
+Each rank records the digests of the files it wrote (``checkpoint_folders.write_digests``), which resume,
+export and eval check before they read them.
+
 Every load first passes ``checkpoint_folders.check_metadata`` (nothing read from a checkpoint can run
 code); the driver's plain values are JSON (``checkpoint_folders.write_extra`` / ``read_extra``).
 """
@@ -31,7 +34,8 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
                       "distrib_optim_fully_reshardable_mem_efficient": True}
 
 
-from ..checkpoint_folders import CheckpointMismatch, check_metadata, is_rank0, publish, read_extra, staging, write_extra
+from ..checkpoint_folders import (CheckpointMismatch, barrier, check_metadata, is_rank0, publish, read_extra, staging,
+                                  write_digests, write_extra)
 
 
 def load_tensors_metadata(ckpt_dir: str | Path) -> dict:
@@ -69,6 +73,10 @@ def save_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, optimizer=None
         dist_checkpointing.save(sharded, str(partial))
         if extra is not None and is_rank0():
             write_extra(partial, extra)
+        barrier()  # every file written: each rank records the digests of its own
+        dist = torch.distributed
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        write_digests(partial, rank, world)
         return publish(partial, ckpt_dir)
 
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from maskllm_megatron.checkpoint_folders import MODEL_CONFIG_FILE, RunCheckpointError, read_extra, resolve_run_checkpoint
+from maskllm_megatron.checkpoint_folders import (MODEL_CONFIG_FILE, RunCheckpointError, read_extra,
+                                                resolve_run_checkpoint, verify_checkpoint)
 from maskllm_megatron.convert.checkpoint import CheckpointInfo
 from maskllm_megatron.convert.mapping import model_type_of
 from maskllm_megatron.masks import MaskConfig
@@ -37,8 +38,10 @@ class RunCheckpoint:
     @classmethod
     def open(cls, path: str | Path, base: str | Path | None = None) -> "RunCheckpoint":
         """Read ``path`` (an ``iter_*`` folder, or a run's ``checkpoints/`` folder or run folder, whose
-        ``latest`` pointer is followed). ``base`` overrides the converted checkpoint's location."""
+        ``latest`` pointer is followed), after checking its files against their digests (a damaged one is a
+        ``CheckpointMismatch`` naming it). ``base`` overrides the converted checkpoint's location."""
         path = resolve_run_checkpoint(path)
+        verify_checkpoint(path)  # every file against the digests its rank recorded (once per process)
         extra = read_extra(path)
         config = extra.get("config") if extra else None
         if not config:
