@@ -42,6 +42,11 @@ def test_vocab_parallel_kl_equals_the_gathered_computation(tp):
     assert r["grad_diff"] <= 1e-5 * r["grad_scale"], r
     assert r["ce_equal"], r  # the teacher path leaves the LM loss bit for bit as it was
     assert r["kl_masked"] > 1e-3 and abs(r["kl_self"]) < 1e-6, r
+    # distillation while weights train: the teacher forwards the copy of the original trained parameters
+    assert r["teacher_copied"] == r["trained_numel"] > 0, r
+    assert {"linear_qkv", "linear_fc2", "input_layernorm"} <= set(r["trained_kinds"]), r
+    assert "embedding" not in str(r["trained_kinds"]) and "output_layer" not in r["trained_kinds"], r
+    assert r["teacher_is_original"] and r["moved_would_differ"] and r["moved_given_back"], r
 
 
 def _distill_config(tiny, name, **parallel):
@@ -148,3 +153,49 @@ def test_refit_trains_the_kept_weights_under_the_fixed_mask_from_the_dense_teach
     assert "at iteration 2" in log
     assert [r["kd_loss"] for r in records(out) if "kd_loss" in r] == [r["kd_loss"] for r in tp1]
     assert history(out) == history(tiny / "refit_tp1")
+
+
+def _joint_config(tiny, name, **parallel):
+    return write_config(tiny, name, parallel={"tp": 1, **parallel}, prior={"method": "magnitude"},
+                        mask={"train_weights": True, "fused_kernel": False},
+                        distill={"kd_weight": 0.5, "temperature": 1.0},
+                        optim={"lr": 1e-3, "min_lr": 1e-4, "mask_warmup_iters": 2},
+                        run={"train_iters": 4, "log_interval": 1, "eval_interval": 4, "eval_iters": 1,
+                             "save_interval": 2})
+
+
+def test_joint_training_distils_from_the_original_model_at_any_layout_and_resumes_exactly(tiny, tmp_path):
+    """mask.train_weights with distill.kd_weight > 0 (#37): masks and weights learn together from the dense
+    model's logits. TP=2 and PP=2 give TP=1's losses; the logits warm up on their own schedule
+    (optim.mask_warmup_iters) while the weights do not; a resume from iteration 2 continues bit for bit
+    (the teacher is again the original model, not the checkpoint's trained weights); the export records
+    the joint training."""
+    import json
+
+    from maskllm_megatron.export.cli import main as export_main
+
+    for name, nproc, parallel in (("joint_tp1", 1, {}), ("joint_tp2", 2, {"tp": 2}), ("joint_pp2", 2, {"pp": 2})):
+        torchrun("-m", "maskllm_megatron.train", "--config", _joint_config(tiny, name, **parallel), nproc=nproc)
+    tp1, tp2, pp2 = ([r for r in records(tiny / n) if "kd_loss" in r] for n in ("joint_tp1", "joint_tp2", "joint_pp2"))
+    assert len(tp1) == 4
+    for key in ("lm_loss", "kd_loss", "loss"):
+        assert [r[key] for r in tp2] == pytest.approx([r[key] for r in tp1], rel=1e-4), key
+        assert [r[key] for r in pp2] == pytest.approx([r[key] for r in tp1], rel=1e-5), key
+    assert tp1[-1]["kd_loss"] < tp1[0]["kd_loss"], tp1  # the student moves towards the teacher
+    # the logits' lr (logged): 1e-2 peak, a 2-iteration warm-up from 0, then cosine to 1e-3 over iterations 2-4
+    assert [r["lr"] for r in tp1] == pytest.approx([5e-3, 1e-2, 1e-3 + 0.5 * 9e-3, 1e-3], rel=1e-9)
+
+    out = tiny / "joint_resumed"
+    shutil.copytree(tiny / "joint_tp1", out)
+    (out / "checkpoints" / "latest").write_text("iter_0000002")
+    shutil.rmtree(out / "checkpoints" / "iter_0000004")
+    log = torchrun("-m", "maskllm_megatron.train", "--config", _joint_config(tiny, "joint_resumed"), nproc=1)
+    assert "at iteration 2" in log
+    assert [r["kd_loss"] for r in records(out) if "kd_loss" in r] == [r["kd_loss"] for r in tp1]
+    assert history(out) == history(tiny / "joint_tp1")
+
+    hf = tmp_path / "joint_hf"
+    assert export_main(["--ckpt", str(tiny / "joint_tp2"), "--format", "hf", "--out", str(hf)]) == 0
+    record = json.loads((hf / "config.json").read_text())["sparsity"]
+    assert record["weights"] == "trained with the masks"
+    assert record["joint"] == {"iterations": 4, "kd_weight": 0.5, "temperature": 1.0}

@@ -120,11 +120,12 @@ def weights_record(reconstruction: Optional[dict], run: RunCheckpoint) -> dict:
     if reconstruction is not None:
         return {"weights": "reconstructed", "reconstruction": reconstruction}
     mask, distill = run.config.get("mask", {}), run.config.get("distill", {})
+    training = {"iterations": run.iteration, "kd_weight": distill.get("kd_weight", 0.0),
+                "temperature": distill.get("temperature", 1.0)}
     if mask.get("refit"):
-        return {"weights": "refit", "refit": {"iterations": run.iteration, "kd_weight": distill.get("kd_weight", 0.0),
-                                              "temperature": distill.get("temperature", 1.0)}}
+        return {"weights": "refit", "refit": training}
     if mask.get("train_weights"):
-        return {"weights": "trained with the masks", "iterations": run.iteration}
+        return {"weights": "trained with the masks", "joint": training}
     return {"weights": "original"}
 
 

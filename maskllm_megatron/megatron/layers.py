@@ -52,7 +52,8 @@ class MaskMode(enum.Enum):
     evaluation the argmax (hard) mask. ``PRIOR``: the stored prior mask, in training and evaluation (a
     one-shot mask's evaluation, the calibration of the blocks after a solved one, an export). ``FIXED``
     (a refit, ``fix_mask``): the fixed mask, differentiable in the weight only. ``DENSE``: no mask, the
-    weight itself, or in a refit the original dense weight kept for the teacher."""
+    weight itself (the teacher's forward, ``sparsify.dense_forward``, which puts back the original weights
+    where they train)."""
 
     LEARN = "learn"
     PRIOR = "prior"
@@ -73,7 +74,6 @@ class _MaskedLinearMixin:
         self.gated_halves = gated_halves
         self.mask_step = MaskStep(seed=mask_config.seed)
         self.mask_mode = MaskMode.LEARN
-        self.teacher_weight = None  # refit with distillation: the original dense weight the teacher forwards with
         self.fused_mask_kernel = None  # auto: the fastest kernel that runs here (masks.sampling.masked_weight)
         self._eval_mask_cache = None
         spec = mask_config.nm
@@ -206,19 +206,18 @@ class _MaskedLinearMixin:
                                "is stored (set_prior, or a checkpoint that holds one)")
         return self.prior_mask
 
-    def fix_mask(self, teacher: bool = False) -> None:
+    def fix_mask(self) -> None:
         """Refit: fix the mask to the prior mask (``set_prior``: a one-shot mask, or another run's learned
         one), and train the kept weights instead of the logits (the ``FIXED`` mode).
 
         The logits become the one-hot of each group's prior pattern, so their argmax, which every tool
         reading a checkpoint takes as the mask (the export included), is the prior exactly; they stop
-        learning. The weight learns through ``W * mask``: pruned weights get no gradient. With ``teacher``
-        a copy of the current weight, which must still be the original dense one, is kept for the
-        teacher's forward, as the weight itself changes: one more weight per masked weight in memory.
+        learning. The weight learns through ``W * mask``: pruned weights get no gradient. A teacher for
+        distillation is a copy of the dense weight (``sparsify.keep_teacher_copy``).
 
         On a resume no prior is stored yet: call this on the dense model before the optimizer is built, and
         the refit checkpoint loaded afterwards brings the prior mask, the one-hot logits and the refit
-        weights (the teacher's copy stays the dense weight)."""
+        weights."""
         if self.prior_mask is not None:
             with torch.no_grad():
                 patterns = mask_to_patterns(self.prior_mask, self.nm)
@@ -226,7 +225,6 @@ class _MaskedLinearMixin:
         self.mask_logits.requires_grad_(False)
         self.freeze_weight(False)
         self.mask_mode = MaskMode.FIXED
-        self.teacher_weight = self.weight.detach().clone() if teacher else None
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         mode = self.mask_mode
@@ -239,9 +237,6 @@ class _MaskedLinearMixin:
                 weight = self.weight * self._stored_prior().to(self.weight.dtype)
             else:
                 weight = self.eval_weight()
-            kwargs["gradient_accumulation_fusion"] = False
-        elif weight is self.weight and self.teacher_weight is not None:
-            weight = self.teacher_weight  # the teacher (masking off) of a refit: the original dense weight
             kwargs["gradient_accumulation_fusion"] = False
         return super()._forward_impl(input, weight, *args, **kwargs)
 

@@ -17,9 +17,10 @@ router (not a parallel linear), embeddings and norms stay dense. ``*.experts.*``
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from ..masks import MaskStep
@@ -114,26 +115,45 @@ def masked_layers(model: torch.nn.Module) -> Iterator[_MaskedLinearMixin]:
 
 @contextlib.contextmanager
 def dense_forward(model: torch.nn.Module):
-    """Every masked layer of ``model`` forwards with its dense weight inside the block (the teacher, the
-    dense model of a calibration)."""
+    """Inside the block ``model`` is the dense model: every masked layer forwards with its weight unmasked,
+    and every parameter with a teacher copy (``keep_teacher_copy``: weights that train) forwards with that
+    copy, the original. For the teacher's forward (under ``no_grad``) and a calibration's dense model."""
     layers = list(masked_layers(model))
     before = [layer.mask_mode for layer in layers]
+    kept = [p for p in model.parameters() if getattr(p, "teacher_copy", None) is not None]
     for layer in layers:
         layer.set_mask_mode(MaskMode.DENSE)
+    for p in kept:  # swap storage, not Parameters: the optimizer, DDP's buffers and hooks keep their objects
+        p.data, p.teacher_copy = p.teacher_copy, p.data
     try:
         yield
     finally:
+        for p in kept:
+            p.data, p.teacher_copy = p.teacher_copy, p.data
         for layer, mode in zip(layers, before):
             layer.set_mask_mode(mode)
 
 
-def fix_masks(model: torch.nn.Module, teacher: bool = False) -> int:
+@torch.no_grad()
+def keep_teacher_copy(model: torch.nn.Module) -> int:
+    """Distillation while weights train (``train_weights``, or a refit): keep a copy of every parameter that
+    trains, the mask logits aside, as it is now, the original dense model, for the teacher's forward
+    (``dense_forward``). Call after what trains is set and before the first step (on a resume: before the
+    checkpoint is loaded). Costs one more copy of the trained parameters. Returns their element count."""
+    copied = 0
+    for name, param in model.named_parameters():
+        if param.requires_grad and not name.endswith("mask_logits"):
+            param.teacher_copy = param.detach().clone()
+            copied += param.numel()
+    return copied
+
+
+def fix_masks(model: torch.nn.Module) -> int:
     """Refit: every masked layer keeps its prior mask fixed and trains its kept weights instead of its
-    logits (``fix_mask``); with ``teacher``, each keeps a copy of its dense weight for the teacher's
-    forward. Returns the number of layers."""
+    logits (``fix_mask``). Returns the number of layers."""
     layers = list(masked_layers(model))
     for layer in layers:
-        layer.fix_mask(teacher)
+        layer.fix_mask()
     return len(layers)
 
 
@@ -176,7 +196,8 @@ def set_fused_mask_kernel(model: torch.nn.Module, fused: bool | None = True) -> 
         layer.fused_mask_kernel = fused
 
 
-def optimizer_overrides(config: SparsifyConfig, lr: float, min_lr: float = 0.0) -> dict:
+def optimizer_overrides(config: SparsifyConfig, lr: float, min_lr: float = 0.0,
+                        mask_warmup_steps: Optional[int] = None) -> dict:
     """megatron-core ``config_overrides`` for ``get_megatron_optimizer``: the logits' learning rate and
     weight-decay multiplier, plus megatron's standard no weight decay on biases and 1-D params.
 
@@ -186,6 +207,8 @@ def optimizer_overrides(config: SparsifyConfig, lr: float, min_lr: float = 0.0) 
     are set as the group's own ``max_lr`` / ``min_lr``, which the scheduler does read, and as its
     initial ``lr`` for an optimizer stepped without a scheduler. ``lr_mult`` stays in the group: it is
     what tells the logits' group apart when a checkpoint's optimizer state is matched to groups.
+    ``mask_warmup_steps`` gives the logits a linear warm-up of their own (the group's ``warmup_steps``, which
+    the driver's scheduler reads); None: the scheduler's warm-up, as every group.
     """
     from megatron.core.optimizer import ParamGroupOverride, ParamKey
     from megatron.core.optimizer.optimizer_config import ParamPredicate
@@ -194,9 +217,27 @@ def optimizer_overrides(config: SparsifyConfig, lr: float, min_lr: float = 0.0) 
     one_d = ParamPredicate(name="param_len_1", fn=lambda p: len(p.shape) == 1)
     return {
         ParamKey(name="*.bias", predicate=one_d): ParamGroupOverride(wd_mult=0.0),
-        ParamKey(name="*mask_logits"): ParamGroupOverride(lr=lr * mult, max_lr=lr * mult, min_lr=min_lr * mult,
-                                                         lr_mult=mult, wd_mult=config.mask_weight_decay_mult),
+        ParamKey(name="*mask_logits"): ParamGroupOverride(
+            lr=lr * mult, max_lr=lr * mult, min_lr=min_lr * mult, lr_mult=mult, wd_mult=config.mask_weight_decay_mult,
+            **({} if mask_warmup_steps is None else {"warmup_steps": mask_warmup_steps})),
     }
+
+
+class GroupWarmupScheduler(OptimizerParamScheduler):
+    """megatron's lr schedule, where a param group carrying ``warmup_steps`` (the logits' group, from
+    ``optimizer_overrides(mask_warmup_steps=...)``) warms up from 0 over its own steps, then decays to the
+    same end as every group."""
+
+    def get_lr(self, param_group: dict) -> float:
+        warmup = param_group.get("warmup_steps")
+        if warmup is None:
+            return super().get_lr(param_group)
+        shared = self.lr_warmup_steps, self.init_lr
+        self.lr_warmup_steps, self.init_lr = warmup, 0.0
+        try:
+            return super().get_lr(param_group)
+        finally:
+            self.lr_warmup_steps, self.init_lr = shared
 
 
 def mask_logits_group(optimizer, config: SparsifyConfig) -> dict:

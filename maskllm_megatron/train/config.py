@@ -111,7 +111,8 @@ class DataSection:
 @dataclass
 class OptimSection:
     """Adam + megatron's lr schedule. ``lr``/``min_lr`` are the base rates (weights, when they train);
-    the mask logits learn at ``lr x mask_lr_mult`` decaying to ``min_lr x mask_lr_mult`` (the paper's 5e-4)."""
+    the mask logits learn at ``lr x mask_lr_mult`` decaying to ``min_lr x mask_lr_mult`` (the paper's 5e-4),
+    with their own warm-up when ``mask_warmup_iters`` is set."""
     lr: float = 5e-5
     min_lr: float = 5e-6
     warmup_iters: int = 0
@@ -122,6 +123,9 @@ class OptimSection:
     adam_eps: float = 1e-5
     clip_grad: float = 1.0
     mask_lr_mult: float = _SPARSIFY.mask_lr_mult
+    # the logits' own linear warm-up, from 0 (-1: warmup_iters, the schedule the weights follow); both decay
+    # as decay_style to the end of the run
+    mask_warmup_iters: int = -1
 
 
 @dataclass
@@ -315,10 +319,10 @@ class TrainConfig:
                               "(1 - kd_weight) x LM (0: no distillation)")
         if not k.temperature > 0:
             raise ConfigError(f"distill.temperature {k.temperature} must be > 0 (1: the plain softmax)")
-        if k.kd_weight > 0 and self.mask.train_weights:
-            raise ConfigError("distill.kd_weight > 0 with mask.train_weights: the teacher is the model's own weights "
-                              "with masking off, which joint training changes; distil with frozen weights, or set "
-                              "distill.kd_weight=0")
+        if self.distills_trained_weights() and self.prior.update_weights:
+            raise ConfigError("distill.kd_weight > 0 with prior.update_weights while weights train: the teacher is "
+                              "the original dense model, which the prior's weight update changes; set "
+                              "prior.update_weights=false (the run updates the weights itself)")
         if self.mask.refit and self.mask.train_weights:
             raise ConfigError("mask.refit with mask.train_weights: refit trains the kept weights under a fixed mask, "
                               "joint training learns the mask with the weights; set one of them")
@@ -328,11 +332,19 @@ class TrainConfig:
         if self.mask.refit and self.prior.update_weights:
             raise ConfigError("mask.refit with prior.update_weights: the refit's teacher is the original dense model; "
                               "set prior.update_weights=false (the refit updates the weights itself)")
+        if not -1 <= self.optim.mask_warmup_iters < max(self.run.train_iters, 1):
+            raise ConfigError(f"optim.mask_warmup_iters {self.optim.mask_warmup_iters} must be in [0, run.train_iters="
+                              f"{self.run.train_iters}), or -1 (the logits warm up as optim.warmup_iters says)")
         if self.prior.method != "none" and self.mask.prior_strength > 0 and self.mask.init_std == 0 \
                 and not self.mask.refit:
             raise ConfigError("mask.init_std 0 with a prior: the prior shifts the logits by (overlap - 1) x "
                               "std(initial logits) x mask.prior_strength, which is 0 when they all start at 0; "
                               "set mask.init_std > 0 (the recipe's 0.01) or prior.method=none")
+
+    def distills_trained_weights(self) -> bool:
+        """Whether the run distils from the dense model while weights train (``mask.train_weights`` or
+        ``mask.refit`` with ``distill.kd_weight`` > 0): the teacher is then a copy of the original weights."""
+        return self.distill.kd_weight > 0 and (self.mask.train_weights or self.mask.refit)
 
     def train_samples(self) -> int:
         """Training samples the run's dataset is built for (its sample order depends on it): the whole

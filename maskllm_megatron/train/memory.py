@@ -4,8 +4,10 @@
 the mask logits (C(M,N)/M per masked weight, in the model's dtype), the prior masks (one byte per masked
 weight), the gradient buffers (fp32: the driver reduces in fp32), the optimizer state (Adam's two fp32
 moments and, for a bf16 model, the fp32 master copy; split over data-parallel ranks by the distributed
-optimizer), and the activations of a training step at its peak. Pure arithmetic: it is used by the
-driver's start-up line, ``benchmarks/memory_model.py`` (the check against measured peaks) and the README.
+optimizer), the teacher's copy of the weights that train when a run distils while they train (joint
+training or a refit; ``sparsify.keep_teacher_copy``), and the activations of a training step at its peak.
+Pure arithmetic: it is used by the driver's start-up line, ``benchmarks/memory_model.py`` (the check
+against measured peaks) and the README.
 
 Activations (``s`` sequence, ``b`` micro-batch, ``t`` TP, ``e`` bytes per element; ``sp = t`` under
 sequence parallelism, else 1), per layer and micro-batch, as the tensors autograd keeps for the local
@@ -60,7 +62,9 @@ class Layout:
     num_microbatches: int = 1  # per data-parallel rank and iteration
     dtype: str = "bf16"
     distributed_optimizer: bool = True
-    train_weights: bool = False
+    train_weights: bool = False  # joint training: the masked weights, their biases and the norms train too
+    refit: bool = False  # the masked weights train under fixed masks; the logits do not
+    teacher_copy: bool = False  # distillation while weights train: a copy of the trained weights (the teacher)
     prior: bool = True  # a prior mask (one byte per masked weight) is kept
     n: int = 2
     m: int = 4
@@ -78,6 +82,7 @@ class Layout:
                    recompute_modules=tuple(p.recompute_modules), micro_batch_size=d.micro_batch_size,
                    seq_length=d.seq_length, num_microbatches=d.global_batch_size // (d.micro_batch_size * dp),
                    dtype=dtype, distributed_optimizer=p.distributed_optimizer, train_weights=cfg.mask.train_weights,
+                   refit=cfg.mask.refit, teacher_copy=cfg.distills_trained_weights(),
                    prior=cfg.prior.method != "none", n=nm.n, m=nm.m, hard=cfg.mask.hard,
                    masked=masked_linears(cfg.mask.include, cfg.mask.exclude))
 
@@ -106,12 +111,13 @@ class Estimate:
     activations: float  # saved for the backward, all micro-batches in flight
     mask_sampling: float  # of which: the sampled masked weights and probabilities
     transient: float  # on top at the peak: the loss, or the first backward (with a rebuilt chunk)
+    teacher: float = 0.0  # the teacher's copy of the trained weights (distillation while weights train)
     detail: dict = field(default_factory=dict)
 
     @property
     def state(self) -> float:
         """What persists between steps."""
-        return self.weights + self.mask_logits + self.prior_masks + self.gradients + self.optimizer
+        return self.weights + self.mask_logits + self.prior_masks + self.gradients + self.optimizer + self.teacher
 
     @property
     def peak(self) -> float:
@@ -123,7 +129,8 @@ class Estimate:
     def line(self) -> str:
         return (f"{size(self.peak)} per GPU (weights {size(self.weights)}, logits {size(self.mask_logits)}, prior masks "
                 f"{size(self.prior_masks)}, gradients {size(self.gradients)}, optimizer {size(self.optimizer)}, "
-                f"activations {size(self.activations + self.transient)} of which mask sampling "
+                + (f"teacher copy {size(self.teacher)}, " if self.teacher else "")
+                + f"activations {size(self.activations + self.transient)} of which mask sampling "
                 f"{size(self.mask_sampling)})")
 
 
@@ -157,7 +164,9 @@ def _layer_activations(model, layout: Layout, sh: dict, first_frozen: bool) -> d
         if model.position_embedding == "rope" else 0
     mlp = sb * e * (5 if model.gated else 2) * f / t
     norms = sb * e * (norm_in + 3) * h / sp + 2 * stats * sb / sp * 4
-    per_weight = e + 4 * comb(layout.m, layout.n) / layout.m + (4 if layout.hard else 0)
+    # a refit's fixed mask keeps the mask (in the weight's dtype) and the masked weight; sampling keeps the
+    # masked weight and the fp32 pattern probabilities
+    per_weight = 2 * e if layout.refit else e + 4 * comb(layout.m, layout.n) / layout.m + (4 if layout.hard else 0)
     sampling = {k: sh["linear"][k] / t * per_weight for k in layout.masked}
     selective = layout.recompute_modules if layout.recompute == "selective" else ()
     lse = sb * model.num_attention_heads / t * 4
@@ -187,10 +196,13 @@ def _stage(model, layout: Layout, stage: int) -> Estimate:
                            if model.position_embedding == "learned_absolute" else 0)
     if last:
         params += sh["norm"] + (vocab if not model.tie_word_embeddings or pp > 1 else 0)
-    trainable = masked * c_over_m
-    if layout.train_weights:
-        trainable += layers * (sum(sh["linear"][k] for k in layout.masked) / t + sh["bias"] / t + 2 * sh["norm"])
-        trainable += sh["norm"] if last else 0
+    weights_trained = 0.0  # besides the logits
+    if layout.refit:
+        weights_trained = masked
+    elif layout.train_weights:
+        weights_trained = layers * (sum(sh["linear"][k] for k in layout.masked) / t + sh["bias"] / t + 2 * sh["norm"])
+        weights_trained += sh["norm"] if last else 0
+    trainable = weights_trained + (0.0 if layout.refit else masked * c_over_m)
     dp_shard = layout.dp if layout.distributed_optimizer else 1
     optimizer = trainable * (2 * 4 + (4 if e != 4 else 0)) / dp_shard
 
@@ -241,7 +253,7 @@ def _stage(model, layout: Layout, stage: int) -> Estimate:
     # then the activation (SwiGLU: the gradients of both halves beside the product's, once linear_fc2 has
     # freed its input, sampled weight and probabilities); the hidden state's gradient is there throughout
     fc2 = sh["linear"]["linear_fc2"] / t if "linear_fc2" in layout.masked else 0.0
-    per_weight = e + 4 * c_over_m + (4 if layout.hard else 0)
+    per_weight = 2 * e if layout.refit else e + 4 * c_over_m + (4 if layout.hard else 0)
     act = sb * e * sh["f"] / t
     work = sb * e * sh["h"] / sp + max(act + fc2 * e, act * (2 if model.gated else 1) - fc2 * per_weight)
     first_backward = max(rebuilt - released, 0.0) + work
@@ -249,7 +261,7 @@ def _stage(model, layout: Layout, stage: int) -> Estimate:
     return Estimate(stage=stage, weights=params * e, mask_logits=masked * c_over_m * e,
                     prior_masks=masked if layout.prior else 0.0, gradients=trainable * 4, optimizer=optimizer,
                     activations=activations + sp_buffer, mask_sampling=in_flight * sum(kept_sampling),
-                    transient=max(loss, first_backward),
+                    transient=max(loss, first_backward), teacher=weights_trained * e if layout.teacher_copy else 0.0,
                     detail={"masked_weights": masked, "trainable": trainable, "in_flight": in_flight,
                             "layers": layers, "loss": loss, "first_backward": first_backward,
                             "rebuilt": rebuilt, "sp_buffer": sp_buffer})

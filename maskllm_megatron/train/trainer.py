@@ -158,9 +158,8 @@ def build_optimizer(cfg: TrainConfig, model):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from ..megatron.sparsify import optimizer_overrides
+    from ..megatron.sparsify import GroupWarmupScheduler, optimizer_overrides
 
     o = cfg.optim
     par = cfg.parallel
@@ -178,8 +177,10 @@ def build_optimizer(cfg: TrainConfig, model):
                               adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
                               clip_grad=o.clip_grad, bf16=bf16, params_dtype=model.config.params_dtype,
                               use_distributed_optimizer=cfg.parallel.distributed_optimizer)
-    optimizer = get_megatron_optimizer(opt_cfg, [ddp], config_overrides=optimizer_overrides(cfg.sparsify_config(), o.lr, o.min_lr))
-    scheduler = OptimizerParamScheduler(
+    mask_warmup = o.mask_warmup_iters if o.mask_warmup_iters >= 0 else None
+    optimizer = get_megatron_optimizer(opt_cfg, [ddp], config_overrides=optimizer_overrides(
+        cfg.sparsify_config(), o.lr, o.min_lr, mask_warmup_steps=mask_warmup))
+    scheduler = GroupWarmupScheduler(
         optimizer, init_lr=0.0 if o.warmup_iters else o.lr, max_lr=o.lr, min_lr=o.min_lr,
         lr_warmup_steps=o.warmup_iters, lr_decay_steps=max(1, cfg.run.train_iters), lr_decay_style=o.decay_style,
         start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=max(1, cfg.run.train_iters), wd_incr_style="constant")
@@ -451,7 +452,7 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     """Run (or resume) mask learning as configured; return the final metrics."""
     from megatron.core import parallel_state
 
-    from ..megatron.sparsify import fix_masks, mask_logits_group, masked_layers
+    from ..megatron.sparsify import fix_masks, keep_teacher_copy, mask_logits_group, masked_layers
     from .data import build_data
 
     env = setup_parallel(cfg)
@@ -468,9 +469,7 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     estimate = memory_estimate(cfg, info.model)
     if is_rank0:
         print(f"[maskllm] memory model: {estimate.line()}"
-              + (" (the teacher's logits not counted)" if cfg.distill.kd_weight > 0 else "")
-              + (" (mask.refit is modelled as mask learning: it trains the masked weights instead of the logits "
-                 "and keeps a copy of them for the teacher)" if cfg.mask.refit else ""), flush=True)
+              + (" (the teacher's logits not counted)" if cfg.distill.kd_weight > 0 else ""), flush=True)
     data = (data_factory or build_data)(cfg, info, env["dp_rank"], env["dp_size"])
     inputs = input_fingerprints(cfg)  # the inputs exist now: the model and data were read
     conflict = inputs_conflict(saved.get("inputs"), inputs, cfg) if saved is not None else None
@@ -481,7 +480,9 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     if resume is None:
         prior_report = apply_prior(cfg, model, data)
     if cfg.mask.refit:  # before the optimizer: the weights learn, the logits do not (a resume loads both after)
-        fix_masks(model, teacher=cfg.distill.kd_weight > 0)
+        fix_masks(model)
+    if cfg.distills_trained_weights():  # the teacher is the original model: copied before any step or resume load
+        keep_teacher_copy(model)
     ddp, optimizer, scheduler = build_optimizer(cfg, model)
     if cfg.parallel.overlap_grad_reduce and is_rank0:
         buckets = sum(len(g.buckets) for g in ddp.bucket_groups)

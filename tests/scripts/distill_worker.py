@@ -42,6 +42,7 @@ def main():
               "grad_diff": float((student.grad.double() - ref_student.grad[..., shard]).abs().max()),
               "grad_scale": float(ref_student.grad.abs().max())}
     result.update(validation_paths(tp))
+    result.update(teacher_copy())
     if rank == 0:
         print("RESULT " + json.dumps(result), flush=True)
 
@@ -74,6 +75,48 @@ def validation_paths(tp):
         dense = run_batches(cfg, model, [batch], 1, forward_only=True, teacher=Teacher())
     return {"ce_equal": plain == _mean_loss(paired), "kl_masked": _mean_loss(paired, key="kd loss"),
             "kl_self": _mean_loss(dense, key="kd loss")}
+
+
+@torch.no_grad()
+def teacher_copy():
+    """Distillation while weights train: ``keep_teacher_copy`` copies every trained parameter (masked weights,
+    their biases, norms; not the logits, the embeddings or the head), and ``dense_forward`` then forwards the
+    model as it was when copied, although every trained parameter has moved since, and gives the moved
+    parameters back after the block."""
+    from maskllm_megatron.masks import MaskConfig
+    from maskllm_megatron.megatron.sparsify import SparsifyConfig, dense_forward, keep_teacher_copy, sparsify
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from sparsify_worker import build, model_config
+
+    model = build(model_config("llama"))
+    sparsify(model, SparsifyConfig(mask=MaskConfig(total_steps=10), train_weights=True))
+    model.eval()
+    tokens = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(2))
+    position_ids = torch.arange(16).expand(2, 16)
+    with dense_forward(model):
+        original = model(tokens, position_ids, None)
+    trained = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith("mask_logits")]
+    copied = keep_teacher_copy(model)
+    g = torch.Generator().manual_seed(3)
+    for p in trained:
+        p.add_(0.05 * torch.randn(p.shape, generator=g))
+    moved = [p.detach().clone() for p in trained]
+    with dense_forward(model):
+        teacher = model(tokens, position_ids, None)
+    copies = [p.teacher_copy for p in trained]
+    for p in trained:
+        p.teacher_copy = None
+    with dense_forward(model):  # what the teacher would be without the copy: the moved weights, unmasked
+        moved_dense = model(tokens, position_ids, None)
+    for p, c in zip(trained, copies):
+        p.teacher_copy = c
+    return {"teacher_copied": copied, "trained_numel": sum(p.numel() for p in trained),
+            "trained_kinds": sorted({n.rsplit(".", 2)[-2] for n, p in model.named_parameters()
+                                     if getattr(p, "teacher_copy", None) is not None}),
+            "teacher_is_original": torch.equal(teacher, original),
+            "moved_would_differ": not torch.allclose(moved_dense, original),
+            "moved_given_back": all(torch.equal(p, m) for p, m in zip(trained, moved))}
 
 
 if __name__ == "__main__":
