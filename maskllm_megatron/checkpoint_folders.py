@@ -233,14 +233,16 @@ def partial_path(out: Path, suffix: str = "partial") -> Path:
 
 
 @contextlib.contextmanager
-def staging(out: str | Path, suffix: str = "partial", collective: bool = True) -> Iterator[Path]:
+def staging(out: str | Path, suffix: str = "partial", collective: bool = True, needed: int = 0) -> Iterator[Path]:
     """An empty hidden folder beside ``out`` (``partial_path``) for the block to assemble ``out`` in; deleted
     when the block ends, whatever happens (``publish`` moves the finished output out of it first).
 
     ``collective``: every rank of a multi-process world enters the block and rank 0 does the file-system
     work between barriers, so the folder exists before any rank writes; False: this process alone. A
     failure on rank 0 deletes the folder at once, without waiting for the others (they may be stuck in a
-    collective): their writes then fail too, and nothing half-written is left."""
+    collective): their writes then fail too, and nothing half-written is left. A failure because the
+    filesystem filled up becomes one line (``disk_full_error``; ``needed``: the bytes the whole write
+    needs, where known)."""
     tmp = partial_path(Path(out).absolute(), suffix)
     rank0, sync = _roles(collective)
     if rank0:
@@ -249,6 +251,12 @@ def staging(out: str | Path, suffix: str = "partial", collective: bool = True) -
     sync()
     try:
         yield tmp
+    except BaseException as e:  # torch's CheckpointException, which carries a writer's ENOSPC, is a BaseException
+        full = None if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit, FolderError)) else \
+            disk_full_error(e, tmp, needed, Path(out).absolute())
+        if full is None:
+            raise
+        raise full from None
     finally:
         if rank0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -552,3 +560,65 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
         if m and p.is_dir():
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found, reverse=True) if is_complete(p)]
+
+
+# ----------------------------------------------------------------------------- disk full, said plainly
+
+class DiskFull(FolderError):
+    """A write does not fit, or did not fit, on its filesystem (message: the folder, space needed and free)."""
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def tree_bytes(folder: str | Path) -> int:
+    """Bytes of the files under ``folder`` (0 if it does not exist)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes (for this user) on the filesystem that holds ``path``, or would hold it."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_room(folder: str | Path, needed: int, what: str = "a checkpoint", basis: str = "") -> None:
+    """``DiskFull`` naming ``folder``, the space needed and the space free when ``needed`` bytes do not fit on
+    its filesystem: called before anything is written."""
+    free = free_bytes(folder)
+    if free < needed:
+        raise DiskFull(room_message(folder, needed, free, what, basis))
+
+
+def room_message(folder, needed: int, free: int, what: str = "a checkpoint", basis: str = "") -> str:
+    return (f"not enough disk space for {what} in {Path(folder).absolute().parent}: about {_size(needed)} needed"
+            f"{f' ({basis})' if basis else ''}, {_size(free)} free; nothing was written: free space there or "
+            "write elsewhere, then run again")
+
+
+def disk_full_error(error: BaseException, folder: Path, needed: int = 0, out: Optional[Path] = None) -> Optional[DiskFull]:
+    """The one-line ``DiskFull`` (naming ``out``, by default ``folder``) for a write into ``folder`` that failed with ``error`` because its filesystem
+    filled up, None for any other failure. Seen as ENOSPC or EDQUOT anywhere in the exception chain, or,
+    when a writer wrapped it (torch.save under megatron's writer processes: "unexpected pos ..."), as a
+    filesystem with less room left than the rest of the write would have needed."""
+    import errno
+
+    seen, e = set(), error
+    full = False
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or \
+                any(text in str(e) for text in ("No space left on device", "Disk quota exceeded")):
+            full = True
+        e = e.__cause__ or e.__context__
+    free = free_bytes(folder)
+    if not full:
+        full = free < max(needed - tree_bytes(folder), 0) + (1 << 20)
+    if not full:
+        return None
+    return DiskFull(f"the disk filled up while writing {Path(out or folder).absolute()} ({_size(free)} free"
+                    + (f", about {_size(needed)} needed" if needed else "") + "): the partial output was removed; "
+                    "free space there or write elsewhere, then run again")

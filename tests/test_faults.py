@@ -120,3 +120,55 @@ def test_a_flipped_byte_is_named_by_verify_export_and_eval_and_resume_falls_back
     assert "resuming from iter_0000002, the newest checkpoint that verifies" in r.stdout, r.stdout[-3000:]
     assert history(out) == straight and read_extra(newest)["iteration"] == 4
     assert _tool("maskllm_megatron.export.verify", newest).returncode == 0  # saved again, whole
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real filesystem of a few MB: a tmpfs mounted by root (``mount -o remount,size=`` resizes it);
+    skipped where mounting is not allowed."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_stops_before_the_save_in_one_line_and_a_rerun_with_space_resumes(tiny, small_disk):
+    """4 MB hold one checkpoint of the tiny model (2.8 MB) and not two: the second save is refused before it
+    writes anything, naming the folder, the space needed and free; ``latest`` stays on the first; once
+    there is room the same command resumes it."""
+    config = _tiny_run(tiny, "full", train_iters=3, save_interval=1, keep_last=5, out_dir=str(small_disk / "run"),
+                       tensorboard=False)
+    ckpts = small_disk / "run" / "checkpoints"
+    error = _one_error(_plain_driver(config))
+    assert error.startswith(f"maskllm-train: not enough disk space for a checkpoint in {ckpts}: about ") and \
+        "needed (the size of iter_0000001 + 5%), " in error and " free; nothing was written" in error, error
+    assert (ckpts / "latest").read_text() == "iter_0000001"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["iter_0000001", "latest"]  # no partial folder
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
+    r = _plain_driver(config)
+    assert r.returncode == 0 and "resumed from" in r.stdout and "at iteration 1" in r.stdout, r.stderr[-3000:]
+    assert (ckpts / "latest").read_text() == "iter_0000003"
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "write"])
+def test_a_write_that_fills_the_disk_is_one_line_and_leaves_nothing(small_disk, writer):
+    """What export and convert write goes through ``atomic_dir``; a write that fills the disk anyway (plain
+    ENOSPC, or torch.save's "unexpected pos", which names no disk) is one ``DiskFull`` line naming the
+    output, and neither the output nor its partial folder is left."""
+    import torch
+
+    from maskllm_megatron.checkpoint_folders import DiskFull, atomic_dir
+
+    out = small_disk / "export"
+    with pytest.raises(DiskFull) as e:
+        with atomic_dir(out, tool="maskllm-export", collective=False) as tmp:
+            if writer == "torch.save":
+                torch.save(torch.zeros(2 << 20), tmp / "big.pt")  # 8 MB
+            else:
+                (tmp / "big.bin").write_bytes(bytes(8 << 20))
+    message = str(e.value)
+    assert message.startswith(f"the disk filled up while writing {out} (") and "\n" not in message, message
+    assert list(small_disk.iterdir()) == []
