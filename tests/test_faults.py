@@ -172,3 +172,28 @@ def test_a_write_that_fills_the_disk_is_one_line_and_leaves_nothing(small_disk, 
     message = str(e.value)
     assert message.startswith(f"the disk filled up while writing {out} (") and "\n" not in message, message
     assert list(small_disk.iterdir()) == []
+
+
+def test_a_rank_that_never_arrives_ends_the_run_in_one_line(tiny):
+    """Rank 0 of a two-rank world whose rank 1 never starts: the rendezvous gives up after
+    parallel.timeout_minutes (here 3 s) with one line and exit 1, instead of waiting forever."""
+    from maskllm_megatron.launch import free_port
+
+    config = _tiny_run(tiny, "never_arrives")
+    env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    env.pop("LOCAL_RANK", None)
+    r = subprocess.run([sys.executable, "-m", "maskllm_megatron.train", "--config", str(config),
+                        "parallel.timeout_minutes=0.05"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    error = _one_error(r)
+    assert "maskllm-train: rank 0: another rank did not arrive within parallel.timeout_minutes=0.05 (" in error, error
+
+
+def test_a_stalled_rank_times_out_a_collective_on_megatrons_groups():
+    """The timeout reaches megatron's groups too: an all-reduce on the data-parallel group that a stalled
+    rank never joins fails after 3 s, and says so in one line."""
+    from tests.torchrun_util import printed_result, torchrun
+
+    r = printed_result(torchrun("tests/scripts/stalled_rank_worker.py", nproc=2))
+    assert r["line"] and r["line"].startswith("rank 0: another rank did not arrive within parallel.timeout_minutes=0.05")
+    assert 2.5 < r["waited"] < 8, r

@@ -174,6 +174,25 @@ def gloo_worker_threads() -> int:
     return count
 
 
+def collective_failure(error: BaseException, timeout_minutes: Optional[float] = None) -> Optional[str]:
+    """One line saying why this rank's wait on the others failed (``error`` from the rendezvous, group
+    creation or a collective): another rank did not arrive within the timeout, or its connection broke
+    (it died); None for any other error."""
+    text = " ".join(str(e) for e in (error, error.__cause__) if e is not None)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)[:200]
+    where = f"rank {os.environ.get('RANK', '0')}"
+    limit = timeout_minutes if timeout_minutes is not None else _timeout_minutes
+    if isinstance(error, torch.distributed.DistError) or "Timed out" in text or "timed out" in text or \
+            "Connection reset by peer" in text or "Connection closed by peer" in text or "Broken pipe" in text:
+        if "imed out" in text or "Timeout" in text or "timeout" in text:
+            return (f"{where}: another rank did not arrive within parallel.timeout_minutes={limit:g} ({first}): "
+                    "check that every rank started and none is stuck; torchrun --max-restarts restarts the group, "
+                    "which resumes from the newest checkpoint")
+        return (f"{where}: the connection to another rank broke ({first}): that rank failed or died, see its "
+                "error; torchrun --max-restarts restarts the group, which resumes from the newest checkpoint")
+    return None
+
+
 def collective_device():
     """Where a small tensor for a collective must live: the current GPU under NCCL (which cannot reduce
     CPU tensors), else the CPU (gloo)."""

@@ -32,19 +32,25 @@ def main(argv=None) -> int:
     from .metrics import MetricsError
     from .trainer import TrainingStopped, train
 
-    from ..megatron.parallel import ProcessGroupScope
+    from ..megatron.parallel import ProcessGroupScope, collective_failure
 
     from .run_folder import hold
 
     groups = ProcessGroupScope()
     try:
-        hold(cfg.run.out_dir)  # torch.distributed, and the run folder's lock
+        hold(cfg.run.out_dir, cfg.parallel.timeout_minutes)  # torch.distributed, and the run folder's lock
         train(cfg)
         groups.close(sync=True)
     except (ConfigError, TrainingStopped, FolderError, DataConfigError, TokenizerError, ModelConfigError,
             MetricsError) as e:
         # what the user gave does not fit (a path, a layout, a dataset), or the run stopped itself: one line
         print(f"maskllm-train: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        reason = collective_failure(e, cfg.parallel.timeout_minutes)  # a rank that never arrived, or died
+        if reason is None:
+            raise
+        print(f"maskllm-train: {reason}", file=sys.stderr)
         return 1
     finally:
         groups.close()

@@ -86,6 +86,8 @@ class ParallelSection:
     # communication with the rest of the backward (megatron DDP); worth it on GPU clusters.
     overlap_grad_reduce: bool = False
     bucket_size: int = 0  # gradient bucket size in elements; 0: megatron's default
+    # minutes a rank waits for the others (start-up, each collective) before the run ends with an error
+    timeout_minutes: float = 30.0
     # Split the norms' and residuals' activations over the tensor-parallel ranks along the sequence
     # (megatron's sequence parallelism); needs tp > 1 and data.seq_length a multiple of tp.
     sequence_parallel: bool = False
@@ -206,6 +208,8 @@ class TrainConfig:
                 raise ConfigError(f"parallel.{name} must be >= 1")
         if p.bucket_size < 0:
             raise ConfigError(f"parallel.bucket_size {p.bucket_size} must be >= 0 (0: megatron's default)")
+        if not p.timeout_minutes > 0:
+            raise ConfigError(f"parallel.timeout_minutes {p.timeout_minutes} must be > 0 (default 30)")
         self._validate_memory_options()
         self._validate_ranges()
         if world_size is not None:

@@ -24,6 +24,7 @@ import torch
 from ..checkpoint_folders import DIST_FILES, LATEST_FILE, MODEL_CONFIG_FILE, is_complete, read_extra
 from ..megatron.parallel import all_reduce_floats, init_parallel, init_process_group
 from .config import ConfigError, TrainConfig, checkpoint_iteration, checkpoint_name
+from .run_folder import verified_resume
 from .metrics import MaskWatcher, MetricsLogger, StepThroughput, host_rss_bytes, peak_memory_bytes
 
 
@@ -459,6 +460,7 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     is_rank0 = env["rank"] == 0
     resume = latest_checkpoint(cfg, announce=is_rank0)
     agree_on_resume(resume)
+    resume = verified_resume(resume)  # its files match their digests, or an older one's do
     saved = read_extra(resume) if resume is not None else None
     if saved is not None:  # before building anything: a resume that would mix two runs is refused
         conflict = cfg.resume_conflict(saved.get("config", {}), saved["iteration"])
