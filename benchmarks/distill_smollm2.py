@@ -41,7 +41,7 @@ def main(argv=None) -> int:
                    help="a distilling step's time over an LM step's (bench_model_step.py's distill_over_mask)")
     p.add_argument("--weights", type=floats, default=[1 / 3, 2 / 3], help="kd_weight values (comma-separated)")
     p.add_argument("--temperatures", type=floats, default=[1.0, 2.0], help="temperatures (comma-separated)")
-    add_recipe_arguments(p, skip=("tokens_per_second", "kd_weight", "kd_temperature"))
+    add_recipe_arguments(p, skip=("kd_weight", "kd_temperature"))
     p.add_argument("--checkpoints", type=int, default=1,
                    help="evenly spaced checkpoints each run keeps (4 reuses the 70-minute quality run's LM stage)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/distill_out"))

@@ -26,7 +26,7 @@ from maskllm_megatron.train.config import checkpoint_iteration
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iters", type=int, required=True)
-    add_recipe_arguments(p, skip=("tokens_per_second",))  # --iters sets the length
+    add_recipe_arguments(p)  # --iters sets the length
     p.add_argument("--checkpoints", type=int, default=1, help="evenly spaced checkpoints to score (a curve)")
     args = p.parse_args(argv)
     stages = Stages(cache_dir() / "demo")

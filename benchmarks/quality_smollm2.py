@@ -27,14 +27,15 @@ from pathlib import Path
 from maskllm_megatron import assets
 from maskllm_megatron.cache import cache_dir
 from maskllm_megatron.demo import (Stages, heldout_ppl, add_recipe_arguments, convert_stage, copy_run_records, data_stage,
-                                   final_checkpoint, learn_stage, learn_wall_s, prior_stage, recipe_from_args)
+                                   final_checkpoint, learn_stage, learn_wall_s, prior_stage, probe_stage,
+                                   recipe_from_args)
 from maskllm_megatron.eval.perplexity import shakespeare_split, wikipedia_split
 from maskllm_megatron.train.config import checkpoint_iteration
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, default=150.0, help="Wikipedia mask-learning budget")
+    p.add_argument("--minutes", type=float, default=150.0, help="Wikipedia mask-learning budget (wall-clock minutes, planned by a timed probe)")
     p.add_argument("--transfer-minutes", type=float, default=15.0, help="budget of each Shakespeare run")
     add_recipe_arguments(p)  # --lr, --global-batch, ...: the demo's recipe by default
     p.add_argument("--checkpoints", type=int, default=6, help="points on the PPL-vs-tokens curve")
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
     priors["sparsegpt+update"] = prior_stage(stages, ckpt, wiki, "sparsegpt", update_weights=True)
     recipe = recipe_from_args(args)
     tokens_per_iter = recipe.tokens_per_iteration
-    iters = recipe.iterations(args.minutes)
+    plan = probe_stage(stages, ckpt, wiki, priors["sparsegpt"], recipe)  # this machine's speed
+    iters = plan.iterations(args.minutes)
     run = learn_stage(stages, ckpt, wiki, priors["sparsegpt"], iters, recipe, checkpoints=args.checkpoints)
     learn_wall = learn_wall_s(run)  # the run's own wall time, also when cached or resumed
 
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
                    for r in records if "valid/ppl" in r]
 
     # Mask transfer to Shakespeare: refine the Wikipedia-learned mask vs learn from the one-shot prior.
-    t_iters = recipe.iterations(args.transfer_minutes)
+    t_iters = plan.iterations(args.transfer_minutes)
     refined = learn_stage(stages, ckpt, shakes, final_checkpoint(run), t_iters, recipe, name="transfer-refine")
     scratch = learn_stage(stages, ckpt, shakes, priors["sparsegpt"], t_iters, recipe, name="transfer-scratch")
     transfer = {

@@ -69,7 +69,7 @@ def test_resumable_stage_keeps_its_interrupted_work(tmp_path):
     assert "this one resumes from its checkpoint iter_0000001" in str(e.value)
     done = stages.run(5, "maskllm", "k", train, resumable=True)
     assert seen == [[], ["checkpoints", "iter_1"]]  # the later attempt found the first one's work
-    assert sorted(p.name for p in done.iterdir()) == ["checkpoints", "iter_1", "iter_2"]
+    assert sorted(p.name for p in done.iterdir() if p.name != ".stage_wall_s") == ["checkpoints", "iter_1", "iter_2"]
     # a stage that is not resumable starts from an empty folder
     with pytest.raises(SystemExit):
         stages.run(4, "prior", "k", lambda w: ((w / "half").write_text("x"), 1 / 0))
@@ -161,11 +161,57 @@ def test_learn_stage_is_finished_only_at_its_last_iteration(tmp_path, monkeypatc
     assert demo.learn_wall_s(run) > 0
 
 
-def test_recipe_turns_minutes_into_iterations():
-    r = LearnRecipe(global_batch=2, tokens_per_second=64.0)
-    assert r.tokens_per_iteration == 2 * SEQ
-    assert r.iterations(16) == 16 * 60 * 64 // (2 * SEQ) == 60
-    assert r.iterations(0.1) == 10  # never fewer than 10
+def test_a_timed_probe_turns_minutes_into_iterations(tmp_path, monkeypatch):
+    """The learning stage's length follows this machine's measured speed, not a constant: the probe runs the
+    learning config for a few iterations (one evaluation, the final save), and the plan is its median step
+    time after the first iteration plus its fixed cost (wall time less the steps). Cached per machine."""
+    from maskllm_megatron import demo
+
+    recipe = LearnRecipe(global_batch=2)
+    assert recipe.tokens_per_iteration == 2 * SEQ
+    tokens = recipe.tokens_per_iteration
+    step_times = [20.0, 8.0, 8.5, 7.5, 8.0, 9.0]  # the first one warms up
+    launches = []
+
+    def fake_run(cmd, log, nproc=0, append=False):  # the driver: logs every iteration's speed, saves, exits 0
+        launches.append(cmd)
+        cfg = yaml.safe_load(open(cmd[cmd.index("--config") + 1]))
+        assert cfg["run"]["train_iters"] == 6 and "run.log_interval=1" in cmd, cmd
+        assert nproc == demo.DP, nproc
+        (log.parent / "checkpoints" / "iter_0000006").mkdir(parents=True)
+        with open(log.parent / "metrics.jsonl", "w") as f:
+            f.write('{"iteration": 0, "valid/loss": 4.0}\n')
+            for i, t in enumerate(step_times, 1):
+                f.write(f'{{"iteration": {i}, "tokens_per_s": {tokens / t}}}\n')
+        return ""
+
+    monkeypatch.setattr(demo.pipeline, "run_logged", fake_run)
+    stages = Stages(tmp_path)
+    args = (stages, tmp_path / "ckpt", tmp_path / "data", tmp_path / "prior", recipe)
+    plan = demo.probe_stage(*args)  # the fake driver takes no time: nothing besides the steps
+    assert plan.step_s == pytest.approx(8.0) and plan.fixed_s == 0.0 and plan.iters == 6
+    done, = tmp_path.glob("probe-*")
+    plan = demo.plan_from_probe(done / "metrics.jsonl", 30.0 + sum(step_times), recipe)  # 30 s besides the steps
+    assert plan.step_s == pytest.approx(8.0) and plan.fixed_s == pytest.approx(30.0)
+    assert plan.iterations(6) == int((6 * 60 - 30) / 8.0) == 41
+    assert plan.minutes(41) == pytest.approx((30 + 41 * 8) / 60)
+    assert plan.iterations(0.5) == 10  # never fewer than 10
+    assert not (done / "checkpoints").exists()  # the probe's checkpoint is not kept
+    assert demo.probe_stage(*args).step_s == pytest.approx(8.0) and len(launches) == 1  # cached: the same plan
+    # a warm-up longer than the probe: the probe runs past it (the driver refuses a run within its warm-up)
+    with pytest.raises(RuntimeError, match="logged 6 of 9 iterations"):
+        demo.plan_from_probe(done / "metrics.jsonl", 100.0, recipe, iters=9)
+    assert demo.SpeedPlan(2.0, 10.0).iterations(1) == 25
+
+
+def test_stages_record_their_wall_time(tmp_path):
+    stages = Stages(tmp_path)
+    stages.run(1, "a", "k", lambda w: None)
+    again = Stages(tmp_path)
+    again.run(1, "a", "k", lambda w: None)
+    (name, seconds, cached), = again.walls
+    assert (name, cached) == ("a", True) and seconds is not None and 0 <= seconds < 5
+    assert stages.walls[0][2] is False
 
 
 def test_recipe_flags_build_the_recipe_they_name():
@@ -183,9 +229,9 @@ def test_recipe_flags_build_the_recipe_they_name():
     with pytest.raises(SystemExit):
         p.parse_args(["--global-batch", "2.5"])  # sequences are whole
     q = argparse.ArgumentParser()
-    demo.add_recipe_arguments(q, skip=("tokens_per_second",))
+    demo.add_recipe_arguments(q, skip=("kd_weight",))
     with pytest.raises(SystemExit):
-        q.parse_args(["--tokens-per-second", "80"])
+        q.parse_args(["--kd-weight", "0.5"])
     assert demo.recipe_from_args(q.parse_args(["--lr", "2e-4"])) == LearnRecipe(lr=2e-4)
     # refused by the driver's own validation of the config learn_stage writes, before any stage runs
     for flags, message in ((["--global-batch", "3"], "--global-batch: global_batch 3: the driver refuses it: "
@@ -202,8 +248,7 @@ def test_recipe_flags_build_the_recipe_they_name():
                                                       "mask.regularizer (-1.0, 0.0) must be >= 0"),
                            (["--prior-strength", "-2"], "--prior-strength: prior_strength -2.0: the driver refuses"),
                            (["--warmup-iters", "-1"], "--warmup-iters: warmup_iters -1: the driver refuses it: "
-                                                      "optim.warmup_iters -1 must be >= 0"),
-                           (["--tokens-per-second", "0"], "--tokens-per-second: tokens_per_second 0.0 must be positive")):
+                                                      "optim.warmup_iters -1 must be >= 0")):
         with pytest.raises(SystemExit, match=re.escape(message)):
             demo.recipe_from_args(p.parse_args(flags))
     assert LearnRecipe(global_batch=6).driver_sections()["data"] == {"micro_batch_size": 3, "global_batch_size": 6}
@@ -234,8 +279,7 @@ def test_bad_arguments_are_refused_before_any_stage(tmp_path, monkeypatch):
                           (["--minutes", "-5"], "error: --minutes -5 must be positive"),
                           (["--lr", "-1"], "error: --lr: lr -1.0 must be positive"),
                           (["--global-batch", "3"], "error: --global-batch: global_batch 3: the driver refuses it"),
-                          (["--warmup-iters", "50"], "error: --warmup-iters: warmup_iters 50: the driver refuses it: "
-                                                     "optim.warmup_iters 50 must be below run.train_iters 38"),
+                          (["--warmup-iters", "-2"], "error: --warmup-iters: warmup_iters -2: the driver refuses it"),
                           (["--refit-iters", "-1"], "error: --refit-iters -1 must be >= 0"),
                           (["--out", str(tmp_path / "afile")], "is a file: pass a folder for the results"),
                           (["--out", str(tmp_path / "afile" / "sub")], "cannot create the folder")):

@@ -11,9 +11,10 @@ from pathlib import Path
 from .. import assets
 from ..cache import cache_dir
 from . import __doc__ as DEMO_DOC
-from .pipeline import (PRIORS, convert_stage, copy_run_records, data_stage, export_stage, final_checkpoint,
-                       heldout_ppl, learn_stage, prior_stage, reconstruct_stage, refit_stage)
-from .recipe import (DEMO_RECONSTRUCTION, DP, RECONSTRUCTIONS, SEQ, LearnRecipe, WeightRefit, add_recipe_arguments,
+from .pipeline import (PRIORS, PROBE_ITERS, convert_stage, copy_run_records, data_stage, export_stage,
+                       final_checkpoint, heldout_ppl, learn_stage, learn_wall_s, prior_stage, probe_stage,
+                       reconstruct_stage, refit_stage)
+from .recipe import (DEMO_LEARN_MINUTES, DEMO_RECONSTRUCTION, DP, RECONSTRUCTIONS, SEQ, LearnRecipe, WeightRefit, add_recipe_arguments,
                      recipe_from_args)
 from .stages import Stages, raise_keyboard_interrupt, rerun_command, stage_key
 
@@ -23,11 +24,12 @@ def main(argv=None) -> int:
 
     quiet_known_warnings()
     p = argparse.ArgumentParser(description=DEMO_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, default=12.0,
-                   help="mask-learning budget in minutes, turned into iterations at --tokens-per-second (at least "
-                        "10 iterations). Default 12: 38 iterations, which learn in 6-10 minutes on 2 CPU cores "
-                        "(the planning speed is conservative), the whole demo in 18-26 with the refit; raise it "
-                        "for a longer, better run")
+    p.add_argument("--minutes", type=float, default=DEMO_LEARN_MINUTES,
+                   help="wall-clock minutes of the mask-learning stage (start-up, evaluations and save included), "
+                        f"turned into iterations (at least 10) by a timed probe of {PROBE_ITERS} iterations of the "
+                        "same run on this machine, cached per machine; the iteration count is printed and recorded. "
+                        f"Default {DEMO_LEARN_MINUTES:g}: the whole demo in about 20 minutes on 2 CPU cores with the "
+                        "refit; raise it for a longer, better run")
     add_recipe_arguments(p)
     p.add_argument("--reconstruct", choices=list(RECONSTRUCTIONS), default=DEMO_RECONSTRUCTION,
                    help="also reconstruct the kept weights layer by layer at export (maskllm-export --reconstruct) and add "
@@ -44,13 +46,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --minutes {args.minutes:g} must be positive (e.g. 12)")
     if args.refit_iters < 0:
         raise SystemExit(f"error: --refit-iters {args.refit_iters} must be >= 0 (0: no refit)")
-    recipe = recipe_from_args(args)  # every setting checked before any work
-    iters = recipe.iterations(args.minutes)
-    try:
-        recipe.check_run(iters)  # e.g. a warm-up as long as the run
-    except ValueError as e:
-        raise SystemExit(f"error: --{str(e).split()[0].replace('_', '-')}: {e} (--minutes {args.minutes:g} gives "
-                         f"{iters} iterations)") from None
+    recipe = recipe_from_args(args)  # every setting checked before any work (the run's length: once planned)
     out = args.out.absolute()
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: --out {out} is a file: pass a folder for the results")
@@ -60,13 +56,13 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --out {out}: cannot create the folder ({e.strerror})") from None
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # `kill` and schedulers stop it as Ctrl-C does
     try:
-        return _demo(recipe, iters, out, args.reconstruct, args.refit_iters)
+        return _demo(recipe, args.minutes, out, args.reconstruct, args.refit_iters)
     except KeyboardInterrupt:  # outside a stage (e.g. fetching the model)
         raise SystemExit(f"demo interrupted; run the same command (`{rerun_command()}`) again: finished stages "
                          "are reused") from None
 
 
-def _demo(recipe: LearnRecipe, iters: int, out: Path, reconstruct: str = "none", refit_iters: int = 0) -> int:
+def _demo(recipe: LearnRecipe, minutes: float, out: Path, reconstruct: str = "none", refit_iters: int = 0) -> int:
     """The seven stages and the results (``main`` has checked the arguments)."""
     from ..eval.perplexity import wikipedia_split
 
@@ -80,6 +76,15 @@ def _demo(recipe: LearnRecipe, iters: int, out: Path, reconstruct: str = "none",
     train_articles, heldout = wikipedia_split()
     prefix = data_stage(stages, "wiki_train", [text for _, text in train_articles], ckpt / "tokenizer")
     prior_ckpts = {method: prior_stage(stages, ckpt, prefix, method) for method in PRIORS}
+    plan = probe_stage(stages, ckpt, prefix, prior_ckpts["sparsegpt"], recipe)
+    iters = plan.iterations(minutes)
+    try:
+        recipe.check_run(iters)  # e.g. a warm-up as long as the run
+    except ValueError as e:
+        raise SystemExit(f"error: --{str(e).split()[0].replace('_', '-')}: {e} (--minutes {minutes:g} plans "
+                         f"{iters} iterations on this machine)") from None
+    print(f"[demo] mask learning: {minutes:g} minutes plan {iters} iterations on this machine ({plan.step_s:.1f} s "
+          f"an iteration, {plan.fixed_s:.0f} s of start-up, evaluation and saving, measured by the probe)", flush=True)
     run = learn_stage(stages, ckpt, prefix, prior_ckpts["sparsegpt"], iters, recipe)
     exported = export_stage(stages, final_checkpoint(run))
     recon = RECONSTRUCTIONS[reconstruct]
@@ -115,6 +120,10 @@ def _demo(recipe: LearnRecipe, iters: int, out: Path, reconstruct: str = "none",
           f"MaskLLM: {iters} iterations x {recipe.global_batch} x {SEQ} tokens = {tokens:,} tokens from the "
           f"SparseGPT prior (strength {recipe.prior_strength:g}, logits lr {recipe.lr:g}, warmed up over {recipe.warmup_iters} iterations).\n\n"
           + "\n".join(lines) + "\n")
+    md += ("\n| stage | wall time |\n|---|---|\n" + "\n".join(
+        f"| {name} | {_duration(seconds)}{' (cached)' if cached else ''} |" for name, seconds, cached in stages.walls)
+        + f"\n\nMask learning was planned at {minutes:g} minutes ({iters} iterations) and took "
+        f"{learn_wall_s(run) / 60:.1f}.\n")
     ppl = dict((n, v) for n, v in rows)
     md += (f"\nMaskLLM vs the SparseGPT prior it started from: perplexity "
            f"{100 * (ppl['MaskLLM'] / ppl['sparsegpt'] - 1):+.1f}%.\n")
@@ -137,6 +146,10 @@ def _demo(recipe: LearnRecipe, iters: int, out: Path, reconstruct: str = "none",
     print(f"[demo] wrote {', '.join(map(str, written))}; exported 2:4 model: {exported}; "
           f"{(time.time() - stages.t0) / 60:.1f} minutes")
     return 0
+
+
+def _duration(seconds) -> str:
+    return "not recorded" if seconds is None else f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def _bar_chart(table: list[tuple[str, float]], path: Path) -> None:

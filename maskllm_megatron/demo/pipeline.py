@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..cache import file_digest
@@ -73,36 +73,106 @@ def prior_stage(stages: Stages, ckpt: Path, prefix: Path, method: str, update_we
     return run / "checkpoints" / checkpoint_name(0)
 
 
+def _learn_config(w: Path, ckpt: Path, prefix: Path, prior_ckpt: Path, iters: int, recipe: LearnRecipe,
+                  checkpoints: int, evals: int) -> Path:
+    """The driver config of a learning run in ``w`` (written there): ``recipe`` from ``prior_ckpt``'s masks."""
+    every = max(5, iters // checkpoints)  # the driver also keeps the final checkpoint
+    cfg = train_config(ckpt, prefix, w, prior={"method": "checkpoint", "checkpoint": str(prior_ckpt)},
+                       **recipe.driver_sections(),
+                       run={"train_iters": iters, "log_interval": 5, "eval_interval": max(5, iters // evals),
+                            "eval_iters": 1, "save_interval": every, "keep_last": checkpoints, "out_dir": str(w)})
+    return write_yaml(cfg, w / "maskllm.yaml")
+
+
+def _recipe_settings(recipe: LearnRecipe) -> dict:
+    """What shapes a learning run of ``recipe`` (its cache key): without distillation not the KD temperature
+    (no teacher runs)."""
+    unused = {"kd_weight", "kd_temperature"} if recipe.kd_weight == 0 else set()
+    return {k: v for k, v in asdict(recipe).items() if k not in unused}
+
+
+#: iterations of the timed probe that plans a learning run's length (``probe_stage``)
+PROBE_ITERS = 6
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    """A wall-clock budget turned into iterations by a timed probe of the learning run on this machine.
+    ``step_s``: one iteration's time (the probe's median after its first); ``fixed_s``: what a run costs
+    besides its iterations (start-up, the mask transfer, evaluation, the final save), the probe's wall time
+    less its iterations."""
+
+    step_s: float
+    fixed_s: float
+    iters: int = PROBE_ITERS
+
+    def iterations(self, minutes: float) -> int:
+        """The iterations that fill ``minutes`` of a learning stage's wall time (at least 10)."""
+        return max(10, int((minutes * 60 - self.fixed_s) / self.step_s))
+
+    def minutes(self, iterations: int) -> float:
+        return (self.fixed_s + iterations * self.step_s) / 60
+
+
+def probe_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, recipe: LearnRecipe) -> SpeedPlan:
+    """Run the learning stage's config for ``PROBE_ITERS`` iterations (same processes, batch, prior, one
+    evaluation and the final save) and time it: the ``SpeedPlan`` of this machine. Cached per machine (its
+    host name and CPUs are in the key), so the same command on the same machine plans the same run; the
+    probe's checkpoint is deleted."""
+    import os
+    import platform
+
+    iters = max(PROBE_ITERS, recipe.warmup_iters + 1)  # a run longer than its warm-up, as the driver requires
+
+    def probe(w: Path):
+        config = _learn_config(w, ckpt, prefix, prior_ckpt, iters, recipe, checkpoints=1, evals=1)
+        t0 = time.time()
+        run_logged(["-m", "maskllm_megatron.train", "--config", str(config), "run.log_interval=1"],
+                   w / "train.log", nproc=DP)
+        wall = time.time() - t0
+        shutil.rmtree(w / "checkpoints", ignore_errors=True)
+        (w / "probe.json").write_text(json.dumps(asdict(plan_from_probe(w / "metrics.jsonl", wall, recipe, iters))))
+
+    machine = (platform.node(), platform.machine(), os.cpu_count(), platform.processor())
+    done = stages.run(5, "probe", stage_key(str(prior_ckpt), str(prefix), _recipe_settings(recipe), iters,
+                                            machine, LEARN_STAGE_FORMAT), probe)
+    return SpeedPlan(**json.loads((done / "probe.json").read_text()))
+
+
+def plan_from_probe(metrics: Path, wall_s: float, recipe: LearnRecipe, iters: int = PROBE_ITERS) -> SpeedPlan:
+    """The plan of a probe of ``iters`` iterations that took ``wall_s`` and logged every iteration's speed
+    (tokens per second of step time) to ``metrics``."""
+    import statistics
+
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    steps = [recipe.tokens_per_iteration / r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
+    if len(steps) != iters:
+        raise RuntimeError(f"the speed probe logged {len(steps)} of {iters} iterations ({metrics})")
+    step_s = statistics.median(steps[1:])  # the first iteration also warms up
+    return SpeedPlan(step_s=step_s, fixed_s=max(0.0, wall_s - sum(steps)), iters=iters)
+
+
 def learn_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, iters: int, recipe: LearnRecipe,
                 name: str = "maskllm", checkpoints: int = 1, evals: int = 4) -> Path:
     """MaskLLM mask learning (2 data-parallel processes) from ``prior_ckpt``'s masks; keeps
     ``checkpoints`` evenly spaced checkpoints and the final one (3 GB each) and runs ``evals`` hard-mask
     validations."""
     def learn(w: Path):
-        every = max(5, iters // checkpoints)  # the driver also keeps the final checkpoint
-        cfg = train_config(ckpt, prefix, w, prior={"method": "checkpoint", "checkpoint": str(prior_ckpt)},
-                            **recipe.driver_sections(),
-                            run={"train_iters": iters, "log_interval": 5, "eval_interval": max(5, iters // evals),
-                                 "eval_iters": 1, "save_interval": every, "keep_last": checkpoints, "out_dir": str(w)})
+        config = _learn_config(w, ckpt, prefix, prior_ckpt, iters, recipe, checkpoints, evals)
         wall, t0 = w / "learn_wall_s", time.time()  # summed over the attempts a resumed run is made of
         if not (w / "checkpoints" / "latest").exists():
             wall.unlink(missing_ok=True)  # nothing to resume: this attempt starts the run again
         try:
-            run_logged(["-m", "maskllm_megatron.train", "--config", str(write_yaml(cfg, w / "maskllm.yaml"))],
-                 w / "train.log", nproc=DP, append=True)
+            run_logged(["-m", "maskllm_megatron.train", "--config", str(config)], w / "train.log", nproc=DP,
+                       append=True)
         finally:
             wall.write_text(str(learn_wall_s(w) + time.time() - t0))
         reached = final_checkpoint(w).name
         if reached != checkpoint_name(iters):  # stopped early (SIGTERM saves and exits cleanly): not finished
             raise RuntimeError(f"the run stopped at {reached} of {iters} iterations")
 
-    # what shapes the run: not the planning speed (it only sets iters, keyed), nor, without distillation,
-    # its temperature (no teacher runs)
-    unused = {"tokens_per_second"} | ({"kd_weight", "kd_temperature"} if recipe.kd_weight == 0 else set())
-    settings = {k: v for k, v in asdict(recipe).items() if k not in unused}
-    return stages.run(5, name, stage_key(str(prior_ckpt), str(prefix), iters, checkpoints, evals, settings,
-                                    LEARN_STAGE_FORMAT), learn,
-                      resumable=True)
+    return stages.run(5, name, stage_key(str(prior_ckpt), str(prefix), iters, checkpoints, evals,
+                                         _recipe_settings(recipe), LEARN_STAGE_FORMAT), learn, resumable=True)
 
 
 def refit_stage(stages: Stages, ckpt: Path, refit: WeightRefit, checkpoints: int = 1) -> Path:

@@ -49,15 +49,10 @@ class LearnRecipe:
     kd_weight: float = _recipe_field(0.0, "distill.kd_weight", "weight of the distillation term (KL to the dense "
                                      "model) in the loss, the LM loss taking the rest; 0: the LM loss alone")
     kd_temperature: float = _recipe_field(1.0, "distill.temperature", "softmax temperature of the distillation term")
-    # measured here at DP=2; only the demo uses it
-    tokens_per_second: float = _recipe_field(55.0, None, "expected mask-learning speed, to turn a time budget "
-                                             "into iterations")
 
     def __post_init__(self):
         """Refuse what the driver would refuse, before any stage runs: the driver's own validation of the
         config ``learn_stage`` writes. Messages start with the recipe field (``recipe_from_args`` reads it)."""
-        if not self.tokens_per_second > 0:
-            raise ValueError(f"tokens_per_second {self.tokens_per_second} must be positive")
         if not self.lr > 0:  # the driver sees lr / MASK_LR_MULT: say it in the recipe's own terms
             raise ValueError(f"lr {self.lr} must be positive")
         self.check_run(None)
@@ -90,9 +85,6 @@ class LearnRecipe:
     @property
     def tokens_per_iteration(self) -> int:
         return self.global_batch * SEQ
-
-    def iterations(self, minutes: float) -> int:
-        return max(10, int(minutes * 60 * self.tokens_per_second / self.tokens_per_iteration))
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -155,6 +147,9 @@ class Reconstruction:
             flags += ["--recon-epochs", str(self.epochs), "--recon-lr", f"{self.lr:g}"]
         return flags
 
+
+#: the demo's mask-learning wall-clock budget (minutes), planned into iterations by a timed probe
+DEMO_LEARN_MINUTES = 6.0
 
 RECONSTRUCTIONS = {"none": None, "obs": Reconstruction("obs", "layer"), "lstsq": Reconstruction("lstsq", "layer"),
                    "block": Reconstruction()}

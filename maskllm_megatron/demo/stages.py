@@ -20,13 +20,25 @@ def stage_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+#: a finished stage's wall time in seconds, in its folder
+STAGE_WALL_FILE = ".stage_wall_s"
+
+
+def stage_wall_s(folder: Path) -> float | None:
+    """The wall time a finished stage took when it ran (None for one finished before it was recorded)."""
+    path = folder / STAGE_WALL_FILE
+    return float(path.read_text()) if path.is_file() else None
+
+
 class Stages:
-    """Runs stages once: ``<root>/<name>-<key>/`` exists only when the stage finished."""
+    """Runs stages once: ``<root>/<name>-<key>/`` exists only when the stage finished. ``walls`` lists the
+    stages this process asked for, with the wall time each took when it ran."""
 
     def __init__(self, root: Path):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.t0 = time.time()
+        self.walls: list[tuple[str, float | None, bool]] = []  # (stage, its wall seconds, cached) in run order
 
     def run(self, number: int, name: str, key: str, fn, resumable: bool = False) -> Path:
         """``fn(work)`` fills ``<name>-<key>.partial/``, renamed when it returns. A ``resumable`` stage keeps
@@ -36,6 +48,7 @@ class Stages:
         stamp = f"[demo {time.time() - self.t0:6.0f}s] {number}. {name}"
         if done.exists():
             print(f"{stamp}: cached ({done})", flush=True)
+            self.walls.append((name, stage_wall_s(done), True))
             return done
         work = self.root / f"{name}-{key}.partial"
         if resumable and work.exists():
@@ -44,6 +57,7 @@ class Stages:
             shutil.rmtree(work, ignore_errors=True)
             print(f"{stamp} ...", flush=True)
         work.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
         try:
             fn(work)
         except (Interrupted, KeyboardInterrupt):
@@ -53,7 +67,9 @@ class Stages:
             raise SystemExit(f"demo stage {number} ({name}) failed: {e}\n  its work folder is {work}; fix the cause "
                              f"and run the same command (`{rerun_command()}`) again: "
                              f"{_resume_hint(work, resumable)}") from e
+        (work / STAGE_WALL_FILE).write_text(str(time.time() - t0))  # this attempt's (a resumed run sums its own)
         os.replace(work, done)
+        self.walls.append((name, stage_wall_s(done), False))
         print(f"[demo {time.time() - self.t0:6.0f}s] {number}. {name}: done", flush=True)
         return done
 
