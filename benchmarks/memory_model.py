@@ -40,6 +40,11 @@ LAYOUTS = {
                          "recompute_modules": ["core_attn", "mlp"]},
     "pp2": {"pp": 2},
     "pp2_full": {"pp": 2, "recompute": "full"},
+    # what trains (mask-section keys): joint training, and with distillation the teacher's copy of the trained
+    # weights (the teacher's forward is not run: its logits are not modelled); a refit distilled likewise
+    "tp1_joint": {"mask": {"train_weights": True}},
+    "tp1_joint_kd": {"mask": {"train_weights": True}, "distill": {"kd_weight": 0.5}},
+    "tp1_refit_kd": {"mask": {"refit": True}, "distill": {"kd_weight": 1.0}},
 }
 
 
@@ -58,8 +63,9 @@ def train_config(args, overrides: dict, seq: int):
         "model": {"checkpoint": "unused"}, "data": {"train": ["unused"], "seq_length": seq,
                                                     "micro_batch_size": args.micro_batch,
                                                     "global_batch_size": args.micro_batch * args.microbatches},
-        "parallel": {"distributed_optimizer": True, **overrides}, "prior": {"method": "magnitude"},
-        "mask": {"fused_kernel": True}, "run": {"train_iters": 100}})
+        "parallel": {"distributed_optimizer": True, **{k: v for k, v in overrides.items() if k not in ("mask", "distill")}},
+        "prior": {"method": "magnitude"}, "mask": {"fused_kernel": True, **overrides.get("mask", {})},
+        "distill": overrides.get("distill", {}), "run": {"train_iters": 100}})
 
 
 class AllocatorPeak:
@@ -181,7 +187,8 @@ def measure(args, name: str, overrides: dict, seq: int) -> dict:
     from megatron.core import parallel_state
 
     from maskllm_megatron.megatron.model_builder import build_gpt_model
-    from maskllm_megatron.megatron.sparsify import masked_layers, set_fused_mask_kernel, sparsify
+    from maskllm_megatron.megatron.sparsify import (fix_masks, keep_teacher_copy, masked_layers, set_fused_mask_kernel,
+                                                    sparsify)
     from maskllm_megatron.prune.methods import magnitude_mask
     from maskllm_megatron.train.memory import Layout, estimate
     from maskllm_megatron.train.trainer import build_optimizer, run_batches, setup_parallel
@@ -212,6 +219,10 @@ def measure(args, name: str, overrides: dict, seq: int) -> dict:
         set_fused_mask_kernel(model, cfg.mask.fused_kernel)
         for layer in masked_layers(model):
             layer.set_prior(magnitude_mask(layer.weight.detach(), layer.nm))
+        if cfg.mask.refit:
+            fix_masks(model)
+        if cfg.distills_trained_weights():
+            keep_teacher_copy(model)
         peak.mark("model_built")
         ddp, optimizer, _ = build_optimizer(cfg, model)
         peak.mark("optimizer_built")

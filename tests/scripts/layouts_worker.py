@@ -189,9 +189,11 @@ def recompute_memory() -> list:
 
     args = argparse.Namespace(layers=2, hidden=128, ffn=352, heads=4, groups=2, vocab=1024, micro_batch=2,
                               microbatches=2, steps=2, seqs=[128, 256])
-    return [{k: r[k] for k in ("layout", "seq", "measured_peak", "ratio")} | {"predicted_peak": r["predicted"]["peak"]}
-            for seq in args.seqs for name in ("tp1", "tp1_full")
-            for r in [memory_model.measure(args, name, memory_model.LAYOUTS[name], seq)]]
+    rows = [(name, seq) for seq in args.seqs for name in ("tp1", "tp1_full")]
+    rows += [(name, 128) for name in ("tp1_joint_kd", "tp1_refit_kd")]  # what trains, with the teacher's copy
+    return [{k: r[k] for k in ("layout", "seq", "measured_peak", "ratio", "state_ratio", "measured_state")}
+            | {"predicted_peak": r["predicted"]["peak"], "predicted_state": r["predicted"]["state"]}
+            for name, seq in rows for r in [memory_model.measure(args, name, memory_model.LAYOUTS[name], seq)]]
 
 
 def layernorm_sp() -> dict:
