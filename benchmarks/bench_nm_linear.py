@@ -1,0 +1,136 @@
+"""Compressed N:M linears (maskllm_megatron.inference) against F.linear on the zero-filled dense weight.
+
+  python benchmarks/bench_nm_linear.py linear [--shapes ...] [--repeats 5]
+      one linear at SmolLM2-135M's and LLaMA-2 7B's shapes (out x in), random 2:4 weights: decode (1 token)
+      and prefill (512 tokens), fp32 and bf16; dense and compressed calls alternate, each figure is the
+      median over --repeats rounds of the median of --calls calls, and the ratio is taken in the same run.
+  python benchmarks/bench_nm_linear.py model [--new-tokens 128] [--batch 1 8] [--repeats 3]
+      SmolLM2-135M (the demo's offline model) with magnitude 2:4 masks on its 210 decoder linears,
+      written as our hf export (maskllm-export apply-masks) and run through maskllm-generate.
+
+Results: benchmarks/RESULTS.md, "Compressed 2:4 linears on the CPU".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from maskllm_megatron.inference.linear import CompressedNMLinear
+from maskllm_megatron.masks.patterns import NMSpec, topn_mask
+
+SHAPES = {"smollm2-qkv": (960, 576), "smollm2-o": (576, 576), "smollm2-up": (1536, 576), "smollm2-down": (576, 1536),
+          "llama2-7b-qkvo": (4096, 4096), "llama2-7b-up": (11008, 4096), "llama2-7b-down": (4096, 11008)}
+
+
+def _median_call(fn, calls: int) -> float:
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_linear(args) -> list[dict]:
+    spec = NMSpec(2, 4)
+    rows = []
+    for name in args.shapes:
+        out_f, in_f = SHAPES[name]
+        g = torch.Generator().manual_seed(0)
+        w32 = torch.randn(out_f, in_f, generator=g) * topn_mask(torch.rand(out_f, in_f, generator=g), spec)
+        for dtype in (torch.float32, torch.bfloat16):
+            w = w32.to(dtype)
+            lin = torch.nn.Linear(in_f, out_f, bias=False, dtype=dtype)
+            lin.weight.data.copy_(w)
+            comp = CompressedNMLinear.from_linear(lin, spec, isa=args.isa)
+            for tokens in args.tokens:
+                x = torch.randn(tokens, in_f, generator=g).to(dtype)
+                dense_fn, comp_fn = (lambda: F.linear(x, w)), (lambda: comp(x))
+                calls = args.calls if tokens <= 16 else max(3, args.calls // 10)
+                dense_fn(), comp_fn()  # warm-up
+                dense, compressed = [], []
+                for _ in range(args.repeats):
+                    dense.append(_median_call(dense_fn, calls))
+                    compressed.append(_median_call(comp_fn, calls))
+                ratios = [d / c for d, c in zip(dense, compressed)]
+                row = {"shape": name, "out": out_f, "in": in_f, "dtype": str(dtype).replace("torch.", ""),
+                       "tokens": tokens, "dense_ms": 1e3 * statistics.median(dense),
+                       "compressed_ms": 1e3 * statistics.median(compressed), "speedup": statistics.median(ratios),
+                       "speedup_min": min(ratios), "speedup_max": max(ratios),
+                       "memory_ratio": comp.resident_bytes() / (w.numel() * w.element_size())}
+                rows.append(row)
+                print(f"{name:15s} {out_f:5d}x{in_f:<5d} {row['dtype']:8s} {tokens:4d} tok: dense {row['dense_ms']:8.3f} ms"
+                      f"  compressed {row['compressed_ms']:8.3f} ms  speed-up {row['speedup']:.2f}x "
+                      f"({row['speedup_min']:.2f}-{row['speedup_max']:.2f})", flush=True)
+    return rows
+
+
+def magnitude_export(hf: Path, out: Path, spec: NMSpec = NMSpec(2, 4)) -> Path:
+    """``hf`` with magnitude N:M masks on its decoder linears, as ``maskllm-export apply-masks`` writes it."""
+    from maskllm_megatron.export.apply import apply_masks
+    from maskllm_megatron.export.formats import save_masks
+    from maskllm_megatron.export.pipeline import read_safetensors
+    from maskllm_megatron.export.verify import DEFAULT_TARGETS
+
+    if (out / "config.json").is_file():
+        return out
+    state = read_safetensors(hf)
+    masks = {n: topn_mask(t.float().abs(), spec) for n, t in state.items() if re.search(DEFAULT_TARGETS, n)}
+    mask_file = out.with_name(out.name + ".masks")
+    save_masks(mask_file, masks, spec)
+    apply_masks(hf, mask_file, out, overwrite=True)
+    return out
+
+
+def bench_model(args) -> list[dict]:
+    from maskllm_megatron.assets import smollm2_hf_dir
+    from maskllm_megatron.cache import cache_dir
+    from maskllm_megatron.inference.cli import measure
+
+    export = magnitude_export(smollm2_hf_dir(), cache_dir() / "bench" / "smollm2-magnitude-2of4-hf")
+    rows = []
+    for dtype in args.dtypes:
+        for batch in args.batch:
+            rows.append(measure(export, new_tokens=args.new_tokens, batch=batch, dtype=dtype, repeats=args.repeats,
+                                prefill=args.prefill if batch == 1 else 0, isa=args.isa))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    lin = sub.add_parser("linear")
+    lin.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    lin.add_argument("--tokens", nargs="+", type=int, default=[1, 512])
+    lin.add_argument("--calls", type=int, default=30)
+    mod = sub.add_parser("model")
+    mod.add_argument("--new-tokens", type=int, default=128)
+    mod.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    mod.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
+    mod.add_argument("--prefill", type=int, default=512)
+    for p in (lin, mod):
+        p.add_argument("--repeats", type=int, default=5)
+        p.add_argument("--isa", choices=["AVX2", "AVX512"])
+        p.add_argument("--threads", type=int)
+        p.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}", flush=True)
+    rows = bench_linear(args) if args.what == "linear" else bench_model(args)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

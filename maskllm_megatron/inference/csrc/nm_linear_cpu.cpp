@@ -1,0 +1,345 @@
+// CPU kernels of the compressed N:M linear (maskllm_megatron/inference/linear.py):
+//   maskllm_nm_linear:     y[t, r] = sum_g sum_{j<N} values[r, g*N + j] * x[t, g*M + pos(p[r, g], j)] (+ bias[r])
+//                          for few tokens (decode): every weight is read once for all tokens;
+//   maskllm_nm_decompress: rows [r0, r1) of the zero-filled dense weight, for the tiled dense matmul of
+//                          many tokens (prefill).
+//
+// Layout: values [rows, G*N] (fp32 or bf16), the kept weights of each group of M inputs in position
+// order; idx [rows, idx_stride] uint8: each group's pattern index (masks/patterns.py order), two per
+// byte (low nibble first) where C(M, N) <= 16, else one per byte. x is fp32 [T, in]; y is [T, rows] in
+// the values' dtype, accumulated in fp32 (bf16 rounded to nearest even once, at the end).
+//
+// The rows are cut into chunks of 16 inputs (16/M groups, 16N/M values). A chunk's keep bits (1 where a
+// position is kept) come from a 256-entry table per index byte; with them the chunk's values become a
+// dense 16-wide fp32 row piece in registers (AVX-512: one masked expand; AVX2: two 8-lane permutes of
+// a load whose tail lanes are zero), multiplied into the matching 16 inputs of every token. The inputs
+// past the last whole chunk (fewer than 16) take a scalar loop. Rows are split over OpenMP threads
+// (torch's runtime: its libgomp has the same soname and is loaded first).
+//
+// Built twice by maskllm_megatron/inference/kernel.py: -mavx2 -mfma, and -mavx512f/bw/vl/dq.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+struct Layout {  // one layer's shape and tables; the same fields as kernel.py's ctypes Layout
+  int64_t in, idx_stride;
+  int32_t n, m, gpb;          // N, M, groups per index byte (2: nibbles, 1: bytes)
+  int32_t bf16;               // values, bias, x and y are bf16 (else fp32)
+  const uint16_t* byte_keep;  // [256]: the keep bits of the gpb groups of one index byte
+  const uint8_t* pos;         // [C, N]: the positions each pattern keeps
+  int64_t groups() const { return in / m; }
+  int64_t chunks() const { return in / 16; }
+  int vc() const { return 16 * n / m; }            // values per chunk
+  int bpc() const { return 16 / (gpb * m); }       // index bytes per chunk
+  int pattern(const uint8_t* row_idx, int64_t g) const {
+    return gpb == 2 ? (row_idx[g >> 1] >> ((g & 1) * 4)) & 15 : row_idx[g];
+  }
+  uint32_t keep16(const uint8_t* p) const {  // keep bits of the 16 inputs of one chunk
+    const int bits = gpb * m;
+    uint32_t k = 0;
+    for (int i = 0; i < bpc(); ++i) k |= uint32_t(byte_keep[p[i]]) << (i * bits);
+    return k;
+  }
+};
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even; NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+template <typename V> inline float load_value(const V* p);
+template <> inline float load_value<float>(const float* p) { return *p; }
+template <> inline float load_value<uint16_t>(const uint16_t* p) { return bf16_to_float(*p); }
+template <typename V> inline void store_value(V* p, float v);
+template <> inline void store_value<float>(float* p, float v) { *p = v; }
+template <> inline void store_value<uint16_t>(uint16_t* p, float v) { *p = float_to_bf16(v); }
+
+#if defined(__AVX512F__)
+constexpr const char* kIsa = "AVX512";
+
+// The 16 dense fp32 weights of one chunk: its vc values expanded into the kept lanes, zeros elsewhere.
+template <bool k24>
+inline __m512 dense_chunk(const float* v, uint32_t keep, int vc) {
+  if (k24) return _mm512_maskz_expand_ps(__mmask16(keep), _mm512_castps256_ps512(_mm256_loadu_ps(v)));
+  return _mm512_maskz_expandloadu_ps(__mmask16(keep), v);
+}
+template <bool k24>
+inline __m512 dense_chunk(const uint16_t* v, uint32_t keep, int vc) {
+  __m256i raw = k24 ? _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)))
+                    : _mm256_maskz_loadu_epi16(__mmask16((1u << vc) - 1), v);
+  __m512 f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  return _mm512_maskz_expand_ps(__mmask16(keep), f);
+}
+
+// y[t, r] for tokens t < T (T <= 8) and one row: two independent accumulators per token.
+template <int T, bool k24, typename V>
+inline void row_dot(const V* vals, const uint8_t* row_idx, const float* x, int64_t in, const Layout& L,
+                    float* acc_out) {
+  __m512 a0[T], a1[T];
+  for (int t = 0; t < T; ++t) a0[t] = a1[t] = _mm512_setzero_ps();
+  const int64_t nc = L.chunks();
+  const int vc = L.vc(), bpc = L.bpc();
+  int64_t c = 0;
+  for (; c + 1 < nc; c += 2) {
+    const uint8_t* ip = row_idx + c * bpc;
+    const __m512 w0 = dense_chunk<k24>(vals + c * vc, k24 ? L.byte_keep[ip[0]] | (L.byte_keep[ip[1]] << 8) : L.keep16(ip), vc);
+    const __m512 w1 = dense_chunk<k24>(vals + (c + 1) * vc, k24 ? L.byte_keep[ip[2]] | (L.byte_keep[ip[3]] << 8) : L.keep16(ip + bpc), vc);
+    for (int t = 0; t < T; ++t) {
+      a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * in + c * 16), a0[t]);
+      a1[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + t * in + c * 16 + 16), a1[t]);
+    }
+  }
+  if (c < nc) {
+    const uint8_t* ip = row_idx + c * bpc;
+    const __m512 w0 = dense_chunk<k24>(vals + c * vc, k24 ? L.byte_keep[ip[0]] | (L.byte_keep[ip[1]] << 8) : L.keep16(ip), vc);
+    for (int t = 0; t < T; ++t) a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * in + c * 16), a0[t]);
+  }
+  for (int t = 0; t < T; ++t) acc_out[t] = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t]));
+}
+
+template <bool k24, typename V>
+inline void decompress_row(const V* vals, const uint8_t* row_idx, V* dense, const Layout& L) {
+  const int64_t nc = L.chunks();
+  const int vc = L.vc(), bpc = L.bpc();
+  for (int64_t c = 0; c < nc; ++c) {
+    const __m512 w = dense_chunk<k24>(vals + c * vc, L.keep16(row_idx + c * bpc), vc);
+    if constexpr (sizeof(V) == 4) {
+      _mm512_storeu_ps(reinterpret_cast<float*>(dense) + c * 16, w);
+    } else {  // exact: bf16 -> fp32 -> bf16 keeps the bits (the low halves are zero)
+      __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(w), 16));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dense + c * 16), h);
+    }
+  }
+}
+
+#else  // AVX2
+constexpr const char* kIsa = "AVX2";
+
+struct PermTable {  // for each 8-bit keep mask: lane j <- value rank(j), or lane 7 (zero) where not kept
+  alignas(32) int32_t idx[256][8];
+  PermTable() {
+    for (int k = 0; k < 256; ++k)
+      for (int j = 0, r = 0; j < 8; ++j) idx[k][j] = (k >> j) & 1 ? r++ : 7;
+  }
+};
+const PermTable kPerm;
+
+// 8 dense fp32 weights from vh (< 8) values and an 8-bit keep mask; lanes >= vh of the load are zero.
+template <bool k24>
+inline __m256 dense_half(const float* v, uint32_t keep8, int vh) {
+  __m256 raw;
+  if (k24) {
+    raw = _mm256_castps128_ps256(_mm_loadu_ps(v));
+    raw = _mm256_insertf128_ps(raw, _mm_setzero_ps(), 1);
+  } else {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    raw = _mm256_maskload_ps(v, _mm256_cmpgt_epi32(_mm256_set1_epi32(vh), lanes));
+  }
+  return _mm256_permutevar8x32_ps(raw, _mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.idx[keep8])));
+}
+template <bool k24>
+inline __m256 dense_half(const uint16_t* v, uint32_t keep8, int vh) {
+  __m128i raw;
+  if (k24) {
+    raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(v));
+  } else {
+    alignas(16) uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::memcpy(tmp, v, vh * sizeof(uint16_t));
+    raw = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+  }
+  __m256 f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  return _mm256_permutevar8x32_ps(f, _mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.idx[keep8])));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int T, bool k24, typename V>
+inline void row_dot(const V* vals, const uint8_t* row_idx, const float* x, int64_t in, const Layout& L,
+                    float* acc_out) {
+  __m256 a0[T], a1[T];
+  for (int t = 0; t < T; ++t) a0[t] = a1[t] = _mm256_setzero_ps();
+  const int64_t nc = L.chunks();
+  const int vc = L.vc(), vh = vc / 2, bpc = L.bpc();
+  for (int64_t c = 0; c < nc; ++c) {
+    const uint32_t keep = k24 ? L.byte_keep[row_idx[2 * c]] | (L.byte_keep[row_idx[2 * c + 1]] << 8)
+                              : L.keep16(row_idx + c * bpc);
+    const __m256 w0 = dense_half<k24>(vals + c * vc, keep & 0xff, vh);
+    const __m256 w1 = dense_half<k24>(vals + c * vc + vh, keep >> 8, vh);
+    for (int t = 0; t < T; ++t) {
+      a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * in + c * 16), a0[t]);
+      a1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + t * in + c * 16 + 8), a1[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) acc_out[t] = hsum(_mm256_add_ps(a0[t], a1[t]));
+}
+
+template <bool k24, typename V>
+inline void decompress_row(const V* vals, const uint8_t* row_idx, V* dense, const Layout& L) {
+  const int64_t nc = L.chunks();
+  const int vc = L.vc(), vh = vc / 2, bpc = L.bpc();
+  for (int64_t c = 0; c < nc; ++c) {
+    const uint32_t keep = L.keep16(row_idx + c * bpc);
+    const __m256 w0 = dense_half<k24>(vals + c * vc, keep & 0xff, vh);
+    const __m256 w1 = dense_half<k24>(vals + c * vc + vh, keep >> 8, vh);
+    if constexpr (sizeof(V) == 4) {
+      _mm256_storeu_ps(reinterpret_cast<float*>(dense) + c * 16, w0);
+      _mm256_storeu_ps(reinterpret_cast<float*>(dense) + c * 16 + 8, w1);
+    } else {
+      const __m256i shuf = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1,
+                                            2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+      for (int h = 0; h < 2; ++h) {
+        __m256i s = _mm256_shuffle_epi8(_mm256_castps_si256(h ? w1 : w0), shuf);
+        __m128i packed = _mm_unpacklo_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dense + c * 16 + h * 8), packed);
+      }
+    }
+  }
+}
+#endif
+
+// The inputs past the last whole chunk, scalar.
+template <int T, typename V>
+inline void row_tail(const V* vals, const uint8_t* row_idx, const float* x, int64_t in, const Layout& L,
+                     float* acc) {
+  const int n = L.n;
+  for (int64_t g = L.chunks() * 16 / L.m; g < L.groups(); ++g) {
+    const uint8_t* kept = L.pos + L.pattern(row_idx, g) * n;
+    for (int j = 0; j < n; ++j) {
+      const float w = load_value(vals + g * n + j);
+      const int64_t col = g * L.m + kept[j];
+      for (int t = 0; t < T; ++t) acc[t] += w * x[t * in + col];
+    }
+  }
+}
+
+template <int T, bool k24, typename V>
+void linear_rows(const float* x, const V* vals, const uint8_t* idx, const V* bias, V* y, int64_t rows,
+                 int64_t r0, int64_t r1, const Layout& L) {
+  const int64_t kn = L.groups() * L.n;
+  for (int64_t r = r0; r < r1; ++r) {
+    const V* v = vals + r * kn;
+    const uint8_t* ip = idx + r * L.idx_stride;
+    float acc[T];
+    row_dot<T, k24>(v, ip, x, L.in, L, acc);
+    row_tail<T>(v, ip, x, L.in, L, acc);
+    const float b = bias ? load_value(bias + r) : 0.f;
+    for (int t = 0; t < T; ++t) store_value(y + t * rows + r, acc[t] + b);
+  }
+}
+
+template <bool k24, typename V>
+void linear_dispatch(const V* x_in, const V* vals, const uint8_t* idx, const V* bias, V* y, int64_t tokens,
+                     int64_t rows, const Layout& L, int threads) {
+  std::vector<float> x_buf;
+  const float* x = reinterpret_cast<const float*>(x_in);
+  if (sizeof(V) == 2) {  // bf16 inputs: once to fp32
+    x_buf.resize(size_t(tokens * L.in));
+    for (int64_t i = 0; i < tokens * L.in; ++i) x_buf[i] = load_value(x_in + i);
+    x = x_buf.data();
+  }
+  // Row blocks handed out dynamically (a thread that the OS preempts holds up little), 8 per thread.
+  const int64_t block = std::max<int64_t>(8, rows / (int64_t(threads) * 8));
+  const int64_t blocks = (rows + block - 1) / block;
+  // Blocks of 8 tokens; within a block, each row's weights are read once.
+  for (int64_t t0 = 0; t0 < tokens; t0 += 8) {
+    const int tb = int(std::min<int64_t>(tokens - t0, 8));
+    const float* xb = x + t0 * L.in;
+    V* yb = y + t0 * rows;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (blocks > 1)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t r0 = b * block, r1 = std::min(rows, r0 + block);
+      switch (tb) {
+        case 1: linear_rows<1, k24>(xb, vals, idx, bias, yb, rows, r0, r1, L); break;
+        case 2: linear_rows<2, k24>(xb, vals, idx, bias, yb, rows, r0, r1, L); break;
+        case 3: linear_rows<3, k24>(xb, vals, idx, bias, yb, rows, r0, r1, L); break;
+        case 4: linear_rows<4, k24>(xb, vals, idx, bias, yb, rows, r0, r1, L); break;
+        case 5: linear_rows<5, k24>(xb, vals, idx, bias, yb, rows, r0, r1, L); break;
+        case 6: linear_rows<6, k24>(xb, vals, idx, bias, yb, rows, r0, r1, L); break;
+        case 7: linear_rows<7, k24>(xb, vals, idx, bias, yb, rows, r0, r1, L); break;
+        default: linear_rows<8, k24>(xb, vals, idx, bias, yb, rows, r0, r1, L); break;
+      }
+    }
+  }
+}
+
+template <bool k24, typename V>
+void decompress_dispatch(const V* vals, const uint8_t* idx, V* dense, int64_t r0, int64_t r1, const Layout& L,
+                         int threads) {
+  const int64_t kn = L.groups() * L.n;
+#pragma omp parallel for schedule(static) num_threads(threads) if (r1 - r0 > 1)
+  for (int64_t r = r0; r < r1; ++r) {
+    const V* v = vals + r * kn;
+    const uint8_t* ip = idx + r * L.idx_stride;
+    V* d = dense + (r - r0) * L.in;
+    decompress_row<k24>(v, ip, d, L);
+    for (int64_t col = L.chunks() * 16; col < L.in; ++col) d[col] = V(0);
+    for (int64_t g = L.chunks() * 16 / L.m; g < L.groups(); ++g) {
+      const uint8_t* kept = L.pos + L.pattern(ip, g) * L.n;
+      for (int j = 0; j < L.n; ++j) d[g * L.m + kept[j]] = v[g * L.n + j];
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" const char* maskllm_nm_isa() { return kIsa; }
+extern "C" int64_t maskllm_nm_layout_size() { return sizeof(Layout); }
+
+// y [tokens, rows] = x [tokens, in] @ W^T (+ bias), all in the layout's dtype (fp32 or bf16); bias may be null.
+extern "C" void maskllm_nm_linear(const Layout* L, const void* x, const void* vals, const uint8_t* idx,
+                                  const void* bias, void* y, int64_t tokens, int64_t rows, int threads) {
+  const bool k24 = L->n == 2 && L->m == 4;
+  if (L->bf16) {
+    auto xx = static_cast<const uint16_t*>(x);
+    auto v = static_cast<const uint16_t*>(vals);
+    auto b = static_cast<const uint16_t*>(bias);
+    auto o = static_cast<uint16_t*>(y);
+    k24 ? linear_dispatch<true>(xx, v, idx, b, o, tokens, rows, *L, threads)
+        : linear_dispatch<false>(xx, v, idx, b, o, tokens, rows, *L, threads);
+  } else {
+    auto xx = static_cast<const float*>(x);
+    auto v = static_cast<const float*>(vals);
+    auto b = static_cast<const float*>(bias);
+    auto o = static_cast<float*>(y);
+    k24 ? linear_dispatch<true>(xx, v, idx, b, o, tokens, rows, *L, threads)
+        : linear_dispatch<false>(xx, v, idx, b, o, tokens, rows, *L, threads);
+  }
+}
+
+// Rows [r0, r1) of the zero-filled dense weight into dense [r1 - r0, in], in the layout's dtype.
+extern "C" void maskllm_nm_decompress(const Layout* L, const void* vals, const uint8_t* idx, void* dense, int64_t r0,
+                                      int64_t r1, int threads) {
+  const bool k24 = L->n == 2 && L->m == 4;
+  if (L->bf16) {
+    auto v = static_cast<const uint16_t*>(vals);
+    auto d = static_cast<uint16_t*>(dense);
+    k24 ? decompress_dispatch<true>(v, idx, d, r0, r1, *L, threads)
+        : decompress_dispatch<false>(v, idx, d, r0, r1, *L, threads);
+  } else {
+    auto v = static_cast<const float*>(vals);
+    auto d = static_cast<float*>(dense);
+    k24 ? decompress_dispatch<true>(v, idx, d, r0, r1, *L, threads)
+        : decompress_dispatch<false>(v, idx, d, r0, r1, *L, threads);
+  }
+}

@@ -1,0 +1,219 @@
+"""``CompressedNMLinear``: an N:M linear stored as its kept weights and each group's pattern, for CPU inference.
+
+A dense ``[out, in]`` weight whose groups of M consecutive inputs hold at most N non-zeros becomes
+``values [out, in/M*N]`` (the N kept weights of each group, in position order, in the weight's dtype)
+and ``idx`` (each group's pattern index in ``masks/patterns.py`` order: two per byte where C(M, N) <= 16,
+as for 2:4, else one per byte). fp32 2:4 then reads 8.5 B per group of 4 weights instead of 16.
+
+Forward (``x`` in the weights' dtype, float32 or bfloat16, on the CPU):
+
+- up to ``SPARSE_MAX_TOKENS`` tokens (decoding): the C++ kernel reads every weight once for all
+  tokens, accumulates in fp32 and writes the weights' dtype;
+- more (prefill): ``TILE_ROWS`` output rows at a time are decompressed into a dense tile (reused) and
+  multiplied with ``torch.mm`` into their columns of the output (the whole dense weight is never held).
+
+Both equal ``F.linear(x, to_dense(), bias)`` up to the order of the fp32 summation (and, in bf16, the
+one rounding of the output): ``tests/test_inference.py`` holds them to ``TOLERANCE``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernel
+from maskllm_megatron.masks.patterns import NMSpec, pattern_positions
+
+#: Token counts up to this take the sparse kernel, larger ones the tiled dense matmul (measured:
+#: benchmarks/bench_nm_linear.py, benchmarks/RESULTS.md).
+SPARSE_MAX_TOKENS = 16
+#: Output rows decompressed per tile on the prefill path.
+TILE_ROWS = 256
+#: ``(a, b)``: |y - ref| <= a * sum_k |w_k x_k| (+ |bias|) + b * |ref|, where ref is F.linear in fp32 on the
+#: zero-filled dense weight (bf16 weights and inputs are exact in fp32): a bounds the fp32 summation in another
+#: order (kernel: 16 or 8 lanes x 2 accumulators, then a tree), b the one rounding of a bf16 output (2^-8).
+TOLERANCE = {torch.float32: (1e-5, 0.0), torch.bfloat16: (1e-5, 2.0 ** -8)}
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class CompressError(ValueError):
+    """A layer or model that cannot be compressed; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class _Tables:
+    positions: torch.Tensor  # [C, N] uint8: the positions each pattern keeps
+    byte_keep: torch.Tensor  # [256] int16 (uint16 bits): the keep bits of the groups of one index byte
+    bits_to_pattern: torch.Tensor  # [2^M] int64: pattern index of a keep-bit set (-1: not exactly N)
+    groups_per_byte: int
+
+
+def check_spec(spec: NMSpec) -> None:
+    """The N:M structures the kernel runs: M in 2, 4, 8 and 0 < N < M."""
+    if spec.m not in (2, 4, 8) or not 0 < spec.n < spec.m:
+        raise CompressError(f"{spec} is not supported by the compressed linear: it runs N:M with M = 2, 4 or 8 "
+                            "and N < M (e.g. 2:4, 1:4, 4:8); keep this model dense")
+
+
+@lru_cache(maxsize=None)
+def tables(spec: NMSpec) -> _Tables:
+    check_spec(spec)
+    kept = pattern_positions(spec)
+    bits = [sum(1 << j for j in k) for k in kept]
+    gpb = 2 if len(kept) <= 16 else 1
+    byte_keep = []
+    for b in range(256):
+        parts = (b & 15, b >> 4) if gpb == 2 else (b,)
+        byte_keep.append(sum(bits[p] << (i * spec.m) if p < len(kept) else 0 for i, p in enumerate(parts)))
+    bits_to_pattern = torch.full((1 << spec.m,), -1, dtype=torch.int64)
+    bits_to_pattern[torch.tensor(bits)] = torch.arange(len(kept))
+    return _Tables(torch.tensor(kept, dtype=torch.uint8), torch.tensor(byte_keep, dtype=torch.int32).to(torch.int16),
+                   bits_to_pattern, gpb)
+
+
+def compress_weight(weight: torch.Tensor, spec: NMSpec, name: str = "weight", block_rows: int = 512):
+    """``(values, idx)`` of an N:M ``[out, in]`` weight; CompressError naming ``name`` when it is not N:M.
+
+    Each group keeps its non-zeros; a group with fewer than N keeps the first zero positions besides."""
+    t = tables(spec)
+    rows, cols = weight.shape
+    if cols % spec.m:
+        raise CompressError(f"{name}: {cols} inputs are not a multiple of M={spec.m}, so it is not {spec}: "
+                            "leave it out of the export's sparsity targets")
+    groups = cols // spec.m
+    values = torch.empty(rows, groups * spec.n, dtype=weight.dtype)
+    pattern = torch.empty(rows, groups, dtype=torch.uint8)
+    pow2 = 1 << torch.arange(spec.m)
+    for r0 in range(0, rows, block_rows):
+        w = weight[r0:r0 + block_rows].detach().reshape(-1, groups, spec.m)
+        nz = w != 0
+        count = nz.sum(-1)
+        if bool((count > spec.n).any()):
+            r, g = (count > spec.n).nonzero()[0].tolist()
+            raise CompressError(f"{name} is not {spec}: row {r0 + r}, group {g} (inputs {g * spec.m}-"
+                                f"{g * spec.m + spec.m - 1}) has {int(count[r, g])} non-zeros: compress a verified "
+                                f"export (maskllm-verify) or leave this layer out of its sparsity targets")
+        # keep the non-zeros, then the lowest zero positions: a stable descending sort of "is non-zero"
+        order = torch.sort(nz.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :spec.n]
+        keep_bits = (pow2[order]).sum(-1)
+        pidx = t.bits_to_pattern[keep_bits]
+        pos = t.positions.long()[pidx]  # [r, G, N] ascending
+        values[r0:r0 + block_rows] = torch.gather(w, -1, pos).reshape(w.shape[0], -1)
+        pattern[r0:r0 + block_rows] = pidx.to(torch.uint8)
+    if t.groups_per_byte == 2:
+        if groups % 2:
+            pattern = torch.cat([pattern, torch.zeros(rows, 1, dtype=torch.uint8)], 1)
+        idx = pattern[:, 0::2] | (pattern[:, 1::2] << 4)
+    else:
+        idx = pattern
+    return values.contiguous(), idx.contiguous()
+
+
+class CompressedNMLinear(nn.Module):
+    """An inference-only N:M linear (see the module docstring); build it with ``from_linear``."""
+
+    def __init__(self, in_features: int, out_features: int, spec: NMSpec, values: torch.Tensor, idx: torch.Tensor,
+                 bias: Optional[torch.Tensor] = None, isa: Optional[str] = None):
+        super().__init__()
+        self.in_features, self.out_features, self.spec, self.isa = in_features, out_features, spec, isa
+        self._tables = tables(spec)
+        self.register_buffer("values", values)
+        self.register_buffer("idx", idx)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(values.dtype).contiguous())
+        self._lib = kernel.library(isa)  # built (or loaded) now, not inside the first forward
+        self.layout = self._layout()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: NMSpec, name: str = "linear", isa: Optional[str] = None):
+        w = linear.weight
+        if w.device.type != "cpu":
+            raise CompressError(f"{name} is on {w.device}: the compressed linear runs on the CPU (on CUDA, compress() "
+                                "uses torch's semi-structured sparsity); move the model to the CPU")
+        if w.dtype not in SUPPORTED_DTYPES:
+            raise CompressError(f"{name} is {w.dtype}: the compressed linear runs float32 and bfloat16; load the "
+                                "model with torch_dtype=torch.float32 or torch.bfloat16")
+        values, idx = compress_weight(w, spec, name)
+        return cls(linear.in_features, linear.out_features, spec, values, idx, linear.bias, isa)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.spec}, "
+                f"dtype={self.values.dtype}, bias={self.bias is not None}")
+
+    def resident_bytes(self) -> int:
+        """Bytes held: kept values, pattern indices and bias."""
+        return sum(t.numel() * t.element_size() for t in (self.values, self.idx, self.bias) if t is not None)
+
+    def _layout(self) -> kernel.Layout:
+        t = self._tables
+        return kernel.Layout(self.in_features, self.idx.shape[1], self.spec.n, self.spec.m, t.groups_per_byte,
+                             int(self.values.dtype == torch.bfloat16), t.byte_keep.data_ptr(), t.positions.data_ptr())
+
+    def _apply(self, fn, *args, **kwargs):  # .to(dtype): the layout records the dtype
+        out = super()._apply(fn, *args, **kwargs)
+        self.layout = self._layout()
+        return out
+
+    def decompress_rows(self, r0: int, r1: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rows ``[r0, r1)`` of the zero-filled dense weight (into ``out[:r1 - r0]`` if given)."""
+        if out is None:
+            out = torch.empty(r1 - r0, self.in_features, dtype=self.values.dtype)
+        b = self._buffers
+        self._lib.maskllm_nm_decompress(self.layout, b["values"].data_ptr(), b["idx"].data_ptr(), out.data_ptr(),
+                                        r0, r1, torch.get_num_threads())
+        return out[:r1 - r0]
+
+    def to_dense(self) -> torch.Tensor:
+        """The whole zero-filled dense weight (tests, export); the forward never builds it."""
+        return self.decompress_rows(0, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self._buffers
+        if x.dtype != b["values"].dtype or not x.is_cpu:
+            raise CompressError(f"input is {x.dtype} on {x.device}, the compressed linear holds "
+                                f"{b['values'].dtype} on the CPU: pass inputs of the model's dtype")
+        tokens = x.numel() // self.in_features
+        if tokens <= SPARSE_MAX_TOKENS:
+            y = self.sparse_forward(x, tokens)
+        else:
+            y = self.tiled_forward(x.reshape(tokens, self.in_features))
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def sparse_forward(self, x: torch.Tensor, tokens: Optional[int] = None) -> torch.Tensor:
+        """The C++ kernel: ``[tokens, out]`` from ``x`` (``[..., in]``; any token count, blocks of 8)."""
+        if tokens is None:
+            tokens = x.numel() // self.in_features
+        x = x.contiguous()
+        b = self._buffers
+        values, bias = b["values"], b["bias"]
+        y = torch.empty(tokens, self.out_features, dtype=values.dtype)
+        self._lib.maskllm_nm_linear(self.layout, x.data_ptr(), values.data_ptr(), b["idx"].data_ptr(),
+                                    None if bias is None else bias.data_ptr(), y.data_ptr(), tokens,
+                                    self.out_features, torch.get_num_threads())
+        return y
+
+    def tiled_forward(self, x2: torch.Tensor, tile_rows: int = TILE_ROWS) -> torch.Tensor:
+        """``[tokens, out]``: ``tile_rows`` output rows at a time decompressed into one reused dense tile and
+        multiplied straight into their columns of the output (``torch.addmm``/``mm`` with a leading dimension)."""
+        x2 = x2.contiguous()
+        rows = self.out_features
+        tile = torch.empty(min(tile_rows, rows), self.in_features, dtype=self.values.dtype)
+        y = torch.empty(x2.shape[0], rows, dtype=self.values.dtype)
+        bias = self._buffers["bias"]
+        for r0 in range(0, rows, tile_rows):
+            r1 = min(rows, r0 + tile_rows)
+            w = self.decompress_rows(r0, r1, tile)
+            if bias is None:
+                torch.mm(x2, w.t(), out=y[:, r0:r1])
+            else:
+                torch.addmm(bias[r0:r1], x2, w.t(), out=y[:, r0:r1])
+        return y
+
+
+def reference(x: torch.Tensor, layer: CompressedNMLinear) -> torch.Tensor:
+    """``F.linear`` on the zero-filled dense weight, in fp32 (the tests' reference)."""
+    bias = layer.bias.float() if layer.bias is not None else None
+    return F.linear(x.float(), layer.to_dense().float(), bias)
