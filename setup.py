@@ -6,7 +6,8 @@ setup(
     version="0.1.0",
     description="MaskLLM learnable N:M semi-structured sparsity as a megatron-core plugin",
     packages=find_packages(include=["maskllm_megatron", "maskllm_megatron.*"]),
-    package_data={"maskllm_megatron.masks": ["csrc/*.cpp"]},  # the CPU kernel, compiled on first use
+    package_data={"maskllm_megatron.masks": ["csrc/*.cpp"],  # the CPU kernels, compiled on first use
+                  "maskllm_megatron.inference": ["csrc/*.cpp"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.3",
@@ -38,5 +39,6 @@ setup(
         "maskllm-export=maskllm_megatron.export.cli:main",
         "maskllm-eval=maskllm_megatron.eval.perplexity:main",
         "maskllm-plot=maskllm_megatron.train.plot:main",
+        "maskllm-generate=maskllm_megatron.inference.cli:main",
     ]},
 )

@@ -12,7 +12,7 @@ LAYERS = (
     ("cache",),  # the cache folder and content digests
     ("checkpoint_folders", "launch", "assets"),  # folder kinds, read and written atomically; CLI launch; downloads
     ("masks",),  # pure torch: patterns, sampling, kernels, schedules
-    ("prune",),  # pure torch: one-shot methods and reconstruction
+    ("prune", "inference"),  # pure torch: one-shot methods and reconstruction; compressed N:M linears (+ C++)
     ("megatron",),  # the glue: masked layers, sparsify, priors, process groups, checkpoints
     ("convert", "data"),  # HF <-> megatron-core; tokenizers and indexed datasets
     ("train",),  # the driver and the run checkpoint it writes
