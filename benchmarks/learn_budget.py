@@ -1,32 +1,37 @@
 """Short-budget mask-learning runs on SmolLM2-135M from the demo's cached SparseGPT prior: how the
 logits learning rate, prior strength and iteration count change held-out perplexity (not in CI).
 
-    python benchmarks/learn_budget.py --iters 40 --lr 2e-4 --prior-strength 4 [--global-batch 2]
-        [--adam-eps 1e-5] [--adam-beta2 0.95] [--clip-grad 1]
-        [--regularizer 1e-5] [--checkpoints 1]
+    python benchmarks/learn_budget.py --iters 40 | --minutes 6  [any demo recipe flag: --lr 2e-4
+        --prior-strength 4 --global-batch 2 --adam-eps 1e-5 --temperature-end 0.5 --anneal-fraction 0.7
+        --train-weights --weight-lr 2e-4 --kd-weight 0.5 ...] [--checkpoints 1]
 
 Needs the demo's stages 1-4 (run `make demo` once). Learns with 2 data-parallel processes exactly like
 the demo's stage 5 (``demo.learn_stage``, cached under the demo's cache by its settings), then prints
-the hard-mask held-out Wikipedia perplexity (512-token windows with BOS, 8,192 tokens) and the wall
-time of the learning run; with ``--checkpoints K``, also the perplexity at each of K evenly spaced
+the hard-mask held-out Wikipedia and Shakespeare perplexities (512-token windows with BOS, 8,192 tokens)
+and the wall time of the learning run; with ``--checkpoints K``, also the perplexity at each of K evenly spaced
 checkpoints (a curve of perplexity against tokens; each checkpoint takes 3 GB of disk).
 """
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 import sys
 
 from maskllm_megatron.cache import cache_dir
-from maskllm_megatron.demo import (LearnRecipe, Stages, heldout_ppl, add_recipe_arguments, final_checkpoint, learn_stage,
-                                   learn_wall_s, recipe_from_args)
+from maskllm_megatron.demo import (Stages, add_recipe_arguments, final_checkpoint, heldout_ppl, learn_stage, learn_wall_s,
+                                   probe_stage, recipe_from_args)
 from maskllm_megatron.train.config import checkpoint_iteration
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iters", type=int, required=True)
-    add_recipe_arguments(p)  # --iters sets the length
+    length = p.add_mutually_exclusive_group(required=True)
+    length.add_argument("--iters", type=int, help="iterations of the run")
+    length.add_argument("--minutes", type=float, help="wall-clock minutes of the learning run, planned into iterations "
+                        "by the demo's timed probe of this recipe (equal wall-clock comparisons: a slower recipe "
+                        "gets fewer iterations)")
+    add_recipe_arguments(p)
     p.add_argument("--checkpoints", type=int, default=1, help="evenly spaced checkpoints to score (a curve)")
     args = p.parse_args(argv)
     stages = Stages(cache_dir() / "demo")
@@ -39,25 +44,26 @@ def main(argv=None) -> int:
                              "run `make demo` once first")
     ckpt, data, prior = (found[k][0] for k in found)
     recipe = recipe_from_args(args)
-    name = f"budget-{args.iters}-{args.lr:g}-{args.prior_strength:g}-{args.global_batch}"
-    if (args.adam_eps, args.adam_beta2) != (LearnRecipe.adam_eps, LearnRecipe.adam_beta2):
-        name += f"-eps{args.adam_eps:g}-b{args.adam_beta2:g}"
-    if args.clip_grad != LearnRecipe.clip_grad:
-        name += f"-clip{args.clip_grad:g}"
-    if args.regularizer != LearnRecipe.regularizer:
-        name += f"-reg{args.regularizer:g}"
-    if args.warmup_iters != LearnRecipe.warmup_iters:
-        name += f"-warmup{args.warmup_iters}"
+    plan = None
+    if args.minutes is not None:
+        plan = probe_stage(stages, ckpt, data.with_suffix(""), prior, recipe)
+        args.iters = plan.iterations(args.minutes)
+    name = f"budget-{args.iters}-{args.lr:g}-{args.prior_strength:g}-{args.global_batch}" + "".join(
+        f"-{k}{v:g}" if not isinstance(v, bool) else f"-{k}" for k, v in recipe.changed().items()
+        if k not in ("lr", "prior_strength", "global_batch"))
     run = learn_stage(stages, ckpt, data.with_suffix(""), prior, args.iters, recipe, name=name,
                       checkpoints=args.checkpoints)
     ppl = heldout_ppl(["--ckpt", str(final_checkpoint(run))], run / "ppl.log")
+    shakespeare = heldout_ppl(["--ckpt", str(final_checkpoint(run))], run / "ppl_shakespeare.log",
+                              ("--corpus", "shakespeare-heldout"))
     curve = []
     for c in sorted((run / "checkpoints").glob("iter_*"))[:-1] if args.checkpoints > 1 else []:
         it = checkpoint_iteration(c.name)
         curve.append({"iteration": it, "tokens": it * recipe.tokens_per_iteration,
                       "heldout_ppl": heldout_ppl(["--ckpt", str(c)], run / f"ppl_{it}.log")})
-    result = {"iters": args.iters, "tokens": args.iters * recipe.tokens_per_iteration, "recipe": vars(args),
-              "learn_wall_s": round(learn_wall_s(run)), "heldout_ppl": ppl, "curve": curve}
+    result = {"iters": args.iters, "minutes": args.minutes, "plan": None if plan is None else asdict(plan), "tokens": args.iters * recipe.tokens_per_iteration, "recipe": vars(args),
+              "learn_wall_s": round(learn_wall_s(run)), "heldout_ppl": ppl,
+              "heldout_shakespeare_ppl": shakespeare, "curve": curve}
     print("RESULT " + json.dumps(result))
     return 0
 

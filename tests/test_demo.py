@@ -1,5 +1,6 @@
 """The demo's stage runner (caching by content, failure message) and its time budget arithmetic."""
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -252,6 +253,39 @@ def test_recipe_flags_build_the_recipe_they_name():
         with pytest.raises(SystemExit, match=re.escape(message)):
             demo.recipe_from_args(p.parse_args(flags))
     assert LearnRecipe(global_batch=6).driver_sections()["data"] == {"micro_batch_size": 3, "global_batch_size": 6}
+
+
+
+def test_recipe_schedules_and_joint_training_reach_the_driver():
+    """The recipe's schedule and joint-training flags become the driver's keys; at their defaults the driver
+    config is today's and a learning stage's cache key is unchanged."""
+    import argparse
+
+    from maskllm_megatron import demo
+    from maskllm_megatron.demo.pipeline import _recipe_settings
+    from maskllm_megatron.train.config import TrainConfig
+
+    p = argparse.ArgumentParser()
+    demo.add_recipe_arguments(p)
+    recipe = demo.recipe_from_args(p.parse_args(["--train-weights", "--weight-lr", "2e-4", "--kd-weight", "0.5",
+                                                 "--temperature-end", "0.5", "--scale-start", "50",
+                                                 "--anneal-fraction", "0.5"]))
+    paths = (Path("ckpt"), Path("data"), Path("run"))
+    cfg = TrainConfig.from_dict(demo.train_config(*paths, **recipe.driver_sections(), run={"train_iters": 40}))
+    assert cfg.mask.train_weights and cfg.distills_trained_weights()
+    assert (cfg.optim.lr, cfg.optim.lr * cfg.optim.mask_lr_mult) == pytest.approx((2e-4, 1e-3))
+    assert cfg.mask_config().temperature == (4.0, 0.5) and cfg.mask_config().logit_scale == (50.0, 500.0)
+    assert cfg.mask_config().total_steps == 20  # the anneal ends half way, then holds
+    default, driver = TrainConfig.from_dict(demo.train_config(*paths, **LearnRecipe().driver_sections())), TrainConfig()
+    for key in ("temperature", "logit_scale", "anneal_fraction", "train_weights"):
+        assert getattr(default.mask, key) == getattr(driver.mask, key), key
+    assert default.optim.mask_lr_mult == driver.optim.mask_lr_mult
+    assert set(_recipe_settings(LearnRecipe())) == {"global_batch", "lr", "prior_strength", "adam_eps", "adam_beta2",
+                                                    "clip_grad", "regularizer", "warmup_iters"}
+    assert _recipe_settings(recipe)["train_weights"] is True
+    with pytest.raises(SystemExit, match="--anneal-fraction: anneal_fraction 0.0: the driver refuses it: "
+                                         "mask.anneal_fraction 0.0 must be in"):
+        demo.recipe_from_args(p.parse_args(["--anneal-fraction", "0"]))
 
 
 def test_copy_run_records_fills_the_results_folder(tmp_path):

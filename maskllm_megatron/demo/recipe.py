@@ -49,12 +49,25 @@ class LearnRecipe:
     kd_weight: float = _recipe_field(0.0, "distill.kd_weight", "weight of the distillation term (KL to the dense "
                                      "model) in the loss, the LM loss taking the rest; 0: the LM loss alone")
     kd_temperature: float = _recipe_field(1.0, "distill.temperature", "softmax temperature of the distillation term")
+    temperature_start: float = _recipe_field(4.0, "mask.temperature", "Gumbel-softmax temperature at the start")
+    temperature_end: float = _recipe_field(0.05, "mask.temperature", "Gumbel-softmax temperature at the anneal's end")
+    scale_start: float = _recipe_field(1e2, "mask.logit_scale", "logit scale at the start")
+    scale_end: float = _recipe_field(5e2, "mask.logit_scale", "logit scale at the anneal's end")
+    anneal_fraction: float = _recipe_field(1.0, "mask.anneal_fraction", "share of the run the temperature, scale "
+                                           "and regulariser anneal over, then held (1: the whole run)")
+    train_weights: bool = _recipe_field(False, "mask.train_weights", "train the masked weights, their biases and "
+                                        "the norms with the masks (joint training; with --kd-weight distilled from "
+                                        "a copy of the original model)")
+    weight_lr: float = _recipe_field(0.0, "optim.lr", "the trained weights' learning rate, cosine to a tenth "
+                                     "(0: lr / {mult:g}); the logits keep --lr")
 
     def __post_init__(self):
         """Refuse what the driver would refuse, before any stage runs: the driver's own validation of the
         config ``learn_stage`` writes. Messages start with the recipe field (``recipe_from_args`` reads it)."""
         if not self.lr > 0:  # the driver sees lr / MASK_LR_MULT: say it in the recipe's own terms
             raise ValueError(f"lr {self.lr} must be positive")
+        if self.weight_lr < 0:
+            raise ValueError(f"weight_lr {self.weight_lr} must be >= 0 (0: lr / {MASK_LR_MULT:g})")
         self.check_run(None)
 
     def check_run(self, iterations: int | None) -> None:
@@ -75,12 +88,22 @@ class LearnRecipe:
 
     def driver_sections(self) -> dict:
         """The driver config sections (``maskllm_megatron.train.config``) this recipe sets."""
+        base_lr = self.weight_lr or self.lr / MASK_LR_MULT  # the driver's optim.lr: the weights'
+        optim = {"lr": base_lr, "min_lr": base_lr / 10, "adam_eps": self.adam_eps, "adam_beta2": self.adam_beta2,
+                 "clip_grad": self.clip_grad, "warmup_iters": self.warmup_iters}
+        if self.weight_lr:
+            optim["mask_lr_mult"] = self.lr / self.weight_lr
         return {"data": {"micro_batch_size": max(1, self.global_batch // DP), "global_batch_size": self.global_batch},
-                "optim": {"lr": self.lr / MASK_LR_MULT, "min_lr": self.lr / MASK_LR_MULT / 10,
-                          "adam_eps": self.adam_eps, "adam_beta2": self.adam_beta2, "clip_grad": self.clip_grad,
-                          "warmup_iters": self.warmup_iters},
-                "mask": {"prior_strength": self.prior_strength, "regularizer": [self.regularizer, 0.0]},
+                "optim": optim,
+                "mask": {"prior_strength": self.prior_strength, "regularizer": [self.regularizer, 0.0],
+                         "temperature": [self.temperature_start, self.temperature_end],
+                         "logit_scale": [self.scale_start, self.scale_end], "anneal_fraction": self.anneal_fraction,
+                         "train_weights": self.train_weights},
                 "distill": {"kd_weight": self.kd_weight, "temperature": self.kd_temperature}}
+
+    def changed(self) -> dict:
+        """The fields that differ from the demo's recipe."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
 
     @property
     def tokens_per_iteration(self) -> int:
@@ -91,9 +114,15 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
     """One flag per ``LearnRecipe`` field (``--global-batch``, ``--lr``, ...), defaulting to the demo's;
     ``recipe_from_args`` reads them back. The demo and the quality benchmarks share this spelling."""
     for f in fields(LearnRecipe):
-        if f.name not in skip:
+        if f.name in skip:
+            continue
+        text = f.metadata["help"].format(seq=SEQ, dp=DP, mult=MASK_LR_MULT)
+        if isinstance(f.default, bool):
+            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                                default=f.default, help=text)
+        else:
             parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                                help=f.metadata["help"].format(seq=SEQ, dp=DP) + f" (default {f.default:g})")
+                                help=text + f" (default {f.default:g})")
 
 
 def recipe_from_args(args: argparse.Namespace) -> LearnRecipe:

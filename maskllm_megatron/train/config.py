@@ -137,6 +137,9 @@ class MaskSection:
     nm: str = str(_MASK.nm)
     temperature: tuple[float, float] = _MASK.temperature
     logit_scale: tuple[float, float] = _MASK.logit_scale
+    # the temperature, logit scale and regulariser anneal over this fraction of run.train_iters, then hold their
+    # end values (1: over the whole run, the paper's)
+    anneal_fraction: float = 1.0
     hard: bool = _MASK.hard
     init_std: float = _MASK.init_std
     prior_strength: float = _MASK.prior_strength
@@ -366,7 +369,11 @@ class TrainConfig:
             nm = NMSpec.parse(m.nm)
         except ValueError as e:
             raise ConfigError(f"mask.nm: {e}") from None
-        return _library("mask", MaskConfig, nm=nm, total_steps=max(1, self.run.train_iters),
+        if not 0 < m.anneal_fraction <= 1:
+            raise ConfigError(f"mask.anneal_fraction {m.anneal_fraction} must be in (0, 1]: the share of run.train_iters "
+                              "the schedules anneal over (1: the whole run)")
+        steps = max(1, round(self.run.train_iters * m.anneal_fraction))
+        return _library("mask", MaskConfig, nm=nm, total_steps=steps,
                         temperature=tuple(m.temperature), logit_scale=tuple(m.logit_scale), hard=m.hard,
                         init_std=m.init_std, prior_strength=m.prior_strength, regularizer=tuple(m.regularizer),
                         seed=self.run.seed, freeze_weight=not m.train_weights)
@@ -456,7 +463,8 @@ SELECTIVE_MODULES = ("core_attn", "mlp")
 
 #: Keys a resume must keep (``section.*``: the whole section); see ``TrainConfig.resume_conflict``.
 RESUME_KEEPS = ("run.train_iters", "run.seed", "data.train", "data.split", "data.seq_length",
-                "data.global_batch_size", "optim.*", "mask.nm", "mask.temperature", "mask.logit_scale", "mask.hard",
+                "data.global_batch_size", "optim.*", "mask.nm", "mask.temperature", "mask.logit_scale",
+                "mask.anneal_fraction", "mask.hard",
                 "mask.init_std", "mask.prior_strength", "mask.regularizer", "mask.include", "mask.exclude",
                 "mask.train_weights", "mask.refit", "parallel.distributed_optimizer", "distill.*")
 #: ... and those that a prior-only checkpoint's logits were made with.
