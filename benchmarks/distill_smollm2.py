@@ -24,7 +24,7 @@ from maskllm_megatron import assets
 from maskllm_megatron.cache import cache_dir
 from maskllm_megatron.demo import (Stages, heldout_ppl, add_recipe_arguments, convert_stage, data_stage, final_checkpoint,
                                    learn_stage, learn_wall_s, prior_stage, recipe_from_args)
-from maskllm_megatron.eval.perplexity import wikipedia_split
+from maskllm_megatron.assets import wikipedia_split
 from maskllm_megatron.train.metrics import read_records
 
 TEXTS = {"wikipedia": ("--corpus", "wikipedia-heldout"), "shakespeare": ("--corpus", "shakespeare-heldout")}

@@ -29,7 +29,7 @@ from maskllm_megatron.cache import cache_dir
 from maskllm_megatron.demo import (Stages, heldout_ppl, add_recipe_arguments, convert_stage, copy_run_records, data_stage,
                                    final_checkpoint, learn_stage, learn_wall_s, prior_stage, probe_stage,
                                    recipe_from_args)
-from maskllm_megatron.eval.perplexity import shakespeare_split, wikipedia_split
+from maskllm_megatron.assets import shakespeare_split, wikipedia_split
 from maskllm_megatron.train.config import checkpoint_iteration
 
 

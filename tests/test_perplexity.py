@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
+from maskllm_megatron.assets import wikipedia_split
 from maskllm_megatron.eval.perplexity import (
-    IGNORE, EvalError, EvalRequest, WindowConfig, cut_windows, evaluate, perplexity_from_nll, read_text, token_nll,
-    wikipedia_split)
+    IGNORE, EvalError, EvalRequest, WindowConfig, cut_windows, evaluate, perplexity_from_nll, read_text, token_nll)
 from tests.test_export import smollm2_export, tiny_run  # noqa: F401,F811  (session fixtures, built once)
 
 # A bigram "model" over 4 tokens: P[a][b] = p(next = b | current = a).
@@ -93,8 +93,7 @@ def test_wikipedia_split_holds_out_the_last_articles():
 
 
 def test_shakespeare_heldout_is_the_last_plays_and_never_the_training_side():
-    from maskllm_megatron.assets import shakespeare_texts
-    from maskllm_megatron.eval.perplexity import shakespeare_split
+    from maskllm_megatron.assets import shakespeare_split, shakespeare_texts
 
     texts = shakespeare_texts()
     train, held = shakespeare_split()

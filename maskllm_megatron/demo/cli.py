@@ -64,7 +64,7 @@ def main(argv=None) -> int:
 
 def _demo(recipe: LearnRecipe, minutes: float, out: Path, reconstruct: str = "none", refit_iters: int = 0) -> int:
     """The seven stages and the results (``main`` has checked the arguments)."""
-    from ..eval.perplexity import wikipedia_split
+    from ..assets import wikipedia_split
 
     stages = Stages(cache_dir() / "demo")
 

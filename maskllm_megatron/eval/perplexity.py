@@ -13,8 +13,8 @@ same model and text: a Hugging Face folder (dense, or an exported sparse one) th
 and a megatron-core checkpoint (converted, exported ``mcore``, or a mask-learning run checkpoint, which
 is evaluated with its hard masks, or with ``--use-prior`` its prior masks) at any TP under torchrun.
 
-``wikipedia_split()`` defines the held-out Wikipedia text: the last 15% of the excerpt's articles by
-count, never used for training (the demo trains and calibrates on the first 85%).
+``--corpus`` names an offline text of ``assets`` (``assets.CORPORA``: the demo's held-out Wikipedia and
+Shakespeare splits), which owns the texts; this module owns the protocol only.
 """
 from __future__ import annotations
 
@@ -32,51 +32,13 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..assets import CORPORA
+
 IGNORE = -100
-HELDOUT_FRACTION = 0.15
-CORPORA = ("wikipedia-heldout", "shakespeare-heldout", "shakespeare")
 
 
 class EvalError(ValueError):
     """A bad request or input (message: problem and fix)."""
-
-
-# ------------------------------------------------------------------------------------ text
-def wikipedia_split(heldout_fraction: float = HELDOUT_FRACTION) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(train, held-out) ``(title, text)`` articles of the gensim Wikipedia excerpt: whole articles in
-    file order, the last ``heldout_fraction`` of them (by count, at least one) held out."""
-    from maskllm_megatron.assets import wikipedia_articles
-
-    articles = wikipedia_articles()
-    held = max(1, round(len(articles) * heldout_fraction))
-    return articles[:-held], articles[-held:]
-
-
-def shakespeare_split(heldout_fraction: float = HELDOUT_FRACTION) -> tuple[list[str], list[str]]:
-    """(training texts, held-out plays) of the Shakespeare package: the last ``heldout_fraction`` of its
-    texts by name are never trained on (the quality benchmark refines masks on the rest). The package
-    ships a few other works beside Shakespeare's (Milton's among them), which fall on the training side;
-    the held-out texts are all Shakespeare plays."""
-    from maskllm_megatron.assets import shakespeare_texts
-
-    plays = [text for _, text in shakespeare_texts()]
-    cut = len(plays) - max(1, round(len(plays) * heldout_fraction))
-    return plays[:cut], plays[cut:]
-
-
-def corpus_text(name: str) -> str:
-    """The evaluation text of a named corpus, documents joined with "\\n\\n"."""
-    if name == "wikipedia-heldout":
-        docs = [text for _, text in wikipedia_split()[1]]
-    elif name == "shakespeare-heldout":
-        docs = shakespeare_split()[1]
-    elif name == "shakespeare":
-        from maskllm_megatron.assets import shakespeare_texts
-
-        docs = [text for _, text in shakespeare_texts()]
-    else:
-        raise EvalError(f"unknown corpus {name!r}: use one of {', '.join(CORPORA)}")
-    return "\n\n".join(docs)
 
 
 def read_text(text_file: Optional[Path] = None, jsonl: Optional[Path] = None, json_key: str = "text",
@@ -86,6 +48,8 @@ def read_text(text_file: Optional[Path] = None, jsonl: Optional[Path] = None, js
     if sum(x is not None for x in (text_file, jsonl, corpus)) != 1:
         raise EvalError("give exactly one text source: --text-file, --jsonl or --corpus")
     if corpus is not None:
+        from ..assets import corpus_text
+
         return corpus_text(corpus)
     path = Path(text_file or jsonl)
     if not path.is_file():
