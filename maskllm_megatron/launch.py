@@ -7,6 +7,7 @@ under ``torchrun --nproc-per-node N`` (``relaunch``); launched under torchrun it
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -30,9 +31,28 @@ KNOWN_WARNINGS = (
 CPU_ONLY_WARNINGS = ((r"(Transformer Engine and )?Apex (is|are) not installed", UserWarning),)
 
 
+class _QuietMegatronLogs:
+    """A logging filter for two megatron-core records that every affected save prints and that tell our user
+    nothing: the optimizer's ``param_state`` in the common state dict of ranks other than 0 (megatron saves
+    rank 0's common state only; any other difference still shows), and a checkpoint writer's error, which
+    the exception it raises carries (a full disk then reads as our one line)."""
+
+    _BENIGN = re.compile(r"Rank \d+ common state dict differs from rank 0 common state dict\. Keys only on rank 0: "
+                         r"\[\], Keys only on \d+: \[\('optimizer', 'param_state'\)\], Mismatched keys: \[\]$")
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        return not (self._BENIGN.match(message) or re.match(r"Local process \d+ encountered an error: ", message))
+
+
+QUIET_LOGGERS = ("megatron.core.dist_checkpointing.validation",
+                 "megatron.core.dist_checkpointing.strategies.filesystem_async")
+
+
 def quiet_known_warnings() -> None:
-    """Silence ``KNOWN_WARNINGS`` (and ``CPU_ONLY_WARNINGS`` without CUDA) in this process: called first by
-    every command-line tool, never by importing the package."""
+    """Silence ``KNOWN_WARNINGS`` (and ``CPU_ONLY_WARNINGS`` without CUDA) and megatron's records that
+    ``_QuietMegatronLogs`` drops in this process: called first by every command-line tool, never by
+    importing the package."""
     import warnings
 
     rules = KNOWN_WARNINGS
@@ -45,6 +65,12 @@ def quiet_known_warnings() -> None:
         pass
     for message, category in rules:
         warnings.filterwarnings("ignore", message=message, category=category)
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietMegatronLogs) for f in logger.filters):
+            logger.addFilter(_QuietMegatronLogs())
 
 
 def free_port() -> int:

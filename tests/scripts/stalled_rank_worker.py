@@ -19,7 +19,7 @@ if __name__ == "__main__":
     init_parallel(1, 1, data_parallel=True)
     all_reduce_floats([1.0], group=parallel_state.get_data_parallel_group())  # both ranks arrive once
     if torch.distributed.get_rank() == 1:
-        time.sleep(12)  # stalled
+        time.sleep(9)  # stalled
         os._exit(0)
     t0 = time.time()
     try:
