@@ -8,8 +8,11 @@
 #       1. the driver end to end on the GPU (gpu_driver_smoke.sh), compiled mask kernels;
 #       2. the same with the one-pass Triton kernels (MASKLLM_TRITON_KERNEL=1);
 #       3. gpu_smoke.sh: masked layer (compiled / one-pass / eager) vs dense, model step, 2:4 matmuls;
-#       4. gpu_moe_smoke.sh: a mixture-of-experts model converted, learned, resumed, exported on the GPU.
-# Logs and gpu_smoke.json go to $OUT (or ./gpu_checks_out). About 6-7 minutes on an H200.
+#       4. gpu_moe_smoke.sh: a mixture-of-experts model converted, learned, resumed, exported on the GPU;
+#       5. gpu_nm_inference.py: compress() on CUDA (torch's semi-structured 2:4, bf16 and fp16) against the
+#          dense linears: correctness, then decode (1, 8 tokens) and prefill (512) time of LLaMA-7B-shaped
+#          layers, generate tokens/s of a SmolLM2-shaped model (needs transformers; else reported as an error).
+# Logs and gpu_smoke.json go to $OUT (or ./gpu_checks_out). About 7-8 minutes on an H200.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -41,8 +44,11 @@ case "${1:-}" in
     cp /tmp/drv1/run/metrics.jsonl "$DEST/driver_one_pass_metrics.jsonl" 2> /dev/null
     OUT="$DEST" bash benchmarks/gpu_smoke.sh > "$DEST/gpu_smoke.log" 2>&1 || status=1
     timeout 150 bash benchmarks/gpu_moe_smoke.sh .gpurun/moe /tmp/moe > "$DEST/moe.log" 2>&1 || status=1
+    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout 120 "$PY" benchmarks/gpu_nm_inference.py \
+        --json "$DEST/nm_inference.json" > "$DEST/nm_inference.log" 2>&1 || status=1
     tail -n 3 "$DEST/driver.log" "$DEST/driver_one_pass.log" "$DEST/moe.log"
     grep -E '"(fused|one_pass|eager)_over_dense"|_vs_eager_' "$DEST/gpu_smoke.json" 2> /dev/null
+    grep -E '"(error|correct|max_rel_error|speedup|tokens_identical)"' "$DEST/nm_inference.json" 2> /dev/null
     exit $status
     ;;
   *)

@@ -9,8 +9,9 @@ Forward (``x`` in the weights' dtype, float32 or bfloat16, on the CPU):
 
 - up to ``SPARSE_MAX_TOKENS`` tokens (decoding): the C++ kernel reads every weight once for all
   tokens, accumulates in fp32 and writes the weights' dtype;
-- more (prefill): ``TILE_ROWS`` output rows at a time are decompressed into a dense tile (reused) and
-  multiplied with ``torch.mm`` into their columns of the output (the whole dense weight is never held).
+- more (prefill): a tile of output rows at a time (``TILE_BYTES``, 4 MiB, in one scratch buffer for all
+  layers) is decompressed and multiplied with ``torch.mm`` into its columns of the output; the dense
+  weights are never held (at most one tile of one layer, at a time).
 
 Both equal ``F.linear(x, to_dense(), bias)`` up to the order of the fp32 summation (and, in bf16, the
 one rounding of the output): ``tests/test_inference.py`` holds them to ``TOLERANCE``.
@@ -31,8 +32,11 @@ from maskllm_megatron.masks.patterns import NMSpec, pattern_positions
 #: Token counts up to this take the sparse kernel, larger ones the tiled dense matmul (measured:
 #: benchmarks/bench_nm_linear.py, benchmarks/RESULTS.md).
 SPARSE_MAX_TOKENS = 16
-#: Output rows decompressed per tile on the prefill path.
-TILE_ROWS = 256
+#: The prefill path's dense tile: this many bytes of output rows (at least TILE_MIN_ROWS rows), in one
+#: scratch buffer that all layers share (not thread-safe: one forward at a time per process).
+TILE_BYTES = 4 * 2**20
+TILE_MIN_ROWS = 128
+_scratch: dict = {}
 #: ``(a, b)``: |y - ref| <= a * sum_k |w_k x_k| (+ |bias|) + b * |ref|, where ref is F.linear in fp32 on the
 #: zero-filled dense weight (bf16 weights and inputs are exact in fp32): a bounds the fp32 summation in another
 #: order (kernel: 16 or 8 lanes x 2 accumulators, then a tree), b the one rounding of a bf16 output (2^-8).
@@ -195,13 +199,23 @@ class CompressedNMLinear(nn.Module):
                                     self.out_features, torch.get_num_threads())
         return y
 
-    def tiled_forward(self, x2: torch.Tensor, tile_rows: int = TILE_ROWS) -> torch.Tensor:
-        """``[tokens, out]``: ``tile_rows`` output rows at a time decompressed into one reused dense tile and
-        multiplied straight into their columns of the output (``torch.addmm``/``mm`` with a leading dimension)."""
+    def tile_rows(self) -> int:
+        row_bytes = self.in_features * self.values.element_size()
+        return min(self.out_features, max(TILE_MIN_ROWS, TILE_BYTES // row_bytes))
+
+    def tiled_forward(self, x2: torch.Tensor, tile_rows: Optional[int] = None) -> torch.Tensor:
+        """``[tokens, out]`` from ``[tokens, in]``: ``tile_rows`` output rows at a time decompressed into the
+        shared scratch tile and multiplied straight into their columns of the output (``torch.mm``/``addmm``
+        with a leading dimension)."""
         x2 = x2.contiguous()
-        rows = self.out_features
-        tile = torch.empty(min(tile_rows, rows), self.in_features, dtype=self.values.dtype)
-        y = torch.empty(x2.shape[0], rows, dtype=self.values.dtype)
+        rows, dtype = self.out_features, self.values.dtype
+        tile_rows = tile_rows or self.tile_rows()
+        size = min(tile_rows, rows) * self.in_features
+        scratch = _scratch.get(dtype)
+        if scratch is None or scratch.numel() < size:
+            scratch = _scratch[dtype] = torch.empty(size, dtype=dtype)
+        tile = scratch[:size].view(-1, self.in_features)
+        y = torch.empty(x2.shape[0], rows, dtype=dtype)
         bias = self._buffers["bias"]
         for r0 in range(0, rows, tile_rows):
             r1 = min(rows, r0 + tile_rows)

@@ -6,15 +6,16 @@
 //
 // Layout: values [rows, G*N] (fp32 or bf16), the kept weights of each group of M inputs in position
 // order; idx [rows, idx_stride] uint8: each group's pattern index (masks/patterns.py order), two per
-// byte (low nibble first) where C(M, N) <= 16, else one per byte. x is fp32 [T, in]; y is [T, rows] in
-// the values' dtype, accumulated in fp32 (bf16 rounded to nearest even once, at the end).
+// byte (low nibble first) where C(M, N) <= 16, else one per byte. x [T, in] and y [T, rows] are in the
+// values' dtype; sums are fp32 (bf16 x converted once, y rounded to nearest even once, at the end).
 //
 // The rows are cut into chunks of 16 inputs (16/M groups, 16N/M values). A chunk's keep bits (1 where a
 // position is kept) come from a 256-entry table per index byte; with them the chunk's values become a
 // dense 16-wide fp32 row piece in registers (AVX-512: one masked expand; AVX2: two 8-lane permutes of
 // a load whose tail lanes are zero), multiplied into the matching 16 inputs of every token. The inputs
-// past the last whole chunk (fewer than 16) take a scalar loop. Rows are split over OpenMP threads
-// (torch's runtime: its libgomp has the same soname and is loaded first).
+// past the last whole chunk (fewer than 16) take a scalar loop. Blocks of rows go to OpenMP threads
+// dynamically (torch's runtime: its libgomp has the same soname and is loaded first); tokens go in blocks
+// of 8, each row's accumulators in registers.
 //
 // Built twice by maskllm_megatron/inference/kernel.py: -mavx2 -mfma, and -mavx512f/bw/vl/dq.
 #include <immintrin.h>
@@ -26,6 +27,8 @@
 #include <vector>
 
 namespace {
+
+constexpr int64_t kParallelWeights = 1 << 16;  // smaller layers run on the calling thread (a region costs more)
 
 struct Layout {  // one layer's shape and tables; the same fields as kernel.py's ctypes Layout
   int64_t in, idx_stride;
@@ -266,7 +269,7 @@ void linear_dispatch(const V* x_in, const V* vals, const uint8_t* idx, const V* 
     const int tb = int(std::min<int64_t>(tokens - t0, 8));
     const float* xb = x + t0 * L.in;
     V* yb = y + t0 * rows;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (blocks > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (blocks > 1 && rows * L.in >= kParallelWeights)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t r0 = b * block, r1 = std::min(rows, r0 + block);
       switch (tb) {
@@ -287,7 +290,7 @@ template <bool k24, typename V>
 void decompress_dispatch(const V* vals, const uint8_t* idx, V* dense, int64_t r0, int64_t r1, const Layout& L,
                          int threads) {
   const int64_t kn = L.groups() * L.n;
-#pragma omp parallel for schedule(static) num_threads(threads) if (r1 - r0 > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if ((r1 - r0) * L.in >= kParallelWeights)
   for (int64_t r = r0; r < r1; ++r) {
     const V* v = vals + r * kn;
     const uint8_t* ip = idx + r * L.idx_stride;
