@@ -249,6 +249,14 @@ def test_a_missing_input_is_the_only_line_on_stderr(module, args, tmp_path):
     assert r.stderr.startswith(f"error: {tmp_path / 'missing'} does not exist: pass "), r.stderr
 
 
+def _record_digests_again(run: Path) -> None:
+    """A checkpoint edited on purpose: its digests recorded again (else export refuses the changed file)."""
+    from maskllm_megatron.checkpoint_folders import DIGESTS_DIR, write_digests
+
+    shutil.rmtree(run / DIGESTS_DIR)
+    write_digests(run, 0, 1)
+
+
 def test_compressed_tensors_refuses_non_24_before_loading(tiny_run, tmp_path):
     """A 1:4 run: compressed-tensors is refused with a one-line error (exit 2) and nothing is written."""
     from maskllm_megatron.export.cli import main
@@ -259,6 +267,7 @@ def test_compressed_tensors_refuses_non_24_before_loading(tiny_run, tmp_path):
     extra = json.loads((run / "extra_state.json").read_text())
     extra["config"]["mask"]["nm"] = "1:4"
     (run / "extra_state.json").write_text(json.dumps(extra))
+    _record_digests_again(run)
     assert main(["--ckpt", str(run), "--out", str(tmp_path / "ct"), "--format", "compressed-tensors"]) == 2
     assert not (tmp_path / "ct").exists()
 
@@ -275,6 +284,7 @@ def test_a_prior_only_checkpoint_needs_use_prior(tiny_run, tmp_path, capsys):
     extra = json.loads((run / "extra_state.json").read_text())
     extra["iteration"], extra["config"]["prior"] = 0, {"method": "magnitude"}
     (run / "extra_state.json").write_text(json.dumps(extra))
+    _record_digests_again(run)
     assert main(["--ckpt", str(run), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {run} is a prior-only checkpoint (iteration 0) and holds no learned masks: pass "
