@@ -23,6 +23,11 @@ else is refused.
 Every output is assembled in a hidden sibling (``staging``) and renamed into place (``publish``) once
 every rank has written its part, so a folder that exists is complete; ``atomic_dir`` is the two together
 for a tool's output folder, which it marks as that tool's (``--overwrite`` replaces only such a folder).
+
+Cluster faults (#39): a run folder is held by one live driver (``RunLock``, ``hold_run_folder``); each rank
+records the CRC-32 of every file it wrote in a run checkpoint (``write_digests``), which readers check
+(``digest_problem``, ``verify_checkpoint``); a write that does not fit, or did not fit, on its filesystem
+is one line (``check_room``, ``disk_full_error``, raised by ``staging``).
 """
 from __future__ import annotations
 
