@@ -24,7 +24,6 @@ class MaskConfig:
     prior_strength: float = 3.0  # 0 means no prior
     regularizer: tuple[float, float] = (1e-5, 0.0)  # coefficient of sum((W*mask)^2), decays linearly
     seed: int = 1234
-    freeze_weight: bool = True  # mask-only training (the default); False trains weights jointly
 
     def __post_init__(self):
         if isinstance(self.nm, str):

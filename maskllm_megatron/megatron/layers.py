@@ -103,7 +103,7 @@ class _MaskedLinearMixin:
         self.register_buffer("noise_row_ids", self.global_row_ids().to(self.weight.device), persistent=False)
         self.register_buffer("noise_group_ids", self.global_group_ids().to(self.weight.device), persistent=False)
         self.register_buffer("prior_mask", None, persistent=True)
-        self.freeze_weight(mask_config.freeze_weight)
+        self.freeze_weight(True)  # mask-only; what else trains is sparsify's (train_weights) or a refit's
 
     # -- layout -------------------------------------------------------------------------------
     @property

@@ -376,7 +376,7 @@ class TrainConfig:
         return _library("mask", MaskConfig, nm=nm, total_steps=steps,
                         temperature=tuple(m.temperature), logit_scale=tuple(m.logit_scale), hard=m.hard,
                         init_std=m.init_std, prior_strength=m.prior_strength, regularizer=tuple(m.regularizer),
-                        seed=self.run.seed, freeze_weight=not m.train_weights)
+                        seed=self.run.seed)
 
     def sparsify_config(self) -> SparsifyConfig:
         """What ``sparsify`` masks and trains (``mask.include``/``exclude``/``train_weights``, and the
