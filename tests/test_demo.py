@@ -181,21 +181,23 @@ def test_a_timed_probe_turns_minutes_into_iterations(tmp_path, monkeypatch):
         assert nproc == demo.DP, nproc
         (log.parent / "checkpoints" / "iter_0000006").mkdir(parents=True)
         with open(log.parent / "metrics.jsonl", "w") as f:
-            f.write('{"iteration": 0, "valid/loss": 4.0}\n')
+            f.write('{"iteration": 0, "valid/loss": 4.0, "valid/seconds": 3.0}\n')
             for i, t in enumerate(step_times, 1):
                 f.write(f'{{"iteration": {i}, "tokens_per_s": {tokens / t}}}\n')
+            f.write('{"iteration": 6, "valid/loss": 3.9, "valid/seconds": 3.0}\n')
         return ""
 
     monkeypatch.setattr(demo.pipeline, "run_logged", fake_run)
     stages = Stages(tmp_path)
     args = (stages, tmp_path / "ckpt", tmp_path / "data", tmp_path / "prior", recipe)
     plan = demo.probe_stage(*args)  # the fake driver takes no time: nothing besides the steps
-    assert plan.step_s == pytest.approx(8.0) and plan.fixed_s == 0.0 and plan.iters == 6
+    assert plan.step_s == pytest.approx(8.0) and plan.fixed_s == 0.0 and plan.eval_s == 3.0 and plan.iters == 6
     done, = tmp_path.glob("probe-*")
-    plan = demo.plan_from_probe(done / "metrics.jsonl", 30.0 + sum(step_times), recipe)  # 30 s besides the steps
-    assert plan.step_s == pytest.approx(8.0) and plan.fixed_s == pytest.approx(30.0)
-    assert plan.iterations(6) == int((6 * 60 - 30) / 8.0) == 41
-    assert plan.minutes(41) == pytest.approx((30 + 41 * 8) / 60)
+    # 30 s besides the steps and the two evaluations
+    plan = demo.plan_from_probe(done / "metrics.jsonl", 30.0 + sum(step_times) + 2 * 3.0, recipe)
+    assert plan.step_s == pytest.approx(8.0) and plan.fixed_s == pytest.approx(30.0) and plan.eval_s == 3.0
+    assert plan.iterations(6) == int((6 * 60 - 30 - 5 * 3.0) / 8.0) == 39  # a learning stage evaluates 5 times
+    assert plan.minutes(39) == pytest.approx((30 + 5 * 3.0 + 39 * 8) / 60)
     assert plan.iterations(0.5) == 10  # never fewer than 10
     assert not (done / "checkpoints").exists()  # the probe's checkpoint is not kept
     assert demo.probe_stage(*args).step_s == pytest.approx(8.0) and len(launches) == 1  # cached: the same plan

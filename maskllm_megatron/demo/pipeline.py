@@ -102,23 +102,28 @@ def _recipe_settings(recipe: LearnRecipe) -> dict:
 PROBE_ITERS = 6
 
 
+#: hard-mask evaluations of a learning stage (``learn_stage``'s ``evals``, plus the one at iteration 0)
+LEARN_EVALUATIONS = 4 + 1
+
+
 @dataclass(frozen=True)
 class SpeedPlan:
     """A wall-clock budget turned into iterations by a timed probe of the learning run on this machine.
-    ``step_s``: one iteration's time (the probe's median after its first); ``fixed_s``: what a run costs
-    besides its iterations (start-up, the mask transfer, evaluation, the final save), the probe's wall time
-    less its iterations."""
+    ``step_s``: one iteration's time (the probe's median after its first); ``eval_s``: one hard-mask
+    evaluation's; ``fixed_s``: what a run costs besides its iterations and evaluations (start-up, the mask
+    transfer, the final save), the probe's wall time less those."""
 
     step_s: float
     fixed_s: float
+    eval_s: float = 0.0
     iters: int = PROBE_ITERS
 
-    def iterations(self, minutes: float) -> int:
+    def iterations(self, minutes: float, evaluations: int = LEARN_EVALUATIONS) -> int:
         """The iterations that fill ``minutes`` of a learning stage's wall time (at least 10)."""
-        return max(10, int((minutes * 60 - self.fixed_s) / self.step_s))
+        return max(10, int((minutes * 60 - self.fixed_s - evaluations * self.eval_s) / self.step_s))
 
-    def minutes(self, iterations: int) -> float:
-        return (self.fixed_s + iterations * self.step_s) / 60
+    def minutes(self, iterations: int, evaluations: int = LEARN_EVALUATIONS) -> float:
+        return (self.fixed_s + evaluations * self.eval_s + iterations * self.step_s) / 60
 
 
 def probe_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, recipe: LearnRecipe) -> SpeedPlan:
@@ -153,10 +158,12 @@ def plan_from_probe(metrics: Path, wall_s: float, recipe: LearnRecipe, iters: in
 
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     steps = [recipe.tokens_per_iteration / r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
+    evals = [r["valid/seconds"] for r in records if "valid/seconds" in r]
     if len(steps) != iters:
         raise RuntimeError(f"the speed probe logged {len(steps)} of {iters} iterations ({metrics})")
     step_s = statistics.median(steps[1:])  # the first iteration also warms up
-    return SpeedPlan(step_s=step_s, fixed_s=max(0.0, wall_s - sum(steps)), iters=iters)
+    eval_s = statistics.median(evals) if evals else 0.0
+    return SpeedPlan(step_s=step_s, fixed_s=max(0.0, wall_s - sum(steps) - sum(evals)), eval_s=eval_s, iters=iters)
 
 
 def learn_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, iters: int, recipe: LearnRecipe,

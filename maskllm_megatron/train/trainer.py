@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import signal
+import time
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -431,9 +432,11 @@ def _mean_loss(results, dp_group=None, key: str = "lm loss") -> Optional[float]:
 
 def evaluate(cfg, model, data) -> dict:
     """Validation with the HARD mask: LM loss, perplexity and the KL to the dense model (temperature 1),
-    averaged over data-parallel ranks."""
+    averaged over data-parallel ranks; and its wall time (``valid/seconds``, which the demo's speed probe
+    plans with)."""
     from megatron.core import parallel_state
 
+    started = time.perf_counter()
     model.eval()
     total = kl = 0.0
     n = 0
@@ -446,7 +449,8 @@ def evaluate(cfg, model, data) -> dict:
     model.train()
     total, kl, n = all_reduce_floats([total, kl, n], group=parallel_state.get_data_parallel_group())
     loss = total / n
-    return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0)), "valid/kl_to_dense": kl / n}
+    return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0)), "valid/kl_to_dense": kl / n,
+            "valid/seconds": time.perf_counter() - started}
 
 
 def train(cfg: TrainConfig, data_factory=None) -> dict:
