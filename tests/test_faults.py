@@ -80,17 +80,16 @@ def _flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def _tool(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-
-
-def test_a_flipped_byte_is_named_by_verify_export_and_eval_and_resume_falls_back_to_a_checkpoint_that_verifies(tiny):
+def test_a_flipped_byte_is_named_by_verify_export_and_eval_and_resume_falls_back_to_a_checkpoint_that_verifies(
+        tiny, capsys):
     """Each rank records its files' digests when it saves. A flipped byte (the size unchanged, so the old
     completeness check passed it) is one line naming the file in maskllm-verify, maskllm-export and
     maskllm-eval; the driver resumes from the newest checkpoint that verifies, says so, and ends with the
     uninterrupted run's history."""
     from maskllm_megatron.checkpoint_folders import read_extra
+    from maskllm_megatron.eval.perplexity import main as eval_main
+    from maskllm_megatron.export.cli import main as export_main
+    from maskllm_megatron.export.verify import main as verify_main
 
     from tests.test_train import history
 
@@ -101,25 +100,23 @@ def test_a_flipped_byte_is_named_by_verify_export_and_eval_and_resume_falls_back
     newest = out / "checkpoints" / "iter_0000004"
     manifest = json.loads((newest / "digests" / "rank_00000.json").read_text())
     assert {"metadata.json", ".metadata", "extra_state.json"} <= set(manifest["files"]) and manifest["world"] == 1
-    ok = _tool("maskllm_megatron.export.verify", newest)
-    assert ok.returncode == 0 and "match their crc32 digests" in ok.stdout, ok.stdout + ok.stderr
+    assert verify_main([str(newest)]) == 0 and "match their crc32 digests" in capsys.readouterr().out
     damaged = sorted(newest.glob("*.distcp"))[0]
     _flip_byte(damaged)
-    r = _tool("maskllm_megatron.export.verify", out)  # a run folder: its latest checkpoint
-    assert r.returncode == 1 and f"FAIL {damaged} fails its digest (crc32 " in r.stdout, r.stdout + r.stderr
-    for module, args in (("maskllm_megatron.export.cli", ["--ckpt", newest, "--out", tiny / "digests_export",
-                                                           "--format", "masks"]),
-                         ("maskllm_megatron.eval.perplexity", ["--ckpt", newest, "--text-file", ROOT / "README.md"])):
-        r = _tool(module, *args)
-        lines = [line for line in r.stderr.splitlines() if str(damaged) in line]
-        assert r.returncode != 0 and len(lines) == 1 and "fails its digest" in lines[0], r.stderr[-3000:]
-        assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert verify_main([str(out)]) == 1  # a run folder: its latest checkpoint
+    assert f"FAIL {damaged} fails its digest (crc32 " in capsys.readouterr().out
+    for main, args in ((export_main, ["--ckpt", newest, "--out", tiny / "digests_export", "--format", "masks"]),
+                       (eval_main, ["--ckpt", newest, "--text-file", ROOT / "README.md"])):
+        assert main(list(map(str, args))) != 0
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if str(damaged) in line]
+        assert len(lines) == 1 and "fails its digest" in lines[0] and "Traceback" not in err, err[-3000:]
     r = _plain_driver(config)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"[maskllm] {damaged} fails its digest" in r.stdout and "not resuming from iter_0000004" in r.stdout
     assert "resuming from iter_0000002, the newest checkpoint that verifies" in r.stdout, r.stdout[-3000:]
     assert history(out) == straight and read_extra(newest)["iteration"] == 4
-    assert _tool("maskllm_megatron.export.verify", newest).returncode == 0  # saved again, whole
+    assert verify_main([str(newest)]) == 0  # saved again, whole
 
 
 @pytest.fixture
