@@ -287,12 +287,13 @@ def publish(src: Path, out: str | Path, tool: Optional[str] = None, collective: 
 
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, overwrite: bool = False, tool: str = "maskllm-convert", inputs=(),
-               collective: bool = True) -> Iterator[Path]:
+               collective: bool = True, needed: int = 0) -> Iterator[Path]:
     """Yield an empty folder to write ``out`` in; ``out`` appears, marked as ``tool``'s output, only when the
-    block succeeds, so it is either complete or absent. Refuses first what ``check_output`` refuses."""
+    block succeeds, so it is either complete or absent. Refuses first what ``check_output`` refuses.
+    ``needed``: the bytes the output needs, where known (``staging``'s disk-full diagnosis)."""
     out = Path(out).absolute()
     check_output(out, overwrite, tool, inputs)
-    with staging(out, "partial", collective) as tmp:
+    with staging(out, "partial", collective, needed) as tmp:
         yield tmp
         publish(tmp, out, tool, collective)
 

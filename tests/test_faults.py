@@ -223,3 +223,25 @@ def test_quiet_saves_drop_only_megatrons_benign_records():
         for logger in (validation, writer):
             logger.removeHandler(handler)
     assert seen == [kept]
+
+
+def test_convert_refuses_a_disk_without_room_before_writing(small_disk, tmp_path):
+    """maskllm-convert hf-to-mcore checks for room for the checkpoint it is about to write (the model's
+    size) and refuses in one line, writing nothing."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=64)).save_pretrained(hf)
+    subprocess.run(["mount", "-o", "remount,size=128k", str(small_disk)], check=True)
+    r = subprocess.run([sys.executable, "-m", "maskllm_megatron.convert.cli", "hf-to-mcore", "--hf", str(hf), "--out",
+                        str(small_disk / "mcore")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = [line for line in r.stderr.splitlines() if "disk space" in line]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"not enough disk space for a checkpoint in {small_disk}: about " in lines[0]
+    assert "needed (modelled from the model sizes), " in lines[0] and " free; nothing was written" in lines[0]
+    assert list(small_disk.iterdir()) == []

@@ -79,6 +79,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, d
     from megatron.core import dist_checkpointing
 
     from maskllm_megatron.megatron.model_builder import build_gpt_model
+    from maskllm_megatron.megatron.checkpointing import check_room_for_checkpoint
 
     init_parallel(tp, pp, ep)
     rank = dist.get_rank()
@@ -106,7 +107,8 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, d
             if show_progress and rank == 0:
                 progress(i, len(order), f"rank 0 loading {p.hf.folder.name}")
 
-    with atomic_dir(out, overwrite, "maskllm-convert", [hf_dir]) as tmp:
+    needed = check_room_for_checkpoint(model, out)  # before anything is written: one line naming the space
+    with atomic_dir(out, overwrite, "maskllm-convert", [hf_dir], needed=needed) as tmp:
         dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
         dist.barrier()
         if rank == 0:

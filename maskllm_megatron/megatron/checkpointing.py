@@ -110,7 +110,8 @@ def check_room_for_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, opti
     if done:
         needed, basis = int(tree_bytes(done[0]) * 1.05), f"the size of {done[0].name} + 5%"
     else:
-        needed, basis = checkpoint_bytes(model, optimizer), "modelled from the model and optimizer sizes"
+        needed = checkpoint_bytes(model, optimizer)
+        basis = "modelled from the model" + (" and optimizer" if optimizer is not None else "") + " sizes"
     free = free_bytes(ckpt_dir) if is_rank0() else 0
     if torch.distributed.is_initialized():
         free = int(all_reduce_floats([free])[0])  # rank 0's: every rank sees one shared folder
