@@ -2,11 +2,13 @@
 
   python benchmarks/bench_nm_linear.py linear [--shapes ...] [--repeats 5]
       one linear at SmolLM2-135M's and LLaMA-2 7B's shapes (out x in), random 2:4 weights: decode (1 token)
-      and prefill (512 tokens), fp32 and bf16; dense and compressed calls alternate, each figure is the
-      median over --repeats rounds of the median of --calls calls, and the ratio is taken in the same run.
+      and prefill (512 tokens), fp32 and bf16; dense and compressed take turns call by call, each figure is
+      the median over --repeats rounds of the median of --calls calls, the ratio taken in the same run.
   python benchmarks/bench_nm_linear.py model [--new-tokens 128] [--batch 1 8] [--repeats 3]
       SmolLM2-135M (the demo's offline model) with magnitude 2:4 masks on its 210 decoder linears,
-      written as our hf export (maskllm-export apply-masks) and run through maskllm-generate.
+      written as our hf export (maskllm-export apply-masks): greedy decoding with a dense and a
+      compressed copy taking turns token by token (median step times), then maskllm-generate's
+      whole-generate timing (alternating runs, medians) with a 512-token prefill.
 
 Results: benchmarks/RESULTS.md, "Compressed 2:4 linears on the CPU".
 """
@@ -30,13 +32,20 @@ SHAPES = {"smollm2-qkv": (960, 576), "smollm2-o": (576, 576), "smollm2-up": (153
           "llama2-7b-qkvo": (4096, 4096), "llama2-7b-up": (11008, 4096), "llama2-7b-down": (4096, 11008)}
 
 
-def _median_call(fn, calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _alternate(fns: dict, calls: int, rounds: int) -> dict:
+    """Per function, the median over ``rounds`` of the median time of ``calls`` calls; the functions take
+    turns call by call (a load spike from another process hits all of them alike)."""
+    medians = {k: [] for k in fns}
+    for _ in range(rounds):
+        times = {k: [] for k in fns}
+        for _ in range(calls):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+        for k in fns:
+            medians[k].append(statistics.median(times[k]))
+    return medians
 
 
 def bench_linear(args) -> list[dict]:
@@ -56,10 +65,8 @@ def bench_linear(args) -> list[dict]:
                 dense_fn, comp_fn = (lambda: F.linear(x, w)), (lambda: comp(x))
                 calls = args.calls if tokens <= 16 else max(3, args.calls // 10)
                 dense_fn(), comp_fn()  # warm-up
-                dense, compressed = [], []
-                for _ in range(args.repeats):
-                    dense.append(_median_call(dense_fn, calls))
-                    compressed.append(_median_call(comp_fn, calls))
+                m = _alternate({"dense": dense_fn, "compressed": comp_fn}, calls, args.repeats)
+                dense, compressed = m["dense"], m["compressed"]
                 ratios = [d / c for d, c in zip(dense, compressed)]
                 row = {"shape": name, "out": out_f, "in": in_f, "dtype": str(dtype).replace("torch.", ""),
                        "tokens": tokens, "dense_ms": 1e3 * statistics.median(dense),
@@ -90,6 +97,48 @@ def magnitude_export(hf: Path, out: Path, spec: NMSpec = NMSpec(2, 4)) -> Path:
     return out
 
 
+def step_decode(export: Path, new_tokens: int, batch: int, dtype: str, repeats: int) -> dict:
+    """Two copies of the export, one compressed; greedy decoding by hand (forward with the KV cache), the
+    two taking turns token by token: tokens/s from the median step time, robust to another process's load
+    changing over the seconds a whole ``generate`` takes."""
+    from transformers import AutoModelForCausalLM
+
+    from maskllm_megatron.inference import compress
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    models = {k: AutoModelForCausalLM.from_pretrained(export, dtype=torch_dtype).eval() for k in ("dense", "compressed")}
+    compress(models["compressed"])
+    ids = torch.arange(1, 13).repeat(batch, 1) * 97 % models["dense"].config.vocab_size
+    steps = {k: [] for k in models}
+    tokens = {}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            state = {}
+            for k, model in models.items():
+                out = model(ids, use_cache=True)
+                state[k] = (out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True), [])
+            for _ in range(new_tokens):
+                for k, model in models.items():
+                    cache, nxt, seq = state[k]
+                    seq.append(nxt)
+                    t0 = time.perf_counter()
+                    out = model(nxt, past_key_values=cache, use_cache=True)
+                    steps[k].append(time.perf_counter() - t0)
+                    state[k] = (out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True), seq)
+            for k in models:
+                tokens[k] = torch.cat(state[k][2], 1)
+    d, c = statistics.median(steps["dense"]), statistics.median(steps["compressed"])
+    same = tokens["dense"] == tokens["compressed"]
+    row = {"batch": batch, "dtype": dtype, "new_tokens": new_tokens, "repeats": repeats,
+           "dense_tokens_per_s": batch / d, "compressed_tokens_per_s": batch / c, "speedup": d / c,
+           "tokens_identical": bool(same.all()),
+           "first_different_token": None if bool(same.all()) else int((~same).any(0).nonzero()[0])}
+    print(f"step-alternating decode, batch {batch}, {dtype}: dense {row['dense_tokens_per_s']:.2f} tokens/s, "
+          f"compressed {row['compressed_tokens_per_s']:.2f} tokens/s, speed-up {row['speedup']:.2f}x, greedy tokens "
+          f"identical: {row['tokens_identical']}", flush=True)
+    return row
+
+
 def bench_model(args) -> list[dict]:
     from maskllm_megatron.assets import smollm2_hf_dir
     from maskllm_megatron.cache import cache_dir
@@ -99,8 +148,10 @@ def bench_model(args) -> list[dict]:
     rows = []
     for dtype in args.dtypes:
         for batch in args.batch:
-            rows.append(measure(export, new_tokens=args.new_tokens, batch=batch, dtype=dtype, repeats=args.repeats,
-                                prefill=args.prefill if batch == 1 else 0, isa=args.isa))
+            rows.append(step_decode(export, args.new_tokens, batch, dtype, args.repeats))
+            if not args.steps_only:
+                rows.append(measure(export, new_tokens=args.new_tokens, batch=batch, dtype=dtype,
+                                    repeats=args.repeats, prefill=args.prefill if batch == 1 else 0, isa=args.isa))
     return rows
 
 
@@ -116,6 +167,7 @@ def main(argv=None) -> int:
     mod.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     mod.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
     mod.add_argument("--prefill", type=int, default=512)
+    mod.add_argument("--steps-only", action="store_true", help="only the step-alternating decode, not generate")
     for p in (lin, mod):
         p.add_argument("--repeats", type=int, default=5)
         p.add_argument("--isa", choices=["AVX2", "AVX512"])

@@ -18,6 +18,7 @@ one rounding of the output): ``tests/test_inference.py`` holds them to ``TOLERAN
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
@@ -31,7 +32,10 @@ from maskllm_megatron.masks.patterns import NMSpec, pattern_positions
 
 #: Token counts up to this take the sparse kernel, larger ones the tiled dense matmul (measured:
 #: benchmarks/bench_nm_linear.py, benchmarks/RESULTS.md).
-SPARSE_MAX_TOKENS = 16
+SPARSE_MAX_TOKENS = 8
+#: Layers with fewer weights decode on the calling thread: an OpenMP region costs more than it saves there,
+#: and far more where other processes share the cores (a preempted worker holds the region's end).
+PARALLEL_MIN_WEIGHTS = int(os.environ.get("MASKLLM_NM_PARALLEL_MIN", 2**18))
 #: The prefill path's dense tile: this many bytes of output rows (at least TILE_MIN_ROWS rows), in one
 #: scratch buffer that all layers share (not thread-safe: one forward at a time per process).
 TILE_BYTES = 4 * 2**20
@@ -194,9 +198,10 @@ class CompressedNMLinear(nn.Module):
         b = self._buffers
         values, bias = b["values"], b["bias"]
         y = torch.empty(tokens, self.out_features, dtype=values.dtype)
+        threads = torch.get_num_threads() if self.out_features * self.in_features >= PARALLEL_MIN_WEIGHTS else 1
         self._lib.maskllm_nm_linear(self.layout, x.data_ptr(), values.data_ptr(), b["idx"].data_ptr(),
                                     None if bias is None else bias.data_ptr(), y.data_ptr(), tokens,
-                                    self.out_features, torch.get_num_threads())
+                                    self.out_features, threads)
         return y
 
     def tile_rows(self) -> int:
