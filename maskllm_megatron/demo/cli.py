@@ -113,6 +113,7 @@ def _demo(recipe: LearnRecipe, minutes: float, out: Path, reconstruct: str = "no
                                              *([str(reconstructed[0])] if reconstructed else []),
                                              *([str(refit_hf)] if refit_hf else [])), evaluate)
     rows = json.loads((results / "table.json").read_text())
+    speed = decode_speed(stages, exported)
     tokens = iters * recipe.tokens_per_iteration
     lines = ["| model | held-out PPL |", "|---|---|"] + [f"| {n} | {v:.2f} |" for n, v in rows]
     md = (f"# MaskLLM demo: SmolLM2-135M, 2:4, held-out Wikipedia\n\n"
@@ -120,6 +121,10 @@ def _demo(recipe: LearnRecipe, minutes: float, out: Path, reconstruct: str = "no
           f"MaskLLM: {iters} iterations x {recipe.global_batch} x {SEQ} tokens = {tokens:,} tokens from the "
           f"SparseGPT prior (strength {recipe.prior_strength:g}, logits lr {recipe.lr:g}, warmed up over {recipe.warmup_iters} iterations).\n\n"
           + "\n".join(lines) + "\n")
+    md += (f"\nDecode, MaskLLM export, batch 1, {speed['new_tokens']} greedy tokens, {speed['dtype']}, {speed['threads']} "
+           f"threads: dense {speed['dense_tokens_per_s']:.1f} tokens/s, 2:4 compressed (maskllm-generate) "
+           f"{speed['compressed_tokens_per_s']:.1f} tokens/s ({speed['speedup']:.2f}x, same tokens: "
+           f"{'yes' if speed['tokens_identical'] else 'no'}).\n")
     md += ("\n| stage | wall time |\n|---|---|\n" + "\n".join(
         f"| {name} | {_duration(seconds)}{' (cached)' if cached else ''} |" for name, seconds, cached in stages.walls)
         + f"\n\nMask learning was planned at {minutes:g} minutes ({iters} iterations) and took "
@@ -150,6 +155,17 @@ def _demo(recipe: LearnRecipe, minutes: float, out: Path, reconstruct: str = "no
 
 def _duration(seconds) -> str:
     return "not recorded" if seconds is None else f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def decode_speed(stages: Stages, exported: Path) -> dict:
+    """8. decode tokens/s of the export, dense with its zeros against its compressed 2:4 linears (cheap:
+    32 new tokens, batch 1, the medians of 2 alternating runs each)."""
+    from ..inference.cli import measure
+
+    def run(w: Path):
+        (w / "speed.json").write_text(json.dumps(measure(exported, new_tokens=32, repeats=2, log=lambda _: None)))
+
+    return json.loads((stages.run(8, "decode-speed", stage_key(str(exported), 32), run) / "speed.json").read_text())
 
 
 def _bar_chart(table: list[tuple[str, float]], path: Path) -> None:
