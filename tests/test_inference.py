@@ -77,6 +77,28 @@ def test_both_instruction_sets_agree():
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_helper_threads(monkeypatch, dtype):
+    """Layers large enough to share their rows with the kernel's helper threads, at 2 and 3 threads (more
+    threads than cores: a helper that is not scheduled must not matter)."""
+    monkeypatch.setattr("maskllm_megatron.inference.linear.PARALLEL_MIN_WEIGHTS", 0)
+    spec = NMSpec(2, 4)
+    w = _nm_weight(300, 256, spec, dtype)  # 76,800 weights: over the C++ floor of 65,536
+    lin = torch.nn.Linear(256, 300, dtype=dtype)
+    lin.weight.data.copy_(w)
+    layer = CompressedNMLinear.from_linear(lin, spec)
+    threads = torch.get_num_threads()
+    try:
+        for n in (2, 3):
+            torch.set_num_threads(n)
+            for _ in range(20):
+                for tokens in (1, 8, SPARSE_MAX_TOKENS + 3):
+                    x = torch.randn(tokens, 256).to(dtype)
+                    _check(layer(x), x, w, lin.bias)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_forced_isa_environment(monkeypatch):
     monkeypatch.setenv("MASKLLM_NM_ISA", "AVX2")
     assert kernel.default_isa() == "AVX2"

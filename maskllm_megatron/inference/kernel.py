@@ -1,7 +1,7 @@
 """The C++ CPU kernels of the compressed N:M linear, a small library built on first use.
 
-``csrc/nm_linear_cpu.cpp`` (plain intrinsics and OpenMP, no torch headers: it compiles in about a
-second) is built the way ``masks/cpu_kernel.py`` builds the mask kernel: with the C++ compiler
+``csrc/nm_linear_cpu.cpp`` (plain intrinsics and std::thread helpers, no torch headers: it compiles in a
+few seconds) is built the way ``masks/cpu_kernel.py`` builds the mask kernel: with the C++ compiler
 torch.compile uses (``$CXX`` or ``g++``), for the widest instruction set torch dispatches to on this CPU
 (AVX-512 or AVX2, ``runnable_isas``), into ``<cache>/kernels/<hash>/``, keyed by the source, the flags,
 the compiler and the torch version, written to a temporary name and renamed.
@@ -46,7 +46,7 @@ def _build(cxx: str, isa: str) -> Path:
     from maskllm_megatron.cache import cache_dir
 
     torch_dir = Path(torch.__file__).parent
-    flags = COMMON_FLAGS + ISA_FLAGS[isa]
+    flags = COMMON_FLAGS + ISA_FLAGS[isa] + ("-pthread",)
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256(repr((SOURCE.read_bytes(), flags, version, torch.__version__, str(torch_dir))).encode())
     out = cache_dir() / "kernels" / key.hexdigest()[:16] / "nm_linear_cpu.so"
@@ -54,7 +54,6 @@ def _build(cxx: str, isa: str) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    # libgomp from torch's folder first: the process already has torch's, under the same soname
     cmd = [cxx, *flags, str(SOURCE), "-o", str(tmp), f"-Wl,-rpath,{torch_dir / 'lib'}"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:

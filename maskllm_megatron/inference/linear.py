@@ -33,9 +33,9 @@ from maskllm_megatron.masks.patterns import NMSpec, pattern_positions
 #: Token counts up to this take the sparse kernel, larger ones the tiled dense matmul (measured:
 #: benchmarks/bench_nm_linear.py, benchmarks/RESULTS.md).
 SPARSE_MAX_TOKENS = 8
-#: Layers with fewer weights decode on the calling thread: an OpenMP region costs more than it saves there,
-#: and far more where other processes share the cores (a preempted worker holds the region's end).
-PARALLEL_MIN_WEIGHTS = int(os.environ.get("MASKLLM_NM_PARALLEL_MIN", 2**18))
+#: Layers with fewer weights run on the calling thread only (the C++ side has the same floor); larger ones
+#: share their row blocks with the kernel's helper threads (torch.get_num_threads() in all).
+PARALLEL_MIN_WEIGHTS = int(os.environ.get("MASKLLM_NM_PARALLEL_MIN", 2**16))
 #: The prefill path's dense tile: this many bytes of output rows (at least TILE_MIN_ROWS rows), in one
 #: scratch buffer that all layers share (not thread-safe: one forward at a time per process).
 TILE_BYTES = 4 * 2**20

@@ -13,17 +13,21 @@
 // position is kept) come from a 256-entry table per index byte; with them the chunk's values become a
 // dense 16-wide fp32 row piece in registers (AVX-512: one masked expand; AVX2: two 8-lane permutes of
 // a load whose tail lanes are zero), multiplied into the matching 16 inputs of every token. The inputs
-// past the last whole chunk (fewer than 16) take a scalar loop. Blocks of rows go to OpenMP threads
-// dynamically (torch's runtime: its libgomp has the same soname and is loaded first); tokens go in blocks
-// of 8, each row's accumulators in registers.
+// past the last whole chunk (fewer than 16) take a scalar loop. Blocks of rows go to the calling thread
+// and to helper threads that are running (Pool, below: no OpenMP barrier); tokens go in blocks of 8, each
+// row's accumulators in registers.
 //
 // Built twice by maskllm_megatron/inference/kernel.py: -mavx2 -mfma, and -mavx512f/bw/vl/dq.
 #include <immintrin.h>
-#include <omp.h>
+#include <pthread.h>
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -221,6 +225,109 @@ inline void decompress_row(const V* vals, const uint8_t* row_idx, V* dense, cons
 }
 #endif
 
+// ---- Helper threads that the caller never waits for unless they took work --------------------------------
+// An OpenMP region ends at a barrier: where other processes hold the cores, a worker that the OS has not
+// scheduled yet holds every layer's call for a scheduler slice (milliseconds, measured on a shared 2-core
+// VM: 6 ms for a 0.2 ms layer). Here the caller publishes a job of row blocks and takes blocks itself;
+// helpers that are running take blocks too (an atomic counter), and the caller waits only for blocks a
+// helper has taken. Helpers spin briefly after a job, then sleep on a condition variable. A job lives on
+// the caller's stack: a helper announces the job it reads in its hazard slot, and the caller waits for
+// the slots to clear before returning. Correctness never depends on a helper (a forked child has none).
+struct Job {
+  void (*run)(const void* ctx, int64_t block);
+  const void* ctx;
+  int64_t blocks;
+  int max_helpers;
+  std::atomic<int64_t> next{0}, done{0};
+  std::atomic<int> helpers{0};
+};
+
+class Pool {
+ public:
+  static Pool& get() {
+    static std::once_flag once;
+    std::call_once(once, [] { pthread_atfork(nullptr, nullptr, [] { instance_ = nullptr; }); });
+    Pool* p = instance_;
+    if (p == nullptr) p = instance_ = new Pool();  // leaked: detached helpers may outlive static destructors
+    return *p;
+  }
+
+  void run(void (*fn)(const void*, int64_t), const void* ctx, int64_t blocks, int threads) {
+    if (threads <= 1 || blocks <= 1) {
+      for (int64_t b = 0; b < blocks; ++b) fn(ctx, b);
+      return;
+    }
+    ensure(threads - 1);
+    Job job;
+    job.run = fn;
+    job.ctx = ctx;
+    job.blocks = blocks;
+    job.max_helpers = threads - 1;
+    current_.store(&job);
+    generation_.fetch_add(1);
+    if (sleepers_.load() > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      cv_.notify_all();
+    }
+    for (int64_t b; (b = job.next.fetch_add(1)) < blocks;) {
+      fn(ctx, b);
+      job.done.fetch_add(1);
+    }
+    while (job.done.load() < blocks) _mm_pause();  // only blocks a running helper took
+    current_.store(nullptr);
+    for (auto& h : hazard_)
+      while (h.load() == &job) _mm_pause();
+  }
+
+ private:
+  static inline Pool* instance_ = nullptr;
+  std::mutex mu_, grow_;
+  std::condition_variable cv_;
+  std::atomic<Job*> current_{nullptr};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> sleepers_{0};
+  std::vector<std::atomic<Job*>> hazard_ = std::vector<std::atomic<Job*>>(64);
+  std::atomic<int> started_{0};
+
+  void ensure(int helpers) {
+    helpers = std::min(helpers, int(hazard_.size()));
+    if (started_.load() >= helpers) return;
+    std::lock_guard<std::mutex> lock(grow_);
+    while (started_.load() < helpers) {
+      const int slot = started_.load();
+      std::thread([this, slot] { loop(slot); }).detach();
+      started_.fetch_add(1);
+    }
+  }
+
+  void loop(int slot) {
+    uint64_t seen = 0;
+    for (;;) {
+      Job* job = nullptr;
+      for (int spin = 0; spin < 20000; ++spin) {  // ~50-100 us: back-to-back layers find it awake
+        if (generation_.load() != seen && (job = current_.load()) != nullptr) break;
+        _mm_pause();
+      }
+      if (job == nullptr) {
+        std::unique_lock<std::mutex> lock(mu_);
+        sleepers_.fetch_add(1);
+        cv_.wait(lock, [&] { return generation_.load() != seen && current_.load() != nullptr; });
+        sleepers_.fetch_sub(1);
+        continue;
+      }
+      seen = generation_.load();
+      hazard_[slot].store(job);
+      if (current_.load() == job && job->helpers.fetch_add(1) < job->max_helpers) {
+        for (int64_t b; (b = job->next.fetch_add(1)) < job->blocks;) {
+          job->run(job->ctx, b);
+          job->done.fetch_add(1);
+        }
+      }
+      hazard_[slot].store(nullptr);
+    }
+  }
+};
+
 // The inputs past the last whole chunk, scalar.
 template <int T, typename V>
 inline void row_tail(const V* vals, const uint8_t* row_idx, const float* x, int64_t in, const Layout& L,
@@ -261,47 +368,57 @@ void linear_dispatch(const V* x_in, const V* vals, const uint8_t* idx, const V* 
     for (int64_t i = 0; i < tokens * L.in; ++i) x_buf[i] = load_value(x_in + i);
     x = x_buf.data();
   }
-  // Row blocks handed out dynamically (a thread that the OS preempts holds up little), 8 per thread.
+  // Row blocks (8 per thread) taken by the caller and any running helper; blocks of 8 tokens, within one
+  // each row's weights are read once.
   const int64_t block = std::max<int64_t>(8, rows / (int64_t(threads) * 8));
   const int64_t blocks = (rows + block - 1) / block;
-  // Blocks of 8 tokens; within a block, each row's weights are read once.
   for (int64_t t0 = 0; t0 < tokens; t0 += 8) {
-    const int tb = int(std::min<int64_t>(tokens - t0, 8));
-    const float* xb = x + t0 * L.in;
-    V* yb = y + t0 * rows;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (blocks > 1 && rows * L.in >= kParallelWeights)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t r0 = b * block, r1 = std::min(rows, r0 + block);
-      switch (tb) {
-        case 1: linear_rows<1, k24>(xb, vals, idx, bias, yb, rows, r0, r1, L); break;
-        case 2: linear_rows<2, k24>(xb, vals, idx, bias, yb, rows, r0, r1, L); break;
-        case 3: linear_rows<3, k24>(xb, vals, idx, bias, yb, rows, r0, r1, L); break;
-        case 4: linear_rows<4, k24>(xb, vals, idx, bias, yb, rows, r0, r1, L); break;
-        case 5: linear_rows<5, k24>(xb, vals, idx, bias, yb, rows, r0, r1, L); break;
-        case 6: linear_rows<6, k24>(xb, vals, idx, bias, yb, rows, r0, r1, L); break;
-        case 7: linear_rows<7, k24>(xb, vals, idx, bias, yb, rows, r0, r1, L); break;
-        default: linear_rows<8, k24>(xb, vals, idx, bias, yb, rows, r0, r1, L); break;
+    struct Ctx {
+      const float* x; const V* vals; const uint8_t* idx; const V* bias; V* y;
+      int64_t rows, block; int tb; const Layout* L;
+    } ctx{x + t0 * L.in, vals, idx, bias, y + t0 * rows, rows, block, int(std::min<int64_t>(tokens - t0, 8)), &L};
+    auto run = [](const void* p, int64_t b) {
+      const Ctx& c = *static_cast<const Ctx*>(p);
+      const int64_t r0 = b * c.block, r1 = std::min(c.rows, r0 + c.block);
+      switch (c.tb) {
+        case 1: linear_rows<1, k24>(c.x, c.vals, c.idx, c.bias, c.y, c.rows, r0, r1, *c.L); break;
+        case 2: linear_rows<2, k24>(c.x, c.vals, c.idx, c.bias, c.y, c.rows, r0, r1, *c.L); break;
+        case 3: linear_rows<3, k24>(c.x, c.vals, c.idx, c.bias, c.y, c.rows, r0, r1, *c.L); break;
+        case 4: linear_rows<4, k24>(c.x, c.vals, c.idx, c.bias, c.y, c.rows, r0, r1, *c.L); break;
+        case 5: linear_rows<5, k24>(c.x, c.vals, c.idx, c.bias, c.y, c.rows, r0, r1, *c.L); break;
+        case 6: linear_rows<6, k24>(c.x, c.vals, c.idx, c.bias, c.y, c.rows, r0, r1, *c.L); break;
+        case 7: linear_rows<7, k24>(c.x, c.vals, c.idx, c.bias, c.y, c.rows, r0, r1, *c.L); break;
+        default: linear_rows<8, k24>(c.x, c.vals, c.idx, c.bias, c.y, c.rows, r0, r1, *c.L); break;
       }
-    }
+    };
+    Pool::get().run(run, &ctx, blocks, rows * L.in >= kParallelWeights ? threads : 1);
   }
 }
 
 template <bool k24, typename V>
 void decompress_dispatch(const V* vals, const uint8_t* idx, V* dense, int64_t r0, int64_t r1, const Layout& L,
                          int threads) {
-  const int64_t kn = L.groups() * L.n;
-#pragma omp parallel for schedule(static) num_threads(threads) if ((r1 - r0) * L.in >= kParallelWeights)
-  for (int64_t r = r0; r < r1; ++r) {
-    const V* v = vals + r * kn;
-    const uint8_t* ip = idx + r * L.idx_stride;
-    V* d = dense + (r - r0) * L.in;
-    decompress_row<k24>(v, ip, d, L);
-    for (int64_t col = L.chunks() * 16; col < L.in; ++col) d[col] = V(0);
-    for (int64_t g = L.chunks() * 16 / L.m; g < L.groups(); ++g) {
-      const uint8_t* kept = L.pos + L.pattern(ip, g) * L.n;
-      for (int j = 0; j < L.n; ++j) d[g * L.m + kept[j]] = v[g * L.n + j];
+  struct Ctx {
+    const V* vals; const uint8_t* idx; V* dense; int64_t r0, r1, block; const Layout* L;
+  } ctx{vals, idx, dense, r0, r1, std::max<int64_t>(4, (r1 - r0) / (int64_t(threads) * 8)), &L};
+  auto run = [](const void* p, int64_t b) {
+    const Ctx& c = *static_cast<const Ctx*>(p);
+    const Layout& L = *c.L;
+    const int64_t kn = L.groups() * L.n;
+    for (int64_t r = c.r0 + b * c.block; r < std::min(c.r1, c.r0 + (b + 1) * c.block); ++r) {
+      const V* v = c.vals + r * kn;
+      const uint8_t* ip = c.idx + r * L.idx_stride;
+      V* d = c.dense + (r - c.r0) * L.in;
+      decompress_row<k24>(v, ip, d, L);
+      for (int64_t col = L.chunks() * 16; col < L.in; ++col) d[col] = V(0);
+      for (int64_t g = L.chunks() * 16 / L.m; g < L.groups(); ++g) {
+        const uint8_t* kept = L.pos + L.pattern(ip, g) * L.n;
+        for (int j = 0; j < L.n; ++j) d[g * L.m + kept[j]] = v[g * L.n + j];
+      }
     }
-  }
+  };
+  const int64_t blocks = (r1 - r0 + ctx.block - 1) / ctx.block;
+  Pool::get().run(run, &ctx, blocks, (r1 - r0) * L.in >= kParallelWeights ? threads : 1);
 }
 
 }  // namespace
