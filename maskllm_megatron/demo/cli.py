@@ -105,7 +105,7 @@ def _demo(recipe: LearnRecipe, minutes: float, out: Path, reconstruct: str = "no
                          heldout_ppl(["--hf", str(folder)], w / f"reconstruct-{recon.name}.log")))
         if refit_hf is not None:
             seconds = float((refit_run / "refit_wall_s").read_text())
-            rows.append((f"MaskLLM + refit, {refit.iters} iterations ({seconds:.0f} s)",
+            rows.append((f"MaskLLM + refit (weights updated), {refit.iters} iterations ({seconds:.0f} s)",
                          heldout_ppl(["--hf", str(refit_hf)], w / "refit.log")))
         (w / "table.json").write_text(json.dumps(rows))
 
@@ -118,7 +118,8 @@ def _demo(recipe: LearnRecipe, minutes: float, out: Path, reconstruct: str = "no
     lines = ["| model | held-out PPL |", "|---|---|"] + [f"| {n} | {v:.2f} |" for n, v in rows]
     md = (f"# MaskLLM demo: SmolLM2-135M, 2:4, held-out Wikipedia\n\n"
           f"Held-out articles never seen in training or calibration; {SEQ}-token windows with BOS, 8,192 tokens.\n"
-          f"MaskLLM: {iters} iterations x {recipe.global_batch} x {SEQ} tokens = {tokens:,} tokens from the "
+          f"MaskLLM (frozen weights, the paper's method): {iters} iterations x {recipe.global_batch} x {SEQ} "
+          f"tokens = {tokens:,} tokens from the "
           f"SparseGPT prior (strength {recipe.prior_strength:g}, logits lr {recipe.lr:g}, warmed up over {recipe.warmup_iters} iterations).\n\n"
           + "\n".join(lines) + "\n")
     md += (f"\nDecode, MaskLLM export, batch 1, {speed['new_tokens']} greedy tokens, {speed['dtype']}, {speed['threads']} "
