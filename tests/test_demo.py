@@ -279,11 +279,13 @@ def test_recipe_schedules_and_joint_training_reach_the_driver():
     assert cfg.mask_config().temperature == (4.0, 0.5) and cfg.mask_config().logit_scale == (50.0, 500.0)
     assert cfg.mask_config().total_steps == 20  # the anneal ends half way, then holds
     default, driver = TrainConfig.from_dict(demo.train_config(*paths, **LearnRecipe().driver_sections())), TrainConfig()
-    for key in ("temperature", "logit_scale", "anneal_fraction", "train_weights"):
+    for key in ("temperature", "logit_scale", "train_weights"):
         assert getattr(default.mask, key) == getattr(driver.mask, key), key
     assert default.optim.mask_lr_mult == driver.optim.mask_lr_mult
-    assert set(_recipe_settings(LearnRecipe())) == {"global_batch", "lr", "prior_strength", "adam_eps", "adam_beta2",
-                                                    "clip_grad", "regularizer", "warmup_iters"}
+    # a field added later is keyed only away from the value every run had before it existed
+    assert set(_recipe_settings(LearnRecipe(anneal_fraction=1.0))) == {
+        "global_batch", "lr", "prior_strength", "adam_eps", "adam_beta2", "clip_grad", "regularizer", "warmup_iters"}
+    assert _recipe_settings(LearnRecipe())["anneal_fraction"] == 0.7  # the demo's recipe (benchmarks/RESULTS.md)
     assert _recipe_settings(recipe)["train_weights"] is True
     with pytest.raises(SystemExit, match="--anneal-fraction: anneal_fraction 0.0: the driver refuses it: "
                                          "mask.anneal_fraction 0.0 must be in"):

@@ -84,17 +84,17 @@ def _learn_config(w: Path, ckpt: Path, prefix: Path, prior_ckpt: Path, iters: in
     return write_yaml(cfg, w / "maskllm.yaml")
 
 
-#: recipe fields a learning stage's key holds only when they differ from the demo's (a run with them at their
-#: defaults is the run made before they existed, and its cached stage stays valid)
-_KEYED_WHEN_CHANGED = ("temperature_start", "temperature_end", "scale_start", "scale_end", "anneal_fraction",
-                       "train_weights", "weight_lr")
+#: recipe fields added after learning stages were first cached, with the value every run had before: a
+#: stage's key holds them only at another value, so a run made before they existed keeps its cached stage
+_KEYED_UNLESS = {"temperature_start": 4.0, "temperature_end": 0.05, "scale_start": 1e2, "scale_end": 5e2,
+                 "anneal_fraction": 1.0, "train_weights": False, "weight_lr": 0.0}
 
 
 def _recipe_settings(recipe: LearnRecipe) -> dict:
     """What shapes a learning run of ``recipe`` (its cache key): without distillation not the KD temperature
     (no teacher runs)."""
     unused = {"kd_weight", "kd_temperature"} if recipe.kd_weight == 0 else set()
-    unused |= {k for k in _KEYED_WHEN_CHANGED if k not in recipe.changed()}
+    unused |= {k for k, before in _KEYED_UNLESS.items() if getattr(recipe, k) == before}
     return {k: v for k, v in asdict(recipe).items() if k not in unused}
 
 
