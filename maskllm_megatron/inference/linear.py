@@ -9,7 +9,7 @@ Forward (``x`` in the weights' dtype, float32 or bfloat16, on the CPU):
 
 - up to ``SPARSE_MAX_TOKENS`` tokens (decoding): the C++ kernel reads every weight once for all
   tokens, accumulates in fp32 and writes the weights' dtype;
-- more (prefill): a tile of output rows at a time (``TILE_BYTES``, 4 MiB, in one scratch buffer for all
+- more (prefill): a tile of output rows at a time (``TILE_BYTES``, 16 MiB, in one scratch buffer for all
   layers) is decompressed and multiplied with ``torch.mm`` into its columns of the output; the dense
   weights are never held (at most one tile of one layer, at a time).
 
@@ -38,7 +38,7 @@ SPARSE_MAX_TOKENS = 8
 PARALLEL_MIN_WEIGHTS = int(os.environ.get("MASKLLM_NM_PARALLEL_MIN", 2**16))
 #: The prefill path's dense tile: this many bytes of output rows (at least TILE_MIN_ROWS rows), in one
 #: scratch buffer that all layers share (not thread-safe: one forward at a time per process).
-TILE_BYTES = 4 * 2**20
+TILE_BYTES = 16 * 2**20
 TILE_MIN_ROWS = 128
 _scratch: dict = {}
 #: ``(a, b)``: |y - ref| <= a * sum_k |w_k x_k| (+ |bias|) + b * |ref|, where ref is F.linear in fp32 on the
