@@ -49,6 +49,18 @@ def test_vocab_parallel_kl_equals_the_gathered_computation(tp):
     assert r["teacher_is_original"] and r["moved_would_differ"] and r["moved_given_back"], r
 
 
+def _resume_from_iteration_2(tiny, run: str, name: str, config):
+    """A copy of the 4-iteration run ``run`` cut back to its iteration-2 checkpoint, resumed by the driver
+    with ``config`` (whose out_dir is ``tiny / name``); the resumed run's folder."""
+    out = tiny / name
+    shutil.copytree(tiny / run, out)
+    (out / "checkpoints" / "latest").write_text("iter_0000002")
+    shutil.rmtree(out / "checkpoints" / "iter_0000004")
+    log = torchrun("-m", "maskllm_megatron.train", "--config", config, nproc=1)
+    assert "at iteration 2" in log, log[-3000:]
+    return out
+
+
 def _distill_config(tiny, name, **parallel):
     return write_config(tiny, name, parallel={"tp": 1, **parallel}, prior={"method": "magnitude"},
                         distill={"kd_weight": 0.5, "temperature": 2.0},
@@ -69,12 +81,7 @@ def test_distillation_at_pp2_equals_pp1_and_resumes_exactly(tiny):
     valid = [[r["valid/kl_to_dense"] for r in records(tiny / n) if "valid/kl_to_dense" in r] for n in ("kd_pp1", "kd_pp2")]
     assert len(valid[0]) == 3 and valid[1] == pytest.approx(valid[0], rel=1e-5)
     # resumed from iteration 2 it continues the same run, bit for bit
-    out = tiny / "kd_resumed"
-    shutil.copytree(tiny / "kd_pp1", out)
-    (out / "checkpoints" / "latest").write_text("iter_0000002")
-    shutil.rmtree(out / "checkpoints" / "iter_0000004")
-    log = torchrun("-m", "maskllm_megatron.train", "--config", _distill_config(tiny, "kd_resumed"), nproc=1)
-    assert "at iteration 2" in log
+    out = _resume_from_iteration_2(tiny, "kd_pp1", "kd_resumed", _distill_config(tiny, "kd_resumed"))
     assert history(out) == history(tiny / "kd_pp1")
     assert [r["loss"] for r in records(out) if "loss" in r] == [r["loss"] for r in pp1]
 
@@ -145,12 +152,7 @@ def test_refit_trains_the_kept_weights_under_the_fixed_mask_from_the_dense_teach
 
     # resumed from iteration 2, the refit continues bit for bit: the mask and the refit weights come from the
     # checkpoint, the teacher is still the original dense model
-    out = tiny / "refit_resumed"
-    shutil.copytree(tiny / "refit_tp1", out)
-    (out / "checkpoints" / "latest").write_text("iter_0000002")
-    shutil.rmtree(out / "checkpoints" / "iter_0000004")
-    log = torchrun("-m", "maskllm_megatron.train", "--config", _refit_config(tiny, "refit_resumed", 1), nproc=1)
-    assert "at iteration 2" in log
+    out = _resume_from_iteration_2(tiny, "refit_tp1", "refit_resumed", _refit_config(tiny, "refit_resumed", 1))
     assert [r["kd_loss"] for r in records(out) if "kd_loss" in r] == [r["kd_loss"] for r in tp1]
     assert history(out) == history(tiny / "refit_tp1")
 
@@ -185,12 +187,7 @@ def test_joint_training_distils_from_the_original_model_at_any_layout_and_resume
     # the logits' lr (logged): 1e-2 peak, a 2-iteration warm-up from 0, then cosine to 1e-3 over iterations 2-4
     assert [r["lr"] for r in tp1] == pytest.approx([5e-3, 1e-2, 1e-3 + 0.5 * 9e-3, 1e-3], rel=1e-9)
 
-    out = tiny / "joint_resumed"
-    shutil.copytree(tiny / "joint_tp1", out)
-    (out / "checkpoints" / "latest").write_text("iter_0000002")
-    shutil.rmtree(out / "checkpoints" / "iter_0000004")
-    log = torchrun("-m", "maskllm_megatron.train", "--config", _joint_config(tiny, "joint_resumed"), nproc=1)
-    assert "at iteration 2" in log
+    out = _resume_from_iteration_2(tiny, "joint_tp1", "joint_resumed", _joint_config(tiny, "joint_resumed"))
     assert [r["kd_loss"] for r in records(out) if "kd_loss" in r] == [r["kd_loss"] for r in tp1]
     assert history(out) == history(tiny / "joint_tp1")
 

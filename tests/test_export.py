@@ -419,6 +419,8 @@ def test_a_planted_pickle_in_checkpoint_metadata_is_refused_unrun(tiny_run, tmp_
     shutil.copytree(source, evil)
     marker = tmp_path / "ran"
     (evil / ".metadata").write_bytes(pickle.dumps(_Planted(marker)))
+    if tool == "export":  # a run checkpoint: an attacker who plants a pickle can record its digests too
+        _record_digests_again(evil)
     cmd = {"verify": ["-m", "maskllm_megatron.export.verify", str(evil)],
            "eval": ["-m", "maskllm_megatron.eval.perplexity", "--ckpt", str(evil), "--text-file", __file__,
                     "--seq-len", "32"],

@@ -210,7 +210,8 @@ def test_hf_and_mcore_paths_agree_on_smollm2(smollm2_export):
     """Real SmolLM2-135M on 384 held-out Wikipedia tokens (128-token windows with BOS): dense and the
     magnitude 2:4 model exported with --use-prior, to 4 significant digits."""
     from maskllm_megatron.assets import smollm2_hf_dir
-    from maskllm_megatron.eval.perplexity import corpus_text, hf_perplexity
+    from maskllm_megatron.assets import corpus_text
+    from maskllm_megatron.eval.perplexity import hf_perplexity
 
     req = EvalRequest(corpus_text("wikipedia-heldout"), seq_len=128, bos=True, max_tokens=384)
     mcore = smollm2_export["ppl_mcore"]

@@ -1,7 +1,7 @@
 """The C++ CPU kernels of the compressed N:M linear, a small library built on first use.
 
 ``csrc/nm_linear_cpu.cpp`` (plain intrinsics and std::thread helpers, no torch headers: it compiles in a
-few seconds) is built the way ``masks/cpu_kernel.py`` builds the mask kernel: with the C++ compiler
+few seconds) is built by ``masks.cpu_kernel.build_library``, as the mask kernel is: with the C++ compiler
 torch.compile uses (``$CXX`` or ``g++``), for the widest instruction set torch dispatches to on this CPU
 (AVX-512 or AVX2, ``runnable_isas``), into ``<cache>/kernels/<hash>/``, keyed by the source, the flags,
 the compiler and the torch version, written to a temporary name and renamed.
@@ -12,16 +12,14 @@ argument of the functions below does the same per call.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import subprocess
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from maskllm_megatron.masks.cpu_kernel import COMMON_FLAGS, ISA_FLAGS, _compiler, runnable_isas
+from maskllm_megatron.masks.cpu_kernel import COMMON_FLAGS, ISA_FLAGS, _compiler, build_library, runnable_isas
 
 SOURCE = Path(__file__).with_name("csrc") / "nm_linear_cpu.cpp"
 
@@ -43,24 +41,11 @@ def default_isa() -> Optional[str]:
 
 
 def _build(cxx: str, isa: str) -> Path:
-    from maskllm_megatron.cache import cache_dir
-
-    torch_dir = Path(torch.__file__).parent
-    flags = COMMON_FLAGS + ISA_FLAGS[isa] + ("-pthread",)
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256(repr((SOURCE.read_bytes(), flags, version, torch.__version__, str(torch_dir))).encode())
-    out = cache_dir() / "kernels" / key.hexdigest()[:16] / "nm_linear_cpu.so"
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    cmd = [cxx, *flags, str(SOURCE), "-o", str(tmp), f"-Wl,-rpath,{torch_dir / 'lib'}"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise KernelUnavailable(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-    os.replace(tmp, out)
-    return out
+    """The kernel for ``isa`` (no torch headers: plain intrinsics and std::thread)."""
+    try:
+        return build_library(cxx, SOURCE, COMMON_FLAGS + ISA_FLAGS[isa] + ("-pthread",))
+    except RuntimeError as e:
+        raise KernelUnavailable(str(e)) from None
 
 
 @lru_cache(maxsize=None)

@@ -60,27 +60,37 @@ def best_isa() -> Optional[str]:
     return isas[-1] if isas else None
 
 
-def _build(cxx: str, isa: str) -> Path:
-    """Compile the kernel (once per source/flags/compiler/torch) and return the library's path."""
+def build_library(cxx: str, source: Path, flags: tuple[str, ...], before: tuple[str, ...] = (),
+                  after: tuple[str, ...] = ()) -> Path:
+    """Compile ``source`` into a shared library with ``cxx`` (``cxx *flags *before source -o lib *after``),
+    once per source, flags, compiler and torch, into ``<cache>/kernels/<hash>/<stem>.so``, written to a
+    temporary name and renamed (concurrent ranks never load a half-written file); the library's path. A
+    failed build raises RuntimeError with the compiler's last words. The CPU kernels of ``masks`` and of
+    ``inference`` are built by this."""
     from ..cache import cache_dir
 
     torch_dir = Path(torch.__file__).parent
-    flags = COMMON_FLAGS + ISA_FLAGS[isa]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256(repr((SOURCE.read_bytes(), flags, version, torch.__version__, str(torch_dir))).encode())
-    out = cache_dir() / "kernels" / key.hexdigest()[:16] / "masked_weight_cpu.so"
+    key = hashlib.sha256(repr((source.read_bytes(), flags, version, torch.__version__, str(torch_dir))).encode())
+    out = cache_dir() / "kernels" / key.hexdigest()[:16] / f"{source.stem}.so"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    cmd = [cxx, *flags, f"-I{torch_dir / 'include'}", str(SOURCE), "-o", str(tmp), f"-L{torch_dir / 'lib'}",
-           "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}"]
+    cmd = [cxx, *flags, *before, str(source), "-o", str(tmp), *after, f"-Wl,-rpath,{torch_dir / 'lib'}"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
     os.replace(tmp, out)
     return out
+
+
+def _build(cxx: str, isa: str) -> Path:
+    """The mask kernel for ``isa``, built against this torch's headers (ATen's vector types)."""
+    torch_lib = Path(torch.__file__).parent
+    return build_library(cxx, SOURCE, COMMON_FLAGS + ISA_FLAGS[isa], before=(f"-I{torch_lib / 'include'}",),
+                         after=(f"-L{torch_lib / 'lib'}", "-ltorch_cpu", "-lc10"))
 
 
 @lru_cache(maxsize=None)

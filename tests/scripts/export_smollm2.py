@@ -18,7 +18,8 @@ def main():
     from maskllm_megatron.convert.checkpoint import CheckpointInfo
     from maskllm_megatron.megatron.parallel import init_parallel
     from maskllm_megatron.convert.hf_to_mcore import hf_to_mcore
-    from maskllm_megatron.eval.perplexity import EvalRequest, corpus_text, mcore_perplexity
+    from maskllm_megatron.assets import corpus_text
+    from maskllm_megatron.eval.perplexity import EvalRequest, mcore_perplexity
     from maskllm_megatron.export.pipeline import ExportConfig, export
     from maskllm_megatron.masks import MaskConfig
     from maskllm_megatron.megatron.checkpointing import load_checkpoint, save_checkpoint
