@@ -102,8 +102,8 @@ def _recipe_settings(recipe: LearnRecipe) -> dict:
 PROBE_ITERS = 6
 
 
-#: hard-mask evaluations of a learning stage (``learn_stage``'s ``evals``, plus the one at iteration 0)
-LEARN_EVALUATIONS = 4 + 1
+#: hard-mask evaluations of a learning stage during the run (``learn_stage``'s ``evals``); one more at iteration 0
+LEARN_EVALS = 4
 
 
 @dataclass(frozen=True)
@@ -118,11 +118,11 @@ class SpeedPlan:
     eval_s: float = 0.0
     iters: int = PROBE_ITERS
 
-    def iterations(self, minutes: float, evaluations: int = LEARN_EVALUATIONS) -> int:
+    def iterations(self, minutes: float, evaluations: int = LEARN_EVALS + 1) -> int:
         """The iterations that fill ``minutes`` of a learning stage's wall time (at least 10)."""
         return max(10, int((minutes * 60 - self.fixed_s - evaluations * self.eval_s) / self.step_s))
 
-    def minutes(self, iterations: int, evaluations: int = LEARN_EVALUATIONS) -> float:
+    def minutes(self, iterations: int, evaluations: int = LEARN_EVALS + 1) -> float:
         return (self.fixed_s + evaluations * self.eval_s + iterations * self.step_s) / 60
 
 
@@ -167,7 +167,7 @@ def plan_from_probe(metrics: Path, wall_s: float, recipe: LearnRecipe, iters: in
 
 
 def learn_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, iters: int, recipe: LearnRecipe,
-                name: str = "maskllm", checkpoints: int = 1, evals: int = 4) -> Path:
+                name: str = "maskllm", checkpoints: int = 1, evals: int = LEARN_EVALS) -> Path:
     """MaskLLM mask learning (2 data-parallel processes) from ``prior_ckpt``'s masks; keeps
     ``checkpoints`` evenly spaced checkpoints and the final one (3 GB each) and runs ``evals`` hard-mask
     validations."""
