@@ -6,11 +6,12 @@ import argparse
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ..train.config import ConfigError, OptimSection, TrainConfig
+from ..train.config import ConfigError, MaskSection, OptimSection, TrainConfig
 
 SEQ = 512  # tokens per sequence in every demo stage
 DP = 2  # mask learning runs torchrun with this many data-parallel processes
 MASK_LR_MULT = OptimSection.mask_lr_mult  # the logits' lr over the driver's base optim.lr (its default)
+_TEMPERATURE, _SCALE = MaskSection.temperature, MaskSection.logit_scale  # the driver's schedules (start, end)
 
 
 def _recipe_field(default, driver: str | None, help: str):
@@ -51,10 +52,12 @@ class LearnRecipe:
     kd_weight: float = _recipe_field(0.0, "distill.kd_weight", "weight of the distillation term (KL to the dense "
                                      "model) in the loss, the LM loss taking the rest; 0: the LM loss alone")
     kd_temperature: float = _recipe_field(1.0, "distill.temperature", "softmax temperature of the distillation term")
-    temperature_start: float = _recipe_field(4.0, "mask.temperature", "Gumbel-softmax temperature at the start")
-    temperature_end: float = _recipe_field(0.05, "mask.temperature", "Gumbel-softmax temperature at the anneal's end")
-    scale_start: float = _recipe_field(1e2, "mask.logit_scale", "logit scale at the start")
-    scale_end: float = _recipe_field(5e2, "mask.logit_scale", "logit scale at the anneal's end")
+    temperature_start: float = _recipe_field(_TEMPERATURE[0], "mask.temperature",
+                                             "Gumbel-softmax temperature at the start")
+    temperature_end: float = _recipe_field(_TEMPERATURE[1], "mask.temperature",
+                                           "Gumbel-softmax temperature at the anneal's end")
+    scale_start: float = _recipe_field(_SCALE[0], "mask.logit_scale", "logit scale at the start")
+    scale_end: float = _recipe_field(_SCALE[1], "mask.logit_scale", "logit scale at the anneal's end")
     anneal_fraction: float = _recipe_field(0.7, "mask.anneal_fraction", "share of the run the temperature, scale "
                                            "and regulariser anneal over, then held (1: the whole run)")
     train_weights: bool = _recipe_field(False, "mask.train_weights", "train the masked weights, their biases and "
