@@ -272,6 +272,25 @@ def test_compressed_tensors_refuses_non_24_before_loading(tiny_run, tmp_path):
     assert not (tmp_path / "ct").exists()
 
 
+def test_export_refuses_a_disk_without_room_before_loading(tiny_run, small_disk, capsys):
+    """An hf export writes a trimmed mcore copy and the HF conversion beside it: with less room than twice
+    the dense checkpoint it is refused in one line naming the folder, the space needed and free, and
+    nothing is written."""
+    from maskllm_megatron.export.cli import main
+
+    run = tiny_run["work"] / "run" / "checkpoints" / "iter_0000003"
+    base = Path(json.loads((run / "extra_state.json").read_text())["config"]["model"]["checkpoint"])
+    dense = sum(p.stat().st_size for p in base.rglob("*") if p.is_file())
+    subprocess.run(["mount", "-o", "remount,size=64k", str(small_disk)], check=True)
+    assert main(["--ckpt", str(run), "--out", str(small_disk / "hf"), "--format", "hf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: not enough disk space for the hf export in {small_disk}: "
+                                                f"about {2 * dense / 1e6:.1f} MB needed (2 x the dense checkpoint "
+                                                f"{base.name}), "), err
+    assert err[0].endswith(" free; nothing was written: free space there or write elsewhere, then run again")
+    assert list(small_disk.iterdir()) == []
+
+
 def test_a_prior_only_checkpoint_needs_use_prior(tiny_run, tmp_path, capsys):
     """A run saved at iteration 0 (``run.train_iters=0``) learned nothing: its logits' argmax is the prior
     blurred by the initial noise (2,669 held-out PPL for SmolLM2's SparseGPT prior of 131). Export and eval

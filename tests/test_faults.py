@@ -119,19 +119,6 @@ def test_a_flipped_byte_is_named_by_verify_export_and_eval_and_resume_falls_back
     assert verify_main([str(newest)]) == 0  # saved again, whole
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real filesystem of a few MB: a tmpfs mounted by root (``mount -o remount,size=`` resizes it);
-    skipped where mounting is not allowed."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): {r.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_a_full_disk_stops_before_the_save_in_one_line_and_a_rerun_with_space_resumes(tiny, small_disk):
     """4 MB hold one checkpoint of the tiny model (2.8 MB) and not two: the second save is refused before it
     writes anything, naming the folder, the space needed and free; ``latest`` stays on the first; once

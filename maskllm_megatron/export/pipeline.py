@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Literal, Optional
 
 import torch
 
-from maskllm_megatron.checkpoint_folders import SPARSITY_FILE, check_output, is_rank0, publish, staging
+from maskllm_megatron.checkpoint_folders import SPARSITY_FILE, check_output, check_room, is_rank0, publish, staging
 from maskllm_megatron.convert.io import ConversionError, copy_tokenizer
 from maskllm_megatron.export.formats import global_sparsity, hf_weight_is_transposed, save_compressed_tensors, save_masks
 from maskllm_megatron.export.trim import (MaskedTensor, hf_masks, hf_rules, mask_source_name, save_trimmed_mcore, trim_,
@@ -130,7 +130,22 @@ def check_request(cfg: ExportConfig) -> RunCheckpoint:
         if hf_weight_is_transposed({"model_type": run.model_type}):
             raise ExportError(f"compressed-tensors stores [out, in] weights but {run.model_type} keeps Conv1D "
                               f"weights [in, out]: export --format hf instead")
+    needed, basis = export_bytes(run, cfg.format)
+    check_room(cfg.out, needed, f"the {cfg.format} export", basis)  # before anything is loaded or written
     return run
+
+
+#: What the work folder holds at its fullest, in units of the dense checkpoint's size: the trimmed mcore
+#: copy, then the HF conversion beside it, then the compressed copy beside both; a mask file is at most
+#: 1 bit a 16-bit weight (it stores about 0.65).
+WORK_COPIES = {"masks": 1 / 16, "mcore": 1.0, "hf": 2.0, "compressed-tensors": 3.0}
+
+
+def export_bytes(run: RunCheckpoint, fmt: str) -> tuple[int, str]:
+    """The bytes an export in ``fmt`` writes before it is renamed into place (``check_room`` refuses the
+    export before anything is loaded when they do not fit), and how they were judged."""
+    copies = WORK_COPIES[fmt]
+    return int(folder_bytes(run.base) * copies), f"{copies:g} x the dense checkpoint {run.base.name}"
 
 
 def export(cfg: ExportConfig) -> Optional[ExportResult]:
@@ -149,7 +164,7 @@ def export(cfg: ExportConfig) -> Optional[ExportResult]:
     run.info.model.validate_parallel(world, 1)
     init_parallel(tp=world, pp=1)
     out = cfg.out.absolute()
-    with staging(out, "work") as work:
+    with staging(out, "work", needed=export_bytes(run, cfg.format)[0]) as work:
         model = load_masked_model(run, use_prior=cfg.use_prior)
         reconstruction = None
         if cfg.reconstruct is not None:  # under the masks trim_ applies: the prior's or the argmax
