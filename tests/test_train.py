@@ -641,8 +641,9 @@ def test_ranks_that_found_different_checkpoints_refuse_to_resume():
 
 
 def test_driver_defaults_are_the_librarys():
-    """The driver's mask, prior and optim sections build the library's configs with the library's own
-    defaults: a default declared again in the driver, and changed there, fails here."""
+    """The driver's default config builds the library's default configs: its mask, prior and optim sections
+    hold the library's own fields (``_Library``: type and default declared once, in the library), and the
+    builders pass every one of them on, with the anneal over the whole run and the run's seed."""
     from maskllm_megatron import MaskConfig, PriorConfig, SparsifyConfig
     from maskllm_megatron.train.config import TrainConfig
 
@@ -650,3 +651,7 @@ def test_driver_defaults_are_the_librarys():
     assert cfg.mask_config() == MaskConfig(total_steps=cfg.run.train_iters, seed=cfg.run.seed)
     assert cfg.sparsify_config() == SparsifyConfig(mask=cfg.mask_config())
     assert cfg.prior_config() == PriorConfig()
+    # a run checkpoint's saved config (JSON: lists for tuples) becomes the same SparsifyConfig again
+    joint = TrainConfig.load(None, ("mask.train_weights=true", "mask.include=['*.mlp.*']", "optim.mask_lr_mult=4"))
+    saved = json.loads(json.dumps(joint.to_dict()))
+    assert TrainConfig.from_dict(saved).sparsify_config() == joint.sparsify_config()

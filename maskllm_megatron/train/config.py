@@ -15,22 +15,8 @@ from ..masks.config import MaskConfig
 from ..megatron.configs import PriorConfig, SparsifyConfig
 from ..prune.methods import METHODS
 
-# The library's defaults: the driver's mask, prior and optim sections take theirs from these, so each
-# default is declared once (the MaskLLM paper's recipe).
-_MASK, _SPARSIFY, _PRIOR = MaskConfig(), SparsifyConfig(), PriorConfig()
 #: prior.method: a one-shot method, none (logits from noise only), or checkpoint (an earlier run's masks)
 PRIOR_SOURCES = METHODS + ("none", "checkpoint")
-
-def checkpoint_name(iteration: int) -> str:
-    """The folder (under ``<run.out_dir>/checkpoints``) of the checkpoint saved at ``iteration``."""
-    return f"iter_{iteration:07d}"
-
-
-def checkpoint_iteration(name: str) -> Optional[int]:
-    """The iteration of a ``checkpoint_name`` folder, None for any other name (e.g. one being written)."""
-    digits = name[len("iter_"):]
-    return int(digits) if name.startswith("iter_") and digits.isdigit() else None
-
 
 # megatron's OptimizerParamScheduler styles that need no further settings ("WSD" needs its own decay steps)
 DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
@@ -68,6 +54,43 @@ def _yaml(text: str, where: str):
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{where} is not valid YAML{at}: {problem}; fix the syntax") from None
+
+
+class _Library:
+    """A driver field that is a library config's own (``temperature = _Library(MaskConfig)``: the driver key
+    ``mask.temperature`` is ``MaskConfig.temperature``). ``_section`` gives it the library's type and default,
+    and ``TrainConfig._library`` passes it to the library config it builds, so each such setting, its type
+    and its default are declared once: in the library (the MaskLLM paper's recipe)."""
+
+    def __init__(self, config_class: type):
+        self.config_class = config_class
+
+
+#: the types the YAML reader gives a field (``_coerce``); a library field of another type is held as its text
+_YAML_TYPES = (bool, int, float, str, tuple, list)
+
+
+def _section(cls):
+    """``dataclass(cls)`` with its ``_Library`` fields typed and defaulted as their library declares them,
+    in the order of the class body (the order of the saved config). A library type that YAML has no form
+    for (``NMSpec``) is held as its text, which the library config parses."""
+    own = dict(cls.__dict__.get("__annotations__", {}))
+    annotations = {}
+    for name, value in list(vars(cls).items()):
+        if isinstance(value, _Library):
+            library = {f.name: f for f in dataclasses.fields(value.config_class)}[name]
+            hint = typing.get_type_hints(value.config_class)[name]
+            default = library.default if library.default is not dataclasses.MISSING else library.default_factory()
+            if (typing.get_origin(hint) or hint) not in _YAML_TYPES:
+                hint, default = str, str(default)
+            annotations[name] = hint
+            setattr(cls, name, field(default=default, metadata={"library": value.config_class}))
+        elif name in own:
+            annotations[name] = own.pop(name)
+    if own:
+        raise TypeError(f"{cls.__name__}: give {sorted(own)} a default (a section's fields keep the body's order)")
+    cls.__annotations__ = annotations
+    return dataclass(cls)
 
 
 @dataclass
@@ -110,7 +133,7 @@ class DataSection:
     cache_dir: str = ""
 
 
-@dataclass
+@_section
 class OptimSection:
     """Adam + megatron's lr schedule. ``lr``/``min_lr`` are the base rates (weights, when they train);
     the mask logits learn at ``lr x mask_lr_mult`` decaying to ``min_lr x mask_lr_mult`` (the paper's 5e-4),
@@ -124,45 +147,48 @@ class OptimSection:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-5
     clip_grad: float = 1.0
-    mask_lr_mult: float = _SPARSIFY.mask_lr_mult
+    mask_lr_mult = _Library(SparsifyConfig)
     # the logits' own linear warm-up, from 0 (-1: warmup_iters, the schedule the weights follow); both decay
     # as decay_style to the end of the run
     mask_warmup_iters: int = -1
 
 
-@dataclass
+@_section
 class MaskSection:
-    """The mask sampler (``masks.MaskConfig``) and what is masked (``megatron.configs.SparsifyConfig``),
-    with their defaults; ``TrainConfig.mask_config`` / ``sparsify_config`` build and validate them."""
-    nm: str = str(_MASK.nm)
-    temperature: tuple[float, float] = _MASK.temperature
-    logit_scale: tuple[float, float] = _MASK.logit_scale
+    """The mask sampler (``masks.MaskConfig``: nm, temperature, logit_scale, hard, init_std, prior_strength,
+    regularizer) and what is masked and trains (``megatron.configs.SparsifyConfig``: include, exclude,
+    train_weights): their fields, types and defaults are the library's (``_Library``);
+    ``TrainConfig.mask_config`` / ``sparsify_config`` build and validate them."""
+    nm = _Library(MaskConfig)
+    temperature = _Library(MaskConfig)
+    logit_scale = _Library(MaskConfig)
     # the temperature, logit scale and regulariser anneal over this fraction of run.train_iters, then hold their
     # end values (1: over the whole run, the paper's)
     anneal_fraction: float = 1.0
-    hard: bool = _MASK.hard
-    init_std: float = _MASK.init_std
-    prior_strength: float = _MASK.prior_strength
-    regularizer: tuple[float, float] = _MASK.regularizer
-    include: tuple[str, ...] = _SPARSIFY.include
-    exclude: tuple[str, ...] = _SPARSIFY.exclude
-    train_weights: bool = _SPARSIFY.train_weights
+    hard = _Library(MaskConfig)
+    init_std = _Library(MaskConfig)
+    prior_strength = _Library(MaskConfig)
+    regularizer = _Library(MaskConfig)
+    include = _Library(SparsifyConfig)
+    exclude = _Library(SparsifyConfig)
+    train_weights = _Library(SparsifyConfig)
     # refit: fix the mask to the prior's (prior.method=checkpoint: a mask-learning run's) and train the masked
     # layers' kept weights end to end instead of the logits (with distill.kd_weight > 0: from the dense model)
     refit: bool = False
     fused_kernel: bool = True
 
 
-@dataclass
+@_section
 class PriorSection:
-    """Where the logits' prior comes from: a one-shot method (``megatron.configs.PriorConfig``, its
-    defaults; ``TrainConfig.prior_config`` builds it), ``none`` or ``checkpoint``."""
-    method: str = _PRIOR.method  # one of PRIOR_SOURCES
+    """Where the logits' prior comes from: a one-shot method (``megatron.configs.PriorConfig``: method,
+    update_weights, blocksize, percdamp, the library's fields; ``TrainConfig.prior_config`` builds it),
+    ``none`` or ``checkpoint`` (``method`` is one of PRIOR_SOURCES)."""
+    method = _Library(PriorConfig)
     checkpoint: str = ""  # with method=checkpoint: take the hard masks of an earlier run as the prior
     calib_samples: int = 128
-    update_weights: bool = _PRIOR.update_weights
-    blocksize: int = _PRIOR.blocksize
-    percdamp: float = _PRIOR.percdamp
+    update_weights = _Library(PriorConfig)
+    blocksize = _Library(PriorConfig)
+    percdamp = _Library(PriorConfig)
 
 
 @dataclass
@@ -373,23 +399,33 @@ class TrainConfig:
             raise ConfigError(f"mask.anneal_fraction {m.anneal_fraction} must be in (0, 1]: the share of run.train_iters "
                               "the schedules anneal over (1: the whole run)")
         steps = max(1, round(self.run.train_iters * m.anneal_fraction))
-        return _library("mask", MaskConfig, nm=nm, total_steps=steps,
-                        temperature=tuple(m.temperature), logit_scale=tuple(m.logit_scale), hard=m.hard,
-                        init_std=m.init_std, prior_strength=m.prior_strength, regularizer=tuple(m.regularizer),
-                        seed=self.run.seed)
+        return self._library(MaskConfig, "mask", nm=nm, total_steps=steps, seed=self.run.seed)
 
     def sparsify_config(self) -> SparsifyConfig:
         """What ``sparsify`` masks and trains (``mask.include``/``exclude``/``train_weights``, and the
-        logits' ``optim.mask_lr_mult``)."""
-        m = self.mask
-        return _library("mask", SparsifyConfig, mask=self.mask_config(), include=tuple(m.include),
-                        exclude=tuple(m.exclude), train_weights=m.train_weights, mask_lr_mult=self.optim.mask_lr_mult)
+        logits' ``optim.mask_lr_mult``). A run checkpoint's saved config becomes one here too
+        (``TrainConfig.from_dict(saved).sparsify_config()``)."""
+        return self._library(SparsifyConfig, "mask", mask=self.mask_config())
 
     def prior_config(self) -> PriorConfig:
         """The one-shot prior's configuration (prior.method one of ``prune.methods.METHODS``)."""
-        p = self.prior
-        return _library("prior", PriorConfig, method=p.method, update_weights=p.update_weights,
-                        blocksize=p.blocksize, percdamp=p.percdamp)
+        return self._library(PriorConfig, "prior")
+
+    def _library(self, config_class: type, section: str, **derived):
+        """``config_class`` (a library config) from the driver fields that are its own (``_Library``, in
+        whichever section) and the values the driver ``derived``; its ValueError (which starts with the field
+        it refuses) becomes a ConfigError naming the driver key (``section.field`` for a derived one)."""
+        values, where = {}, {}
+        for name in (f.name for f in dataclasses.fields(self)):
+            held = getattr(self, name)
+            for f in dataclasses.fields(held):
+                if f.metadata.get("library") is config_class:
+                    value = getattr(held, f.name)
+                    values[f.name], where[f.name] = tuple(value) if isinstance(value, list) else value, name
+        try:
+            return config_class(**{**values, **derived})
+        except ValueError as e:
+            raise ConfigError(f"{where.get(str(e).split()[0], section)}.{e}") from None
 
     def resume_conflict(self, saved: dict, iteration: int) -> Optional[str]:
         """Why this config cannot resume a run saved at ``iteration`` with config ``saved`` (None if it can).
@@ -470,20 +506,6 @@ RESUME_KEEPS = ("run.train_iters", "run.seed", "data.train", "data.split", "data
 #: ... and those that a prior-only checkpoint's logits were made with.
 RESUME_KEEPS_PRIOR = ("run.seed", "mask.nm", "mask.init_std", "mask.prior_strength", "mask.include", "mask.exclude",
                       "prior.*")
-
-
-#: library config fields the driver keeps in another section than the one they are built for
-_DRIVER_SECTION = {"mask_lr_mult": "optim"}
-
-
-def _library(section: str, cls, **kwargs):
-    """``cls(**kwargs)``, a library config; its ValueError (which starts with the field it refuses) becomes
-    a ConfigError naming the driver key (``section.field``)."""
-    try:
-        return cls(**kwargs)
-    except ValueError as e:
-        field_name = str(e).split()[0]
-        raise ConfigError(f"{_DRIVER_SECTION.get(field_name, section)}.{e}") from None
 
 
 def _field_type(cls, parts: list[str]):

@@ -12,7 +12,6 @@ from maskllm_megatron.checkpoint_folders import (MODEL_CONFIG_FILE, RunCheckpoin
                                                 resolve_run_checkpoint, verify_checkpoint)
 from maskllm_megatron.convert.checkpoint import CheckpointInfo
 from maskllm_megatron.convert.mapping import model_type_of
-from maskllm_megatron.masks import MaskConfig
 from maskllm_megatron.masks.patterns import NMSpec
 
 
@@ -72,9 +71,8 @@ class RunCheckpoint:
         return model_type_of(self.info.model, self.info.hf_config)
 
     def sparsify_config(self):
-        from maskllm_megatron.megatron.configs import SparsifyConfig
-
-        return SparsifyConfig(mask=MaskConfig(nm=self.nm), include=self.include, exclude=self.exclude)
+        """What the run sparsified, as the trainer built it from the same config (``TrainConfig.sparsify_config``)."""
+        return self.train_config().sparsify_config()
 
 
 def build_sparsified(run: RunCheckpoint, folder: Path, *, parallel_output: bool = True):
