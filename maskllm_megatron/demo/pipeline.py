@@ -198,14 +198,10 @@ def refit_stage(stages: Stages, ckpt: Path, refit: WeightRefit, checkpoints: int
     base, prefix = Path(config["model"]["checkpoint"]), Path(config["data"]["train"][0])
 
     def run(w: Path):
-        cfg = train_config(base, prefix, w, prior={"method": "checkpoint", "checkpoint": str(ckpt)},
-                            data={"micro_batch_size": 1, "global_batch_size": DP * refit.batch},
-                            optim={"lr": refit.lr, "min_lr": refit.lr / 10, "weight_decay": 0.0,
-                                   "warmup_iters": refit.warmup_iters},
-                            mask={"refit": True}, distill={"kd_weight": refit.kd_weight,
-                                                           "temperature": refit.temperature},
-                            run={"train_iters": refit.iters, "log_interval": 5, "eval_interval": 0,
-                                 "save_interval": max(1, refit.iters // checkpoints), "keep_last": checkpoints})
+        sections = refit.driver_sections()
+        sections["run"].update(log_interval=5, eval_interval=0, save_interval=max(1, refit.iters // checkpoints),
+                               keep_last=checkpoints)
+        cfg = train_config(base, prefix, w, prior={"method": "checkpoint", "checkpoint": str(ckpt)}, **sections)
         t0 = time.time()
         run_logged(["-m", "maskllm_megatron.train", "--config", str(write_yaml(cfg, w / "refit.yaml"))],
              w / "train.log", nproc=DP)

@@ -3,21 +3,51 @@ reconstruction (``Reconstruction``), and the driver config they become (``train_
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-from ..train.config import ConfigError, MaskSection, OptimSection, TrainConfig
+from ..export.reconstruct import ReconstructRequest
+from ..megatron.configs import ReconstructConfig
+from ..train.config import ConfigError, TrainConfig
 
 SEQ = 512  # tokens per sequence in every demo stage
 DP = 2  # mask learning runs torchrun with this many data-parallel processes
-MASK_LR_MULT = OptimSection.mask_lr_mult  # the logits' lr over the driver's base optim.lr (its default)
-_TEMPERATURE, _SCALE = MaskSection.temperature, MaskSection.logit_scale  # the driver's schedules (start, end)
+_DRIVER = TrainConfig()  # the driver's defaults (the paper's recipe), which the demo's recipes keep unless they say
 
 
-def _recipe_field(default, driver: str | None, help: str):
-    """A ``LearnRecipe`` field: its default, the driver config key it sets (for error messages) and its
-    flag's help text."""
-    return field(default=default, metadata={"driver": driver, "help": help})
+def _driver_default(key: str):
+    """The driver's default of ``section.name``."""
+    section, name = key.split(".")
+    return getattr(getattr(_DRIVER, section), name)
+
+
+MASK_LR_MULT = _driver_default("optim.mask_lr_mult")  # the logits' lr over the driver's base optim.lr
+
+
+def _recipe_field(driver: str, help: str = "", default=MISSING, item: int | None = None, derived: bool = False):
+    """A recipe field that sets the driver key ``driver`` (``item``: that end of a [start, end] schedule, the
+    other end the driver's), its default the driver's unless the demo's ``default`` is given, and its flag's
+    help text. A ``derived`` field's driver value is computed from it (its class's ``driver_sections``);
+    the others are set as they are (``_direct_sections``)."""
+    if default is MISSING:
+        default = _driver_default(driver)
+        default = default if item is None else default[item]
+    return field(default=default, metadata={"driver": driver, "item": item, "derived": derived, "help": help})
+
+
+def _direct_sections(recipe) -> dict:
+    """The driver config sections that ``recipe``'s fields set as they are (not the ``derived`` ones)."""
+    sections: dict = {}
+    for f in fields(recipe):
+        if f.metadata["derived"]:
+            continue
+        section, name = f.metadata["driver"].split(".")
+        values, value = sections.setdefault(section, {}), getattr(recipe, f.name)
+        if f.metadata["item"] is None:
+            values[name] = value
+        else:
+            values.setdefault(name, list(_driver_default(f.metadata["driver"])))[f.metadata["item"]] = value
+    return sections
 
 
 @dataclass(frozen=True)
@@ -35,36 +65,33 @@ class LearnRecipe:
     iterations (-2.2%, Shakespeare -1.2%). benchmarks/RESULTS.md has the runs.
     """
 
-    global_batch: int = _recipe_field(2, "data.global_batch_size",
-                                      "sequences of {seq} tokens per iteration, split over the {dp} data-parallel ranks")
-    lr: float = _recipe_field(1e-3, "optim.lr", "the mask logits' learning rate (the driver's optim.lr x "
-                              "mask_lr_mult), cosine to lr/10")
-    prior_strength: float = _recipe_field(4.0, "mask.prior_strength",
-                                          "how far the prior's pattern starts ahead, in logit standard deviations")
-    adam_eps: float = _recipe_field(1e-5, "optim.adam_eps", "Adam's epsilon")  # the driver's default
-    adam_beta2: float = _recipe_field(0.95, "optim.adam_beta2", "Adam's beta2")
-    clip_grad: float = _recipe_field(1.0, "optim.clip_grad", "global gradient-norm clipping threshold, 0 turns "
-                                     "clipping off")
-    regularizer: float = _recipe_field(1e-5, "mask.regularizer", "sparse-weight regulariser coefficient at the "
-                                       "start (decays to 0, the paper's)")
-    warmup_iters: int = _recipe_field(5, "optim.warmup_iters", "iterations of linear lr warm-up from 0 before the "
-                                      "cosine decay")
-    kd_weight: float = _recipe_field(0.0, "distill.kd_weight", "weight of the distillation term (KL to the dense "
-                                     "model) in the loss, the LM loss taking the rest; 0: the LM loss alone")
-    kd_temperature: float = _recipe_field(1.0, "distill.temperature", "softmax temperature of the distillation term")
-    temperature_start: float = _recipe_field(_TEMPERATURE[0], "mask.temperature",
-                                             "Gumbel-softmax temperature at the start")
-    temperature_end: float = _recipe_field(_TEMPERATURE[1], "mask.temperature",
-                                           "Gumbel-softmax temperature at the anneal's end")
-    scale_start: float = _recipe_field(_SCALE[0], "mask.logit_scale", "logit scale at the start")
-    scale_end: float = _recipe_field(_SCALE[1], "mask.logit_scale", "logit scale at the anneal's end")
-    anneal_fraction: float = _recipe_field(0.7, "mask.anneal_fraction", "share of the run the temperature, scale "
-                                           "and regulariser anneal over, then held (1: the whole run)")
-    train_weights: bool = _recipe_field(False, "mask.train_weights", "train the masked weights, their biases and "
-                                        "the norms with the masks (joint training; with --kd-weight distilled from "
-                                        "a copy of the original model)")
-    weight_lr: float = _recipe_field(0.0, "optim.lr", "the trained weights' learning rate, cosine to a tenth "
-                                     "(0: lr / {mult:g}); the logits keep --lr")
+    global_batch: int = _recipe_field("data.global_batch_size", "sequences of {seq} tokens per iteration, split over "
+                                      "the {dp} data-parallel ranks", default=2)
+    lr: float = _recipe_field("optim.lr", "the mask logits' learning rate (the driver's optim.lr x mask_lr_mult), "
+                              "cosine to lr/10", default=1e-3, derived=True)
+    prior_strength: float = _recipe_field("mask.prior_strength", "how far the prior's pattern starts ahead, in logit "
+                                          "standard deviations", default=4.0)
+    adam_eps: float = _recipe_field("optim.adam_eps", "Adam's epsilon")
+    adam_beta2: float = _recipe_field("optim.adam_beta2", "Adam's beta2")
+    clip_grad: float = _recipe_field("optim.clip_grad", "global gradient-norm clipping threshold, 0 turns clipping off")
+    regularizer: float = _recipe_field("mask.regularizer", "sparse-weight regulariser coefficient at the start "
+                                       "(decays to 0, the paper's)", item=0)
+    warmup_iters: int = _recipe_field("optim.warmup_iters", "iterations of linear lr warm-up from 0 before the "
+                                      "cosine decay", default=5)
+    kd_weight: float = _recipe_field("distill.kd_weight", "weight of the distillation term (KL to the dense model) in "
+                                     "the loss, the LM loss taking the rest; 0: the LM loss alone")
+    kd_temperature: float = _recipe_field("distill.temperature", "softmax temperature of the distillation term")
+    temperature_start: float = _recipe_field("mask.temperature", "Gumbel-softmax temperature at the start", item=0)
+    temperature_end: float = _recipe_field("mask.temperature", "Gumbel-softmax temperature at the anneal's end", item=1)
+    scale_start: float = _recipe_field("mask.logit_scale", "logit scale at the start", item=0)
+    scale_end: float = _recipe_field("mask.logit_scale", "logit scale at the anneal's end", item=1)
+    anneal_fraction: float = _recipe_field("mask.anneal_fraction", "share of the run the temperature, scale and "
+                                           "regulariser anneal over, then held (1: the whole run)", default=0.7)
+    train_weights: bool = _recipe_field("mask.train_weights", "train the masked weights, their biases and the norms "
+                                        "with the masks (joint training; with --kd-weight distilled from a copy of "
+                                        "the original model)")
+    weight_lr: float = _recipe_field("optim.lr", "the trained weights' learning rate, cosine to a tenth (0: lr / "
+                                     "{mult:g}); the logits keep --lr", default=0.0, derived=True)
 
     def __post_init__(self):
         """Refuse what the driver would refuse, before any stage runs: the driver's own validation of the
@@ -93,18 +120,13 @@ class LearnRecipe:
 
     def driver_sections(self) -> dict:
         """The driver config sections (``maskllm_megatron.train.config``) this recipe sets."""
+        sections = _direct_sections(self)
         base_lr = self.weight_lr or self.lr / MASK_LR_MULT  # the driver's optim.lr: the weights'
-        optim = {"lr": base_lr, "min_lr": base_lr / 10, "adam_eps": self.adam_eps, "adam_beta2": self.adam_beta2,
-                 "clip_grad": self.clip_grad, "warmup_iters": self.warmup_iters}
+        sections["optim"].update(lr=base_lr, min_lr=base_lr / 10)
         if self.weight_lr:
-            optim["mask_lr_mult"] = self.lr / self.weight_lr
-        return {"data": {"micro_batch_size": max(1, self.global_batch // DP), "global_batch_size": self.global_batch},
-                "optim": optim,
-                "mask": {"prior_strength": self.prior_strength, "regularizer": [self.regularizer, 0.0],
-                         "temperature": [self.temperature_start, self.temperature_end],
-                         "logit_scale": [self.scale_start, self.scale_end], "anneal_fraction": self.anneal_fraction,
-                         "train_weights": self.train_weights},
-                "distill": {"kd_weight": self.kd_weight, "temperature": self.kd_temperature}}
+            sections["optim"]["mask_lr_mult"] = self.lr / self.weight_lr
+        sections["data"]["micro_batch_size"] = max(1, self.global_batch // DP)
+        return sections
 
     def changed(self) -> dict:
         """The fields that differ from the demo's recipe."""
@@ -144,28 +166,40 @@ def recipe_from_args(args: argparse.Namespace) -> LearnRecipe:
 class WeightRefit:
     """The kept weights refit end to end under a run's learned masks (``mask.refit``): Adam to ``lr``
     (after ``warmup_iters`` of linear warm-up; cosine to lr / 10, no weight decay) on ``kd_weight`` x the
-    KL to the dense model (temperature 1) + the rest x the LM loss, ``iters`` iterations of DP x ``batch``
+    KL to the dense model (at ``temperature``) + the rest x the LM loss, ``iters`` iterations of DP x ``batch``
     x SEQ tokens of the run's own training data (``batch`` sequences a rank, accumulated one at a time)."""
 
-    iters: int = 20
-    lr: float = 2e-4
-    kd_weight: float = 1.0
-    temperature: float = 1.0
-    batch: int = 1
-    warmup_iters: int = 0
+    iters: int = _recipe_field("run.train_iters", default=20)
+    lr: float = _recipe_field("optim.lr", default=2e-4, derived=True)
+    kd_weight: float = _recipe_field("distill.kd_weight", default=1.0)
+    temperature: float = _recipe_field("distill.temperature")
+    batch: int = _recipe_field("data.global_batch_size", default=1, derived=True)
+    warmup_iters: int = _recipe_field("optim.warmup_iters")
+
+    def driver_sections(self) -> dict:
+        """The driver config sections (``maskllm_megatron.train.config``) this refit sets."""
+        sections = _direct_sections(self)
+        sections["optim"].update(lr=self.lr, min_lr=self.lr / 10, weight_decay=0.0)
+        sections["data"] = {"micro_batch_size": 1, "global_batch_size": DP * self.batch}
+        sections["mask"] = {"refit": True}
+        return sections
+
+
+_SOLVER = ReconstructConfig()  # the export's reconstruction defaults, which the demo keeps unless it says
 
 
 @dataclass(frozen=True)
 class Reconstruction:
     """A reconstruction of the learned masks' kept weights (``maskllm-export --reconstruct``) on calibration
-    samples of the run's own training data (the prior's)."""
+    samples of the run's own training data (the prior's); the demo's method and target, the export's
+    defaults otherwise."""
 
     method: str = "block"
     target: str = "dense"
-    samples: int = 128
-    true_sequential: bool = False
-    epochs: int = 2  # method block
-    lr: float = 1e-4  # method block
+    samples: int = ReconstructRequest.samples
+    true_sequential: bool = _SOLVER.true_sequential
+    epochs: int = _SOLVER.epochs  # method block
+    lr: float = _SOLVER.lr  # method block
 
     @property
     def name(self) -> str:
@@ -173,6 +207,7 @@ class Reconstruction:
         return (f"{self.method}-{self.target}{'-ts' if self.true_sequential else ''}{extra}-{self.samples}")
 
     def flags(self) -> list[str]:
+        """The ``maskllm-export`` flags of this reconstruction (every value spelled out: they key its stage)."""
         flags = ["--reconstruct", "--recon-method", self.method, "--recon-target", self.target,
                  "--calib-samples", str(self.samples)]
         if self.true_sequential:
