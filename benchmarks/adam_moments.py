@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from maskllm_megatron.train.config import checkpoint_iteration
+from maskllm_megatron.run_folder import checkpoint_iteration
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,7 @@ import sys
 from maskllm_megatron.cache import cache_dir
 from maskllm_megatron.demo import (Stages, add_recipe_arguments, final_checkpoint, heldout_ppl, learn_stage, learn_wall_s,
                                    probe_stage, recipe_from_args)
-from maskllm_megatron.train.config import checkpoint_iteration
+from maskllm_megatron.run_folder import CHECKPOINTS_DIR, checkpoint_iteration, complete_checkpoints
 
 
 def main(argv=None) -> int:
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     shakespeare = heldout_ppl(["--ckpt", str(final_checkpoint(run))], run / "ppl_shakespeare.log",
                               ("--corpus", "shakespeare-heldout"))
     curve = []
-    for c in sorted((run / "checkpoints").glob("iter_*"))[:-1] if args.checkpoints > 1 else []:
+    for c in list(reversed(complete_checkpoints(run / CHECKPOINTS_DIR)))[:-1] if args.checkpoints > 1 else []:
         it = checkpoint_iteration(c.name)
         curve.append({"iteration": it, "tokens": it * recipe.tokens_per_iteration,
                       "heldout_ppl": heldout_ppl(["--ckpt", str(c)], run / f"ppl_{it}.log")})

@@ -30,7 +30,7 @@ from maskllm_megatron.demo import (Stages, heldout_ppl, add_recipe_arguments, co
                                    final_checkpoint, learn_stage, learn_wall_s, prior_stage, probe_stage,
                                    recipe_from_args)
 from maskllm_megatron.assets import shakespeare_split, wikipedia_split
-from maskllm_megatron.train.config import checkpoint_iteration
+from maskllm_megatron.run_folder import CHECKPOINTS_DIR, checkpoint_iteration, complete_checkpoints
 
 
 def main(argv=None) -> int:
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         table[name] = row
 
     curve = []
-    for c in sorted((run / "checkpoints").glob("iter_*")):
+    for c in reversed(complete_checkpoints(run / CHECKPOINTS_DIR)):
         it = checkpoint_iteration(c.name)
         curve.append({"iteration": it, "tokens": it * tokens_per_iter,
                       "ppl": heldout_ppl(["--ckpt", str(c)], logs / f"curve_{it}.log", texts["wikipedia"])})

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from maskllm_megatron.cache import cache_dir
 from maskllm_megatron.demo import DP, SEQ, Stages, WeightRefit, export_stage, heldout_ppl, refit_stage
+from maskllm_megatron.run_folder import CHECKPOINTS_DIR, checkpoint_iteration, complete_checkpoints
 
 TEXTS = {"wikipedia": ("--corpus", "wikipedia-heldout"), "shakespeare": ("--corpus", "shakespeare-heldout")}
 
@@ -58,8 +59,8 @@ def main(argv=None) -> int:
                         batch=args.batch, warmup_iters=args.warmup)
     run = refit_stage(stages, ckpt, refit, args.checkpoints)
     wall = float((run / "refit_wall_s").read_text())
-    for saved in sorted((run / "checkpoints").glob("iter_*")):
-        iteration = int(saved.name.split("_")[1])
+    for saved in reversed(complete_checkpoints(run / CHECKPOINTS_DIR)):
+        iteration = checkpoint_iteration(saved.name)
         rows.append(score(f"refit, {iteration} iterations", export_stage(stages, saved), iterations=iteration,
                           tokens=iteration * DP * args.batch * SEQ))
     result = {"checkpoint": str(ckpt), "iters": args.iters, "batch": args.batch, "warmup": args.warmup,

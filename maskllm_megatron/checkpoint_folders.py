@@ -1,8 +1,8 @@
 """The folders the tools read and write, in one place: what each kind holds, how it is recognised and
 read without megatron, and how every one is written atomically by all ranks. Pure Python and torch.
 
-Kinds (``is_dist_checkpoint``, ``looks_like_run`` and ``resolve_run_checkpoint`` tell them apart; each tool
-refuses the wrong one in one line naming the fix):
+Kinds (``is_dist_checkpoint``, ``looks_like_run`` and ``run_folder.resolve_run_checkpoint`` tell them apart;
+each tool refuses the wrong one in one line naming the fix):
 
 - **converted** (``maskllm-convert hf-to-mcore``): a megatron-core dist checkpoint (``metadata.json`` +
   torch's ``.metadata``), ``model_config.json`` (``convert.checkpoint.CheckpointInfo``) and ``tokenizer/``.
@@ -10,7 +10,7 @@ refuses the wrong one in one line naming the fix):
   their boolean mask as ``prior_mask`` tensors, plus ``sparsity.json``.
 - **run** (``maskllm-train``): ``OUT/checkpoints/iter_XXXXXXX``, a dist checkpoint (weights, logits,
   optimizer) plus ``extra_state.json`` (iteration, scheduler, history, the run's config); the
-  ``latest`` file beside it names the newest (``resolve_run_checkpoint`` follows it).
+  ``latest`` file beside it names the newest; which one a run means is ``run_folder``'s to say.
 - **hf** (``maskllm-convert mcore-to-hf``, ``maskllm-export --format hf / compressed-tensors``):
   ``config.json`` + safetensors; a **mask file** is one safetensors file with a ``MASK_FILE_FORMAT`` header.
 
@@ -67,7 +67,7 @@ TOKENIZER_DIR = "tokenizer"
 SPARSITY_FILE = "sparsity.json"  # an exported mcore folder's structure record
 EXTRA_FILE = "extra_state.json"  # a run checkpoint's plain values
 LEGACY_EXTRA_FILE = "extra_state.pt"  # written before the JSON file; read without unpickling code
-LATEST_FILE = "latest"  # beside a run's iter_* folders: the newest one's name
+LATEST_FILE = "latest"  # beside a run's iter_* folders: the newest one's name (run_folder writes it)
 MEGATRON_METADATA = "metadata.json"  # megatron's index of a dist checkpoint
 DIST_FILES = (MEGATRON_METADATA, ".metadata")  # megatron's and torch's indexes of a dist checkpoint
 OUTPUT_MARKER = ".maskllm-output.json"  # in every folder a tool writes: what --overwrite may replace
@@ -188,29 +188,6 @@ def looks_like_run(folder: str | Path) -> bool:
     take a model refuse it and name ``maskllm-export``."""
     folder = Path(folder)
     return extra_path(folder) is not None or (folder / LATEST_FILE).is_file()
-
-
-def resolve_run_checkpoint(path: str | Path) -> Path:
-    """``path`` itself when it is a run checkpoint, else the one its (or its ``checkpoints/``) ``latest`` names."""
-    path = Path(path).absolute()
-    if not path.exists():
-        raise RunCheckpointError(f"{path} does not exist: pass OUT/checkpoints/iter_XXXXXXX of a maskllm-train run")
-    for root in (path, path / "checkpoints"):
-        if (root / MEGATRON_METADATA).is_file() and extra_path(root) is not None:
-            return root
-        if (root / LATEST_FILE).is_file():
-            return resolve_run_checkpoint(root / (root / LATEST_FILE).read_text().strip())
-    raise RunCheckpointError(f"{path} is not a mask-learning checkpoint (no metadata.json + extra state, no "
-                             f"'latest' pointer): pass OUT/checkpoints/iter_XXXXXXX of a maskllm-train run")
-
-
-def is_run_checkpoint(path: str | Path) -> bool:
-    """True for a run checkpoint (or a folder whose ``latest`` pointer leads to one)."""
-    try:
-        resolve_run_checkpoint(path)
-    except RunCheckpointError:
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------------- writing atomically
@@ -546,26 +523,24 @@ def digest_problem(folder: str | Path, rank: int = 0, world: int = 1) -> Optiona
     return None
 
 
-def verify_checkpoint(folder: str | Path) -> None:
-    """Every file of the checkpoint ``folder`` against its digests, once per process (export and eval open a
-    checkpoint several times); ``CheckpointMismatch`` naming the first damaged file."""
+def whole_digest_problem(folder: str | Path) -> Optional[str]:
+    """``digest_problem`` of every file of the checkpoint ``folder``, once per process: a checkpoint that
+    verified is remembered (export and eval open a checkpoint several times)."""
     key = str(Path(folder).absolute())
     if key in _VERIFIED:
-        return
+        return None
     problem = digest_problem(folder)
+    if problem is None:
+        _VERIFIED.add(key)
+    return problem
+
+
+def verify_checkpoint(folder: str | Path) -> None:
+    """Every file of the checkpoint ``folder`` against its digests (``whole_digest_problem``);
+    ``CheckpointMismatch`` naming the first damaged file."""
+    problem = whole_digest_problem(folder)
     if problem:
         raise CheckpointMismatch(f"{problem}; resume or export from another checkpoint")
-    _VERIFIED.add(key)
-
-
-def complete_checkpoints(root: str | Path) -> list[Path]:
-    """The complete (``is_complete``) ``iter_*`` checkpoints of a run's ``checkpoints/`` folder, newest first."""
-    found = []
-    for p in Path(root).glob("iter_*"):
-        m = re.fullmatch(r"iter_(\d+)", p.name)
-        if m and p.is_dir():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found, reverse=True) if is_complete(p)]
 
 
 # ----------------------------------------------------------------------------- disk full, said plainly

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from maskllm_megatron.demo import SEQ, LearnRecipe, Stages, stage_key as _key
+from tests.test_checkpoint_folders import complete_run_checkpoint
 
 
 def test_stage_runs_once_and_is_reused(tmp_path):
@@ -63,8 +64,7 @@ def test_resumable_stage_keeps_its_interrupted_work(tmp_path):
     with pytest.raises(SystemExit) as e:
         stages.run(5, "maskllm", "k", train, resumable=True)
     assert "this one saved no checkpoint yet, so it starts again" in str(e.value)
-    (tmp_path / "maskllm-k.partial" / "checkpoints").mkdir()
-    (tmp_path / "maskllm-k.partial" / "checkpoints" / "latest").write_text("iter_0000001")
+    complete_run_checkpoint(tmp_path / "maskllm-k.partial" / "checkpoints" / "iter_0000001", 1)
     with pytest.raises(SystemExit) as e:
         stages.run(5, "maskllm", "k", lambda w: 1 / 0, resumable=True)
     assert "this one resumes from its checkpoint iter_0000001" in str(e.value)
@@ -78,12 +78,12 @@ def test_resumable_stage_keeps_its_interrupted_work(tmp_path):
 
 
 SAVING_RANK = """
-import os, signal, sys, time
+import os, shutil, signal, sys, time
 from pathlib import Path
 out = Path(sys.argv[1])
 def save(signum, frame):  # as the driver does on SIGTERM: finish, save, exit cleanly; slower than 30 s
     time.sleep(float(sys.argv[2]))
-    (out / "checkpoints").mkdir(exist_ok=True)
+    shutil.copytree(sys.argv[3], out / "checkpoints" / "iter_0000003")  # a complete checkpoint
     (out / "checkpoints" / "latest").write_text("iter_0000003")
     (out / "signals").write_text(f"{signal.Signals(signum).name} after {sys.argv[2]} s")
     print("[maskllm] SIGTERM: saved at iteration 3; exiting", flush=True)
@@ -108,6 +108,7 @@ def test_ctrl_c_stops_a_torchrun_stage_after_its_save_and_says_how_to_resume(tmp
 
     script = tmp_path / "rank.py"
     script.write_text(SAVING_RANK)
+    saved = complete_run_checkpoint(tmp_path / "saved", 3)
     stages = Stages(tmp_path)
     work = tmp_path / "maskllm-k.partial"
 
@@ -120,7 +121,8 @@ def test_ctrl_c_stops_a_torchrun_stage_after_its_save_and_says_how_to_resume(tmp
     threading.Thread(target=interrupt_when_ready, daemon=True).start()
     t0 = time.time()
     with pytest.raises(SystemExit) as e:
-        stages.run(5, "maskllm", "k", lambda w: demo.run_logged([str(script), str(w), "32"], w / "log", nproc=1),
+        stages.run(5, "maskllm", "k", lambda w: demo.run_logged([str(script), str(w), "32", str(saved)], w / "log",
+                                                                nproc=1),
                    resumable=True)
     assert "stage 5 (maskllm) interrupted" in str(e.value)
     assert "resumes from its checkpoint iter_0000003" in str(e.value)
@@ -137,8 +139,9 @@ def test_learn_stage_is_finished_only_at_its_last_iteration(tmp_path, monkeypatc
 
     def fake_run(cmd, log, nproc=0, append=False):  # the driver: saves a checkpoint and exits 0
         out = log.parent / "checkpoints"
-        out.mkdir(exist_ok=True)
-        (out / "latest").write_text(f"iter_{next(reached):07d}")
+        iteration = next(reached)
+        complete_run_checkpoint(out / f"iter_{iteration:07d}", iteration)
+        (out / "latest").write_text(f"iter_{iteration:07d}")
         return ""
 
     monkeypatch.setattr(demo.pipeline, "run_logged", fake_run)

@@ -11,11 +11,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "maskllm_megatron"
 LAYERS = (
     ("cache",),  # the cache folder and content digests
     ("checkpoint_folders", "launch", "assets"),  # folder kinds, read and written atomically; CLI launch; downloads
+    ("run_folder",),  # a run's checkpoints: naming, which one a run means, latest, rotation
     ("masks",),  # pure torch: patterns, sampling, kernels, schedules
     ("prune", "inference"),  # pure torch: one-shot methods and reconstruction; compressed N:M linears (+ C++)
     ("megatron",),  # the glue: masked layers, sparsify, priors, process groups, checkpoints
     ("convert", "data"),  # HF <-> megatron-core; tokenizers and indexed datasets
-    ("train",),  # the driver and the run checkpoint it writes
+    ("train",),  # the driver and its config
+    ("run_checkpoint",),  # a run checkpoint as export and eval read it (with train.config's schema)
     ("export", "eval"),  # the tools that read run checkpoints
     ("demo",),
 )

@@ -434,21 +434,6 @@ def test_tokens_per_second_counts_only_the_steps_not_evaluation_or_saving():
     assert speed.report(1024) == pytest.approx(512.0)  # a new interval: only the 2 s since the report
 
 
-def test_checkpoint_rotation_keeps_scheduled_checkpoints_through_a_preemption():
-    from maskllm_megatron.train.trainer import stale_checkpoints
-
-    # every 80 iterations, keep 3: plain rotation
-    assert stale_checkpoints([80, 160, 240, 320], 80, 3) == [80]
-    # a SIGTERM save at 203 stays only while it is the newest, and never costs a scheduled checkpoint
-    assert stale_checkpoints([80, 160, 203], 80, 3) == []
-    assert stale_checkpoints([80, 160, 203, 240], 80, 3) == [203]
-    # a run's final save (483) is kept on top of the keep_last scheduled ones
-    assert stale_checkpoints([160, 240, 320, 400, 480, 483], 80, 3) == [160, 240]
-    # no schedule: the keep_last newest
-    assert stale_checkpoints([3, 7, 9], 0, 2) == [3]
-    assert stale_checkpoints([], 80, 3) == []
-
-
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny):
     # A learning rate that overflows the logits at the first update: iteration 1 is fine and saved,
     # iteration 2 produces a NaN loss.

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..cache import file_digest
-from ..train.config import checkpoint_name
+from ..run_folder import CHECKPOINTS_DIR, checkpoint_name, resolve_run_checkpoint, saved_checkpoints, tell
 from .recipe import DP, SEQ, LearnRecipe, Reconstruction, WeightRefit, train_config, write_yaml
 from .stages import Stages, run_logged, stage_key
 
@@ -70,7 +70,7 @@ def prior_stage(stages: Stages, ckpt: Path, prefix: Path, method: str, update_we
              w / "prior.log", nproc=1)
 
     run = stages.run(4, name, stage_key(str(ckpt), str(prefix), method, update_weights, calib_samples), prior)
-    return run / "checkpoints" / checkpoint_name(0)
+    return run / CHECKPOINTS_DIR / checkpoint_name(0)
 
 
 def _learn_config(w: Path, ckpt: Path, prefix: Path, prior_ckpt: Path, iters: int, recipe: LearnRecipe,
@@ -174,7 +174,7 @@ def learn_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, iter
     def learn(w: Path):
         config = _learn_config(w, ckpt, prefix, prior_ckpt, iters, recipe, checkpoints, evals)
         wall, t0 = w / "learn_wall_s", time.time()  # summed over the attempts a resumed run is made of
-        if not (w / "checkpoints" / "latest").exists():
+        if not saved_checkpoints(w / CHECKPOINTS_DIR):
             wall.unlink(missing_ok=True)  # nothing to resume: this attempt starts the run again
         try:
             run_logged(["-m", "maskllm_megatron.train", "--config", str(config)], w / "train.log", nproc=DP,
@@ -225,7 +225,9 @@ def learn_wall_s(run: Path) -> float:
 
 
 def final_checkpoint(run: Path) -> Path:
-    return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    """The checkpoint a finished run means (``run_folder``'s policy: the one the driver would resume from),
+    as a path under ``run`` (the form the stages' cache keys hold)."""
+    return run / CHECKPOINTS_DIR / resolve_run_checkpoint(run, say=tell).name
 
 
 def copy_run_records(run: Path, out: Path, curves: str = "training_curves.png",

@@ -13,7 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+from ..checkpoint_folders import RunCheckpointError
 from ..launch import die_with_parent, torchrun_command, usable_cpus
+from ..run_folder import checkpoints_folder, newest_complete
 
 
 def stage_key(*parts) -> str:
@@ -91,9 +93,12 @@ def _resume_hint(work: Path, resumable: bool) -> str:
     """What the next run of the same command does with this stage's work folder."""
     if not resumable:
         return "finished stages are reused and this one starts again"
-    latest = work / "checkpoints" / "latest"
-    if latest.is_file():
-        return f"finished stages are reused and this one resumes from its checkpoint {latest.read_text().strip()}"
+    try:
+        resume = newest_complete(checkpoints_folder(work), verify=False)
+    except RunCheckpointError as e:
+        return f"finished stages are reused, but this one cannot resume: {e}"
+    if resume is not None:
+        return f"finished stages are reused and this one resumes from its checkpoint {resume.name}"
     return "finished stages are reused; this one saved no checkpoint yet, so it starts again"
 
 

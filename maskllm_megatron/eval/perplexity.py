@@ -247,9 +247,9 @@ def hf_perplexity(folder: str | Path, req: EvalRequest) -> PerplexityResult:
 
 def checkpoint_model_config(path: str | Path):
     """The architecture (``ModelConfig``) of a converted, exported or run checkpoint, without its weights."""
-    from maskllm_megatron.checkpoint_folders import is_run_checkpoint
     from maskllm_megatron.convert.checkpoint import CheckpointInfo
-    from maskllm_megatron.train.run_checkpoint import RunCheckpoint
+    from maskllm_megatron.run_folder import is_run_checkpoint
+    from maskllm_megatron.run_checkpoint import RunCheckpoint
 
     return RunCheckpoint.open(path).info.model if is_run_checkpoint(path) else CheckpointInfo.load(path).model
 
@@ -257,9 +257,10 @@ def checkpoint_model_config(path: str | Path):
 def load_mcore_for_eval(path: str | Path, use_prior: bool = False):
     """(model with gathered logits, ModelConfig, tokenizer folder) of a converted, exported or run
     checkpoint at the initialised layout; a run checkpoint forwards with its hard (or prior) masks."""
-    from maskllm_megatron.checkpoint_folders import TOKENIZER_DIR, is_run_checkpoint
+    from maskllm_megatron.checkpoint_folders import TOKENIZER_DIR
     from maskllm_megatron.convert.checkpoint import load_mcore_model
-    from maskllm_megatron.train.run_checkpoint import RunCheckpoint, load_masked_model
+    from maskllm_megatron.run_folder import is_run_checkpoint
+    from maskllm_megatron.run_checkpoint import RunCheckpoint, load_masked_model
 
     if is_run_checkpoint(path):
         run = RunCheckpoint.open(path)
@@ -332,10 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    from maskllm_megatron.checkpoint_folders import is_run_checkpoint
     from maskllm_megatron.launch import exit_cleanly_on_sigterm, relaunch, under_torchrun
     from maskllm_megatron.megatron.parallel import ProcessGroupScope
-    from maskllm_megatron.train.run_checkpoint import RunCheckpoint
+    from maskllm_megatron.run_folder import is_run_checkpoint
+    from maskllm_megatron.run_checkpoint import RunCheckpoint
 
     errors = (ValueError, OSError)  # bad input: every error class for it derives from ValueError
     groups = ProcessGroupScope()

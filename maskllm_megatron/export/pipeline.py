@@ -39,7 +39,7 @@ from maskllm_megatron.export.trim import (MaskedTensor, hf_masks, hf_rules, mask
                                           verify_mcore, weights_record)
 from maskllm_megatron.masks.patterns import NMSpec
 from maskllm_megatron.megatron.parallel import init_parallel
-from maskllm_megatron.train.run_checkpoint import RunCheckpoint, load_masked_model
+from maskllm_megatron.run_checkpoint import RunCheckpoint, load_masked_model
 
 if TYPE_CHECKING:
     from maskllm_megatron.export.reconstruct import ReconstructRequest

@@ -22,7 +22,7 @@ from maskllm_megatron.convert.checkpoint import CheckpointInfo, global_param_nam
 from maskllm_megatron.convert.io import copy_tokenizer
 from maskllm_megatron.convert.mapping import ARCHITECTURES
 from maskllm_megatron.export.formats import apply_mask_hf, hf_weight_is_transposed
-from maskllm_megatron.train.run_checkpoint import RunCheckpoint, build_sparsified
+from maskllm_megatron.run_checkpoint import RunCheckpoint, build_sparsified
 
 SPARSITY_FORMAT = "maskllm-megatron/sparsity-v1"
 

@@ -19,12 +19,13 @@ from typing import Callable, Iterator
 import torch
 
 from maskllm_megatron.checkpoint_folders import (DIGEST_ALGORITHM, SPARSITY_FILE, digest_problem, is_dist_checkpoint,
-                                                is_run_checkpoint, read_digests, read_metadata, resolve_run_checkpoint)
+                                                read_digests, read_metadata)
 from maskllm_megatron.convert.io import ConversionError, HFCheckpoint, read_json
 from maskllm_megatron.export.formats import (
     SPARSE_24_FORMAT, FormatError, decompress_24_bitmask, first_true, hf_weight_is_transposed,
     is_published_mask_file, iter_mask_file, iter_published_masks, module_name, read_mask_file_header)
 from maskllm_megatron.masks.patterns import NMSpec, patterns_to_mask
+from maskllm_megatron.run_folder import is_run_checkpoint, resolve_run_checkpoint, tell
 
 #: Linear weights of transformer blocks (LLaMA/Mistral/Qwen-style and GPT-2 names).
 DEFAULT_TARGETS = (r"(^|\.)(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj|gate_up_proj"
@@ -281,10 +282,11 @@ def verify_path(path: str | Path, spec: NMSpec | None = None, targets: str | Non
 
 
 def verify_run_checkpoint(path: str | Path) -> int:
-    """A run checkpoint (or a run folder, whose ``latest`` is followed): every file against the digests its
-    rank recorded when it saved. Prints the result; 0 when all match, 1 on a damaged file. Its masks are
-    not N:M yet (logits): those are checked on an export."""
-    ckpt = resolve_run_checkpoint(path)
+    """A run checkpoint (or a run folder: the checkpoint ``run_folder`` says it means, before its digests
+    are read, so that a damaged newest one is reported, not passed over): every file against the digests
+    its rank recorded when it saved. Prints the result; 0 when all match, 1 on a damaged file. Its masks
+    are not N:M yet (logits): those are checked on an export."""
+    ckpt = resolve_run_checkpoint(path, verify=False, say=tell)
     files = read_digests(ckpt)
     if files is None:
         raise FormatError(f"{ckpt} has no digests (saved before maskllm-train recorded them): nothing to check; "

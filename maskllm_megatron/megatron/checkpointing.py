@@ -34,9 +34,9 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
                       "distrib_optim_fully_reshardable_mem_efficient": True}
 
 
-from ..checkpoint_folders import (CheckpointMismatch, DiskFull, barrier, check_metadata, complete_checkpoints, free_bytes,
-                                  is_rank0, publish, read_extra, room_message, staging, tree_bytes, write_digests,
-                                  write_extra)
+from ..checkpoint_folders import (CheckpointMismatch, DiskFull, barrier, check_metadata, free_bytes, is_rank0, publish,
+                                  read_extra, room_message, staging, tree_bytes, write_digests, write_extra)
+from ..run_folder import complete_checkpoints
 
 
 def load_tensors_metadata(ckpt_dir: str | Path) -> dict:

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
 
     from ..megatron.parallel import ProcessGroupScope, collective_failure
 
-    from .run_folder import hold
+    from .rank_guards import hold
 
     groups = ProcessGroupScope()
     try:

@@ -11,8 +11,6 @@ consumed samples, so model + optimizer + scheduler + iteration + consumed sample
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field, replace
@@ -22,10 +20,11 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint_folders import DIST_FILES, LATEST_FILE, MODEL_CONFIG_FILE, is_complete, read_extra
+from ..checkpoint_folders import DIST_FILES, MODEL_CONFIG_FILE, read_extra
 from ..megatron.parallel import all_reduce_floats, init_parallel, init_process_group
-from .config import ConfigError, TrainConfig, checkpoint_iteration, checkpoint_name
-from .run_folder import verified_resume
+from ..run_folder import checkpoint_name, checkpoints_folder, newest_complete, rotate, write_latest
+from .config import ConfigError, TrainConfig
+from .rank_guards import resume_checkpoint
 from .metrics import MaskWatcher, MetricsLogger, StepThroughput, host_rss_bytes, peak_memory_bytes
 
 
@@ -190,34 +189,6 @@ def build_optimizer(cfg: TrainConfig, model):
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
-def checkpoint_root(cfg: TrainConfig) -> Path:
-    return Path(cfg.run.out_dir).absolute() / "checkpoints"
-
-
-def latest_checkpoint(cfg: TrainConfig, announce: bool = False) -> Optional[Path]:
-    """The newest complete checkpoint of the run (``checkpointing.is_complete``), whatever the ``latest``
-    pointer says: a pointer emptied, dangling or naming an older folder is not trusted (with ``announce``
-    the driver says that it resumes elsewhere). None when the run has no checkpoint; ``ConfigError``,
-    naming the folder, when it has checkpoint folders but none is complete (a fresh start there would
-    rotate them away)."""
-    root = checkpoint_root(cfg)
-    found = sorted(((checkpoint_iteration(p.name), p) for p in root.glob("iter_*") if p.is_dir()
-                    and checkpoint_iteration(p.name) is not None), reverse=True)
-    if not found:
-        return None
-    newest = next((p for _, p in found if is_complete(p)), None)
-    if newest is None:
-        raise ConfigError(f"{root} holds {', '.join(p.name for _, p in found)} but none is a complete checkpoint: "
-                          "restore one, or move the folder away to start the run afresh")
-    pointer = root / LATEST_FILE
-    named = pointer.read_text().strip() if pointer.is_file() else ""
-    if announce and named != newest.name:
-        why = "is empty" if pointer.is_file() and not named else "is missing" if not pointer.is_file() else \
-            f"names {named!r}, which is not the newest complete checkpoint"
-        print(f"[maskllm] {pointer} {why}: resuming from {newest.name}", flush=True)
-    return newest
-
-
 def input_fingerprints(cfg: TrainConfig) -> dict:
     """What the run reads, as content keys: the base checkpoint's metadata files and its data files' sizes,
     and each dataset prefix's ``.idx`` digest and ``.bin`` size. A resume compares them with the
@@ -252,29 +223,6 @@ def inputs_conflict(saved: Optional[dict], now: dict, cfg: TrainConfig) -> Optio
             "go on anyway")
 
 
-def agree_on_resume(resume: Optional[Path]) -> None:
-    """Every rank must resume the same iteration (a rank on another filesystem view would not)."""
-    it = checkpoint_iteration(resume.name) if resume is not None else -1
-    low = all_reduce_floats([it], op=torch.distributed.ReduceOp.MIN)[0]
-    high = all_reduce_floats([it], op=torch.distributed.ReduceOp.MAX)[0]
-    if low != high:
-        raise ConfigError(f"the ranks found different checkpoints to resume (iterations {int(low)} to {int(high)}; "
-                          f"-1: none): run.out_dir must be one folder that every rank sees the same")
-
-
-def stale_checkpoints(iterations: list[int], save_interval: int, keep_last: int) -> list[int]:
-    """The checkpoints (by iteration) to delete after a save. The ``keep_last`` newest scheduled ones
-    (multiples of ``save_interval``; all of them when it is 0) stay, and the newest checkpoint always
-    does; an off-schedule one (a SIGTERM save, a run's final save) is dropped once a newer one exists,
-    so a preemption never rotates out a scheduled checkpoint."""
-    if not iterations:
-        return []
-    newest = max(iterations)
-    scheduled = sorted(i for i in iterations if not save_interval or i % save_interval == 0)
-    stale = [i for i in iterations if i not in scheduled] + scheduled[: max(0, len(scheduled) - keep_last)]
-    return sorted(i for i in stale if i != newest)
-
-
 def save(cfg: TrainConfig, state: "LoopState", model, optimizer, scheduler, is_rank0: bool) -> Path:
     """Save the iteration's checkpoint, move ``latest`` to it and rotate. Rotation only ever deletes
     checkpoints of this run's own line: those this process wrote, and those of the run it resumed, up to
@@ -282,22 +230,16 @@ def save(cfg: TrainConfig, state: "LoopState", model, optimizer, scheduler, is_r
     from ..megatron.checkpointing import save_checkpoint
 
     _check_finite_logits(model, state.iteration)
-    root = checkpoint_root(cfg)
-    name = checkpoint_name(state.iteration)
+    root = checkpoints_folder(cfg.run.out_dir)
     extra = {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
              "scheduler": scheduler.state_dict(), "history": state.history, "config": cfg.to_dict(),
              "inputs": state.inputs}
-    path = save_checkpoint(model, root / name, optimizer, extra=extra)  # optimizer None: model + extra only
+    # optimizer None: model + extra only
+    path = save_checkpoint(model, root / checkpoint_name(state.iteration), optimizer, extra=extra)
     state.written.append(state.iteration)
     if is_rank0:
-        tmp = root / "latest.tmp"
-        tmp.write_text(name)
-        os.replace(tmp, root / LATEST_FILE)  # the pointer moves only after the checkpoint is complete
-        done = {checkpoint_iteration(p.name): p for p in root.glob("iter_*") if p.is_dir()}
-        done.pop(None, None)  # folders still being written
-        ours = {it: p for it, p in done.items() if it in state.written or it <= state.resumed_from}
-        for it in stale_checkpoints(list(ours), cfg.run.save_interval, cfg.run.keep_last):
-            shutil.rmtree(ours[it], ignore_errors=True)
+        write_latest(root, state.iteration)  # the pointer moves only after the checkpoint is complete
+        rotate(root, state.written, state.resumed_from, cfg.run.save_interval, cfg.run.keep_last)
     torch.distributed.barrier()
     return path
 
@@ -462,9 +404,7 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
 
     env = setup_parallel(cfg)
     is_rank0 = env["rank"] == 0
-    resume = latest_checkpoint(cfg, announce=is_rank0)
-    agree_on_resume(resume)
-    resume = verified_resume(resume)  # its files match their digests, or an older one's do
+    resume = resume_checkpoint(cfg.run.out_dir)  # run_folder's policy: newest complete, digests verified
     saved = read_extra(resume) if resume is not None else None
     if saved is not None:  # before building anything: a resume that would mix two runs is refused
         conflict = cfg.resume_conflict(saved.get("config", {}), saved["iteration"])
@@ -618,7 +558,7 @@ def _log_start(cfg: TrainConfig, ddp, data, logger, prior_report: dict) -> None:
 
 def _stop(cfg: TrainConfig, what: str, value: float, iteration: int) -> None:
     """Stop a run whose step went non-finite, before it saves, naming the checkpoint to go back to."""
-    kept = latest_checkpoint(cfg)
+    kept = newest_complete(checkpoints_folder(cfg.run.out_dir), verify=False)
     raise TrainingStopped(f"{what} is {value} at iteration {iteration}: stopped without saving; the last good "
                           f"checkpoint is {kept or 'none'}; lower optim.lr or check the data")
 

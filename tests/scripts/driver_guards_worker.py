@@ -13,6 +13,7 @@ import torch
 
 
 def finite(config: str, fault: str) -> dict:
+    from maskllm_megatron.run_folder import checkpoints_folder, newest_complete
     from maskllm_megatron.train import trainer
     from maskllm_megatron.train.config import TrainConfig
 
@@ -52,7 +53,7 @@ def finite(config: str, fault: str) -> dict:
     # the newest checkpoint kept, read back tensor by tensor
     from megatron.core import dist_checkpointing
 
-    kept = trainer.latest_checkpoint(cfg)
+    kept = newest_complete(checkpoints_folder(cfg.run.out_dir))
     tensors = dist_checkpointing.load_plain_tensors(str(kept))
     floats = [t for t in tensors.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
     return {"stopped": stopped, "kept": kept.name, "tensors": len(floats),
@@ -62,7 +63,7 @@ def finite(config: str, fault: str) -> dict:
 def agree() -> dict:
     from maskllm_megatron.megatron.parallel import init_process_group
     from maskllm_megatron.train.config import ConfigError
-    from maskllm_megatron.train.trainer import agree_on_resume
+    from maskllm_megatron.train.rank_guards import agree_on_resume
 
     init_process_group()
     rank = torch.distributed.get_rank()

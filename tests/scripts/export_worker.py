@@ -138,7 +138,7 @@ def tp1(work: Path) -> dict:
     diff = float((logits_of(exported) - ref["ref"]).abs().max())
     # loaded into a sparsified model, the export's masks come back as prior masks
     from maskllm_megatron.convert.checkpoint import CheckpointInfo
-    from maskllm_megatron.train.run_checkpoint import RunCheckpoint, load_masked_model
+    from maskllm_megatron.run_checkpoint import RunCheckpoint, load_masked_model
 
     run = RunCheckpoint.open(work / "run")
     learned = load_masked_model(run, parallel_output=False)

@@ -248,7 +248,7 @@ def export_and_check(run_ckpt: Path, out: Path, other: list) -> dict:
 
     from maskllm_megatron.megatron.parallel import init_parallel
     from maskllm_megatron.export.pipeline import ExportConfig, export
-    from maskllm_megatron.train.run_checkpoint import RunCheckpoint, load_masked_model
+    from maskllm_megatron.run_checkpoint import RunCheckpoint, load_masked_model
     from maskllm_megatron.megatron.sparsify import masked_layers
 
     result = export(ExportConfig(run_ckpt, out, "hf"))

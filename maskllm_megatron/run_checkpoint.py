@@ -1,6 +1,8 @@
-"""A run checkpoint (the folder kind ``maskllm-train`` writes; ``checkpoint_folders`` finds and checks it)
-read as the tools that turn a run into a model need it: ``maskllm-export`` and ``maskllm-eval``. Its
-extra state holds the run's config, which names the converted checkpoint the run started from.
+"""A run checkpoint (the folder kind ``maskllm-train`` writes; ``run_folder`` says which one a run means,
+``checkpoint_folders`` checks it) read as the tools that turn a run into a model need it:
+``maskllm-export`` and ``maskllm-eval``. Its extra state holds the run's config (read with the driver's
+schema, ``train.config``; nothing else of the driver), which names the converted checkpoint the run
+started from.
 """
 from __future__ import annotations
 
@@ -8,11 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from maskllm_megatron.checkpoint_folders import (MODEL_CONFIG_FILE, RunCheckpointError, read_extra,
-                                                resolve_run_checkpoint, verify_checkpoint)
+from maskllm_megatron.checkpoint_folders import MODEL_CONFIG_FILE, RunCheckpointError, read_extra, verify_checkpoint
 from maskllm_megatron.convert.checkpoint import CheckpointInfo
 from maskllm_megatron.convert.mapping import model_type_of
 from maskllm_megatron.masks.patterns import NMSpec
+from maskllm_megatron.run_folder import resolve_run_checkpoint, tell
+from maskllm_megatron.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -28,18 +31,17 @@ class RunCheckpoint:
     iteration: Optional[int] = None
     config: dict = field(default_factory=dict)  # the run's TrainConfig, as saved
 
-    def train_config(self):
+    def train_config(self) -> TrainConfig:
         """The run's configuration as the driver's ``TrainConfig``."""
-        from .config import TrainConfig
-
         return TrainConfig.from_dict(self.config)
 
     @classmethod
     def open(cls, path: str | Path, base: str | Path | None = None) -> "RunCheckpoint":
-        """Read ``path`` (an ``iter_*`` folder, or a run's ``checkpoints/`` folder or run folder, whose
-        ``latest`` pointer is followed), after checking its files against their digests (a damaged one is a
-        ``CheckpointMismatch`` naming it). ``base`` overrides the converted checkpoint's location."""
-        path = resolve_run_checkpoint(path)
+        """Read ``path`` (an ``iter_*`` folder, or a run's ``checkpoints/`` folder or run folder: the
+        checkpoint the trainer would resume from, ``run_folder.resolve_run_checkpoint``), after checking its
+        files against their digests (a damaged one is a ``CheckpointMismatch`` naming it). ``base``
+        overrides the converted checkpoint's location."""
+        path = resolve_run_checkpoint(path, say=tell)
         verify_checkpoint(path)  # every file against the digests its rank recorded (once per process)
         extra = read_extra(path)
         config = extra.get("config") if extra else None
