@@ -84,27 +84,26 @@ def one_configuration(args, distributed_optimizer: bool, dtype: str) -> dict:
     """Build the sparsified model + optimizer, take one step, measure this rank."""
     from megatron.core import parallel_state
 
-    from maskllm_megatron.megatron.sparsify import masked_layers
     from maskllm_megatron.train.trainer import build_model, build_optimizer, run_batches
 
     cfg = run_config(args.ckpt, 1, args.seq, parallel_state.get_data_parallel_world_size(),
                      distributed_optimizer, dtype)
-    model, _ = build_model(cfg)
-    ddp, optimizer, _ = build_optimizer(cfg, model)
-    masked = sum(layer.weight.numel() for layer in masked_layers(model))
+    model, _, masks = build_model(cfg)
+    ddp, optimizer, _ = build_optimizer(cfg, model, masks)
+    masked = sum(layer.weight.numel() for layer in masks.layers)
     batch = text_batch(args.ckpt, 1, args.seq, parallel_state.get_data_parallel_rank())
-    mcfg = cfg.mask_config()
     ddp.train()
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
     run_batches(cfg, ddp, [batch], 1, forward_only=False,
-                step_of_microbatch=lambda mb: mcfg.step_state(0, parallel_state.get_data_parallel_rank()))
+                sample_masks=lambda mb: masks.step(0, parallel_state.get_data_parallel_rank()))
     optimizer.step()
     local = measure_state(ddp, optimizer)
     local["masked_weights"] = masked
     ranks = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(ranks, local)
     del ddp, optimizer, model
+    masks = None  # the controller holds the model too
     return summarize(ranks)
 
 
@@ -236,14 +235,13 @@ def moe_configuration(ckpt: Path, seq: int, ep: int, distributed_optimizer: bool
     from megatron.core import parallel_state
 
     from maskllm_megatron.megatron.model_builder import is_expert_name
-    from maskllm_megatron.megatron.sparsify import masked_layers
     from maskllm_megatron.train.trainer import build_model, build_optimizer, run_batches
 
     world = torch.distributed.get_world_size()
     cfg = moe_config(ckpt, seq, world, ep, distributed_optimizer, dtype)
-    model, _ = build_model(cfg)
-    ddp, optimizer, _ = build_optimizer(cfg, model)
-    layers = list(masked_layers(model))
+    model, _, masks = build_model(cfg)
+    ddp, optimizer, _ = build_optimizer(cfg, model, masks)
+    layers = masks.layers
     expert_w = sum(layer.weight.numel() for layer in layers if is_expert_name(layer.mask_layer_id))
     dense_w = sum(layer.weight.numel() for layer in layers if not is_expert_name(layer.mask_layer_id))
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -251,11 +249,10 @@ def moe_configuration(ckpt: Path, seq: int, ep: int, distributed_optimizer: bool
     ids = torch.randint(0, 1000, (1, seq + 1), generator=g)
     batch = {"tokens": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": torch.ones(1, seq),
              "position_ids": torch.arange(seq).unsqueeze(0), "attention_mask": None}
-    mcfg = cfg.mask_config()
     ddp.train()
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
-    run_batches(cfg, ddp, [batch], 1, forward_only=False, step_of_microbatch=lambda mb: mcfg.step_state(0, dp_rank))
+    run_batches(cfg, ddp, [batch], 1, forward_only=False, sample_masks=lambda mb: masks.step(0, dp_rank))
     optimizer.step()
     subs = _sub_optimizers(optimizer)
     expert_opt = [o for o in subs if any(grp.get("is_expert_parallel") for grp in o.optimizer.param_groups)]
@@ -289,7 +286,8 @@ def moe_configuration(ckpt: Path, seq: int, ep: int, distributed_optimizer: bool
              "optimizers": [("expert" if o in expert_opt else "dense") + ":" + type(o).__name__ for o in subs]}
     ranks = [None] * world
     torch.distributed.all_gather_object(ranks, local)
-    del ddp, optimizer, model
+    del ddp, optimizer, model, layers
+    masks = None  # the controller holds the model too
     cats = ("params", "grads", "optimizer", "main")
     res = {"ep": ep, "world": world, "expert_dp": world // ep, "dense_dp": world, "optimizers": ranks[0]["optimizers"]}
     for kind in ("expert", "dense"):

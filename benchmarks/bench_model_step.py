@@ -123,12 +123,11 @@ def hf_dense_step(cfg, batch):
     return step
 
 
-def make_step(cfg, ddp, optimizer, scheduler, batch, dp_rank: int, masked: bool, teacher=None):
-    """A closure running one full training iteration, as the driver's loop does (with a ``teacher``: the
-    driver's distillation)."""
+def make_step(cfg, ddp, optimizer, scheduler, batch, dp_rank: int, masks=None, teacher=None):
+    """A closure running one full training iteration, as the driver's loop does: the masked model's with its
+    ``MaskController`` ``masks`` (None: the dense model's); with a ``teacher``: the driver's distillation."""
     from maskllm_megatron.train.trainer import run_batches
 
-    mcfg = cfg.mask_config()
     state = {"it": 100}
 
     def step() -> float:
@@ -137,8 +136,8 @@ def make_step(cfg, ddp, optimizer, scheduler, batch, dp_rank: int, masked: bool,
         state["it"] += 1
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        of_mb = (lambda mb: mcfg.step_state(it, dp_rank, 1.0)) if masked else None
-        run_batches(cfg, ddp, [batch], 1, forward_only=False, step_of_microbatch=of_mb, teacher=teacher)
+        sample = (lambda mb: masks.step(it, dp_rank, 1.0)) if masks is not None else None
+        run_batches(cfg, ddp, [batch], 1, forward_only=False, sample_masks=sample, teacher=teacher)
         t0 = time.perf_counter()
         optimizer.step()
         scheduler.step(increment=1)
@@ -215,7 +214,6 @@ def main(argv=None):
 
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
-    from maskllm_megatron.megatron.sparsify import masked_layers, set_fused_mask_kernel
     from maskllm_megatron.train.trainer import apply_prior, build_model, build_optimizer, setup_parallel
 
     world = int(os.environ["WORLD_SIZE"])
@@ -224,26 +222,26 @@ def main(argv=None):
     rank0 = env["rank"] == 0
     batch = text_batch(ckpt, args.micro_batch, args.seq, env["dp_rank"])
 
-    model, info = build_model(cfg)  # sparsified, frozen weights, dense weights loaded
+    model, info, masks = build_model(cfg)  # sparsified, frozen weights, dense weights loaded
     apply_prior(cfg, model, None)  # magnitude prior: realistic logits (no calibration data needed)
-    n_masked = sum(layer.weight.numel() for layer in masked_layers(model))
-    m_ddp, m_opt, m_sched = build_optimizer(cfg, model)
+    n_masked = sum(layer.weight.numel() for layer in masks.layers)
+    m_ddp, m_opt, m_sched = build_optimizer(cfg, model, masks)
     d_model = dense_model(cfg, info)
-    d_ddp, d_opt, d_sched = build_optimizer(cfg, d_model)
+    d_ddp, d_opt, d_sched = build_optimizer(cfg, d_model, None)
     m_ddp.train()
     d_ddp.train()
-    mask_step = make_step(cfg, m_ddp, m_opt, m_sched, batch, env["dp_rank"], masked=True)
+    mask_step = make_step(cfg, m_ddp, m_opt, m_sched, batch, env["dp_rank"], masks)
     from maskllm_megatron.train.trainer import Teacher
 
-    steps = {"dense": make_step(cfg, d_ddp, d_opt, d_sched, batch, env["dp_rank"], masked=False),
+    steps = {"dense": make_step(cfg, d_ddp, d_opt, d_sched, batch, env["dp_rank"]),
              "mask_fused": mask_step, "mask_compiled": mask_step, "mask_eager": mask_step,
-             "mask_distill": make_step(cfg, m_ddp, m_opt, m_sched, batch, env["dp_rank"], masked=True,
+             "mask_distill": make_step(cfg, m_ddp, m_opt, m_sched, batch, env["dp_rank"], masks,
                                        teacher=Teacher(kd_weight=0.5, temperature=1.0))}
     if "hf_dense" in variants:
         steps["hf_dense"] = hf_dense_step(cfg, batch)
 
     def run(name: str, settle: int = 0) -> tuple[float, float, int]:
-        set_fused_mask_kernel(model, name != "mask_eager")
+        masks.set_fused_kernel(name != "mask_eager")
         os.environ["MASKLLM_CPU_KERNEL"] = "0" if name == "mask_compiled" else "1"
         for _ in range(settle):
             steps[name]()

@@ -165,7 +165,7 @@ def bench_layer(device: str, shapes, tokens: int, repeats: int, profile_to: str 
 
 def bench_model_step(device: str, layers: int, micro_batch: int, seq: int, repeats: int) -> dict:
     from maskllm_megatron.megatron.model_builder import ModelConfig, build_gpt_model
-    from maskllm_megatron.megatron.sparsify import set_fused_mask_kernel, sparsify
+    from maskllm_megatron.megatron.sparsify import sparsify
     from maskllm_megatron.train.trainer import apply_prior, build_optimizer, run_batches
 
     cfg = driver_config(micro_batch, seq)
@@ -179,25 +179,24 @@ def bench_model_step(device: str, layers: int, micro_batch: int, seq: int, repea
 
     def build(masked: bool):
         model = build_gpt_model(mc, mc.to_transformer_config(1, 1, "bf16")).to(device)
+        masks = sparsify(model, cfg.sparsify_config()) if masked else None
         if masked:
-            sparsify(model, cfg.sparsify_config())
             apply_prior(cfg, model, None)
-        return (model, *build_optimizer(cfg, model))
+        return (masks, *build_optimizer(cfg, model, masks))
 
     variants = {"dense": build(False), "mask": build(True)}
-    mcfg = cfg.mask_config()
 
     def step(name: str):
-        model, ddp, opt, sched = variants["mask" if name.startswith("mask") else "dense"]
+        masks, ddp, opt, sched = variants["mask" if name.startswith("mask") else "dense"]
 
         def run():
-            if name != "dense":
-                set_fused_mask_kernel(model, name in ("mask_fused", "mask_one_pass"))
+            if masks is not None:
+                masks.set_fused_kernel(name in ("mask_fused", "mask_one_pass"))
             os.environ["MASKLLM_TRITON_KERNEL"] = "1" if name == "mask_one_pass" else "0"
             ddp.zero_grad_buffer()
             opt.zero_grad()
-            of_mb = (lambda mb: mcfg.step_state(100, mb, 1.0)) if name != "dense" else None
-            run_batches(cfg, ddp, [batch], 1, forward_only=False, step_of_microbatch=of_mb)
+            sample = (lambda mb: masks.step(100, mb, 1.0)) if masks is not None else None
+            run_batches(cfg, ddp, [batch], 1, forward_only=False, sample_masks=sample)
             opt.step()
             sched.step(increment=1)
         return run

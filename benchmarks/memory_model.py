@@ -187,11 +187,9 @@ def measure(args, name: str, overrides: dict, seq: int) -> dict:
     from megatron.core import parallel_state
 
     from maskllm_megatron.megatron.model_builder import build_gpt_model
-    from maskllm_megatron.megatron.sparsify import (fix_masks, keep_teacher_copy, masked_layers, set_fused_mask_kernel,
-                                                    sparsify)
     from maskllm_megatron.prune.methods import magnitude_mask
     from maskllm_megatron.train.memory import Layout, estimate
-    from maskllm_megatron.train.trainer import build_optimizer, run_batches, setup_parallel
+    from maskllm_megatron.train.trainer import build_optimizer, run_batches, setup_parallel, sparsify_model
 
     cfg = train_config(args, overrides, seq)
     env = setup_parallel(cfg)
@@ -202,7 +200,6 @@ def measure(args, name: str, overrides: dict, seq: int) -> dict:
     tokens = torch.randint(0, mc.vocab_size, (num_micro, mb, seq + 1), generator=g)
     batches = [{"tokens": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous(), "loss_mask": torch.ones(mb, seq),
                 "position_ids": torch.arange(seq).expand(mb, seq), "attention_mask": None} for t in tokens]
-    mcfg = cfg.mask_config()
     from maskllm_megatron.train import trainer
 
     loss_func = trainer._loss_func
@@ -215,26 +212,26 @@ def measure(args, name: str, overrides: dict, seq: int) -> dict:
     with CollectiveTensorsFreedHere(), AllocatorPeak() as peak:
         tcfg = mc.to_transformer_config(cfg.parallel.tp, cfg.parallel.pp, "fp32", **cfg.recompute_overrides())
         model = build_gpt_model(mc, tcfg)
-        sparsify(model, cfg.sparsify_config())
-        set_fused_mask_kernel(model, cfg.mask.fused_kernel)
-        for layer in masked_layers(model):
+        masks = sparsify_model(cfg, model)
+        for layer in masks.layers:
             layer.set_prior(magnitude_mask(layer.weight.detach(), layer.nm))
         if cfg.mask.refit:
-            fix_masks(model)
+            masks.fix_masks()
         if cfg.distills_trained_weights():
-            keep_teacher_copy(model)
+            masks.keep_teacher_copy()
         peak.mark("model_built")
-        ddp, optimizer, _ = build_optimizer(cfg, model)
+        ddp, optimizer, _ = build_optimizer(cfg, model, masks)
         peak.mark("optimizer_built")
         ddp.train()
         for it in range(args.steps):
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
             run_batches(cfg, ddp, batches, num_micro, forward_only=False,
-                        step_of_microbatch=lambda m: mcfg.step_state(it, m * env["dp_size"] + env["dp_rank"], 1.0))
+                        sample_masks=lambda m: masks.step(it, m * env["dp_size"] + env["dp_rank"], 1.0))
             optimizer.step()
             peak.mark(f"after_step_{it}")
         del ddp, optimizer, model
+        masks = None  # the controller holds the model too
     layout = Layout.from_config(cfg, torch.distributed.get_world_size(), "fp32")
     est = estimate(mc, layout)
     trainer._loss_func = loss_func

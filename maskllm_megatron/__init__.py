@@ -1,9 +1,11 @@
 """maskllm-megatron: learnable N:M semi-structured sparsity (MaskLLM) as a megatron-core plugin.
 
-The one entry point for converting a model::
+The one entry point for converting a model; it returns the controller that trains it
+(``megatron.sparsify.MaskController``: the per-micro-batch step, mask modes, optimizer groups)::
 
     from maskllm_megatron import sparsify, SparsifyConfig, MaskConfig
-    sparsify(gpt_model, SparsifyConfig(mask=MaskConfig(nm="2:4", total_steps=2000)))
+    masks = sparsify(gpt_model, SparsifyConfig(mask=MaskConfig(nm="2:4", total_steps=2000)))
+    ...  # optimizer with config_overrides=masks.optimizer_overrides(lr); masks.step(it, mb) per micro-batch
 
 The names load on first use, so importing the package imports neither megatron-core nor torch, and
 changes no global state (warning filters included).
@@ -12,6 +14,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "sparsify": "maskllm_megatron.megatron.sparsify",
+    "MaskController": "maskllm_megatron.megatron.sparsify",
     "SparsifyConfig": "maskllm_megatron.megatron.configs",
     "masked_layers": "maskllm_megatron.megatron.sparsify",
     "MaskMode": "maskllm_megatron.megatron.layers",

@@ -10,8 +10,8 @@ WORKER = "tests/scripts/sparsify_worker.py"
 
 
 def test_sparsify_masks_the_right_modules_freezes_weights_and_matches_hand_masked_model(tmp_path):
-    """Also checks the SDPA core attention against megatron-core's own at TP=2, and the learning rates
-    the optimizer applies to logits and weights."""
+    """Also checks the SDPA core attention against megatron-core's own at TP=2, the learning rates the
+    optimizer applies to logits and weights, and training through the controller ``sparsify`` returns."""
     r = printed_result(torchrun(WORKER, "check", 2, tmp_path, nproc=2))
     for family in ("gpt", "llama", "nemotron"):
         assert r[family]["masked"] == 8 and r[family]["eval_diff"] <= 1e-5
@@ -21,6 +21,10 @@ def test_sparsify_masks_the_right_modules_freezes_weights_and_matches_hand_maske
     # the logits really get lr x mask_lr_mult, and joint training moves weights and norms by lr (measured from
     # Adam's first step; asserted in the worker)
     assert set(r["applied_lr"]) == {"step0", "step10"}, r
+    # a library user's loop through sparsify's controller alone == the same steps driven by hand, exactly
+    c = r["controller"]
+    assert c["losses"] == c["reference_losses"] and len(c["losses"]) == 3, c
+    assert c["logits_moved_min"] > 0 and c["masks_2_4"] and c["masks_equal"], c
     # refused: a second sparsify, and a tied LM head (which leaves the model exactly as built)
     assert r["refusals"]["twice"].startswith("the model is already sparsified (2 masked layers)"), r
     assert r["refusals"]["tied"].startswith("output_layer has no weight of its own"), r

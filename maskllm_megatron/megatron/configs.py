@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from typing import Optional
 
 from ..masks import MaskConfig
 from ..prune.methods import METHODS, RECONSTRUCTIONS
@@ -20,7 +21,7 @@ DEFAULT_TARGETS = ("*.linear_qkv", "*.linear_proj", "*.linear_fc1", "*.linear_fc
 
 @dataclass(frozen=True)
 class SparsifyConfig:
-    """Which linears to mask and what trains.
+    """Which linears to mask, what trains, and the kernel that samples the masks.
 
     ``include`` / ``exclude`` are shell-style patterns on module names with GLOBAL layer numbers
     (``decoder.layers.3.mlp.linear_fc1`` is the fourth block on whichever pipeline stage holds it) and
@@ -37,6 +38,9 @@ class SparsifyConfig:
     train_weights: bool = False
     mask_lr_mult: float = 10.0  # the paper's x10 on the logits
     mask_weight_decay_mult: float = 1.0  # the logits get weight decay (0.1 in the paper's runs)
+    # the sampling kernels (all compute the same function): True fused (one-pass C++ / Triton, else
+    # torch.compile'd), False eager, None the fastest that runs here (``masks.sampling.masked_weight``)
+    fused_kernel: Optional[bool] = None
 
     def __post_init__(self):
         # each message starts with the field it refuses (the driver's config prefixes its section)

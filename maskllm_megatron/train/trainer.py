@@ -52,11 +52,11 @@ def setup_parallel(cfg: TrainConfig) -> dict:
 
 # -- model ------------------------------------------------------------------------------------------
 def build_model(cfg: TrainConfig):
-    """The converted checkpoint's GPTModel for this rank's stage, sparsified, dense weights loaded."""
+    """The converted checkpoint's GPTModel for this rank's stage, sparsified (with the driver's sampling
+    kernel, ``mask.fused_kernel``), dense weights loaded: (model, checkpoint info, its ``MaskController``)."""
     from ..convert.checkpoint import CheckpointInfo
     from ..megatron.checkpointing import load_checkpoint
     from ..megatron.model_builder import build_gpt_model
-    from ..megatron.sparsify import set_fused_mask_kernel, sparsify
 
     info = CheckpointInfo.load(cfg.model.checkpoint)
     if cfg.data.seq_length > info.model.max_position_embeddings:
@@ -74,10 +74,17 @@ def build_model(cfg: TrainConfig):
     model = build_gpt_model(info.model, tcfg)
     if torch.cuda.is_available():
         model.cuda()
-    sparsify(model, cfg.sparsify_config())
-    set_fused_mask_kernel(model, cfg.mask.fused_kernel)
+    masks = sparsify_model(cfg, model)
     load_checkpoint(model, cfg.model.checkpoint)
-    return model, info
+    return model, info, masks
+
+
+def sparsify_model(cfg: TrainConfig, model):
+    """``sparsify`` as the driver does: the run's ``sparsify_config`` with the driver's sampling kernel
+    (``mask.fused_kernel``; the library's default is the fastest that runs here). Returns the controller."""
+    from ..megatron.sparsify import sparsify
+
+    return sparsify(model, replace(cfg.sparsify_config(), fused_kernel=cfg.mask.fused_kernel))
 
 
 def model_dtype(cfg: TrainConfig) -> str:
@@ -155,12 +162,14 @@ def transfer_masks(model, ckpt_dir: str) -> dict:
 
 
 # -- optimizer --------------------------------------------------------------------------------------
-def build_optimizer(cfg: TrainConfig, model):
+def build_optimizer(cfg: TrainConfig, model, masks):
+    """megatron's DDP wrapper, optimizer and lr schedule for ``model``; ``masks`` (its ``MaskController``)
+    gives the logits their own group (None: a dense model, megatron's standard groups)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from ..megatron.sparsify import GroupWarmupScheduler, optimizer_overrides
+    from ..megatron.sparsify import GroupWarmupScheduler
 
     o = cfg.optim
     par = cfg.parallel
@@ -179,8 +188,8 @@ def build_optimizer(cfg: TrainConfig, model):
                               clip_grad=o.clip_grad, bf16=bf16, params_dtype=model.config.params_dtype,
                               use_distributed_optimizer=cfg.parallel.distributed_optimizer)
     mask_warmup = o.mask_warmup_iters if o.mask_warmup_iters >= 0 else None
-    optimizer = get_megatron_optimizer(opt_cfg, [ddp], config_overrides=optimizer_overrides(
-        cfg.sparsify_config(), o.lr, o.min_lr, mask_warmup_steps=mask_warmup))
+    optimizer = get_megatron_optimizer(opt_cfg, [ddp], config_overrides=None if masks is None else
+                                       masks.optimizer_overrides(o.lr, o.min_lr, mask_warmup_steps=mask_warmup))
     scheduler = GroupWarmupScheduler(
         optimizer, init_lr=0.0 if o.warmup_iters else o.lr, max_lr=o.lr, min_lr=o.min_lr,
         lr_warmup_steps=o.warmup_iters, lr_decay_steps=max(1, cfg.run.train_iters), lr_decay_style=o.decay_style,
@@ -319,36 +328,31 @@ def _distill_loss_func(loss_mask, labels, teacher_logits, teacher: Teacher, outp
     return loss, {"lm loss": lm.detach().clone(), "kd loss": kd.detach().clone(), "loss": loss.detach().clone()}
 
 
-def run_batches(cfg, model, batches, num_microbatches, forward_only, step_of_microbatch=None,
+def run_batches(cfg, model, batches, num_microbatches, forward_only, sample_masks=None,
                 teacher: Optional[Teacher] = None):
-    """One pass of megatron's pipeline schedule over ``num_microbatches`` micro-batches; with a ``teacher``
-    the dense model runs beside the student on every micro-batch (``megatron.distill.paired_forward``:
-    the pipeline then carries both models' hidden states)."""
+    """One pass of megatron's pipeline schedule over ``num_microbatches`` micro-batches. ``sample_masks``
+    is called with each micro-batch's index on this rank before its forward (``MaskController.step``);
+    with a ``teacher`` the dense model runs beside the student on every micro-batch
+    (``megatron.distill.paired_forward``: the pipeline then carries both models' hidden states)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from ..megatron.distill import paired_forward
-    from ..megatron.sparsify import mask_step_on_backward, set_mask_step
 
     counter = iter(range(num_microbatches))
-    recompute = getattr(getattr(model, "config", None), "recompute_granularity", None) is not None
 
     def forward_step(data_iterator, m):
         batch = next(data_iterator)
         mb = next(counter)
-        step = step_of_microbatch(mb) if step_of_microbatch is not None else None
-        if step is not None:
-            set_mask_step(m, step)
-        # recomputed layers must sample this micro-batch's masks again in its backward
-        again = partial(mask_step_on_backward, model=m, step=step) if step is not None and recompute and \
-            not forward_only else (lambda out: out)
+        if sample_masks is not None:
+            sample_masks(mb)
         if teacher is None:
             out = m(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
-            return again(out), partial(_loss_func, batch["loss_mask"])
+            return out, partial(_loss_func, batch["loss_mask"])
         student, dense = paired_forward(m, lambda mm: mm(batch["tokens"], batch["position_ids"], batch["attention_mask"]))
         if not parallel_state.is_pipeline_last_stage():
-            return again(torch.cat([student, dense], dim=1)), None  # hidden states [s, b, h]: both halves go on
-        return again(student), partial(_distill_loss_func, batch["loss_mask"], batch["labels"], dense, teacher)
+            return torch.cat([student, dense], dim=1), None  # hidden states [s, b, h]: both halves go on
+        return student, partial(_distill_loss_func, batch["loss_mask"], batch["labels"], dense, teacher)
 
     return get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
@@ -399,7 +403,6 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     """Run (or resume) mask learning as configured; return the final metrics."""
     from megatron.core import parallel_state
 
-    from ..megatron.sparsify import fix_masks, keep_teacher_copy, mask_logits_group, masked_layers
     from .data import build_data
 
     env = setup_parallel(cfg)
@@ -411,7 +414,7 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
         if conflict:
             raise ConfigError(conflict)
     before_model = host_rss_bytes()
-    model, info = build_model(cfg)
+    model, info, masks = build_model(cfg)
     estimate = memory_estimate(cfg, info.model)
     if is_rank0:
         print(f"[maskllm] memory model: {estimate.line()}"
@@ -426,10 +429,10 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     if resume is None:
         prior_report = apply_prior(cfg, model, data)
     if cfg.mask.refit:  # before the optimizer: the weights learn, the logits do not (a resume loads both after)
-        fix_masks(model)
+        masks.fix_masks()
     if cfg.distills_trained_weights():  # the teacher is the original model: copied before any step or resume load
-        keep_teacher_copy(model)
-    ddp, optimizer, scheduler = build_optimizer(cfg, model)
+        masks.keep_teacher_copy()
+    ddp, optimizer, scheduler = build_optimizer(cfg, model, masks)
     if cfg.parallel.overlap_grad_reduce and is_rank0:
         buckets = sum(len(g.buckets) for g in ddp.bucket_groups)
         print(f"[maskllm] gradient reduction overlaps the backward: {buckets} buckets", flush=True)
@@ -444,14 +447,14 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
             print(f"[maskllm] prior-only run: saved {path}", flush=True)
         return {"iteration": 0, **prior_report}
     mcfg = cfg.mask_config()
-    watcher = MaskWatcher(masked_layers(model))
+    watcher = MaskWatcher(masks.layers)
     watcher.collect(mcfg.step_state(state.iteration))  # flip-rate baseline
     preemption = _Preemption()
     num_micro = cfg.data.global_batch_size // (cfg.data.micro_batch_size * env["dp_size"])
     tokens_per_iter = cfg.data.global_batch_size * cfg.data.seq_length
     train_iter = data.train_iterations(state.consumed_samples, num_micro)
     # the logged lr is the logits' (a refit's: the weights')
-    logged_group = mask_logits_group(optimizer, cfg.sparsify_config()) or optimizer.param_groups[0]
+    logged_group = masks.logits_group(optimizer) or optimizer.param_groups[0]
     throughput = StepThroughput()
     teacher = Teacher(cfg.distill.kd_weight, cfg.distill.temperature) if cfg.distill.kd_weight > 0 else None
     last = {}
@@ -459,7 +462,7 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     while state.iteration < cfg.run.train_iters:
         with throughput.step():
             loss, kd_loss, total_loss, grad_norm, fingerprint = _train_step(
-                cfg, mcfg, ddp, optimizer, scheduler, next(train_iter), state.iteration, num_micro, env, teacher)
+                cfg, masks, ddp, optimizer, scheduler, next(train_iter), state.iteration, num_micro, env, teacher)
         state.iteration += 1
         state.consumed_samples += cfg.data.global_batch_size
         state.history.append([state.iteration, loss, fingerprint])
@@ -499,10 +502,10 @@ def train(cfg: TrainConfig, data_factory=None) -> dict:
     return {**last, "iteration": state.iteration, "history": state.history, "parallel": parallel_state.get_data_parallel_world_size()}
 
 
-def _train_step(cfg: TrainConfig, mcfg, ddp, optimizer, scheduler, batches: list, it: int, num_micro: int,
+def _train_step(cfg: TrainConfig, masks, ddp, optimizer, scheduler, batches: list, it: int, num_micro: int,
                 env: dict, teacher) -> tuple:
-    """One optimizer step on this rank's micro-batches of iteration ``it``, masks sampled as ``mcfg`` (the
-    run's ``MaskConfig``) says: ``(lm_loss, kd_loss, loss, grad_norm, data fingerprint)`` (the losses
+    """One optimizer step on this rank's micro-batches of iteration ``it``, masks sampled by ``masks`` (the
+    run's ``MaskController``): ``(lm_loss, kd_loss, loss, grad_norm, data fingerprint)`` (the losses
     averaged over data-parallel ranks; kd_loss and loss None without distillation). A non-finite loss or
     gradient norm stops the run on every rank, unsaved."""
     from megatron.core import parallel_state
@@ -513,8 +516,8 @@ def _train_step(cfg: TrainConfig, mcfg, ddp, optimizer, scheduler, batches: list
     fingerprint = all_reduce_floats([sum(int(b["tokens"].sum()) for b in batches)], group=dp_group)[0]
     # micro-batch mb of DP rank r holds the global batch's micro-batch mb * dp_size + r (the sampler deals them
     # out in that order): keyed by that index, the noise does not depend on the DP size
-    results = run_batches(cfg, ddp, batches, num_micro, forward_only=False, step_of_microbatch=lambda mb:
-                          mcfg.step_state(it, mb * env["dp_size"] + env["dp_rank"], 1.0 / num_micro), teacher=teacher)
+    results = run_batches(cfg, ddp, batches, num_micro, forward_only=False, sample_masks=lambda mb:
+                          masks.step(it, mb * env["dp_size"] + env["dp_rank"], 1.0 / num_micro), teacher=teacher)
     loss = _mean_loss(results, dp_group)
     kd_loss = total_loss = None
     if teacher is not None:

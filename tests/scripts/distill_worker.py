@@ -80,34 +80,34 @@ def validation_paths(tp):
 @torch.no_grad()
 def teacher_copy():
     """Distillation while weights train: ``keep_teacher_copy`` copies every trained parameter (masked weights,
-    their biases, norms; not the logits, the embeddings or the head), and ``dense_forward`` then forwards the
+    their biases, norms; not the logits, the embeddings or the head), and ``dense()`` then forwards the
     model as it was when copied, although every trained parameter has moved since, and gives the moved
     parameters back after the block."""
     from maskllm_megatron.masks import MaskConfig
-    from maskllm_megatron.megatron.sparsify import SparsifyConfig, dense_forward, keep_teacher_copy, sparsify
+    from maskllm_megatron.megatron.sparsify import SparsifyConfig, sparsify
 
     sys.path.insert(0, str(Path(__file__).parent))
     from sparsify_worker import build, model_config
 
     model = build(model_config("llama"))
-    sparsify(model, SparsifyConfig(mask=MaskConfig(total_steps=10), train_weights=True))
+    masks = sparsify(model, SparsifyConfig(mask=MaskConfig(total_steps=10), train_weights=True))
     model.eval()
     tokens = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(2))
     position_ids = torch.arange(16).expand(2, 16)
-    with dense_forward(model):
+    with masks.dense():
         original = model(tokens, position_ids, None)
     trained = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith("mask_logits")]
-    copied = keep_teacher_copy(model)
+    copied = masks.keep_teacher_copy()
     g = torch.Generator().manual_seed(3)
     for p in trained:
         p.add_(0.05 * torch.randn(p.shape, generator=g))
     moved = [p.detach().clone() for p in trained]
-    with dense_forward(model):
+    with masks.dense():
         teacher = model(tokens, position_ids, None)
     copies = [p.teacher_copy for p in trained]
     for p in trained:
         p.teacher_copy = None
-    with dense_forward(model):  # what the teacher would be without the copy: the moved weights, unmasked
+    with masks.dense():  # what the teacher would be without the copy: the moved weights, unmasked
         moved_dense = model(tokens, position_ids, None)
     for p, c in zip(trained, copies):
         p.teacher_copy = c

@@ -56,7 +56,7 @@ def make(work: Path) -> dict:
     from maskllm_megatron.masks import MaskConfig
     from maskllm_megatron.megatron.checkpointing import load_checkpoint, save_checkpoint
     from maskllm_megatron.megatron.model_builder import build_gpt_model, gpt_forward
-    from maskllm_megatron.megatron.sparsify import SparsifyConfig, masked_layers, optimizer_overrides, sparsify
+    from maskllm_megatron.megatron.sparsify import SparsifyConfig, masked_layers, sparsify
     from maskllm_megatron.prune.methods import magnitude_mask
 
     with contextlib.redirect_stdout(io.StringIO()):
@@ -67,7 +67,7 @@ def make(work: Path) -> dict:
     cfg = SparsifyConfig(mask=MaskConfig(nm="2:4", total_steps=10))
     model = build_gpt_model(info.model, info.model.to_transformer_config(2, 1, "fp32", perform_initialization=False),
                             parallel_output=False)
-    sparsify(model, cfg)
+    masks = sparsify(model, cfg)
     load_checkpoint(model, work / "base")
     dense_logits = logits_of(model.eval())  # logits at their initial N(0, 0.01): a random mask, not dense
     g = torch.Generator().manual_seed(11 + rank)
@@ -81,7 +81,7 @@ def make(work: Path) -> dict:
     # a few optimizer steps so that the run checkpoint holds real Adam state
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
     opt = get_megatron_optimizer(OptimizerConfig(lr=1e-3, weight_decay=0.1), [ddp],
-                                 config_overrides=optimizer_overrides(cfg, lr=1e-3))
+                                 config_overrides=masks.optimizer_overrides(lr=1e-3))
     model.train()
     ddp.zero_grad_buffer()
     opt.zero_grad()

@@ -72,11 +72,10 @@ def run(tiny: Path, overrides: dict) -> dict:
 
     cfg = config(tiny, overrides)
     env = setup_parallel(cfg)
-    model, info = build_model(cfg)
+    model, info, masks = build_model(cfg)
     data = build_data(cfg, info, env["dp_rank"], env["dp_size"])
     apply_prior(cfg, model, data)
-    ddp, optimizer, scheduler = build_optimizer(cfg, model)
-    mcfg = cfg.mask_config()
+    ddp, optimizer, scheduler = build_optimizer(cfg, model, masks)
     num_micro = cfg.data.global_batch_size // (cfg.data.micro_batch_size * env["dp_size"])
     batches = data.train_iterations(0, num_micro)
     tp_first = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
@@ -85,8 +84,8 @@ def run(tiny: Path, overrides: dict) -> dict:
     for it in range(STEPS):
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        results = run_batches(cfg, ddp, next(batches), num_micro, forward_only=False, step_of_microbatch=lambda mb:
-                              mcfg.step_state(it, mb * env["dp_size"] + env["dp_rank"], 1.0 / num_micro))
+        results = run_batches(cfg, ddp, next(batches), num_micro, forward_only=False, sample_masks=lambda mb:
+                              masks.step(it, mb * env["dp_size"] + env["dp_rank"], 1.0 / num_micro))
         losses.append(_mean_loss(results, parallel_state.get_data_parallel_group()))
         step = {}
         for layer in masked_layers(model):
@@ -201,9 +200,8 @@ def layernorm_sp() -> dict:
     built from the same seed at TP=2 with and without SP, trained jointly for one step: the loss, the mask
     logits' and every norm parameter's reduced gradient (weight and bias), and the norms' attributes."""
     from maskllm_megatron.megatron.model_builder import ModelConfig, build_gpt_model
-    from maskllm_megatron.megatron.sparsify import masked_layers, set_fused_mask_kernel, sparsify
     from maskllm_megatron.train.config import TrainConfig
-    from maskllm_megatron.train.trainer import _mean_loss, build_optimizer, run_batches, setup_parallel
+    from maskllm_megatron.train.trainer import _mean_loss, build_optimizer, run_batches, setup_parallel, sparsify_model
 
     mc = ModelConfig(family="nemotron", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                      num_query_groups=2, vocab_size=256, max_position_embeddings=64, normalization="LayerNorm",
@@ -220,18 +218,16 @@ def layernorm_sp() -> dict:
             "mask": {"fused_kernel": False, "train_weights": True}, "prior": {"method": "none"}, "run": {"train_iters": 2}})
         setup_parallel(cfg)
         model = build_gpt_model(mc, mc.to_transformer_config(2, 1, "fp32", **cfg.recompute_overrides()))
-        sparsify(model, cfg.sparsify_config())
-        set_fused_mask_kernel(model, False)
-        ddp, _, _ = build_optimizer(cfg, model)
+        masks = sparsify_model(cfg, model)  # mask.fused_kernel false: the eager kernels
+        ddp, _, _ = build_optimizer(cfg, model, masks)
         ddp.train()
-        mcfg = cfg.mask_config()
-        results = run_batches(cfg, ddp, [batch], 1, forward_only=False, step_of_microbatch=lambda mb: mcfg.step_state(0, 0))
+        results = run_batches(cfg, ddp, [batch], 1, forward_only=False, sample_masks=lambda mb: masks.step(0, 0))
         norms = {n: p for n, p in model.named_parameters() if "layernorm" in n}
         out[sp] = {"loss": _mean_loss(results), "norms": {n: p.main_grad.clone() for n, p in norms.items()},
                    "attributes": sorted({getattr(p, "sequence_parallel", None) for p in norms.values()}, key=str),
                    "biases": sum(n.endswith(".bias") for n in norms),
                    "logits": [layer.gather_global(layer.mask_logits.main_grad.view_as(layer.mask_logits))
-                              for layer in masked_layers(model)]}
+                              for layer in masks.layers]}
     a, b = out[False], out[True]
     return {"losses": [a["loss"], b["loss"]], "biases": b["biases"], "attributes": [a["attributes"], b["attributes"]],
             "norm_grad_max_rel": max(float((a["norms"][n] - b["norms"][n]).abs().max() / a["norms"][n].abs().max())

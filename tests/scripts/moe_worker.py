@@ -56,8 +56,8 @@ def build(**patterns):
     from maskllm_megatron.megatron.sparsify import SparsifyConfig, sparsify
 
     model = build_gpt_model(model_config(), parallel_output=False)
-    names = sparsify(model, SparsifyConfig(mask=MaskConfig(nm="2:4", total_steps=10), **patterns))
-    return model, names
+    masks = sparsify(model, SparsifyConfig(mask=MaskConfig(nm="2:4", total_steps=10), **patterns))
+    return model, masks
 
 
 def tokens(n: int = 16):
@@ -87,11 +87,8 @@ def all_layers(local: dict) -> dict:
     return out
 
 
-def sampled(model) -> dict:
-    from maskllm_megatron.masks import MaskConfig
-    from maskllm_megatron.megatron.sparsify import set_mask_step
-
-    set_mask_step(model, MaskConfig(nm="2:4", total_steps=10).step_state(3, 1))
+def sampled(model, masks) -> dict:
+    masks.step(3, 1)
     with torch.no_grad():
         return per_layer(model, lambda layer: layer.gather_global(layer.sampled_weight()))
 
@@ -173,15 +170,16 @@ def masks(work: Path, convert: list) -> dict:
             hf_to_mcore(convert[0], convert[1], tp=1, ep=2, show_progress=False)
     # 1. EP=1
     init(1)
-    model, names1 = build()
+    model, masks = build()
+    names1 = masks.names
     init1 = per_layer(model, lambda layer: layer.gather_global(layer.mask_logits.detach()))
-    samples1 = sampled(model)
+    samples1 = sampled(model, masks)
     out1 = logits_of(model)
     save_checkpoint(model, work / "ep1")
     # 2. EP=2
     init(2)
-    model, names2 = build()
-    all2 = all_layers({n: 1 for n in names2})
+    model, masks = build()
+    all2 = all_layers({n: 1 for n in masks.names})
     r["names_equal"] = sorted(all2) == sorted(names1)
     r["masked_layers"] = len(names1)
     r["local_experts_per_rank"] = len(model.decoder.layers[0].mlp.experts.local_experts)
@@ -190,15 +188,15 @@ def masks(work: Path, convert: list) -> dict:
     r["mask_logits_allreduce"] = sorted({str(getattr(layer.mask_logits, "allreduce", True)) + ":" + k.split(".")[3]
                                          for k, layer in per_layer(model, lambda layer: layer).items()})
     load_checkpoint(model, work / "ep1")
-    samples2 = sampled(model)
+    samples2 = sampled(model, masks)
     r["experts_compared"] = len([k for k in samples2 if "local_experts" in k])
     r["samples_equal"] = all(torch.equal(v, samples1[k]) for k, v in samples2.items())
     r["ep2_vs_ep1_logits"] = (logits_of(model) - out1).abs().max().item()
     # include / exclude address experts by their global index, and the shared expert
     _, only3 = build(include=("*.local_experts.3.*",))
     _, no_shared = build(exclude=("*.shared_experts.*", "*.self_attention.*"))
-    r["include_expert3"] = sorted(all_layers({n: 1 for n in only3}))
-    r["exclude_shared_and_attention"] = sorted(all_layers({n: 1 for n in no_shared}))
+    r["include_expert3"] = sorted(all_layers({n: 1 for n in only3.names}))
+    r["exclude_shared_and_attention"] = sorted(all_layers({n: 1 for n in no_shared.names}))
     with torch.no_grad():
         for layer in per_layer(model, lambda layer: layer).values():
             layer.set_prior(magnitude_mask(layer.weight, layer.nm))
@@ -208,24 +206,24 @@ def masks(work: Path, convert: list) -> dict:
     r["changed_by_prior"] = (out2 - out1).abs().max().item()
     # 3. EP=1 loads the EP=2 checkpoint
     init(1)
-    model, _ = build()
+    model, masks = build()
     load_checkpoint(model, work / "ep2")
     loaded = per_layer(model, lambda layer: layer.mask_logits.detach())
     r["ep2_ckpt_logits_equal"] = sorted(loaded) == sorted(logits2) and all(torch.equal(v, logits2[k])
                                                                            for k, v in loaded.items())
     r["ep2_ckpt_at_ep1_output"] = (logits_of(model) - out2).abs().max().item()
-    samples3 = sampled(model)
+    samples3 = sampled(model, masks)
     # 3b. expert tensor parallel: TP=2 (experts' TP = 2), EP=1 loads the EP=2 checkpoint; logits sharded with the
     # weight's rows / input groups, the same global logits, samples and output (evaluation: megatron trains MoE at
     # TP > 1 only with sequence parallelism)
     init(1, tp=2)
-    model, _ = build()
+    model, masks = build()
     load_checkpoint(model, work / "ep2")
     fc2 = model.decoder.layers[0].mlp.experts.local_experts[0].linear_fc2
     r["expert_tp2_local_logits_shape"] = list(fc2.mask_logits.shape)
     r["expert_tp2_logits_equal"] = all(torch.equal(v, logits2[k]) for k, v in per_layer(
         model, lambda layer: layer.gather_global(layer.mask_logits.detach())).items())
-    r["expert_tp2_samples_equal"] = all(torch.equal(v, samples3[k]) for k, v in sampled(model).items())
+    r["expert_tp2_samples_equal"] = all(torch.equal(v, samples3[k]) for k, v in sampled(model, masks).items())
     r["expert_tp2_output"] = (logits_of(model) - out2).abs().max().item()
     # 4. priors on one token, by hand; at EP=1 and EP=2
     for method in ("wanda", "sparsegpt"):

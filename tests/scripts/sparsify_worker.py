@@ -2,7 +2,8 @@
 
 usage: sparsify_worker.py MODE TP OUTDIR
   check       sparsify tiny GPT-3 / LLaMA / Nemotron models; masked modules, frozen weights, optimizer
-              groups, eval parity with W * hard_mask applied by hand
+              groups, eval parity with W * hard_mask applied by hand; a few training steps through the
+              returned controller alone, against the same steps driven by hand
   save        (TP=2) dense checkpoint -> sparsified model (dense start) -> prior + changed logits ->
               sparse checkpoint
   load1       (TP=1) load the TP=2 checkpoint, same loss; save again; wrong N:M / config is refused
@@ -94,7 +95,7 @@ def check(out):
     from maskllm_megatron.masks import MaskConfig
     from maskllm_megatron.megatron.layers import _MaskedLinearMixin
     from maskllm_megatron.megatron.model_builder import gpt_forward
-    from maskllm_megatron.megatron.sparsify import SparsifyConfig, optimizer_overrides, set_mask_step, sparsify
+    from maskllm_megatron.megatron.sparsify import SparsifyConfig, sparsify
 
     report = {}
     for family in FAMILIES:
@@ -103,7 +104,8 @@ def check(out):
         model = build(mc)
         dense = build(mc)
         cfg = SparsifyConfig(mask=MaskConfig(total_steps=10))
-        names = sparsify(model, cfg)
+        masks = sparsify(model, cfg)
+        names = masks.names
         kinds = sorted({n.rsplit(".", 1)[1] for n in names})
         assert kinds == ["linear_fc1", "linear_fc2", "linear_proj", "linear_qkv"], kinds
         assert len(names) == 4 * mc.num_layers
@@ -128,7 +130,7 @@ def check(out):
         assert diff <= 1e-5, f"{family}: eval logits differ from W * hard_mask by {diff}"
         # Frozen weights get no gradient; logits do.
         model.train()
-        set_mask_step(model, cfg.mask.step_state(1))
+        masks.step(1)
         gpt_forward(model, t, tokens()[:, 1:]).mean().backward()
         for n, p in model.named_parameters():
             if n.endswith("mask_logits"):
@@ -141,12 +143,12 @@ def check(out):
     mc = model_config("llama")
     model = build(mc)
     cfg = SparsifyConfig(mask=MaskConfig(total_steps=10), mask_lr_mult=10.0)
-    sparsify(model, cfg)
+    masks = sparsify(model, cfg)
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
     buffered = sum(b.numel for b in ddp.buffers) if hasattr(ddp, "buffers") else None
     logit_numel = sum(p.numel() for n, p in model.named_parameters() if n.endswith("mask_logits"))
     opt = get_megatron_optimizer(OptimizerConfig(lr=1e-3, weight_decay=0.1), [ddp],
-                                 config_overrides=optimizer_overrides(cfg, lr=1e-3))
+                                 config_overrides=masks.optimizer_overrides(lr=1e-3))
     groups = opt.param_groups
     in_opt = sum(p.numel() for g in groups for p in g["params"])
     assert in_opt == logit_numel, (in_opt, logit_numel)
@@ -155,13 +157,14 @@ def check(out):
     if buffered is not None:
         assert buffered == logit_numel, (buffered, logit_numel)
     report["applied_lr"] = applied_learning_rates(mc)
+    report["controller"] = controller_training(mc)
 
     # include / exclude: MLP only, attention only.
     model = build(mc)
-    names = sparsify(model, SparsifyConfig(include=("*.mlp.*",)))
+    names = sparsify(model, SparsifyConfig(include=("*.mlp.*",))).names
     assert sorted({n.rsplit(".", 1)[1] for n in names}) == ["linear_fc1", "linear_fc2"]
     model = build(mc)
-    names = sparsify(model, SparsifyConfig(exclude=("*.mlp.*",)))
+    names = sparsify(model, SparsifyConfig(exclude=("*.mlp.*",))).names
     assert sorted({n.rsplit(".", 1)[1] for n in names}) == ["linear_proj", "linear_qkv"]
     report["refusals"] = refusals(mc)
     return report
@@ -177,7 +180,7 @@ def refusals(mc):
     model = build(mc)
     for local, layer in enumerate(model.decoder.layers):
         layer.layer_number = 5 + local
-    names = sparsify(model, SparsifyConfig(include=("decoder.layers.4.mlp.*",)))
+    names = sparsify(model, SparsifyConfig(include=("decoder.layers.4.mlp.*",))).names
     assert names == ["decoder.layers.4.mlp.linear_fc1", "decoder.layers.4.mlp.linear_fc2"], names
     assert isinstance(model.decoder.layers[0].mlp.linear_fc1, _MaskedLinearMixin)
     assert not isinstance(model.decoder.layers[1].mlp.linear_fc1, _MaskedLinearMixin)
@@ -202,7 +205,7 @@ def refusals(mc):
     assert all(torch.equal(after[k], v) if torch.is_tensor(v) else after[k] == v for k, v in before.items())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
     loss_of(model)  # still the dense model it was: runs without any mask attribute
-    assert len(sparsify(model, SparsifyConfig())) == 4 * model.config.num_layers  # and can be sparsified after all
+    assert len(sparsify(model, SparsifyConfig()).names) == 4 * model.config.num_layers  # and can be sparsified after all
     assert all("\n" not in m for m in messages.values()), messages
     return messages
 
@@ -218,24 +221,24 @@ def applied_learning_rates(mc):
 
     from maskllm_megatron.masks import MaskConfig
     from maskllm_megatron.megatron.model_builder import gpt_forward
-    from maskllm_megatron.megatron.sparsify import SparsifyConfig, optimizer_overrides, set_mask_step, sparsify
+    from maskllm_megatron.megatron.sparsify import SparsifyConfig, sparsify
 
     lr, min_lr, steps = 1e-3, 1e-4, 10
     out = {}
     for at_step in (0, steps):
         model = build(mc)
         cfg = SparsifyConfig(mask=MaskConfig(total_steps=steps), train_weights=True, mask_lr_mult=10.0)
-        sparsify(model, cfg)
+        masks = sparsify(model, cfg)
         ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
         opt = get_megatron_optimizer(OptimizerConfig(lr=lr, min_lr=min_lr, weight_decay=0.0, clip_grad=0.0), [ddp],
-                                     config_overrides=optimizer_overrides(cfg, lr=lr, min_lr=min_lr))
+                                     config_overrides=masks.optimizer_overrides(lr=lr, min_lr=min_lr))
         sched = OptimizerParamScheduler(opt, init_lr=lr, max_lr=lr, min_lr=min_lr, lr_warmup_steps=0,
                                         lr_decay_steps=steps, lr_decay_style="cosine", start_wd=0.0, end_wd=0.0,
                                         wd_incr_steps=steps, wd_incr_style="constant")
         sched.step(increment=at_step)
         before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         model.train()
-        set_mask_step(model, cfg.mask.step_state(at_step))
+        masks.step(at_step)
         ddp.zero_grad_buffer()
         opt.zero_grad()
         gpt_forward(ddp, tokens()[:, :-1], tokens()[:, 1:]).mean().backward()
@@ -254,6 +257,62 @@ def applied_learning_rates(mc):
                 f"step {at_step}: the largest {kind} change is {moved[kind]:.3e}, the lr is {expected:.1e}"
         out[f"step{at_step}"] = moved
     return out
+
+
+def controller_training(mc, steps: int = 3, micro_batches: int = 2) -> dict:
+    """A library user's loop: build, ``sparsify``, and train through the returned controller alone (its
+    optimizer groups, one ``step`` per micro-batch). The reference drives the same steps by hand: every
+    masked layer's sampling state set from ``MaskConfig.step_state``, the logits' group spelled out. Their
+    losses must be equal, the logits must have moved and the hard masks must be 2:4."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, ParamGroupOverride, ParamKey, get_megatron_optimizer
+
+    from maskllm_megatron.masks import MaskConfig, is_valid_nm
+    from maskllm_megatron.megatron.model_builder import gpt_forward
+    from maskllm_megatron.megatron.sparsify import SparsifyConfig, sparsify
+
+    lr = 1e-2
+    cfg = SparsifyConfig(mask=MaskConfig(nm="2:4", total_steps=steps))
+    g = torch.Generator().manual_seed(4)
+    data = torch.randint(0, mc.vocab_size, (steps, micro_batches, 2, 17), generator=g)
+
+    def train(by_hand: bool) -> dict:
+        model = build(mc)
+        masks = sparsify(model, cfg)
+        start = {layer.mask_layer_id: layer.mask_logits.detach().clone() for layer in masks.layers}
+        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+        overrides = masks.optimizer_overrides(lr)
+        if by_hand:  # the logits' group as megatron's optimizer takes it; megatron's own for the rest
+            overrides = {ParamKey(name="*mask_logits"): ParamGroupOverride(
+                lr=lr * cfg.mask_lr_mult, max_lr=lr * cfg.mask_lr_mult, min_lr=0.0, lr_mult=cfg.mask_lr_mult,
+                wd_mult=cfg.mask_weight_decay_mult)}
+        opt = get_megatron_optimizer(OptimizerConfig(lr=lr, weight_decay=0.1), [ddp], config_overrides=overrides)
+        model.train()
+        losses = []
+        for it in range(steps):
+            ddp.zero_grad_buffer()
+            opt.zero_grad()
+            total = 0.0
+            for mb in range(micro_batches):
+                if by_hand:
+                    for layer in masks.layers:
+                        layer.set_mask_step(cfg.mask.step_state(it, mb, 1.0 / micro_batches))
+                else:
+                    masks.step(it, mb, grad_scale=1.0 / micro_batches)
+                loss = gpt_forward(ddp, data[it, mb, :, :-1], data[it, mb, :, 1:]).mean() / micro_batches
+                loss.backward()
+                total += float(loss)
+            ddp.finish_grad_sync()
+            opt.step()
+            losses.append(total)
+        return {"losses": losses, "masks": {layer.mask_layer_id: layer.hard_mask() for layer in masks.layers},
+                "moved": min(float((layer.mask_logits.detach() - start[layer.mask_layer_id]).abs().max())
+                             for layer in masks.layers)}
+
+    mine, reference = train(by_hand=False), train(by_hand=True)
+    return {"losses": mine["losses"], "reference_losses": reference["losses"], "logits_moved_min": mine["moved"],
+            "masks_2_4": all(is_valid_nm(m, cfg.mask.nm) for m in mine["masks"].values()),
+            "masks_equal": all(torch.equal(m, reference["masks"][k]) for k, m in mine["masks"].items())}
 
 
 def ckpt(mode, out):
