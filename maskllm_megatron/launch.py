@@ -1,5 +1,5 @@
-"""Process launching shared by the command-line tools: free ports, torchrun re-launch, SIGTERM, and
-small all-reduces of Python numbers on the device the backend needs.
+"""Process launching shared by the command-line tools: free ports, torchrun re-launch, SIGTERM, the exit
+status of a user's error, and small all-reduces of Python numbers on the device the backend needs.
 
 A tool given ``--tp N`` (N > 1) and launched plainly checks its request, then re-launches itself
 under ``torchrun --nproc-per-node N`` (``relaunch``); launched under torchrun it uses the given ranks.
@@ -14,6 +14,37 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
+
+
+#: The exit status of every maskllm-* command when what the user gave must change (a flag, a path, a config
+#: value, a folder): argparse's own for a bad flag, so one number means "fix the input". 1 is left for work
+#: that failed (maskllm-verify's violation, a run stopped by a non-finite loss, a rank that died).
+USER_ERROR = 2
+
+
+def user_error(message: str) -> int:
+    """Print ``message`` (one line: the problem and its fix) to stderr; returns USER_ERROR, for ``main`` to return."""
+    print(message, file=sys.stderr, flush=True)
+    return USER_ERROR
+
+
+class UserExit(SystemExit):
+    """A user's error ending a command from below its ``main`` (``exit_user_error``): exit status USER_ERROR,
+    ``str()`` the message (already on stderr: the interpreter prints nothing for a numeric status)."""
+
+    def __init__(self, message: str):
+        super().__init__(USER_ERROR)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def exit_user_error(message: str) -> NoReturn:
+    """End the command as argparse does on a bad flag: ``message`` on stderr, exit status USER_ERROR."""
+    user_error(message)
+    raise UserExit(message)
 
 
 # Library warnings that every run prints and that say nothing to our users; a tool's stderr should hold its

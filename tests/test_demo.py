@@ -255,8 +255,9 @@ def test_recipe_flags_build_the_recipe_they_name():
                            (["--prior-strength", "-2"], "--prior-strength: prior_strength -2.0: the driver refuses"),
                            (["--warmup-iters", "-1"], "--warmup-iters: warmup_iters -1: the driver refuses it: "
                                                       "optim.warmup_iters -1 must be >= 0")):
-        with pytest.raises(SystemExit, match=re.escape(message)):
+        with pytest.raises(SystemExit, match=re.escape(message)) as e:
             demo.recipe_from_args(p.parse_args(flags))
+        assert e.value.code == 2
     assert LearnRecipe(global_batch=6).driver_sections()["data"] == {"micro_batch_size": 3, "global_batch_size": 6}
 
 
@@ -324,8 +325,9 @@ def test_bad_arguments_are_refused_before_any_stage(tmp_path, monkeypatch):
                           (["--refit-iters", "-1"], "error: --refit-iters -1 must be >= 0"),
                           (["--out", str(tmp_path / "afile")], "is a file: pass a folder for the results"),
                           (["--out", str(tmp_path / "afile" / "sub")], "cannot create the folder")):
-        with pytest.raises(SystemExit, match=re.escape(message)):
+        with pytest.raises(SystemExit, match=re.escape(message)) as e:
             demo.main(argv + ([] if "--out" in argv else ["--out", str(tmp_path / "out")]))
+        assert e.value.code == 2  # a user's error, as for every tool (launch.USER_ERROR)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from maskllm_megatron.launch import USER_ERROR
 from tests.test_train import ROOT, _plain_driver, write_config
 
 
@@ -19,9 +20,10 @@ def _tiny_run(tiny: Path, name: str, **run) -> Path:
                         run={"train_iters": 2, "save_interval": 2, "eval_interval": 0, "log_interval": 1, **run})
 
 
-def _one_error(r: subprocess.CompletedProcess) -> str:
+def _one_error(r: subprocess.CompletedProcess, status: int = USER_ERROR) -> str:
+    """The driver's one error line, after checking its exit status (a user's error by default)."""
     errors = [line for line in r.stderr.splitlines() if line.startswith("maskllm-train: ")]
-    assert r.returncode == 1 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.returncode == status and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     return errors[0]
 
 
@@ -169,7 +171,7 @@ def test_a_rank_that_never_arrives_ends_the_run_in_one_line(tiny):
     env.pop("LOCAL_RANK", None)
     r = subprocess.run([sys.executable, "-m", "maskllm_megatron.train", "--config", str(config),
                         "parallel.timeout_minutes=0.05"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
-    error = _one_error(r)
+    error = _one_error(r, status=1)  # not the user's input: the work failed
     assert "maskllm-train: rank 0: another rank did not arrive within parallel.timeout_minutes=0.05 (" in error, error
 
 

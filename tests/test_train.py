@@ -255,7 +255,7 @@ def test_driver_input_errors_are_one_line_and_it_runs_without_torchrun(tiny, ove
     proc = subprocess.run([sys.executable, "-m", "maskllm_megatron.train", "--config", str(config),
                            override.format(tiny=tiny)], cwd=ROOT, capture_output=True, text=True,
                           env=dict(env, OMP_NUM_THREADS="1"), timeout=300)
-    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("maskllm-train: ")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
@@ -464,11 +464,11 @@ def test_setup_parallel_after_a_conversion_in_the_same_process():
     code = """
 from maskllm_megatron.megatron.parallel import init_parallel
 from maskllm_megatron.train.config import TrainConfig
-from maskllm_megatron.train.trainer import setup_parallel
+from maskllm_megatron.train.setup import setup_parallel
 from megatron.core import parallel_state
 init_parallel(1, 1)
 env = setup_parallel(TrainConfig.from_dict({"model": {"checkpoint": "unused"}, "data": {"train": ["unused"]}}))
-print("OK", env["dp_size"], parallel_state.get_tensor_model_parallel_world_size())
+print("OK", env.dp_size, parallel_state.get_tensor_model_parallel_world_size())
 """
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -538,7 +538,7 @@ def test_resume_trusts_complete_checkpoints_not_the_latest_pointer(tiny):
     for p in ckpts.glob("iter_*"):
         (p / "metadata.json").unlink()
     r = _plain_driver(config)
-    assert r.returncode == 1 and r.stderr.count("maskllm-train: ") == 1 and f"{ckpts} holds iter_0000006" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("maskllm-train: ") == 1 and f"{ckpts} holds iter_0000006" in r.stderr
     assert "none is a complete checkpoint" in r.stderr and len(list(ckpts.glob("iter_*"))) == 3
 
 
@@ -566,7 +566,7 @@ def test_resume_refuses_inputs_remade_since_the_checkpoint_unless_allowed(tiny):
     for suffix in (".bin", ".idx"):
         os.replace(data / f"new{suffix}", data / f"d{suffix}")
     r = _plain_driver(config)
-    assert r.returncode == 1 and "the dataset" in r.stderr and "changed since the run's last checkpoint" in r.stderr
+    assert r.returncode == 2 and "the dataset" in r.stderr and "changed since the run's last checkpoint" in r.stderr
     assert "run.allow_changed_inputs=true" in r.stderr and r.stderr.count("maskllm-train: ") == 1
     r = _plain_driver(config, "run.allow_changed_inputs=true")
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
@@ -595,7 +595,7 @@ def test_data_is_checked_against_its_index_and_the_vocabulary_before_training(ti
         config = write_config(tiny, f"data_check_{prefix.name}", parallel={"tp": 1}, prior={"method": "magnitude"},
                               data={"train": [str(prefix)], "cache_dir": str(tmp_path / "cache")})
         r = _plain_driver(config)
-        assert r.returncode == 1 and r.stderr.count("maskllm-train: ") == 1 and message in r.stderr, r.stderr[-2000:]
+        assert r.returncode == 2 and r.stderr.count("maskllm-train: ") == 1 and message in r.stderr, r.stderr[-2000:]
         assert not (tiny / f"data_check_{prefix.name}" / "checkpoints").exists()
 
 

@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from maskllm_megatron.launch import quiet_known_warnings
+    from maskllm_megatron.launch import quiet_known_warnings, user_error
 
     quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             mcore_to_hf(args.ckpt, args.out, int(args.max_shard_size * 2**30), overwrite=args.overwrite)
         groups.close(sync=True)
     except ValueError as e:  # ConversionError, ParallelLayoutError, ...: bad input, one line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return user_error(f"error: {e}")
     finally:
         groups.close()
     return 0

@@ -387,7 +387,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from maskllm_megatron.launch import quiet_known_warnings
+    from maskllm_megatron.launch import quiet_known_warnings, user_error
 
     quiet_known_warnings()
     args = vars(_parser().parse_args(argv))
@@ -396,12 +396,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = preprocess(PreprocessConfig(inputs=tuple(inputs), **args), progress=show)
     except (PreprocessError, TokenizerError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return user_error(f"error: {err}")
     except OSError as err:  # e.g. an output prefix under a file or in a read-only place
-        print(f"error: {err.strerror or err}: {err.filename}: check that --output-prefix's folder can be "
-              "created and written", file=sys.stderr)
-        return 2
+        return user_error(f"error: {err.strerror or err}: {err.filename}: check that --output-prefix's folder can be "
+                          "created and written")
     size = result.bin_path.stat().st_size
     print(f"wrote {result.bin_path} ({size / 2**20:,.1f} MiB) and {result.idx_path}: "
           f"{result.documents:,} documents, {result.tokens:,} tokens ({result.dtype})"

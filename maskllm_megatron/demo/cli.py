@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import assets
 from ..cache import cache_dir
+from ..launch import exit_user_error, quiet_known_warnings
 from . import __doc__ as DEMO_DOC
 from .pipeline import (PRIORS, PROBE_ITERS, convert_stage, copy_run_records, data_stage, export_stage,
                        final_checkpoint, heldout_ppl, learn_stage, learn_wall_s, prior_stage, probe_stage,
@@ -20,8 +21,6 @@ from .stages import Stages, raise_keyboard_interrupt, rerun_command, stage_key
 
 
 def main(argv=None) -> int:
-    from ..launch import quiet_known_warnings
-
     quiet_known_warnings()
     p = argparse.ArgumentParser(description=DEMO_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=DEMO_LEARN_MINUTES,
@@ -43,17 +42,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="where the results go (default demo_out)")
     args = p.parse_args(argv)
     if not args.minutes > 0:
-        raise SystemExit(f"error: --minutes {args.minutes:g} must be positive (e.g. 12)")
+        exit_user_error(f"error: --minutes {args.minutes:g} must be positive (e.g. 12)")
     if args.refit_iters < 0:
-        raise SystemExit(f"error: --refit-iters {args.refit_iters} must be >= 0 (0: no refit)")
+        exit_user_error(f"error: --refit-iters {args.refit_iters} must be >= 0 (0: no refit)")
     recipe = recipe_from_args(args)  # every setting checked before any work (the run's length: once planned)
     out = args.out.absolute()
     if out.exists() and not out.is_dir():
-        raise SystemExit(f"error: --out {out} is a file: pass a folder for the results")
+        exit_user_error(f"error: --out {out} is a file: pass a folder for the results")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"error: --out {out}: cannot create the folder ({e.strerror})") from None
+        exit_user_error(f"error: --out {out}: cannot create the folder ({e.strerror})")
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # `kill` and schedulers stop it as Ctrl-C does
     try:
         return _demo(recipe, args.minutes, out, args.reconstruct, args.refit_iters)
@@ -81,8 +80,8 @@ def _demo(recipe: LearnRecipe, minutes: float, out: Path, reconstruct: str = "no
     try:
         recipe.check_run(iters)  # e.g. a warm-up as long as the run
     except ValueError as e:
-        raise SystemExit(f"error: --{str(e).split()[0].replace('_', '-')}: {e} (--minutes {minutes:g} plans "
-                         f"{iters} iterations on this machine)") from None
+        exit_user_error(f"error: --{str(e).split()[0].replace('_', '-')}: {e} (--minutes {minutes:g} plans "
+                        f"{iters} iterations on this machine)")
     print(f"[demo] mask learning: {minutes:g} minutes plan {iters} iterations on this machine ({plan.step_s:.1f} s "
           f"an iteration, {plan.fixed_s:.0f} s of start-up, evaluation and saving, measured by the probe)", flush=True)
     run = learn_stage(stages, ckpt, prefix, prior_ckpts["sparsegpt"], iters, recipe)

@@ -7,6 +7,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from ..export.reconstruct import ReconstructRequest
+from ..launch import exit_user_error
 from ..megatron.configs import ReconstructConfig
 from ..train.config import ConfigError, TrainConfig
 
@@ -154,12 +155,12 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
 
 def recipe_from_args(args: argparse.Namespace) -> LearnRecipe:
     """The recipe ``add_recipe_arguments``' flags describe (a skipped field keeps its default); a value
-    the recipe refuses exits with a one-line error that names the flag."""
+    the recipe refuses ends the command with a one-line error that names the flag (a user's error)."""
     try:
         return LearnRecipe(**{f.name: getattr(args, f.name) for f in fields(LearnRecipe) if hasattr(args, f.name)})
     except ValueError as e:
         name = str(e).split()[0]
-        raise SystemExit(f"error: --{name.replace('_', '-')}: {e}") from None
+        exit_user_error(f"error: --{name.replace('_', '-')}: {e}")
 
 
 @dataclass(frozen=True)

@@ -328,7 +328,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from maskllm_megatron.launch import quiet_known_warnings
+    from maskllm_megatron.launch import quiet_known_warnings, user_error
 
     quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -357,8 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             result = mcore_perplexity(args.ckpt, req, args.use_prior)
             groups.close(sync=True)
     except errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return user_error(f"error: {e}")
     finally:
         groups.close()
     if int(os.environ.get("RANK", "0")) == 0:

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from maskllm_megatron.launch import exit_cleanly_on_sigterm, relaunch, under_torchrun
+from maskllm_megatron.launch import exit_cleanly_on_sigterm, relaunch, under_torchrun, user_error
 
 EXAMPLES = """examples:
   maskllm-export --ckpt runs/smollm2/checkpoints/iter_0000200 --out out/smollm2-2of4-hf --format hf
@@ -123,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = apply_masks(args.hf, args.masks, args.out, args.overwrite, int(args.max_shard_size * 2**30))
         except (ValueError, OSError) as e:  # bad input: one line
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return user_error(f"error: {e}")
         print(result.summary())
         return 0
     args = _export_parser().parse_args(argv)
@@ -152,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         result = export(cfg)
         groups.close(sync=True)
     except ValueError as e:  # bad input (every error class for it derives from ValueError): one line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return user_error(f"error: {e}")
     finally:
         groups.close()
     if result is not None:

@@ -301,7 +301,7 @@ def verify_run_checkpoint(path: str | Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from maskllm_megatron.launch import quiet_known_warnings
+    from maskllm_megatron.launch import quiet_known_warnings, user_error
 
     quiet_known_warnings()
     parser = argparse.ArgumentParser(
@@ -325,8 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = NMSpec.parse(args.nm) if args.nm else None
         report = verify_path(args.path, spec, args.targets, args.skip)
     except (FormatError, ConversionError, ValueError, re.error) as e:  # CheckpointMismatch is a ValueError
-        print(f"maskllm-verify: error: {e}", file=sys.stderr)
-        return 2
+        return user_error(f"maskllm-verify: error: {e}")
     for line in report.failures:
         print(f"FAIL {line}")
     print(report.summary())

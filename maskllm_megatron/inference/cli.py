@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..launch import user_error
 from .compress import compress, sparsity_record
 from .kernel import KernelUnavailable
 from .linear import CompressError
@@ -168,8 +169,7 @@ def main(argv=None) -> int:
         result = measure(args.hf, args.prompt, args.new_tokens, args.batch, args.dtype, args.threads, args.repeats,
                          args.prefill, args.isa)
     except (GenerateError, CompressError, KernelUnavailable, OSError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
+        return user_error(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

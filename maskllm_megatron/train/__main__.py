@@ -10,7 +10,7 @@ from .config import ConfigError, TrainConfig
 
 
 def main(argv=None) -> int:
-    from ..launch import quiet_known_warnings
+    from ..launch import quiet_known_warnings, user_error
 
     quiet_known_warnings()
     p = argparse.ArgumentParser(prog="maskllm-train", description=__doc__,
@@ -23,8 +23,7 @@ def main(argv=None) -> int:
     try:
         cfg = TrainConfig.load(args.config, tuple(args.overrides)).validate()  # before megatron is imported
     except ConfigError as e:
-        print(f"maskllm-train: {e}", file=sys.stderr)
-        return 2
+        return user_error(f"maskllm-train: {e}")
     from ..data.datasets import DataConfigError
     from ..data.tokenizer import TokenizerError
     from ..checkpoint_folders import FolderError
@@ -41,9 +40,9 @@ def main(argv=None) -> int:
         hold(cfg.run.out_dir, cfg.parallel.timeout_minutes)  # torch.distributed, and the run folder's lock
         train(cfg)
         groups.close(sync=True)
-    except (ConfigError, TrainingStopped, FolderError, DataConfigError, TokenizerError, ModelConfigError,
-            MetricsError) as e:
-        # what the user gave does not fit (a path, a layout, a dataset), or the run stopped itself: one line
+    except (ConfigError, FolderError, DataConfigError, TokenizerError, ModelConfigError, MetricsError) as e:
+        return user_error(f"maskllm-train: {e}")  # what the user gave does not fit (a path, a layout, a dataset)
+    except TrainingStopped as e:  # the run stopped itself (a non-finite step): the work failed, in one line
         print(f"maskllm-train: {e}", file=sys.stderr)
         return 1
     except Exception as e:

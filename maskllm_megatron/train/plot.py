@@ -131,7 +131,7 @@ def _line(ax, xy, title: str, ylabel: str, color: str, marker: Optional[str] = N
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from ..launch import quiet_known_warnings
+    from ..launch import quiet_known_warnings, user_error
 
     quiet_known_warnings()
     p = argparse.ArgumentParser(prog="maskllm-plot", description=__doc__,
@@ -146,8 +146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         records = load_records(path)
         plot_records(records, out, args.title or path.parent.absolute().name)
     except PlotError as e:
-        print(f"maskllm-plot: {e}", file=sys.stderr)
-        return 2
+        return user_error(f"maskllm-plot: {e}")
     print(f"maskllm-plot: wrote {out} ({len(records)} records from {path})")
     return 0
 
