@@ -21,13 +21,8 @@ def _run(*args: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    from maskllm_megatron.assets import smollm2_hf_dir
-
-    hf = smollm2_hf_dir()
-    ckpt = tmp_path_factory.mktemp("smollm2") / "mcore"
-    memory = _run(str(ROOT / "tests" / "scripts" / "convert_rss.py"), str(hf), str(ckpt))
-    return hf, ckpt, memory
+def smollm2(smollm2_mcore):
+    return smollm2_mcore
 
 
 def test_smollm2_logits_and_perplexity_match_transformers(smollm2):

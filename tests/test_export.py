@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import built_once
 from tests.torchrun_util import printed_result, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,17 +46,16 @@ def save_tiny_llama(folder: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> dict:
-    """Built once per session (test_perplexity uses it too): the worker's results and the folder."""
-    work = tmp_path_factory.getbasetemp() / "export_tiny_run"
-    done = work / "results.json"
-    if not done.is_file():
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
+    """Built once per session for every worker (test_perplexity uses it too): the worker's results and the
+    folder."""
+    def build(work: Path) -> None:
         save_tiny_llama(work / "hf")
         made = printed_result(torchrun(WORKER, "make", str(work), nproc=2))
         tp1 = printed_result(torchrun(WORKER, "tp1", str(work), nproc=1))
-        done.write_text(json.dumps({"make": made, "tp1": tp1}))
-    r = json.loads(done.read_text())
+        (work / "results.json").write_text(json.dumps({"make": made, "tp1": tp1}))
+
+    work = built_once(tmp_path_factory, "export_tiny_run", build)
+    r = json.loads((work / "results.json").read_text())
     r["work"] = work
     r["ref"] = torch.load(work / "ref.pt")
     return r
@@ -329,21 +329,18 @@ def test_smollm2_magnitude_mask_file_near_the_floor(smollm2_export):
 
 
 @pytest.fixture(scope="session")
-def smollm2_export(tmp_path_factory) -> dict:
+def smollm2_export(tmp_path_factory, smollm2_mcore) -> dict:
     """SmolLM2 converted at TP=1, magnitude prior run checkpoint, exports and mcore perplexities (shared
     with test_perplexity)."""
-    from maskllm_megatron.assets import smollm2_hf_dir
-
-    work = tmp_path_factory.getbasetemp() / "export_smollm2"
-    done = work / "results.json"
-    if not done.is_file():
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
-        proc = subprocess.run([sys.executable, SMOLLM2_WORKER, str(smollm2_hf_dir()), str(work), "384"],
+    def build(work: Path) -> None:
+        hf, base, _ = smollm2_mcore
+        proc = subprocess.run([sys.executable, SMOLLM2_WORKER, str(hf), str(work), "384", str(base)],
                               capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"})
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-        done.write_text(json.dumps(printed_result(proc.stdout)))
-    r = json.loads(done.read_text())
+        (work / "results.json").write_text(json.dumps(printed_result(proc.stdout)))
+
+    work = built_once(tmp_path_factory, "export_smollm2", build)
+    r = json.loads((work / "results.json").read_text())
     r["work"] = work
     return r
 

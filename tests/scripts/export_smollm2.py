@@ -1,7 +1,8 @@
 """Worker (one process, TP=1): real SmolLM2-135M weights through convert -> sparsify with the magnitude 2:4
 prior -> run checkpoint -> ``--use-prior`` exports (mask file, HF folder) and megatron-core perplexities.
 
-    python tests/scripts/export_smollm2.py HF_DIR WORKDIR MAX_TOKENS
+    python tests/scripts/export_smollm2.py HF_DIR WORKDIR MAX_TOKENS [BASE]
+BASE: HF_DIR already converted at TP=1 (not converted again).
 Prints one line ``RESULT {...}``.
 """
 import contextlib
@@ -28,21 +29,23 @@ def main():
     from maskllm_megatron.prune.methods import magnitude_mask
 
     hf, work, max_tokens = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    base = Path(sys.argv[4]) if len(sys.argv) > 4 else work / "base"
     times = {}
     t = time.time()
-    with contextlib.redirect_stdout(io.StringIO()):
-        hf_to_mcore(hf, work / "base", tp=1, show_progress=False)
+    if len(sys.argv) <= 4:
+        with contextlib.redirect_stdout(io.StringIO()):
+            hf_to_mcore(hf, base, tp=1, show_progress=False)
     times["convert"] = time.time() - t
     init_parallel(1, 1)
     t = time.time()
-    info = CheckpointInfo.load(work / "base")
+    info = CheckpointInfo.load(base)
     cfg = SparsifyConfig(mask=MaskConfig(nm="2:4"))
     model = build_gpt_model(info.model, info.model.to_transformer_config(1, 1, "fp32", perform_initialization=False))
     sparsify(model, cfg)
-    load_checkpoint(model, work / "base")
+    load_checkpoint(model, base)
     for layer in masked_layers(model):
         layer.set_prior(magnitude_mask(layer.weight.detach(), layer.nm))
-    run_cfg = {"model": {"checkpoint": str(work / "base")},
+    run_cfg = {"model": {"checkpoint": str(base)},
                "mask": {"nm": "2:4", "include": list(cfg.include), "exclude": list(cfg.exclude)}}
     save_checkpoint(model, work / "run" / "iter_0000000", extra={"iteration": 0, "config": run_cfg})
     del model
@@ -56,7 +59,7 @@ def main():
                         "floor": r.floor_bits_per_weight, "weights": r.masked_weights, "summary": r.summary()}
     req = EvalRequest(corpus_text("wikipedia-heldout"), max_tokens=max_tokens, **WINDOW)
     t = time.time()
-    ppl = {"dense": mcore_perplexity(work / "base", req).ppl,
+    ppl = {"dense": mcore_perplexity(base, req).ppl,
            "magnitude": mcore_perplexity(work / "run" / "iter_0000000", req, use_prior=True).ppl}
     times["ppl"] = time.time() - t
     print("RESULT " + json.dumps({"results": results, "ppl_mcore": ppl, "times": times}), flush=True)
