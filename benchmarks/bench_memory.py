@@ -84,7 +84,8 @@ def one_configuration(args, distributed_optimizer: bool, dtype: str) -> dict:
     """Build the sparsified model + optimizer, take one step, measure this rank."""
     from megatron.core import parallel_state
 
-    from maskllm_megatron.train.trainer import build_model, build_optimizer, run_batches
+    from maskllm_megatron.train.setup import build_model, build_optimizer
+    from maskllm_megatron.train.step import run_batches
 
     cfg = run_config(args.ckpt, 1, args.seq, parallel_state.get_data_parallel_world_size(),
                      distributed_optimizer, dtype)
@@ -165,7 +166,7 @@ def main(argv=None):
     if not (args.ckpt / "model_config.json").is_file():
         raise SystemExit(f"{args.ckpt} has no converted checkpoint: run benchmarks/bench_model_step.py once "
                          "without torchrun (it converts the cached SmolLM2), or pass --ckpt")
-    from maskllm_megatron.train.trainer import setup_parallel
+    from maskllm_megatron.train.setup import setup_parallel
 
     cfg = run_config(args.ckpt, 1, args.seq, int(os.environ["WORLD_SIZE"]))
     env = setup_parallel(cfg)
@@ -175,7 +176,7 @@ def main(argv=None):
     measured = {(dtype, name): one_configuration(args, name == "distributed", dtype)
                 for dtype in dtypes for name in ("plain", "distributed")}
     projected = project(measured)
-    if env["rank"] == 0:
+    if env.rank == 0:
         first = next(iter(measured.values()))
         print(f"SmolLM2-135M sparsified (2:4), TP=1 DP={first['dp']}, "
               f"{first['masked_weights'] / 1e6:.1f}M masked weights; bytes per masked weight")
@@ -235,7 +236,8 @@ def moe_configuration(ckpt: Path, seq: int, ep: int, distributed_optimizer: bool
     from megatron.core import parallel_state
 
     from maskllm_megatron.megatron.model_builder import is_expert_name
-    from maskllm_megatron.train.trainer import build_model, build_optimizer, run_batches
+    from maskllm_megatron.train.setup import build_model, build_optimizer
+    from maskllm_megatron.train.step import run_batches
 
     world = torch.distributed.get_world_size()
     cfg = moe_config(ckpt, seq, world, ep, distributed_optimizer, dtype)
@@ -314,7 +316,7 @@ def project_experts(measured: dict, expert_dp_sizes=(1, 8)) -> dict:
 
 
 def moe_main(args) -> None:
-    from maskllm_megatron.train.trainer import setup_parallel
+    from maskllm_megatron.train.setup import setup_parallel
 
     world, ep = int(os.environ["WORLD_SIZE"]), 2
     ckpt = Path(args.moe_ckpt).absolute()
@@ -325,7 +327,7 @@ def moe_main(args) -> None:
     measured = {f"{dtype} {name}": moe_configuration(ckpt, args.seq, ep, name == "distributed", dtype)
                 for dtype in dtypes for name in ("plain", "distributed")}
     projected = project_experts(measured)
-    if env["rank"] == 0:
+    if env.rank == 0:
         first = next(iter(measured.values()))
         print(f"MoE (Qwen2-MoE shape, 8 experts, top-2, shared expert) at EP={ep}, TP=1, {world} ranks: dense DP "
               f"{first['dense_dp']}, expert DP {first['expert_dp']}; {first['expert']['masked_weights_per_gpu'] / 1e6:.2f}M "

@@ -14,7 +14,7 @@ on CPU.
              --micro-batch 2 --seq 256 --repeats 5 --settle 1 --json OUT.json
              --profile OUT.txt (after timing: torch.profiler tables of one dense and one mask step, rank 0)
 
-Each step is what the driver runs (``maskllm_megatron.train.trainer``): ``zero_grad_buffer``, megatron's
+Each step is what the driver runs (``maskllm_megatron.train.step``): ``zero_grad_buffer``, megatron's
 forward/backward schedule (``run_batches``), the megatron optimizer's step (Adam, clipping, DDP
 gradient all-reduce) and the scheduler, built by the driver's ``build_model`` / ``build_optimizer``.
 The variants run interleaved (the order rotates every round), each timed step right after ``--settle``
@@ -126,7 +126,7 @@ def hf_dense_step(cfg, batch):
 def make_step(cfg, ddp, optimizer, scheduler, batch, dp_rank: int, masks=None, teacher=None):
     """A closure running one full training iteration, as the driver's loop does: the masked model's with its
     ``MaskController`` ``masks`` (None: the dense model's); with a ``teacher``: the driver's distillation."""
-    from maskllm_megatron.train.trainer import run_batches
+    from maskllm_megatron.train.step import run_batches
 
     state = {"it": 100}
 
@@ -214,13 +214,13 @@ def main(argv=None):
 
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
-    from maskllm_megatron.train.trainer import apply_prior, build_model, build_optimizer, setup_parallel
+    from maskllm_megatron.train.setup import apply_prior, build_model, build_optimizer, setup_parallel
 
     world = int(os.environ["WORLD_SIZE"])
     cfg = run_config(ckpt, args.micro_batch, args.seq, world, args.distributed_optimizer)
     env = setup_parallel(cfg)
-    rank0 = env["rank"] == 0
-    batch = text_batch(ckpt, args.micro_batch, args.seq, env["dp_rank"])
+    rank0 = env.rank == 0
+    batch = text_batch(ckpt, args.micro_batch, args.seq, env.dp_rank)
 
     model, info, masks = build_model(cfg)  # sparsified, frozen weights, dense weights loaded
     apply_prior(cfg, model, None)  # magnitude prior: realistic logits (no calibration data needed)
@@ -230,12 +230,12 @@ def main(argv=None):
     d_ddp, d_opt, d_sched = build_optimizer(cfg, d_model, None)
     m_ddp.train()
     d_ddp.train()
-    mask_step = make_step(cfg, m_ddp, m_opt, m_sched, batch, env["dp_rank"], masks)
-    from maskllm_megatron.train.trainer import Teacher
+    mask_step = make_step(cfg, m_ddp, m_opt, m_sched, batch, env.dp_rank, masks)
+    from maskllm_megatron.train.step import Teacher
 
-    steps = {"dense": make_step(cfg, d_ddp, d_opt, d_sched, batch, env["dp_rank"]),
+    steps = {"dense": make_step(cfg, d_ddp, d_opt, d_sched, batch, env.dp_rank),
              "mask_fused": mask_step, "mask_compiled": mask_step, "mask_eager": mask_step,
-             "mask_distill": make_step(cfg, m_ddp, m_opt, m_sched, batch, env["dp_rank"], masks,
+             "mask_distill": make_step(cfg, m_ddp, m_opt, m_sched, batch, env.dp_rank, masks,
                                        teacher=Teacher(kd_weight=0.5, temperature=1.0))}
     if "hf_dense" in variants:
         steps["hf_dense"] = hf_dense_step(cfg, batch)
@@ -267,21 +267,21 @@ def main(argv=None):
         tables = {name: profile_step(lambda: run(name), args.profile_rows) for name in variants}
         if rank0:
             write_atomic(args.profile, "".join(f"== {n} step (rank 0, {args.micro_batch} x {args.seq} tokens, "
-                                               f"DP={env['dp_size']})\n{t}\n" for n, t in tables.items()))
+                                               f"DP={env.dp_size})\n{t}\n" for n, t in tables.items()))
 
     med = {v: statistics.median(ts) for v, ts in times.items()}
     per_round = {v: statistics.median(a / b for a, b in zip(times[v], times["dense"])) for v in variants[1:]}
     results = {
-        "model": "SmolLM2-135M", "tp": 1, "dp": env["dp_size"], "distributed_optimizer": args.distributed_optimizer,
+        "model": "SmolLM2-135M", "tp": 1, "dp": env.dp_size, "distributed_optimizer": args.distributed_optimizer,
         "micro_batch": args.micro_batch, "seq": args.seq, "settle_steps": args.settle,
-        "tokens_per_step": args.micro_batch * args.seq * env["dp_size"], "threads_per_rank": torch.get_num_threads(),
+        "tokens_per_step": args.micro_batch * args.seq * env.dp_size, "threads_per_rank": torch.get_num_threads(),
         "masked_weights": n_masked, "repeats": args.repeats, "median_s": med, "all_s": times,
         "optimizer_step_median_s": {v: statistics.median(ts) for v, ts in opt_times.items()},
         "page_faults_median": {v: statistics.median(n) for v, n in faults.items()},
         "over_dense": {v: med[v] / med["dense"] for v in variants[1:]},
         "median_round_ratio": per_round}
     if rank0:
-        print(f"SmolLM2-135M step, TP=1 DP={env['dp_size']}, {args.micro_batch} x {args.seq} tokens per rank, "
+        print(f"SmolLM2-135M step, TP=1 DP={env.dp_size}, {args.micro_batch} x {args.seq} tokens per rank, "
               f"{torch.get_num_threads()} threads per rank, median of {args.repeats}")
         for v in variants:
             print(f"  {v:13s} {med[v] * 1e3:8.0f} ms   / dense = {med[v] / med['dense']:.3f}   (optimizer step "

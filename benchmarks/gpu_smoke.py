@@ -166,7 +166,8 @@ def bench_layer(device: str, shapes, tokens: int, repeats: int, profile_to: str 
 def bench_model_step(device: str, layers: int, micro_batch: int, seq: int, repeats: int) -> dict:
     from maskllm_megatron.megatron.model_builder import ModelConfig, build_gpt_model
     from maskllm_megatron.megatron.sparsify import sparsify
-    from maskllm_megatron.train.trainer import apply_prior, build_optimizer, run_batches
+    from maskllm_megatron.train.setup import apply_prior, build_optimizer
+    from maskllm_megatron.train.step import run_batches
 
     cfg = driver_config(micro_batch, seq)
     mc = ModelConfig(**dict(SMOLLM2, num_layers=layers))
@@ -293,7 +294,7 @@ def main(argv=None) -> int:
         raise SystemExit("no CUDA device: run on a GPU machine, or pass --small for a CPU dry run")
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29561")
-    from maskllm_megatron.train.trainer import setup_parallel
+    from maskllm_megatron.train.setup import setup_parallel
 
     setup_parallel(driver_config(1, 128))
     if args.small:

@@ -189,26 +189,27 @@ def measure(args, name: str, overrides: dict, seq: int) -> dict:
     from maskllm_megatron.megatron.model_builder import build_gpt_model
     from maskllm_megatron.prune.methods import magnitude_mask
     from maskllm_megatron.train.memory import Layout, estimate
-    from maskllm_megatron.train.trainer import build_optimizer, run_batches, setup_parallel, sparsify_model
+    from maskllm_megatron.train.setup import build_optimizer, setup_parallel, sparsify_model
+    from maskllm_megatron.train.step import run_batches
 
     cfg = train_config(args, overrides, seq)
     env = setup_parallel(cfg)
     mc = model_config(args)
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
-    mb, num_micro = args.micro_batch, cfg.data.global_batch_size // (args.micro_batch * env["dp_size"])
+    mb, num_micro = args.micro_batch, cfg.data.global_batch_size // (args.micro_batch * env.dp_size)
     tokens = torch.randint(0, mc.vocab_size, (num_micro, mb, seq + 1), generator=g)
     batches = [{"tokens": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous(), "loss_mask": torch.ones(mb, seq),
                 "position_ids": torch.arange(seq).expand(mb, seq), "attention_mask": None} for t in tokens]
-    from maskllm_megatron.train import trainer
+    from maskllm_megatron.train import step
 
-    loss_func = trainer._loss_func
+    loss_func = step._loss_func
 
     def marked_loss(*a, **k):  # the level when the forward has ended (the last stage's loss)
         peak.mark("forward_end")
         return loss_func(*a, **k)
 
-    trainer._loss_func = marked_loss
+    step._loss_func = marked_loss
     with CollectiveTensorsFreedHere(), AllocatorPeak() as peak:
         tcfg = mc.to_transformer_config(cfg.parallel.tp, cfg.parallel.pp, "fp32", **cfg.recompute_overrides())
         model = build_gpt_model(mc, tcfg)
@@ -227,14 +228,14 @@ def measure(args, name: str, overrides: dict, seq: int) -> dict:
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
             run_batches(cfg, ddp, batches, num_micro, forward_only=False,
-                        sample_masks=lambda m: masks.step(it, m * env["dp_size"] + env["dp_rank"], 1.0))
+                        sample_masks=lambda m: masks.step(it, m * env.dp_size + env.dp_rank, 1.0))
             optimizer.step()
             peak.mark(f"after_step_{it}")
         del ddp, optimizer, model
         masks = None  # the controller holds the model too
     layout = Layout.from_config(cfg, torch.distributed.get_world_size(), "fp32")
     est = estimate(mc, layout)
-    trainer._loss_func = loss_func
+    step._loss_func = loss_func
     local = {"peak": peak.peak, "state": peak.levels["after_step_0"], "stage": parallel_state.get_pipeline_model_parallel_rank(),
              "forward_end": peak.levels.get("forward_end"), "levels": peak.levels}
     ranks = [None] * torch.distributed.get_world_size()

@@ -56,7 +56,7 @@ def validation_paths(tp):
     from maskllm_megatron.masks import MaskConfig
     from maskllm_megatron.megatron.sparsify import dense_forward
     from maskllm_megatron.megatron.sparsify import SparsifyConfig, sparsify
-    from maskllm_megatron.train.trainer import Teacher, _mean_loss, run_batches
+    from maskllm_megatron.train.step import Teacher, mean_loss, run_batches
 
     sys.path.insert(0, str(Path(__file__).parent))
     from sparsify_worker import build, model_config
@@ -69,12 +69,12 @@ def validation_paths(tp):
     batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(2, 16),
              "position_ids": torch.arange(16).expand(2, 16), "attention_mask": None}
     cfg = SimpleNamespace(data=SimpleNamespace(seq_length=16, micro_batch_size=2))
-    plain = _mean_loss(run_batches(cfg, model, [batch, batch], 2, forward_only=True))
+    plain = mean_loss(run_batches(cfg, model, [batch, batch], 2, forward_only=True))
     paired = run_batches(cfg, model, [batch, batch], 2, forward_only=True, teacher=Teacher())
     with dense_forward(model):
         dense = run_batches(cfg, model, [batch], 1, forward_only=True, teacher=Teacher())
-    return {"ce_equal": plain == _mean_loss(paired), "kl_masked": _mean_loss(paired, key="kd loss"),
-            "kl_self": _mean_loss(dense, key="kd loss")}
+    return {"ce_equal": plain == mean_loss(paired), "kl_masked": mean_loss(paired, key="kd loss"),
+            "kl_self": mean_loss(dense, key="kd loss")}
 
 
 @torch.no_grad()

@@ -14,10 +14,10 @@ import torch
 
 def finite(config: str, fault: str) -> dict:
     from maskllm_megatron.run_folder import checkpoints_folder, newest_complete
-    from maskllm_megatron.train import trainer
+    from maskllm_megatron.train import setup, trainer
     from maskllm_megatron.train.config import TrainConfig
 
-    real_build = trainer.build_optimizer
+    real_build = setup.build_optimizer
 
     class Faulty:
         def __init__(self, optimizer, model):
@@ -39,11 +39,11 @@ def finite(config: str, fault: str) -> dict:
                     layer.mask_logits.data[0, 0, 0] = float("nan")
             return ok, norm, zeros
 
-    def build(cfg, model):
-        ddp, optimizer, scheduler = real_build(cfg, model)
+    def build(cfg, model, masks):
+        ddp, optimizer, scheduler = real_build(cfg, model, masks)
         return ddp, Faulty(optimizer, model), scheduler
 
-    trainer.build_optimizer = build
+    setup.build_optimizer = build
     cfg = TrainConfig.load(config, ())
     try:
         trainer.train(cfg)

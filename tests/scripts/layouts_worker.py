@@ -68,15 +68,16 @@ def run(tiny: Path, overrides: dict) -> dict:
 
     from maskllm_megatron.megatron.sparsify import masked_layers
     from maskllm_megatron.train.data import build_data
-    from maskllm_megatron.train.trainer import _mean_loss, apply_prior, build_model, build_optimizer, run_batches, setup_parallel
+    from maskllm_megatron.train.setup import apply_prior, build_model, build_optimizer, setup_parallel
+    from maskllm_megatron.train.step import mean_loss, run_batches
 
     cfg = config(tiny, overrides)
     env = setup_parallel(cfg)
     model, info, masks = build_model(cfg)
-    data = build_data(cfg, info, env["dp_rank"], env["dp_size"])
+    data = build_data(cfg, info, env.dp_rank, env.dp_size)
     apply_prior(cfg, model, data)
     ddp, optimizer, scheduler = build_optimizer(cfg, model, masks)
-    num_micro = cfg.data.global_batch_size // (cfg.data.micro_batch_size * env["dp_size"])
+    num_micro = cfg.data.global_batch_size // (cfg.data.micro_batch_size * env.dp_size)
     batches = data.train_iterations(0, num_micro)
     tp_first = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
     losses, grads = [], []
@@ -85,8 +86,8 @@ def run(tiny: Path, overrides: dict) -> dict:
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         results = run_batches(cfg, ddp, next(batches), num_micro, forward_only=False, sample_masks=lambda mb:
-                              masks.step(it, mb * env["dp_size"] + env["dp_rank"], 1.0 / num_micro))
-        losses.append(_mean_loss(results, parallel_state.get_data_parallel_group()))
+                              masks.step(it, mb * env.dp_size + env.dp_rank, 1.0 / num_micro))
+        losses.append(mean_loss(results, parallel_state.get_data_parallel_group()))
         step = {}
         for layer in masked_layers(model):
             full = layer.gather_global(layer.mask_logits.main_grad.view_as(layer.mask_logits))
@@ -201,7 +202,8 @@ def layernorm_sp() -> dict:
     logits' and every norm parameter's reduced gradient (weight and bias), and the norms' attributes."""
     from maskllm_megatron.megatron.model_builder import ModelConfig, build_gpt_model
     from maskllm_megatron.train.config import TrainConfig
-    from maskllm_megatron.train.trainer import _mean_loss, build_optimizer, run_batches, setup_parallel, sparsify_model
+    from maskllm_megatron.train.setup import build_optimizer, setup_parallel, sparsify_model
+    from maskllm_megatron.train.step import mean_loss, run_batches
 
     mc = ModelConfig(family="nemotron", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                      num_query_groups=2, vocab_size=256, max_position_embeddings=64, normalization="LayerNorm",
@@ -223,7 +225,7 @@ def layernorm_sp() -> dict:
         ddp.train()
         results = run_batches(cfg, ddp, [batch], 1, forward_only=False, sample_masks=lambda mb: masks.step(0, 0))
         norms = {n: p for n, p in model.named_parameters() if "layernorm" in n}
-        out[sp] = {"loss": _mean_loss(results), "norms": {n: p.main_grad.clone() for n, p in norms.items()},
+        out[sp] = {"loss": mean_loss(results), "norms": {n: p.main_grad.clone() for n, p in norms.items()},
                    "attributes": sorted({getattr(p, "sequence_parallel", None) for p in norms.values()}, key=str),
                    "biases": sum(n.endswith(".bias") for n in norms),
                    "logits": [layer.gather_global(layer.mask_logits.main_grad.view_as(layer.mask_logits))
