@@ -32,7 +32,8 @@ def _export_parser() -> argparse.ArgumentParser:
         description="Export a mask-learning checkpoint with its hard (argmax) N:M masks applied, verified. "
                     "Run 'maskllm-export apply-masks --help' to apply a mask file to a dense HF model.")
     ap.add_argument("--ckpt", required=True, type=Path,
-                    help="run checkpoint (OUT/checkpoints/iter_XXXXXXX, or a folder with a 'latest' pointer)")
+                    help="run checkpoint (OUT/checkpoints/iter_XXXXXXX, or a run folder: the checkpoint its "
+                         "driver would resume from, the newest complete one that verifies)")
     ap.add_argument("--out", required=True, type=Path, help="folder (mask file for --format masks) to create")
     ap.add_argument("--format", required=True, choices=["mcore", "hf", "compressed-tensors", "masks"])
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size to load at (default 1)")
