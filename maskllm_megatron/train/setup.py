@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -17,6 +17,9 @@ from .config import ConfigError, TrainConfig
 from .metrics import MetricsLogger, host_rss_bytes, peak_memory_bytes
 from .rank_guards import resume_checkpoint
 from .step import Teacher
+
+if TYPE_CHECKING:
+    from ..megatron.sparsify import MaskController
 
 
 # -- parallel state ---------------------------------------------------------------------------------
@@ -274,7 +277,7 @@ class Run:
     cfg: TrainConfig
     env: ParallelEnv
     model: torch.nn.Module  # this rank's stage of the sparsified GPTModel (``ddp.module``)
-    masks: Any  # its ``megatron.sparsify.MaskController``
+    masks: MaskController  # its masks' controller (what ``sparsify`` returned)
     ddp: Any  # megatron's DistributedDataParallel around ``model``
     optimizer: Any
     scheduler: Any
