@@ -213,7 +213,7 @@ class _MaskedLinearMixin:
         The logits become the one-hot of each group's prior pattern, so their argmax, which every tool
         reading a checkpoint takes as the mask (the export included), is the prior exactly; they stop
         learning. The weight learns through ``W * mask``: pruned weights get no gradient. A teacher for
-        distillation is a copy of the dense weight (``sparsify.keep_teacher_copy``).
+        distillation is a copy of the dense weight (``MaskController.keep_teacher_copy``).
 
         On a resume no prior is stored yet: call this on the dense model before the optimizer is built, and
         the refit checkpoint loaded afterwards brings the prior mask, the one-hot logits and the refit

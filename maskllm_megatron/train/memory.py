@@ -5,7 +5,7 @@ the mask logits (C(M,N)/M per masked weight, in the model's dtype), the prior ma
 weight), the gradient buffers (fp32: the driver reduces in fp32), the optimizer state (Adam's two fp32
 moments and, for a bf16 model, the fp32 master copy; split over data-parallel ranks by the distributed
 optimizer), the teacher's copy of the weights that train when a run distils while they train (joint
-training or a refit; ``sparsify.keep_teacher_copy``), and the activations of a training step at its peak.
+training or a refit; ``MaskController.keep_teacher_copy``), and the activations of a training step at its peak.
 Pure arithmetic: it is used by the driver's start-up line, ``benchmarks/memory_model.py`` (the check
 against measured peaks) and the README.
 
