@@ -207,7 +207,7 @@ def moe_model_config():
 
 
 def moe_config(ckpt: Path, seq: int, world: int, ep: int, distributed_optimizer: bool, dtype: str):
-    from maskllm_megatron.train.config import TrainConfig
+    from maskllm_megatron.run_config import TrainConfig
 
     return TrainConfig.from_dict({
         "model": {"checkpoint": str(ckpt), "dtype": dtype},

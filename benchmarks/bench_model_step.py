@@ -53,7 +53,7 @@ def ensure_checkpoint(ckpt: Path) -> Path:
 def run_config(ckpt: Path, micro_batch: int, seq: int, dp: int, distributed_optimizer: bool = False,
                dtype: str = "fp32"):
     """A driver config for this benchmark (data.train is required by validation but never read)."""
-    from maskllm_megatron.train.config import TrainConfig
+    from maskllm_megatron.run_config import TrainConfig
 
     return TrainConfig.from_dict({
         "model": {"checkpoint": str(ckpt), "dtype": dtype},

@@ -73,7 +73,7 @@ def timed(fn, device: str, repeats: int, warmup: int = 2) -> float:
 
 def driver_config(micro_batch: int, seq: int):
     """A driver config (model.checkpoint / data.train are required by validation, never read here)."""
-    from maskllm_megatron.train.config import TrainConfig
+    from maskllm_megatron.run_config import TrainConfig
 
     return TrainConfig.from_dict({
         "model": {"checkpoint": "unused", "dtype": "bf16"}, "parallel": {"distributed_optimizer": True},

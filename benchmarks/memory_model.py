@@ -57,7 +57,7 @@ def model_config(args):
 
 
 def train_config(args, overrides: dict, seq: int):
-    from maskllm_megatron.train.config import TrainConfig
+    from maskllm_megatron.run_config import TrainConfig
 
     return TrainConfig.from_dict({
         "model": {"checkpoint": "unused"}, "data": {"train": ["unused"], "seq_length": seq,

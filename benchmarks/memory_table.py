@@ -45,7 +45,7 @@ HEADROOM = 0.9
 
 def rows() -> list[dict]:
     from maskllm_megatron.convert.mapping import model_config_from_hf
-    from maskllm_megatron.train.config import TrainConfig
+    from maskllm_megatron.run_config import TrainConfig
     from maskllm_megatron.train.memory import Layout, estimate
 
     out = []

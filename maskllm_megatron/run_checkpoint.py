@@ -1,7 +1,7 @@
 """A run checkpoint (the folder kind ``maskllm-train`` writes; ``run_folder`` says which one a run means,
 ``checkpoint_folders`` checks it) read as the tools that turn a run into a model need it:
 ``maskllm-export`` and ``maskllm-eval``. Its extra state holds the run's config (read with the driver's
-schema, ``train.config``; nothing else of the driver), which names the converted checkpoint the run
+schema, ``run_config``; nothing of the driver), which names the converted checkpoint the run
 started from.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from maskllm_megatron.convert.checkpoint import CheckpointInfo
 from maskllm_megatron.convert.mapping import model_type_of
 from maskllm_megatron.masks.patterns import NMSpec
 from maskllm_megatron.run_folder import resolve_run_checkpoint, tell
-from maskllm_megatron.train.config import TrainConfig
+from maskllm_megatron.run_config import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -153,7 +153,7 @@ def test_learn_stage_is_finished_only_at_its_last_iteration(tmp_path, monkeypatc
     assert "stopped at iter_0000004 of 10 iterations" in str(e.value)
     partial, = tmp_path.glob("maskllm-*.partial")
     cfg = yaml.safe_load((partial / "maskllm.yaml").read_text())  # the recipe reaches the driver
-    from maskllm_megatron.train.config import TrainConfig
+    from maskllm_megatron.run_config import TrainConfig
 
     optim = TrainConfig.from_dict(cfg).to_dict()["optim"]  # as the driver reads it (its defaults filled in)
     assert (optim["lr"] * optim["mask_lr_mult"], optim["adam_eps"], optim["adam_beta2"], optim["clip_grad"]) == \
@@ -269,7 +269,7 @@ def test_recipe_schedules_and_joint_training_reach_the_driver():
 
     from maskllm_megatron import demo
     from maskllm_megatron.demo.pipeline import _recipe_settings
-    from maskllm_megatron.train.config import TrainConfig
+    from maskllm_megatron.run_config import TrainConfig
 
     p = argparse.ArgumentParser()
     demo.add_recipe_arguments(p)
@@ -353,7 +353,7 @@ def test_refit_stage_runs_a_driver_config_that_refits_the_runs_own_masks(tmp_pat
     import json
 
     from maskllm_megatron import demo
-    from maskllm_megatron.train.config import TrainConfig
+    from maskllm_megatron.run_config import TrainConfig
 
     configs = []
 

@@ -15,9 +15,8 @@ LAYERS = (
     ("masks",),  # pure torch: patterns, sampling, kernels, schedules
     ("prune", "inference"),  # pure torch: one-shot methods and reconstruction; compressed N:M linears (+ C++)
     ("megatron",),  # the glue: masked layers, sparsify, priors, process groups, checkpoints
-    ("convert", "data"),  # HF <-> megatron-core; tokenizers and indexed datasets
-    ("train",),  # the driver and its config
-    ("run_checkpoint",),  # a run checkpoint as export and eval read it (with train.config's schema)
+    ("convert", "data", "run_config"),  # HF <-> megatron-core; tokenizers and indexed datasets; the run's config
+    ("train", "run_checkpoint"),  # the driver; a run checkpoint as export and eval read it (not via the driver)
     ("export", "eval"),  # the tools that read run checkpoints
     ("demo",),
 )

@@ -89,7 +89,7 @@ def test_a_sequence_parallel_checkpoint_resumes_without_it_exactly(layouts):
      "the local spec recomputes core_attn and mlp (layernorm needs Transformer Engine's checkpoint"),
 ])
 def test_memory_options_are_refused_in_one_line(overrides, message):
-    from maskllm_megatron.train.config import ConfigError, TrainConfig
+    from maskllm_megatron.run_config import ConfigError, TrainConfig
 
     base = ("model.checkpoint=/ckpt", "data.train=[/d/x_text_document]")
     with pytest.raises(ConfigError) as e:
@@ -98,7 +98,7 @@ def test_memory_options_are_refused_in_one_line(overrides, message):
 
 
 def test_recompute_layer_count_is_checked_against_the_model():
-    from maskllm_megatron.train.config import ConfigError, TrainConfig
+    from maskllm_megatron.run_config import ConfigError, TrainConfig
 
     def cfg(*o):
         return TrainConfig.load(None, ("model.checkpoint=/c", "data.train=[/d/x]", "parallel.recompute=full", *o))

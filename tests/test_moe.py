@@ -166,7 +166,7 @@ def test_moe_training_at_tp2_is_refused_in_one_line(tmp_path):
     builds anything."""
     from maskllm_megatron.convert.checkpoint import CheckpointInfo
     from maskllm_megatron.megatron.model_builder import ModelConfig
-    from maskllm_megatron.train.config import ConfigError, TrainConfig
+    from maskllm_megatron.run_config import ConfigError, TrainConfig
     from maskllm_megatron.train.setup import build_model
 
     CheckpointInfo(ModelConfig(family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=32, num_attention_heads=4,

@@ -276,7 +276,7 @@ def test_malformed_config_and_nm_overrides_through_the_command(tmp_path):
                               text=True, timeout=120)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
         assert proc.stderr.startswith(message), proc.stderr
-    from maskllm_megatron.train.config import TrainConfig
+    from maskllm_megatron.run_config import TrainConfig
 
     for nm, n_m in (("1:4", (1, 4)), ("4:8", (4, 8))):
         cfg = TrainConfig.load(None, ("model.checkpoint=/data:ckpt", "data.train=[/d/x_text_document]", f"mask.nm={nm}"))
@@ -310,7 +310,7 @@ def test_sigterm_or_ctrl_c_saves_and_exits_cleanly(tiny, sig):
 
 @pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.stem)
 def test_example_configs_validate(example):
-    from maskllm_megatron.train.config import TrainConfig
+    from maskllm_megatron.run_config import TrainConfig
 
     cfg = TrainConfig.load(str(example)).validate()
     assert cfg.mask.nm == "2:4" and cfg.model.checkpoint and cfg.data.train
@@ -329,7 +329,7 @@ def test_example_configs_validate(example):
 
 def test_overrides_read_numbers_as_yaml_1_1_writes_them():
     """PyYAML reads 1e-5 (no dot) as a string: scalars and schedule items become numbers all the same."""
-    from maskllm_megatron.train.config import TrainConfig
+    from maskllm_megatron.run_config import TrainConfig
 
     cfg = TrainConfig.load(None, ("model.checkpoint=/ckpt", "data.train=[/data/x_text_document]", "optim.lr=1e-4",
                                   "mask.regularizer=[1e-5,0]", "mask.temperature=[4,5e-2]")).validate()
@@ -375,7 +375,7 @@ def test_overrides_read_numbers_as_yaml_1_1_writes_them():
     ({"mask": {"refit": True}, "prior": {"update_weights": True}}, "mask.refit with prior.update_weights"),
 ])
 def test_bad_config_is_one_line_naming_the_field(raw, message):
-    from maskllm_megatron.train.config import ConfigError, TrainConfig
+    from maskllm_megatron.run_config import ConfigError, TrainConfig
 
     base = {"model": {"checkpoint": "/ckpt"}, "data": {"train": ["/data/x_text_document"]}}
     with pytest.raises(ConfigError) as e:
@@ -384,7 +384,7 @@ def test_bad_config_is_one_line_naming_the_field(raw, message):
 
 
 def test_resume_conflicts_name_what_may_not_change():
-    from maskllm_megatron.train.config import TrainConfig
+    from maskllm_megatron.run_config import TrainConfig
 
     base = {"model": {"checkpoint": "/ckpt"}, "data": {"train": ["/data/x_text_document"]}}
     saved = TrainConfig.from_dict(base).validate().to_dict()
@@ -409,7 +409,7 @@ def test_resume_conflicts_name_what_may_not_change():
 
 
 def test_zero_init_noise_is_fine_without_a_prior():
-    from maskllm_megatron.train.config import TrainConfig
+    from maskllm_megatron.run_config import TrainConfig
 
     TrainConfig.from_dict({"model": {"checkpoint": "/ckpt"}, "data": {"train": ["/data/x_text_document"]},
                            "mask": {"init_std": 0.0}, "prior": {"method": "none"}}).validate()
@@ -463,7 +463,7 @@ def test_setup_parallel_after_a_conversion_in_the_same_process():
     "data parallel group is already initialized"."""
     code = """
 from maskllm_megatron.megatron.parallel import init_parallel
-from maskllm_megatron.train.config import TrainConfig
+from maskllm_megatron.run_config import TrainConfig
 from maskllm_megatron.train.setup import setup_parallel
 from megatron.core import parallel_state
 init_parallel(1, 1)
@@ -480,7 +480,7 @@ def test_calibration_takes_exactly_calib_samples(tiny):
     rounded down to whole micro-batches; asking for more than the training split holds is refused."""
     import torch
 
-    from maskllm_megatron.train.config import TrainConfig
+    from maskllm_megatron.run_config import TrainConfig
     from maskllm_megatron.train.data import RunData
 
     cfg = TrainConfig.load(write_config(tiny, "calib", data={"cache_dir": ""}), ()).validate()
@@ -630,7 +630,7 @@ def test_driver_defaults_are_the_librarys():
     hold the library's own fields (``_Library``: type and default declared once, in the library), and the
     builders pass every one of them on, with the anneal over the whole run and the run's seed."""
     from maskllm_megatron import MaskConfig, PriorConfig, SparsifyConfig
-    from maskllm_megatron.train.config import TrainConfig
+    from maskllm_megatron.run_config import TrainConfig
 
     cfg = TrainConfig()
     assert cfg.mask_config() == MaskConfig(total_steps=cfg.run.train_iters, seed=cfg.run.seed)

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..export.reconstruct import ReconstructRequest
 from ..launch import exit_user_error
 from ..megatron.configs import ReconstructConfig
-from ..train.config import ConfigError, TrainConfig
+from ..run_config import ConfigError, TrainConfig
 
 SEQ = 512  # tokens per sequence in every demo stage
 DP = 2  # mask learning runs torchrun with this many data-parallel processes
@@ -120,7 +120,7 @@ class LearnRecipe:
             raise ValueError(f"{name} {getattr(self, name)}: the driver refuses it: {e}") from None
 
     def driver_sections(self) -> dict:
-        """The driver config sections (``maskllm_megatron.train.config``) this recipe sets."""
+        """The driver config sections (``maskllm_megatron.run_config``) this recipe sets."""
         sections = _direct_sections(self)
         base_lr = self.weight_lr or self.lr / MASK_LR_MULT  # the driver's optim.lr: the weights'
         sections["optim"].update(lr=base_lr, min_lr=base_lr / 10)
@@ -178,7 +178,7 @@ class WeightRefit:
     warmup_iters: int = _recipe_field("optim.warmup_iters")
 
     def driver_sections(self) -> dict:
-        """The driver config sections (``maskllm_megatron.train.config``) this refit sets."""
+        """The driver config sections (``maskllm_megatron.run_config``) this refit sets."""
         sections = _direct_sections(self)
         sections["optim"].update(lr=self.lr, min_lr=self.lr / 10, weight_decay=0.0)
         sections["data"] = {"micro_batch_size": 1, "global_batch_size": DP * self.batch}

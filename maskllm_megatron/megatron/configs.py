@@ -1,7 +1,7 @@
 """The library's configuration objects for the Megatron glue: which linears are masked and what trains
 (``SparsifyConfig``), how one-shot priors are computed (``PriorConfig``) and how kept weights are refitted
 under fixed masks (``ReconstructConfig``); the mask sampler's own settings are ``masks.MaskConfig``. Each
-default and each check lives here once: the driver's config sections (``train/config.py``) and the
+default and each check lives here once: the driver's config sections (``run_config.py``) and the
 export's options take their defaults from these and build them to validate.
 
 No megatron-core import: a CLI can read and check a configuration without loading megatron.

@@ -6,7 +6,7 @@ launched plainly it runs as one process.
 import argparse
 import sys
 
-from .config import ConfigError, TrainConfig
+from ..run_config import ConfigError, TrainConfig
 
 
 def main(argv=None) -> int:

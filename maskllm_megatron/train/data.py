@@ -10,7 +10,7 @@ import torch
 
 from ..data.datasets import DataConfig, build_datasets, check_prefix, first_samples, micro_batches, parse_blend
 from ..data.tokenizer import load_tokenizer
-from .config import TrainConfig
+from ..run_config import TrainConfig
 
 
 def _model_batch(batch: dict) -> dict:

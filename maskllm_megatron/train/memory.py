@@ -73,7 +73,7 @@ class Layout:
 
     @classmethod
     def from_config(cls, cfg, world_size: int, dtype: str) -> "Layout":
-        """The layout of a driver config (``train.config.TrainConfig``) on ``world_size`` ranks."""
+        """The layout of a driver config (``run_config.TrainConfig``) on ``world_size`` ranks."""
         p, d = cfg.parallel, cfg.data
         dp = world_size // (p.tp * p.pp)
         nm = cfg.mask_config().nm

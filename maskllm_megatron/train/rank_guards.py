@@ -12,7 +12,7 @@ import torch
 from ..checkpoint_folders import FolderError, hold_run_folder
 from ..megatron.parallel import all_reduce_floats, init_process_group
 from ..run_folder import Readers, checkpoint_iteration, checkpoints_folder, newest_complete
-from .config import ConfigError
+from ..run_config import ConfigError
 
 
 def hold(out_dir: str | Path, timeout_minutes: Optional[float] = None) -> None:

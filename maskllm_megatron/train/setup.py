@@ -13,7 +13,7 @@ import torch
 
 from ..checkpoint_folders import DIST_FILES, MODEL_CONFIG_FILE, read_extra
 from ..megatron.parallel import all_reduce_floats, init_parallel, init_process_group
-from .config import ConfigError, TrainConfig
+from ..run_config import ConfigError, TrainConfig
 from .metrics import MetricsLogger, host_rss_bytes, peak_memory_bytes
 from .rank_guards import resume_checkpoint
 from .step import Teacher

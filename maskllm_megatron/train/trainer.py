@@ -22,7 +22,7 @@ import torch
 
 from ..megatron.parallel import all_reduce_floats
 from ..run_folder import checkpoint_name, checkpoints_folder, rotate, write_latest
-from .config import TrainConfig
+from ..run_config import TrainConfig
 from .metrics import MaskWatcher, StepThroughput, peak_memory_bytes
 from .setup import Run, peak_memory_line, set_up
 from .step import StepResult, TrainingStopped, evaluate, train_step

@@ -15,7 +15,7 @@ import torch
 def finite(config: str, fault: str) -> dict:
     from maskllm_megatron.run_folder import checkpoints_folder, newest_complete
     from maskllm_megatron.train import setup, trainer
-    from maskllm_megatron.train.config import TrainConfig
+    from maskllm_megatron.run_config import TrainConfig
 
     real_build = setup.build_optimizer
 
@@ -62,7 +62,7 @@ def finite(config: str, fault: str) -> dict:
 
 def agree() -> dict:
     from maskllm_megatron.megatron.parallel import init_process_group
-    from maskllm_megatron.train.config import ConfigError
+    from maskllm_megatron.run_config import ConfigError
     from maskllm_megatron.train.rank_guards import agree_on_resume
 
     init_process_group()

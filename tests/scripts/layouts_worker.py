@@ -36,7 +36,7 @@ LAYOUTS = {
 
 
 def config(tiny: Path, overrides: dict, prior: str = ""):
-    from maskllm_megatron.train.config import TrainConfig
+    from maskllm_megatron.run_config import TrainConfig
 
     parallel = {"tp": 1, "distributed_optimizer": False, **{k: v for k, v in overrides.items() if k != "train_weights"}}
     return TrainConfig.from_dict({
@@ -147,7 +147,7 @@ def resume_without_sp(tiny: Path) -> dict:
     import shutil
 
     from maskllm_megatron.checkpoint_folders import read_extra
-    from maskllm_megatron.train.config import TrainConfig
+    from maskllm_megatron.run_config import TrainConfig
     from maskllm_megatron.train.trainer import train
 
     def cfg(name, **parallel):
@@ -201,7 +201,7 @@ def layernorm_sp() -> dict:
     built from the same seed at TP=2 with and without SP, trained jointly for one step: the loss, the mask
     logits' and every norm parameter's reduced gradient (weight and bias), and the norms' attributes."""
     from maskllm_megatron.megatron.model_builder import ModelConfig, build_gpt_model
-    from maskllm_megatron.train.config import TrainConfig
+    from maskllm_megatron.run_config import TrainConfig
     from maskllm_megatron.train.setup import build_optimizer, setup_parallel, sparsify_model
     from maskllm_megatron.train.step import mean_loss, run_batches
 

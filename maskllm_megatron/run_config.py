@@ -11,9 +11,9 @@ from typing import Any, Optional
 
 import yaml
 
-from ..masks.config import MaskConfig
-from ..megatron.configs import PriorConfig, SparsifyConfig
-from ..prune.methods import METHODS
+from .masks.config import MaskConfig
+from .megatron.configs import PriorConfig, SparsifyConfig
+from .prune.methods import METHODS
 
 #: prior.method: a one-shot method, none (logits from noise only), or checkpoint (an earlier run's masks)
 PRIOR_SOURCES = METHODS + ("none", "checkpoint")
@@ -388,7 +388,7 @@ class TrainConfig:
     def mask_config(self) -> MaskConfig:
         """The mask sampler's configuration: schedules anneal over the run. A value it refuses is a
         ConfigError naming the ``mask.`` key."""
-        from ..masks.patterns import NMSpec
+        from .masks.patterns import NMSpec
 
         m = self.mask
         try:
