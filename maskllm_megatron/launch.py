@@ -6,6 +6,8 @@ under ``torchrun --nproc-per-node N`` (``relaunch``); launched under torchrun it
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import os
 import re
 import shutil
@@ -174,3 +176,37 @@ def exit_cleanly_on_sigterm() -> None:
     """Turn SIGTERM (torchrun stopping the other ranks when one fails) into SystemExit, so that
     ``finally`` blocks remove partial outputs."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+class _EagerMegatronJitOnCpu(importlib.abc.MetaPathFinder):
+    """Makes megatron-core's ``jit_fuser`` a no-op, as its own ``disable_jit_fuser()`` does, when
+    ``megatron.core.jit`` is first imported on a machine without CUDA. There it is ``torch.compile``: each
+    decorated function (GPT-2's GeLU, Nemotron's squared ReLU, the MoE experts' GLU, ...) would be compiled
+    to C++ by inductor at its first call, and decorating them imports torch._dynamo and inductor, 2.2 s of
+    CPU in every process that imports megatron (more than half of its import). The functions are the
+    same maths run eagerly. With CUDA nothing changes."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "megatron.core.jit":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            run = spec.loader.exec_module
+
+            def exec_module(module):
+                run(module)
+                import torch
+
+                if not torch.cuda.is_available():
+                    module.disable_jit_fuser()
+
+            spec.loader.exec_module = exec_module
+        return spec
+
+
+def eager_megatron_jit_on_cpu() -> None:
+    """Install ``_EagerMegatronJitOnCpu`` unless megatron-core is imported already (then it is too late,
+    and nothing changes)."""
+    if "megatron.core.jit" not in sys.modules and not any(isinstance(f, _EagerMegatronJitOnCpu) for f in sys.meta_path):
+        sys.meta_path.insert(0, _EagerMegatronJitOnCpu())

@@ -107,3 +107,21 @@ def test_gloo_bucket_collectives_are_bit_identical_to_megatrons_at_dp2():
     for r in rows:
         assert r["same"] == {"rs": True, "ag": True, "rs_async": True}, r
         assert r["fast_calls"] == 4 and r["async_fast_calls"] == 0, r
+
+
+def test_megatrons_jit_fuser_stays_eager_without_cuda_when_the_package_comes_first():
+    """Imported after maskllm_megatron on a machine without CUDA, megatron's jit-fused functions are the
+    plain functions (its own ``disable_jit_fuser``) and torch._dynamo is never imported; imported alone,
+    megatron compiles them with torch.compile. Nemotron's squared ReLU is the same maths either way."""
+    probe = ("import sys{first}\nimport megatron.core.activations as a, torch\nx = torch.randn(64)\n"
+             "print(a.squared_relu.__module__, 'torch._dynamo' in sys.modules, {same})")
+    seen = {}
+    same = "bool((a.squared_relu(x) == torch.relu(x) ** 2).all())"
+    for name, first, same in (("package first", "\nimport maskllm_megatron", same),
+                              ("megatron alone", "", "None")):  # (not called: its first call compiles C++)
+        r = subprocess.run([sys.executable, "-c", probe.format(first=first, same=same)], capture_output=True,
+                           text=True, timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+        assert r.returncode == 0, r.stderr[-3000:]
+        seen[name] = r.stdout.split()
+    assert seen["package first"] == ["megatron.core.activations", "False", "True"], seen
+    assert seen["megatron alone"][1] == "True", seen  # torch.compile's wrapper: dynamo imported
