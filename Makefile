@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed-$(shell cat setup.py | sha1sum | cut -c1-12)
 
-.PHONY: env test test-fast demo clean
+.PHONY: env test test-fast test-all demo clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,10 +27,13 @@ TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q --durations=25 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 test: env
-	$(PYTEST) tests
+	$(PYTEST) -m "not benchmark" tests
 
 test-fast: env
-	$(PYTEST) -m "not slow" tests
+	$(PYTEST) -m "not slow and not benchmark" tests
+
+test-all: env
+	$(PYTEST) tests
 
 demo: env
 	$(PY) -m maskllm_megatron.demo

@@ -91,6 +91,8 @@ def test_the_dense_target_is_least_squares_against_the_dense_models_output():
 
 
 def test_reconstruction_lowers_every_layers_error_and_tp2_equals_tp1(tmp_path):
+    """Every method lowers every layer's calibration error, TP=2 gives TP=1's weights, and (the worker's
+    ``sparsegpt_equivalence``) OBS handed SparseGPT's own masks reproduces SparseGPT-with-update's weights."""
     errors = [printed_result(torchrun(WORKER, tp, tmp_path, nproc=tp)) for tp in (1, 2)]
     tp1, tp2 = (torch.load(tmp_path / f"reconstruct_tp{tp}.pt") for tp in (1, 2))
     assert set(errors[0]) == {f"{f}/{m}" for f in ("llama", "gpt") for m in ("lstsq", "obs", "dense", "block")}

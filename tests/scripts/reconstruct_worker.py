@@ -48,6 +48,7 @@ def main():
                 weights[lid] = layer.gather_global(w)
             result[f"{family}/{method}"] = weights
             report[f"{family}/{method}"] = errors
+    sparsegpt_equivalence(batches)
     if tp == 1:
         lstsq_reference(batches)
     if torch.distributed.get_rank() == 0:
@@ -61,6 +62,37 @@ def calibration():
     g = torch.Generator().manual_seed(3)
     tokens = [torch.randint(0, 96, (2, 64), generator=g) for _ in range(4)]  # 512 tokens > every input width
     return [lambda m, t=t: gpt_forward(m, t) for t in tokens]
+
+
+@torch.no_grad()
+def sparsegpt_equivalence(batches):
+    """#24 at the model level: the OBS reconstruction handed SparseGPT's own N:M masks on the original
+    weights gives SparseGPT-with-update's weights (the same block-by-block walk on the same calibration),
+    with the masked weights exactly +0.0; the same on each TP rank's shard."""
+    from maskllm_megatron.masks import MaskConfig
+    from maskllm_megatron.megatron.priors import PriorConfig, compute_priors
+    from maskllm_megatron.megatron.reconstruct import ReconstructConfig, reconstruct_weights
+    from maskllm_megatron.megatron.sparsify import SparsifyConfig, masked_layers, sparsify
+    from sparsify_worker import build, model_config
+
+    for family in ("llama", "gpt"):
+        model = build(model_config(family, max_position_embeddings=64))
+        model.eval()
+        sparsify(model, SparsifyConfig(mask=MaskConfig(total_steps=10)))
+        layers = list(masked_layers(model))
+        original = {l: l.weight.detach().clone() for l in layers}
+        compute_priors(model, batches, PriorConfig(method="sparsegpt", update_weights=True))
+        updated = {l: l.weight.detach().clone() for l in layers}
+        for l in layers:
+            l.set_mask_mode("prior")
+            l.weight.copy_(original[l])  # SparseGPT's mask on the ORIGINAL weights
+        reconstruct_weights(model, batches, ReconstructConfig(method="obs"))
+        for l in layers:
+            w, keep = l.weight.detach(), l.prior_mask.bool()
+            assert not torch.equal(updated[l], original[l] * keep), (family, l.mask_layer_id, "no update")
+            rel = float((w - updated[l]).norm() / updated[l].norm())
+            assert rel < 1e-5, (family, l.mask_layer_id, rel)
+            assert bool((w[~keep] == 0).all()) and not bool(torch.signbit(w[~keep]).any()), (family, l.mask_layer_id)
 
 
 @torch.no_grad()
