@@ -42,12 +42,17 @@ def test_checkpoint_round_trip_tp2_tp1_tp2_from_a_dense_start(tmp_path):
 
 def test_the_package_root_is_the_entry_point_and_importing_it_changes_nothing():
     """``from maskllm_megatron import sparsify, SparsifyConfig, MaskConfig`` works; importing the package alone
-    loads neither torch nor megatron-core and leaves the warning filters as they were."""
+    loads neither torch nor megatron-core and leaves the warning filters as they were; the one import hook
+    it adds (megatron's jit stays eager without CUDA, ``launch.eager_megatron_jit_on_cpu``) is its only
+    change to the import system."""
     import subprocess
     import sys
 
-    code = ("import sys, warnings; before = list(warnings.filters); import maskllm_megatron; "
+    code = ("import sys, warnings; before = list(warnings.filters); finders = list(sys.meta_path); "
+            "import maskllm_megatron; "
             "assert warnings.filters == before, 'warning filters changed'; "
+            "added = [f for f in sys.meta_path if f not in finders]; "
+            "assert [type(f).__name__ for f in added] == ['_EagerMegatronJitOnCpu'], added; "
             "assert 'torch' not in sys.modules and 'megatron.core' not in sys.modules, 'heavy imports'; "
             "from maskllm_megatron import sparsify, SparsifyConfig, MaskConfig, PriorConfig; "
             "from maskllm_megatron.megatron.sparsify import sparsify as s; assert sparsify is s; "

@@ -17,6 +17,7 @@ code); the driver's plain values are JSON (``checkpoint_folders.write_extra`` / 
 """
 from __future__ import annotations
 
+import multiprocessing
 import re
 from pathlib import Path
 from typing import Optional
@@ -71,6 +72,7 @@ def save_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, optimizer=None
     if optimizer is not None:
         sharded = {"model": sharded, "optimizer": optimizer.sharded_state_dict(sharded, metadata=OPTIMIZER_METADATA)}
     needed = check_room_for_checkpoint(model, ckpt_dir, optimizer)
+    _writers_report_without_a_manager()
     with staging(ckpt_dir, needed=needed) as partial:
         dist_checkpointing.save(sharded, str(partial))
         if extra is not None and is_rank0():
@@ -80,6 +82,18 @@ def save_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, optimizer=None
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         write_digests(partial, rank, world)
         return publish(partial, ckpt_dir)
+
+
+def _writers_report_without_a_manager() -> None:
+    """megatron's checkpoint writer forks a process per write bucket, and they report through a queue that
+    megatron makes, at a process's first save, with a ``multiprocessing`` Manager: a server process started
+    by *spawn*, which imports this process's main module afresh (torch and all: 2 s of CPU per rank) and
+    is joined at exit. ``save_checkpoint`` saves synchronously and the writers are forked from this
+    process, so a fork-context queue that they inherit carries the same results without that process."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Queue()
 
 
 def checkpoint_bytes(model: torch.nn.Module, optimizer=None) -> int:

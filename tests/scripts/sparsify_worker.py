@@ -336,6 +336,8 @@ def ckpt(mode, out):
             with torch.no_grad():
                 layer.mask_logits.add_(0.5 * torch.cos(layer.mask_logits * 100))
         save_checkpoint(model, out / "sparse_tp2")
+        import multiprocessing  # the writers reported through an inherited queue: no Manager process lives on
+        assert not multiprocessing.active_children(), multiprocessing.active_children()
         report = {"loss": loss_of(model)}
     elif mode == "load1":
         model = build(mc, seed=99)
