@@ -17,7 +17,7 @@ code); the driver's plain values are JSON (``checkpoint_folders.write_extra`` / 
 """
 from __future__ import annotations
 
-import multiprocessing
+import queue
 import re
 from pathlib import Path
 from typing import Optional
@@ -85,15 +85,16 @@ def save_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path, optimizer=None
 
 
 def _writers_report_without_a_manager() -> None:
-    """megatron's checkpoint writer forks a process per write bucket, and they report through a queue that
-    megatron makes, at a process's first save, with a ``multiprocessing`` Manager: a server process started
-    by *spawn*, which imports this process's main module afresh (torch and all: 2 s of CPU per rank) and
-    is joined at exit. ``save_checkpoint`` saves synchronously and the writers are forked from this
-    process, so a fork-context queue that they inherit carries the same results without that process."""
+    """megatron's checkpoint writer hands its results over through a queue that megatron makes, at a
+    process's first save, with a ``multiprocessing`` Manager: a server process started by *spawn*, which
+    imports this process's main module afresh (torch and all: 2 s of CPU per rank) and is joined at exit.
+    ``save_checkpoint`` saves synchronously, so the writer puts its results in, and megatron takes them
+    out, in this process (its forked per-bucket writers report through a queue of their own): a plain
+    in-process queue does the same without that process."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = multiprocessing.get_context("fork").Queue()
+        filesystem_async._results_queue = queue.Queue()
 
 
 def checkpoint_bytes(model: torch.nn.Module, optimizer=None) -> int:
