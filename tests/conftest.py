@@ -75,6 +75,7 @@ def smollm2_mcore(tmp_path_factory) -> tuple[Path, Path, dict]:
     """SmolLM2-135M (HF folder) converted to megatron-core at TP=1 once per session by
     tests/scripts/convert_rss.py, with the conversion's memory it measured: (hf, ckpt, memory)."""
     from maskllm_megatron.assets import smollm2_hf_dir
+    from tests.torchrun_util import printed_result
 
     hf = smollm2_hf_dir()
 
@@ -83,8 +84,7 @@ def smollm2_mcore(tmp_path_factory) -> tuple[Path, Path, dict]:
                                str(folder / "mcore")], capture_output=True, text=True, timeout=900,
                               env={**os.environ, "OMP_NUM_THREADS": "2"})
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-        line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-        (folder / "memory.json").write_text(line[len("RESULT "):])
+        (folder / "memory.json").write_text(json.dumps(printed_result(proc.stdout)))
 
     folder = built_once(tmp_path_factory, "smollm2_mcore", convert)
     return hf, folder / "mcore", json.loads((folder / "memory.json").read_text())

@@ -333,8 +333,7 @@ def smollm2_export(tmp_path_factory, smollm2_mcore) -> dict:
     """SmolLM2 converted at TP=1, magnitude prior run checkpoint, exports and mcore perplexities (shared
     with test_perplexity)."""
     def build(work: Path) -> None:
-        hf, base, _ = smollm2_mcore
-        proc = subprocess.run([sys.executable, SMOLLM2_WORKER, str(hf), str(work), "384", str(base)],
+        proc = subprocess.run([sys.executable, SMOLLM2_WORKER, str(smollm2_mcore[1]), str(work), "384"],
                               capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"})
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
         (work / "results.json").write_text(json.dumps(printed_result(proc.stdout)))

@@ -1,12 +1,10 @@
-"""Worker (one process, TP=1): real SmolLM2-135M weights through convert -> sparsify with the magnitude 2:4
-prior -> run checkpoint -> ``--use-prior`` exports (mask file, HF folder) and megatron-core perplexities.
+"""Worker (one process, TP=1): real SmolLM2-135M weights, converted at TP=1 (BASE: tests/conftest.py's
+``smollm2_mcore``) -> sparsify with the magnitude 2:4 prior -> run checkpoint -> ``--use-prior`` exports (mask
+file, HF folder) and megatron-core perplexities.
 
-    python tests/scripts/export_smollm2.py HF_DIR WORKDIR MAX_TOKENS [BASE]
-BASE: HF_DIR already converted at TP=1 (not converted again).
+    python tests/scripts/export_smollm2.py BASE WORKDIR MAX_TOKENS
 Prints one line ``RESULT {...}``.
 """
-import contextlib
-import io
 import json
 import sys
 import time
@@ -18,7 +16,6 @@ WINDOW = dict(seq_len=128, bos=True)
 def main():
     from maskllm_megatron.convert.checkpoint import CheckpointInfo
     from maskllm_megatron.megatron.parallel import init_parallel
-    from maskllm_megatron.convert.hf_to_mcore import hf_to_mcore
     from maskllm_megatron.assets import corpus_text
     from maskllm_megatron.eval.perplexity import EvalRequest, mcore_perplexity
     from maskllm_megatron.export.pipeline import ExportConfig, export
@@ -28,14 +25,8 @@ def main():
     from maskllm_megatron.megatron.sparsify import SparsifyConfig, masked_layers, sparsify
     from maskllm_megatron.prune.methods import magnitude_mask
 
-    hf, work, max_tokens = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-    base = Path(sys.argv[4]) if len(sys.argv) > 4 else work / "base"
+    base, work, max_tokens = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     times = {}
-    t = time.time()
-    if len(sys.argv) <= 4:
-        with contextlib.redirect_stdout(io.StringIO()):
-            hf_to_mcore(hf, base, tp=1, show_progress=False)
-    times["convert"] = time.time() - t
     init_parallel(1, 1)
     t = time.time()
     info = CheckpointInfo.load(base)
