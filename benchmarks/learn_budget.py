@@ -3,7 +3,7 @@ logits learning rate, prior strength and iteration count change held-out perplex
 
     python benchmarks/learn_budget.py --iters 40 | --minutes 6  [any demo recipe flag: --lr 2e-4
         --prior-strength 4 --global-batch 2 --adam-eps 1e-5 --temperature-end 0.5 --anneal-fraction 0.7
-        --train-weights --weight-lr 2e-4 --kd-weight 0.5 ...] [--checkpoints 1]
+        --train-weights --weight-lr 2e-4 --kd-weight 0.5 --update-weights ...] [--checkpoints 1]
 
 Needs the demo's stages 1-4 (run `make demo` once). Learns with 2 data-parallel processes exactly like
 the demo's stage 5 (``demo.learn_stage``, cached under the demo's cache by its settings), then prints
@@ -20,7 +20,7 @@ import sys
 
 from maskllm_megatron.cache import cache_dir
 from maskllm_megatron.demo import (Stages, add_recipe_arguments, final_checkpoint, heldout_ppl, learn_stage, learn_wall_s,
-                                   probe_stage, recipe_from_args)
+                                   prior_stage, probe_stage, recipe_from_args)
 from maskllm_megatron.run_folder import CHECKPOINTS_DIR, checkpoint_iteration, complete_checkpoints
 
 
@@ -44,6 +44,8 @@ def main(argv=None) -> int:
                              "run `make demo` once first")
     ckpt, data, prior = (found[k][0] for k in found)
     recipe = recipe_from_args(args)
+    if recipe.update_weights:  # SparseGPT's prior with its OBS-updated weights (a prior stage of its own)
+        prior = prior_stage(stages, ckpt, data.with_suffix(""), "sparsegpt", update_weights=True)
     plan = None
     if args.minutes is not None:
         plan = probe_stage(stages, ckpt, data.with_suffix(""), prior, recipe)

@@ -185,6 +185,8 @@ class PriorSection:
     ``none`` or ``checkpoint`` (``method`` is one of PRIOR_SOURCES)."""
     method = _Library(PriorConfig)
     checkpoint: str = ""  # with method=checkpoint: take the hard masks of an earlier run as the prior
+    # update_weights: SparseGPT's OBS update of the kept weights; with method=checkpoint, that checkpoint's
+    # masked weights. A teacher (distillation while weights train) stays the original model
     calib_samples: int = 128
     update_weights = _Library(PriorConfig)
     blocksize = _Library(PriorConfig)
@@ -254,9 +256,9 @@ class TrainConfig:
             raise ConfigError(f"prior.method {self.prior.method!r}: use {', '.join(PRIOR_SOURCES)}")
         if self.prior.method in METHODS:
             self.prior_config()  # the one-shot method's own checks, as ConfigError
-        elif self.prior.update_weights:
-            raise ConfigError(f"prior.update_weights needs a one-shot prior (SparseGPT's OBS update), not "
-                              f"prior.method={self.prior.method}")
+        elif self.prior.update_weights and self.prior.method != "checkpoint":
+            raise ConfigError(f"prior.update_weights needs a one-shot prior (SparseGPT's OBS update) or a checkpoint "
+                              f"(its masked weights), not prior.method={self.prior.method}")
         if self.prior.method in ("wanda", "sparsegpt") and self.prior.calib_samples < 1:
             raise ConfigError(f"prior.calib_samples {self.prior.calib_samples} must be >= 1: {self.prior.method} "
                               "needs calibration text (the recipe uses 128 samples)")
@@ -352,19 +354,12 @@ class TrainConfig:
                               "(1 - kd_weight) x LM (0: no distillation)")
         if not k.temperature > 0:
             raise ConfigError(f"distill.temperature {k.temperature} must be > 0 (1: the plain softmax)")
-        if self.distills_trained_weights() and self.prior.update_weights:
-            raise ConfigError("distill.kd_weight > 0 with prior.update_weights while weights train: the teacher is "
-                              "the original dense model, which the prior's weight update changes; set "
-                              "prior.update_weights=false (the run updates the weights itself)")
         if self.mask.refit and self.mask.train_weights:
             raise ConfigError("mask.refit with mask.train_weights: refit trains the kept weights under a fixed mask, "
                               "joint training learns the mask with the weights; set one of them")
         if self.mask.refit and self.prior.method == "none":
             raise ConfigError("mask.refit keeps the prior's mask fixed, and prior.method is none: set prior.method="
                               "checkpoint and prior.checkpoint=<a mask-learning run's checkpoint> (or a one-shot method)")
-        if self.mask.refit and self.prior.update_weights:
-            raise ConfigError("mask.refit with prior.update_weights: the refit's teacher is the original dense model; "
-                              "set prior.update_weights=false (the refit updates the weights itself)")
         if not -1 <= self.optim.mask_warmup_iters < max(self.run.train_iters, 1):
             raise ConfigError(f"optim.mask_warmup_iters {self.optim.mask_warmup_iters} must be in [0, run.train_iters="
                               f"{self.run.train_iters}), or -1 (the logits warm up as optim.warmup_iters says)")

@@ -291,6 +291,15 @@ def test_recipe_schedules_and_joint_training_reach_the_driver():
         "global_batch", "lr", "prior_strength", "adam_eps", "adam_beta2", "clip_grad", "regularizer", "warmup_iters"}
     assert _recipe_settings(LearnRecipe())["anneal_fraction"] == 0.7  # the demo's recipe (benchmarks/RESULTS.md)
     assert _recipe_settings(recipe)["train_weights"] is True
+    # --update-weights: the learning run takes the prior checkpoint's (OBS-updated) weights with its masks
+    import tempfile
+
+    from maskllm_megatron.demo.pipeline import _learn_config
+    updated = demo.recipe_from_args(p.parse_args(["--train-weights", "--kd-weight", "0.5", "--update-weights"]))
+    run = Path(tempfile.mkdtemp())
+    prior = yaml.safe_load(_learn_config(run, *paths[:2], Path("prior"), 38, updated, 1, 4).read_text())["prior"]
+    assert prior == {"method": "checkpoint", "checkpoint": "prior", "update_weights": True, "calib_samples": 32}
+    assert _recipe_settings(updated)["update_weights"] and "update_weights" not in _recipe_settings(recipe)
     with pytest.raises(SystemExit, match="--anneal-fraction: anneal_fraction 0.0: the driver refuses it: "
                                          "mask.anneal_fraction 0.0 must be in"):
         demo.recipe_from_args(p.parse_args(["--anneal-fraction", "0"]))

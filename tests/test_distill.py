@@ -196,3 +196,38 @@ def test_joint_training_distils_from_the_original_model_at_any_layout_and_resume
     record = json.loads((hf / "config.json").read_text())["sparsity"]
     assert record["weights"] == "trained with the masks"
     assert record["joint"] == {"iterations": 4, "kd_weight": 0.5, "temperature": 1.0}
+
+
+def test_weights_learn_from_sparsegpts_update_distilled_from_the_original_model(tiny, tmp_path):
+    """prior.update_weights with weights that train (#37): the run starts from SparseGPT's OBS-updated weights,
+    computed in the run or taken from a prior-only run's checkpoint (the same model either way), while the
+    teacher stays the original dense model: under the prior's fixed mask the student's KL to it at iteration 0
+    is far from 0 (a teacher copied after the update would be the student itself), and a refit from the
+    updated weights starts closer to the dense model than one from the original weights."""
+    import json
+
+    from maskllm_megatron.export.cli import main as export_main
+
+    torchrun("-m", "maskllm_megatron.train", "--config", write_config(
+        tiny, "update_prior", parallel={"tp": 1}, prior={"update_weights": True}, run={"train_iters": 0}), nproc=1)
+    prior = str(tiny / "update_prior" / "checkpoints" / "iter_0000000")
+    steps = {"train_iters": 2, "log_interval": 1, "eval_interval": 2, "eval_iters": 2, "save_interval": 2}
+    for name, prior_section, mask in (
+            ("refit_updated", {"method": "checkpoint", "checkpoint": prior, "update_weights": True}, {"refit": True}),
+            ("refit_original", {"method": "checkpoint", "checkpoint": prior}, {"refit": True}),
+            ("joint_updated", {"update_weights": True, "calib_samples": 16}, {"train_weights": True,
+                                                                             "prior_strength": 50.0})):
+        torchrun("-m", "maskllm_megatron.train", "--config", write_config(
+            tiny, name, parallel={"tp": 1}, prior=prior_section, mask={**mask, "fused_kernel": False},
+            distill={"kd_weight": 1.0}, optim={"lr": 1e-3, "min_lr": 1e-4, "weight_decay": 0.0}, run=steps),
+            nproc=1)
+    kl0 = {n: [r["valid/kl_to_dense"] for r in records(tiny / n) if "valid/kl_to_dense" in r][0]
+           for n in ("refit_updated", "refit_original", "joint_updated")}
+    assert 1e-3 < kl0["refit_updated"] < 0.9 * kl0["refit_original"], kl0
+    # the joint run's hard masks at iteration 0 are the prior's (strength 50), on the weights it updated itself
+    assert kl0["joint_updated"] == pytest.approx(kl0["refit_updated"], rel=1e-4), kl0
+
+    hf = tmp_path / "joint_hf"
+    assert export_main(["--ckpt", str(tiny / "joint_updated"), "--format", "hf", "--out", str(hf)]) == 0
+    record = json.loads((hf / "config.json").read_text())["sparsity"]
+    assert record["weights"] == "trained with the masks" and record["joint"]["start"] == "SparseGPT's OBS update"

@@ -75,10 +75,12 @@ def prior_stage(stages: Stages, ckpt: Path, prefix: Path, method: str, update_we
 
 def _learn_config(w: Path, ckpt: Path, prefix: Path, prior_ckpt: Path, iters: int, recipe: LearnRecipe,
                   checkpoints: int, evals: int) -> Path:
-    """The driver config of a learning run in ``w`` (written there): ``recipe`` from ``prior_ckpt``'s masks."""
+    """The driver config of a learning run in ``w`` (written there): ``recipe`` from ``prior_ckpt``'s masks
+    (and its weights, with the recipe's ``update_weights``)."""
     every = max(5, iters // checkpoints)  # the driver also keeps the final checkpoint
-    cfg = train_config(ckpt, prefix, w, prior={"method": "checkpoint", "checkpoint": str(prior_ckpt)},
-                       **recipe.driver_sections(),
+    sections = recipe.driver_sections()
+    prior = {"method": "checkpoint", "checkpoint": str(prior_ckpt), **sections.pop("prior", {})}
+    cfg = train_config(ckpt, prefix, w, prior=prior, **sections,
                        run={"train_iters": iters, "log_interval": 5, "eval_interval": max(5, iters // evals),
                             "eval_iters": 1, "save_interval": every, "keep_last": checkpoints, "out_dir": str(w)})
     return write_yaml(cfg, w / "maskllm.yaml")
@@ -87,7 +89,7 @@ def _learn_config(w: Path, ckpt: Path, prefix: Path, prior_ckpt: Path, iters: in
 #: recipe fields added after learning stages were first cached, with the value every run had before: a
 #: stage's key holds them only at another value, so a run made before they existed keeps its cached stage
 _KEYED_UNLESS = {"temperature_start": 4.0, "temperature_end": 0.05, "scale_start": 1e2, "scale_end": 5e2,
-                 "anneal_fraction": 1.0, "train_weights": False, "weight_lr": 0.0}
+                 "anneal_fraction": 1.0, "train_weights": False, "weight_lr": 0.0, "update_weights": False}
 
 
 def _recipe_settings(recipe: LearnRecipe) -> dict:

@@ -93,6 +93,9 @@ class LearnRecipe:
                                         "the original model)")
     weight_lr: float = _recipe_field("optim.lr", "the trained weights' learning rate, cosine to a tenth (0: lr / "
                                      "{mult:g}); the logits keep --lr", default=0.0, derived=True)
+    update_weights: bool = _recipe_field("prior.update_weights", "start from the prior's OBS-updated weights "
+                                         "(SparseGPT's update; with --train-weights --kd-weight the teacher stays "
+                                         "the original model)")
 
     def __post_init__(self):
         """Refuse what the driver would refuse, before any stage runs: the driver's own validation of the

@@ -116,17 +116,22 @@ def verify_mcore(run: RunCheckpoint, folder: Path):
 
 def weights_record(reconstruction: Optional[dict], run: RunCheckpoint) -> dict:
     """The sparsity record's word on the kept weights: the originals, reconstructed at export and how,
-    refit end to end by the run (``mask.refit``), or trained with the masks (``mask.train_weights``)."""
+    refit end to end by the run (``mask.refit``), or trained with the masks (``mask.train_weights``), and
+    where the training started when a prior updated them (``prior.update_weights``)."""
     if reconstruction is not None:
         return {"weights": "reconstructed", "reconstruction": reconstruction}
-    mask, distill = run.config.get("mask", {}), run.config.get("distill", {})
+    mask, distill, prior = (run.config.get(k, {}) for k in ("mask", "distill", "prior"))
+    start = None  # the prior's weight update (prior.update_weights): where the kept weights started
+    if prior.get("update_weights"):
+        start = ("SparseGPT's OBS update" if prior.get("method") == "sparsegpt"
+                 else f"the weights of {prior.get('checkpoint')}")
     training = {"iterations": run.iteration, "kd_weight": distill.get("kd_weight", 0.0),
-                "temperature": distill.get("temperature", 1.0)}
+                "temperature": distill.get("temperature", 1.0), **({"start": start} if start else {})}
     if mask.get("refit"):
         return {"weights": "refit", "refit": training}
     if mask.get("train_weights"):
         return {"weights": "trained with the masks", "joint": training}
-    return {"weights": "original"}
+    return {"weights": start or "original"}
 
 
 def hf_rules(run: RunCheckpoint) -> dict:

@@ -208,15 +208,25 @@ class MaskController:
         return dense_forward(self.model)
 
     @torch.no_grad()
-    def keep_teacher_copy(self) -> int:
+    def masked_weights_copy(self) -> dict:
+        """A copy of every masked layer's weight by parameter name: the original dense weights, kept before a
+        prior changes them (SparseGPT's OBS update) for ``keep_teacher_copy``."""
+        names = {id(param): name for name, param in self.model.named_parameters()}
+        return {names[id(layer.weight)]: layer.weight.detach().clone() for layer in self.layers}
+
+    @torch.no_grad()
+    def keep_teacher_copy(self, originals: Optional[dict] = None) -> int:
         """Distillation while weights train (``train_weights``, or a refit): keep a copy of every parameter that
         trains, the mask logits aside, as it is now, the original dense model, for the teacher's forward
-        (``dense``). Call after what trains is set and before the first step (on a resume: before the
-        checkpoint is loaded). Costs one more copy of the trained parameters. Returns their element count."""
+        (``dense``); ``originals`` (``masked_weights_copy`` taken before a prior updated the weights) stand in
+        for the parameters they name. Call after what trains is set and before the first step (on a resume:
+        before the checkpoint is loaded). Costs one more copy of the trained parameters. Returns their
+        element count."""
+        originals = originals or {}
         copied = 0
         for name, param in self.model.named_parameters():
             if param.requires_grad and not name.endswith("mask_logits"):
-                param.teacher_copy = param.detach().clone()
+                param.teacher_copy = originals[name] if name in originals else param.detach().clone()
                 copied += param.numel()
         return copied
 

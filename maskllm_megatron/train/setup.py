@@ -103,7 +103,7 @@ def apply_prior(cfg: TrainConfig, model, data) -> dict:
     if method == "none":
         return {}
     if method == "checkpoint":
-        return transfer_masks(model, cfg.prior.checkpoint)
+        return transfer_masks(model, cfg.prior.checkpoint, weights=cfg.prior.update_weights)
     calibrated = method != "magnitude"  # magnitude needs no calibration data, so it works at any pipeline layout
     if calibrated and cfg.parallel.pp != 1:
         raise ValueError("one-shot priors are computed at PP=1: run the prior step with parallel.pp=1 "
@@ -127,9 +127,10 @@ def _calibration_forward(model, batch):
 
 
 @torch.no_grad()
-def transfer_masks(model, ckpt_dir: str) -> dict:
+def transfer_masks(model, ckpt_dir: str, weights: bool = False) -> dict:
     """Another run's masks as this run's prior (mask transfer to a new domain): the learned hard masks,
-    or, for a prior-only run (saved at iteration 0), its one-shot prior masks.
+    or, for a prior-only run (saved at iteration 0), its one-shot prior masks; with ``weights`` the
+    masked layers' weights too (``prior.update_weights``: e.g. a prior-only run's SparseGPT-updated ones).
 
     The saved tensors are loaded into fresh buffers, never into this model's own logits: this run
     starts from its own freshly initialised logits shifted towards the transferred masks (the
@@ -152,15 +153,20 @@ def transfer_masks(model, ckpt_dir: str) -> dict:
             layer.prior_mask = torch.zeros_like(layer.weight, dtype=torch.bool)
     names = {id(m): n for n, m in model.named_modules()}
     # dist_checkpointing.load fills the tensors it is given in place: hand it copies of the layout.
+    wanted = {f"{names[id(layer)]}{suffix}" for layer in layers}
+    wanted |= {f"{names[id(layer)]}.weight" for layer in layers} if weights else set()
     sharded = {k: replace(v, data=torch.empty_like(v.data)) for k, v in model.sharded_state_dict().items()
-               if k.endswith(suffix)}
+               if k in wanted}
     loaded = load_sharded(sharded, ckpt_dir)
     for layer in layers:
         source = loaded[f"{names[id(layer)]}{suffix}"]
         mask = source.to(layer.weight.dtype) if use_prior else hard_mask(source, layer.nm, dtype=layer.weight.dtype)
         layer.set_prior(mask)
+        if weights:
+            layer.weight.copy_(loaded[f"{names[id(layer)]}.weight"])
     return {"prior_method": "checkpoint", "prior_checkpoint": ckpt_dir,
-            "prior_source": "one-shot prior" if use_prior else "learned masks"}
+            "prior_source": "one-shot prior" if use_prior else "learned masks",
+            **({"prior_weights": "from the checkpoint"} if weights else {})}
 
 
 # -- optimizer --------------------------------------------------------------------------------------
@@ -320,11 +326,14 @@ def set_up(cfg: TrainConfig, data_factory=None) -> Run:
     conflict = inputs_conflict(saved.get("inputs"), inputs, cfg) if saved is not None else None
     if conflict:
         raise ConfigError(conflict)
+    # the teacher is the original model: copied before any step, resume load or prior weight update
+    originals = (masks.masked_weights_copy() if cfg.distills_trained_weights() and cfg.prior.update_weights
+                 and resume is None else None)
     prior_report = apply_prior(cfg, model, data) if resume is None else {}
     if cfg.mask.refit:  # before the optimizer: the weights learn, the logits do not (a resume loads both after)
         masks.fix_masks()
-    if cfg.distills_trained_weights():  # the teacher is the original model: copied before any step or resume load
-        masks.keep_teacher_copy()
+    if cfg.distills_trained_weights():
+        masks.keep_teacher_copy(originals)
     ddp, optimizer, scheduler = build_optimizer(cfg, model, masks)
     if cfg.parallel.overlap_grad_reduce and env.is_rank0:
         buckets = sum(len(g.buckets) for g in ddp.bucket_groups)
