@@ -354,6 +354,11 @@ class TrainConfig:
                               "(1 - kd_weight) x LM (0: no distillation)")
         if not k.temperature > 0:
             raise ConfigError(f"distill.temperature {k.temperature} must be > 0 (1: the plain softmax)")
+        if k.kd_weight > 0 and self.prior.update_weights and not self.distills_trained_weights():
+            raise ConfigError("distill.kd_weight > 0 with prior.update_weights and frozen weights: the teacher (the "
+                              "frozen weights unmasked) would be the updated model, not the dense one; set "
+                              "mask.train_weights=true (the teacher is then a copy of the original weights) or "
+                              "prior.update_weights=false")
         if self.mask.refit and self.mask.train_weights:
             raise ConfigError("mask.refit with mask.train_weights: refit trains the kept weights under a fixed mask, "
                               "joint training learns the mask with the weights; set one of them")

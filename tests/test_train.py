@@ -368,6 +368,8 @@ def test_overrides_read_numbers_as_yaml_1_1_writes_them():
     ({"distill": {"kd_weight": 1.5}}, "distill.kd_weight 1.5 must be in [0, 1]"),
     ({"distill": {"temperature": 0.0}}, "distill.temperature 0.0 must be > 0"),
     ({"prior": {"method": "none", "update_weights": True}}, "prior.update_weights needs a one-shot prior"),
+    ({"distill": {"kd_weight": 0.5}, "prior": {"update_weights": True}},
+     "distill.kd_weight > 0 with prior.update_weights and frozen weights"),
     ({"optim": {"mask_warmup_iters": 12}, "run": {"train_iters": 12}}, "optim.mask_warmup_iters 12 must be in"),
     ({"mask": {"refit": True, "train_weights": True}}, "mask.refit with mask.train_weights"),
     ({"mask": {"refit": True}, "prior": {"method": "none"}}, "mask.refit keeps the prior's mask fixed, and prior.method"),
