@@ -9,6 +9,10 @@
       written as our hf export (maskllm-export apply-masks): greedy decoding with a dense and a
       compressed copy taking turns token by token (median step times), then maskllm-generate's
       whole-generate timing (alternating runs, medians) with a 512-token prefill.
+  python benchmarks/bench_nm_linear.py paths [--shapes ...] [--tokens 9 16 32 64] [--paths kernel tiled]
+      each forward path of the compressed layer (kernel: the decode kernel, blocks of 8 tokens; tiled:
+      decompressed tiles through torch.mm; forward: the path the layer picks) against F.linear, taking
+      turns call by call: the time of each path / the dense time, to set the layer's crossovers.
 
 Results: benchmarks/RESULTS.md, "Compressed 2:4 linears on the CPU".
 """
@@ -30,6 +34,7 @@ from maskllm_megatron.masks.patterns import NMSpec, topn_mask
 
 SHAPES = {"smollm2-qkv": (960, 576), "smollm2-o": (576, 576), "smollm2-up": (1536, 576), "smollm2-down": (576, 1536),
           "llama2-7b-qkvo": (4096, 4096), "llama2-7b-up": (11008, 4096), "llama2-7b-down": (4096, 11008)}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _alternate(fns: dict, calls: int, rounds: int) -> dict:
@@ -77,6 +82,44 @@ def bench_linear(args) -> list[dict]:
                 print(f"{name:15s} {out_f:5d}x{in_f:<5d} {row['dtype']:8s} {tokens:4d} tok: dense {row['dense_ms']:8.3f} ms"
                       f"  compressed {row['compressed_ms']:8.3f} ms  speed-up {row['speedup']:.2f}x "
                       f"({row['speedup_min']:.2f}-{row['speedup_max']:.2f})", flush=True)
+    return rows
+
+
+PATHS = {"kernel": lambda comp: comp.sparse_forward, "tiled": lambda comp: comp.tiled_forward,
+         "gemm": lambda comp: comp.sparse_gemm,
+         "forward": lambda comp: comp}
+
+
+def bench_paths(args) -> list[dict]:
+    """Per shape, dtype and token count: each of ``args.paths`` against F.linear, in the same run."""
+    spec = NMSpec(2, 4)
+    rows = []
+    for name in args.shapes:
+        out_f, in_f = SHAPES[name]
+        g = torch.Generator().manual_seed(0)
+        w32 = torch.randn(out_f, in_f, generator=g) * topn_mask(torch.rand(out_f, in_f, generator=g), spec)
+        for dtype in args.dtypes:
+            w = w32.to(DTYPES[dtype])
+            lin = torch.nn.Linear(in_f, out_f, bias=False, dtype=w.dtype)
+            lin.weight.data.copy_(w)
+            comp = CompressedNMLinear.from_linear(lin, spec, isa=args.isa)
+            for tokens in args.tokens:
+                x = torch.randn(tokens, in_f, generator=g).to(w.dtype)
+                fns = {"dense": lambda: F.linear(x, w)}
+                fns.update({p: (lambda f=PATHS[p](comp): f(x)) for p in args.paths})
+                for fn in fns.values():
+                    fn()  # warm-up
+                m = _alternate(fns, args.calls, args.repeats)
+                row = {"shape": name, "out": out_f, "in": in_f, "dtype": dtype, "tokens": tokens,
+                       "dense_ms": 1e3 * statistics.median(m["dense"])}
+                text = []
+                for p in args.paths:
+                    ratios = [t / d for t, d in zip(m[p], m["dense"])]
+                    row[f"{p}_ms"], row[f"{p}_ratio"] = 1e3 * statistics.median(m[p]), statistics.median(ratios)
+                    text.append(f"{p} {row[p + '_ratio']:.2f}x")
+                rows.append(row)
+                print(f"{name:15s} {out_f:5d}x{in_f:<5d} {dtype:8s} {tokens:4d} tok: dense {row['dense_ms']:8.3f} ms; "
+                      "time / dense: " + ", ".join(text), flush=True)
     return rows
 
 
@@ -162,13 +205,19 @@ def main(argv=None) -> int:
     lin.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     lin.add_argument("--tokens", nargs="+", type=int, default=[1, 512])
     lin.add_argument("--calls", type=int, default=30)
+    paths = sub.add_parser("paths")
+    paths.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    paths.add_argument("--tokens", nargs="+", type=int, default=[9, 16, 32, 64])
+    paths.add_argument("--paths", nargs="+", default=["kernel", "tiled"], choices=list(PATHS))
+    paths.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
+    paths.add_argument("--calls", type=int, default=5)
     mod = sub.add_parser("model")
     mod.add_argument("--new-tokens", type=int, default=128)
     mod.add_argument("--batch", nargs="+", type=int, default=[1, 8])
-    mod.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
+    mod.add_argument("--dtypes", nargs="+", default=["float32"], choices=list(DTYPES))
     mod.add_argument("--prefill", type=int, default=512)
     mod.add_argument("--steps-only", action="store_true", help="only the step-alternating decode, not generate")
-    for p in (lin, mod):
+    for p in (lin, paths, mod):
         p.add_argument("--repeats", type=int, default=5)
         p.add_argument("--isa", choices=["AVX2", "AVX512"])
         p.add_argument("--threads", type=int)
@@ -178,7 +227,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}", flush=True)
-    rows = bench_linear(args) if args.what == "linear" else bench_model(args)
+    rows = {"linear": bench_linear, "paths": bench_paths, "model": bench_model}[args.what](args)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

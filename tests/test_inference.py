@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from maskllm_megatron.inference import CompressedNMLinear, CompressError, compress
 from maskllm_megatron.inference import kernel
-from maskllm_megatron.inference.linear import SPARSE_MAX_TOKENS, TOLERANCE, compress_weight
+from maskllm_megatron.inference.linear import KERNEL_MAX_TOKENS, TOLERANCE, compress_weight
 from maskllm_megatron.masks.cpu_kernel import runnable_isas
 from maskllm_megatron.masks.patterns import NMSpec, topn_mask
 
@@ -53,10 +53,13 @@ def test_kernel_matches_f_linear(isa, nm, dtype):
             lin.weight.data.copy_(w)
             layer = CompressedNMLinear.from_linear(lin, spec, "probe", isa=isa)
             assert torch.equal(layer.to_dense(), w)  # exact: the zero-filled weight, bit for bit
-            for tokens in (1, 3, 8, SPARSE_MAX_TOKENS + 3):  # kernel: 1 block, 2 blocks of 8 tokens; tiled
+            # kernel: 1 block, 2 blocks of 8 tokens; sparse GEMM: 1 to 3 panels of 64 (AVX-512) or 32 tokens;
+            # the forward past the kernel's limit
+            for tokens in (1, 3, 8, 11, KERNEL_MAX_TOKENS[dtype] + 1, 70):
                 x = torch.randn(tokens, in_f, generator=g).to(dtype)
                 _check(layer(x), x, w, lin.bias)
                 _check(layer.sparse_forward(x), x, w, lin.bias)
+                _check(layer.sparse_gemm(x), x, w, lin.bias)
                 _check(layer.tiled_forward(x, tile_rows=4), x, w, lin.bias)
             x3 = torch.randn(2, 3, in_f, generator=g).to(dtype)  # [batch, seq, in]
             assert layer(x3).shape == (2, 3, out_f)
@@ -72,9 +75,11 @@ def test_both_instruction_sets_agree():
     lin = torch.nn.Linear(256, 64, bias=False)
     lin.weight.data.copy_(w)
     x = torch.randn(5, 256)
-    outs = [CompressedNMLinear.from_linear(lin, spec, isa=isa)(x) for isa in ISAS]
+    layers = [CompressedNMLinear.from_linear(lin, spec, isa=isa) for isa in ISAS]
     assert [kernel.built_isa(isa) for isa in ISAS] == list(ISAS)
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layers[0](x), layers[1](x), rtol=1e-5, atol=1e-5)
+    x = torch.randn(70, 256)
+    torch.testing.assert_close(layers[0].sparse_gemm(x), layers[1].sparse_gemm(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -92,11 +97,31 @@ def test_helper_threads(monkeypatch, dtype):
         for n in (2, 3):
             torch.set_num_threads(n)
             for _ in range(20):
-                for tokens in (1, 8, SPARSE_MAX_TOKENS + 3):
+                for tokens in (1, 8, KERNEL_MAX_TOKENS[dtype] + 1, 70):
                     x = torch.randn(tokens, 256).to(dtype)
                     _check(layer(x), x, w, lin.bias)
+                    _check(layer.sparse_gemm(x), x, w, lin.bias)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_forward_path_by_tokens_and_dtype(monkeypatch):
+    """The measured rule: the decode kernel up to 32 tokens in fp32 and 16 in bf16; beyond, the sparse GEMM in
+    fp32 and the tiled torch.mm in bf16 (the forward calls the path that ``path`` names)."""
+    spec = NMSpec(2, 4)
+    lin = torch.nn.Linear(64, 16, bias=False)
+    lin.weight.data.copy_(_nm_weight(16, 64, spec, torch.float32))
+    for dtype, last_kernel, beyond in ((torch.float32, 32, "gemm"), (torch.bfloat16, 16, "tiled")):
+        layer = CompressedNMLinear.from_linear(lin.to(dtype), spec)
+        assert [layer.path(t) for t in (1, 8, 9, last_kernel, last_kernel + 1, 512)] == \
+            ["kernel"] * 4 + [beyond] * 2
+        called = []
+        for name in ("sparse_forward", "sparse_gemm", "tiled_forward"):
+            monkeypatch.setattr(layer, name, lambda x, *a, name=name, **k: called.append(name) or
+                                torch.zeros(x.numel() // 64, 16, dtype=dtype))
+        for tokens in (last_kernel, last_kernel + 1):
+            layer(torch.zeros(1, tokens, 64, dtype=dtype))
+        assert called == ["sparse_forward", {"gemm": "sparse_gemm", "tiled": "tiled_forward"}[beyond]]
 
 
 def test_forced_isa_environment(monkeypatch):

@@ -65,9 +65,9 @@ def library(isa: Optional[str] = None) -> ctypes.CDLL:
     if lib.maskllm_nm_layout_size() != ctypes.sizeof(Layout):
         raise KernelUnavailable(f"{SOURCE.name}'s Layout is {lib.maskllm_nm_layout_size()} bytes, kernel.py's "
                                 f"{ctypes.sizeof(Layout)}: the two definitions differ")
-    lib.maskllm_nm_linear.argtypes = [ctypes.POINTER(Layout)] + [p] * 5 + [i64, i64, i32]
+    lib.maskllm_nm_linear.argtypes = lib.maskllm_nm_gemm.argtypes = [ctypes.POINTER(Layout)] + [p] * 5 + [i64, i64, i32]
     lib.maskllm_nm_decompress.argtypes = [ctypes.POINTER(Layout)] + [p] * 3 + [i64, i64, i32]
-    lib.maskllm_nm_linear.restype = lib.maskllm_nm_decompress.restype = None
+    lib.maskllm_nm_linear.restype = lib.maskllm_nm_gemm.restype = lib.maskllm_nm_decompress.restype = None
     lib.maskllm_nm_isa.restype = ctypes.c_char_p
     return lib
 

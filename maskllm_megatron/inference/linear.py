@@ -7,14 +7,22 @@ as for 2:4, else one per byte). fp32 2:4 then reads 8.5 B per group of 4 weights
 
 Forward (``x`` in the weights' dtype, float32 or bfloat16, on the CPU):
 
-- up to ``SPARSE_MAX_TOKENS`` tokens (decoding): the C++ kernel reads every weight once for all
-  tokens, accumulates in fp32 and writes the weights' dtype;
-- more (prefill): a tile of output rows at a time (``TILE_BYTES``, 16 MiB, in one scratch buffer for all
-  layers) is decompressed and multiplied with ``torch.mm`` into its columns of the output; the dense
+- up to ``KERNEL_MAX_TOKENS[dtype]`` tokens (decoding, short prompts): the C++ decode kernel
+  (``sparse_forward``) reads every weight once per block of 8 tokens, expanding the kept values of
+  each 16 inputs into a dense register; it accumulates in fp32 and writes the weights' dtype;
+- more tokens (prefill), fp32: the C++ sparse GEMM (``sparse_gemm``) multiplies only the kept weights,
+  tokens in vector lanes;
+- more tokens, bf16: a tile of output rows at a time (``TILE_BYTES``, 16 MiB, in one scratch buffer for
+  all layers) is decompressed and multiplied with ``torch.mm`` into its columns of the output
+  (``tiled_forward``): torch's bf16 matmul uses the CPU's bf16 dot products (AVX512-BF16 here), twice
+  the rate of the fp32 FMAs the sparse GEMM runs on, so it beats skipping the zeros. The dense
   weights are never held (at most one tile of one layer, at a time).
 
-Both equal ``F.linear(x, to_dense(), bias)`` up to the order of the fp32 summation (and, in bf16, the
-one rounding of the output): ``tests/test_inference.py`` holds them to ``TOLERANCE``.
+The rule is fixed (``path``), from ``benchmarks/bench_nm_linear.py paths`` on the 2-core AVX-512 VM
+(benchmarks/RESULTS.md): the decode kernel against the tiled path and the sparse GEMM at SmolLM2's and
+LLaMA-2 7B's shapes. All paths equal ``F.linear(x, to_dense(), bias)`` up to the order of the fp32
+summation (and, in bf16, the one rounding of the output): ``tests/test_inference.py`` holds them to
+``TOLERANCE``.
 """
 from __future__ import annotations
 
@@ -30,9 +38,10 @@ from torch import nn
 from . import kernel
 from maskllm_megatron.masks.patterns import NMSpec, pattern_positions
 
-#: Token counts up to this take the sparse kernel, larger ones the tiled dense matmul (measured:
-#: benchmarks/bench_nm_linear.py, benchmarks/RESULTS.md).
-SPARSE_MAX_TOKENS = 8
+#: Token counts up to this take the decode kernel, by dtype. Measured crossovers (bench_nm_linear.py paths,
+#: 2 threads, and single-thread CPU time): fp32, the kernel beats the sparse GEMM up to 24-32 tokens (its
+#: 64-token panels are mostly padding below); bf16, the tiled torch.mm beats the kernel from 12-16 tokens.
+KERNEL_MAX_TOKENS = {torch.float32: 32, torch.bfloat16: 16}
 #: Layers with fewer weights run on the calling thread only (the C++ side has the same floor); larger ones
 #: share their row blocks with the kernel's helper threads (torch.get_num_threads() in all).
 PARALLEL_MIN_WEIGHTS = int(os.environ.get("MASKLLM_NM_PARALLEL_MIN", 2**16))
@@ -184,11 +193,21 @@ class CompressedNMLinear(nn.Module):
             raise CompressError(f"input is {x.dtype} on {x.device}, the compressed linear holds "
                                 f"{b['values'].dtype} on the CPU: pass inputs of the model's dtype")
         tokens = x.numel() // self.in_features
-        if tokens <= SPARSE_MAX_TOKENS:
+        path = self.path(tokens)
+        if path == "kernel":
             y = self.sparse_forward(x, tokens)
+        elif path == "gemm":
+            y = self.sparse_gemm(x.reshape(tokens, self.in_features))
         else:
             y = self.tiled_forward(x.reshape(tokens, self.in_features))
         return y.view(*x.shape[:-1], self.out_features)
+
+    def path(self, tokens: int) -> str:
+        """The forward's path for ``tokens`` (module docstring): "kernel", "gemm" (fp32) or "tiled" (bf16)."""
+        dtype = self._buffers["values"].dtype
+        if tokens <= KERNEL_MAX_TOKENS[dtype]:
+            return "kernel"
+        return "gemm" if dtype == torch.float32 else "tiled"
 
     def sparse_forward(self, x: torch.Tensor, tokens: Optional[int] = None) -> torch.Tensor:
         """The C++ kernel: ``[tokens, out]`` from ``x`` (``[..., in]``; any token count, blocks of 8)."""
@@ -202,6 +221,18 @@ class CompressedNMLinear(nn.Module):
         self._lib.maskllm_nm_linear(self.layout, x.data_ptr(), values.data_ptr(), b["idx"].data_ptr(),
                                     None if bias is None else bias.data_ptr(), y.data_ptr(), tokens,
                                     self.out_features, threads)
+        return y
+
+    def sparse_gemm(self, x2: torch.Tensor) -> torch.Tensor:
+        """The C++ sparse GEMM: ``[tokens, out]`` from ``[tokens, in]``, multiplying only the kept weights
+        (x packed once into fp32 panels of 64 tokens, AVX2: 32; rows shared with the helper threads)."""
+        x2 = x2.contiguous()
+        b = self._buffers
+        values, bias = b["values"], b["bias"]
+        y = torch.empty(x2.shape[0], self.out_features, dtype=values.dtype)
+        self._lib.maskllm_nm_gemm(self.layout, x2.data_ptr(), values.data_ptr(), b["idx"].data_ptr(),
+                                  None if bias is None else bias.data_ptr(), y.data_ptr(), x2.shape[0],
+                                  self.out_features, torch.get_num_threads())
         return y
 
     def tile_rows(self) -> int:

@@ -80,6 +80,15 @@ template <> inline void store_value<uint16_t>(uint16_t* p, float v) { *p = float
 #if defined(__AVX512F__)
 constexpr const char* kIsa = "AVX512";
 
+// One vector of fp32 lanes, for the sparse GEMM (below).
+using Vec = __m512;
+constexpr int kLanes = 16;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec vbroadcast(const float* p) { return _mm512_set1_ps(*p); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+
 // The 16 dense fp32 weights of one chunk: its vc values expanded into the kept lanes, zeros elsewhere.
 template <bool k24>
 inline __m512 dense_chunk(const float* v, uint32_t keep, int vc) {
@@ -137,6 +146,14 @@ inline void decompress_row(const V* vals, const uint8_t* row_idx, V* dense, cons
 
 #else  // AVX2
 constexpr const char* kIsa = "AVX2";
+
+using Vec = __m256;
+constexpr int kLanes = 8;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec vbroadcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 
 struct PermTable {  // for each 8-bit keep mask: lane j <- value rank(j), or lane 7 (zero) where not kept
   alignas(32) int32_t idx[256][8];
@@ -395,6 +412,131 @@ void linear_dispatch(const V* x_in, const V* vals, const uint8_t* idx, const V* 
   }
 }
 
+// ---- Sparse GEMM for many tokens (prefill): only the kept weights are multiplied --------------------------
+// x is packed once per call into panels of kPanel tokens (4 vectors: 64 tokens on AVX-512, 32 on AVX2),
+// transposed: panel[block][k][t], fp32, the last block's missing tokens zero. Rows go in blocks to the
+// caller and the helper threads. A row block walks the inputs kKBlock at a time: it decodes the block's kept
+// weights (fp32) and their inputs' offsets in the panel once, then for every token block and pair of rows
+// broadcasts each kept weight and FMAs it into its row's 4 accumulators with the panel's row of its input
+// (kKBlock x kPanel fp32 = 16 or 8 KiB: in L1 for all rows of the block). The partial sums live in a
+// [rows, tokens] fp32 buffer per thread; y gets them (plus bias) rounded once at the end. Each output is a
+// sum in input order, fp32.
+constexpr int kVecs = 4;
+constexpr int kPanel = kVecs * kLanes;
+constexpr int64_t kKBlock = 128;  // a multiple of M (2, 4, 8)
+constexpr int64_t kPanelSpanBytes = 512 << 10;
+
+// acc[r][0, kPanel) (+)= sum_i w[r][i] * panel[off[r][i] + (0, kPanel)] for R rows (stride: between rows).
+template <int R>
+inline void gemm_rows(const float* w, const int32_t* off, int64_t stride, int64_t kn, const float* panel, float* acc,
+                      int64_t acc_stride, bool first) {
+  Vec a[R][kVecs];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kVecs; ++v) a[r][v] = first ? vzero() : vload(acc + r * acc_stride + v * kLanes);
+  for (int64_t i = 0; i < kn; ++i) {
+    for (int r = 0; r < R; ++r) {
+      const Vec b = vbroadcast(w + r * stride + i);
+      const float* xp = panel + off[r * stride + i];
+      for (int v = 0; v < kVecs; ++v) a[r][v] = vfma(b, vload(xp + v * kLanes), a[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kVecs; ++v) vstore(acc + r * acc_stride + v * kLanes, a[r][v]);
+}
+
+template <typename V>
+void gemm_dispatch(const V* x, const V* vals, const uint8_t* idx, const V* bias, V* y, int64_t tokens, int64_t rows,
+                   const Layout& L, int threads) {
+  const int64_t in = L.in, blocks_t = (tokens + kPanel - 1) / kPanel, padded = blocks_t * kPanel;
+  std::vector<float> panel(size_t(padded * in));
+  const bool parallel = rows * in >= kParallelWeights;
+  {  // pack: one job per token block and 256 inputs
+    struct Ctx { const V* x; float* panel; int64_t tokens, in, kchunks; } ctx{x, panel.data(), tokens, in, (in + 255) / 256};
+    auto run = [](const void* p, int64_t b) {
+      const Ctx& c = *static_cast<const Ctx*>(p);
+      const int64_t tb = b / c.kchunks, k0 = (b % c.kchunks) * 256, k1 = std::min(c.in, k0 + 256);
+      float* dst = c.panel + tb * c.in * kPanel;
+      for (int64_t j = 0; j < kPanel; ++j) {
+        const int64_t t = tb * kPanel + j;
+        if (t < c.tokens) {
+          for (int64_t k = k0; k < k1; ++k) dst[k * kPanel + j] = load_value(c.x + t * c.in + k);
+        } else {
+          for (int64_t k = k0; k < k1; ++k) dst[k * kPanel + j] = 0.f;
+        }
+      }
+    };
+    Pool::get().run(run, &ctx, blocks_t * ctx.kchunks, parallel ? threads : 1);
+  }
+  // byte_pos[b]: the input positions (within the byte's gpb * M inputs) of the gpb * N weights of index byte b
+  std::vector<uint8_t> byte_pos(256 * 16);
+  const int64_t patterns = L.gpb == 2 ? 16 : 256;
+  for (int b = 0; b < 256; ++b)
+    for (int i = 0; i < L.gpb; ++i) {
+      const int p = L.gpb == 2 ? (b >> (4 * i)) & 15 : b;
+      for (int j = 0; j < L.n; ++j) byte_pos[b * 16 + i * L.n + j] = uint8_t(i * L.m + (p < patterns ? L.pos[p * L.n + j] : 0));
+    }
+  struct Ctx {
+    const float* panel; const V* vals; const uint8_t* idx; const V* bias; V* y; float* acc;
+    int64_t tokens, rows, padded, block, k_begin, k_end; const Layout* L; const uint8_t* byte_pos;
+  } ctx{panel.data(), vals, idx, bias, y, nullptr, tokens, rows, padded,
+        std::max<int64_t>(8, std::min<int64_t>(64, rows / (int64_t(threads) * 4)) & ~int64_t(1)), 0, 0, &L,
+        byte_pos.data()};
+  std::vector<float> acc(size_t(rows * padded));  // [rows, padded]: the partial sums
+  ctx.acc = acc.data();
+  auto run = [](const void* p, int64_t b) {
+    const Ctx& c = *static_cast<const Ctx*>(p);
+    const Layout& L = *c.L;
+    const int64_t r0 = b * c.block, nr = std::min(c.rows, r0 + c.block) - r0;
+    const int64_t n = L.n, m = L.m, kn_row = L.groups() * n, kb_max = kKBlock / m * n;
+    thread_local std::vector<float> w;
+    thread_local std::vector<int32_t> off;
+    w.resize(size_t(nr * kb_max));
+    off.resize(size_t(nr * kb_max));
+    for (int64_t k0 = c.k_begin; k0 < c.k_end; k0 += kKBlock) {
+      const int64_t g0 = k0 / m, g1 = std::min(c.k_end, k0 + kKBlock) / m, kn = (g1 - g0) * n;
+      for (int64_t r = 0; r < nr; ++r) {  // this block's kept weights (fp32) and their inputs' panel offsets
+        const V* v = c.vals + (r0 + r) * kn_row + g0 * n;
+        const uint8_t* ip = c.idx + (r0 + r) * L.idx_stride;
+        float* wr = w.data() + r * kb_max;
+        for (int64_t i = 0; i < kn; ++i) wr[i] = load_value(v + i);
+        int32_t* o = off.data() + r * kb_max;
+        int64_t g = g0;  // k0 is a multiple of gpb * M: whole index bytes, then a last half byte
+        for (; g + L.gpb <= g1; g += L.gpb) {
+          const uint8_t* bp = c.byte_pos + ip[g / L.gpb] * 16;
+          const int32_t base = int32_t(g * m - k0);
+          for (int64_t j = 0; j < L.gpb * n; ++j) *o++ = (base + bp[j]) * kPanel;
+        }
+        for (; g < g1; ++g) {
+          const uint8_t* kept = L.pos + L.pattern(ip, g) * n;
+          for (int64_t j = 0; j < n; ++j) *o++ = int32_t((g * m + kept[j] - k0) * kPanel);
+        }
+      }
+      for (int64_t tb = 0; tb < c.padded / kPanel; ++tb) {
+        const float* pk = c.panel + tb * L.in * kPanel + k0 * kPanel;
+        float* a = c.acc + r0 * c.padded + tb * kPanel;
+        int64_t r = 0;
+        for (; r + 1 < nr; r += 2)
+          gemm_rows<2>(w.data() + r * kb_max, off.data() + r * kb_max, kb_max, kn, pk, a + r * c.padded, c.padded,
+                       k0 == 0);
+        if (r < nr)
+          gemm_rows<1>(w.data() + r * kb_max, off.data() + r * kb_max, kb_max, kn, pk, a + r * c.padded, c.padded,
+                       k0 == 0);
+      }
+    }
+    if (c.k_end == L.in)
+      for (int64_t t = 0; t < c.tokens; ++t)
+        for (int64_t r = r0; r < r0 + nr; ++r)
+          store_value(c.y + t * c.rows + r, c.acc[r * c.padded + t] + (c.bias ? load_value(c.bias + r) : 0.f));
+  };
+  // Inputs in spans whose panel rows (all tokens) take at most kPanelSpanBytes (L2), whole K-blocks.
+  const int64_t span = std::max<int64_t>(1, kPanelSpanBytes / (padded * 4 * kKBlock)) * kKBlock;
+  const int64_t blocks = (rows + ctx.block - 1) / ctx.block;
+  for (ctx.k_begin = 0; ctx.k_begin < in; ctx.k_begin += span) {
+    ctx.k_end = std::min(in, ctx.k_begin + span);
+    Pool::get().run(run, &ctx, blocks, parallel ? threads : 1);
+  }
+}
+
 template <bool k24, typename V>
 void decompress_dispatch(const V* vals, const uint8_t* idx, V* dense, int64_t r0, int64_t r1, const Layout& L,
                          int threads) {
@@ -445,6 +587,17 @@ extern "C" void maskllm_nm_linear(const Layout* L, const void* x, const void* va
     k24 ? linear_dispatch<true>(xx, v, idx, b, o, tokens, rows, *L, threads)
         : linear_dispatch<false>(xx, v, idx, b, o, tokens, rows, *L, threads);
   }
+}
+
+// The same product by the sparse GEMM (many tokens): only the kept weights are multiplied.
+extern "C" void maskllm_nm_gemm(const Layout* L, const void* x, const void* vals, const uint8_t* idx,
+                                const void* bias, void* y, int64_t tokens, int64_t rows, int threads) {
+  if (L->bf16)
+    gemm_dispatch(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(vals), idx,
+                  static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(y), tokens, rows, *L, threads);
+  else
+    gemm_dispatch(static_cast<const float*>(x), static_cast<const float*>(vals), idx, static_cast<const float*>(bias),
+                  static_cast<float*>(y), tokens, rows, *L, threads);
 }
 
 // Rows [r0, r1) of the zero-filled dense weight into dense [r1 - r0, in], in the layout's dtype.
