@@ -9,10 +9,11 @@
       written as our hf export (maskllm-export apply-masks): greedy decoding with a dense and a
       compressed copy taking turns token by token (median step times), then maskllm-generate's
       whole-generate timing (alternating runs, medians) with a 512-token prefill.
-  python benchmarks/bench_nm_linear.py paths [--shapes ...] [--tokens 9 16 32 64] [--paths kernel tiled]
-      each forward path of the compressed layer (kernel: the decode kernel, blocks of 8 tokens; tiled:
-      decompressed tiles through torch.mm; forward: the path the layer picks) against F.linear, taking
-      turns call by call: the time of each path / the dense time, to set the layer's crossovers.
+  python benchmarks/bench_nm_linear.py paths [--shapes ...] [--tokens 9 16 32 64] [--paths kernel gemm tiled]
+      each forward path of the compressed layer (kernel: the decode kernel, blocks of 8 tokens; gemm: the
+      sparse GEMM; tiled: decompressed tiles through torch.mm; forward: the path the layer picks) against
+      F.linear, taking turns call by call: the time of each path / the dense time (the median over rounds
+      of the ratio of the rounds' medians), to set the layer's crossovers (CompressedNMLinear.path).
 
 Results: benchmarks/RESULTS.md, "Compressed 2:4 linears on the CPU".
 """
@@ -53,73 +54,70 @@ def _alternate(fns: dict, calls: int, rounds: int) -> dict:
     return medians
 
 
-def bench_linear(args) -> list[dict]:
+def _layers(shapes, dtypes, isa):
+    """Per shape and dtype: ``(name, generator, dense weight, compressed layer)``, random 2:4 weights."""
     spec = NMSpec(2, 4)
-    rows = []
-    for name in args.shapes:
+    for name in shapes:
         out_f, in_f = SHAPES[name]
         g = torch.Generator().manual_seed(0)
         w32 = torch.randn(out_f, in_f, generator=g) * topn_mask(torch.rand(out_f, in_f, generator=g), spec)
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in dtypes:
             w = w32.to(dtype)
             lin = torch.nn.Linear(in_f, out_f, bias=False, dtype=dtype)
             lin.weight.data.copy_(w)
-            comp = CompressedNMLinear.from_linear(lin, spec, isa=args.isa)
-            for tokens in args.tokens:
-                x = torch.randn(tokens, in_f, generator=g).to(dtype)
-                dense_fn, comp_fn = (lambda: F.linear(x, w)), (lambda: comp(x))
-                calls = args.calls if tokens <= 16 else max(3, args.calls // 10)
-                dense_fn(), comp_fn()  # warm-up
-                m = _alternate({"dense": dense_fn, "compressed": comp_fn}, calls, args.repeats)
-                dense, compressed = m["dense"], m["compressed"]
-                ratios = [d / c for d, c in zip(dense, compressed)]
-                row = {"shape": name, "out": out_f, "in": in_f, "dtype": str(dtype).replace("torch.", ""),
-                       "tokens": tokens, "dense_ms": 1e3 * statistics.median(dense),
-                       "compressed_ms": 1e3 * statistics.median(compressed), "speedup": statistics.median(ratios),
-                       "speedup_min": min(ratios), "speedup_max": max(ratios),
-                       "memory_ratio": comp.resident_bytes() / (w.numel() * w.element_size())}
-                rows.append(row)
-                print(f"{name:15s} {out_f:5d}x{in_f:<5d} {row['dtype']:8s} {tokens:4d} tok: dense {row['dense_ms']:8.3f} ms"
-                      f"  compressed {row['compressed_ms']:8.3f} ms  speed-up {row['speedup']:.2f}x "
-                      f"({row['speedup_min']:.2f}-{row['speedup_max']:.2f})", flush=True)
+            yield name, g, w, CompressedNMLinear.from_linear(lin, spec, isa=isa)
+
+
+def bench_linear(args) -> list[dict]:
+    rows = []
+    for name, g, w, comp in _layers(args.shapes, (torch.float32, torch.bfloat16), args.isa):
+        (out_f, in_f), dtype = w.shape, w.dtype
+        for tokens in args.tokens:
+            x = torch.randn(tokens, in_f, generator=g).to(dtype)
+            dense_fn, comp_fn = (lambda: F.linear(x, w)), (lambda: comp(x))
+            calls = args.calls if tokens <= 16 else max(3, args.calls // 10)
+            dense_fn(), comp_fn()  # warm-up
+            m = _alternate({"dense": dense_fn, "compressed": comp_fn}, calls, args.repeats)
+            dense, compressed = m["dense"], m["compressed"]
+            ratios = [d / c for d, c in zip(dense, compressed)]
+            row = {"shape": name, "out": out_f, "in": in_f, "dtype": str(dtype).replace("torch.", ""),
+                   "tokens": tokens, "dense_ms": 1e3 * statistics.median(dense),
+                   "compressed_ms": 1e3 * statistics.median(compressed), "speedup": statistics.median(ratios),
+                   "speedup_min": min(ratios), "speedup_max": max(ratios),
+                   "memory_ratio": comp.resident_bytes() / (w.numel() * w.element_size())}
+            rows.append(row)
+            print(f"{name:15s} {out_f:5d}x{in_f:<5d} {row['dtype']:8s} {tokens:4d} tok: dense {row['dense_ms']:8.3f} ms"
+                  f"  compressed {row['compressed_ms']:8.3f} ms  speed-up {row['speedup']:.2f}x "
+                  f"({row['speedup_min']:.2f}-{row['speedup_max']:.2f})", flush=True)
     return rows
 
 
-PATHS = {"kernel": lambda comp: comp.sparse_forward, "tiled": lambda comp: comp.tiled_forward,
-         "gemm": lambda comp: comp.sparse_gemm,
-         "forward": lambda comp: comp}
+PATHS = {"kernel": lambda comp: comp.sparse_forward, "gemm": lambda comp: comp.sparse_gemm,
+         "tiled": lambda comp: comp.tiled_forward, "forward": lambda comp: comp}
 
 
 def bench_paths(args) -> list[dict]:
     """Per shape, dtype and token count: each of ``args.paths`` against F.linear, in the same run."""
-    spec = NMSpec(2, 4)
     rows = []
-    for name in args.shapes:
-        out_f, in_f = SHAPES[name]
-        g = torch.Generator().manual_seed(0)
-        w32 = torch.randn(out_f, in_f, generator=g) * topn_mask(torch.rand(out_f, in_f, generator=g), spec)
-        for dtype in args.dtypes:
-            w = w32.to(DTYPES[dtype])
-            lin = torch.nn.Linear(in_f, out_f, bias=False, dtype=w.dtype)
-            lin.weight.data.copy_(w)
-            comp = CompressedNMLinear.from_linear(lin, spec, isa=args.isa)
-            for tokens in args.tokens:
-                x = torch.randn(tokens, in_f, generator=g).to(w.dtype)
-                fns = {"dense": lambda: F.linear(x, w)}
-                fns.update({p: (lambda f=PATHS[p](comp): f(x)) for p in args.paths})
-                for fn in fns.values():
-                    fn()  # warm-up
-                m = _alternate(fns, args.calls, args.repeats)
-                row = {"shape": name, "out": out_f, "in": in_f, "dtype": dtype, "tokens": tokens,
-                       "dense_ms": 1e3 * statistics.median(m["dense"])}
-                text = []
-                for p in args.paths:
-                    ratios = [t / d for t, d in zip(m[p], m["dense"])]
-                    row[f"{p}_ms"], row[f"{p}_ratio"] = 1e3 * statistics.median(m[p]), statistics.median(ratios)
-                    text.append(f"{p} {row[p + '_ratio']:.2f}x")
-                rows.append(row)
-                print(f"{name:15s} {out_f:5d}x{in_f:<5d} {dtype:8s} {tokens:4d} tok: dense {row['dense_ms']:8.3f} ms; "
-                      "time / dense: " + ", ".join(text), flush=True)
+    for name, g, w, comp in _layers(args.shapes, [DTYPES[d] for d in args.dtypes], args.isa):
+        (out_f, in_f), dtype = w.shape, str(w.dtype).replace("torch.", "")
+        for tokens in args.tokens:
+            x = torch.randn(tokens, in_f, generator=g).to(w.dtype)
+            fns = {"dense": lambda: F.linear(x, w)}
+            fns.update({p: (lambda f=PATHS[p](comp): f(x)) for p in args.paths})
+            for fn in fns.values():
+                fn()  # warm-up
+            m = _alternate(fns, args.calls, args.repeats)
+            row = {"shape": name, "out": out_f, "in": in_f, "dtype": dtype, "tokens": tokens,
+                   "dense_ms": 1e3 * statistics.median(m["dense"])}
+            text = []
+            for p in args.paths:
+                ratios = [t / d for t, d in zip(m[p], m["dense"])]
+                row[f"{p}_ms"], row[f"{p}_ratio"] = 1e3 * statistics.median(m[p]), statistics.median(ratios)
+                text.append(f"{p} {row[p + '_ratio']:.2f}x")
+            rows.append(row)
+            print(f"{name:15s} {out_f:5d}x{in_f:<5d} {dtype:8s} {tokens:4d} tok: dense {row['dense_ms']:8.3f} ms; "
+                  "time / dense: " + ", ".join(text), flush=True)
     return rows
 
 
@@ -208,7 +206,7 @@ def main(argv=None) -> int:
     paths = sub.add_parser("paths")
     paths.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     paths.add_argument("--tokens", nargs="+", type=int, default=[9, 16, 32, 64])
-    paths.add_argument("--paths", nargs="+", default=["kernel", "tiled"], choices=list(PATHS))
+    paths.add_argument("--paths", nargs="+", default=["kernel", "gemm", "tiled"], choices=list(PATHS))
     paths.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
     paths.add_argument("--calls", type=int, default=5)
     mod = sub.add_parser("model")

@@ -1,6 +1,8 @@
 // CPU kernels of the compressed N:M linear (maskllm_megatron/inference/linear.py):
 //   maskllm_nm_linear:     y[t, r] = sum_g sum_{j<N} values[r, g*N + j] * x[t, g*M + pos(p[r, g], j)] (+ bias[r])
 //                          for few tokens (decode): every weight is read once for all tokens;
+//   maskllm_nm_gemm:       the same for many tokens (prefill): a sparse GEMM that multiplies only the kept
+//                          weights, tokens in vector lanes (below, "Sparse GEMM");
 //   maskllm_nm_decompress: rows [r0, r1) of the zero-filled dense weight, for the tiled dense matmul of
 //                          many tokens (prefill).
 //
@@ -25,7 +27,9 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -418,9 +422,10 @@ void linear_dispatch(const V* x_in, const V* vals, const uint8_t* idx, const V* 
 // caller and the helper threads. A row block walks the inputs kKBlock at a time: it decodes the block's kept
 // weights (fp32) and their inputs' offsets in the panel once, then for every token block and pair of rows
 // broadcasts each kept weight and FMAs it into its row's 4 accumulators with the panel's row of its input
-// (kKBlock x kPanel fp32 = 16 or 8 KiB: in L1 for all rows of the block). The partial sums live in a
-// [rows, tokens] fp32 buffer per thread; y gets them (plus bias) rounded once at the end. Each output is a
-// sum in input order, fp32.
+// (kKBlock x kPanel fp32 = 32 or 16 KiB: near L1 for all rows of the block). The partial sums live in a
+// [rows, tokens] fp32 buffer; y gets them (plus bias) rounded once at the end. The inputs go in spans whose
+// panel rows for all tokens fit in L2 (kPanelSpanBytes), one pass over the row blocks per span. Each output
+// is a sum in input order, fp32.
 constexpr int kVecs = 4;
 constexpr int kPanel = kVecs * kLanes;
 constexpr int64_t kKBlock = 128;  // a multiple of M (2, 4, 8)
@@ -448,10 +453,13 @@ template <typename V>
 void gemm_dispatch(const V* x, const V* vals, const uint8_t* idx, const V* bias, V* y, int64_t tokens, int64_t rows,
                    const Layout& L, int threads) {
   const int64_t in = L.in, blocks_t = (tokens + kPanel - 1) / kPanel, padded = blocks_t * kPanel;
-  std::vector<float> panel(size_t(padded * in));
+  // 64-byte aligned: a vector load that crosses a cache line costs two
+  std::unique_ptr<float[], decltype(&std::free)> panel_buf(
+      static_cast<float*>(std::aligned_alloc(64, size_t(padded * in * 4 + 63) / 64 * 64)), &std::free);
+  float* panel = panel_buf.get();
   const bool parallel = rows * in >= kParallelWeights;
   {  // pack: one job per token block and 256 inputs
-    struct Ctx { const V* x; float* panel; int64_t tokens, in, kchunks; } ctx{x, panel.data(), tokens, in, (in + 255) / 256};
+    struct Ctx { const V* x; float* panel; int64_t tokens, in, kchunks; } ctx{x, panel, tokens, in, (in + 255) / 256};
     auto run = [](const void* p, int64_t b) {
       const Ctx& c = *static_cast<const Ctx*>(p);
       const int64_t tb = b / c.kchunks, k0 = (b % c.kchunks) * 256, k1 = std::min(c.in, k0 + 256);
@@ -478,11 +486,12 @@ void gemm_dispatch(const V* x, const V* vals, const uint8_t* idx, const V* bias,
   struct Ctx {
     const float* panel; const V* vals; const uint8_t* idx; const V* bias; V* y; float* acc;
     int64_t tokens, rows, padded, block, k_begin, k_end; const Layout* L; const uint8_t* byte_pos;
-  } ctx{panel.data(), vals, idx, bias, y, nullptr, tokens, rows, padded,
+  } ctx{panel, vals, idx, bias, y, nullptr, tokens, rows, padded,
         std::max<int64_t>(8, std::min<int64_t>(64, rows / (int64_t(threads) * 4)) & ~int64_t(1)), 0, 0, &L,
         byte_pos.data()};
-  std::vector<float> acc(size_t(rows * padded));  // [rows, padded]: the partial sums
-  ctx.acc = acc.data();
+  std::unique_ptr<float[], decltype(&std::free)> acc(  // [rows, padded]: the partial sums
+      static_cast<float*>(std::aligned_alloc(64, size_t(rows * padded * 4 + 63) / 64 * 64)), &std::free);
+  ctx.acc = acc.get();
   auto run = [](const void* p, int64_t b) {
     const Ctx& c = *static_cast<const Ctx*>(p);
     const Layout& L = *c.L;
