@@ -61,6 +61,7 @@ def test_kernel_matches_f_linear(isa, nm, dtype):
                 _check(layer.sparse_forward(x), x, w, lin.bias)
                 _check(layer.sparse_gemm(x), x, w, lin.bias)
                 _check(layer.tiled_forward(x, tile_rows=4), x, w, lin.bias)
+            assert layer.sparse_gemm(x[:0]).shape == (0, out_f)
             x3 = torch.randn(2, 3, in_f, generator=g).to(dtype)  # [batch, seq, in]
             assert layer(x3).shape == (2, 3, out_f)
             if dtype == torch.float32:  # and against F.linear on the dense weight as it is

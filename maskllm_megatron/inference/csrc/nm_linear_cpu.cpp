@@ -452,6 +452,7 @@ inline void gemm_rows(const float* w, const int32_t* off, int64_t stride, int64_
 template <typename V>
 void gemm_dispatch(const V* x, const V* vals, const uint8_t* idx, const V* bias, V* y, int64_t tokens, int64_t rows,
                    const Layout& L, int threads) {
+  if (tokens == 0) return;
   const int64_t in = L.in, blocks_t = (tokens + kPanel - 1) / kPanel, padded = blocks_t * kPanel;
   // 64-byte aligned: a vector load that crosses a cache line costs two
   std::unique_ptr<float[], decltype(&std::free)> panel_buf(
