@@ -38,9 +38,10 @@ from torch import nn
 from . import kernel
 from maskllm_megatron.masks.patterns import NMSpec, pattern_positions
 
-#: Token counts up to this take the decode kernel, by dtype. Measured crossovers (bench_nm_linear.py paths,
-#: 2 threads, and single-thread CPU time): fp32, the kernel beats the sparse GEMM up to 24-32 tokens (its
-#: 64-token panels are mostly padding below); bf16, the tiled torch.mm beats the kernel from 12-16 tokens.
+#: Token counts up to this take the decode kernel, by dtype (bench_nm_linear.py paths, 9-64 tokens). fp32: with
+#: 2 threads the kernel beats the sparse GEMM (its 64-token panels mostly padding) and the tiled path up to 32
+#: tokens at SmolLM2's and LLaMA-2 7B's shapes; single-thread CPU time agrees at SmolLM2's, while at LLaMA's
+#: the tiled path wins from 24. bf16: the tiled path wins from 16-24 tokens (SmolLM2; LLaMA single-thread: 9).
 KERNEL_MAX_TOKENS = {torch.float32: 32, torch.bfloat16: 16}
 #: Layers with fewer weights run on the calling thread only (the C++ side has the same floor); larger ones
 #: share their row blocks with the kernel's helper threads (torch.get_num_threads() in all).
@@ -217,11 +218,13 @@ class CompressedNMLinear(nn.Module):
         b = self._buffers
         values, bias = b["values"], b["bias"]
         y = torch.empty(tokens, self.out_features, dtype=values.dtype)
-        threads = torch.get_num_threads() if self.out_features * self.in_features >= PARALLEL_MIN_WEIGHTS else 1
         self._lib.maskllm_nm_linear(self.layout, x.data_ptr(), values.data_ptr(), b["idx"].data_ptr(),
                                     None if bias is None else bias.data_ptr(), y.data_ptr(), tokens,
-                                    self.out_features, threads)
+                                    self.out_features, self._threads())
         return y
+
+    def _threads(self) -> int:
+        return torch.get_num_threads() if self.out_features * self.in_features >= PARALLEL_MIN_WEIGHTS else 1
 
     def sparse_gemm(self, x2: torch.Tensor) -> torch.Tensor:
         """The C++ sparse GEMM: ``[tokens, out]`` from ``[tokens, in]``, multiplying only the kept weights
@@ -232,7 +235,7 @@ class CompressedNMLinear(nn.Module):
         y = torch.empty(x2.shape[0], self.out_features, dtype=values.dtype)
         self._lib.maskllm_nm_gemm(self.layout, x2.data_ptr(), values.data_ptr(), b["idx"].data_ptr(),
                                   None if bias is None else bias.data_ptr(), y.data_ptr(), x2.shape[0],
-                                  self.out_features, torch.get_num_threads())
+                                  self.out_features, self._threads())
         return y
 
     def tile_rows(self) -> int:
