@@ -3,7 +3,10 @@ dense weight, compress() on an exported model (same greedy tokens), maskllm-gene
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -270,6 +273,15 @@ def test_generate_cli(exported, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["tokens_identical"] and result["compressed_linears"] == 14 and result["threads"] == 1
     assert result["memory_ratio"] < 0.54 and result["prefill_tokens"] == 20
+    assert result["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY")  # in-process: the caller's setting
+    # as a program it runs with OpenMP's idle workers asleep, unless the environment chose a policy
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for policy in (None, "ACTIVE"):
+        run = subprocess.run([sys.executable, "-m", "maskllm_megatron.inference.cli", "--hf", str(exported / "export"),
+                              "--new-tokens", "2", "--threads", "1", "--json", str(out)], capture_output=True,
+                             text=True, env=dict(env, **({"OMP_WAIT_POLICY": policy} if policy else {})))
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert json.loads(out.read_text())["omp_wait_policy"] == (policy or "PASSIVE")
     for argv, message in ((["--hf", str(exported / "dense")], "no 'sparsity' record"),
                           (["--hf", str(tmp_path / "nowhere")], "not a Hugging Face model folder"),
                           (["--hf", str(exported / "export"), "--new-tokens", "0"], "at least 1")):

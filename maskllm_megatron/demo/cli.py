@@ -17,7 +17,7 @@ from .pipeline import (PRIORS, PROBE_ITERS, convert_stage, copy_run_records, dat
                        reconstruct_stage, refit_stage)
 from .recipe import (DEMO_LEARN_MINUTES, DEMO_RECONSTRUCTION, DP, RECONSTRUCTIONS, SEQ, LearnRecipe, WeightRefit, add_recipe_arguments,
                      recipe_from_args)
-from .stages import Stages, raise_keyboard_interrupt, rerun_command, stage_key
+from .stages import Stages, raise_keyboard_interrupt, rerun_command, run_logged, stage_key
 
 
 def main(argv=None) -> int:
@@ -160,13 +160,14 @@ def _duration(seconds) -> str:
 
 def decode_speed(stages: Stages, exported: Path) -> dict:
     """8. decode tokens/s of the export, dense with its zeros against its compressed 2:4 linears (cheap:
-    32 new tokens, batch 1, the medians of 2 alternating runs each)."""
-    from ..inference.cli import measure
-
+    32 new tokens, batch 1, the medians of 2 alternating runs each), by ``maskllm-generate`` in its own
+    process (its OpenMP setting, ``inference.cli``)."""
     def run(w: Path):
-        (w / "speed.json").write_text(json.dumps(measure(exported, new_tokens=32, repeats=2, log=lambda _: None)))
+        run_logged(["-m", "maskllm_megatron.inference.cli", "--hf", str(exported), "--new-tokens", "32", "--repeats",
+                    "2", "--json", str(w / "speed.json")], w / "generate.log")
 
-    return json.loads((stages.run(8, "decode-speed", stage_key(str(exported), 32), run) / "speed.json").read_text())
+    return json.loads((stages.run(8, "decode-speed", stage_key(str(exported), 32, "passive"), run)
+                       / "speed.json").read_text())
 
 
 def _bar_chart(table: list[tuple[str, float]], path: Path) -> None:

@@ -6,11 +6,18 @@ batch, alternately (``--repeats``: the median of each; a noisy neighbour on the 
 It prints tokens/s of ``generate`` (new tokens x batch / wall seconds), optionally the time of one
 prefill forward, the resident bytes of the masked linears' weights, and whether the greedy tokens match.
 Errors print one line, ``error: <problem>: <fix>``, and exit with status 2.
+
+Run as a program it sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets a policy (it starts
+itself again with it: OpenMP reads it once, when torch loads it). By default torch's OpenMP workers spin
+after each op on the cores the compressed kernels' helper threads need; on 2 cores that made the
+kernels' SmolLM2 decoding 1.33x dense instead of 1.82x, and its 512-token prefill 1.49x instead of 1.05x
+(benchmarks/RESULTS.md). A program that calls ``compress`` itself should run under the same setting.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -149,7 +156,13 @@ def format_result(r: dict) -> str:
     return "\n".join(lines)
 
 
+OMP_POLICY = "OMP_WAIT_POLICY"
+
+
 def main(argv=None) -> int:
+    if argv is None and OMP_POLICY not in os.environ:  # a program: start again with idle OpenMP workers asleep
+        os.execve(sys.executable, [sys.executable, "-m", "maskllm_megatron.inference.cli", *sys.argv[1:]],
+                  dict(os.environ, **{OMP_POLICY: "PASSIVE"}))
     ap = argparse.ArgumentParser(
         prog="maskllm-generate", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Greedy generation from an N:M (2:4) Hugging Face export (maskllm-export --format hf), dense "
@@ -168,6 +181,7 @@ def main(argv=None) -> int:
     try:
         result = measure(args.hf, args.prompt, args.new_tokens, args.batch, args.dtype, args.threads, args.repeats,
                          args.prefill, args.isa)
+        result["omp_wait_policy"] = os.environ.get(OMP_POLICY)
     except (GenerateError, CompressError, KernelUnavailable, OSError) as e:
         return user_error(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if args.json:
