@@ -203,7 +203,14 @@ def test_a_timed_probe_turns_minutes_into_iterations(tmp_path, monkeypatch):
     assert plan.minutes(39) == pytest.approx((30 + 5 * 3.0 + 39 * 8) / 60)
     assert plan.iterations(0.5) == 10  # never fewer than 10
     assert not (done / "checkpoints").exists()  # the probe's checkpoint is not kept
-    assert demo.probe_stage(*args).step_s == pytest.approx(8.0) and len(launches) == 1  # cached: the same plan
+    cached = demo.probe_stage(*args)
+    assert cached.step_s == pytest.approx(8.0) and len(launches) == 1  # cached: the same plan
+    # a learning stage within 15% of its plan keeps the probe; one that missed it (the load changed) makes the
+    # next demo probe again
+    planned = cached.minutes(39) * 60
+    assert cached.forget_if_missed(39, 1.14 * planned) == "" and done.exists()
+    assert "the next demo probes again" in cached.forget_if_missed(39, 0.8 * planned) and not done.exists()
+    assert demo.probe_stage(*args).step_s == pytest.approx(8.0) and len(launches) == 2
     # a warm-up longer than the probe: the probe runs past it (the driver refuses a run within its warm-up)
     with pytest.raises(RuntimeError, match="logged 6 of 9 iterations"):
         demo.plan_from_probe(done / "metrics.jsonl", 100.0, recipe, iters=9)

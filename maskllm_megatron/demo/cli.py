@@ -85,6 +85,9 @@ def _demo(recipe: LearnRecipe, minutes: float, out: Path, reconstruct: str = "no
     print(f"[demo] mask learning: {minutes:g} minutes plan {iters} iterations on this machine ({plan.step_s:.1f} s "
           f"an iteration, {plan.fixed_s:.0f} s of start-up, evaluation and saving, measured by the probe)", flush=True)
     run = learn_stage(stages, ckpt, prefix, prior_ckpts["sparsegpt"], iters, recipe)
+    missed = plan.forget_if_missed(iters, learn_wall_s(run))
+    if missed:
+        print(f"[demo] {missed}", flush=True)
     exported = export_stage(stages, final_checkpoint(run))
     recon = RECONSTRUCTIONS[reconstruct]
     reconstructed = reconstruct_stage(stages, final_checkpoint(run), recon) if recon is not None else None

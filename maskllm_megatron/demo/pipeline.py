@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..cache import file_digest
@@ -119,6 +119,7 @@ class SpeedPlan:
     fixed_s: float
     eval_s: float = 0.0
     iters: int = PROBE_ITERS
+    probe: str = ""  # the probe's cached stage folder (``forget_if_missed``)
 
     def iterations(self, minutes: float, evaluations: int = LEARN_EVALS + 1) -> int:
         """The iterations that fill ``minutes`` of a learning stage's wall time (at least 10)."""
@@ -126,6 +127,21 @@ class SpeedPlan:
 
     def minutes(self, iterations: int, evaluations: int = LEARN_EVALS + 1) -> float:
         return (self.fixed_s + evaluations * self.eval_s + iterations * self.step_s) / 60
+
+    def forget_if_missed(self, iterations: int, took_s: float) -> str:
+        """When a learning stage of ``iterations`` took more than ``PLAN_TOLERANCE`` away from this plan (the
+        machine's load changed since the probe), delete the cached probe so that the next run probes again,
+        and say so; else "" (the cache is per machine, not per load)."""
+        planned = self.minutes(iterations) * 60
+        if not took_s or abs(took_s / planned - 1) <= PLAN_TOLERANCE or not self.probe:
+            return ""
+        shutil.rmtree(self.probe, ignore_errors=True)
+        return (f"mask learning took {took_s / 60:.1f} minutes against the {planned / 60:.1f} planned: this "
+                "machine's speed changed since its probe, so the next demo probes again")
+
+
+#: how far a learning stage may miss its planned wall time before its probe is measured again
+PLAN_TOLERANCE = 0.15
 
 
 def probe_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, recipe: LearnRecipe) -> SpeedPlan:
@@ -150,7 +166,7 @@ def probe_stage(stages: Stages, ckpt: Path, prefix: Path, prior_ckpt: Path, reci
     machine = (platform.node(), platform.machine(), os.cpu_count(), platform.processor())
     done = stages.run(5, "probe", stage_key(str(prior_ckpt), str(prefix), _recipe_settings(recipe), iters,
                                             machine, LEARN_STAGE_FORMAT), probe)
-    return SpeedPlan(**json.loads((done / "probe.json").read_text()))
+    return replace(SpeedPlan(**json.loads((done / "probe.json").read_text())), probe=str(done))
 
 
 def plan_from_probe(metrics: Path, wall_s: float, recipe: LearnRecipe, iters: int = PROBE_ITERS) -> SpeedPlan:
