@@ -185,9 +185,9 @@ class PriorSection:
     ``none`` or ``checkpoint`` (``method`` is one of PRIOR_SOURCES)."""
     method = _Library(PriorConfig)
     checkpoint: str = ""  # with method=checkpoint: take the hard masks of an earlier run as the prior
-    # update_weights: SparseGPT's OBS update of the kept weights; with method=checkpoint, that checkpoint's
-    # masked weights. A teacher (distillation while weights train) stays the original model
     calib_samples: int = 128
+    # SparseGPT's OBS update of the kept weights; with method=checkpoint, that checkpoint's masked weights. A
+    # teacher (distillation while weights train) stays the original model
     update_weights = _Library(PriorConfig)
     blocksize = _Library(PriorConfig)
     percdamp = _Library(PriorConfig)

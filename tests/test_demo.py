@@ -269,7 +269,7 @@ def test_recipe_flags_build_the_recipe_they_name():
 
 
 
-def test_recipe_schedules_and_joint_training_reach_the_driver():
+def test_recipe_schedules_and_joint_training_reach_the_driver(tmp_path):
     """The recipe's schedule and joint-training flags become the driver's keys; at their defaults the driver
     config is today's and a learning stage's cache key is unchanged."""
     import argparse
@@ -299,12 +299,9 @@ def test_recipe_schedules_and_joint_training_reach_the_driver():
     assert _recipe_settings(LearnRecipe())["anneal_fraction"] == 0.7  # the demo's recipe (benchmarks/RESULTS.md)
     assert _recipe_settings(recipe)["train_weights"] is True
     # --update-weights: the learning run takes the prior checkpoint's (OBS-updated) weights with its masks
-    import tempfile
-
     from maskllm_megatron.demo.pipeline import _learn_config
     updated = demo.recipe_from_args(p.parse_args(["--train-weights", "--kd-weight", "0.5", "--update-weights"]))
-    run = Path(tempfile.mkdtemp())
-    prior = yaml.safe_load(_learn_config(run, *paths[:2], Path("prior"), 38, updated, 1, 4).read_text())["prior"]
+    prior = yaml.safe_load(_learn_config(tmp_path, *paths[:2], Path("prior"), 38, updated, 1, 4).read_text())["prior"]
     assert prior == {"method": "checkpoint", "checkpoint": "prior", "update_weights": True, "calib_samples": 32}
     assert _recipe_settings(updated)["update_weights"] and "update_weights" not in _recipe_settings(recipe)
     with pytest.raises(SystemExit, match="--anneal-fraction: anneal_fraction 0.0: the driver refuses it: "

@@ -181,7 +181,7 @@ def test_joint_training_distilled_from_the_dense_model_at_ep2_equals_ep1(moe_run
     """mask.train_weights with distill.kd_weight > 0 (#37) on the MoE: the experts' weights train with their masks
     and the teacher is a copy of the original experts on their own expert-parallel ranks; EP=2 gives EP=1's
     losses (both at DP=2) and the KL to the dense model, the whole loss here, falls."""
-    import json
+    from tests.test_train import records
 
     work, losses = moe_run["work"], {}
     for ep in (2, 1):
@@ -194,8 +194,8 @@ def test_joint_training_distilled_from_the_dense_model_at_ep2_equals_ep1(moe_run
         cfg["run"].update(train_iters=3, save_interval=0, eval_interval=0)
         config.write_text(yaml.safe_dump(cfg))
         torchrun("-m", "maskllm_megatron.train", "--config", str(config), nproc=2)
-        records = [json.loads(l) for l in (work / f"joint_ep{ep}" / "metrics.jsonl").read_text().splitlines() if l]
-        losses[ep] = {key: [r[key] for r in records if "kd_loss" in r] for key in ("lm_loss", "kd_loss")}
+        steps = [r for r in records(work / f"joint_ep{ep}") if "kd_loss" in r]
+        losses[ep] = {key: [r[key] for r in steps] for key in ("lm_loss", "kd_loss")}
     for key in ("lm_loss", "kd_loss"):
         two, one = losses[2][key], losses[1][key]
         # the first step (masks from the prior, original weights, the teacher) to float precision; after it,

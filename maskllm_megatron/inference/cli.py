@@ -10,7 +10,7 @@ Errors print one line, ``error: <problem>: <fix>``, and exit with status 2.
 Run as a program it sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets a policy (it starts
 itself again with it: OpenMP reads it once, when torch loads it). By default torch's OpenMP workers spin
 after each op on the cores the compressed kernels' helper threads need; on 2 cores that made the
-kernels' SmolLM2 decoding 1.33x dense instead of 1.82x, and its 512-token prefill 1.49x instead of 1.05x
+kernels' SmolLM2 decoding 1.33x dense instead of 1.80x, and its 512-token prefill 1.49x instead of 1.00x
 (benchmarks/RESULTS.md). A program that calls ``compress`` itself should run under the same setting.
 """
 from __future__ import annotations
