@@ -4,6 +4,7 @@ logits learning rate, prior strength and iteration count change held-out perplex
     python benchmarks/learn_budget.py --iters 40 | --minutes 6  [any demo recipe flag: --lr 2e-4
         --prior-strength 4 --global-batch 2 --adam-eps 1e-5 --temperature-end 0.5 --anneal-fraction 0.7
         --train-weights --weight-lr 2e-4 --kd-weight 0.5 --update-weights ...] [--checkpoints 1]
+        [--after <an earlier run>/checkpoints/iter_NNNNNNN]
 
 Needs the demo's stages 1-4 (run `make demo` once). Learns with 2 data-parallel processes exactly like
 the demo's stage 5 (``demo.learn_stage``, cached under the demo's cache by its settings), then prints
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from dataclasses import asdict
 import sys
 
@@ -33,6 +35,9 @@ def main(argv=None) -> int:
                         "gets fewer iterations)")
     add_recipe_arguments(p)
     p.add_argument("--checkpoints", type=int, default=1, help="evenly spaced checkpoints to score (a curve)")
+    p.add_argument("--after", type=Path, help="start from this learning run's checkpoint instead of the SparseGPT "
+                   "prior: its learned hard masks are the prior (a second phase, e.g. joint training after a "
+                   "mask-only run; with --update-weights its weights too)")
     args = p.parse_args(argv)
     stages = Stages(cache_dir() / "demo")
     found = {name: [p for p in sorted(stages.root.glob(pattern)) if ".partial" not in str(p)] for name, pattern in (
@@ -44,7 +49,12 @@ def main(argv=None) -> int:
                              "run `make demo` once first")
     ckpt, data, prior = (found[k][0] for k in found)
     recipe = recipe_from_args(args)
-    if recipe.update_weights:  # SparseGPT's prior with its OBS-updated weights (a prior stage of its own)
+    if args.after is not None:
+        if not (args.after / "metadata.json").is_file():
+            raise SystemExit(f"error: --after {args.after} is not a run checkpoint (no metadata.json): give "
+                             "<run>/checkpoints/iter_NNNNNNN")
+        prior = args.after.resolve()
+    elif recipe.update_weights:  # SparseGPT's prior with its OBS-updated weights (a prior stage of its own)
         prior = prior_stage(stages, ckpt, data.with_suffix(""), "sparsegpt", update_weights=True)
     plan = None
     if args.minutes is not None:
@@ -52,7 +62,9 @@ def main(argv=None) -> int:
         args.iters = plan.iterations(args.minutes)
     name = f"budget-{args.iters}-{args.lr:g}-{args.prior_strength:g}-{args.global_batch}" + "".join(
         f"-{k}{v:g}" if not isinstance(v, bool) else f"-{k}" for k, v in recipe.changed().items()
-        if k not in ("lr", "prior_strength", "global_batch"))
+        if k not in ("lr", "prior_strength", "global_batch")) + (
+        f"-after-{args.after.parent.parent.name.rsplit('-', 1)[-1]}-{checkpoint_iteration(args.after.name)}"
+        if args.after is not None else "")
     run = learn_stage(stages, ckpt, data.with_suffix(""), prior, args.iters, recipe, name=name,
                       checkpoints=args.checkpoints)
     ppl = heldout_ppl(["--ckpt", str(final_checkpoint(run))], run / "ppl.log")

@@ -265,7 +265,14 @@ def test_recipe_flags_build_the_recipe_they_name():
         with pytest.raises(SystemExit, match=re.escape(message)) as e:
             demo.recipe_from_args(p.parse_args(flags))
         assert e.value.code == 2
-    assert LearnRecipe(global_batch=6).driver_sections()["data"] == {"micro_batch_size": 3, "global_batch_size": 6}
+    assert LearnRecipe(global_batch=6).driver_sections()["data"] == {"micro_batch_size": 3, "global_batch_size": 6,
+                                                                     "seq_length": SEQ}
+    # shorter training sequences: more optimizer steps for the same tokens (the held-out windows stay SEQ)
+    short = demo.recipe_from_args(p.parse_args(["--seq-length", "256"]))
+    assert short.driver_sections()["data"]["seq_length"] == 256 and short.tokens_per_iteration == 2 * 256
+    with pytest.raises(SystemExit, match=re.escape("--seq-length: seq_length 0: the driver refuses it: "
+                                                   "data.seq_length 0 must be >= 1")):
+        demo.recipe_from_args(p.parse_args(["--seq-length", "0"]))
 
 
 
@@ -296,6 +303,7 @@ def test_recipe_schedules_and_joint_training_reach_the_driver(tmp_path):
     # a field added later is keyed only away from the value every run had before it existed
     assert set(_recipe_settings(LearnRecipe(anneal_fraction=1.0))) == {
         "global_batch", "lr", "prior_strength", "adam_eps", "adam_beta2", "clip_grad", "regularizer", "warmup_iters"}
+    assert _recipe_settings(LearnRecipe(seq_length=256))["seq_length"] == 256
     assert _recipe_settings(LearnRecipe())["anneal_fraction"] == 0.7  # the demo's recipe (benchmarks/RESULTS.md)
     assert _recipe_settings(recipe)["train_weights"] is True
     # --update-weights: the learning run takes the prior checkpoint's (OBS-updated) weights with its masks

@@ -120,7 +120,7 @@ def _demo(recipe: LearnRecipe, minutes: float, out: Path, reconstruct: str = "no
     lines = ["| model | held-out PPL |", "|---|---|"] + [f"| {n} | {v:.2f} |" for n, v in rows]
     md = (f"# MaskLLM demo: SmolLM2-135M, 2:4, held-out Wikipedia\n\n"
           f"Held-out articles never seen in training or calibration; {SEQ}-token windows with BOS, 8,192 tokens.\n"
-          f"MaskLLM (frozen weights, the paper's method): {iters} iterations x {recipe.global_batch} x {SEQ} "
+          f"MaskLLM (frozen weights, the paper's method): {iters} iterations x {recipe.global_batch} x {recipe.seq_length} "
           f"tokens = {tokens:,} tokens from the "
           f"SparseGPT prior (strength {recipe.prior_strength:g}, logits lr {recipe.lr:g}, warmed up over "
           f"{recipe.warmup_iters} iterations, schedules annealed over {recipe.anneal_fraction:.0%} of the run).\n\n"

@@ -89,7 +89,8 @@ def _learn_config(w: Path, ckpt: Path, prefix: Path, prior_ckpt: Path, iters: in
 #: recipe fields added after learning stages were first cached, with the value every run had before: a
 #: stage's key holds them only at another value, so a run made before they existed keeps its cached stage
 _KEYED_UNLESS = {"temperature_start": 4.0, "temperature_end": 0.05, "scale_start": 1e2, "scale_end": 5e2,
-                 "anneal_fraction": 1.0, "train_weights": False, "weight_lr": 0.0, "update_weights": False}
+                 "anneal_fraction": 1.0, "train_weights": False, "weight_lr": 0.0, "update_weights": False,
+                 "seq_length": SEQ}
 
 
 def _recipe_settings(recipe: LearnRecipe) -> dict:

@@ -66,8 +66,10 @@ class LearnRecipe:
     iterations (-2.2%, Shakespeare -1.2%). benchmarks/RESULTS.md has the runs.
     """
 
-    global_batch: int = _recipe_field("data.global_batch_size", "sequences of {seq} tokens per iteration, split over "
-                                      "the {dp} data-parallel ranks", default=2)
+    global_batch: int = _recipe_field("data.global_batch_size", "sequences per iteration, split over the {dp} "
+                                      "data-parallel ranks", default=2)
+    seq_length: int = _recipe_field("data.seq_length", "tokens per training sequence (held-out perplexity keeps "
+                                    "{seq}-token windows)", default=SEQ)
     lr: float = _recipe_field("optim.lr", "the mask logits' learning rate (the driver's optim.lr x mask_lr_mult), "
                               "cosine to lr/10", default=1e-3, derived=True)
     prior_strength: float = _recipe_field("mask.prior_strength", "how far the prior's pattern starts ahead, in logit "
@@ -138,7 +140,7 @@ class LearnRecipe:
 
     @property
     def tokens_per_iteration(self) -> int:
-        return self.global_batch * SEQ
+        return self.global_batch * self.seq_length
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
