@@ -2,7 +2,7 @@
 against the iterations spent (not in CI).
 
     python benchmarks/refit_smollm2.py --ckpt RUN/checkpoints/iter_XXXXXXX [--iters 40] [--checkpoints 2] \
-        [--lr 2e-4] [--warmup 0] [--batch 1] [--kd-weight 1.0] [--temperature 1.0] [--json benchmarks/results/refit_demo.json]
+        [--lr 2e-4] [--warmup 0] [--batch 1] [--seq-length 512] [--kd-weight 1.0] [--temperature 1.0] [--json benchmarks/results/refit_demo.json]
 
 The demo's refit stage (``demo.refit_stage``: the driver on 2 data-parallel ranks, 2 x 512 tokens an
 iteration of the run's own training data, ``--batch`` times that with gradient accumulation) keeps the
@@ -31,13 +31,15 @@ TEXTS = {"wikipedia": ("--corpus", "wikipedia-heldout"), "shakespeare": ("--corp
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", type=Path, required=True, help="a mask-learning run's checkpoint")
-    p.add_argument("--iters", type=int, default=40, help=f"refit iterations ({DP} x --batch x {SEQ} tokens each)")
+    p.add_argument("--iters", type=int, default=40, help=f"refit iterations ({DP} x --batch x --seq-length tokens each)")
     p.add_argument("--checkpoints", type=int, default=2, help="evenly spaced checkpoints to score")
     p.add_argument("--lr", type=float, default=WeightRefit.lr, help="Adam's peak learning rate for the kept weights")
     p.add_argument("--warmup", type=int, default=WeightRefit.warmup_iters,
                    help="iterations of linear lr warm-up from 0 (Adam's first steps move every weight by ~lr)")
     p.add_argument("--batch", type=int, default=WeightRefit.batch,
-                   help=f"sequences a rank per iteration ({DP} x batch x {SEQ} tokens an iteration)")
+                   help=f"sequences a rank per iteration ({DP} x batch x --seq-length tokens an iteration)")
+    p.add_argument("--seq-length", type=int, default=SEQ, help="tokens per training sequence (held-out windows stay "
+                   f"{SEQ})")
     p.add_argument("--kd-weight", type=float, default=WeightRefit.kd_weight, help="distill.kd_weight (0: LM loss)")
     p.add_argument("--temperature", type=float, default=WeightRefit.temperature, help="distill.temperature")
     p.add_argument("--texts", default="wikipedia,shakespeare", help="held-out texts to score")
@@ -56,15 +58,15 @@ def main(argv=None) -> int:
 
     rows = [score("original (the learned mask)", export_stage(stages, ckpt), iterations=0, tokens=0)]
     refit = WeightRefit(iters=args.iters, lr=args.lr, kd_weight=args.kd_weight, temperature=args.temperature,
-                        batch=args.batch, warmup_iters=args.warmup)
+                        batch=args.batch, warmup_iters=args.warmup, seq_length=args.seq_length)
     run = refit_stage(stages, ckpt, refit, args.checkpoints)
     wall = float((run / "refit_wall_s").read_text())
     for saved in reversed(complete_checkpoints(run / CHECKPOINTS_DIR)):
         iteration = checkpoint_iteration(saved.name)
         rows.append(score(f"refit, {iteration} iterations", export_stage(stages, saved), iterations=iteration,
-                          tokens=iteration * DP * args.batch * SEQ))
+                          tokens=iteration * DP * args.batch * args.seq_length))
     result = {"checkpoint": str(ckpt), "iters": args.iters, "batch": args.batch, "warmup": args.warmup,
-              "lr": args.lr, "kd_weight": args.kd_weight, "temperature": args.temperature,
+              "lr": args.lr, "seq_length": args.seq_length, "kd_weight": args.kd_weight, "temperature": args.temperature,
               "refit_wall_s": round(wall, 1), "rows": rows}
     if args.json:
         tmp = args.json.with_suffix(".json.tmp")

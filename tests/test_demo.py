@@ -401,7 +401,9 @@ def test_refit_stage_runs_a_driver_config_that_refits_the_runs_own_masks(tmp_pat
     larger = demo.refit_stage(stages, ckpt, demo.WeightRefit(iters=8, batch=4))  # 4 sequences a rank, accumulated
     cfg = configs[2].validate(world_size=demo.DP)
     assert larger != first and cfg.data.micro_batch_size == 1 and cfg.data.global_batch_size == 4 * demo.DP
-    assert configs[0].data.global_batch_size == demo.DP
+    assert configs[0].data.global_batch_size == demo.DP and configs[0].data.seq_length == SEQ
+    shorter = demo.refit_stage(stages, ckpt, demo.WeightRefit(iters=8, seq_length=256))  # more steps, same tokens
+    assert shorter != first and configs[3].data.seq_length == 256
 
 
 def test_convert_stage_follows_the_model_folders_content(tmp_path, monkeypatch):

@@ -227,7 +227,8 @@ def refit_stage(stages: Stages, ckpt: Path, refit: WeightRefit, checkpoints: int
         (w / "refit_wall_s").write_text(str(time.time() - t0))
 
     content = hashlib.sha256(extra_path_bytes(ckpt)).hexdigest()
-    return stages.run(6, "refit", stage_key(str(ckpt), content, asdict(refit), checkpoints), run)
+    settings = {k: v for k, v in asdict(refit).items() if not (k == "seq_length" and v == SEQ)}  # keyed as before
+    return stages.run(6, "refit", stage_key(str(ckpt), content, settings, checkpoints), run)
 
 
 def extra_path_bytes(ckpt: Path) -> bytes:

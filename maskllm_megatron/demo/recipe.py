@@ -173,7 +173,8 @@ class WeightRefit:
     """The kept weights refit end to end under a run's learned masks (``mask.refit``): Adam to ``lr``
     (after ``warmup_iters`` of linear warm-up; cosine to lr / 10, no weight decay) on ``kd_weight`` x the
     KL to the dense model (at ``temperature``) + the rest x the LM loss, ``iters`` iterations of DP x ``batch``
-    x SEQ tokens of the run's own training data (``batch`` sequences a rank, accumulated one at a time)."""
+    x ``seq_length`` tokens of the run's own training data (``batch`` sequences a rank, accumulated one at a
+    time)."""
 
     iters: int = _recipe_field("run.train_iters", default=20)
     lr: float = _recipe_field("optim.lr", default=2e-4, derived=True)
@@ -181,12 +182,13 @@ class WeightRefit:
     temperature: float = _recipe_field("distill.temperature")
     batch: int = _recipe_field("data.global_batch_size", default=1, derived=True)
     warmup_iters: int = _recipe_field("optim.warmup_iters")
+    seq_length: int = _recipe_field("data.seq_length", default=SEQ)
 
     def driver_sections(self) -> dict:
         """The driver config sections (``maskllm_megatron.run_config``) this refit sets."""
         sections = _direct_sections(self)
         sections["optim"].update(lr=self.lr, min_lr=self.lr / 10, weight_decay=0.0)
-        sections["data"] = {"micro_batch_size": 1, "global_batch_size": DP * self.batch}
+        sections["data"].update(micro_batch_size=1, global_batch_size=DP * self.batch)
         sections["mask"] = {"refit": True}
         return sections
 
