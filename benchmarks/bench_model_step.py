@@ -2,7 +2,9 @@
 weight trainable) of the same SmolLM2-135M model and batch, in one run. Mask variants: ``mask_fused``
 (the default fused kernels: the C++ CPU kernels where they run), ``mask_compiled`` (the torch.compile
 kernels, ``MASKLLM_CPU_KERNEL=0``), ``mask_eager`` (plain torch ops) and ``mask_distill`` (the fused
-kernels with distillation from the dense model: the teacher pass and the KL, ``distill.kd_weight`` 0.5). ``hf_dense`` (DP=1 only) is a
+kernels with distillation from the dense model: the teacher pass and the KL, ``distill.kd_weight`` 0.5) and
+``mask_joint`` (joint training: the masked weights train too, distilled from a kept copy of the original
+weights, ``mask.train_weights``; a second model with its own optimizer). ``hf_dense`` (DP=1 only) is a
 reference outside megatron: the same dense step in plain PyTorch on the Hugging Face model (transformers'
 LlamaForCausalLM with SDPA attention, AdamW with the same settings and clipping): what megatron-core costs
 on CPU.
@@ -10,7 +12,7 @@ on CPU.
     python benchmarks/bench_model_step.py                                   # TP=1, DP=1
     torchrun --nproc-per-node 2 benchmarks/bench_model_step.py              # TP=1, DP=2
     options: --ckpt DIR (converted checkpoint; made from the cached SmolLM2 if missing)
-             --variants dense,mask_fused,mask_compiled,mask_eager,mask_distill,hf_dense (dense is always timed)
+             --variants dense,mask_fused,mask_compiled,mask_eager,mask_distill,mask_joint,hf_dense (dense always)
              --micro-batch 2 --seq 256 --repeats 5 --settle 1 --json OUT.json
              --profile OUT.txt (after timing: torch.profiler tables of one dense and one mask step, rank 0)
 
@@ -35,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("dense", "mask_fused", "mask_compiled", "mask_eager", "mask_distill", "hf_dense")
+VARIANTS = ("dense", "mask_fused", "mask_compiled", "mask_eager", "mask_distill", "mask_joint", "hf_dense")
 
 
 def ensure_checkpoint(ckpt: Path) -> Path:
@@ -121,6 +123,23 @@ def hf_dense_step(cfg, batch):
         return time.perf_counter() - t0
 
     return step
+
+
+def joint_step(cfg, batch, dp_rank: int):
+    """The joint-training step (``mask.train_weights``, distilled at ``kd_weight`` 0.5 from the kept copy of
+    the original weights) on a model of its own, built as the driver builds it."""
+    from dataclasses import replace
+
+    from maskllm_megatron.train.setup import apply_prior, build_model, build_optimizer
+    from maskllm_megatron.train.step import Teacher
+
+    joint = replace(cfg, mask=replace(cfg.mask, train_weights=True), distill=replace(cfg.distill, kd_weight=0.5))
+    model, _, masks = build_model(joint)
+    apply_prior(joint, model, None)
+    masks.keep_teacher_copy()
+    ddp, optimizer, scheduler = build_optimizer(joint, model, masks)
+    ddp.train()
+    return make_step(joint, ddp, optimizer, scheduler, batch, dp_rank, masks, teacher=Teacher(0.5, 1.0))
 
 
 def make_step(cfg, ddp, optimizer, scheduler, batch, dp_rank: int, masks=None, teacher=None):
@@ -239,9 +258,11 @@ def main(argv=None):
                                        teacher=Teacher(kd_weight=0.5, temperature=1.0))}
     if "hf_dense" in variants:
         steps["hf_dense"] = hf_dense_step(cfg, batch)
+    if "mask_joint" in variants:
+        steps["mask_joint"] = joint_step(cfg, batch, env.dp_rank)
 
     def run(name: str, settle: int = 0) -> tuple[float, float, int]:
-        masks.set_fused_kernel(name != "mask_eager")
+        masks.set_fused_kernel(name != "mask_eager")  # the joint model's masks keep the default (fused)
         os.environ["MASKLLM_CPU_KERNEL"] = "0" if name == "mask_compiled" else "1"
         for _ in range(settle):
             steps[name]()
@@ -297,6 +318,9 @@ def main(argv=None):
             print(f"  distillation: mask_distill / mask_fused = {results['distill_over_mask']:.3f} (median of the "
                   f"per-round ratios {rounds:.3f}): the teacher pass and the KL; at equal wall-clock a "
                   f"distilling run gets 1/{results['distill_over_mask']:.3f} of the iterations")
+        if "mask_fused" in variants and "mask_joint" in variants:
+            results["joint_over_mask"] = med["mask_joint"] / med["mask_fused"]
+            print(f"  joint training: mask_joint / mask_fused = {results['joint_over_mask']:.3f}")
         if args.json:
             write_atomic(args.json, json.dumps(results, indent=2))
     return results
