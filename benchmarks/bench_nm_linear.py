@@ -94,6 +94,7 @@ def bench_linear(args) -> list[dict]:
 
 
 PATHS = {"kernel": lambda comp: comp.sparse_forward, "gemm": lambda comp: comp.sparse_gemm,
+         "pairs": lambda comp: comp.pair_gemm,
          "tiled": lambda comp: comp.tiled_forward, "forward": lambda comp: comp}
 
 

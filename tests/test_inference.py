@@ -109,23 +109,70 @@ def test_helper_threads(monkeypatch, dtype):
         torch.set_num_threads(threads)
 
 
+PAIRS = bool(ISAS) and kernel.has_pairs(ISAS[-1])
+
+
 def test_forward_path_by_tokens_and_dtype(monkeypatch):
     """The measured rule: the decode kernel up to 32 tokens in fp32 and 16 in bf16; beyond, the sparse GEMM in
-    fp32 and the tiled torch.mm in bf16 (the forward calls the path that ``path`` names)."""
+    fp32, the pair GEMM in bf16 2:4 where the CPU has AVX512-BF16, else the tiled torch.mm (the forward calls
+    the path that ``path`` names)."""
     spec = NMSpec(2, 4)
     lin = torch.nn.Linear(64, 16, bias=False)
     lin.weight.data.copy_(_nm_weight(16, 64, spec, torch.float32))
-    for dtype, last_kernel, beyond in ((torch.float32, 32, "gemm"), (torch.bfloat16, 16, "tiled")):
+    methods = {"gemm": "sparse_gemm", "pairs": "pair_gemm", "tiled": "tiled_forward"}
+    for dtype, last_kernel, beyond in ((torch.float32, 32, "gemm"),
+                                       (torch.bfloat16, 16, "pairs" if PAIRS else "tiled")):
         layer = CompressedNMLinear.from_linear(lin.to(dtype), spec)
         assert [layer.path(t) for t in (1, 8, 9, last_kernel, last_kernel + 1, 512)] == \
             ["kernel"] * 4 + [beyond] * 2
         called = []
-        for name in ("sparse_forward", "sparse_gemm", "tiled_forward"):
+        for name in ("sparse_forward", *methods.values()):
             monkeypatch.setattr(layer, name, lambda x, *a, name=name, **k: called.append(name) or
                                 torch.zeros(x.numel() // 64, 16, dtype=dtype))
         for tokens in (last_kernel, last_kernel + 1):
             layer(torch.zeros(1, tokens, 64, dtype=dtype))
-        assert called == ["sparse_forward", {"gemm": "sparse_gemm", "tiled": "tiled_forward"}[beyond]]
+        assert called == ["sparse_forward", methods[beyond]]
+
+
+@pytest.mark.skipif(not PAIRS, reason="the pair GEMM needs AVX512-BF16")
+def test_pair_gemm_matches_f_linear(monkeypatch):
+    """bf16 2:4 by vdpbf16ps on the kept pairs: rows not a multiple of 16, groups not a multiple of 16 and
+    past one span (256 groups), token blocks of 16 with a tail, a bias, the helper threads."""
+    monkeypatch.setattr("maskllm_megatron.inference.linear.PARALLEL_MIN_WEIGHTS", 0)
+    spec = NMSpec(2, 4)
+    g = torch.Generator().manual_seed(2)
+    for out_f, in_f in SHAPES + [(300, 256), (37, 4100)]:
+        w = _nm_weight(out_f, in_f, spec, torch.bfloat16)
+        for with_bias in (False, True):
+            lin = torch.nn.Linear(in_f, out_f, bias=with_bias, dtype=torch.bfloat16)
+            lin.weight.data.copy_(w)
+            layer = CompressedNMLinear.from_linear(lin, spec)
+            for tokens in (1, 15, 16, 17, 70):
+                x = torch.randn(tokens, in_f, generator=g).to(torch.bfloat16)
+                _check(layer.pair_gemm(x), x, w, lin.bias)
+            assert layer.pair_gemm(x[:0]).shape == (0, out_f)
+
+
+@pytest.mark.skipif(not PAIRS, reason="the pair GEMM needs AVX512-BF16")
+def test_pair_gemm_off(monkeypatch):
+    """MASKLLM_NM_PAIRS=0, the AVX2 build and other N:M take the tiled path; pair_gemm refuses them."""
+    spec = NMSpec(2, 4)
+    w = _nm_weight(40, 64, spec, torch.bfloat16)
+    lin = torch.nn.Linear(64, 40, dtype=torch.bfloat16)
+    lin.weight.data.copy_(w)
+    x = torch.randn(40, 64).to(torch.bfloat16)
+    layers = [CompressedNMLinear.from_linear(lin, spec, isa="AVX2")]
+    w14 = _nm_weight(40, 64, NMSpec(1, 4), torch.bfloat16)
+    lin14 = torch.nn.Linear(64, 40, dtype=torch.bfloat16)
+    lin14.weight.data.copy_(w14)
+    layers.append(CompressedNMLinear.from_linear(lin14, NMSpec(1, 4)))
+    monkeypatch.setenv("MASKLLM_NM_PAIRS", "0")
+    layers.append(CompressedNMLinear.from_linear(lin, spec))
+    for layer, weight in zip(layers, (w, w14, w)):
+        assert layer.path(40) == "tiled"
+        _check(layer(x), x, weight, layer.bias)
+        with pytest.raises(CompressError, match="pair GEMM runs bf16 2:4"):
+            layer.pair_gemm(x)
 
 
 def test_forced_isa_environment(monkeypatch):

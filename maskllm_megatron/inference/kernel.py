@@ -65,9 +65,12 @@ def library(isa: Optional[str] = None) -> ctypes.CDLL:
     if lib.maskllm_nm_layout_size() != ctypes.sizeof(Layout):
         raise KernelUnavailable(f"{SOURCE.name}'s Layout is {lib.maskllm_nm_layout_size()} bytes, kernel.py's "
                                 f"{ctypes.sizeof(Layout)}: the two definitions differ")
-    lib.maskllm_nm_linear.argtypes = lib.maskllm_nm_gemm.argtypes = [ctypes.POINTER(Layout)] + [p] * 5 + [i64, i64, i32]
+    lib.maskllm_nm_linear.argtypes = lib.maskllm_nm_gemm.argtypes = lib.maskllm_nm_gemm_pairs.argtypes = \
+        [ctypes.POINTER(Layout)] + [p] * 5 + [i64, i64, i32]
     lib.maskllm_nm_decompress.argtypes = [ctypes.POINTER(Layout)] + [p] * 3 + [i64, i64, i32]
     lib.maskllm_nm_linear.restype = lib.maskllm_nm_gemm.restype = lib.maskllm_nm_decompress.restype = None
+    lib.maskllm_nm_gemm_pairs.restype = None
+    lib.maskllm_nm_has_pairs.restype = i32
     lib.maskllm_nm_isa.restype = ctypes.c_char_p
     return lib
 
@@ -83,3 +86,9 @@ class Layout(ctypes.Structure):
 def built_isa(isa: Optional[str] = None) -> str:
     """The instruction set the loaded build was compiled for (what ``isa`` resolves to)."""
     return library(isa).maskllm_nm_isa().decode()
+
+
+def has_pairs(isa: Optional[str] = None) -> bool:
+    """Whether the bf16 2:4 pair GEMM runs here: the AVX-512 build on a CPU with AVX512-BF16 (cpuid, at run
+    time); ``MASKLLM_NM_PAIRS=0`` turns it off (the forward then takes the tiled path)."""
+    return os.environ.get("MASKLLM_NM_PAIRS", "1") != "0" and bool(library(isa).maskllm_nm_has_pairs())

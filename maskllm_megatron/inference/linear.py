@@ -12,11 +12,14 @@ Forward (``x`` in the weights' dtype, float32 or bfloat16, on the CPU):
   each 16 inputs into a dense register; it accumulates in fp32 and writes the weights' dtype;
 - more tokens (prefill), fp32: the C++ sparse GEMM (``sparse_gemm``) multiplies only the kept weights,
   tokens in vector lanes;
-- more tokens, bf16: a tile of output rows at a time (``TILE_BYTES``, 16 MiB, in one scratch buffer for
-  all layers) is decompressed and multiplied with ``torch.mm`` into its columns of the output
-  (``tiled_forward``): torch's bf16 matmul uses the CPU's bf16 dot products (AVX512-BF16 here), twice
-  the rate of the fp32 FMAs the sparse GEMM runs on, so it beats skipping the zeros. The dense
-  weights are never held (at most one tile of one layer, at a time).
+- more tokens, bf16 2:4 on a CPU with AVX512-BF16 (``kernel.has_pairs``): the C++ pair GEMM
+  (``pair_gemm``): each kept pair (w_a, w_b) is one ``vdpbf16ps`` lane, 16 output rows per vector, so a
+  token costs one dot product per group of 4 inputs where the dense matmul takes two;
+- more tokens, other bf16 (1:4, 4:8, no AVX512-BF16): a tile of output rows at a time (``TILE_BYTES``,
+  16 MiB, in one scratch buffer for all layers) is decompressed and multiplied with ``torch.mm`` into
+  its columns of the output (``tiled_forward``): torch's bf16 matmul uses the CPU's bf16 dot products
+  where it has them, which beats the fp32 FMAs of the sparse GEMM. The dense weights are never held
+  (at most one tile of one layer, at a time).
 
 The rule is fixed (``path``), from ``benchmarks/bench_nm_linear.py paths`` on the 2-core AVX-512 VM
 (benchmarks/RESULTS.md): the decode kernel against the tiled path and the sparse GEMM at SmolLM2's and
@@ -199,16 +202,21 @@ class CompressedNMLinear(nn.Module):
             y = self.sparse_forward(x, tokens)
         elif path == "gemm":
             y = self.sparse_gemm(x.reshape(tokens, self.in_features))
+        elif path == "pairs":
+            y = self.pair_gemm(x.reshape(tokens, self.in_features))
         else:
             y = self.tiled_forward(x.reshape(tokens, self.in_features))
         return y.view(*x.shape[:-1], self.out_features)
 
     def path(self, tokens: int) -> str:
-        """The forward's path for ``tokens`` (module docstring): "kernel", "gemm" (fp32) or "tiled" (bf16)."""
+        """The forward's path for ``tokens`` (module docstring): "kernel", "gemm" (fp32), "pairs" (bf16 2:4
+        with AVX512-BF16) or "tiled" (other bf16)."""
         dtype = self._buffers["values"].dtype
         if tokens <= KERNEL_MAX_TOKENS[dtype]:
             return "kernel"
-        return "gemm" if dtype == torch.float32 else "tiled"
+        if dtype == torch.float32:
+            return "gemm"
+        return "pairs" if self.pairs_apply() else "tiled"
 
     def sparse_forward(self, x: torch.Tensor, tokens: Optional[int] = None) -> torch.Tensor:
         """The C++ kernel: ``[tokens, out]`` from ``x`` (``[..., in]``; any token count, blocks of 8)."""
@@ -229,14 +237,30 @@ class CompressedNMLinear(nn.Module):
     def sparse_gemm(self, x2: torch.Tensor) -> torch.Tensor:
         """The C++ sparse GEMM: ``[tokens, out]`` from ``[tokens, in]``, multiplying only the kept weights
         (x packed once into fp32 panels of 64 tokens, AVX2: 32; rows shared with the helper threads)."""
+        return self._gemm(self._lib.maskllm_nm_gemm, x2)
+
+    def pair_gemm(self, x2: torch.Tensor) -> torch.Tensor:
+        """bf16 2:4 where ``pairs_apply``: the C++ pair GEMM, ``[tokens, out]`` from ``[tokens, in]``
+        (AVX512-BF16 ``vdpbf16ps``, one per kept pair of 16 rows and token)."""
+        if not self.pairs_apply():
+            raise CompressError(f"the pair GEMM runs bf16 2:4 on a CPU with AVX512-BF16 (AVX512 build, "
+                                f"MASKLLM_NM_PAIRS not 0), not this {self.spec} {self.values.dtype} layer with "
+                                f"the {kernel.built_isa(self.isa)} build: call the layer, it picks its path")
+        return self._gemm(self._lib.maskllm_nm_gemm_pairs, x2)
+
+    def _gemm(self, fn, x2: torch.Tensor) -> torch.Tensor:
         x2 = x2.contiguous()
         b = self._buffers
         values, bias = b["values"], b["bias"]
         y = torch.empty(x2.shape[0], self.out_features, dtype=values.dtype)
-        self._lib.maskllm_nm_gemm(self.layout, x2.data_ptr(), values.data_ptr(), b["idx"].data_ptr(),
-                                  None if bias is None else bias.data_ptr(), y.data_ptr(), x2.shape[0],
-                                  self.out_features, self._threads())
+        fn(self.layout, x2.data_ptr(), values.data_ptr(), b["idx"].data_ptr(), None if bias is None else bias.data_ptr(),
+           y.data_ptr(), x2.shape[0], self.out_features, self._threads())
         return y
+
+    def pairs_apply(self) -> bool:
+        """Whether ``pair_gemm`` runs this layer here (bf16 2:4, ``kernel.has_pairs``)."""
+        return (self.values.dtype == torch.bfloat16 and (self.spec.n, self.spec.m) == (2, 4)
+                and kernel.has_pairs(self.isa))
 
     def tile_rows(self) -> int:
         row_bytes = self.in_features * self.values.element_size()

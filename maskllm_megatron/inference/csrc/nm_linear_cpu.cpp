@@ -3,6 +3,8 @@
 //                          for few tokens (decode): every weight is read once for all tokens;
 //   maskllm_nm_gemm:       the same for many tokens (prefill): a sparse GEMM that multiplies only the kept
 //                          weights, tokens in vector lanes (below, "Sparse GEMM");
+//   maskllm_nm_gemm_pairs: bf16 2:4 with AVX512-BF16 (maskllm_nm_has_pairs): a sparse GEMM on the kept
+//                          pairs, output rows in vector lanes (below, "bf16 2:4 sparse GEMM");
 //   maskllm_nm_decompress: rows [r0, r1) of the zero-filled dense weight, for the tiled dense matmul of
 //                          many tokens (prefill).
 //
@@ -19,7 +21,8 @@
 // and to helper threads that are running (Pool, below: no OpenMP barrier); tokens go in blocks of 8, each
 // row's accumulators in registers.
 //
-// Built twice by maskllm_megatron/inference/kernel.py: -mavx2 -mfma, and -mavx512f/bw/vl/dq.
+// Built twice by maskllm_megatron/inference/kernel.py: -mavx2 -mfma, and -mavx512f/bw/vl/dq (the pair GEMM
+// adds avx512bf16 by a target pragma and runs only where cpuid reports it).
 #include <immintrin.h>
 #include <pthread.h>
 
@@ -547,6 +550,179 @@ void gemm_dispatch(const V* x, const V* vals, const uint8_t* idx, const V* bias,
   }
 }
 
+#if defined(__AVX512F__)
+// ---- bf16 2:4 sparse GEMM on the kept pairs (AVX512-BF16, checked at run time) ---------------------------
+// A 2:4 group keeps two weights (w_a, w_b), adjacent in `values`: one 32-bit bf16 pair, and vdpbf16ps adds
+// w_a x_a + w_b x_b to an fp32 lane. Lanes are 16 output rows: per group, a vector of the rows' kept pairs
+// and one of vpshufb controls that pick each row's (x_a, x_b) from the group's 4 inputs of one token,
+// broadcast to every lane. Each token then costs one 8-byte broadcast, one vpshufb and one vdpbf16ps per
+// 16 rows and group, where the dense product takes two vdpbf16ps. x is packed once per call into
+// [token block][group][16 tokens] x 8 bytes (a token's 4 inputs of a group); the row vectors are built per
+// job (up to kPairRows rows) and span of kPairGroups groups (L2), with 16x16 transposes. The 16 tokens' sums stay in registers across the
+// groups of a span (between spans in an fp32 buffer); y is rounded once. The instruction treats bf16
+// denormals as zero.
+#pragma GCC push_options
+#pragma GCC target("avx512bf16")
+constexpr int kPairTokens = 16;         // accumulators: one vector of 16 rows per token
+constexpr int64_t kPairRows = 256;      // rows per job at most (16 vectors of 16)
+constexpr int64_t kPairGroups = 256;    // groups per span: a job's row vectors take at most 16 x 256 x 128 B (L2)
+constexpr int kPairPatterns = 6;        // C(4, 2)
+struct alignas(64) Lanes { uint32_t v[16]; };  // one vector of 16 rows
+
+// sums[t] (+)= for each group g < ng: dpbf16(shuffle(broadcast(xq[g][t]), ctrl[g]), w[g]), t < 16.
+inline void pair_tokens(const uint64_t* xq, const Lanes* ctrl, const Lanes* w, int64_t ng, __m512* sums) {
+  __m512 a[kPairTokens];
+  for (int t = 0; t < kPairTokens; ++t) a[t] = sums[t];
+  for (int64_t g = 0; g < ng; ++g) {
+    const __m512i c = _mm512_load_si512(ctrl[g].v);
+    const __m512bh wv = (__m512bh)_mm512_load_si512(w[g].v);
+    const uint64_t* xg = xq + g * kPairTokens;
+    for (int t = 0; t < kPairTokens; ++t)
+      a[t] = _mm512_dpbf16_ps(a[t], (__m512bh)_mm512_shuffle_epi8(_mm512_set1_epi64(int64_t(xg[t])), c), wv);
+  }
+  for (int t = 0; t < kPairTokens; ++t) sums[t] = a[t];
+}
+
+// Rows r[0..16) of 16 32-bit lanes become columns: r[j] holds lane j of every input row.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // per 128-bit lane L of r[i + k]: column 4L + k of rows i..i+3
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512i s0 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x44), s1 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xEE);
+    const __m512i s2 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x44), s3 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0xEE);
+    t[k] = _mm512_shuffle_i32x4(s0, s2, 0x88);
+    t[4 + k] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
+    t[8 + k] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+    t[12 + k] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+void gemm_pairs_dispatch(const uint16_t* x, const uint16_t* vals, const uint8_t* idx, const uint16_t* bias,
+                         uint16_t* y, int64_t tokens, int64_t rows, const Layout& L, int threads) {
+  if (tokens == 0) return;
+  const int64_t groups = L.groups(), blocks_t = (tokens + kPairTokens - 1) / kPairTokens;
+  const bool parallel = rows * L.in >= kParallelWeights;
+  std::unique_ptr<uint64_t[], decltype(&std::free)> xq_buf(  // [token block][group][16 tokens]
+      static_cast<uint64_t*>(std::aligned_alloc(64, size_t(blocks_t * groups * kPairTokens * 8 + 63) / 64 * 64)),
+      &std::free);
+  {  // pack: one job per token block
+    struct Ctx { const uint64_t* x; uint64_t* xq; int64_t tokens, groups; } ctx{
+        reinterpret_cast<const uint64_t*>(x), xq_buf.get(), tokens, groups};
+    auto run = [](const void* p, int64_t tb) {
+      const Ctx& c = *static_cast<const Ctx*>(p);
+      uint64_t* dst = c.xq + tb * c.groups * kPairTokens;
+      for (int64_t j = 0; j < kPairTokens; ++j) {
+        const int64_t t = tb * kPairTokens + j;
+        const uint64_t* xt = c.x + t * c.groups;
+        if (t < c.tokens) {
+          for (int64_t g = 0; g < c.groups; ++g) dst[g * kPairTokens + j] = xt[g];
+        } else {
+          for (int64_t g = 0; g < c.groups; ++g) dst[g * kPairTokens + j] = 0;
+        }
+      }
+    };
+    Pool::get().run(run, &ctx, blocks_t, parallel ? threads : 1);
+  }
+  const bool spans = groups > kPairGroups;
+  std::unique_ptr<float[], decltype(&std::free)> part(  // [tokens padded][rows]: sums between spans
+      spans ? static_cast<float*>(std::aligned_alloc(64, size_t(blocks_t * kPairTokens * rows * 4 + 63) / 64 * 64))
+            : nullptr, &std::free);
+  uint32_t ctrl_of[kPairPatterns];  // per pattern: the byte indices of (x_a, x_b) in a broadcast 8-byte token
+  for (int p = 0; p < kPairPatterns; ++p) {
+    const uint32_t a = L.pos[2 * p], b = L.pos[2 * p + 1];
+    ctrl_of[p] = (2 * a) | (2 * a + 1) << 8 | (2 * b) << 16 | (2 * b + 1) << 24;
+  }
+  struct Ctx {
+    const uint64_t* xq; const uint32_t* w; const uint8_t* idx; const uint16_t* bias; uint16_t* y; float* part;
+    int64_t tokens, rows, groups, blocks_t, block; const Layout* L; const uint32_t* ctrl_of; __m512i ctrl_table;
+  } ctx{xq_buf.get(), reinterpret_cast<const uint32_t*>(vals), idx, bias, y, part.get(), tokens, rows, groups,
+        blocks_t, std::clamp<int64_t>((rows / (int64_t(threads) * 4) + 15) / 16 * 16, 16, kPairRows), &L, ctrl_of, _mm512_maskz_loadu_epi32(__mmask16((1u << kPairPatterns) - 1), ctrl_of)};
+  auto run = [](const void* p, int64_t b) {
+    const Ctx& c = *static_cast<const Ctx*>(p);
+    const Layout& L = *c.L;
+    const int64_t r0 = b * c.block, nr = std::min(c.rows, r0 + c.block) - r0, nv = (nr + 15) / 16;
+    thread_local std::vector<Lanes> ctrl, wv;  // [vector][group]: the row vectors of one span
+    ctrl.resize(size_t(kPairRows / 16 * kPairGroups));
+    wv.resize(size_t(kPairRows / 16 * kPairGroups));
+    for (int64_t g0 = 0; g0 < c.groups; g0 += kPairGroups) {
+      const int64_t ng = std::min(c.groups, g0 + kPairGroups) - g0;
+      const bool first = g0 == 0, last = g0 + ng == c.groups;
+      for (int64_t v = 0; v < nv; ++v) {  // this span's row vectors; rows past the end get zero weights
+        Lanes* cv = ctrl.data() + v * kPairGroups;
+        Lanes* wvv = wv.data() + v * kPairGroups;
+        const int64_t rv = r0 + v * 16, nrow = std::min<int64_t>(16, c.rows - rv);
+        int64_t g = 0;
+        for (; g + 16 <= ng; g += 16) {  // 16 groups of 16 rows: the rows' pairs and controls, transposed
+          __m512i W[16], C[16];
+          for (int i = 0; i < 16; ++i) {
+            if (i >= nrow) {
+              W[i] = C[i] = _mm512_setzero_si512();
+              continue;
+            }
+            W[i] = _mm512_loadu_si512(c.w + (rv + i) * c.groups + g0 + g);
+            uint64_t q;  // 16 pattern nibbles, low first; valid indices are < 6
+            std::memcpy(&q, c.idx + (rv + i) * L.idx_stride + (g0 + g) / 2, 8);
+            const __m128i b = _mm_cvtsi64_si128(int64_t(q)), m4 = _mm_set1_epi8(15);
+            const __m128i pat = _mm_min_epu8(_mm_unpacklo_epi8(_mm_and_si128(b, m4), _mm_and_si128(_mm_srli_epi16(b, 4), m4)),
+                                             _mm_set1_epi8(kPairPatterns - 1));
+            C[i] = _mm512_permutexvar_epi32(_mm512_cvtepu8_epi32(pat), c.ctrl_table);
+          }
+          transpose16(W);
+          transpose16(C);
+          for (int j = 0; j < 16; ++j) {
+            _mm512_store_si512(wvv[g + j].v, W[j]);
+            _mm512_store_si512(cv[g + j].v, C[j]);
+          }
+        }
+        for (; g < ng; ++g)
+          for (int i = 0; i < 16; ++i) {
+            const int64_t r = rv + i;
+            const bool in = i < nrow;
+            cv[g].v[i] = c.ctrl_of[in ? std::min(L.pattern(c.idx + r * L.idx_stride, g0 + g), kPairPatterns - 1) : 0];
+            wvv[g].v[i] = in ? c.w[r * c.groups + g0 + g] : 0u;
+          }
+      }
+      for (int64_t tb = 0; tb < c.blocks_t; ++tb) {
+        const uint64_t* xq = c.xq + (tb * c.groups + g0) * kPairTokens;
+        const int64_t nt = std::min<int64_t>(kPairTokens, c.tokens - tb * kPairTokens);
+        for (int64_t v = 0; v < nv; ++v) {
+          const int64_t rv = r0 + v * 16;
+          const __mmask16 rmask = __mmask16((1u << std::min<int64_t>(16, c.rows - rv)) - 1);
+          __m512 sums[kPairTokens];
+          for (int t = 0; t < kPairTokens; ++t)
+            sums[t] = first || t >= nt ? _mm512_setzero_ps()
+                                       : _mm512_maskz_loadu_ps(rmask, c.part + (tb * kPairTokens + t) * c.rows + rv);
+          pair_tokens(xq, ctrl.data() + v * kPairGroups, wv.data() + v * kPairGroups, ng, sums);
+          if (!last) {
+            for (int t = 0; t < nt; ++t) _mm512_mask_storeu_ps(c.part + (tb * kPairTokens + t) * c.rows + rv, rmask, sums[t]);
+            continue;
+          }
+          __m512 bv = _mm512_setzero_ps();
+          if (c.bias)
+            bv = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(rmask, c.bias + rv)), 16));
+          for (int t = 0; t < nt; ++t)
+            _mm256_mask_storeu_epi16(c.y + (tb * kPairTokens + t) * c.rows + rv, rmask,
+                                     (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(sums[t], bv)));
+        }
+      }
+    }
+  };
+  Pool::get().run(run, &ctx, (rows + ctx.block - 1) / ctx.block, parallel ? threads : 1);
+}
+#pragma GCC pop_options
+#endif
+
 template <bool k24, typename V>
 void decompress_dispatch(const V* vals, const uint8_t* idx, V* dense, int64_t r0, int64_t r1, const Layout& L,
                          int threads) {
@@ -608,6 +784,27 @@ extern "C" void maskllm_nm_gemm(const Layout* L, const void* x, const void* vals
   else
     gemm_dispatch(static_cast<const float*>(x), static_cast<const float*>(vals), idx, static_cast<const float*>(bias),
                   static_cast<float*>(y), tokens, rows, *L, threads);
+}
+
+// Whether maskllm_nm_gemm_pairs runs here: the AVX-512 build on a CPU with AVX512-BF16.
+extern "C" int maskllm_nm_has_pairs() {
+#if defined(__AVX512F__)
+  return __builtin_cpu_supports("avx512bf16") ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
+// The same product, bf16 2:4 only, by the sparse GEMM on the kept pairs (maskllm_nm_has_pairs() must be 1).
+extern "C" void maskllm_nm_gemm_pairs(const Layout* L, const void* x, const void* vals, const uint8_t* idx,
+                                      const void* bias, void* y, int64_t tokens, int64_t rows, int threads) {
+#if defined(__AVX512F__)
+  if (L->bf16 && L->n == 2 && L->m == 4 && maskllm_nm_has_pairs())
+    gemm_pairs_dispatch(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(vals), idx,
+                        static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(y), tokens, rows, *L, threads);
+  else
+#endif
+    std::abort();
 }
 
 // Rows [r0, r1) of the zero-filled dense weight into dense [r1 - r0, in], in the layout's dtype.
