@@ -125,13 +125,12 @@ def hf_dense_step(cfg, batch):
     return step
 
 
-def joint_step(cfg, batch, dp_rank: int):
-    """The joint-training step (``mask.train_weights``, distilled at ``kd_weight`` 0.5 from the kept copy of
-    the original weights) on a model of its own, built as the driver builds it."""
+def joint_model(cfg):
+    """The joint-training model (``mask.train_weights``, distilled at ``kd_weight`` 0.5 from the kept copy of
+    the original weights), built as the driver builds it: its (cfg, ddp, optimizer, scheduler, masks)."""
     from dataclasses import replace
 
     from maskllm_megatron.train.setup import apply_prior, build_model, build_optimizer
-    from maskllm_megatron.train.step import Teacher
 
     joint = replace(cfg, mask=replace(cfg.mask, train_weights=True), distill=replace(cfg.distill, kd_weight=0.5))
     model, _, masks = build_model(joint)
@@ -139,7 +138,7 @@ def joint_step(cfg, batch, dp_rank: int):
     masks.keep_teacher_copy()
     ddp, optimizer, scheduler = build_optimizer(joint, model, masks)
     ddp.train()
-    return make_step(joint, ddp, optimizer, scheduler, batch, dp_rank, masks, teacher=Teacher(0.5, 1.0))
+    return joint, ddp, optimizer, scheduler, masks
 
 
 def make_step(cfg, ddp, optimizer, scheduler, batch, dp_rank: int, masks=None, teacher=None):
@@ -203,6 +202,9 @@ def main(argv=None):
     p.add_argument("--ckpt", type=Path, default=Path(tempfile.gettempdir()) / "maskllm_bench" / "smollm2-tp1")
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--also-seq", type=int, default=0,
+                   help="also time each mask variant on sequences of this many tokens (named variant@N), "
+                        "interleaved with the rest: the step-time ratio of two sequence lengths under one load")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds (the fused kernel compiles here)")
     p.add_argument("--settle", type=int, default=1,
@@ -259,7 +261,22 @@ def main(argv=None):
     if "hf_dense" in variants:
         steps["hf_dense"] = hf_dense_step(cfg, batch)
     if "mask_joint" in variants:
-        steps["mask_joint"] = joint_step(cfg, batch, env.dp_rank)
+        j_cfg, j_ddp, j_opt, j_sched, j_masks = joint_model(cfg)
+        steps["mask_joint"] = make_step(j_cfg, j_ddp, j_opt, j_sched, batch, env.dp_rank, j_masks,
+                                        teacher=Teacher(kd_weight=0.5, temperature=1.0))
+    if args.also_seq:  # the same models on shorter (or longer) sequences
+        from dataclasses import replace
+
+        short_cfg = replace(cfg, data=replace(cfg.data, seq_length=args.also_seq))
+        short = text_batch(ckpt, args.micro_batch, args.also_seq, env.dp_rank)
+        extra = {"mask_fused": lambda: make_step(short_cfg, m_ddp, m_opt, m_sched, short, env.dp_rank, masks),
+                 "mask_distill": lambda: make_step(short_cfg, m_ddp, m_opt, m_sched, short, env.dp_rank, masks,
+                                                   teacher=Teacher(kd_weight=0.5, temperature=1.0)),
+                 "mask_joint": lambda: make_step(replace(j_cfg, data=short_cfg.data), j_ddp, j_opt, j_sched, short,
+                                                 env.dp_rank, j_masks, teacher=Teacher(kd_weight=0.5, temperature=1.0))}
+        for name in [v for v in variants if v in extra]:
+            steps[f"{name}@{args.also_seq}"] = extra[name]()
+        variants += tuple(f"{v}@{args.also_seq}" for v in variants if v in extra)
 
     def run(name: str, settle: int = 0) -> tuple[float, float, int]:
         masks.set_fused_kernel(name != "mask_eager")  # the joint model's masks keep the default (fused)
@@ -321,6 +338,12 @@ def main(argv=None):
         if "mask_fused" in variants and "mask_joint" in variants:
             results["joint_over_mask"] = med["mask_joint"] / med["mask_fused"]
             print(f"  joint training: mask_joint / mask_fused = {results['joint_over_mask']:.3f}")
+        for v in (v for v in variants if "@" in v):
+            base = v.split("@")[0]
+            rounds = statistics.median(a / b for a, b in zip(times[v], times[base]))
+            results.setdefault("over_base_seq", {})[v] = med[v] / med[base]
+            print(f"  {v} / {base} ({args.seq} tokens) = {med[v] / med[base]:.3f} (median of the per-round ratios "
+                  f"{rounds:.3f})")
         if args.json:
             write_atomic(args.json, json.dumps(results, indent=2))
     return results
