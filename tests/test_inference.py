@@ -113,18 +113,17 @@ PAIRS = bool(ISAS) and kernel.has_pairs(ISAS[-1])
 
 
 def test_forward_path_by_tokens_and_dtype(monkeypatch):
-    """The measured rule: the decode kernel up to 32 tokens in fp32 and 16 in bf16; beyond, the sparse GEMM in
-    fp32, the pair GEMM in bf16 2:4 where the CPU has AVX512-BF16, else the tiled torch.mm (the forward calls
-    the path that ``path`` names)."""
+    """The measured rule: the decode kernel up to 32 tokens in fp32, and in bf16 up to 8 where the pair GEMM runs
+    (2:4, AVX512-BF16), else 16; beyond, the sparse GEMM in fp32, the pair GEMM or the tiled torch.mm in bf16
+    (the forward calls the path that ``path`` names)."""
     spec = NMSpec(2, 4)
     lin = torch.nn.Linear(64, 16, bias=False)
     lin.weight.data.copy_(_nm_weight(16, 64, spec, torch.float32))
     methods = {"gemm": "sparse_gemm", "pairs": "pair_gemm", "tiled": "tiled_forward"}
     for dtype, last_kernel, beyond in ((torch.float32, 32, "gemm"),
-                                       (torch.bfloat16, 16, "pairs" if PAIRS else "tiled")):
+                                       (torch.bfloat16, 8 if PAIRS else 16, "pairs" if PAIRS else "tiled")):
         layer = CompressedNMLinear.from_linear(lin.to(dtype), spec)
-        assert [layer.path(t) for t in (1, 8, 9, last_kernel, last_kernel + 1, 512)] == \
-            ["kernel"] * 4 + [beyond] * 2
+        assert [layer.path(t) for t in (1, 8, last_kernel, last_kernel + 1, 512)] == ["kernel"] * 3 + [beyond] * 2
         called = []
         for name in ("sparse_forward", *methods.values()):
             monkeypatch.setattr(layer, name, lambda x, *a, name=name, **k: called.append(name) or
@@ -169,7 +168,7 @@ def test_pair_gemm_off(monkeypatch):
     monkeypatch.setenv("MASKLLM_NM_PAIRS", "0")
     layers.append(CompressedNMLinear.from_linear(lin, spec))
     for layer, weight in zip(layers, (w, w14, w)):
-        assert layer.path(40) == "tiled"
+        assert layer.path(40) == "tiled" and layer.path(16) == "kernel"  # without the pair GEMM: 16 tokens
         _check(layer(x), x, weight, layer.bias)
         with pytest.raises(CompressError, match="pair GEMM runs bf16 2:4"):
             layer.pair_gemm(x)

@@ -7,7 +7,8 @@ as for 2:4, else one per byte). fp32 2:4 then reads 8.5 B per group of 4 weights
 
 Forward (``x`` in the weights' dtype, float32 or bfloat16, on the CPU):
 
-- up to ``KERNEL_MAX_TOKENS[dtype]`` tokens (decoding, short prompts): the C++ decode kernel
+- up to ``KERNEL_MAX_TOKENS[dtype]`` tokens (``PAIRS_KERNEL_MAX_TOKENS`` where the pair GEMM below runs;
+  decoding, short prompts): the C++ decode kernel
   (``sparse_forward``) reads every weight once per block of 8 tokens, expanding the kept values of
   each 16 inputs into a dense register; it accumulates in fp32 and writes the weights' dtype;
 - more tokens (prefill), fp32: the C++ sparse GEMM (``sparse_gemm``) multiplies only the kept weights,
@@ -46,6 +47,10 @@ from maskllm_megatron.masks.patterns import NMSpec, pattern_positions
 #: tokens at SmolLM2's and LLaMA-2 7B's shapes; single-thread CPU time agrees at SmolLM2's, while at LLaMA's
 #: the tiled path wins from 24. bf16: the tiled path wins from 16-24 tokens (SmolLM2; LLaMA single-thread: 9).
 KERNEL_MAX_TOKENS = {torch.float32: 32, torch.bfloat16: 16}
+#: bf16 2:4 where the pair GEMM runs (``pairs_apply``): the decode kernel up to this many tokens only. Idle,
+#: 2 threads (1-64 tokens): the kernel wins at 1-4 tokens at SmolLM2's shapes and up to 6-8 at LLaMA-2 7B's
+#: 4096 x 4096; the pair GEMM from 8-12 tokens at both (at 12: 0.95-1.09x dense against 2.6-3.0x).
+PAIRS_KERNEL_MAX_TOKENS = 8
 #: Layers with fewer weights run on the calling thread only (the C++ side has the same floor); larger ones
 #: share their row blocks with the kernel's helper threads (torch.get_num_threads() in all).
 PARALLEL_MIN_WEIGHTS = int(os.environ.get("MASKLLM_NM_PARALLEL_MIN", 2**16))
@@ -212,11 +217,12 @@ class CompressedNMLinear(nn.Module):
         """The forward's path for ``tokens`` (module docstring): "kernel", "gemm" (fp32), "pairs" (bf16 2:4
         with AVX512-BF16) or "tiled" (other bf16)."""
         dtype = self._buffers["values"].dtype
-        if tokens <= KERNEL_MAX_TOKENS[dtype]:
-            return "kernel"
         if dtype == torch.float32:
-            return "gemm"
-        return "pairs" if self.pairs_apply() else "tiled"
+            return "kernel" if tokens <= KERNEL_MAX_TOKENS[dtype] else "gemm"
+        pairs = self.pairs_apply()
+        if tokens <= (PAIRS_KERNEL_MAX_TOKENS if pairs else KERNEL_MAX_TOKENS[dtype]):
+            return "kernel"
+        return "pairs" if pairs else "tiled"
 
     def sparse_forward(self, x: torch.Tensor, tokens: Optional[int] = None) -> torch.Tensor:
         """The C++ kernel: ``[tokens, out]`` from ``x`` (``[..., in]``; any token count, blocks of 8)."""
