@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     result = {"iters": args.iters, "minutes": args.minutes, "plan": None if plan is None else asdict(plan), "tokens": args.iters * recipe.tokens_per_iteration, "recipe": vars(args),
               "learn_wall_s": round(learn_wall_s(run)), "heldout_ppl": ppl,
               "heldout_shakespeare_ppl": shakespeare, "curve": curve}
-    print("RESULT " + json.dumps(result))
+    print("RESULT " + json.dumps(result, default=str))
     return 0
 
 
