@@ -15,7 +15,7 @@ from . import __doc__ as DEMO_DOC
 from .pipeline import (PRIORS, PROBE_ITERS, convert_stage, copy_run_records, data_stage, export_stage,
                        final_checkpoint, heldout_ppl, learn_stage, learn_wall_s, prior_stage, probe_stage,
                        reconstruct_stage, refit_stage)
-from .recipe import (DEMO_LEARN_MINUTES, DEMO_RECONSTRUCTION, DP, RECONSTRUCTIONS, SEQ, LearnRecipe, WeightRefit, add_recipe_arguments,
+from .recipe import (DEMO_LEARN_MINUTES, DEMO_RECONSTRUCTION, DEMO_REFIT_ITERS, DP, RECONSTRUCTIONS, SEQ, LearnRecipe, WeightRefit, add_recipe_arguments,
                      recipe_from_args)
 from .stages import Stages, raise_keyboard_interrupt, rerun_command, run_logged, stage_key
 
@@ -27,18 +27,19 @@ def main(argv=None) -> int:
                    help="wall-clock minutes of the mask-learning stage (start-up, evaluations and save included), "
                         f"turned into iterations (at least 10) by a timed probe of {PROBE_ITERS} iterations of the "
                         "same run on this machine, cached per machine; the iteration count is printed and recorded. "
-                        f"Default {DEMO_LEARN_MINUTES:g}: the whole demo in about 20 minutes on 2 CPU cores with the "
-                        "refit; raise it for a longer, better run")
+                        f"Default {DEMO_LEARN_MINUTES:g}: the whole demo in about 20 minutes on 2 CPU cores; raise it "
+                        "for a longer, better run")
     add_recipe_arguments(p)
     p.add_argument("--reconstruct", choices=list(RECONSTRUCTIONS), default=DEMO_RECONSTRUCTION,
                    help="also reconstruct the kept weights layer by layer at export (maskllm-export --reconstruct) and add "
                         "that row with its cost in seconds: block (each block fitted to the dense model's hidden "
                         "states), lstsq (each linear's exact least squares), obs (SparseGPT's sweep), or none "
                         f"(default {DEMO_RECONSTRUCTION}; benchmarks/RESULTS.md, Reconstruction and refit)")
-    p.add_argument("--refit-iters", type=int, default=WeightRefit.iters,
+    p.add_argument("--refit-iters", type=int, default=DEMO_REFIT_ITERS,
                    help="then refit the kept weights under the learned masks end to end (mask.refit, distilled "
                         f"from the dense model) for this many iterations of {DP} x {SEQ} tokens and add that row "
-                        f"(default {WeightRefit.iters}, 0: no refit)")
+                        f"(default {DEMO_REFIT_ITERS}: at the demo's budget, more mask learning beats a refit; "
+                        f"{WeightRefit.iters} takes about 4.5 minutes)")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="where the results go (default demo_out)")
     args = p.parse_args(argv)
     if not args.minutes > 0:
