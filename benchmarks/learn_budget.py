@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-from dataclasses import asdict
 import sys
+from dataclasses import asdict
+from pathlib import Path
 
 from maskllm_megatron.cache import cache_dir
 from maskllm_megatron.demo import (Stages, add_recipe_arguments, final_checkpoint, heldout_ppl, learn_stage, learn_wall_s,
