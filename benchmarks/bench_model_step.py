@@ -90,7 +90,7 @@ def dense_model(cfg, info):
     from maskllm_megatron.megatron.checkpointing import load_checkpoint
     from maskllm_megatron.megatron.model_builder import build_gpt_model
 
-    tcfg = info.model.to_transformer_config(1, 1, "fp32", perform_initialization=False)
+    tcfg = info.model.to_transformer_config(1, 1, cfg.model.dtype, perform_initialization=False)
     model = build_gpt_model(info.model, tcfg)
     load_checkpoint(model, cfg.model.checkpoint)
     for p in model.parameters():
@@ -205,6 +205,7 @@ def main(argv=None):
     p.add_argument("--also-seq", type=int, default=0,
                    help="also time each mask variant on sequences of this many tokens (named variant@N), "
                         "interleaved with the rest: the step-time ratio of two sequence lengths under one load")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="the models' dtype (default fp32)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds (the fused kernel compiles here)")
     p.add_argument("--settle", type=int, default=1,
@@ -238,7 +239,7 @@ def main(argv=None):
     from maskllm_megatron.train.setup import apply_prior, build_model, build_optimizer, setup_parallel
 
     world = int(os.environ["WORLD_SIZE"])
-    cfg = run_config(ckpt, args.micro_batch, args.seq, world, args.distributed_optimizer)
+    cfg = run_config(ckpt, args.micro_batch, args.seq, world, args.distributed_optimizer, args.dtype)
     env = setup_parallel(cfg)
     rank0 = env.rank == 0
     batch = text_batch(ckpt, args.micro_batch, args.seq, env.dp_rank)
@@ -254,16 +255,17 @@ def main(argv=None):
     mask_step = make_step(cfg, m_ddp, m_opt, m_sched, batch, env.dp_rank, masks)
     from maskllm_megatron.train.step import Teacher
 
+    teacher = Teacher(kd_weight=0.5, temperature=1.0)  # the distilled variants' (the demo's joint recipe)
     steps = {"dense": make_step(cfg, d_ddp, d_opt, d_sched, batch, env.dp_rank),
              "mask_fused": mask_step, "mask_compiled": mask_step, "mask_eager": mask_step,
              "mask_distill": make_step(cfg, m_ddp, m_opt, m_sched, batch, env.dp_rank, masks,
-                                       teacher=Teacher(kd_weight=0.5, temperature=1.0))}
+                                       teacher=teacher)}
     if "hf_dense" in variants:
         steps["hf_dense"] = hf_dense_step(cfg, batch)
     if "mask_joint" in variants:
         j_cfg, j_ddp, j_opt, j_sched, j_masks = joint_model(cfg)
         steps["mask_joint"] = make_step(j_cfg, j_ddp, j_opt, j_sched, batch, env.dp_rank, j_masks,
-                                        teacher=Teacher(kd_weight=0.5, temperature=1.0))
+                                        teacher=teacher)
     if args.also_seq:  # the same models on shorter (or longer) sequences
         from dataclasses import replace
 
@@ -271,9 +273,9 @@ def main(argv=None):
         short = text_batch(ckpt, args.micro_batch, args.also_seq, env.dp_rank)
         extra = {"mask_fused": lambda: make_step(short_cfg, m_ddp, m_opt, m_sched, short, env.dp_rank, masks),
                  "mask_distill": lambda: make_step(short_cfg, m_ddp, m_opt, m_sched, short, env.dp_rank, masks,
-                                                   teacher=Teacher(kd_weight=0.5, temperature=1.0)),
+                                                   teacher=teacher),
                  "mask_joint": lambda: make_step(replace(j_cfg, data=short_cfg.data), j_ddp, j_opt, j_sched, short,
-                                                 env.dp_rank, j_masks, teacher=Teacher(kd_weight=0.5, temperature=1.0))}
+                                                 env.dp_rank, j_masks, teacher=teacher)}
         for name in [v for v in variants if v in extra]:
             steps[f"{name}@{args.also_seq}"] = extra[name]()
         variants += tuple(f"{v}@{args.also_seq}" for v in variants if v in extra)

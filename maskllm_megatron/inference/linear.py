@@ -47,7 +47,7 @@ from maskllm_megatron.masks.patterns import NMSpec, pattern_positions
 #: tokens at SmolLM2's and LLaMA-2 7B's shapes; single-thread CPU time agrees at SmolLM2's, while at LLaMA's
 #: the tiled path wins from 24. bf16: the tiled path wins from 16-24 tokens (SmolLM2; LLaMA single-thread: 9).
 KERNEL_MAX_TOKENS = {torch.float32: 32, torch.bfloat16: 16}
-#: bf16 2:4 where the pair GEMM runs (``pairs_apply``): the decode kernel up to this many tokens only. Idle,
+#: bf16 2:4 where the pair GEMM runs (``pairs``): the decode kernel up to this many tokens only. Idle,
 #: 2 threads (1-64 tokens): the kernel wins at 1-4 tokens at SmolLM2's shapes and up to 6-8 at LLaMA-2 7B's
 #: 4096 x 4096; the pair GEMM from 8-12 tokens at both (at 12: 0.95-1.09x dense against 2.6-3.0x).
 PAIRS_KERNEL_MAX_TOKENS = 8
@@ -151,7 +151,7 @@ class CompressedNMLinear(nn.Module):
         self.register_buffer("idx", idx)
         self.register_buffer("bias", None if bias is None else bias.detach().to(values.dtype).contiguous())
         self._lib = kernel.library(isa)  # built (or loaded) now, not inside the first forward
-        self.layout = self._layout()
+        self.layout, self.pairs = self._layout(), self._pairs_here()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: NMSpec, name: str = "linear", isa: Optional[str] = None):
@@ -180,7 +180,7 @@ class CompressedNMLinear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):  # .to(dtype): the layout records the dtype
         out = super()._apply(fn, *args, **kwargs)
-        self.layout = self._layout()
+        self.layout, self.pairs = self._layout(), self._pairs_here()
         return out
 
     def decompress_rows(self, r0: int, r1: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -219,10 +219,9 @@ class CompressedNMLinear(nn.Module):
         dtype = self._buffers["values"].dtype
         if dtype == torch.float32:
             return "kernel" if tokens <= KERNEL_MAX_TOKENS[dtype] else "gemm"
-        pairs = self.pairs_apply()
-        if tokens <= (PAIRS_KERNEL_MAX_TOKENS if pairs else KERNEL_MAX_TOKENS[dtype]):
+        if tokens <= (PAIRS_KERNEL_MAX_TOKENS if self.pairs else KERNEL_MAX_TOKENS[dtype]):
             return "kernel"
-        return "pairs" if pairs else "tiled"
+        return "pairs" if self.pairs else "tiled"
 
     def sparse_forward(self, x: torch.Tensor, tokens: Optional[int] = None) -> torch.Tensor:
         """The C++ kernel: ``[tokens, out]`` from ``x`` (``[..., in]``; any token count, blocks of 8)."""
@@ -246,9 +245,9 @@ class CompressedNMLinear(nn.Module):
         return self._gemm(self._lib.maskllm_nm_gemm, x2)
 
     def pair_gemm(self, x2: torch.Tensor) -> torch.Tensor:
-        """bf16 2:4 where ``pairs_apply``: the C++ pair GEMM, ``[tokens, out]`` from ``[tokens, in]``
+        """bf16 2:4 where ``pairs``: the C++ pair GEMM, ``[tokens, out]`` from ``[tokens, in]``
         (AVX512-BF16 ``vdpbf16ps``, one per kept pair of 16 rows and token)."""
-        if not self.pairs_apply():
+        if not self.pairs:
             raise CompressError(f"the pair GEMM runs bf16 2:4 on a CPU with AVX512-BF16 (AVX512 build, "
                                 f"MASKLLM_NM_PAIRS not 0), not this {self.spec} {self.values.dtype} layer with "
                                 f"the {kernel.built_isa(self.isa)} build: call the layer, it picks its path")
@@ -263,8 +262,9 @@ class CompressedNMLinear(nn.Module):
            y.data_ptr(), x2.shape[0], self.out_features, self._threads())
         return y
 
-    def pairs_apply(self) -> bool:
-        """Whether ``pair_gemm`` runs this layer here (bf16 2:4, ``kernel.has_pairs``)."""
+    def _pairs_here(self) -> bool:
+        """Whether ``pair_gemm`` runs this layer here (bf16 2:4, ``kernel.has_pairs``): decided when the layer
+        is built or changes dtype (``self.pairs``), not per forward (``MASKLLM_NM_PAIRS`` is read then)."""
         return (self.values.dtype == torch.bfloat16 and (self.spec.n, self.spec.m) == (2, 4)
                 and kernel.has_pairs(self.isa))
 
