@@ -60,9 +60,12 @@ def main(argv=None) -> int:
     if args.minutes is not None:
         plan = probe_stage(stages, ckpt, data.with_suffix(""), prior, recipe)
         args.iters = plan.iterations(args.minutes)
+    changed = {k: v for k, v in recipe.changed().items() if k not in ("lr", "prior_strength", "global_batch", "dtype")}
+    if recipe.model_dtype != "fp32":  # named as it resolves here (fp32 runs keep the names they had)
+        changed["dtype"] = recipe.model_dtype
     name = f"budget-{args.iters}-{args.lr:g}-{args.prior_strength:g}-{args.global_batch}" + "".join(
-        f"-{k}{v:g}" if not isinstance(v, bool) else f"-{k}" for k, v in recipe.changed().items()
-        if k not in ("lr", "prior_strength", "global_batch")) + (
+        f"-{k}" if isinstance(v, bool) else f"-{k}{v}" if isinstance(v, str) else f"-{k}{v:g}"
+        for k, v in changed.items()) + (
         f"-after-{args.after.parent.parent.name.rsplit('-', 1)[-1]}-{checkpoint_iteration(args.after.name)}"
         if args.after is not None else "")
     run = learn_stage(stages, ckpt, data.with_suffix(""), prior, args.iters, recipe, name=name,

@@ -273,15 +273,21 @@ def test_recipe_flags_build_the_recipe_they_name():
     with pytest.raises(SystemExit, match=re.escape("--seq-length: seq_length 0: the driver refuses it: "
                                                    "data.seq_length 0 must be >= 1")):
         demo.recipe_from_args(p.parse_args(["--seq-length", "0"]))
+    # the model's dtype: bf16 or fp32 as asked; auto is bf16 only where this machine multiplies bf16 natively
+    assert demo.recipe_from_args(p.parse_args(["--dtype", "bf16"])).driver_sections()["model"] == {"dtype": "bf16"}
+    assert demo.recipe_from_args(p.parse_args(["--dtype", "fp32"])).model_dtype == "fp32"
+    with pytest.raises(SystemExit, match=re.escape("--dtype: dtype 'fp16': use auto (bf16 where bf16 is native "
+                                                   "here), bf16 or fp32")):
+        demo.recipe_from_args(p.parse_args(["--dtype", "fp16"]))
 
 
-
-def test_recipe_schedules_and_joint_training_reach_the_driver(tmp_path):
+def test_recipe_schedules_and_joint_training_reach_the_driver(tmp_path, monkeypatch):
     """The recipe's schedule and joint-training flags become the driver's keys; at their defaults the driver
     config is today's and a learning stage's cache key is unchanged."""
     import argparse
 
     from maskllm_megatron import demo
+    from maskllm_megatron.demo import recipe as recipe_module
     from maskllm_megatron.demo.pipeline import _recipe_settings
     from maskllm_megatron.run_config import TrainConfig
 
@@ -301,9 +307,17 @@ def test_recipe_schedules_and_joint_training_reach_the_driver(tmp_path):
         assert getattr(default.mask, key) == getattr(driver.mask, key), key
     assert default.optim.mask_lr_mult == driver.optim.mask_lr_mult
     # a field added later is keyed only away from the value every run had before it existed
-    assert set(_recipe_settings(LearnRecipe(anneal_fraction=1.0))) == {
+    assert set(_recipe_settings(LearnRecipe(anneal_fraction=1.0, dtype="fp32"))) == {
         "global_batch", "lr", "prior_strength", "adam_eps", "adam_beta2", "clip_grad", "regularizer", "warmup_iters"}
     assert _recipe_settings(LearnRecipe(seq_length=256))["seq_length"] == 256
+    # the dtype is keyed as it resolves here, and only away from fp32 (every run before it existed)
+    assert "dtype" not in _recipe_settings(LearnRecipe(dtype="fp32"))
+    assert _recipe_settings(LearnRecipe(dtype="bf16"))["dtype"] == "bf16"
+    for native, resolved in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(recipe_module, "native_bf16", lambda: native)
+        assert LearnRecipe().model_dtype == resolved
+        assert _recipe_settings(LearnRecipe()).get("dtype", "fp32") == resolved
+        assert TrainConfig.from_dict(demo.train_config(*paths, **LearnRecipe().driver_sections())).model.dtype == resolved
     assert _recipe_settings(LearnRecipe())["anneal_fraction"] == 0.7  # the demo's recipe (benchmarks/RESULTS.md)
     assert _recipe_settings(recipe)["train_weights"] is True
     # --update-weights: the learning run takes the prior checkpoint's (OBS-updated) weights with its masks

@@ -124,7 +124,8 @@ def _demo(recipe: LearnRecipe, minutes: float, out: Path, reconstruct: str = "no
           f"MaskLLM (frozen weights, the paper's method): {iters} iterations x {recipe.global_batch} x {recipe.seq_length} "
           f"tokens = {tokens:,} tokens from the "
           f"SparseGPT prior (strength {recipe.prior_strength:g}, logits lr {recipe.lr:g}, warmed up over "
-          f"{recipe.warmup_iters} iterations, schedules annealed over {recipe.anneal_fraction:.0%} of the run).\n\n"
+          f"{recipe.warmup_iters} iterations, schedules annealed over {recipe.anneal_fraction:.0%} of the run, "
+          f"{recipe.model_dtype} model).\n\n"
           + "\n".join(lines) + "\n")
     md += (f"\nDecode, MaskLLM export, batch 1, {speed['new_tokens']} greedy tokens, {speed['dtype']}, {speed['threads']} "
            f"threads: dense {speed['dense_tokens_per_s']:.1f} tokens/s, 2:4 compressed (maskllm-generate) "

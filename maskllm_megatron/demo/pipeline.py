@@ -90,15 +90,16 @@ def _learn_config(w: Path, ckpt: Path, prefix: Path, prior_ckpt: Path, iters: in
 #: stage's key holds them only at another value, so a run made before they existed keeps its cached stage
 _KEYED_UNLESS = {"temperature_start": 4.0, "temperature_end": 0.05, "scale_start": 1e2, "scale_end": 5e2,
                  "anneal_fraction": 1.0, "train_weights": False, "weight_lr": 0.0, "update_weights": False,
-                 "seq_length": SEQ}
+                 "seq_length": SEQ, "dtype": "fp32"}
 
 
 def _recipe_settings(recipe: LearnRecipe) -> dict:
     """What shapes a learning run of ``recipe`` (its cache key): without distillation not the KD temperature
-    (no teacher runs)."""
+    (no teacher runs); the model's dtype as it resolves here."""
     unused = {"kd_weight", "kd_temperature"} if recipe.kd_weight == 0 else set()
-    unused |= {k for k, before in _KEYED_UNLESS.items() if getattr(recipe, k) == before}
-    return {k: v for k, v in asdict(recipe).items() if k not in unused}
+    settings = asdict(recipe) | {"dtype": recipe.model_dtype}  # auto as it resolves on this machine
+    unused |= {k for k, before in _KEYED_UNLESS.items() if settings[k] == before}
+    return {k: v for k, v in settings.items() if k not in unused}
 
 
 #: iterations of the timed probe that plans a learning run's length (``probe_stage``)

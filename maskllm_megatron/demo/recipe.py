@@ -25,6 +25,15 @@ def _driver_default(key: str):
 MASK_LR_MULT = _driver_default("optim.mask_lr_mult")  # the logits' lr over the driver's base optim.lr
 
 
+def native_bf16() -> bool:
+    """Whether this machine multiplies bf16 natively: a GPU, or a CPU with AVX512-BF16 or AMX. There a bf16
+    model learns masks faster than fp32 (2.3x the matmul speed on SmolLM2's shapes, AVX-512 VM) at the same
+    held-out perplexity (benchmarks/RESULTS.md); elsewhere bf16 is emulated, slower than fp32."""
+    import torch
+
+    return torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def _recipe_field(driver: str, help: str = "", default=MISSING, item: int | None = None, derived: bool = False):
     """A recipe field that sets the driver key ``driver`` (``item``: that end of a [start, end] schedule, the
     other end the driver's), its default the driver's unless the demo's ``default`` is given, and its flag's
@@ -95,6 +104,9 @@ class LearnRecipe:
                                         "the original model)")
     weight_lr: float = _recipe_field("optim.lr", "the trained weights' learning rate, cosine to a tenth (0: lr / "
                                      "{mult:g}); the logits keep --lr", default=0.0, derived=True)
+    dtype: str = _recipe_field("model.dtype", "the model's dtype while learning: bf16, fp32, or auto: bf16 where this "
+                               "machine multiplies bf16 natively (a GPU, a CPU with AVX512-BF16 or AMX), else fp32",
+                               default="auto", derived=True)
     update_weights: bool = _recipe_field("prior.update_weights", "start from the prior's OBS-updated weights "
                                          "(SparseGPT's update; with --train-weights --kd-weight the teacher stays "
                                          "the original model)")
@@ -106,6 +118,8 @@ class LearnRecipe:
             raise ValueError(f"lr {self.lr} must be positive")
         if self.weight_lr < 0:
             raise ValueError(f"weight_lr {self.weight_lr} must be >= 0 (0: lr / {MASK_LR_MULT:g})")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"dtype {self.dtype!r}: use auto (bf16 where bf16 is native here), bf16 or fp32")
         self.check_run(None)
 
     def check_run(self, iterations: int | None) -> None:
@@ -132,7 +146,13 @@ class LearnRecipe:
         if self.weight_lr:
             sections["optim"]["mask_lr_mult"] = self.lr / self.weight_lr
         sections["data"]["micro_batch_size"] = max(1, self.global_batch // DP)
+        sections["model"] = {"dtype": self.model_dtype}
         return sections
+
+    @property
+    def model_dtype(self) -> str:
+        """``dtype`` with auto resolved on this machine (``native_bf16``)."""
+        return self.dtype if self.dtype != "auto" else ("bf16" if native_bf16() else "fp32")
 
     def changed(self) -> dict:
         """The fields that differ from the demo's recipe."""
@@ -155,7 +175,8 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
                                 default=f.default, help=text)
         else:
             parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                                help=text + f" (default {f.default:g})")
+                                help=text + f" (default {f.default:g})" if not isinstance(f.default, str)
+                                else text + f" (default {f.default})")
 
 
 def recipe_from_args(args: argparse.Namespace) -> LearnRecipe:
