@@ -13,6 +13,7 @@ from maskllm_megatron.masks import (Anneal, MaskConfig, NMSpec, apply_prior, can
                                     hard_mask, init_logits, is_valid_nm, mask_to_patterns, masked_weight,
                                     patterns_to_mask, soft_mask, topn_mask)
 from maskllm_megatron.masks import cpu_kernel, triton_kernel
+from maskllm_megatron.masks.patterns import position_patterns
 from maskllm_megatron.masks.rng import col_hash, gumbel_grid, normal_grid, row_hash, uniform_grid
 from maskllm_megatron.masks.sampling import _sample_backward, _sample_forward, logit_columns
 
@@ -246,13 +247,74 @@ def test_cpu_kernels_match_the_eager_forward_and_backward(hard, isa):
     assert no_weight is None and torch.equal(c_logits2, c_logits)
 
 
+def _mask_summed_in_pattern_order(probs: torch.Tensor, spec: NMSpec) -> torch.Tensor:
+    """``probs @ patterns`` as ``[rows, groups * M]``, each position's sum taken left to right over the patterns
+    keeping it in pattern order (the C++ kernel's order), so that fp32 results compare bit for bit."""
+    return torch.stack([sum(probs[..., k] for k in ks) for ks in position_patterns(spec)], -1).flatten(1)
+
+
 @needs_cpu_kernel
-def test_cpu_kernel_is_used_by_the_fused_path_and_keeps_gradients():
-    """``masked_weight(fused=True)`` on an fp32 2:4 CPU layer runs the C++ kernels; its output and the
-    logits' gradient match the eager path (the noise is the same hash, bit for bit)."""
+@pytest.mark.parametrize("isa", cpu_kernel.runnable_isas())
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("weight_dtype,logits_dtype", [(torch.bfloat16, torch.bfloat16),
+                                                       (torch.float32, torch.bfloat16),
+                                                       (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("rows,groups", [(5, 37), (3, 3)])
+def test_cpu_kernels_on_bf16_match_the_eager_path(rows, groups, weight_dtype, logits_dtype, hard, isa):
+    """A bf16 layer (weight, logits or both bf16; 37 groups: full blocks of 8 or 16 and a 5-group tail; 3: a
+    tail only) through the C++ kernels against the eager ``_sample_forward`` / ``_sample_backward`` on the same
+    tensors: the same output dtypes (W * mask and W's gradient in the weight's dtype, the rest fp32). The
+    kernels compute in fp32 on the exact widening of bf16, so the probabilities and the hard mask are the fp32
+    kernel's on the widened inputs bit for bit (the same noise), and what they round to bf16 is torch's
+    rounding of their own fp32 mask bit for bit."""
     spec = NMSpec(2, 4)
-    W = torch.randn(6, 44)
-    L = torch.randn(6, 11, 6, requires_grad=True)
+    gen = torch.Generator().manual_seed(rows * 100 + groups)
+    W = torch.randn(rows, groups * 4, generator=gen).to(weight_dtype)
+    L = (torch.randn(rows, groups, 6, generator=gen) * 3).to(logits_dtype)
+    rh, ch = row_hash(99, torch.arange(rows) + 40), col_hash(99, logit_columns(torch.arange(groups) + 7, spec))
+    coef, inv_tau = torch.tensor(2.5), torch.tensor(1 / 0.7)
+    out, probs, mask = _sample_forward(W, L, rh, ch, coef, inv_tau, spec, hard)
+    c_out, c_probs, c_mask = cpu_kernel.masked_weight_forward(W, L, rh, ch, 2.5, 1 / 0.7, spec, hard, isa)
+    assert (c_out.dtype, c_probs.dtype) == (out.dtype, probs.dtype) == (weight_dtype, torch.float32)
+    f_out, f_probs, f_mask = cpu_kernel.masked_weight_forward(W.float(), L.float(), rh, ch, 2.5, 1 / 0.7, spec,
+                                                              hard, isa)
+    assert torch.equal(c_probs, f_probs)
+    torch.testing.assert_close(c_probs, probs, rtol=0, atol=2e-6)  # as the fp32 kernel (exp, log: a few ULP)
+    if hard:
+        assert c_mask.dtype == mask.dtype == torch.float32 and torch.equal(c_mask, mask) and torch.equal(c_mask, f_mask)
+        assert torch.equal(c_out, out)  # W * {0, 1}: exact
+    else:
+        assert c_mask is None
+        own_mask = _mask_summed_in_pattern_order(c_probs, spec)
+        assert torch.equal(c_out, W * own_mask.to(weight_dtype))
+        # against the eager mask (a matmul, a few fp32 ULP away): where the two straddle a bf16 rounding
+        # boundary, the rounded mask and so the product differ by one bf16 unit, at most 2^-7 of the value
+        torch.testing.assert_close(c_out, out, rtol=2 ** -7, atol=0)
+    grad_out = torch.randn(rows, groups * 4, generator=gen).to(weight_dtype)
+    reg2 = torch.tensor(0.3)
+    g_logits, g_weight = _sample_backward(grad_out, W, probs, mask, coef, reg2, spec, True)
+    c_logits, c_weight = cpu_kernel.masked_weight_backward(grad_out, W, probs, mask, 2.5, 0.3, spec, True, isa)
+    assert (c_logits.dtype, c_weight.dtype) == (g_logits.dtype, g_weight.dtype) == (torch.float32, weight_dtype)
+    # fp32 arithmetic on the widened inputs: the fp32 kernel's bound (summation order, a few ULP)
+    torch.testing.assert_close(c_logits, g_logits, rtol=1e-5, atol=5e-6)
+    if hard:
+        assert torch.equal(c_weight, g_weight)  # grad_out * {0, 1}: exact
+    else:
+        assert torch.equal(c_weight, grad_out * _mask_summed_in_pattern_order(probs, spec).to(weight_dtype))
+        torch.testing.assert_close(c_weight, g_weight, rtol=2 ** -7, atol=0)  # the eager mask: as above
+    c_logits2, no_weight = cpu_kernel.masked_weight_backward(grad_out, W, probs, mask, 2.5, 0.3, spec, False, isa)
+    assert no_weight is None and torch.equal(c_logits2, c_logits)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_is_used_by_the_fused_path_and_keeps_gradients(dtype):
+    """``masked_weight(fused=True)`` on an fp32 or bf16 2:4 CPU layer runs the C++ kernels; its output and the
+    logits' gradient (in the logits' dtype, as autograd casts it) match the eager path (the noise is the same
+    hash, bit for bit)."""
+    spec = NMSpec(2, 4)
+    W = torch.randn(6, 44).to(dtype)
+    L = torch.randn(6, 11, 6).to(dtype).requires_grad_(True)
     calls = []
 
     def spy(real):
@@ -269,18 +331,23 @@ def test_cpu_kernel_is_used_by_the_fused_path_and_keeps_gradients():
                 mp.setattr(cpu_kernel, name, spy(getattr(cpu_kernel, name)))
             out = masked_weight(W, L, 5, torch.arange(6), torch.arange(11), spec, 0.8, 3.0, regularizer=0.05,
                                 fused=fused)
-            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype))
         results.append((out.detach(), L.grad.clone()))
     assert calls == ["masked_weight_forward", "masked_weight_backward"]
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=2e-6)
-    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-5)
+    assert results[1][0].dtype == dtype and results[1][1].dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=2e-6)
+        torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-5)
+    else:  # the fp32 values above (a few ULP apart), each rounded once to bf16: one bf16 unit (2^-7 relative)
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=2 ** -7, atol=0)
+        torch.testing.assert_close(results[1][1], results[0][1], rtol=2 ** -7, atol=1e-5)
 
 
 @needs_cpu_kernel
 def test_the_default_is_the_fastest_kernel_that_runs_here(monkeypatch):
     """``masked_weight`` without ``fused`` (as a masked layer built with its defaults calls it) takes the
-    one-pass C++ kernel on an fp32 2:4 CPU layer, and for a layer it cannot take (bf16 here) the eager path,
-    never a CPU torch.compile; a torch.compile that fails falls back to eager with one warning."""
+    one-pass C++ kernel on an fp32 or bf16 2:4 CPU layer, and for a layer it cannot take (fp16 here) the eager
+    path, never a CPU torch.compile; a torch.compile that fails falls back to eager with one warning."""
     from maskllm_megatron.masks import sampling
 
     spec = NMSpec(2, 4)
@@ -289,17 +356,17 @@ def test_the_default_is_the_fastest_kernel_that_runs_here(monkeypatch):
                         lambda *a, real=cpu_kernel.masked_weight_forward, **k: calls.append("cpu") or real(*a, **k))
     compiled = sampling._kernels(True)
     monkeypatch.setitem(sampling._KERNELS, True, (lambda *a, **k: calls.append("compiled"), compiled[1]))
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         W = torch.randn(4, 16, dtype=dtype)
         L = torch.randn(4, 4, 6, dtype=dtype, requires_grad=True)
         masked_weight(W, L, 3, torch.arange(4), torch.arange(4), spec, 1.0, 2.0).sum().backward()
-    assert calls == ["cpu"]
+    assert calls == ["cpu", "cpu"]
     # fused=True where no one-pass kernel runs is torch.compile: a failure to build falls back, once, warned
     monkeypatch.setattr(sampling, "_compile_failed", False)
     monkeypatch.setitem(sampling._KERNELS, True, (lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no cc")),
                                                    compiled[1]))
-    W = torch.randn(4, 16, dtype=torch.bfloat16)
-    L = torch.randn(4, 4, 6, dtype=torch.bfloat16, requires_grad=True)
+    W = torch.randn(4, 16, dtype=torch.float16)
+    L = torch.randn(4, 4, 6, dtype=torch.float16, requires_grad=True)
     with pytest.warns(RuntimeWarning, match="failed to build .*running the eager path"):
         out = masked_weight(W, L, 3, torch.arange(4), torch.arange(4), spec, 1.0, 2.0, fused=True)
     eager = masked_weight(W, L, 3, torch.arange(4), torch.arange(4), spec, 1.0, 2.0, fused=False)

@@ -3,8 +3,11 @@
 ``_sample_forward`` / ``_sample_backward`` (sampling.py) compiled by torch.compile make four or five
 passes over memory on CPU and reduce the 6-wide softmax in scalar code; ``csrc/masked_weight_cpu.cpp``
 does each in one vectorised pass (see benchmarks/RESULTS.md for the speed). It is used
-for fp32 2:4 layers on x86-64 CPUs with AVX2 when the fused kernel is on; everything else (GPU, other
-N:M, bf16, no compiler) takes the torch.compile path, which computes the same function.
+for 2:4 layers with fp32 or bf16 weights and logits on x86-64 CPUs with AVX2 when the fused kernel is on;
+everything else (GPU, other N:M, fp16, no compiler) takes the torch.compile path, which computes the same
+function. bf16 inputs are computed in fp32 and give the outputs in the dtypes ``_sample_forward`` /
+``_sample_backward`` give them: W * mask and W's gradient in the weight's dtype (rounded to nearest even,
+as ``.to(torch.bfloat16)``), the probabilities, the hard mask and the logits' gradient in fp32.
 
 The one source builds for the widest instruction set torch itself dispatches to on this CPU
 (``torch.backends.cpu.get_cpu_capability()``, which ``ATEN_CPU_CAPABILITY`` can lower): AVX-512 (16
@@ -112,8 +115,8 @@ def _library(isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
                       "kernel (slower on CPU); set MASKLLM_CPU_KERNEL=0 to skip the attempt")
         return None
     scalars = [ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_int]
-    lib.maskllm_masked_weight_fwd_2_4.argtypes = [ctypes.c_void_p] * 8 + scalars
-    lib.maskllm_masked_weight_bwd_2_4.argtypes = [ctypes.c_void_p] * 7 + scalars
+    lib.maskllm_masked_weight_fwd_2_4.argtypes = [ctypes.c_void_p] * 8 + scalars + [ctypes.c_int] * 2
+    lib.maskllm_masked_weight_bwd_2_4.argtypes = [ctypes.c_void_p] * 7 + scalars + [ctypes.c_int]
     lib.maskllm_masked_weight_fwd_2_4.restype = lib.maskllm_masked_weight_bwd_2_4.restype = None
     return lib
 
@@ -123,11 +126,15 @@ def vector_width(isa: Optional[str] = None) -> int:
     return _library(isa).maskllm_vector_width()
 
 
+DTYPES = (torch.float32, torch.bfloat16)  # of the weight and of the logits, each
+
+
 def supports(weight: torch.Tensor, logits: torch.Tensor, spec: NMSpec) -> bool:
-    """Whether this kernel runs this layer: CPU, fp32 weight and logits, 2:4, not switched off
-    (``MASKLLM_CPU_KERNEL=0``), and it builds here."""
-    return (os.environ.get("MASKLLM_CPU_KERNEL", "1") != "0" and weight.device.type == "cpu" and logits.device.type == "cpu" and weight.dtype == torch.float32
-            and logits.dtype == torch.float32 and (spec.n, spec.m) == (2, 4) and _library() is not None)
+    """Whether this kernel runs this layer: CPU, weight and logits each fp32 or bf16, 2:4, not switched
+    off (``MASKLLM_CPU_KERNEL=0``), and it builds here."""
+    return (os.environ.get("MASKLLM_CPU_KERNEL", "1") != "0" and weight.device.type == "cpu"
+            and logits.device.type == "cpu" and weight.dtype in DTYPES and logits.dtype in DTYPES
+            and (spec.n, spec.m) == (2, 4) and _library() is not None)
 
 
 @lru_cache(maxsize=None)
@@ -139,7 +146,8 @@ def _keep_table(spec: NMSpec) -> torch.Tensor:
 def masked_weight_forward(weight: torch.Tensor, logits: torch.Tensor, row_hash: torch.Tensor,
                           col_hash: torch.Tensor, coef: float | torch.Tensor, inv_tau: float | torch.Tensor,
                           spec: NMSpec, hard: bool, isa: Optional[str] = None):
-    """``(W * mask, probs, hard mask or None)`` as ``sampling._sample_forward`` returns them.
+    """``(W * mask, probs, hard mask or None)`` as ``sampling._sample_forward`` returns them (W * mask in
+    the weight's dtype, the others fp32).
 
     ``col_hash`` is the 1-D per-logit-column hash (``group * C + k`` order), as in sampling.py; the
     scalars are floats or 0-d CPU tensors. ``isa`` picks a build other than ``best_isa()`` (tests compare
@@ -149,23 +157,24 @@ def masked_weight_forward(weight: torch.Tensor, logits: torch.Tensor, row_hash: 
     col_hash_pm = col_hash.view(groups, c).t().contiguous()  # pattern-major: one vector load per pattern
     row_hash = row_hash.contiguous()
     keep = _keep_table(spec)
-    probs = torch.empty_like(logits)
+    probs = torch.empty(logits.shape, dtype=torch.float32)
     out = torch.empty_like(weight)
-    mask = torch.empty_like(weight) if hard else None
+    mask = torch.empty(weight.shape, dtype=torch.float32) if hard else None
     _library(isa).maskllm_masked_weight_fwd_2_4(
         logits.data_ptr(), weight.data_ptr(), row_hash.data_ptr(), col_hash_pm.data_ptr(), keep.data_ptr(),
         probs.data_ptr(), out.data_ptr(), mask.data_ptr() if hard else None, rows, groups, float(coef),
-        float(inv_tau), torch.get_num_threads())
+        float(inv_tau), torch.get_num_threads(), weight.dtype == torch.bfloat16, logits.dtype == torch.bfloat16)
     return out, probs, mask
 
 
 def masked_weight_backward(grad_out: torch.Tensor, weight: torch.Tensor, probs: torch.Tensor,
                            mask: Optional[torch.Tensor], coef: float | torch.Tensor, reg2: float | torch.Tensor,
                            spec: NMSpec, need_weight_grad: bool, isa: Optional[str] = None):
-    """``(grad_logits, grad_weight or None)`` as ``sampling._sample_backward`` returns them."""
+    """``(grad_logits, grad_weight or None)`` as ``sampling._sample_backward`` returns them (fp32, and the
+    weight's dtype: autograd hands ``grad_out`` in it)."""
     rows, groups, _ = probs.shape
     # contiguous copies are bound to names: the pointers below must outlive the call
-    grad_out, weight, probs = grad_out.to(torch.float32).contiguous(), weight.contiguous(), probs.contiguous()
+    grad_out, weight, probs = grad_out.to(weight.dtype).contiguous(), weight.contiguous(), probs.contiguous()
     mask = mask.contiguous() if mask is not None else None
     grad_logits = torch.empty_like(probs)
     grad_weight = torch.empty_like(weight) if need_weight_grad else None
@@ -173,5 +182,5 @@ def masked_weight_backward(grad_out: torch.Tensor, weight: torch.Tensor, probs: 
         grad_out.data_ptr(), weight.data_ptr(), probs.data_ptr(),
         mask.data_ptr() if mask is not None else None, _keep_table(spec).data_ptr(), grad_logits.data_ptr(),
         grad_weight.data_ptr() if need_weight_grad else None, rows, groups, float(coef), float(reg2),
-        torch.get_num_threads())
+        torch.get_num_threads(), weight.dtype == torch.bfloat16)
     return grad_logits, grad_weight

@@ -162,7 +162,7 @@ def _kernels(fused: bool):
 
 def _one_pass_kernels(weight: torch.Tensor, logits: torch.Tensor, spec: NMSpec):
     """The hand-written one-pass kernels for this layer, or None (then the torch.compile'd ones run):
-    the C++ CPU kernels (fp32 2:4 on x86), or the Triton ones on CUDA when switched on
+    the C++ CPU kernels (fp32 or bf16 2:4 on x86), or the Triton ones on CUDA when switched on
     (``MASKLLM_TRITON_KERNEL=1``). Both modules offer ``masked_weight_forward`` / ``_backward``."""
     for kernels in (cpu_kernel, triton_kernel):
         if kernels.supports(weight, logits, spec):
@@ -219,8 +219,8 @@ def masked_weight(weight: torch.Tensor, logits: torch.Tensor, key: int, row_ids:
     soft gradient in the backward (straight-through). ``regularizer`` is lambda of the loss term
     ``-lambda * sum((W * mask)^2)``, already multiplied by whatever the LM loss is scaled with; its
     gradient goes to the logits only. ``fused`` picks the kernels (all compute the same function): True
-    the fused ones, for fp32 2:4 layers on x86 CPUs the one-pass C++ kernels of ``cpu_kernel`` (faster
-    logs, a few ULP off), on CUDA with ``MASKLLM_TRITON_KERNEL=1`` the one-pass Triton ones of
+    the fused ones, for fp32 or bf16 2:4 layers on x86 CPUs the one-pass C++ kernels of ``cpu_kernel``
+    (faster logs, a few ULP off), on CUDA with ``MASKLLM_TRITON_KERNEL=1`` the one-pass Triton ones of
     ``triton_kernel``, else torch.compile'd ones; False the eager ones; None (the default) the fastest
     that runs here without compiling anything heavy: a one-pass kernel, else torch.compile'd on CUDA, else
     eager. A torch.compile that fails falls back to eager, once, with a warning.

@@ -9,23 +9,76 @@
 // with AVX2, 16 with AVX-512, whichever CPU_CAPABILITY this is built for): lane i holds group g0+i, and
 // the 6 pattern logits of a group sit in 6 vectors. Noise: the murmur3 fmix32 hash of rng.py, bit for
 // bit; -log(-log(u)) with an inline Cephes-style logf (~1e-7 relative) and the softmax's exp with ATen's
-// 20-ULP exp_u20 (a few ULP from the eager path, which tests bound).
+// 20-ULP exp_u20 (a few ULP from the eager path, which tests bound). Every multiply-add that g++ may fuse is
+// written as the fused or the unfused form explicitly, so that the bits do not hang on the compiler's choice
+// (which differs between the full-block and tail instantiations, and with the code around them).
 // Full L-group blocks are a separate instantiation (n known at compile time: unrolled staging loops and
 // full-vector loads; ATen's counted int32 load always copies through memory), the row's tail the other.
+// dtypes: the weight (with W * mask, grad_out and W's gradient) is fp32 or bf16, the logits too, each on
+// its own. A bf16 model (megatron's: every parameter bf16) runs the same fp32 arithmetic on the exact
+// widening of its inputs, so the noise and the probabilities are the fp32 kernel's bit for bit, and what it
+// writes in the weight's dtype is rounded to nearest even as torch's .to(bfloat16) rounds; the
+// probabilities, the hard mask and the logits' gradient are fp32, as `_sample_forward` / `_sample_backward`
+// return them for bf16 inputs.
 // Built on first use by maskllm_megatron/masks/cpu_kernel.py (g++ -O3 -fopenmp and torch's flags for the
 // instruction set).
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <tuple>
 #include <type_traits>
 
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
 using IVec = at::vec::Vectorized<int32_t>;
+using BF16 = c10::BFloat16;
+using BVec = at::vec::Vectorized<BF16>;
 constexpr int L = Vec::size();
+#if defined(CPU_CAPABILITY_AVX512)
+using FloatReg = __m512;  // the register a Vec wraps
+#else
+using FloatReg = __m256;
+#endif
+
+// fp32 -> bf16 rounded to nearest even, as torch's .to(bfloat16) (ATen's conversion): L bf16 in a
+// half-width register. bf16 -> fp32 is exact (the bits, shifted).
+inline auto to_bf16(Vec x) { return at::vec::cvtfp32_bf16(x); }
+
+// x rounded to T and widened back (torch's `mask.to(weight.dtype)` before the multiply); the identity for fp32.
+template <class T>
+inline Vec round_to(Vec x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    FloatReg y;
+    at::vec::cvtbf16_fp32(to_bf16(x), y);
+    return y;
+  }
+}
+
+// L elements of a tensor in the weight's layout as one float vector, and back; c <= L of them valid (lanes
+// past c load as 0 and are not written).
+inline Vec load(const float* p, int c) { return Vec::loadu(p, c); }
+inline Vec load(const BF16* p, int c) {
+  Vec v;
+  if (c == L)
+    at::vec::load_to_float(p, v);
+  else
+    v = std::get<0>(at::vec::convert_to_float<BF16>(BVec::loadu(p, c)));
+  return v;
+}
+inline void store(float* p, Vec v, int c) { v.store(p, c); }
+inline void store(BF16* p, Vec v, int c) {
+  const auto bits = to_bf16(v);
+  static_assert(sizeof(bits) == L * sizeof(BF16), "L bf16 values in the half-width register");
+  std::memcpy(p, &bits, c * sizeof(BF16));
+}
 
 inline IVec mix32(IVec x) {  // murmur3 fmix32 on int32 lanes (logical shifts by masking)
   x = x ^ ((x >> IVec(16)) & IVec(0xFFFF));
@@ -83,12 +136,17 @@ struct KeepLists {
   }
 };
 
+template <int R>
+inline void zero(float (&a)[R][L]) {  // the lanes a tail block leaves unset are 0, not garbage
+  std::fill(&a[0][0], &a[0][0] + R * L, 0.f);
+}
+
 // Staging between the group-major layout of logits/probabilities ([n groups][C]) and the pattern-major
 // lanes (lane i of vector k is group i's pattern k). Lanes past n stay as they are.
-template <int C>
-inline void to_lanes(const float* src, int n, float (&lanes)[C][L]) {
+template <int C, class T>
+inline void to_lanes(const T* src, int n, float (&lanes)[C][L]) {
   for (int i = 0; i < n; ++i)
-    for (int k = 0; k < C; ++k) lanes[k][i] = src[i * C + k];
+    for (int k = 0; k < C; ++k) lanes[k][i] = static_cast<float>(src[i * C + k]);
 }
 
 template <int C>
@@ -125,18 +183,19 @@ inline void for_each_block(int64_t rows, int64_t groups, int threads, Block bloc
     }
 }
 
-template <int C, int M, bool FULL>
-inline void forward_block(const float* lrow, const float* wrow, const int32_t* chash, int64_t groups, IVec rh,
-                          Vec vcoef, Vec vinv, const KeepLists<C, M>& kl, float* prow, float* orow, float* hrow,
+template <int C, int M, bool FULL, class WT, class LT>
+inline void forward_block(const LT* lrow, const WT* wrow, const int32_t* chash, int64_t groups, IVec rh,
+                          Vec vcoef, Vec vinv, const KeepLists<C, M>& kl, float* prow, WT* orow, float* hrow,
                           int n_tail) {
   const int n = FULL ? L : n_tail;
-  alignas(64) float lanes[C][L] = {};  // pattern-major staging of the L groups (logits in, probabilities out)
-  alignas(64) float mask[L * M];       // the L groups' mask, in the weight's layout
+  alignas(64) float lanes[C][L];  // pattern-major staging of the L groups (logits in, probabilities out)
+  alignas(64) float mask[L * M];  // the L groups' mask, in the weight's layout
+  if (!FULL) zero(lanes);         // a full block writes every lane
   to_lanes(lrow, n, lanes);
   Vec z[C];
   for (int k = 0; k < C; ++k) {
     const IVec ch = FULL ? IVec::loadu(chash + k * groups) : IVec::loadu(chash + k * groups, n);
-    z[k] = Vec::loadu(lanes[k]) * vcoef + gumbel(rh, ch) * vinv;
+    z[k] = at::vec::fmadd(gumbel(rh, ch), vinv, Vec::loadu(lanes[k]) * vcoef);
   }
   Vec top = z[0];
   for (int k = 1; k < C; ++k) top = at::vec::maximum(top, z[k]);
@@ -161,7 +220,7 @@ inline void forward_block(const float* lrow, const float* wrow, const int32_t* c
   for (int o = 0; o < n * M; o += L) {
     const int c = FULL ? L : std::min(L, n * M - o);
     const Vec m = Vec::loadu(mask + o, c);
-    (Vec::loadu(wrow + o, c) * m).store(orow + o, c);
+    store(orow + o, load(wrow + o, c) * round_to<WT>(m), c);
     if (hrow) m.store(hrow + o, c);
   }
 }
@@ -169,27 +228,31 @@ inline void forward_block(const float* lrow, const float* wrow, const int32_t* c
 // logits [rows, groups, C]; weight/out [rows, groups * M]; col_hash pattern-major [C, groups];
 // keep [C, M]; probs [rows, groups, C]; hard_mask (optional) [rows, groups * M]: when given, the forward
 // uses the one-hot argmax sample and writes its mask.
-template <int C, int M>
-void forward(const float* logits, const float* weight, const int32_t* row_hash, const int32_t* col_hash,
-             const uint8_t* keep, float* probs, float* out, float* hard_mask, int64_t rows, int64_t groups,
+template <int C, int M, class WT, class LT>
+void forward(const LT* logits, const WT* weight, const int32_t* row_hash, const int32_t* col_hash,
+             const uint8_t* keep, float* probs, WT* out, float* hard_mask, int64_t rows, int64_t groups,
              float coef, float inv_tau, int threads) {
   const Vec vcoef(coef), vinv(inv_tau);
   const KeepLists<C, M> kl(keep);
   for_each_block(rows, groups, threads, [&](auto full, int64_t r, int64_t g0, int n) {
     const int64_t lg = r * groups + g0, wo = lg * M;
-    forward_block<C, M, decltype(full)::value>(logits + lg * C, weight + wo, col_hash + g0, groups,
+    forward_block<C, M, decltype(full)::value, WT, LT>(logits + lg * C, weight + wo, col_hash + g0, groups,
                                                IVec(row_hash[r]), vcoef, vinv, kl, probs + lg * C, out + wo,
                                                hard_mask ? hard_mask + wo : nullptr, n);
   });
 }
 
-template <int C, int M, bool FULL>
-inline void backward_block(const float* gout, const float* wrow, const float* prow, const float* hrow,
-                           Vec vcoef, Vec vreg2, const KeepLists<C, M>& kl, float* grow, float* gwrow, int n_tail) {
+template <int C, int M, bool FULL, class WT>
+inline void backward_block(const WT* gout, const WT* wrow, const float* prow, const float* hrow,
+                           Vec vcoef, Vec vreg2, const KeepLists<C, M>& kl, float* grow, WT* gwrow, int n_tail) {
   const int n = FULL ? L : n_tail;
-  alignas(64) float lanes[C][L] = {};  // pattern-major probabilities (in), logit gradients (out)
-  alignas(64) float mask[L * M];       // the mask in the weight's layout, then the mask gradient
-  alignas(64) float pos[M][L] = {};    // position-major mask gradient
+  alignas(64) float lanes[C][L];  // pattern-major probabilities (in), logit gradients (out)
+  alignas(64) float mask[L * M];  // the mask in the weight's layout, then the mask gradient
+  alignas(64) float pos[M][L];    // position-major mask gradient
+  if (!FULL) {                    // a full block writes every lane
+    zero(lanes);
+    zero(pos);
+  }
   to_lanes(prow, n, lanes);
   Vec p[C];
   for (int k = 0; k < C; ++k) p[k] = Vec::loadu(lanes[k]);
@@ -199,9 +262,9 @@ inline void backward_block(const float* gout, const float* wrow, const float* pr
     mix_patterns(p, kl, n, mask);
   for (int o = 0; o < n * M; o += L) {  // d(loss)/d(mask) = g * W - 2 lambda W^2 mask
     const int c = FULL ? L : std::min(L, n * M - o);
-    const Vec g = Vec::loadu(gout + o, c), w = Vec::loadu(wrow + o, c), m = Vec::loadu(mask + o, c);
-    if (gwrow) (g * m).store(gwrow + o, c);
-    (g * w - vreg2 * (w * w * m)).store(mask + o, c);
+    const Vec g = load(gout + o, c), w = load(wrow + o, c), m = Vec::loadu(mask + o, c);
+    if (gwrow) store(gwrow + o, g * round_to<WT>(m), c);
+    at::vec::fnmadd(vreg2, w * w * m, g * w).store(mask + o, c);
   }
   for (int i = 0; i < n; ++i)
     for (int j = 0; j < M; ++j) pos[j][i] = mask[i * M + j];
@@ -209,7 +272,7 @@ inline void backward_block(const float* gout, const float* wrow, const float* pr
   for (int k = 0; k < C; ++k) {  // pattern k's gradient: the sum over the positions it keeps
     gp[k] = Vec::loadu(pos[kl.poss[k][0]]);
     for (int t = 1; t < kl.n_poss[k]; ++t) gp[k] = gp[k] + Vec::loadu(pos[kl.poss[k][t]]);
-    dot = dot + p[k] * gp[k];
+    dot = at::vec::fmadd(p[k], gp[k], dot);
   }
   for (int k = 0; k < C; ++k) (p[k] * (gp[k] - dot) * vcoef).store(lanes[k]);  // softmax backward
   from_lanes(lanes, n, grow);
@@ -217,15 +280,15 @@ inline void backward_block(const float* gout, const float* wrow, const float* pr
 
 // grad_out/weight [rows, groups * M]; probs [rows, groups, C]; hard_mask (optional) as in the forward
 // (absent: the soft mask, recomputed from probs); grad_logits [rows, groups, C]; grad_weight optional.
-template <int C, int M>
-void backward(const float* grad_out, const float* weight, const float* probs, const float* hard_mask,
-              const uint8_t* keep, float* grad_logits, float* grad_weight, int64_t rows, int64_t groups,
+template <int C, int M, class WT>
+void backward(const WT* grad_out, const WT* weight, const float* probs, const float* hard_mask,
+              const uint8_t* keep, float* grad_logits, WT* grad_weight, int64_t rows, int64_t groups,
               float coef, float reg2, int threads) {
   const Vec vcoef(coef), vreg2(reg2);
   const KeepLists<C, M> kl(keep);
   for_each_block(rows, groups, threads, [&](auto full, int64_t r, int64_t g0, int n) {
     const int64_t lg = r * groups + g0, wo = lg * M;
-    backward_block<C, M, decltype(full)::value>(grad_out + wo, weight + wo, probs + lg * C,
+    backward_block<C, M, decltype(full)::value, WT>(grad_out + wo, weight + wo, probs + lg * C,
                                                 hard_mask ? hard_mask + wo : nullptr, vcoef, vreg2, kl,
                                                 grad_logits + lg * C, grad_weight ? grad_weight + wo : nullptr, n);
   });
@@ -235,18 +298,32 @@ void backward(const float* grad_out, const float* weight, const float* probs, co
 
 extern "C" int maskllm_vector_width() { return L; }
 
-extern "C" void maskllm_masked_weight_bwd_2_4(const float* grad_out, const float* weight, const float* probs,
+// The tensors in the weight's layout (weight, out, grad_out, grad_weight) are bf16 where weight_bf16 is
+// set, else fp32; the logits likewise with logits_bf16. Everything else is fp32 (hashes int32, keep uint8).
+extern "C" void maskllm_masked_weight_bwd_2_4(const void* grad_out, const void* weight, const float* probs,
                                              const float* hard_mask, const uint8_t* keep, float* grad_logits,
-                                             float* grad_weight, int64_t rows, int64_t groups, float coef,
-                                             float reg2, int threads) {
-  backward<6, 4>(grad_out, weight, probs, hard_mask, keep, grad_logits, grad_weight, rows, groups, coef, reg2,
-                 threads);
+                                             void* grad_weight, int64_t rows, int64_t groups, float coef,
+                                             float reg2, int threads, int weight_bf16) {
+  auto run = [&](auto w) {
+    using WT = decltype(w);
+    backward<6, 4, WT>(static_cast<const WT*>(grad_out), static_cast<const WT*>(weight), probs, hard_mask, keep,
+                       grad_logits, static_cast<WT*>(grad_weight), rows, groups, coef, reg2, threads);
+  };
+  weight_bf16 ? run(BF16()) : run(0.f);
 }
 
-extern "C" void maskllm_masked_weight_fwd_2_4(const float* logits, const float* weight, const int32_t* row_hash,
-                                             const int32_t* col_hash, const uint8_t* keep, float* probs, float* out,
+extern "C" void maskllm_masked_weight_fwd_2_4(const void* logits, const void* weight, const int32_t* row_hash,
+                                             const int32_t* col_hash, const uint8_t* keep, float* probs, void* out,
                                              float* hard_mask, int64_t rows, int64_t groups, float coef,
-                                             float inv_tau, int threads) {
-  forward<6, 4>(logits, weight, row_hash, col_hash, keep, probs, out, hard_mask, rows, groups, coef, inv_tau,
-                threads);
+                                             float inv_tau, int threads, int weight_bf16, int logits_bf16) {
+  auto run = [&](auto w, auto l) {
+    using WT = decltype(w);
+    using LT = decltype(l);
+    forward<6, 4, WT, LT>(static_cast<const LT*>(logits), static_cast<const WT*>(weight), row_hash, col_hash, keep,
+                          probs, static_cast<WT*>(out), hard_mask, rows, groups, coef, inv_tau, threads);
+  };
+  if (weight_bf16)
+    logits_bf16 ? run(BF16(), BF16()) : run(BF16(), 0.f);
+  else
+    logits_bf16 ? run(0.f, BF16()) : run(0.f, 0.f);
 }
