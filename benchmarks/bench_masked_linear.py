@@ -1,7 +1,7 @@
 """Forward+backward time of one masked linear layer against a dense trainable layer and against the
 reference MaskLLM formulation, all measured in this run; plus the persistent mask state per weight.
 
-    python benchmarks/bench_masked_linear.py [--rows 2048 --cols 2048 --tokens 4096 --repeats 5]
+    python benchmarks/bench_masked_linear.py [--rows 2048 --cols 2048 --tokens 4096 --repeats 5 --dtype bf16]
 
 Layers (TP=1, single-rank gloo group, megatron-core's own ColumnParallelLinear machinery):
   dense      ColumnParallelLinear with a trainable weight (the baseline);
@@ -60,6 +60,8 @@ def main(argv=None):
     p.add_argument("--cols", type=int, default=2048)
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
+                   help="the layers' parameters and activations, as in a model of that dtype (default fp32)")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
 
@@ -71,9 +73,11 @@ def main(argv=None):
     from maskllm_megatron.megatron.layers import MaskedColumnParallelLinear
 
     torch.manual_seed(0)
-    cfg = TransformerConfig(num_layers=1, hidden_size=args.cols, num_attention_heads=8, use_cpu_initialization=True)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    cfg = TransformerConfig(num_layers=1, hidden_size=args.cols, num_attention_heads=8, use_cpu_initialization=True,
+                            params_dtype=dtype, bf16=dtype == torch.bfloat16)
     init = torch.nn.init.normal_
-    x = torch.randn(args.tokens, 1, args.cols)
+    x = torch.randn(args.tokens, 1, args.cols).to(dtype)
     dense = ColumnParallelLinear(args.cols, args.rows, config=cfg, init_method=init, bias=False)
     masked = MaskedColumnParallelLinear(args.cols, args.rows, config=cfg, init_method=init, bias=False,
                                         mask_config=MaskConfig(), mask_layer_id="bench")
@@ -88,7 +92,7 @@ def main(argv=None):
         return run
 
     # The reference formulation, through the same megatron linear function.
-    patterns = candidate_patterns(MaskConfig().nm)
+    patterns = candidate_patterns(MaskConfig().nm, dtype=dtype)
     ref_logits = torch.nn.Parameter(masked.mask_logits.detach().clone())
 
     def reference():
@@ -105,7 +109,7 @@ def main(argv=None):
         out.sum().backward()
 
     # The mask machinery alone (no matmuls): W -> masked W -> backward with a fixed upstream gradient.
-    upstream = torch.randn(args.rows, args.cols)
+    upstream = torch.randn(args.rows, args.cols).to(dtype)
 
     def use_kernel(mode: str) -> None:
         """``defaults`` (the layer as built: the fastest kernel that runs here), ``fused`` (fused kernels),
@@ -127,7 +131,8 @@ def main(argv=None):
         mask = torch.bmm(soft.unsqueeze(1), patterns.expand(groups.shape[0], 6, 4)).view(args.rows, args.cols)
         (masked.weight * mask).backward(upstream)
 
-    results = {"rows": args.rows, "cols": args.cols, "tokens": args.tokens, "threads": torch.get_num_threads()}
+    results = {"rows": args.rows, "cols": args.cols, "tokens": args.tokens, "dtype": args.dtype,
+               "threads": torch.get_num_threads()}
 
     def with_kernel(mode: str):
         run = step(masked)
@@ -150,12 +155,13 @@ def main(argv=None):
                    reference_over_masked=t_ref / t_masked, mask_only_s=m,
                    mask_only_reference_over_ours=m["reference"] / m["ours"])
 
-    # Persistent mask state per masked weight: fp32 logits + their gradient + Adam (exp_avg, exp_avg_sq).
-    logits_bytes = masked.mask_logits.numel() * masked.mask_logits.element_size()
-    per_weight = logits_bytes / masked.weight.numel()
-    results.update(state_bytes_per_weight={"logits": per_weight, "grad": per_weight, "adam": 2 * per_weight,
-                                           "total": 4 * per_weight, "reference_total": 24.0})
-    print(f"layer {args.rows}x{args.cols}, {args.tokens} tokens, {results['threads']} threads "
+    # Persistent mask state per masked weight: fp32 logits + their gradient + Adam (exp_avg, exp_avg_sq). A bf16
+    # model's (fp32 master copies in megatron's optimizer) is benchmarks/bench_memory.py's.
+    per_weight = masked.mask_logits.numel() * 4 / masked.weight.numel()
+    if args.dtype == "fp32":
+        results.update(state_bytes_per_weight={"logits": per_weight, "grad": per_weight, "adam": 2 * per_weight,
+                                               "total": 4 * per_weight, "reference_total": 24.0})
+    print(f"layer {args.rows}x{args.cols} {args.dtype}, {args.tokens} tokens, {results['threads']} threads "
           f"(median of {args.repeats}, interleaved)")
     print(f"  dense trainable   {t_dense * 1e3:8.1f} ms")
     print(f"  masked (fused)    {t_masked * 1e3:8.1f} ms   masked / dense     = {t_masked / t_dense:.3f}  (target <= 1.15)")
@@ -167,8 +173,9 @@ def main(argv=None):
     print(f"  mask machinery alone (sample + W * mask, forward + backward, no matmul): ours {m['ours'] * 1e3:.1f} ms "
           f"(torch.compile {m['ours_compiled'] * 1e3:.1f} ms, eager {m['ours_eager'] * 1e3:.1f} ms), reference {m['reference'] * 1e3:.1f} ms: "
           f"reference / ours = {m['reference'] / m['ours']:.2f}")
-    print(f"  mask state: {4 * per_weight:.1f} bytes per masked weight (logits {per_weight:.1f} + grad {per_weight:.1f}"
-          f" + Adam {2 * per_weight:.1f}); reference 24.0")
+    if args.dtype == "fp32":
+        print(f"  mask state: {4 * per_weight:.1f} bytes per masked weight (logits {per_weight:.1f} + grad "
+              f"{per_weight:.1f} + Adam {2 * per_weight:.1f}); reference 24.0")
     if args.json:
         with open(args.json + ".tmp", "w") as f:
             json.dump(results, f, indent=2)
