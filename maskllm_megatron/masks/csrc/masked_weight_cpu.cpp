@@ -13,7 +13,8 @@
 // written as the fused or the unfused form explicitly, so that the bits do not hang on the compiler's choice
 // (which differs between the full-block and tail instantiations, and with the code around them).
 // Full L-group blocks are a separate instantiation (n known at compile time: unrolled staging loops and
-// full-vector loads; ATen's counted int32 load always copies through memory), the row's tail the other.
+// full-vector loads, ATen's counted int32 load always copying through memory; on AVX-512 the staging
+// transposes run in registers), the row's tail the other.
 // dtypes: the weight (with W * mask, grad_out and W's gradient) is fp32 or bf16, the logits too, each on
 // its own. A bf16 model (megatron's: every parameter bf16) runs the same fp32 arithmetic on the exact
 // widening of its inputs, so the noise and the probabilities are the fp32 kernel's bit for bit, and what it
@@ -141,30 +142,82 @@ inline void zero(float (&a)[R][L]) {  // the lanes a tail block leaves unset are
   std::fill(&a[0][0], &a[0][0] + R * L, 0.f);
 }
 
-// Staging between the group-major layout of logits/probabilities ([n groups][C]) and the pattern-major
-// lanes (lane i of vector k is group i's pattern k). Lanes past n stay as they are.
-template <int C, class T>
-inline void to_lanes(const T* src, int n, float (&lanes)[C][L]) {
+#if defined(CPU_CAPABILITY_AVX512)
+// A full block's transposes in registers (AVX-512; elsewhere, and in tail blocks, element by element):
+// between R vectors of the group-major layout (16 groups x R values, R even) and R lane vectors (vector v:
+// value v of the 16 groups). Output vector v takes lane t from the source pair q (vectors 2q, 2q + 1: 32
+// values, which one idx[v][t] says) that from_pair[v][q] marks: one two-source permute per pair, blended.
+template <int R, bool TO_LANES>
+struct Transpose {
+  int32_t idx[R][16] = {};
+  uint16_t from_pair[R][R / 2] = {};
+  constexpr Transpose() {
+    for (int v = 0; v < R; ++v)
+      for (int t = 0; t < 16; ++t) {
+        const int e = TO_LANES ? R * t + v : 16 * v + t;  // the value's place in the group-major layout
+        const int pair = TO_LANES ? e / 32 : (e % R) / 2;
+        idx[v][t] = TO_LANES ? e % 32 : e / R + 16 * (e % R % 2);
+        from_pair[v][pair] |= static_cast<uint16_t>(1u << t);
+      }
+  }
+};
+
+template <int R, bool TO_LANES>
+inline void transpose(const __m512 (&in)[R], __m512 (&out)[R]) {
+  static_assert(R % 2 == 0, "sources go in pairs");
+  static constexpr Transpose<R, TO_LANES> tr{};
+  for (int v = 0; v < R; ++v) {
+    const __m512i idx = _mm512_loadu_si512(tr.idx[v]);
+    out[v] = _mm512_permutex2var_ps(in[0], idx, in[1]);
+    for (int q = 1; q < R / 2; ++q)
+      out[v] = _mm512_mask_blend_ps(tr.from_pair[v][q], out[v], _mm512_permutex2var_ps(in[2 * q], idx, in[2 * q + 1]));
+  }
+}
+#endif
+
+// Staging between the group-major layout ([n groups][R]: logits, probabilities and their gradients with
+// R = C; the mask in the weight's layout with R = M) and lanes (lane i of vector k is group i's value k).
+// Lanes past n stay as they are.
+template <int R, bool FULL, class T>
+inline void to_lanes(const T* src, int n, float (&lanes)[R][L]) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (FULL) {
+    __m512 in[R], out[R];
+    for (int v = 0; v < R; ++v) in[v] = load(src + v * L, L);
+    transpose<R, true>(in, out);
+    for (int v = 0; v < R; ++v) Vec(out[v]).store(lanes[v]);
+    return;
+  }
+#endif
   for (int i = 0; i < n; ++i)
-    for (int k = 0; k < C; ++k) lanes[k][i] = static_cast<float>(src[i * C + k]);
+    for (int k = 0; k < R; ++k) lanes[k][i] = static_cast<float>(src[i * R + k]);
 }
 
-template <int C>
-inline void from_lanes(const float (&lanes)[C][L], int n, float* dst) {
+template <int R, bool FULL>
+inline void from_lanes(const float (&lanes)[R][L], int n, float* dst) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (FULL) {
+    __m512 in[R], out[R];
+    for (int v = 0; v < R; ++v) in[v] = Vec::loadu(lanes[v]);
+    transpose<R, false>(in, out);
+    for (int v = 0; v < R; ++v) Vec(out[v]).store(dst + v * L);
+    return;
+  }
+#endif
   for (int i = 0; i < n; ++i)
-    for (int k = 0; k < C; ++k) dst[i * C + k] = lanes[k][i];
+    for (int k = 0; k < R; ++k) dst[i * R + k] = lanes[k][i];
 }
 
 // The mask of n groups in the weight's layout: position j keeps the mass of the patterns that keep it.
-template <int C, int M>
+template <int C, int M, bool FULL>
 inline void mix_patterns(const Vec (&pat)[C], const KeepLists<C, M>& kl, int n, float* mask) {
+  alignas(64) float pos[M][L];
   for (int j = 0; j < M; ++j) {
-    alignas(64) float mj[L];
     Vec acc = pat[kl.pats[j][0]];
     for (int t = 1; t < kl.n_pats[j]; ++t) acc = acc + pat[kl.pats[j][t]];
-    acc.store(mj);
-    for (int i = 0; i < n; ++i) mask[i * M + j] = mj[i];
+    acc.store(pos[j]);
   }
+  from_lanes<M, FULL>(pos, n, mask);
 }
 
 // Runs block(full, r, g0, n) over every block of L groups of every row, rows split over threads. Full
@@ -191,7 +244,7 @@ inline void forward_block(const LT* lrow, const WT* wrow, const int32_t* chash, 
   alignas(64) float lanes[C][L];  // pattern-major staging of the L groups (logits in, probabilities out)
   alignas(64) float mask[L * M];  // the L groups' mask, in the weight's layout
   if (!FULL) zero(lanes);         // a full block writes every lane
-  to_lanes(lrow, n, lanes);
+  to_lanes<C, FULL>(lrow, n, lanes);
   Vec z[C];
   for (int k = 0; k < C; ++k) {
     const IVec ch = FULL ? IVec::loadu(chash + k * groups) : IVec::loadu(chash + k * groups, n);
@@ -205,7 +258,7 @@ inline void forward_block(const LT* lrow, const WT* wrow, const int32_t* chash, 
     sum = sum + z[k];
   }
   for (int k = 0; k < C; ++k) (z[k] / sum).store(lanes[k]);
-  from_lanes(lanes, n, prow);
+  from_lanes<C, FULL>(lanes, n, prow);
   if (hrow) {  // one-hot argmax (first maximum, as torch.argmax)
     for (int i = 0; i < n; ++i) {
       int best = 0;
@@ -216,7 +269,7 @@ inline void forward_block(const LT* lrow, const WT* wrow, const int32_t* chash, 
   }
   Vec sel[C];  // the sample: the probabilities, or the one-hot argmax
   for (int k = 0; k < C; ++k) sel[k] = Vec::loadu(lanes[k]);
-  mix_patterns(sel, kl, n, mask);
+  mix_patterns<C, M, FULL>(sel, kl, n, mask);
   for (int o = 0; o < n * M; o += L) {
     const int c = FULL ? L : std::min(L, n * M - o);
     const Vec m = Vec::loadu(mask + o, c);
@@ -253,21 +306,20 @@ inline void backward_block(const WT* gout, const WT* wrow, const float* prow, co
     zero(lanes);
     zero(pos);
   }
-  to_lanes(prow, n, lanes);
+  to_lanes<C, FULL>(prow, n, lanes);
   Vec p[C];
   for (int k = 0; k < C; ++k) p[k] = Vec::loadu(lanes[k]);
   if (hrow)
     std::copy(hrow, hrow + n * M, mask);
   else
-    mix_patterns(p, kl, n, mask);
+    mix_patterns<C, M, FULL>(p, kl, n, mask);
   for (int o = 0; o < n * M; o += L) {  // d(loss)/d(mask) = g * W - 2 lambda W^2 mask
     const int c = FULL ? L : std::min(L, n * M - o);
     const Vec g = load(gout + o, c), w = load(wrow + o, c), m = Vec::loadu(mask + o, c);
     if (gwrow) store(gwrow + o, g * round_to<WT>(m), c);
     at::vec::fnmadd(vreg2, w * w * m, g * w).store(mask + o, c);
   }
-  for (int i = 0; i < n; ++i)
-    for (int j = 0; j < M; ++j) pos[j][i] = mask[i * M + j];
+  to_lanes<M, FULL>(mask, n, pos);
   Vec gp[C], dot(0.f);
   for (int k = 0; k < C; ++k) {  // pattern k's gradient: the sum over the positions it keeps
     gp[k] = Vec::loadu(pos[kl.poss[k][0]]);
@@ -275,7 +327,7 @@ inline void backward_block(const WT* gout, const WT* wrow, const float* prow, co
     dot = at::vec::fmadd(p[k], gp[k], dot);
   }
   for (int k = 0; k < C; ++k) (p[k] * (gp[k] - dot) * vcoef).store(lanes[k]);  // softmax backward
-  from_lanes(lanes, n, grow);
+  from_lanes<C, FULL>(lanes, n, grow);
 }
 
 // grad_out/weight [rows, groups * M]; probs [rows, groups, C]; hard_mask (optional) as in the forward
